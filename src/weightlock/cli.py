@@ -1,0 +1,166 @@
+"""The ``weightlock`` command line: each command is a thin call into the library."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import WeightlockError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Release open-weight LMs that resist unauthorized fine-tuning, and measure how well the lock holds.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model directory (perplexity, ...).")
+app.add_typer(eval_app, name="eval")
+console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"weightlock {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """weightlock command line."""
+
+
+def user_errors(fn):
+    """Print a :class:`WeightlockError` as one red line and exit 2 (no traceback for user mistakes)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except WeightlockError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: a checkpoint was saved; rerun with --resume to continue[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def pretrain(
+    out: Path = typer.Option(..., "--out", help="Output directory (a Hugging Face checkpoint)."),
+    preset: str = typer.Option("small", help="Model size preset: tiny or small."),
+    data: str = typer.Option("builtin:code", help="builtin:code|tests|prose, or a path to .txt/.jsonl/.parquet/HF dataset."),
+    method: str = typer.Option("dense", help="Pretraining method (dense)."),
+    config: Optional[Path] = typer.Option(None, help="JSON file with PretrainConfig fields (overrides the preset)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    block_size: Optional[int] = typer.Option(None, help="Tokens per training sequence."),
+    train_tokens: Optional[int] = typer.Option(None, help="Token budget of the training data."),
+    hidden_size: Optional[int] = typer.Option(None, help="Custom width (overrides the preset)."),
+    intermediate_size: Optional[int] = typer.Option(None, help="Custom MLP width."),
+    layers: Optional[int] = typer.Option(None, help="Custom number of layers."),
+    heads: Optional[int] = typer.Option(None, help="Custom number of attention heads."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+) -> None:
+    """Pretrain a Llama-architecture causal LM from scratch."""
+    from dataclasses import replace
+
+    from .io import read_json
+    from .train.pretrain import PretrainConfig, default_config
+
+    if method != "dense":
+        raise WeightlockError(f"unknown method {method!r}; available: dense")
+    cfg = default_config(preset)
+    if config is not None:
+        cfg = PretrainConfig.from_dict({**cfg.to_dict(), **read_json(config)})
+    cfg.data = data
+    for name, value in dict(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed).items():
+        if value is not None:
+            setattr(cfg.train, name, value)
+    if block_size is not None:
+        cfg.block_size = block_size
+    if train_tokens is not None:
+        cfg.train_tokens = train_tokens
+    shape = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+                 num_attention_heads=heads)
+    if any(v is not None for v in shape.values()):
+        cfg.model = replace(cfg.model_config(), **{k: v for k, v in shape.items() if v is not None})
+    from .train.pretrain import pretrain as run
+
+    m = run(cfg, out, overwrite=overwrite, resume=resume)
+    console.print(f"[green]saved[/] {out}: {m['parameters']:,} parameters, {m['tokens_seen']:,} tokens, "
+                  f"val ppl {m['val_ppl']:.2f}, {m['wall_time_s']:.0f}s")
+
+
+@eval_app.command("ppl")
+@user_errors
+def eval_ppl(
+    model: Path = typer.Option(..., help="Model directory."),
+    data: str = typer.Option("builtin:prose", help="Data spec."),
+    split: str = typer.Option("test", help="train, validation or test."),
+    block_size: Optional[int] = typer.Option(None, help="Block size (default: the model's training block size)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Token budget."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Perplexity of a causal LM directory on packed blocks (token-weighted)."""
+    from .eval.perplexity import model_perplexity
+
+    r = model_perplexity(model, data, split, block_size, max_tokens)
+    print(json.dumps(r, indent=2) if json_out else f"perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens "
+          f"({data}, {split})")
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Path = typer.Option(..., help="Model directory."),
+    prompt: str = typer.Option("def ", help="Prompt text."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (0: greedy)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Sample text from a model directory."""
+    from .eval.perplexity import generate_text
+
+    print(generate_text(model, prompt, max_new_tokens, temperature, seed=seed))
+
+
+@app.command("data")
+@user_errors
+def data_info() -> None:
+    """Show the built-in corpus: domains, splits and sizes."""
+    from .data import corpus_stats
+
+    t = Table(title="built-in corpus (this Python's standard library)")
+    for c in ("domain", "split", "documents", "characters"):
+        t.add_column(c)
+    for domain, splits in corpus_stats().items():
+        for split, s in splits.items():
+            t.add_row(domain, split, f"{s['documents']:,}", f"{s['characters']:,}")
+    Console().print(t)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo keeps its models and results."),
+    quick: bool = typer.Option(False, help="Tiny preset, fewer steps (a minute or two)."),
+) -> None:
+    """Run the whole story on the built-in corpus (reuses cached artifacts in --out)."""
+    from .demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,67 @@
+"""Pack documents into fixed-length blocks of token ids, separated by EOS."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import WeightlockError
+from .loaders import load_texts
+
+
+def pack_texts(texts: list[str], tokenizer, block_size: int, max_tokens: int | None = None,
+               batch: int = 64) -> torch.Tensor:
+    """Tokenize ``texts`` in order, append EOS after each, concatenate and cut into ``block_size`` blocks.
+
+    Stops once ``max_tokens`` tokens are collected (the token budget); the incomplete last block is dropped.
+    Returns a ``LongTensor`` of shape ``[n_blocks, block_size]``.
+    """
+    if block_size < 2:
+        raise WeightlockError(f"block size must be at least 2, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise WeightlockError("tokenizer has no EOS token")
+    chunks: list[np.ndarray] = []
+    total = 0
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            arr = np.asarray(ids + [eos], dtype=np.int64)
+            chunks.append(arr)
+            total += arr.size
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not chunks:
+        return torch.empty(0, block_size, dtype=torch.long)
+    flat = np.concatenate(chunks)
+    if max_tokens is not None:
+        flat = flat[:max_tokens]
+    n = flat.size // block_size
+    return torch.from_numpy(flat[: n * block_size].reshape(n, block_size).copy())
+
+
+def load_blocks(spec: str, split: str | None, tokenizer, block_size: int,
+                max_tokens: int | None = None) -> torch.Tensor:
+    """Documents of ``spec``/``split`` packed into blocks; an error if not even one block results.
+
+    Built-in data is tokenized once per tokenizer and cached under the cache dir (``.npy``, no pickle).
+    """
+    cache = None
+    if spec.startswith("builtin:"):
+        import hashlib
+        import sys
+
+        from ..io import atomic_path, cache_dir
+
+        fp = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{sys.version}|{fp}|{spec}|{split}|{block_size}|{max_tokens}".encode()).hexdigest()[:24]
+        cache = cache_dir() / "blocks" / f"{key}.npy"
+        if cache.exists():
+            return torch.from_numpy(np.load(cache, allow_pickle=False))
+    blocks = pack_texts(load_texts(spec, split), tokenizer, block_size, max_tokens)
+    if cache is not None and blocks.shape[0]:
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, blocks.numpy(), allow_pickle=False)
+    if blocks.shape[0] == 0:
+        raise WeightlockError(f"{spec} ({split or 'all'}): too little text for one block of {block_size} tokens")
+    return blocks

@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can make (bad path, bad ratio, unsupported model...)."""
+
+
+class WeightlockError(Exception):
+    """A user-caused error with a message that says what went wrong and what to do next.
+
+    The CLI prints these without a traceback and exits with status 2.
+    """

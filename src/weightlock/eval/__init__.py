@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, tasks, fine-tuning gain and attacker cost."""

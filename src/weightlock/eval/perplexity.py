@@ -1,0 +1,73 @@
+"""Capability metrics: perplexity of a model directory and of a unigram baseline, and sampling."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..errors import WeightlockError
+from ..train.loop import evaluate_loss
+
+
+def default_block_size(model_dir: str | os.PathLike, fallback: int = 128) -> int:
+    """The block size the model was trained with, when it was trained by weightlock."""
+    from pathlib import Path
+
+    from ..io import read_json
+
+    p = Path(model_dir) / "weightlock_run.json"
+    if p.exists():
+        return int(read_json(p).get("config", {}).get("block_size", fallback))
+    return fallback
+
+
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """Token-weighted perplexity of a causal LM on packed blocks."""
+    return math.exp(evaluate_loss(model, blocks, batch_size))
+
+
+def model_perplexity(model_dir: str | os.PathLike, data: str = "builtin:prose", split: str = "test",
+                     block_size: int | None = None, max_tokens: int | None = None, batch_size: int = 16,
+                     device: str = "cpu", trust_remote_code: bool = False) -> dict:
+    """Perplexity of the model in ``model_dir`` on ``data``/``split``, tokenized with the model's tokenizer."""
+    from ..data import load_blocks, load_tokenizer
+    from ..models.hub import load_causal_lm
+
+    model = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(model_dir)
+    block_size = block_size or default_block_size(model_dir)
+    blocks = load_blocks(data, split, tok, block_size, max_tokens)
+    loss = evaluate_loss(model, blocks, batch_size)
+    return {"model": str(model_dir), "data": data, "split": split, "block_size": block_size,
+            "tokens": int(blocks[:, 1:].numel()), "loss": loss, "perplexity": math.exp(loss)}
+
+
+def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of an add-one-smoothed unigram model fit on ``train_blocks`` (same targets as the LM)."""
+    if vocab_size < 1:
+        raise WeightlockError("vocab size must be positive")
+    counts = torch.bincount(train_blocks.reshape(-1), minlength=vocab_size).double() + 1.0
+    logp = torch.log(counts / counts.sum())
+    targets = eval_blocks[:, 1:].reshape(-1)
+    return math.exp(-logp[targets].mean().item())
+
+
+def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
+                  top_k: int = 50, seed: int = 0, trust_remote_code: bool = False) -> str:
+    from ..data import load_tokenizer
+    from ..models.hub import load_causal_lm
+
+    if max_new_tokens < 1:
+        raise WeightlockError("max_new_tokens must be at least 1")
+    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code).eval()
+    tok = load_tokenizer(model_dir)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tok.eos_token_id]])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_k=top_k if temperature > 0 else None, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)
