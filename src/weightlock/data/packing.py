@@ -45,20 +45,24 @@ def load_blocks(spec: str, split: str | None, tokenizer, block_size: int,
 
     Built-in data is tokenized once per tokenizer and cached under the cache dir (``.npy``, no pickle).
     """
+    texts = load_texts(spec, split)
     cache = None
     if spec.startswith("builtin:"):
         import hashlib
-        import sys
 
-        from ..io import atomic_path, cache_dir
+        from ..io import cache_dir
 
-        fp = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
-        key = hashlib.sha256(f"{sys.version}|{fp}|{spec}|{split}|{block_size}|{max_tokens}".encode()).hexdigest()[:24]
-        cache = cache_dir() / "blocks" / f"{key}.npy"
+        h = hashlib.sha256(f"{spec}|{split}|{block_size}|{max_tokens}|".encode())
+        h.update(tokenizer.backend_tokenizer.to_str().encode())
+        for t in texts:  # the content itself: a different Python or split rule is a different cache entry
+            h.update(hashlib.sha256(t.encode()).digest())
+        cache = cache_dir() / "blocks" / f"{h.hexdigest()[:32]}.npy"
         if cache.exists():
             return torch.from_numpy(np.load(cache, allow_pickle=False))
-    blocks = pack_texts(load_texts(spec, split), tokenizer, block_size, max_tokens)
+    blocks = pack_texts(texts, tokenizer, block_size, max_tokens)
     if cache is not None and blocks.shape[0]:
+        from ..io import atomic_path
+
         with atomic_path(cache) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, blocks.numpy(), allow_pickle=False)
