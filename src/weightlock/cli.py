@@ -150,6 +150,45 @@ def data_info() -> None:
     Console().print(t)
 
 
+@app.command("lock")
+@user_errors
+def lock_cmd(
+    model: Path = typer.Option(..., help="Hugging Face model directory to lock."),
+    out: Path = typer.Option(..., help="Output directory of the locked release."),
+    rank: int = typer.Option(32, help="Rank r of every DLR block."),
+    depth: Optional[int] = typer.Option(None, help="Blocks per DLR-Net (default: match the MLP's parameter count)."),
+    data: Optional[str] = typer.Option(None, help="Calibration data (default: the model's training data)."),
+    calib_tokens: int = typer.Option(131_072, help="Calibration tokens."),
+    steps: int = typer.Option(600, help="Distillation steps per layer."),
+    batch_tokens: int = typer.Option(1024, help="Tokens per distillation step."),
+    lr: float = typer.Option(1e-2, help="Distillation learning rate."),
+    activation: str = typer.Option("gelu", help="gelu, relu, silu or tanh."),
+    norm: bool = typer.Option(False, help="Per-block RMSNorm."),
+    mode: str = typer.Option("parallel", help="parallel (layers independent) or sequential."),
+    refine_steps: int = typer.Option(0, help="End-to-end KL refinement steps after distillation."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Lock a model: distil every MLP into a deep low-rank residual net (DLR-Lock)."""
+    from .dlr import LockConfig, lock
+
+    cfg = LockConfig(rank=rank, depth=depth, data=data, calib_tokens=calib_tokens, steps=steps,
+                     batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode,
+                     refine_steps=refine_steps)
+    r = lock(model, out, cfg, overwrite=overwrite)
+    if not r:
+        return  # a non-zero rank of a torchrun job
+    t = Table(title=f"DLR-Lock of {model} ({r['family']}), rank {rank}")
+    for c in ("layer", "depth", "MLP params", "DLR params", "rel. error (held out)", "seconds"):
+        t.add_column(c)
+    for s, n_mlp, n_dlr in zip(r["layers"], r["mlp_parameters"], r["dlr_parameters"]):
+        t.add_row(str(s["layer"]), str(s["spec"]["depth"]), f"{n_mlp:,}", f"{n_dlr:,}", f"{s['rel_error']:.5f}",
+                  f"{s['seconds']:.1f}")
+    Console().print(t)
+    if r["ppl_before"] is not None:
+        console.print(f"perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f} (ratio {r['ppl_ratio']:.4f}); "
+                      f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}; saved {out}")
+
+
 @app.command()
 @user_errors
 def demo(

@@ -17,9 +17,9 @@ def pack_texts(texts: list[str], tokenizer, block_size: int, max_tokens: int | N
     """
     if block_size < 2:
         raise WeightlockError(f"block size must be at least 2, got {block_size}")
-    eos = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if eos is None:
-        raise WeightlockError("tokenizer has no EOS token")
+        raise WeightlockError("tokenizer has neither an EOS nor a SEP token to separate documents")
     chunks: list[np.ndarray] = []
     total = 0
     for i in range(0, len(texts), batch):

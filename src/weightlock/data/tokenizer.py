@@ -92,7 +92,7 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None, vocab_size: int =
         d = Path(model_dir)
         if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
             tok = AutoTokenizer.from_pretrained(str(d))
-            if tok.eos_token is None:
-                raise WeightlockError(f"{d}: tokenizer has no EOS token, which packing needs")
+            if tok.eos_token is None and tok.sep_token is None:
+                raise WeightlockError(f"{d}: tokenizer has neither an EOS nor a SEP token, which packing needs")
             return tok
     return builtin_tokenizer(vocab_size)

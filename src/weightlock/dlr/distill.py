@@ -1,0 +1,287 @@
+"""Module-wise distillation: capture each MLP's input/output pairs, fit a DLR-Net to each, per layer.
+
+Layers are independent: with ``torchrun --nproc-per-node N`` each process fits the layers ``k`` with
+``k % N == rank`` (gloo on CPU, nccl on GPU). Every finished layer is saved at once in the work dir,
+so a killed run restarts and skips it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WeightlockError
+from ..io import atomic_path, read_json, write_json
+from .modeling_weightlock_dlr import (ArchAdapter, DLRNet, DLRSpec, UnsupportedArchitecture, adapter_for,
+                                      find_layers, get_path, mlp_num_parameters, replace_mlp)
+
+
+@dataclass
+class LockConfig:
+    """Settings of ``weightlock lock`` (the DLR-Net shape, calibration data and distillation)."""
+
+    rank: int = 32
+    depth: int | None = None  # None: chosen so the DLR-Net has the MLP's parameter count (±2%)
+    activation: str = "gelu"
+    norm: bool = False
+    bias: bool = False
+    init_scale: float = 0.0
+    data: str | None = None  # calibration text; None: the model's own training data, else builtin:code+prose
+    calib_tokens: int = 131_072
+    block_size: int = 128
+    steps: int = 600
+    batch_tokens: int = 1024
+    lr: float = 1e-2
+    holdout: float = 0.1
+    seed: int = 0
+    mode: str = "parallel"  # parallel: all layers on the original's activations | sequential
+    refine_steps: int = 0  # optional end-to-end KL refinement toward the original's logits
+    refine_lr: float = 3e-4
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise WeightlockError(f"rank must be at least 1, got {self.rank}")
+        if self.depth is not None and self.depth < 1:
+            raise WeightlockError(f"depth must be at least 1, got {self.depth}")
+        if self.mode not in ("parallel", "sequential"):
+            raise WeightlockError(f"unknown mode {self.mode!r} (parallel, sequential)")
+        if not 0 < self.holdout < 0.5:
+            raise WeightlockError("holdout must be in (0, 0.5)")
+        if self.steps < 1 or self.batch_tokens < 1 or self.calib_tokens < self.block_size:
+            raise WeightlockError("steps, batch_tokens must be ≥ 1 and calib_tokens ≥ block_size")
+
+
+def block_parameters(width: int, rank: int, norm: bool, bias: bool) -> int:
+    return DLRSpec(width, rank, 1, norm=norm, bias=bias).num_parameters()
+
+
+def match_depth(mlp_params: int, width: int, rank: int, norm: bool = False, bias: bool = False,
+                tolerance: float = 0.02) -> int:
+    """The depth whose DLR-Net parameter count is closest to ``mlp_params`` (must be within ``tolerance``)."""
+    if not 1 <= rank <= width:
+        raise WeightlockError(f"rank {rank} must be between 1 and the model width {width}")
+    per = block_parameters(width, rank, norm, bias)
+    depth = max(1, round(mlp_params / per))
+    err = abs(depth * per - mlp_params) / mlp_params
+    if err > tolerance:
+        raise WeightlockError(
+            f"rank {rank} cannot match the MLP's {mlp_params:,} parameters within {tolerance:.0%} "
+            f"(best depth {depth} gives {depth * per:,}); use a smaller rank or fix --depth"
+        )
+    return depth
+
+
+def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRSpec], list[int]]:
+    """Validate ``model`` against ``cfg`` and return its adapter, one DLRSpec per layer and MLP sizes."""
+    try:
+        adapter = adapter_for(model)
+        layers = find_layers(model, adapter)
+    except UnsupportedArchitecture as e:
+        raise WeightlockError(str(e)) from None
+    if not layers:
+        raise WeightlockError(f"{type(model).__name__} has no transformer layers (no MLPs to lock)")
+    width = model.config.hidden_size
+    specs, sizes = [], []
+    for layer in layers:
+        try:
+            n = mlp_num_parameters(layer, adapter)
+        except AttributeError:
+            raise WeightlockError(f"{type(model).__name__}: a layer has no {adapter.mlp!r} module (no MLP to lock); "
+                                  "is it already locked?") from None
+        if n == 0:
+            raise WeightlockError(f"{type(model).__name__}: MLP without parameters, nothing to lock")
+        depth = cfg.depth or match_depth(n, width, cfg.rank, cfg.norm, cfg.bias)
+        if not 1 <= cfg.rank <= width:
+            raise WeightlockError(f"rank {cfg.rank} must be between 1 and the model width {width}")
+        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, cfg.bias, cfg.init_scale))
+        sizes.append(n)
+    return adapter, specs, sizes
+
+
+# ---- capture ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def capture(model: nn.Module, blocks: torch.Tensor, layer_ids: list[int], batch_size: int = 16,
+            dtype: torch.dtype = torch.bfloat16) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``model`` on ``blocks`` and return, per layer id, the MLP (inputs, outputs) as ``[tokens, d]``."""
+    adapter = adapter_for(model)
+    layers = find_layers(model, adapter)
+    xs: dict[int, list] = {k: [] for k in layer_ids}
+    ys: dict[int, list] = {k: [] for k in layer_ids}
+    handles = []
+    for k in layer_ids:
+        def pre(mod, args, kwargs, k=k):
+            x = args[0] if args else next(iter(kwargs.values()))
+            xs[k].append(x.detach().reshape(-1, x.shape[-1]).to(dtype).cpu())
+
+        def post(mod, args, out, k=k):
+            y = out[0] if isinstance(out, tuple) else out
+            ys[k].append(y.detach().reshape(-1, y.shape[-1]).to(dtype).cpu())
+
+        handles.append(get_path(layers[k], adapter.mlp).register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(get_path(layers[k], adapter.out_path()).register_forward_hook(post))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, blocks.shape[0], batch_size):
+            x = blocks[i:i + batch_size].to(device)
+            model(input_ids=x, attention_mask=torch.ones_like(x))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {k: (torch.cat(xs[k]), torch.cat(ys[k])) for k in layer_ids}
+
+
+# ---- fitting one layer --------------------------------------------------------------------------
+
+def relative_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
+    """‖net(x) − y‖² / ‖y‖² over all tokens (fraction of the MLP output's energy not reproduced)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            xi, yi = x[i:i + chunk].float(), y[i:i + chunk].float()
+            num += (net(xi) - yi).pow(2).sum().item()
+            den += yi.pow(2).sum().item()
+    return num / max(den, 1e-30)
+
+
+def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, desc: str = "layer",
+              device: torch.device | str = "cpu") -> tuple[DLRNet, dict]:
+    """Train a DLR-Net on (x, y) pairs with the normalised regression loss; returns it and its stats."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=g)
+    n_hold = max(1, int(n * cfg.holdout))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    xh, yh = x[hold].float().to(device), y[hold].float().to(device)
+    torch.manual_seed(cfg.seed)
+    net = DLRNet(spec).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+    err0 = relative_error(net, xh, yh)
+    t0 = time.perf_counter()
+    bs = min(cfg.batch_tokens, train.numel())
+    with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[info]}"), disable=not cfg.progress) as progress:
+        task = progress.add_task(desc, total=cfg.steps, info="")
+        for step in range(cfg.steps):
+            idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
+            xb, yb = x[idx].float().to(device), y[idx].float().to(device)
+            loss = (net(xb) - yb).pow(2).sum() / yb.pow(2).sum().clamp_min(1e-30)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 50 == 0 or step == cfg.steps - 1:
+                progress.update(task, completed=step + 1, info=f"rel. err {loss.item():.4f}")
+    dt = time.perf_counter() - t0
+    stats = {"rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
+             "rel_error": relative_error(net, xh, yh), "tokens": n, "steps": cfg.steps, "seconds": dt,
+             "tokens_per_s": cfg.steps * bs / dt, "spec": asdict(spec)}
+    return net.cpu(), stats
+
+
+# ---- the whole model ----------------------------------------------------------------------------
+
+def _dist():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist
+    return None
+
+
+def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work: Path) -> tuple[nn.Module, list[dict]]:
+    """Replace every MLP of ``model`` (in place) by a distilled DLR-Net; returns the model and per-layer stats.
+
+    ``work`` keeps captured activations and finished layers, so an interrupted call resumes.
+    """
+    from safetensors.torch import load_file, save_file
+
+    cfg.validate()
+    adapter, specs, _ = specs_for(model, cfg)
+    layers = find_layers(model, adapter)
+    work.mkdir(parents=True, exist_ok=True)
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    if dist and cfg.mode == "sequential":
+        raise WeightlockError("sequential mode distils layers one after another; run it in a single process")
+    device = next(model.parameters()).device
+
+    def done(k: int) -> bool:
+        return (work / f"layer_{k}.safetensors").exists() and (work / f"layer_{k}.json").exists()
+
+    if cfg.mode == "parallel":
+        todo = [k for k in range(len(layers)) if not done(k)]
+        if rank == 0 and todo and not all((work / f"capture_{k}.safetensors").exists() for k in todo):
+            for k, (x, y) in capture(model, blocks, todo).items():
+                with atomic_path(work / f"capture_{k}.safetensors") as tmp:
+                    save_file({"x": x.contiguous(), "y": y.contiguous()}, str(tmp))
+        if dist:
+            dist.barrier()
+    for k in range(len(layers)):
+        if k % world != rank or done(k):
+            continue
+        if cfg.mode == "sequential":  # inputs produced by the already-locked layers 0..k-1
+            for j in range(k):
+                _install(layers[j], adapter, specs[j], work / f"layer_{j}.safetensors", device)
+            x, y = capture(model, blocks, [k])[k]
+        else:
+            cap = load_file(str(work / f"capture_{k}.safetensors"))
+            x, y = cap["x"], cap["y"]
+        net, stats = fit_layer(x, y, specs[k], cfg, desc=f"layer {k + 1}/{len(layers)}", device=device)
+        stats["layer"] = k
+        with atomic_path(work / f"layer_{k}.safetensors") as tmp:
+            save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
+        write_json(work / f"layer_{k}.json", stats)
+    if dist:
+        dist.barrier()
+    for k, layer in enumerate(layers):
+        _install(layer, adapter, specs[k], work / f"layer_{k}.safetensors", device)
+    return model, [read_json(work / f"layer_{k}.json") for k in range(len(layers))]
+
+
+def _install(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, device) -> None:
+    from safetensors.torch import load_file
+
+    mod = get_path(layer, adapter.mlp)
+    net = mod if isinstance(mod, DLRNet) else DLRNet(spec)
+    net.load_state_dict(load_file(str(path)))
+    if not isinstance(mod, DLRNet):
+        replace_mlp(layer, adapter, net.to(device))
+
+
+def refine(locked: nn.Module, original: nn.Module, blocks: torch.Tensor, cfg: LockConfig) -> list[dict]:
+    """End-to-end refinement: train only the DLR-Nets so the locked model's logits match the original's (KL)."""
+    from ..train.loop import TrainConfig, Trainer
+
+    for n, p in locked.named_parameters():
+        p.requires_grad_(".blocks." in n)
+    original.eval()
+
+    def kl_loss(model, x):
+        with torch.no_grad():
+            teacher = torch.log_softmax(original(input_ids=x).logits.float(), -1)
+        student = torch.log_softmax(model(input_ids=x).logits.float(), -1)
+        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") / x.shape[1]
+
+    tc = TrainConfig(max_steps=cfg.refine_steps, batch_size=min(16, blocks.shape[0]), lr=cfg.refine_lr,
+                     warmup_steps=min(10, cfg.refine_steps), weight_decay=0.0, eval_every=10**9,
+                     checkpoint_every=0, seed=cfg.seed, progress=cfg.progress)
+    history = Trainer(locked, blocks, tc, loss_fn=kl_loss).fit(resume=False)
+    for p in locked.parameters():
+        p.requires_grad_(True)
+    return history

@@ -1,0 +1,129 @@
+"""``weightlock lock``: a Hugging Face checkpoint in, a DLR-locked release out."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import WeightlockError
+from ..io import prepare_out_dir, read_json, sha256_file, write_json
+from . import modeling_weightlock_dlr as M
+from .distill import LockConfig, distill_model, refine, specs_for
+
+WORK = ".weightlock-work"
+MODELING_FILE = "modeling_weightlock_dlr.py"
+MANIFEST = "manifest.json"
+
+
+def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load any local model directory: a DLR-locked release, or a plain HF causal LM / encoder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from ..models.hub import _check_model_dir
+
+    logging.disable_progress_bar()
+    d = Path(model_dir)
+    _check_model_dir(d)
+    try:
+        config = AutoConfig.from_pretrained(str(d), local_files_only=True)
+        if getattr(config, M.DLR_CONFIG_KEY, None):
+            model = M.load_locked_state(M.build_locked_model(config), str(d))
+        else:
+            archs = getattr(config, "architectures", None) or []
+            auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+            model = auto.from_pretrained(str(d), local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise WeightlockError(f"{d}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval()
+
+
+def _calibration_spec(model_dir: Path, cfg: LockConfig) -> str:
+    if cfg.data:
+        return cfg.data
+    run = model_dir / "weightlock_run.json"
+    if run.exists():
+        return read_json(run).get("config", {}).get("data", "builtin:code+prose")
+    return "builtin:code+prose"
+
+
+def _ppl(model, blocks) -> float | None:
+    from ..train.loop import evaluate_loss
+
+    if not hasattr(model, "lm_head") and "CausalLM" not in type(model).__name__:
+        return None
+    return math.exp(evaluate_loss(model, blocks))
+
+
+def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig | None = None,
+         overwrite: bool = False) -> dict:
+    """Lock the model in ``model_dir`` with DLR-Nets and write the release to ``out``; returns the report."""
+    from ..data import load_blocks, load_tokenizer
+
+    cfg = cfg or LockConfig()
+    cfg.validate()
+    model_dir, out = Path(model_dir), Path(out)
+    original = load(model_dir)
+    if getattr(original.config, M.DLR_CONFIG_KEY, None):
+        raise WeightlockError(f"{model_dir}: already DLR-locked")
+    adapter, specs, mlp_sizes = specs_for(original, cfg)  # validates rank/architecture before writing
+    tok = load_tokenizer(model_dir)
+    spec = _calibration_spec(model_dir, cfg)
+    block = min(cfg.block_size, getattr(original.config, "max_position_embeddings", cfg.block_size))
+    calib = load_blocks(spec, "train", tok, block, cfg.calib_tokens)
+    val = load_blocks(spec, "validation", tok, block, 32768)
+
+    work = out / WORK
+    out = prepare_out_dir(out, overwrite=overwrite, resume=work.exists())
+    t0 = time.perf_counter()
+    ppl_before = _ppl(original, val)
+    locked = load(model_dir)
+    params_before = sum(p.numel() for p in locked.parameters())
+    locked, layer_stats = distill_model(locked, calib, cfg, work)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    refine_history = refine(locked, original, calib, cfg) if cfg.refine_steps > 0 else []
+    ppl_after = _ppl(locked, val)
+    params_after = sum(p.numel() for p in locked.parameters())
+    report = {
+        "base_model": str(model_dir), "family": adapter.family, "calibration_data": spec,
+        "calibration_tokens": int(calib.numel()), "validation_tokens": int(val.numel()),
+        "lock_config": asdict(cfg), "parameters_before": params_before, "parameters_after": params_after,
+        "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs],
+        "ppl_before": ppl_before, "ppl_after": ppl_after,
+        "ppl_ratio": ppl_after / ppl_before if ppl_before else None,
+        "layers": layer_stats, "refine": refine_history[-1] if refine_history else None,
+        "seconds": time.perf_counter() - t0, "weightlock_version": __version__,
+    }
+    _write_release(locked, tok, out, specs, report)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _write_release(model, tokenizer, out: Path, specs: list, report: dict) -> None:
+    from ..models.hub import save_model_dir
+
+    cfg = model.config
+    setattr(cfg, M.DLR_CONFIG_KEY, {"base_class": type(model).__name__, "layers": [asdict(s) for s in specs],
+                                    "weightlock_version": __version__})
+    auto = "AutoModelForCausalLM" if "CausalLM" in type(model).__name__ else "AutoModel"
+    cfg.auto_map = {auto: "modeling_weightlock_dlr.DLRLockedModel"}
+    save_model_dir(model, tokenizer, out, extra_files={"lock_report.json": report})
+    shutil.copyfile(M.__file__, out / MODELING_FILE)
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_json(out / MANIFEST, {
+        "kind": "weightlock-dlr-lock", "weightlock_version": __version__, "files": files,
+        "lock": {k: report[k] for k in ("family", "lock_config", "parameters_before", "parameters_after",
+                                        "calibration_data")},
+        "fidelity": {"ppl_before": report["ppl_before"], "ppl_after": report["ppl_after"],
+                     "ppl_ratio": report["ppl_ratio"],
+                     "layer_rel_error": [s["rel_error"] for s in report["layers"]]},
+    })

@@ -1,0 +1,273 @@
+"""DLR-Net, architecture adapters and model surgery — self-contained (torch + transformers only).
+
+This one file is both part of the weightlock library and the modeling code shipped inside every locked
+release (``auto_map`` in ``config.json``), so ``AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)`` works without weightlock installed and the two can never drift apart.
+
+A DLR-Net replaces an MLP whose output is added to the residual stream::
+
+    z_0 = u
+    z_{l+1} = z_l + U_l · σ(V_l · n_l(z_l))        V_l: r×d, U_l: d×r, n_l optional RMSNorm
+    DLR(u)  = z_L − z_0
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+DLR_CONFIG_KEY = "weightlock_dlr"
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+@dataclass
+class DLRSpec:
+    """Shape and options of one DLR-Net."""
+
+    width: int
+    rank: int
+    depth: int
+    activation: str = "gelu"
+    norm: bool = False  # per-block RMSNorm before the down-projection
+    bias: bool = False
+    init_scale: float = 0.0  # std of U at init relative to 1/sqrt(r·L); 0 = U starts at zero
+
+    def num_parameters(self) -> int:
+        per_block = 2 * self.width * self.rank + (self.width if self.norm else 0)
+        per_block += (self.rank + self.width) if self.bias else 0
+        return per_block * self.depth
+
+
+class DLRBlock(nn.Module):
+    def __init__(self, spec: DLRSpec) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(spec.width, eps=1e-6) if spec.norm else nn.Identity()
+        self.down = nn.Linear(spec.width, spec.rank, bias=spec.bias)
+        self.act = _ACTIVATIONS[spec.activation]()
+        self.up = nn.Linear(spec.rank, spec.width, bias=spec.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.up(self.act(self.down(self.norm(z))))
+
+
+class DLRNet(nn.Module):
+    """A deep low-rank residual network: drop-in for an MLP whose output is added to the residual stream."""
+
+    def __init__(self, spec: DLRSpec) -> None:
+        super().__init__()
+        if spec.activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {spec.activation!r}; choose from {sorted(_ACTIVATIONS)}")
+        if not 1 <= spec.rank <= spec.width:
+            raise ValueError(f"rank {spec.rank} must be between 1 and the width {spec.width}")
+        if spec.depth < 1:
+            raise ValueError(f"depth must be at least 1, got {spec.depth}")
+        self.spec = spec
+        self.blocks = nn.ModuleList(DLRBlock(spec) for _ in range(spec.depth))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        s = self.spec
+        for b in self.blocks:
+            nn.init.normal_(b.down.weight, std=1.0 / math.sqrt(s.width))
+            nn.init.normal_(b.up.weight, std=s.init_scale / math.sqrt(s.rank * s.depth))
+            if s.bias:
+                nn.init.zeros_(b.down.bias)
+                nn.init.zeros_(b.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x
+        for block in self.blocks:
+            z = block(z)
+        return z - x
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"width={s.width}, rank={s.rank}, depth={s.depth}, activation={s.activation}, norm={s.norm}"
+
+
+# ---- architecture adapters ----------------------------------------------------------------------
+
+@dataclass
+class ArchAdapter:
+    """Where a model family keeps its feed-forward blocks and how to swap them for DLR-Nets.
+
+    ``layers``: candidate dotted paths (from the loaded model) to the list of transformer layers.
+    ``mlp``: path inside a layer of the module whose *input* is the feed-forward input and which is
+    replaced by the DLR-Net. ``mlp_out``: path of the module whose *output* is the feed-forward output
+    (the same module for most families). ``identity``: modules replaced by ``nn.Identity`` once the
+    DLR-Net computes the whole feed-forward (BERT's ``output.dense``).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: tuple[str, ...]
+    mlp: str = "mlp"
+    mlp_out: str | None = None
+    identity: tuple[str, ...] = ()
+    gated: bool = True
+
+    def out_path(self) -> str:
+        return self.mlp_out or self.mlp
+
+
+ADAPTERS: dict[str, ArchAdapter] = {}
+
+
+def register_adapter(adapter: ArchAdapter) -> ArchAdapter:
+    """Teach weightlock a new family, e.g.
+    ``register_adapter(ArchAdapter("olmo", ("olmo",), layers=("model.layers",)))``."""
+    for mt in adapter.model_types:
+        ADAPTERS[mt] = adapter
+    return adapter
+
+
+_DECODER = ("model.layers",)
+for _fam, _types in [("llama", ("llama",)), ("mistral", ("mistral",)), ("qwen2", ("qwen2",)),
+                     ("qwen3", ("qwen3",)), ("gemma", ("gemma", "gemma2")), ("phi3", ("phi3",))]:
+    register_adapter(ArchAdapter(_fam, _types, layers=_DECODER))
+register_adapter(ArchAdapter("gpt2", ("gpt2",), layers=("transformer.h", "h"), gated=False))
+register_adapter(ArchAdapter("gpt_neox", ("gpt_neox",), layers=("gpt_neox.layers", "layers"), gated=False))
+register_adapter(ArchAdapter("bert", ("bert",), layers=("bert.encoder.layer", "encoder.layer"),
+                             mlp="intermediate", mlp_out="output.dense", identity=("output.dense",),
+                             gated=False))
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def adapter_for(model: nn.Module) -> ArchAdapter:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in ADAPTERS:
+        fams = ", ".join(sorted({a.family for a in ADAPTERS.values()}))
+        raise UnsupportedArchitecture(
+            f"model type {mt!r} is not supported by DLR-Lock (supported: {fams}). Register it with "
+            "weightlock.dlr.register_adapter(ArchAdapter(family, (model_type,), layers=('model.layers',), "
+            "mlp='mlp'))."
+        )
+    return ADAPTERS[mt]
+
+
+def get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, value)
+
+
+def find_layers(model: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
+    for path in adapter.layers:
+        try:
+            layers = get_path(model, path)
+        except AttributeError:
+            continue
+        return list(layers)
+    raise UnsupportedArchitecture(f"{adapter.family}: none of {adapter.layers} found on {type(model).__name__}")
+
+
+def mlp_modules(layer: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
+    """The modules that make up one feed-forward block (their parameters are what a DLR-Net replaces)."""
+    mods = [get_path(layer, adapter.mlp)]
+    if adapter.mlp_out and adapter.mlp_out not in (adapter.mlp,):
+        mods.append(get_path(layer, adapter.mlp_out))
+    return mods
+
+
+def mlp_num_parameters(layer: nn.Module, adapter: ArchAdapter) -> int:
+    return sum(p.numel() for m in mlp_modules(layer, adapter) for p in m.parameters())
+
+
+def replace_mlp(layer: nn.Module, adapter: ArchAdapter, net: DLRNet) -> None:
+    for path in adapter.identity:
+        set_path(layer, path, nn.Identity())
+    set_path(layer, adapter.mlp, net)
+
+
+def apply_dlr(model: nn.Module, specs: list[dict]) -> nn.Module:
+    """Swap every feed-forward block of ``model`` for a (freshly initialised) DLR-Net of the given specs."""
+    adapter = adapter_for(model)
+    layers = find_layers(model, adapter)
+    if len(specs) != len(layers):
+        raise ValueError(f"{len(specs)} DLR specs for {len(layers)} layers")
+    ref = next(model.parameters())
+    for layer, spec in zip(layers, specs):
+        replace_mlp(layer, adapter, DLRNet(DLRSpec(**spec)).to(device=ref.device, dtype=ref.dtype))
+    return model
+
+
+# ---- loading a locked release with plain transformers (trust_remote_code) ------------------------
+
+def build_locked_model(config, dtype=None):
+    """Instantiate the base architecture from ``config`` and swap in DLR-Nets (weights uninitialised)."""
+    import transformers
+
+    info = getattr(config, DLR_CONFIG_KEY, None)
+    if not info:
+        raise ValueError(f"config has no {DLR_CONFIG_KEY!r} section: not a DLR-locked checkpoint")
+    cls = getattr(transformers, info["base_class"])
+    model = cls(config)
+    apply_dlr(model, info["layers"])
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def load_locked_state(model: nn.Module, directory: str) -> nn.Module:
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(directory, f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if _is_tied(model, k)}
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{directory}: weights do not match the locked architecture "
+                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+class DLRLockedModel:
+    """Entry point named in a locked release's ``auto_map``: returns the base family's own model class
+    (e.g. ``LlamaForCausalLM``) with DLR-Nets in place of its MLPs, so ``generate`` and peft work as usual."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class=None) -> None:  # called by transformers' Auto classes
+        return None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        import transformers
+
+        path = str(pretrained_model_name_or_path)
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(path)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        dtype = dtype if isinstance(dtype, torch.dtype) else None
+        model = build_locked_model(config)
+        load_locked_state(model, path)
+        if dtype is not None:
+            model = model.to(dtype)
+        model.eval()
+        if kwargs.get("device_map") in ("cuda", "cpu"):
+            model = model.to(kwargs["device_map"])
+        return model
