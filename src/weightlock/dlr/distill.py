@@ -194,7 +194,7 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
 
 # ---- the whole model ----------------------------------------------------------------------------
 
-def _dist():
+def dist_or_none():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
@@ -215,7 +215,7 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
     adapter, specs, _ = specs_for(model, cfg)
     layers = find_layers(model, adapter)
     work.mkdir(parents=True, exist_ok=True)
-    dist = _dist()
+    dist = dist_or_none()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
     if dist and cfg.mode == "sequential":
         raise WeightlockError("sequential mode distils layers one after another; run it in a single process")
@@ -243,7 +243,7 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
             cap = load_file(str(work / f"capture_{k}.safetensors"))
             x, y = cap["x"], cap["y"]
         net, stats = fit_layer(x, y, specs[k], cfg, desc=f"layer {k + 1}/{len(layers)}", device=device)
-        stats["layer"] = k
+        stats["layer"], stats["process"] = k, rank
         with atomic_path(work / f"layer_{k}.safetensors") as tmp:
             save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
         write_json(work / f"layer_{k}.json", stats)

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import WeightlockError
 from ..io import prepare_out_dir, read_json, sha256_file, write_json
 from . import modeling_weightlock_dlr as M
-from .distill import LockConfig, distill_model, refine, specs_for
+from .distill import LockConfig, dist_or_none, distill_model, refine, specs_for
 
 WORK = ".weightlock-work"
 MODELING_FILE = "modeling_weightlock_dlr.py"
@@ -39,7 +39,7 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
             archs = getattr(config, "architectures", None) or []
             auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
             model = auto.from_pretrained(str(d), local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # transformers/safetensors raise many types for bad checkpoints
         raise WeightlockError(f"{d}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     if dtype is not None:
         model = model.to(dtype)
@@ -82,13 +82,18 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     val = load_blocks(spec, "validation", tok, block, 32768)
 
     work = out / WORK
-    out = prepare_out_dir(out, overwrite=overwrite, resume=work.exists())
+    dist = dist_or_none()
+    main = dist is None or dist.get_rank() == 0
+    if main:
+        prepare_out_dir(out, overwrite=overwrite, resume=work.exists())
+    if dist:
+        dist.barrier()
     t0 = time.perf_counter()
-    ppl_before = _ppl(original, val)
+    ppl_before = _ppl(original, val) if main else None
     locked = load(model_dir)
     params_before = sum(p.numel() for p in locked.parameters())
     locked, layer_stats = distill_model(locked, calib, cfg, work)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not main:
         return {}
     refine_history = refine(locked, original, calib, cfg) if cfg.refine_steps > 0 else []
     ppl_after = _ppl(locked, val)
@@ -116,7 +121,7 @@ def _write_release(model, tokenizer, out: Path, specs: list, report: dict) -> No
                                     "weightlock_version": __version__})
     auto = "AutoModelForCausalLM" if "CausalLM" in type(model).__name__ else "AutoModel"
     cfg.auto_map = {auto: "modeling_weightlock_dlr.DLRLockedModel"}
-    save_model_dir(model, tokenizer, out, extra_files={"lock_report.json": report})
+    save_model_dir(model, tokenizer, out, extra_files={"lock_report.json": report}, module_names=True)
     shutil.copyfile(M.__file__, out / MODELING_FILE)
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
     write_json(out / MANIFEST, {

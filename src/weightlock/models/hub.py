@@ -18,18 +18,31 @@ def _quiet() -> None:
     logging.disable_progress_bar()
 
 
-def save_model_dir(model, tokenizer, out: str | os.PathLike, extra_files: dict[str, object] | None = None) -> Path:
+def save_model_dir(model, tokenizer, out: str | os.PathLike, extra_files: dict[str, object] | None = None,
+                   module_names: bool = False) -> Path:
     """Write ``model`` + ``tokenizer`` (+ JSON ``extra_files``) into ``out`` as a standard HF checkpoint.
 
     Everything is written to a temporary folder first and then moved in file by file with ``os.replace``,
-    so a crash never leaves a half-written ``model.safetensors`` in ``out``.
+    so a crash never leaves a half-written ``model.safetensors`` in ``out``. ``module_names=True`` writes the
+    weights under the module's own parameter names (no legacy-name conversion), for modeling code of our own.
     """
     _quiet()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if module_names:
+            from safetensors.torch import save_file
+
+            from ..train.loop import _dedupe_shared
+
+            model.config.save_pretrained(str(tmp))
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(str(tmp))
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(_dedupe_shared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, obj in (extra_files or {}).items():

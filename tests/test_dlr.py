@@ -1,0 +1,139 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlr_helpers import FAMILIES, tiny_model
+from weightlock.dlr import DLRNet, DLRSpec, LockConfig, apply_dlr, fit_layer, match_depth, relative_error
+from weightlock.dlr.distill import capture, specs_for
+from weightlock.dlr.lock import _write_release, load
+from weightlock.errors import WeightlockError
+
+
+def test_dlr_net_shape_init_and_parameter_count():
+    spec = DLRSpec(width=48, rank=6, depth=5, norm=True, bias=True)
+    net = DLRNet(spec)
+    assert sum(p.numel() for p in net.parameters()) == spec.num_parameters() == 5 * (2 * 48 * 6 + 48 + 6 + 48)
+    x = torch.randn(3, 7, 48)
+    assert net(x).shape == x.shape
+    assert torch.equal(net(x), torch.zeros_like(x)), "U starts at zero: the net starts as the zero map"
+    net2 = DLRNet(DLRSpec(48, 6, 5, init_scale=1.0))
+    y = net2(x)
+    # output is z_L - z_0: check against a manual unrolled computation
+    z = x
+    for b in net2.blocks:
+        z = z + b.up(torch.nn.functional.gelu(b.down(z)))
+    assert torch.allclose(y, z - x, atol=1e-6)
+    with pytest.raises(ValueError, match="rank 64 must be between 1 and the width 48"):
+        DLRNet(DLRSpec(48, 64, 2))
+
+
+@pytest.mark.parametrize("d,d_ff,gated,rank", [(256, 688, True, 8), (256, 688, True, 32), (2048, 8192, True, 64),
+                                               (768, 3072, False, 16), (384, 1536, False, 32)])
+def test_match_depth_within_two_percent(d, d_ff, gated, rank):
+    mlp = 3 * d * d_ff if gated else 2 * d * d_ff + d_ff + d
+    depth = match_depth(mlp, d, rank)
+    assert abs(depth * 2 * d * rank - mlp) / mlp <= 0.02
+
+
+def test_match_depth_errors():
+    with pytest.raises(WeightlockError, match="rank 300 must be between 1 and the model width 256"):
+        match_depth(3 * 256 * 688, 256, 300)
+    with pytest.raises(WeightlockError, match="cannot match"):
+        match_depth(3 * 32 * 64, 32, 28)  # one block is already larger than 2% off
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_surgery_keeps_non_mlp_weights_and_release_round_trips(family, tmp_path):
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LockConfig(rank=2)
+    adapter, specs, sizes = specs_for(model, cfg)
+    assert all(abs(s.num_parameters() - n) / n <= 0.02 for s, n in zip(specs, sizes))
+    torch.manual_seed(1)
+    apply_dlr(model, [s.__dict__ | {"init_scale": 1.0} for s in specs])
+    after = model.state_dict()
+    import re
+
+    is_mlp = re.compile(r"layer\.\d+\.(intermediate|output\.dense)\." if family == "bert" else r"\.mlp\.").search
+    kept = [k for k in before if not is_mlp(k)]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept), "non-MLP parameters bit-identical"
+    assert not [k for k in before if is_mlp(k) and k in after]
+    assert sum(".blocks." in k for k in after) > 0
+    report = {"layers": [{"rel_error": 0.0}] * len(specs), "family": family, "lock_config": {},
+              "parameters_before": 0, "parameters_after": 0, "calibration_data": "none",
+              "ppl_before": None, "ppl_after": None, "ppl_ratio": None}
+    _write_release(model, None, tmp_path / "rel", specs, report)
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+        ref = ref.logits if hasattr(ref, "logits") else ref.last_hidden_state
+        loaded = load(tmp_path / "rel")
+        out = loaded(input_ids=ids)
+        out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    assert torch.equal(ref, out)
+    manifest = json.loads((tmp_path / "rel" / "manifest.json").read_text())
+    assert "model.safetensors" in manifest["files"] and "modeling_weightlock_dlr.py" in manifest["files"]
+
+
+def test_trust_remote_code_load_generate_and_peft(tmp_path):
+    model = tiny_model("llama")
+    _, specs, _ = specs_for(model, LockConfig(rank=4))
+    apply_dlr(model, [s.__dict__ | {"init_scale": 1.0} for s in specs])
+    report = {"layers": [{"rel_error": 0.0}] * 2, "family": "llama", "lock_config": {}, "parameters_before": 0,
+              "parameters_after": 0, "calibration_data": "none", "ppl_before": None, "ppl_after": None,
+              "ppl_ratio": None}
+    _write_release(model, None, tmp_path / "rel", specs, report)
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'rel')!r}, trust_remote_code=True)\n"
+        "assert 'weightlock' not in sys.modules\n"
+        "ids = torch.tensor([[1, 2, 3]])\n"
+        "g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)\n"
+        "assert g.shape == (1, 7)\n"
+        "torch.save(m(input_ids=ids).logits, sys.argv[1])\n"
+        "print(type(m.model.layers[0].mlp).__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "logits.pt")], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "DLRNet"
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), ref)
+
+    from peft import LoraConfig, get_peft_model
+
+    locked = load(tmp_path / "rel")
+    peft_model = get_peft_model(locked, LoraConfig(r=2, target_modules=["down", "up"]))
+    n_lora = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert n_lora > 0 and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+def test_distillation_lowers_the_error():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.GELU(), torch.nn.Linear(48, 16))
+    x = torch.randn(4096, 16)
+    with torch.no_grad():
+        y = mlp(x)
+    net, stats = fit_layer(x, y, DLRSpec(16, 4, 12), LockConfig(steps=300, batch_tokens=512, progress=False))
+    assert stats["rel_error_init"] == pytest.approx(1.0)
+    assert stats["rel_error"] < 0.1 * stats["rel_error_init"]
+    assert relative_error(net, x[:100], y[:100]) < 0.2
+
+
+def test_capture_matches_the_mlp(tokenizer):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 100, (3, 10))
+    caps = capture(model, ids, [0, 1], dtype=torch.float32)
+    x, y = caps[1]
+    assert x.shape == (30, 32) and y.shape == (30, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.model.layers[1].mlp(x), y, atol=1e-5)

@@ -1,0 +1,114 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from weightlock.cli import app
+
+runner = CliRunner()
+FAST = ["--rank", "8", "--steps", "150", "--calib-tokens", "8192", "--batch-tokens", "512"]
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "weightlock.cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_lock_cli_end_to_end(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    out = tmp_path / "locked"
+    r = runner.invoke(app, ["lock", "--model", str(model), "--out", str(out), *FAST])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "lock_report.json").read_text())
+    assert abs(rep["parameters_after"] - rep["parameters_before"]) / rep["parameters_before"] < 0.02
+    assert all(l["rel_error"] < 0.5 * l["rel_error_init"] for l in rep["layers"])
+    assert rep["ppl_ratio"] < 1.5
+    manifest = json.loads((out / "manifest.json").read_text())
+    from weightlock.io import sha256_file
+
+    assert manifest["files"] and all(sha256_file(out / f) == h for f, h in manifest["files"].items())
+    assert not (out / ".weightlock-work").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["weightlock_dlr"]["layers"][0]["depth"] == 33 and cfg["auto_map"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(out)).eos_token == "<|endoftext|>"
+    r = runner.invoke(app, ["eval", "ppl", "--model", str(out), "--data", "builtin:code", "--split", "validation",
+                            "--max-tokens", "2048", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["perplexity"] < 4096
+
+
+def test_lock_errors_leave_nothing(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    out = tmp_path / "o"
+    cases = [
+        (["--model", str(tmp_path / "missing")], "model directory not found"),
+        (["--model", str(model), "--rank", "65"], "rank 65 must be between 1 and the model width 64"),
+        (["--model", str(model), "--rank", "60"], "cannot match"),
+    ]
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (corrupt / f).write_bytes((model / f).read_bytes())
+    (corrupt / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
+    cases.append((["--model", str(corrupt)], "cannot load the model"))
+    nomlp = tmp_path / "nomlp"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=0, num_attention_heads=4,
+                                 vocab_size=4096)).save_pretrained(str(nomlp))
+    cases.append((["--model", str(nomlp)], "no transformer layers"))
+    for args, msg in cases:
+        r = runner.invoke(app, ["lock", "--out", str(out), *args])
+        assert r.exit_code == 2, r.output
+        assert msg in r.output, (msg, r.output)
+        assert not out.exists(), "nothing written for a refused lock"
+
+
+def test_lock_resumes_after_kill(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    out = tmp_path / "locked"
+    args = ["lock", "--model", str(model), "--out", str(out), "--rank", "8", "--steps", "4000",
+            "--calib-tokens", "8192", "--batch-tokens", "256"]
+    p = subprocess.Popen([sys.executable, "-m", "weightlock.cli", *args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    first = out / ".weightlock-work" / "layer_0.json"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert first.exists(), "layer 0 finished before the kill"
+    assert not (out / "model.safetensors").exists() and not (out / ".weightlock-work" / "layer_1.json").exists()
+    stamp = first.stat().st_mtime_ns
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "lock_report.json").read_text())
+    assert [l["layer"] for l in rep["layers"]] == [0, 1]
+    assert rep["layers"][0]["steps"] == 4000
+    assert not first.exists()  # work dir cleaned up after the release was written
+
+
+def test_lock_two_process_gloo(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    out = tmp_path / "dist"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "weightlock.cli", "lock", "--model", str(model), "--out", str(out), *FAST],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "lock_report.json").read_text())
+    assert [(l["layer"], l["process"]) for l in rep["layers"]] == [(0, 0), (1, 1)]
+    assert rep["ppl_ratio"] < 1.5
+    # the same layers fitted in one process give the same weights (layers are independent and seeded)
+    single = tmp_path / "single"
+    assert runner.invoke(app, ["lock", "--model", str(model), "--out", str(single), *FAST]).exit_code == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(single / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
