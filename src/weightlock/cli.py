@@ -191,6 +191,55 @@ def lock_cmd(
 
 @app.command()
 @user_errors
+def attack(
+    model: Optional[Path] = typer.Option(None, help="Model directory to attack (locked or not)."),
+    reference: Optional[Path] = typer.Option(None, help="Unlocked reference model (for the gain ratio)."),
+    task: str = typer.Option("prose", help="prose, tests, addition, reverse, or a .jsonl file."),
+    name: str = typer.Option("full", "--attack", help="Attack name (see --list)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (JSON results; finished runs are skipped)."),
+    option: list[str] = typer.Option([], "--set", help="Attack option KEY=VALUE (repeatable)."),
+    sweep: list[str] = typer.Option([], help="Attacker's grid KEY=V1,V2,... (repeatable); the best is reported."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds."),
+    list_: bool = typer.Option(False, "--list", help="List the attacks and their options."),
+) -> None:
+    """Fine-tuning attacks against a model, with gain and attacker cost."""
+    from dataclasses import fields as dc_fields
+
+    from .attacks import ATTACKS, run_suite
+    from .attacks.suite import _parse, parse_grid
+
+    if list_:
+        t = Table(title="attacks")
+        t.add_column("name")
+        t.add_column("what")
+        t.add_column("options")
+        for n, cls in sorted(ATTACKS.items()):
+            t.add_row(n, (cls.__doc__ or "").strip().splitlines()[0],
+                      ", ".join(f"{f.name}={f.default}" for f in dc_fields(cls.Config)))
+        Console(width=200).print(t)
+        return
+    if model is None or out is None:
+        raise WeightlockError("--model and --out are required (or --list)")
+    opts = {}
+    for item in option:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise WeightlockError(f"--set expects KEY=VALUE, got {item!r}")
+        opts[k] = _parse(v)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise WeightlockError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    s = run_suite(model, task, name, out, reference=reference, seeds=seed_list, grid=parse_grid(sweep), **opts)
+    b = s["best"]
+    line = f"{name} on {task}: best gain {b['gain_mean']:.4f} ± {b['gain_std']:.4f} at {b['point'] or 'defaults'}"
+    if reference is not None:
+        line += f"; reference gain {s['best_reference']['reference_gain_mean']:.4f}; gain ratio {s['gain_ratio']}"
+    console.print(line + f"; results in {out}")
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo keeps its models and results."),
     quick: bool = typer.Option(False, help="Tiny preset, fewer steps (a minute or two)."),

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -156,26 +157,37 @@ def relative_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int 
 def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, desc: str = "layer",
               device: torch.device | str = "cpu") -> tuple[DLRNet, dict]:
     """Train a DLR-Net on (x, y) pairs with the normalised regression loss; returns it and its stats."""
+    net, stats = fit_module(lambda: DLRNet(spec), x, y, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens,
+                            seed=cfg.seed, holdout=cfg.holdout, progress=cfg.progress, desc=desc, device=device)
+    stats["spec"] = asdict(spec)
+    return net, stats
+
+
+def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+               batch_tokens: int, seed: int = 0, holdout: float = 0.1, progress: bool = True,
+               desc: str = "fit", device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Fit ``make()`` (built after seeding) to map x → y, minimising ‖f(x) − y‖² / ‖y‖² with Adam and a
+    warm-up + cosine schedule; relative errors are measured on a held-out ``holdout`` fraction."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     perm = torch.randperm(n, generator=g)
-    n_hold = max(1, int(n * cfg.holdout))
+    n_hold = max(1, int(n * holdout))
     hold, train = perm[:n_hold], perm[n_hold:]
     xh, yh = x[hold].float().to(device), y[hold].float().to(device)
-    torch.manual_seed(cfg.seed)
-    net = DLRNet(spec).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    torch.manual_seed(seed)
+    net = make().to(device)
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     err0 = relative_error(net, xh, yh)
     t0 = time.perf_counter()
-    bs = min(cfg.batch_tokens, train.numel())
+    bs = min(batch_tokens, train.numel())
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[info]}"), disable=not cfg.progress) as progress:
-        task = progress.add_task(desc, total=cfg.steps, info="")
-        for step in range(cfg.steps):
+                  TextColumn("{task.fields[info]}"), disable=not progress) as bar:
+        task = bar.add_task(desc, total=steps, info="")
+        for step in range(steps):
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
             xb, yb = x[idx].float().to(device), y[idx].float().to(device)
             loss = (net(xb) - yb).pow(2).sum() / yb.pow(2).sum().clamp_min(1e-30)
@@ -183,13 +195,13 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
             loss.backward()
             opt.step()
             sched.step()
-            if step % 50 == 0 or step == cfg.steps - 1:
-                progress.update(task, completed=step + 1, info=f"rel. err {loss.item():.4f}")
+            if step % 50 == 0 or step == steps - 1:
+                bar.update(task, completed=step + 1, info=f"rel. err {loss.item():.4f}")
     dt = time.perf_counter() - t0
     stats = {"rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
-             "rel_error": relative_error(net, xh, yh), "tokens": n, "steps": cfg.steps, "seconds": dt,
-             "tokens_per_s": cfg.steps * bs / dt, "spec": asdict(spec)}
-    return net.cpu(), stats
+             "rel_error": relative_error(net, xh, yh), "tokens": n, "steps": steps, "seconds": dt,
+             "tokens_per_s": steps * bs / dt}
+    return net.cpu() if str(device) != "cpu" else net, stats
 
 
 # ---- the whole model ----------------------------------------------------------------------------

@@ -136,7 +136,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, train_blocks: torch.Tensor, cfg: TrainConfig,
                  val_blocks: torch.Tensor | None = None, hooks: Sequence[Hook] = (),
                  checkpoint_dir: str | os.PathLike | None = None, accelerator=None,
-                 loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None) -> None:
+                 loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                 measure_saved_activations: bool = False) -> None:
         cfg.validate()
         if train_blocks.ndim != 2 or train_blocks.shape[0] < cfg.batch_size:
             raise WeightlockError(
@@ -162,6 +163,8 @@ class Trainer:
         self.tokens_seen = 0
         self.history: list[dict[str, float]] = []
         self.should_stop = False
+        self.measure_saved = measure_saved_activations
+        self.saved_activation_bytes: int | None = None  # of one micro-batch, measured at the first step
         self._perm_epoch, self._perm = -1, None
         self.per_epoch = train_blocks.shape[0] // cfg.batch_size
 
@@ -190,14 +193,26 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         self.model.train()
         t0 = time.perf_counter()
-        total = 0.0
+        total = t_fwd = t_bwd = 0.0
         for micro in range(self.cfg.grad_accum):
             x = self.batch(self.step, micro)
-            with self.acc.autocast():
-                loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
+            ta = time.perf_counter()
+            if self.measure_saved and self.saved_activation_bytes is None:
+                from ..eval.cost import count_saved_tensors
+
+                with count_saved_tensors(tuple(self.raw_model.parameters())) as saved, self.acc.autocast():
+                    loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
+                self.saved_activation_bytes = saved.bytes
+            else:
+                with self.acc.autocast():
+                    loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
+            tb = time.perf_counter()
             self.acc.backward(loss)
+            t_fwd += tb - ta
+            t_bwd += time.perf_counter() - tb
             total += loss.item()
             self.tokens_seen += x.numel() * self.acc.num_processes
+        tc = time.perf_counter()
         for h in self.hooks:
             h.transform_gradients(self)
         gnorm = 0.0
@@ -211,7 +226,8 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         return {"step": self.step, "loss": total, "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
-                "step_time": dt,
+                "step_time": dt, "forward_time": t_fwd, "backward_time": t_bwd,
+                "optimizer_time": time.perf_counter() - tc,
                 "tokens_per_s": self.cfg.batch_size * self.cfg.grad_accum * self.train_blocks.shape[1] / dt}
 
     def fit(self, resume: bool = True) -> list[dict[str, float]]:

@@ -1,0 +1,133 @@
+"""Benchmark: fine-tuning memory of DLR-locked vs original models (saved activations of one step).
+
+    python bench/dlr_memory.py [--locked runs/bench/locked-r32] [--base runs/bench/base-small]
+
+Saved-activation bytes are measured with torch.autograd.graph.saved_tensors_hooks, deduplicated by
+storage, parameters excluded (weightlock.eval.cost). Writes bench/results/dlr_memory.json with
+  * module level: MLP vs DLR-Net, measured vs analytic bytes per token, at the small model's shape
+    and at a Llama-3.2-1B shape (d=2048, d_ff=8192, r=64);
+  * linearity in depth: DLR-Nets of 5 depths at d=2048, r=64, least-squares fit and R²;
+  * model level: one training step of the small model and of its rank-32 lock, and of a random
+    2-layer Llama-shaped model (d=2048, d_ff=8192) and its rank-64 DLR version; the locked/original
+    ratio and the analytic prediction of the locked step from the original's measurement;
+  * on CUDA additionally torch.cuda.max_memory_allocated of the same steps.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save  # noqa: E402
+
+from weightlock.dlr import DLRNet, DLRSpec, LockConfig, apply_dlr, load  # noqa: E402
+from weightlock.dlr.distill import specs_for  # noqa: E402
+from weightlock.eval.cost import (dlr_saved_elements_per_token, mlp_saved_elements_per_token,  # noqa: E402
+                                  saved_bytes_of_step)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def module_level(d: int, d_ff: int, rank: int, tokens: int) -> dict:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from weightlock.dlr import match_depth
+
+    depth = match_depth(3 * d * d_ff, d, rank)
+    out = {"d": d, "d_ff": d_ff, "rank": rank, "depth": depth, "tokens": tokens}
+    for name, mod, ana in [("mlp", LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=d_ff)),
+                            mlp_saved_elements_per_token(d, d_ff)),
+                           ("dlr", DLRNet(DLRSpec(d, rank, depth)), dlr_saved_elements_per_token(d, rank, depth))]:
+        mod = mod.to(DEV)
+        x = torch.randn(tokens, d, device=DEV, requires_grad=True)
+        b = saved_bytes_of_step(mod, lambda: mod(x))
+        out[name] = {"measured_bytes_per_token": b / tokens, "analytic_bytes_per_token": ana * 4,
+                     "rel_diff": b / tokens / (ana * 4) - 1}
+    out["ratio_measured"] = out["dlr"]["measured_bytes_per_token"] / out["mlp"]["measured_bytes_per_token"]
+    return out
+
+
+def depth_linearity(d: int, rank: int, depths: list[int], tokens: int) -> dict:
+    import numpy as np
+
+    ys = []
+    for L in depths:
+        net = DLRNet(DLRSpec(d, rank, L)).to(DEV)
+        x = torch.randn(tokens, d, device=DEV, requires_grad=True)
+        ys.append(saved_bytes_of_step(net, lambda: net(x)))
+    slope, icpt = np.polyfit(depths, ys, 1)
+    pred = slope * np.asarray(depths) + icpt
+    r2 = 1 - ((np.asarray(ys) - pred) ** 2).sum() / ((np.asarray(ys) - np.mean(ys)) ** 2).sum()
+    return {"d": d, "rank": rank, "tokens": tokens, "depths": depths, "bytes": ys, "slope_bytes_per_block": slope,
+            "intercept": icpt, "r2": r2, "analytic_bytes_per_block": (d + 2 * rank) * 4 * tokens}
+
+
+def step_bytes(model, ids) -> dict:
+    model = model.to(DEV).train()
+    ids = ids.to(DEV)
+    res = {"saved_bytes": saved_bytes_of_step(model, lambda: model(input_ids=ids, labels=ids).loss)}
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        res["cuda_peak_bytes_above_weights"] = torch.cuda.max_memory_allocated() - base
+        model.zero_grad(set_to_none=True)
+    return res
+
+
+def model_level(original, locked, ids, d, d_ff, specs) -> dict:
+    o, l = step_bytes(original, ids), step_bytes(locked, ids)
+    tokens = ids.numel()
+    n_layers = len(specs)
+    mlp = mlp_saved_elements_per_token(d, d_ff) * 4 * tokens * n_layers
+    dlr = sum(dlr_saved_elements_per_token(d, s.rank, s.depth) for s in specs) * 4 * tokens
+    predicted = o["saved_bytes"] - mlp + dlr
+    return {"tokens": tokens, "original": o, "locked": l, "ratio": l["saved_bytes"] / o["saved_bytes"],
+            "predicted_locked_bytes": predicted, "prediction_rel_diff": l["saved_bytes"] / predicted - 1,
+            **({"cuda_ratio": l["cuda_peak_bytes_above_weights"] / o["cuda_peak_bytes_above_weights"]}
+               if DEV == "cuda" else {})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", default="runs/bench/base-small")
+    ap.add_argument("--locked", default="runs/bench/locked-r32")
+    args = ap.parse_args()
+    res = {"command": "python bench/dlr_memory.py", "device": DEV, "dtype": "float32"}
+    res["module_small"] = module_level(256, 688, 32, 2048)
+    res["module_llama1b"] = module_level(2048, 8192, 64, 256)
+    res["depth_linearity"] = depth_linearity(2048, 64, [8, 16, 32, 64, 128], 256)
+    print(res["module_small"], res["module_llama1b"], res["depth_linearity"]["r2"], flush=True)
+
+    original, locked = load(args.base), load(args.locked)
+    specs = [DLRSpec(**s) for s in locked.config.weightlock_dlr["layers"]]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, original.config.vocab_size, (8, 128), generator=g)
+    res["model_small"] = model_level(original, locked, ids, 256, 688, specs)
+    print(res["model_small"], flush=True)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=16,
+                      num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512)
+    torch.manual_seed(0)
+    big = LlamaForCausalLM(cfg)
+    _, big_specs, _ = specs_for(big, LockConfig(rank=64))
+    big_locked = LlamaForCausalLM(cfg)
+    apply_dlr(big_locked, [s.__dict__ for s in big_specs])
+    ids = torch.randint(0, 4096, (1, 256), generator=g)
+    res["model_llama_d2048"] = {"layers": 2, "rank": 64, "depth": big_specs[0].depth,
+                                **model_level(big, big_locked, ids, 2048, 8192, big_specs)}
+    print(res["model_llama_d2048"], flush=True)
+    save("dlr_memory", res)
+
+
+if __name__ == "__main__":
+    main()

