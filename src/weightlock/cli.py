@@ -56,7 +56,9 @@ def pretrain(
     out: Path = typer.Option(..., "--out", help="Output directory (a Hugging Face checkpoint)."),
     preset: str = typer.Option("small", help="Model size preset: tiny or small."),
     data: str = typer.Option("builtin:code", help="builtin:code|tests|prose, or a path to .txt/.jsonl/.parquet/HF dataset."),
-    method: str = typer.Option("dense", help="Pretraining method (dense)."),
+    method: str = typer.Option("dense", help="Pretraining method: dense or pmp (private-mask pretraining)."),
+    mask_ratio: float = typer.Option(0.3, help="PMP: fraction of entries that are trained (rho)."),
+    pmp_variant: str = typer.Option("hardened", help="PMP: hardened (default) or paper (the authors' script)."),
     config: Optional[Path] = typer.Option(None, help="JSON file with PretrainConfig fields (overrides the preset)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
@@ -78,8 +80,8 @@ def pretrain(
     from .io import read_json
     from .train.pretrain import PretrainConfig, default_config
 
-    if method != "dense":
-        raise WeightlockError(f"unknown method {method!r}; available: dense")
+    if method not in ("dense", "pmp"):
+        raise WeightlockError(f"unknown method {method!r}; available: dense, pmp")
     cfg = default_config(preset)
     if config is not None:
         cfg = PretrainConfig.from_dict({**cfg.to_dict(), **read_json(config)})
@@ -95,6 +97,18 @@ def pretrain(
                  num_attention_heads=heads)
     if any(v is not None for v in shape.values()):
         cfg.model = replace(cfg.model_config(), **{k: v for k, v in shape.items() if v is not None})
+    if method == "pmp":
+        from .pmp import PMPConfig, pretrain_pmp
+
+        if resume:
+            raise WeightlockError("PMP runs cannot be resumed yet; start again with --overwrite")
+        pmp = PMPConfig.paper(mask_ratio) if pmp_variant == "paper" else PMPConfig(mask_ratio=mask_ratio,
+                                                                                   variant=pmp_variant)
+        r = pretrain_pmp(cfg, pmp, out, overwrite=overwrite)
+        console.print(f"[green]saved[/] {r['release']} (publish this) and {r['private']} (keep this secret): "
+                      f"mask density {r['density']:.3f}, early-bird after {r['discovery']['steps']} steps, "
+                      f"val ppl {r['val_ppl']:.2f}")
+        return
     from .train.pretrain import pretrain as run
 
     m = run(cfg, out, overwrite=overwrite, resume=resume)
@@ -187,6 +201,56 @@ def lock_cmd(
     if r["ppl_before"] is not None:
         console.print(f"perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f} (ratio {r['ppl_ratio']:.4f}); "
                       f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}; saved {out}")
+
+
+release_app = typer.Typer(no_args_is_help=True, help="Check a release directory for secret material.")
+pmp_app = typer.Typer(no_args_is_help=True, help="PMP utilities (mask commitment).")
+app.add_typer(release_app, name="release")
+app.add_typer(pmp_app, name="pmp")
+
+
+@release_app.command("check")
+@user_errors
+def release_check(directory: Path = typer.Argument(..., help="Directory to scan.")) -> None:
+    """Fail if a directory holds secret material (masks, init seeds, salts)."""
+    from .pmp import check_release
+
+    findings = check_release(directory)
+    for f in findings:
+        console.print(f"[red]secret:[/] {f}", highlight=False, soft_wrap=True)
+    if findings:
+        raise typer.Exit(1)
+    console.print(f"[green]clean:[/] no secret material found in {directory}")
+
+
+@pmp_app.command("verify")
+@user_errors
+def pmp_verify(release: Path = typer.Option(..., help="Release directory."),
+               mask: Path = typer.Option(..., help="Private mask file.")) -> None:
+    """Check a mask against the release's commitment (proves ownership of the mask)."""
+    from .pmp import verify
+
+    c = verify(release, mask)
+    console.print(f"[green]verified:[/] the mask matches the commitment {c}")
+
+
+@app.command()
+@user_errors
+def finetune(
+    model: Path = typer.Option(..., help="Model directory (e.g. a PMP release)."),
+    data: str = typer.Option("builtin:prose", help="Training data spec."),
+    out: Path = typer.Option(..., help="Output model directory."),
+    mask: Optional[Path] = typer.Option(None, help="Private mask: only masked entries are updated."),
+    steps: int = typer.Option(100, help="Optimizer steps."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    batch_size: int = typer.Option(8, help="Sequences per step."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Fine-tune a model (with --mask: authorized PMP fine-tuning; without: ordinary full fine-tuning)."""
+    from .pmp.finetune import finetune_model
+
+    r = finetune_model(model, data, out, mask=mask, steps=steps, lr=lr, batch_size=batch_size, overwrite=overwrite)
+    console.print(f"[green]saved[/] {out}: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
 
 
 @app.command()

@@ -1,0 +1,133 @@
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from weightlock.cli import app
+from weightlock.errors import WeightlockError
+from weightlock.pmp import (MaskHook, PMPConfig, chance_iou, check_release, load_mask, mask_iou, pooled_parameters,
+                            pretrain_pmp, save_mask, topk_mask, verify)
+from weightlock.train.loop import TrainConfig, Trainer
+
+runner = CliRunner()
+
+
+def test_topk_mask_is_exact_and_matches_a_sort():
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randn(37, 11, generator=g), "b": torch.randn(5, generator=g), "c": torch.randn(8, 8, generator=g)}
+    flat = torch.cat([s.reshape(-1).abs() for s in scores.values()])
+    for ratio in (0.01, 0.1, 0.3, 0.5, 0.9, 1.0):
+        m = topk_mask(scores, ratio)
+        k = round(ratio * flat.numel())
+        got = torch.cat([m[n].reshape(-1) for n in scores])
+        assert int(got.sum()) == k
+        assert torch.equal(got, torch.zeros_like(got).index_fill(0, flat.topk(k).indices, True))
+    ties = {"t": torch.ones(10)}
+    assert int(topk_mask(ties, 0.3)["t"].sum()) == 3
+    per = topk_mask(scores, 0.5, per_tensor=True)
+    assert all(int(per[n].sum()) == round(0.5 * s.numel()) for n, s in scores.items())
+    with pytest.raises(WeightlockError, match="mask ratio"):
+        topk_mask(scores, 0.0)
+    assert chance_iou(0.5) == pytest.approx(1 / 3)
+
+
+def test_mask_bitpacking_round_trip_and_mode(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    m = {"x.weight": torch.rand(13, 7, generator=g) < 0.3, "y": torch.rand(3, generator=g) < 0.5}
+    c = save_mask(m, tmp_path / "mask.safetensors", b"salt")
+    back, salt, _ = load_mask(tmp_path / "mask.safetensors")
+    assert salt == b"salt" and all(torch.equal(back[n], m[n]) for n in m) and mask_iou(back, m) == 1.0
+    assert stat.S_IMODE(os.stat(tmp_path / "mask.safetensors").st_mode) == 0o600
+    assert (tmp_path / "mask.safetensors").stat().st_size < 13 * 7 // 8 + 200 + 300  # 1 bit per entry + header
+    assert len(c) == 64
+
+
+def _tiny_model_and_blocks(tokenizer):
+    from weightlock.data import load_blocks
+    from weightlock.train.pretrain import build_model
+
+    cfg = tiny_config()
+    return build_model(cfg, tokenizer), load_blocks("builtin:code", "train", tokenizer, 64, 40_000)
+
+
+def test_stage2_complement_is_bit_identical(tokenizer):
+    model, blocks = _tiny_model_and_blocks(tokenizer)
+    params = pooled_parameters(model, "linear")
+    g = torch.Generator().manual_seed(0)
+    mask = {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in params.items()}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    Trainer(model, blocks, TrainConfig(max_steps=5, batch_size=8, progress=False, weight_decay=0.1),
+            hooks=[MaskHook(params, mask)]).fit(resume=False)
+    for n, p in params.items():
+        assert torch.equal(p[~mask[n]], before[n][~mask[n]]), n
+        assert not torch.equal(p[mask[n]], before[n][mask[n]]), n
+
+
+def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
+    cfg = tiny_config(max_steps=10, train_tokens=30_000)
+    r = pretrain_pmp(cfg, PMPConfig(mask_ratio=0.3, discovery_max_steps=8, patience=2, iou_threshold=0.5), tmp_path / "run")
+    release, private = tmp_path / "run" / "release", tmp_path / "run" / "private"
+    assert abs(r["density"] - 0.3) < 1e-3
+    assert check_release(release) == []
+    assert stat.S_IMODE(os.stat(private / "mask.safetensors").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(private / "secrets.json").st_mode) == 0o600
+    assert "init_seed" in json.loads((private / "secrets.json").read_text())
+    assert verify(release, private / "mask.safetensors")
+    res = runner.invoke(app, ["pmp", "verify", "--release", str(release), "--mask", str(private / "mask.safetensors")])
+    assert res.exit_code == 0 and "verified" in res.output
+    res = runner.invoke(app, ["release", "check", str(release)])
+    assert res.exit_code == 0 and "clean" in res.output
+
+    # planted secrets are caught
+    leaky = tmp_path / "leaky"
+    shutil.copytree(release, leaky)
+    shutil.copy(private / "mask.safetensors", leaky / "weights2.safetensors")
+    (leaky / "notes.json").write_text(json.dumps({"run": {"init_seed": 1234}}))
+    found = check_release(leaky)
+    assert any("weights2.safetensors" in f for f in found) and any("notes.json" in f for f in found)
+    assert runner.invoke(app, ["release", "check", str(leaky)]).exit_code == 1
+
+    # a different mask fails the commitment; a mask for another shape is refused
+    mask, salt, _ = load_mask(private / "mask.safetensors")
+    n0 = next(iter(mask))
+    mask[n0] = mask[n0].clone()
+    mask[n0].view(-1)[0] ^= True
+    save_mask(mask, tmp_path / "other.safetensors", salt)
+    with pytest.raises(WeightlockError, match="does not match the release"):
+        verify(release, tmp_path / "other.safetensors")
+    save_mask({n0: torch.zeros(3, 3, dtype=torch.bool)}, tmp_path / "shape.safetensors", salt)
+    with pytest.raises(WeightlockError, match="another model"):
+        verify(release, tmp_path / "shape.safetensors")
+
+    # authorized fine-tuning moves only masked entries; unauthorized moves everything
+    from safetensors.torch import load_file
+
+    res = runner.invoke(app, ["finetune", "--model", str(release), "--mask", str(private / "mask.safetensors"),
+                              "--out", str(tmp_path / "auth"), "--steps", "3", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["finetune", "--model", str(release), "--out", str(tmp_path / "unauth"), "--steps", "3",
+                              "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    w0, wa, wu = (load_file(str(d / "model.safetensors")) for d in (release, tmp_path / "auth", tmp_path / "unauth"))
+    mask, _, _ = load_mask(private / "mask.safetensors")
+    moved_out = moved_in = 0
+    for n, m in mask.items():
+        if n in w0:
+            moved_out += int((wa[n] != w0[n])[~m].sum())
+            moved_in += int((wa[n] != w0[n])[m].sum())
+    assert moved_out == 0 and moved_in > 0
+    assert sum(int((wu[n] != w0[n])[~m].sum()) for n, m in mask.items() if n in w0) > 0
+
+
+def test_pmp_config_errors(tmp_path):
+    with pytest.raises(WeightlockError, match="mask ratio"):
+        PMPConfig(mask_ratio=1.5).validate()
+    with pytest.raises(WeightlockError, match="variant"):
+        PMPConfig(variant="magic").validate()
+    with pytest.raises(WeightlockError, match="mask file not found"):
+        load_mask(tmp_path / "none.safetensors")
