@@ -131,3 +131,34 @@ def test_pmp_config_errors(tmp_path):
         PMPConfig(variant="magic").validate()
     with pytest.raises(WeightlockError, match="mask file not found"):
         load_mask(tmp_path / "none.safetensors")
+
+
+@pytest.mark.parametrize("variant", ["paper", "hardened"])
+def test_mask_recovery_attacks(tmp_path, tokenizer, variant):
+    """The paper variant leaks its mask exactly through init regeneration; the hardened one does not."""
+    from weightlock.dlr.lock import load
+    from weightlock.pmp.recover import recover_all
+
+    cfg = tiny_config(max_steps=15, train_tokens=30_000)
+    pmp = PMPConfig.paper(0.3) if variant == "paper" else PMPConfig(mask_ratio=0.3)
+    pmp.discovery_max_steps, pmp.patience, pmp.iou_threshold, pmp.projection_every = 6, 2, 0.5, (5 if variant == "paper" else 0)
+    pretrain_pmp(cfg, pmp, tmp_path / "run")
+    model = load(tmp_path / "run" / "release")
+    mask, _, _ = load_mask(tmp_path / "run" / "private" / "mask.safetensors")
+    res = recover_all(model, mask, pmp)
+    assert res["chance_iou"] == pytest.approx(0.3 / 1.7)
+    if variant == "paper":
+        assert res["init-regen/global"] > 0.95 and res["best"]["attack"].startswith("init-regen")
+    else:  # the secret seed defeats exact regeneration (what is left is the magnitude signal: see the bench)
+        assert res["init-regen/global"] < 0.5
+
+
+def test_mask_recover_attack_fine_tunes_guessed_entries(tmp_path, tiny_model_dir):
+    from weightlock.attacks import run_attack
+
+    model, _ = tiny_model_dir
+    r = run_attack(model, "prose", "mask-recover", tmp_path / "mr", steps=2, batch_size=4, block_size=64,
+                   train_tokens=20000, method="magnitude", mask_ratio=0.2)
+    assert r["locked"]["recovered_mask_density"] == pytest.approx(0.2, abs=1e-3)
+    with pytest.raises(WeightlockError, match="unknown mask-recovery method"):
+        run_attack(model, "prose", "mask-recover", method="psychic", steps=1)

@@ -184,6 +184,47 @@ def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Mod
     return dense.train(), errors
 
 
+@dataclass
+class MaskRecoverConfig(AttackConfig):
+    method: str = "magnitude"  # magnitude | init-regen | row-col | spectral | early-bird
+    mask_ratio: float = 0.3  # the attacker's guess of ρ (the paper's values are public)
+    pool: str = "linear"
+    per_tensor: bool = False
+
+
+@register("mask-recover")
+class MaskRecover(Attack):
+    """Guess the PMP mask from the released weights, then fine-tune only the guessed entries."""
+
+    Config = MaskRecoverConfig
+
+    def prepare(self, model, tokenizer, ctx):
+        from ..pmp import recover
+        from ..pmp.mask import topk_mask
+        from ..pmp.train import MaskHook, PMPConfig, pooled_parameters
+
+        c = self.cfg
+        pmp = PMPConfig(mask_ratio=c.mask_ratio, pool=c.pool, per_tensor=c.per_tensor)
+        params = pooled_parameters(model, c.pool)
+        if c.method == "early-bird":
+            from ..data import load_blocks
+
+            blocks = load_blocks("builtin:code", "train", tokenizer, c.block_size, 50_000)
+            scores = recover.early_bird_scores(model, tokenizer, pmp, blocks)
+        else:
+            fns = {"magnitude": lambda: recover.magnitude_scores(params),
+                   "init-regen": lambda: recover.init_regen_scores(model, params),
+                   "row-col": lambda: recover.row_col_scores(params),
+                   "spectral": lambda: recover.spectral_scores(params)}
+            if c.method not in fns:
+                raise WeightlockError(f"unknown mask-recovery method {c.method!r} ({', '.join(fns)}, early-bird)")
+            scores = fns[c.method]()
+        guess = topk_mask(scores, c.mask_ratio, c.per_tensor)
+        ctx["recovered_mask"] = guess
+        ctx["hooks"] = [MaskHook(params, guess)]
+        return model
+
+
 ATTACK_CONFIGS = {name: cls.Config for name, cls in ATTACKS.items()}
 
 
@@ -331,8 +372,12 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     blocks = task.train_blocks(tok, atk.cfg.block_size, atk.cfg.train_tokens)
-    curve = []
-    history, trainer = finetune(model, blocks, atk.cfg)
+    hooks = ctx.pop("hooks", [])
+    recovered = ctx.pop("recovered_mask", None)
+    if recovered is not None:
+        ctx["recovered_mask_density"] = sum(int(m.sum()) for m in recovered.values()) / sum(
+            m.numel() for m in recovered.values())
+    history, trainer = finetune(model, blocks, atk.cfg, hooks=hooks)
     model.eval()
     after = task.evaluate(model, tok, atk.cfg.block_size)
     cap_after = math.exp(evaluate_loss(model, cap_blocks))
