@@ -30,3 +30,21 @@ def save(name: str, result: dict) -> Path:
     write_json(path, {"machine": machine(), **result})
     print(f"wrote {path}")
     return path
+
+
+def llama_shaped_pair(layers: int = 2, rank: int = 64):
+    """A random Llama-shaped model at a real width (d=2048, d_ff=8192, vocab 4,096) and its DLR version
+    at ``rank`` (random DLR weights: enough for memory and time). Returns (original, locked, specs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from weightlock.dlr import LockConfig, apply_dlr
+    from weightlock.dlr.distill import specs_for
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=16,
+                      num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512)
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(cfg)
+    _, specs, _ = specs_for(original, LockConfig(rank=rank))
+    locked = apply_dlr(LlamaForCausalLM(cfg), [s.__dict__ for s in specs])
+    return original, locked, specs

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import llama_shaped_pair, save  # noqa: E402
 
-from weightlock.dlr import DLRNet, DLRSpec, LockConfig, apply_dlr, load  # noqa: E402
-from weightlock.dlr.distill import specs_for  # noqa: E402
+from weightlock.dlr import DLRNet, DLRSpec, load  # noqa: E402
 from weightlock.eval.cost import (dlr_saved_elements_per_token, mlp_saved_elements_per_token,  # noqa: E402
                                   saved_bytes_of_step)
 
@@ -113,15 +112,7 @@ def main() -> None:
     res["model_small"] = model_level(original, locked, ids, 256, 688, specs)
     print(res["model_small"], flush=True)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=16,
-                      num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512)
-    torch.manual_seed(0)
-    big = LlamaForCausalLM(cfg)
-    _, big_specs, _ = specs_for(big, LockConfig(rank=64))
-    big_locked = LlamaForCausalLM(cfg)
-    apply_dlr(big_locked, [s.__dict__ for s in big_specs])
+    big, big_locked, big_specs = llama_shaped_pair(layers=2, rank=64)
     ids = torch.randint(0, 4096, (1, 256), generator=g)
     res["model_llama_d2048"] = {"layers": 2, "rank": 64, "depth": big_specs[0].depth,
                                 **model_level(big, big_locked, ids, 2048, 8192, big_specs)}

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import llama_shaped_pair, save  # noqa: E402
 
-from weightlock.dlr import LockConfig, apply_dlr, load  # noqa: E402
-from weightlock.dlr.distill import specs_for  # noqa: E402
+from weightlock.dlr import load  # noqa: E402
 from weightlock.eval.cost import time_forward_backward  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,14 +43,7 @@ def main() -> None:
     original, locked = load(args.base), load(args.locked)
     res["small_r32"] = compare(original, locked, torch.randint(0, 4096, (8, 128), generator=g))
     print(res["small_r32"], flush=True)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=16,
-                      num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512)
-    torch.manual_seed(0)
-    big = LlamaForCausalLM(cfg)
-    _, specs, _ = specs_for(big, LockConfig(rank=64))
-    big_locked = apply_dlr(LlamaForCausalLM(cfg), [s.__dict__ for s in specs])
+    big, big_locked, _ = llama_shaped_pair(layers=2, rank=64)
     res["llama_d2048_r64"] = compare(big, big_locked, torch.randint(0, 4096, (1, 128), generator=g))
     print(res["llama_d2048_r64"], flush=True)
     save("dlr_time", res)
