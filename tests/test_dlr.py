@@ -137,3 +137,27 @@ def test_capture_matches_the_mlp(tokenizer):
     assert x.shape == (30, 32) and y.shape == (30, 32)
     with torch.no_grad():
         assert torch.allclose(model.model.layers[1].mlp(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "gpt_neox"])
+def test_mlp_slice_init_copies_the_most_important_hidden_units(family):
+    """Plain-MLP families: block 0 starts as the MLP's top hidden units; gated MLPs are refused."""
+    from weightlock.dlr.distill import mlp_slice_init, plain_mlp_weights
+    from weightlock.dlr.modeling_weightlock_dlr import adapter_for, find_layers
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    layer = find_layers(model, adapter)[0]
+    w1, b1, w2, b2 = plain_mlp_weights(layer, adapter)
+    assert w1.shape == (64, 32) and w2.shape == (32, 64)
+    act = {"bert": "gelu", "gpt2": "gelu", "gpt_neox": "gelu"}[family]
+    net = DLRNet(DLRSpec(32, 32, 2, activation=act, bias=True))
+    mlp_slice_init((w1, b1, w2, b2))(net)
+    first = net.blocks[0]
+    order = (w2.norm(dim=0) * w1.norm(dim=1)).argsort(descending=True)
+    assert torch.equal(first.down.weight, w1[order[:32]]) and torch.equal(first.up.weight, w2[:, order[:32]])
+    assert torch.equal(first.down.bias, b1[order[:32]]) and torch.allclose(first.up.bias, b2 / 2)
+    with pytest.raises(WeightlockError, match="gated MLP"):
+        specs_for(tiny_model("llama"), LockConfig(rank=2, init="mlp"))
+    _, specs, _ = specs_for(model, LockConfig(rank=2, init="mlp"))
+    assert specs[0].bias

@@ -178,6 +178,7 @@ def lock_cmd(
     lr: float = typer.Option(1e-2, help="Distillation learning rate."),
     activation: str = typer.Option("gelu", help="gelu, relu, silu or tanh."),
     norm: bool = typer.Option(False, help="Per-block RMSNorm."),
+    init: str = typer.Option("zero", help="zero (U starts at 0) or mlp (plain MLPs: blocks start as slices of the MLP)."),
     mode: str = typer.Option("parallel", help="parallel (layers independent) or sequential."),
     refine_steps: int = typer.Option(0, help="End-to-end KL refinement steps after distillation."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
@@ -186,7 +187,7 @@ def lock_cmd(
     from .dlr import LockConfig, lock
 
     cfg = LockConfig(rank=rank, depth=depth, data=data, calib_tokens=calib_tokens, steps=steps,
-                     batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode,
+                     batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode, init=init,
                      refine_steps=refine_steps)
     r = lock(model, out, cfg, overwrite=overwrite)
     if not r:

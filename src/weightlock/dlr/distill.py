@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import WeightlockError
 from ..io import atomic_path, read_json, write_json
 from .modeling_weightlock_dlr import (ArchAdapter, DLRNet, DLRSpec, UnsupportedArchitecture, adapter_for,
-                                      find_layers, get_path, mlp_num_parameters, replace_mlp)
+                                      find_layers, get_path, mlp_modules, mlp_num_parameters, replace_mlp)
 
 
 @dataclass
@@ -32,6 +32,7 @@ class LockConfig:
     norm: bool = False
     bias: bool = False
     init_scale: float = 0.0
+    init: str = "zero"  # zero (U = 0) | mlp (plain MLPs: block l starts as a slice of the MLP's hidden units)
     data: str | None = None  # calibration text; None: the model's own training data, else builtin:code+prose
     calib_tokens: int = 131_072
     block_size: int = 128
@@ -50,6 +51,8 @@ class LockConfig:
             raise WeightlockError(f"rank must be at least 1, got {self.rank}")
         if self.depth is not None and self.depth < 1:
             raise WeightlockError(f"depth must be at least 1, got {self.depth}")
+        if self.init not in ("zero", "mlp"):
+            raise WeightlockError(f"unknown init {self.init!r} (zero, mlp)")
         if self.mode not in ("parallel", "sequential"):
             raise WeightlockError(f"unknown mode {self.mode!r} (parallel, sequential)")
         if not 0 < self.holdout < 0.5:
@@ -88,6 +91,9 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
     if not layers:
         raise WeightlockError(f"{type(model).__name__} has no transformer layers (no MLPs to lock)")
     width = model.config.hidden_size
+    if cfg.init == "mlp" and adapter.gated:
+        raise WeightlockError(f"init 'mlp' needs a plain two-matrix MLP; {adapter.family} has a gated MLP")
+    bias = cfg.bias or cfg.init == "mlp"
     specs, sizes = [], []
     for layer in layers:
         try:
@@ -97,10 +103,10 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
                                   "is it already locked?") from None
         if n == 0:
             raise WeightlockError(f"{type(model).__name__}: MLP without parameters, nothing to lock")
-        depth = cfg.depth or match_depth(n, width, cfg.rank, cfg.norm, cfg.bias)
+        depth = cfg.depth or match_depth(n, width, cfg.rank, cfg.norm, bias)
         if not 1 <= cfg.rank <= width:
             raise WeightlockError(f"rank {cfg.rank} must be between 1 and the model width {width}")
-        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, cfg.bias, cfg.init_scale))
+        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, bias, cfg.init_scale))
         sizes.append(n)
     return adapter, specs, sizes
 
@@ -154,10 +160,53 @@ def relative_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int 
     return num / max(den, 1e-30)
 
 
+def plain_mlp_weights(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, ...]:
+    """(W1 [d_ff, d], b1, W2 [d, d_ff], b2) of a plain two-matrix MLP (Linear or GPT-2's Conv1D)."""
+    maps = [m for mod in mlp_modules(layer, adapter) for m in ([mod] + list(mod.modules()))
+            if type(m).__name__ in ("Linear", "Conv1D")]
+    maps = list(dict.fromkeys(maps))
+    if len(maps) != 2:
+        raise WeightlockError(f"{adapter.family}: expected two linear maps in the MLP, found {len(maps)}")
+    out = []
+    for m in maps:
+        w = m.weight.detach().float()
+        w = w.t() if type(m).__name__ == "Conv1D" else w
+        b = m.bias.detach().float() if m.bias is not None else torch.zeros(w.shape[0])
+        out += [w, b]
+    return tuple(out)
+
+
+def mlp_slice_init(weights: tuple[torch.Tensor, ...]) -> Callable[[DLRNet], None]:
+    """Initialise block l with the l-th slice of the MLP's hidden units (most important first)."""
+    w1, b1, w2, b2 = weights
+
+    @torch.no_grad()
+    def init(net: DLRNet) -> None:
+        r, blocks = net.spec.rank, net.blocks
+        order = (w2.norm(dim=0) * w1.norm(dim=1)).argsort(descending=True)
+        for l, b in enumerate(blocks):
+            idx = order[l * r:(l + 1) * r]
+            if idx.numel() < r:
+                break  # more blocks than hidden units: the rest keep their default init
+            b.down.weight.copy_(w1[idx])
+            b.up.weight.copy_(w2[:, idx])
+            if b.down.bias is not None:
+                b.down.bias.copy_(b1[idx])
+                b.up.bias.copy_(b2 / len(blocks))
+
+    return init
+
+
 def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, desc: str = "layer",
-              device: torch.device | str = "cpu") -> tuple[DLRNet, dict]:
+              device: torch.device | str = "cpu", init: Callable[[DLRNet], None] | None = None) -> tuple[DLRNet, dict]:
     """Train a DLR-Net on (x, y) pairs with the normalised regression loss; returns it and its stats."""
-    net, stats = fit_module(lambda: DLRNet(spec), x, y, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens,
+    def make() -> DLRNet:
+        net = DLRNet(spec)
+        if init is not None:
+            init(net)
+        return net
+
+    net, stats = fit_module(make, x, y, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens,
                             seed=cfg.seed, holdout=cfg.holdout, progress=cfg.progress, desc=desc, device=device)
     stats["spec"] = asdict(spec)
     return net, stats
@@ -254,7 +303,8 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
         else:
             cap = load_file(str(work / f"capture_{k}.safetensors"))
             x, y = cap["x"], cap["y"]
-        net, stats = fit_layer(x, y, specs[k], cfg, desc=f"layer {k + 1}/{len(layers)}", device=device)
+        init = mlp_slice_init(plain_mlp_weights(layers[k], adapter)) if cfg.init == "mlp" else None
+        net, stats = fit_layer(x, y, specs[k], cfg, desc=f"layer {k + 1}/{len(layers)}", device=device, init=init)
         stats["layer"], stats["process"] = k, rank
         with atomic_path(work / f"layer_{k}.safetensors") as tmp:
             save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
