@@ -1,7 +1,6 @@
 """``weightlock demo``: the main job, end to end on the built-in corpus."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rich.console import Console
@@ -33,9 +32,8 @@ def run_demo(out: Path, quick: bool = False) -> dict:
         train = load_blocks(f"builtin:{domain}", "train", tok, block, 2_000_000)
         val = load_blocks(f"builtin:{domain}", "validation", tok, block, 32768)
         rows[domain] = {"model_ppl": r["perplexity"], "unigram_ppl": unigram_perplexity(train, val, len(tok))}
-    summary = {"preset": preset, "base_model": str(base), "metrics": read_json(base / METRICS_FILE)["parameters"],
+    summary = {"preset": preset, "base_model": str(base), "parameters": read_json(base / METRICS_FILE)["parameters"],
                "validation": rows}
-    summary["parameters"] = summary.pop("metrics")
     write_json(out / "summary.json", summary)
     t = Table(title=f"weightlock demo ({preset}): base model capability (validation perplexity)")
     for c in ("domain", "model", "unigram baseline"):

@@ -7,15 +7,14 @@ FLOPs, tokens).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import statistics
 import time
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -225,9 +224,6 @@ class MaskRecover(Attack):
         return model
 
 
-ATTACK_CONFIGS = {name: cls.Config for name, cls in ATTACKS.items()}
-
-
 def make_attack(name: str, **overrides) -> Attack:
     if name not in ATTACKS:
         raise WeightlockError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
@@ -299,6 +295,12 @@ def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _offloaded_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss with the activations autograd saves kept in (pinned) host memory."""
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return model(input_ids=x, labels=x).loss
+
+
 def finetune(model: nn.Module, blocks: torch.Tensor, cfg: AttackConfig, hooks=(), measure: bool = True):
     """Fine-tune ``model`` on ``blocks`` with the one training loop; returns (history, trainer)."""
     apply_checkpointing(model, cfg.checkpointing)
@@ -308,12 +310,7 @@ def finetune(model: nn.Module, blocks: torch.Tensor, cfg: AttackConfig, hooks=()
                      warmup_steps=min(cfg.warmup_steps, cfg.steps), schedule=cfg.schedule, weight_decay=0.0,
                      eval_every=10**9, checkpoint_every=0, seed=cfg.seed, progress=cfg.progress,
                      optimizer="sgd" if cfg.optimizer == "sgd" else "adamw")
-    loss_fn = None
-    if cfg.offload:
-        def loss_fn(m, x):
-            with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-                return m(input_ids=x, labels=x).loss
-    trainer = Trainer(model, blocks, tc, hooks=hooks, loss_fn=loss_fn, measure_saved_activations=measure)
+    trainer = Trainer(model, blocks, tc, hooks=hooks, loss_fn=_offloaded_loss if cfg.offload else None, measure_saved_activations=measure)
     if cfg.optimizer == "adafactor":
         trainer.optimizer = torch.optim.Adafactor([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -329,8 +326,6 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
     """Attack the model in ``model_dir`` on ``task``; with ``reference`` the same attack runs on the unlocked
     reference and the gain ratio is reported. Writes ``result.json`` + ``config.json`` in ``out`` (a finished
     run there is returned as is)."""
-    from ..data import load_tokenizer
-    from ..dlr.lock import load
     from ..eval.tasks import get_task
 
     atk = make_attack(attack, **options)
@@ -381,7 +376,7 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
     model.eval()
     after = task.evaluate(model, tok, atk.cfg.block_size)
     cap_after = math.exp(evaluate_loss(model, cap_blocks))
-    steps = [h for h in history[1:]] or history
+    steps = history[1:] or history  # the first step pays one-off costs
     med = lambda k: statistics.median(h[k] for h in steps)  # noqa: E731
     tokens = trainer.tokens_seen
     return {
@@ -403,9 +398,11 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
 
 
 def _pretraining_domain(model_dir) -> str:
-    p = Path(model_dir) / "weightlock_run.json"
-    if p.exists():
-        return read_json(p).get("config", {}).get("data", "builtin:code")
+    from ..train.pretrain import run_config
+
+    data = run_config(model_dir).get("data")
+    if data:
+        return data
     rep = Path(model_dir) / "lock_report.json"
     if rep.exists():
         return _pretraining_domain(read_json(rep)["base_model"])

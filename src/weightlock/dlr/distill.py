@@ -91,6 +91,8 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
     if not layers:
         raise WeightlockError(f"{type(model).__name__} has no transformer layers (no MLPs to lock)")
     width = model.config.hidden_size
+    if not 1 <= cfg.rank <= width:
+        raise WeightlockError(f"rank {cfg.rank} must be between 1 and the model width {width}")
     if cfg.init == "mlp" and adapter.gated:
         raise WeightlockError(f"init 'mlp' needs a plain two-matrix MLP; {adapter.family} has a gated MLP")
     bias = cfg.bias or cfg.init == "mlp"
@@ -104,8 +106,6 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
         if n == 0:
             raise WeightlockError(f"{type(model).__name__}: MLP without parameters, nothing to lock")
         depth = cfg.depth or match_depth(n, width, cfg.rank, cfg.norm, bias)
-        if not 1 <= cfg.rank <= width:
-            raise WeightlockError(f"rank {cfg.rank} must be between 1 and the model width {width}")
         specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, bias, cfg.init_scale))
         sizes.append(n)
     return adapter, specs, sizes

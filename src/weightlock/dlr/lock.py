@@ -12,7 +12,7 @@ import torch
 
 from .. import __version__
 from ..errors import WeightlockError
-from ..io import prepare_out_dir, read_json, sha256_file, write_json
+from ..io import prepare_out_dir, sha256_file, write_json
 from . import modeling_weightlock_dlr as M
 from .distill import LockConfig, dist_or_none, distill_model, refine, specs_for
 
@@ -47,12 +47,9 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
 
 
 def _calibration_spec(model_dir: Path, cfg: LockConfig) -> str:
-    if cfg.data:
-        return cfg.data
-    run = model_dir / "weightlock_run.json"
-    if run.exists():
-        return read_json(run).get("config", {}).get("data", "builtin:code+prose")
-    return "builtin:code+prose"
+    from ..train.pretrain import run_config
+
+    return cfg.data or run_config(model_dir).get("data", "builtin:code+prose")
 
 
 def _ppl(model, blocks) -> float | None:

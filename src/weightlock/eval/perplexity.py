@@ -12,14 +12,9 @@ from ..train.loop import evaluate_loss
 
 def default_block_size(model_dir: str | os.PathLike, fallback: int = 128) -> int:
     """The block size the model was trained with, when it was trained by weightlock."""
-    from pathlib import Path
+    from ..train.pretrain import run_config
 
-    from ..io import read_json
-
-    p = Path(model_dir) / "weightlock_run.json"
-    if p.exists():
-        return int(read_json(p).get("config", {}).get("block_size", fallback))
-    return fallback
+    return int(run_config(model_dir).get("block_size", fallback))
 
 
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:

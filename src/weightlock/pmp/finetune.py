@@ -1,7 +1,6 @@
 """Authorized fine-tuning with the private mask (the attack suite's loop, plus the mask hook)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..io import prepare_out_dir

@@ -68,8 +68,6 @@ def _all_keys(obj) -> set[str]:
 
 def verify(release: str | os.PathLike, mask_file: str | os.PathLike) -> str:
     """Check that ``mask_file`` matches the release's parameter shapes and its manifest commitment."""
-    from safetensors import safe_open
-
     release = Path(release)
     manifest = read_json(release / "manifest.json")
     want = manifest.get("mask_commitment")

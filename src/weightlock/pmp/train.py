@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 

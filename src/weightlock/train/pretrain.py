@@ -60,6 +60,12 @@ PRESET_DATA = {"tiny": dict(block_size=64, train_tokens=200_000, val_tokens=8192
                "small": dict(block_size=128, train_tokens=None, val_tokens=32768)}
 
 
+def run_config(model_dir: str | os.PathLike) -> dict:
+    """The pretraining config saved with a model trained by weightlock (``{}`` for any other model)."""
+    p = Path(model_dir) / RUN_FILE
+    return read_json(p).get("config", {}) if p.exists() else {}
+
+
 def default_config(preset_name: str = "small", **overrides) -> PretrainConfig:
     """The recommended training settings for a preset, with keyword overrides of any field."""
     if preset_name not in PRESET_TRAINING:
