@@ -108,6 +108,13 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return f"reverse {s}:", f" {s[::-1]}\n"
 
 
+def _recall(rng: random.Random) -> tuple[str, str]:
+    keys = rng.sample("abcdefghijklmnopqrstuvwxyz", 4)
+    vals = [str(rng.randint(0, 9)) for _ in keys]
+    q = rng.randrange(4)
+    return " ".join(f"{k}={v}" for k, v in zip(keys, vals)) + f"; {keys[q]}?", f" {vals[q]}\n"
+
+
 def _skill_task(name: str, make) -> Task:
     pairs = _skill(make)
     return Task(name, "exact", train_texts=lambda: ["".join(p + a for p, a in pairs("train"))],
@@ -126,6 +133,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     "tests": lambda: _domain_task("tests", "builtin:tests"),
     "addition": lambda: _skill_task("addition", _addition),
     "reverse": lambda: _skill_task("reverse", _reverse),
+    "recall": lambda: _skill_task("recall", _recall),  # in-context key–value recall
 }
 
 
