@@ -154,7 +154,7 @@ def test_saved_activation_count_is_exact_for_linear_and_mlp():
 
 
 def test_tasks_deterministic_and_disjoint():
-    for name in ("addition", "reverse"):
+    for name in ("addition", "reverse", "recall"):
         t1, t2 = get_task(name), get_task(name)
         assert t1.test_pairs() == t2.test_pairs() and t1.train_texts() == t2.train_texts()
         test_prompts = {p for p, _ in t1.test_pairs()}
@@ -164,6 +164,9 @@ def test_tasks_deterministic_and_disjoint():
     p, a = get_task("addition").test_pairs()[0]
     x, y = p[:-1].split("+")
     assert int(a) == int(x) + int(y)
+    p, a = get_task("recall").test_pairs()[0]
+    pairs, key = p[:-1].split("; ")
+    assert dict(kv.split("=") for kv in pairs.split())[key] == a.strip()
     with pytest.raises(WeightlockError, match="unknown task"):
         get_task("chess")
 

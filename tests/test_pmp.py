@@ -123,6 +123,28 @@ def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
     assert moved_out == 0 and moved_in > 0
     assert sum(int((wu[n] != w0[n])[~m].sum()) for n, m in mask.items() if n in w0) > 0
 
+    # the same through the attack suite's `masked` entry (the unlocked reference gets full fine-tuning)
+    from weightlock.attacks import make_attack, run_attack
+    from weightlock.attacks.core import finetune
+    from weightlock.dlr.lock import load
+
+    r = run_attack(release, "prose", "masked", tmp_path / "masked", reference=release, steps=2, batch_size=4,
+                   block_size=64, train_tokens=20000, mask=str(private / "mask.safetensors"))
+    assert r["reference_attack"] == "full" and r["locked"]["trainable_parameters"] > 0
+    model, ctx = load(release), {}
+    atk = make_attack("masked", mask=str(private / "mask.safetensors"), steps=2, batch_size=4, block_size=64)
+    model = atk.prepare(model, None, ctx)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    from weightlock.data import load_blocks, load_tokenizer
+
+    finetune(model, load_blocks("builtin:prose", "train", load_tokenizer(release), 64, 5000), atk.cfg,
+             hooks=ctx["hooks"], measure=False)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n][~m], before[n][~m]) for n, m in mask.items())
+    assert any(not torch.equal(after[n][m], before[n][m]) for n, m in mask.items())
+    with pytest.raises(WeightlockError, match="needs mask=PATH"):
+        make_attack("masked").prepare(load(release), None, {})
+
 
 def test_pmp_config_errors(tmp_path):
     with pytest.raises(WeightlockError, match="mask ratio"):

@@ -77,6 +77,7 @@ class ReverseDistillConfig(AttackConfig):
 class Attack:
     name = "attack"
     Config: type[AttackConfig] = AttackConfig
+    reference_attack: str | None = None  # what runs on the unlocked reference (default: the same attack)
 
     def __init__(self, cfg: AttackConfig | None = None) -> None:
         self.cfg = cfg or self.Config()
@@ -141,6 +142,7 @@ class ReverseDistill(Attack):
     model only), then fully fine-tune the dense model. The distillation's time counts as attack cost."""
 
     Config = ReverseDistillConfig
+    reference_attack = "full"  # the unlocked reference has nothing to reverse: it is fine-tuned directly
 
     def prepare(self, model, tokenizer, ctx):
         if not _is_dlr(model):
@@ -196,6 +198,7 @@ class MaskRecover(Attack):
     """Guess the PMP mask from the released weights, then fine-tune only the guessed entries."""
 
     Config = MaskRecoverConfig
+    reference_attack = "full"
 
     def prepare(self, model, tokenizer, ctx):
         from ..pmp import recover
@@ -221,6 +224,34 @@ class MaskRecover(Attack):
         guess = topk_mask(scores, c.mask_ratio, c.per_tensor)
         ctx["recovered_mask"] = guess
         ctx["hooks"] = [MaskHook(params, guess)]
+        return model
+
+
+@dataclass
+class MaskedConfig(AttackConfig):
+    mask: str = ""  # the owner's private mask file (private/mask.safetensors)
+
+
+@register("masked")
+class AuthorizedMasked(Attack):
+    """Authorized fine-tuning of a PMP model: only the entries of the owner's private mask move. Not an
+    attack: the yardstick an attack's gain is compared with."""
+
+    Config = MaskedConfig
+    reference_attack = "full"
+
+    def prepare(self, model, tokenizer, ctx):
+        from ..pmp.mask import load_mask
+        from ..pmp.train import MaskHook
+
+        if not self.cfg.mask:
+            raise WeightlockError("the masked attack needs mask=PATH (the owner's private mask file)")
+        mask, _, _ = load_mask(self.cfg.mask)
+        params = dict(model.named_parameters())
+        missing = [n for n in mask if n not in params or params[n].shape != mask[n].shape]
+        if missing:
+            raise WeightlockError(f"{self.cfg.mask}: mask does not fit this model (e.g. {missing[0]})")
+        ctx["hooks"] = [MaskHook({n: params[n] for n in mask}, mask)]
         return model
 
 
@@ -339,7 +370,11 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
               "attack": attack, "options": asdict(atk.cfg)}
     result = {**config, "locked": _attack_one(model_dir, task_obj, atk, eval_data)}
     if reference is not None:
-        result["reference_run"] = _attack_one(reference, task_obj, make_attack(attack, **options), eval_data)
+        ref_name = atk.reference_attack or attack
+        ref_fields = {f.name for f in fields(ATTACKS[ref_name].Config)}
+        result["reference_attack"] = ref_name
+        result["reference_run"] = _attack_one(reference, task_obj, make_attack(
+            ref_name, **{k: v for k, v in options.items() if k in ref_fields}), eval_data)
         ref_gain = result["reference_run"]["gain"]
         result["gain_ratio"] = result["locked"]["gain"] / ref_gain if abs(ref_gain) > 1e-12 else None
     if out:

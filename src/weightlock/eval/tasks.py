@@ -58,22 +58,28 @@ class Task:
 
 @torch.no_grad()
 def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch: int = 32) -> float:
-    """Fraction of prompts whose greedy continuation starts with the expected completion."""
+    """Fraction of prompts whose greedy continuation starts with the expected completion.
+
+    Prompts are grouped by token length, so each batch is generated together without padding (the
+    result is the same as one prompt at a time)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
+    groups: dict[tuple[int, int], list[tuple[list[int], str]]] = {}
+    for prompt, answer in pairs:
+        ids = [eos] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n_new = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
+        groups.setdefault((len(ids), n_new), []).append((ids, answer))
     hits = 0
-    for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
-        for prompt, answer in chunk:  # prompts differ in length: no padding, one at a time but cheap
-            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            ids = torch.cat([torch.tensor([[eos]]), ids], 1).to(device)
-            n_new = len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1
+    for (_, n_new), items in groups.items():
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            ids = torch.tensor([c[0] for c in chunk], device=device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or eos)
-            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            hits += text.startswith(answer)
+            for row, (_, answer) in zip(out[:, ids.shape[1]:], chunk):
+                hits += tokenizer.decode(row, skip_special_tokens=True).startswith(answer)
     model.train(was)
     return hits / max(1, len(pairs))
 
