@@ -9,7 +9,8 @@ domain not used in pretraining (prose: held-out perplexity) and a skill task (re
 for each PMP model and the dense base model (the reference, `--base`, from bench/base_model.py):
 
 - unauthorized full fine-tuning (`full`) and unauthorized LoRA on attention (`lora`);
-- the mask-recovery attack with the best public signal (`mask-recover`, magnitude) + masked fine-tuning;
+- the mask-recovery attack with the best public signal on the hardened default (`mask-recover`,
+  spectral; bench/pmp_recovery.py) + fine-tuning of the guessed entries;
 - authorized fine-tuning with the owner's private mask (`masked`; PMP models only);
 
 each at two learning rates, reporting the best (the attacker's and the owner's best alike). Writes
@@ -32,7 +33,7 @@ STEPS = 40
 METHODS = {  # label: (attack, options, learning rates)
     "full": ("full", {}, [1e-3, 3e-3]),
     "lora": ("lora", {"targets": "attention"}, [3e-3, 1e-2]),
-    "mask-recover": ("mask-recover", {"method": "magnitude"}, [1e-3, 3e-3]),
+    "mask-recover": ("mask-recover", {"method": "spectral"}, [1e-3, 3e-3]),
     "masked (authorized)": ("masked", {}, [1e-3, 3e-3]),
 }
 
