@@ -9,8 +9,10 @@ repeats, interleaved so that drift in machine load hits all three alike, of
 - prefill: one forward pass over a batch of 8 × 256 tokens (no grad);
 - decode: ``generate`` of 128 new tokens, greedy, with the KV cache, from a 16-token prompt;
 
-for the original, the locked model on its fast path, and the locked model on the reference path
-(``DLRNet.fast = False``); plus the relative difference of the logits of the two locked paths. On CUDA
+for the original, the locked model on its fast path, on the reference path (``DLRNet.fast = False``)
+and, on CPU, on the opt-in compiled path (``weightlock.load(..., compile=True)``: steps of ≤ 16 tokens
+run one torch.compile'd function per net; prefill of 2048 tokens stays on the eager fast path); plus
+the relative difference of the logits of each locked path against the reference. On CUDA
 it measures a random Llama-shaped model at d=2048, d_ff=8192, 16 layers, bf16, rank 64, with
 prefill of 8 × 1024 tokens.
 """
@@ -47,10 +49,10 @@ def timed(fn) -> float:
 
 
 def measure(models: dict, ids: torch.Tensor, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    """Median seconds of prefill and decode for each entry of ``models`` ({name: (model, fast)})."""
+    """Median seconds of prefill and decode for each entry of ``models`` ({name: (model, fast, compiled)})."""
     def run(name, what):
-        model, fast = models[name]
-        DLRNet.fast = fast
+        model, fast, compiled = models[name]
+        DLRNet.fast, DLRNet.compile_small = fast, compiled
         try:
             with torch.no_grad():
                 if what == "prefill":
@@ -58,7 +60,7 @@ def measure(models: dict, ids: torch.Tensor, prompt: torch.Tensor, new_tokens: i
                 return timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                     do_sample=False, pad_token_id=0))
         finally:
-            DLRNet.fast = True
+            DLRNet.fast, DLRNet.compile_small = True, False
 
     times = {(n, w): [] for n in models for w in ("prefill", "decode")}
     for what in ("prefill", "decode"):
@@ -74,10 +76,12 @@ def measure(models: dict, ids: torch.Tensor, prompt: torch.Tensor, new_tokens: i
     return out
 
 
-def agreement(locked, ids) -> float:
+def agreement(locked, ids, compiled: bool = False) -> float:
+    """Relative difference of the logits of the fast (or compiled) path and the reference path."""
     with torch.no_grad():
+        DLRNet.compile_small = compiled
         fast = locked(ids).logits.float()
-        DLRNet.fast = False
+        DLRNet.fast, DLRNet.compile_small = False, False
         try:
             ref = locked(ids).logits.float()
         finally:
@@ -89,11 +93,16 @@ def compare(original, locked, batch: tuple[int, int], new_tokens: int, repeats: 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, batch, generator=g).to(DEV)
     prompt = torch.randint(0, vocab, (1, 16), generator=g).to(DEV)
-    t = measure({"original": (original, True), "locked_fast": (locked, True), "locked_reference": (locked, False)},
-                ids, prompt, new_tokens, repeats)
+    paths = {"original": (original, True, False), "locked_fast": (locked, True, False),
+             "locked_reference": (locked, False, False)}
+    if DEV == "cpu":  # the opt-in compiled decode path (weightlock.load(..., compile=True))
+        paths["locked_compiled"] = (locked, True, True)
+    t = measure(paths, ids, prompt, new_tokens, repeats)
     res = {"prefill_batch": list(batch), "decode_new_tokens": new_tokens, "decode_prompt": 16,
            "repeats": repeats, "seconds": t, "fast_vs_reference_logits_rel_diff": agreement(locked, ids[:2])}
-    for path in ("fast", "reference"):
+    if DEV == "cpu":
+        res["compiled_vs_reference_logits_rel_diff"] = agreement(locked, ids[:1, :8], compiled=True)
+    for path in [p[len("locked_"):] for p in paths if p != "original"]:
         for what in ("prefill", "decode"):
             res[f"{what}_ratio_{path}"] = t[f"locked_{path}"][what] / t["original"][what]
     res["decode_tokens_per_s"] = {k: new_tokens / v["decode"] for k, v in t.items()}

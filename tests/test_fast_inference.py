@@ -129,3 +129,34 @@ def test_generate_with_kv_cache_is_unchanged_and_lora_keeps_reference():
         with peft_model.disable_adapter():
             without = net.forward_reference(x)
     assert rel(with_lora, without) > 1e-3
+
+
+def test_compiled_decode_path_matches_reference_and_falls_back(monkeypatch):
+    """``compile_small``: steps of ≤ COMPILE_MAX_ROWS tokens run one torch.compile'd function (when a C++
+    compiler is there); it computes what the reference computes and is used only for small steps. If
+    compilation fails the eager fast path answers instead, with a warning."""
+    import shutil
+
+    from weightlock.dlr import modeling_weightlock_dlr as M
+
+    net = random_net(norm=True, bias=True)
+    net.compile_small = True
+    used = []
+    real = DLRNet.forward_compiled
+    monkeypatch.setattr(DLRNet, "forward_compiled", lambda self, x: used.append(x.shape) or real(self, x))
+    with torch.no_grad():
+        if shutil.which("c++") or shutil.which("g++"):
+            monkeypatch.setattr(M, "_COMPILED", [])
+            x = torch.randn(1, 1, 48)
+            assert rel(net(x), net.forward_reference(x)) <= 1e-5
+            assert used == [x.shape]
+        big = torch.randn(DLRNet.COMPILE_MAX_ROWS + 1, 48)
+        net(big)
+        assert len(used) <= 1  # large steps stay on the eager fast path
+        used.clear()
+        monkeypatch.setattr(M, "_COMPILED", [lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler"))])
+        x = torch.randn(2, 48)
+        with pytest.warns(UserWarning, match="no compiler"):
+            out = net(x)
+        assert rel(out, net.forward_reference(x)) <= 1e-5
+        assert M._COMPILED == [None]  # disabled from then on

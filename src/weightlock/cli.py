@@ -263,7 +263,8 @@ def attack(
     name: str = typer.Option("full", "--attack", help="Attack name (see --list)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (JSON results; finished runs are skipped)."),
     option: list[str] = typer.Option([], "--set", help="Attack option KEY=VALUE (repeatable)."),
-    sweep: list[str] = typer.Option([], help="Attacker's grid KEY=V1,V2,... (repeatable); the best is reported."),
+    sweep: list[str] = typer.Option([], help="Attacker's search KEY=V1,V2,... or KEY=LO..HI (repeatable); the best is reported."),
+    random_: Optional[int] = typer.Option(None, "--random", help="Random search: N points of the --sweep space."),
     seeds: str = typer.Option("0", help="Comma-separated seeds."),
     list_: bool = typer.Option(False, "--list", help="List the attacks and their options."),
 ) -> None:
@@ -282,6 +283,8 @@ def attack(
             t.add_row(n, (cls.__doc__ or "").strip().splitlines()[0],
                       ", ".join(f"{f.name}={f.default}" for f in dc_fields(cls.Config)))
         Console(width=200).print(t)
+        console.print("sweep: any attack with --sweep KEY=V1,V2 (grid) or --sweep KEY=LO..HI --random N "
+                      "(random search); the attacker's best point is reported")
         return
     if model is None or out is None:
         raise WeightlockError("--model and --out are required (or --list)")
@@ -295,7 +298,8 @@ def attack(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise WeightlockError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
-    s = run_suite(model, task, name, out, reference=reference, seeds=seed_list, grid=parse_grid(sweep), **opts)
+    s = run_suite(model, task, name, out, reference=reference, seeds=seed_list, grid=parse_grid(sweep),
+                  samples=random_, **opts)
     b = s["best"]
     line = f"{name} on {task}: best gain {b['gain_mean']:.4f} ± {b['gain_std']:.4f} at {b['point'] or 'defaults'}"
     if reference is not None:

@@ -51,6 +51,7 @@ class AttackConfig:
     checkpointing: str = "none"  # none | layer | dlr | group:K (K DLR blocks per checkpoint)
     offload: bool = False  # torch.autograd.graph.save_on_cpu
     train_tokens: int = 200_000
+    score_every: int = 0  # also score the task every N steps (a fine-tuning curve); 0: before/after only
     progress: bool = False
 
 
@@ -407,9 +408,18 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
     if recovered is not None:
         ctx["recovered_mask_density"] = sum(int(m.sum()) for m in recovered.values()) / sum(
             m.numel() for m in recovered.values())
+    curve = [[0, before["score"]]]
+    if atk.cfg.score_every > 0:
+        from ..train.loop import LambdaHook
+
+        def score(trainer, metrics, k=atk.cfg.score_every):
+            if trainer.step % k == 0 and trainer.step < atk.cfg.steps:  # outside the timed step
+                curve.append([trainer.step, task.evaluate(model, tok, atk.cfg.block_size)["score"]])
+        hooks = [*hooks, LambdaHook(on_step_end=score)]
     history, trainer = finetune(model, blocks, atk.cfg, hooks=hooks)
     model.eval()
     after = task.evaluate(model, tok, atk.cfg.block_size)
+    curve.append([trainer.step, after["score"]])
     cap_after = math.exp(evaluate_loss(model, cap_blocks))
     steps = history[1:] or history  # the first step pays one-off costs
     med = lambda k: statistics.median(h[k] for h in steps)  # noqa: E731
@@ -418,7 +428,7 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
         "model": str(model_dir), "before": before, "after": after, "gain": after["score"] - before["score"],
         "capability_ppl_before": cap_before, "capability_ppl_after": cap_after, "capability_data": cap_spec,
         "parameters": n_params, "trainable_parameters": n_train, "tokens": tokens,
-        "loss_curve": [h["loss"] for h in history],
+        "loss_curve": [h["loss"] for h in history], "score_curve": curve,
         "cost": {
             "saved_activation_bytes_per_step": trainer.saved_activation_bytes,
             "peak_rss_bytes": _rss_peak_bytes(),

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import itertools
+import math
+import random
 import statistics
 from pathlib import Path
 
+from ..errors import WeightlockError
 from ..io import write_json
 from .core import make_attack, run_attack
 
@@ -18,22 +21,55 @@ def _parse(v: str):
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
-def parse_grid(items: list[str]) -> dict[str, list]:
-    """``["lr=1e-4,1e-3", "optimizer=adamw,sgd"]`` → ``{"lr": [1e-4, 1e-3], "optimizer": ["adamw", "sgd"]}``."""
+def parse_grid(items: list[str]) -> dict[str, list | tuple]:
+    """``["lr=1e-4,1e-3", "optimizer=adamw,sgd"]`` → ``{"lr": [1e-4, 1e-3], "optimizer": ["adamw", "sgd"]}``;
+    ``"lr=1e-4..1e-2"`` is a range ``(1e-4, 1e-2)`` for random search (log-uniform)."""
     grid = {}
     for item in items:
-        key, _, values = item.partition("=")
-        grid[key.strip()] = [_parse(v) for v in values.split(",") if v.strip()]
+        key, sep, values = item.partition("=")
+        if not sep or not values.strip():
+            raise WeightlockError(f"a sweep is KEY=V1,V2,... or KEY=LO..HI, got {item!r}")
+        if ".." in values:
+            lo, hi = (_parse(v) for v in values.split("..", 1))
+            if not all(isinstance(v, (int, float)) and v > 0 for v in (lo, hi)) or lo >= hi:
+                raise WeightlockError(f"{item!r}: a range needs two positive numbers LO < HI")
+            grid[key.strip()] = (lo, hi)
+        else:
+            grid[key.strip()] = [_parse(v) for v in values.split(",") if v.strip()]
     return grid
 
 
+def sample_points(grid: dict, samples: int | None, seed: int = 0) -> list[dict]:
+    """Every grid point, or ``samples`` random points (lists: uniform choice; ranges: log-uniform)."""
+    ranges = [k for k, v in grid.items() if isinstance(v, tuple)]
+    if samples is None:
+        if ranges:
+            raise WeightlockError(f"range(s) for {', '.join(ranges)} need random search (samples=N)")
+        return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] or [{}]
+    if samples < 1:
+        raise WeightlockError(f"samples must be ≥ 1, got {samples}")
+    rng = random.Random(seed)
+    points = []
+    for _ in range(samples):
+        p = {}
+        for k, v in grid.items():
+            if isinstance(v, tuple):
+                x = math.exp(rng.uniform(math.log(v[0]), math.log(v[1])))
+                p[k] = round(x) if isinstance(v[0], int) and isinstance(v[1], int) else float(f"{x:.3g}")
+            else:
+                p[k] = rng.choice(v)
+        points.append(p)
+    return points
+
+
 def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,), grid: dict | None = None,
-              **options) -> dict:
-    """Every grid point × seed (skipping finished runs); mean and spread per point; the attacker's best."""
+              samples: int | None = None, **options) -> dict:
+    """The attacker's hyperparameter search: every grid point (or ``samples`` random points) × seed,
+    skipping finished runs; mean and spread per point; the attacker's best is the reported result."""
     grid = grid or {}
-    make_attack(attack, **options, **{k: v[0] for k, v in grid.items()})  # validate names before any work
+    points = sample_points(grid, samples)
+    make_attack(attack, **options, **points[0])  # validate names before any work
     out = Path(out)
-    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] or [{}]
     rows = []
     for point in points:
         tag = "_".join(f"{k}-{v}" for k, v in point.items()) or "default"
@@ -51,7 +87,7 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
         rows.append(row)
     best = max(rows, key=lambda r: r["gain_mean"])
     summary = {"model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
-               "attack": attack, "options": options, "grid": grid, "points": rows, "best": best}
+               "attack": attack, "options": options, "grid": {k: list(v) for k, v in grid.items()}, "samples": samples, "points": rows, "best": best}
     if reference is not None:
         best_ref = max(rows, key=lambda r: r["reference_gain_mean"])
         summary["best_reference"] = best_ref

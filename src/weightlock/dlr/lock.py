@@ -21,8 +21,13 @@ MODELING_FILE = "modeling_weightlock_dlr.py"
 MANIFEST = "manifest.json"
 
 
-def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load any local model directory: a DLR-locked release, or a plain HF causal LM / encoder."""
+def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         compile: bool = False):
+    """Load any local model directory: a DLR-locked release, or a plain HF causal LM / encoder.
+
+    ``compile=True`` (CPU): DLR-Nets run steps of a few tokens (token-by-token decoding) through one
+    ``torch.compile``'d function per net shape (a C++ compiler is needed; the first call of each new
+    token count compiles for a few seconds; without a compiler the eager fast path is used)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -43,6 +48,10 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
         raise WeightlockError(f"{d}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     if dtype is not None:
         model = model.to(dtype)
+    if compile:
+        for m in model.modules():
+            if isinstance(m, M.DLRNet):
+                m.compile_small = True
     return model.to(device).eval()
 
 

@@ -63,6 +63,10 @@ class DLRNet(nn.Module):
     instance (or the class) to force the reference path."""
 
     fast: bool = True
+    # opt-in (``weightlock.load(..., compile=True)``): on CPU, steps of at most COMPILE_MAX_ROWS tokens
+    # (token-by-token decoding) run one torch.compile'd C++ function for the whole stack of blocks
+    compile_small: bool = False
+    COMPILE_MAX_ROWS = 16
 
     def __init__(self, spec: DLRSpec) -> None:
         super().__init__()
@@ -88,8 +92,24 @@ class DLRNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and self._fast_ok(x):
+            if (self.compile_small and x.device.type == "cpu" and x.numel() <= self.COMPILE_MAX_ROWS * self.spec.width
+                    and _compiled_stack() is not None):
+                try:
+                    return self.forward_compiled(x)
+                except Exception as e:  # no C++ compiler, unsupported platform: the eager fast path is exact too
+                    _disable_compile(e)
             return self.forward_fast(x)
         return self.forward_reference(x)
+
+    def forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast path's maths as one compiled function (weights are its inputs, so every net of the
+        same shape shares one compilation; a new number of tokens compiles once more)."""
+        w = self._weights()
+        args = self.__dict__.get("_compile_args")
+        if args is None or args[1][0] is not w[0][1]:
+            args = ([None if n is None else n.weight for n, *_ in w], *([t[i] for t in w] for i in range(1, 5)))
+            self.__dict__["_compile_args"] = args
+        return _compiled_stack()(x.reshape(-1, self.spec.width), *args, self.spec.activation).view(x.shape)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain PyTorch path: one module call per block. Training always runs this path, so the
@@ -121,10 +141,12 @@ class DLRNet(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_fast_weights", None)
+        self.__dict__.pop("_compile_args", None)
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.__dict__.pop("_fast_weights", None)
+        self.__dict__.pop("_compile_args", None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
@@ -171,6 +193,34 @@ class DLRNet(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"width={s.width}, rank={s.rank}, depth={s.depth}, activation={s.activation}, norm={s.norm}"
+
+
+def _stack(x, norms, vs, bs, us, cs, activation: str):
+    """z ← z + U·σ(V·n(z)) over all blocks, the state in fp32, matmuls in the input dtype; returns z_L − z_0."""
+    act = {"gelu": nn.functional.gelu, "relu": torch.relu, "silu": nn.functional.silu, "tanh": torch.tanh}[activation]
+    z = x.float()
+    for n, v, b, u, c in zip(norms, vs, bs, us, cs):
+        zl = z.to(x.dtype)
+        if n is not None:
+            zl = nn.functional.rms_norm(zl, (zl.shape[-1],), n, 1e-6)
+        z = z + nn.functional.linear(act(nn.functional.linear(zl, v, b)), u, c).float()
+    return (z - x.float()).to(x.dtype)
+
+
+_COMPILED: list = []  # [compiled function] once built, [None] once disabled
+
+
+def _compiled_stack():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_stack, dynamic=False, options={"cpp_wrapper": True}))
+    return _COMPILED[0]
+
+
+def _disable_compile(err: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"DLR-Net compiled path unavailable ({type(err).__name__}: {err}); using the eager fast path")
+    _COMPILED[:] = [None]
 
 
 # ---- architecture adapters ----------------------------------------------------------------------
