@@ -45,7 +45,7 @@ def job(args) -> dict:
 
     name, options, lrs = ATTACKS[label]
     return run_suite(locked, task, name, Path(out) / task / label, reference=base, seeds=SEEDS,
-                     grid={"lr": lrs}, steps=STEPS, batch_size=8, **options)
+                     grid={"lr": lrs}, steps=STEPS, batch_size=8, score_every=10, **options)
 
 
 def summarize(label: str, task: str, s: dict) -> dict:
@@ -81,6 +81,8 @@ def summarize(label: str, task: str, s: dict) -> dict:
         row["reverse_distill_layer_rel_error"] = [l["rel_error"] for l in rd[0]["layer_rel_error"]]
     row["loss_curves"] = {"locked": locked_runs[0]["locked"]["loss_curve"],
                           "reference": ref_runs[0]["reference_run"]["loss_curve"]}
+    row["score_curves"] = {"locked": [r["locked"]["score_curve"] for r in locked_runs],
+                           "reference": [r["reference_run"]["score_curve"] for r in ref_runs]}
     return row
 
 

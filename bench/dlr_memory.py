@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama_shaped_pair, save  # noqa: E402
 
 from weightlock.dlr import DLRNet, DLRSpec, load  # noqa: E402
-from weightlock.eval.cost import (dlr_saved_elements_per_token, mlp_saved_elements_per_token,  # noqa: E402
-                                  saved_bytes_of_step)
+from weightlock.eval.cost import (depth_linearity, dlr_saved_elements_per_token,  # noqa: E402
+                                  mlp_saved_elements_per_token, saved_bytes_of_step)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -48,21 +48,6 @@ def module_level(d: int, d_ff: int, rank: int, tokens: int) -> dict:
                      "rel_diff": b / tokens / (ana * 4) - 1}
     out["ratio_measured"] = out["dlr"]["measured_bytes_per_token"] / out["mlp"]["measured_bytes_per_token"]
     return out
-
-
-def depth_linearity(d: int, rank: int, depths: list[int], tokens: int) -> dict:
-    import numpy as np
-
-    ys = []
-    for L in depths:
-        net = DLRNet(DLRSpec(d, rank, L)).to(DEV)
-        x = torch.randn(tokens, d, device=DEV, requires_grad=True)
-        ys.append(saved_bytes_of_step(net, lambda: net(x)))
-    slope, icpt = np.polyfit(depths, ys, 1)
-    pred = slope * np.asarray(depths) + icpt
-    r2 = 1 - ((np.asarray(ys) - pred) ** 2).sum() / ((np.asarray(ys) - np.mean(ys)) ** 2).sum()
-    return {"d": d, "rank": rank, "tokens": tokens, "depths": depths, "bytes": ys, "slope_bytes_per_block": slope,
-            "intercept": icpt, "r2": r2, "analytic_bytes_per_block": (d + 2 * rank) * 4 * tokens}
 
 
 def step_bytes(model, ids) -> dict:
@@ -102,7 +87,7 @@ def main() -> None:
     res = {"command": "python bench/dlr_memory.py", "device": DEV, "dtype": "float32"}
     res["module_small"] = module_level(256, 688, 32, 2048)
     res["module_llama1b"] = module_level(2048, 8192, 64, 256)
-    res["depth_linearity"] = depth_linearity(2048, 64, [8, 16, 32, 64, 128], 256)
+    res["depth_linearity"] = depth_linearity(2048, 64, [8, 16, 32, 64, 128], 256, DEV)
     print(res["module_small"], res["module_llama1b"], res["depth_linearity"]["r2"], flush=True)
 
     original, locked = load(args.base), load(args.locked)

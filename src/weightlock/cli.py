@@ -319,5 +319,17 @@ def demo(
     run_demo(out, quick=quick)
 
 
+@app.command()
+@user_errors
+def report(
+    rundirs: list[Path] = typer.Argument(..., help="Demo, bench/results, attack-run or release directories (or JSON files)."),
+    out: Path = typer.Option(Path("report"), help="Output directory (index.html, README.md, PNG figures)."),
+) -> None:
+    """Build an HTML + Markdown report with figures from recorded JSON results (no network)."""
+    from .report import build_report
+
+    console.print(f"[green]wrote[/] {build_report(rundirs, out)} and {out / 'README.md'}")
+
+
 if __name__ == "__main__":
     sys.exit(app())

@@ -68,6 +68,26 @@ def dlr_saved_elements_per_token(d: int, rank: int, depth: int, norm: bool = Fal
     return depth * per_block
 
 
+def depth_linearity(d: int, rank: int, depths: list[int], tokens: int, device: str = "cpu") -> dict:
+    """Saved-activation bytes of one DLR-Net training forward at each depth, a least-squares line through
+    them (slope per block, R²) and the analytic bytes per block, (d + 2r)·4·tokens."""
+    import numpy as np
+
+    from ..dlr.modeling_weightlock_dlr import DLRNet, DLRSpec
+
+    ys = []
+    for depth in depths:
+        net = DLRNet(DLRSpec(d, rank, depth)).to(device)
+        x = torch.randn(tokens, d, device=device, requires_grad=True)
+        ys.append(saved_bytes_of_step(net, lambda: net(x)))
+    slope, icpt = np.polyfit(depths, ys, 1)
+    pred = slope * np.asarray(depths) + icpt
+    r2 = 1 - ((np.asarray(ys) - pred) ** 2).sum() / ((np.asarray(ys) - np.mean(ys)) ** 2).sum()
+    return {"d": d, "rank": rank, "tokens": tokens, "depths": list(depths), "bytes": ys,
+            "slope_bytes_per_block": float(slope), "intercept": float(icpt), "r2": float(r2),
+            "analytic_bytes_per_block": (d + 2 * rank) * 4 * tokens}
+
+
 def time_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, repeats: int = 7,
                           warmup: int = 2) -> dict:
     """Median wall times (seconds) of: inference forward (no grad), training forward, backward."""

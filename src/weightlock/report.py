@@ -1,0 +1,385 @@
+"""``weightlock report RUNDIR...``: an HTML + Markdown report with figures, from recorded JSON only.
+
+Any mix of inputs works: a demo directory (``summary.json``), ``bench/results`` (attacks, memory,
+frontier, PMP sweep, mask recovery, fidelity), attack run directories (``result.json``) and locked
+releases (``lock_report.json``). Each JSON file is recognised by its content; figures whose data is
+absent are listed as missing. The HTML needs no network: images are local PNGs next to it.
+"""
+from __future__ import annotations
+
+import html
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import WeightlockError
+from .io import move_dir_contents, read_json, write_text
+
+MAX_JSON_BYTES = 50 * 2**20
+SKIP_DIRS = {"checkpoint", "report", ".dlr_work", "__pycache__", ".git"}
+
+
+def _kind(d: Any) -> str | None:
+    if not isinstance(d, dict):
+        return None
+    if "weightlock_demo" in d:
+        return "demo"
+    if isinstance(d.get("results"), list) and d["results"] and "score_curves" in d["results"][0]:
+        return "attacks"
+    if isinstance(d.get("locked"), dict) and "score_curve" in d["locked"]:
+        return "attack_run"
+    if "depth_linearity" in d:
+        return "memory"
+    if isinstance(d.get("rows"), list) and d["rows"] and "strategy" in d["rows"][0]:
+        return "frontier"
+    if "dense_gains" in d and isinstance(d.get("rows"), list):
+        return "pmp_sweep"
+    if isinstance(d.get("variants"), dict) and any("recovery" in v for v in d["variants"].values()):
+        return "recovery"
+    if isinstance(d.get("ranks"), list) and d["ranks"] and "layer_rel_error" in d["ranks"][0]:
+        return "fidelity"
+    if isinstance(d.get("layers"), list) and d["layers"] and "rel_error" in d["layers"][0] and "base_model" in d:
+        return "lock_report"
+    return None
+
+
+def collect(paths: list[str | Path]) -> dict[str, list[tuple[Path, dict]]]:
+    """Every recognised JSON file under ``paths`` (files or directories), grouped by kind."""
+    found: dict[str, list[tuple[Path, dict]]] = {}
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise WeightlockError(f"{p}: no such file or directory")
+        if p.is_file():
+            files.append(p)
+            continue
+        files += sorted(f for f in p.rglob("*.json")
+                        if not SKIP_DIRS.intersection(f.relative_to(p).parts[:-1]))
+    for f in files:
+        if f.stat().st_size > MAX_JSON_BYTES:
+            continue
+        try:
+            data = read_json(f)
+        except (WeightlockError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        kind = _kind(data)
+        if kind:
+            found.setdefault(kind, []).append((f, data))
+    return found
+
+
+# ---- data extraction: every source reduced to a few plain shapes ---------------------------------
+
+def _curves(found) -> list[dict]:
+    """[{title, locked: [[step, score]], reference: [[step, score]] | None, task}]"""
+    out = []
+    for _, d in found.get("demo", []):
+        for r in d["attacks"]:
+            if r["defense"] != "reference":
+                out.append({"title": f"{r['defense']}: {r['attack']}", "task": r["task"], "locked": r["curve"],
+                            "reference": r["reference_curve"], "label": {"dlr": "DLR-locked", "pmp": "PMP"}[r["defense"]]})
+    for _, d in found.get("attacks", []):
+        for r in d["results"]:
+            c = r["score_curves"]
+            out.append({"title": f"bench: {r['attack']}", "task": r["task"], "locked": _mean_curve(c["locked"]),
+                        "reference": _mean_curve(c["reference"]), "label": "locked (mean of seeds)"})
+    for f, d in found.get("attack_run", []):
+        out.append({"title": f"{f.parent.name}: {d['attack']}", "task": d["task"], "locked": d["locked"]["score_curve"],
+                    "reference": (d.get("reference_run") or {}).get("score_curve"), "label": "attacked model"})
+    return [c for c in out if len(c["locked"]) >= 2]
+
+
+def _mean_curve(curves: list[list]) -> list[list]:
+    steps = [p[0] for p in curves[0]]
+    if any([p[0] for p in c] != steps for c in curves):
+        return curves[0]
+    return [[s, statistics.mean(c[i][1] for c in curves)] for i, s in enumerate(steps)]
+
+
+def _memory(found) -> list[tuple[str, dict]]:
+    out = [(f"bench (d={d['depth_linearity']['d']}, r={d['depth_linearity']['rank']})", d["depth_linearity"])
+           for _, d in found.get("memory", [])]
+    out += [(f"demo (d={d['memory_vs_depth']['d']}, r={d['memory_vs_depth']['rank']})", d["memory_vs_depth"])
+            for _, d in found.get("demo", [])]
+    return out
+
+
+def _frontier(found) -> list[tuple[str, list[dict]]]:
+    out = [("bench", [r for r in d["rows"] if "skipped" not in r]) for _, d in found.get("frontier", [])]
+    out += [("demo", d["frontier"]) for _, d in found.get("demo", []) if d.get("frontier")]
+    return out
+
+
+def _gain_vs_ratio(found) -> list[tuple[str, list[dict]]]:
+    out = []
+    for _, d in found.get("pmp_sweep", []):
+        rows = [dict(r) for r in d["rows"]]
+        for task, gains in d["dense_gains"].items():
+            rows += [{"ratio": 1.0, "task": task, "method": m, "gain": g} for m, g in gains.items()]
+        out.append(("bench", rows))
+    out += [("demo", d["pmp_gain_vs_ratio"]) for _, d in found.get("demo", []) if d.get("pmp_gain_vs_ratio")]
+    return out
+
+
+def _recovery(found) -> list[tuple[str, dict]]:
+    out = [(f"{name} (bench, ρ={v['recovery']['mask_ratio']})", v["recovery"])
+           for _, d in found.get("recovery", []) for name, v in d["variants"].items()]
+    out += [(f"hardened (demo, ρ={d['mask_recovery']['mask_ratio']})", d["mask_recovery"])
+            for _, d in found.get("demo", [])]
+    return out
+
+
+def _layer_errors(found) -> list[tuple[str, list[float]]]:
+    out = [(f"bench rank {r['rank']}", r["layer_rel_error"]) for _, d in found.get("fidelity", []) for r in d["ranks"]]
+    out += [(f"{f.parent.name} (rank {d['layers'][0]['spec']['rank']})", [l["rel_error"] for l in d["layers"]])
+            for f, d in found.get("lock_report", [])]
+    out += [("demo", d["layer_rel_error"]) for _, d in found.get("demo", []) if d.get("layer_rel_error")]
+    return out
+
+
+# ---- figures -----------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig_curves(found, path: Path) -> str | None:
+    curves = _curves(found)
+    if not curves:
+        return None
+    plt = _plt()
+    curves = curves[:16]
+    cols = min(4, len(curves))
+    rows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, c in zip(axes.flat, curves):
+        ax.plot(*zip(*c["locked"]), "o-", label=c["label"])
+        if c["reference"]:
+            ax.plot(*zip(*c["reference"]), "s--", label="unlocked original")
+        ax.set_title(f"{c['title']} · {c['task']}", fontsize=9)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("−held-out loss" if c["task"] in ("prose", "tests", "code") else "task score")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ("Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match "
+            "accuracy) measured every few steps while each attack fine-tunes the locked model (solid) and the "
+            "same attack, same budget, fine-tunes the unlocked original (dashed). A lock holds where the solid "
+            "curve stays flat while the dashed one rises.")
+
+
+def fig_memory(found, path: Path) -> str | None:
+    items = _memory(found)
+    if not items:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(items), figsize=(5 * len(items), 3.6), squeeze=False)
+    for ax, (name, m) in zip(axes.flat, items):
+        mib = [b / 2**20 for b in m["bytes"]]
+        ax.plot(m["depths"], mib, "o", label="measured")
+        xs = [0, max(m["depths"])]
+        ax.plot(xs, [(m["intercept"] + m["slope_bytes_per_block"] * x) / 2**20 for x in xs], "-",
+                label=f"fit: {m['slope_bytes_per_block'] / 2**20:.2f} MiB/block, R²={m['r2']:.4f}")
+        ax.plot(xs, [m["analytic_bytes_per_block"] * x / 2**20 for x in xs], ":", label="analytic (d+2r)·4·tokens")
+        ax.set_xlabel("DLR depth L (blocks)")
+        ax.set_ylabel("saved activations (MiB)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    tokens = ", ".join(str(m["tokens"]) for _, m in items)
+    return (f"Fine-tuning memory vs DLR depth: bytes autograd saves for one training forward of a DLR-Net "
+            f"(saved-tensor hooks, deduplicated by storage; {tokens} tokens), a least-squares line through "
+            "them and the analytic model. Memory grows linearly with depth.")
+
+
+def fig_frontier(found, path: Path) -> str | None:
+    items = _frontier(found)
+    if not items:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(items), figsize=(6 * len(items), 4), squeeze=False)
+    for ax, (name, rows) in zip(axes.flat, items):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = [r for r in rows if r["model"] == model]
+            ax.scatter([r["saved_activation_bytes"] / 2**20 for r in pts], [r["step_time_s"] for r in pts], label=model)
+            for r in pts:
+                ax.annotate(r["strategy"], (r["saved_activation_bytes"] / 2**20, r["step_time_s"]), fontsize=7)
+        ax.set_xlabel("saved activations per step (MiB)")
+        ax.set_ylabel("step time (s)")
+        ax.set_title(f"memory–time frontier ({name})", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ("Memory–time frontier: for the original and the DLR-locked model, the activation memory of one "
+            "training step (saved-tensor hooks) and its median wall time under each memory-saving strategy "
+            "(none, gradient checkpointing per layer / per DLR-Net / per group of blocks, CPU offload, "
+            "micro-batching). What it costs an attacker to fit the locked model into a memory budget.")
+
+
+def fig_gain_vs_ratio(found, path: Path) -> str | None:
+    items = _gain_vs_ratio(found)
+    if not items:
+        return None
+    plt = _plt()
+    panels = [(name, task, rows) for name, rows in items for task in dict.fromkeys(r["task"] for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (name, task, rows) in zip(axes.flat, panels):
+        rs = [r for r in rows if r["task"] == task]
+        for method in dict.fromkeys(r["method"] for r in rs):
+            pts = sorted((r["ratio"], r["gain"]) for r in rs if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        ax.set_xlabel("mask ratio ρ (1 = dense)")
+        ax.set_ylabel("fine-tuning gain")
+        ax.set_title(f"{name}: {task}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ("Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match "
+            "accuracy gained) of unauthorized full fine-tuning, LoRA and mask recovery + masked fine-tuning, "
+            "and of the owner's authorized masked fine-tuning, at the best of the learning rates tried. ρ = 1 "
+            "is the dense model.")
+
+
+def fig_recovery(found, path: Path) -> str | None:
+    items = _recovery(found)
+    if not items:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(items), figsize=(5.5 * len(items), 3.8), squeeze=False)
+    for ax, (name, rec) in zip(axes.flat, items):
+        keys = [k for k in rec if "/" in k]
+        ax.barh(keys, [rec[k] for k in keys])
+        ax.axvline(rec["chance_iou"], color="red", ls="--", label=f"chance ρ/(2−ρ) = {rec['chance_iou']:.3f}")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("IoU of recovered mask with the true mask")
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ("PMP mask recovery: IoU between the mask each attack guesses from the released dense weights "
+            "(|w| threshold, regenerated initialisation, row/column statistics, spectral outliers, early-bird "
+            "re-discovery on public data; global and per-tensor top-ρ) and the true private mask, against the "
+            "IoU of a random guess of the same density.")
+
+
+def fig_layer_error(found, path: Path) -> str | None:
+    items = _layer_errors(found)
+    if not items:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, errs in items:
+        ax.plot(range(len(errs)), [100 * e for e in errs], "o-", label=name)
+    ax.set_xticks(range(max(len(e) for _, e in items)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative error (%)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ("Per-layer distillation error: ‖DLR(x) − MLP(x)‖ / ‖MLP(x)‖ of each layer's DLR-Net on held-out "
+            "calibration activations (captured from the original model), after module-wise distillation.")
+
+
+FIGURES: list[tuple[str, str, Callable]] = [
+    ("curves.png", "Fine-tuning curves, locked vs unlocked", fig_curves),
+    ("memory_vs_depth.png", "Memory vs DLR depth", fig_memory),
+    ("frontier.png", "Memory–time frontier", fig_frontier),
+    ("gain_vs_ratio.png", "Gain vs PMP mask ratio", fig_gain_vs_ratio),
+    ("mask_recovery.png", "Mask-recovery IoU vs chance", fig_recovery),
+    ("layer_error.png", "Per-layer distillation error", fig_layer_error),
+]
+
+
+# ---- documents ---------------------------------------------------------------------------------
+
+def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
+    from .demo import _fmt
+
+    tables = []
+    for f, d in found.get("demo", []):
+        cap = d["capability"]
+        tables.append((f"Capability ({f.parent}, {d['preset']} preset): validation perplexity",
+                       ["model", "code (pretraining domain)", "prose"],
+                       [[n, f"{cap[k]['code']:.2f}", f"{cap[k]['prose']:.2f}"]
+                        for k, n in (("reference", "original"), ("dlr", "DLR-locked"), ("pmp", "PMP"))]))
+        tables.append(("Attacks (gain ratio = gain on the lock / same attack's gain on the original)",
+                       ["defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "time ×"],
+                       [[r["defense"], r["attack"], r["task"], f"{r['gain']:+.4f}", f"{r['reference_gain']:+.4f}",
+                         _fmt(r["gain_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), _fmt(r["time_ratio"], ".2f")]
+                        for r in d["attacks"] if r["defense"] != "reference"]))
+        tables.append(("Verdicts", ["defense", "verdict"], [[k, v] for k, v in d["verdicts"].items()]))
+    return tables
+
+
+_IMG_CHECK = ("window.addEventListener('load',function(){var i=Array.prototype.slice.call(document.images);"
+              "document.body.setAttribute('data-images-total',i.length);document.body.setAttribute("
+              "'data-images-loaded',i.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);});")
+
+
+def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
+    """Write ``out/index.html``, ``out/README.md`` and the PNG figures; returns the index path."""
+    found = collect(paths)
+    if not found:
+        raise WeightlockError(f"no weightlock results (JSON) found under {', '.join(map(str, paths))}")
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    figures, missing = [], []
+    for name, title, fn in FIGURES:
+        caption = fn(found, tmp / name)
+        (figures.append((name, title, caption)) if caption else missing.append(title))
+    tables = _demo_tables(found)
+    sources = [str(f) for items in found.values() for f, _ in items]
+    dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
+
+    md = ["# weightlock report", "",
+          f"Built from {len(sources)} recorded result file(s)" + (f" dated {', '.join(dates)}" if dates else "") + ".", ""]
+    body = [f"<h1>weightlock report</h1><p>Built from {len(sources)} recorded result file(s)"
+            + (f" dated {html.escape(', '.join(dates))}" if dates else "") + ".</p>"]
+    for title, head, rows in tables:
+        md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
+        body.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+                    + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                    + "</table>")
+    for name, title, caption in figures:
+        md += [f"## {title}", "", f"![{title}]({name})", "", caption, ""]
+        body.append(f"<h2>{html.escape(title)}</h2><figure><img src=\"{name}\" alt=\"{html.escape(title)}\">"
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if missing:
+        md += ["## Not in these results", ""] + [f"- {m}" for m in missing] + [""]
+        body.append("<h2>Not in these results</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
+    md += ["## Sources", ""] + [f"- `{s}`" for s in sources]
+    body.append("<h2>Sources</h2><ul>" + "".join(f"<li><code>{html.escape(s)}</code></li>" for s in sources) + "</ul>")
+    page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>weightlock report</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+            "img{max-width:100%;border:1px solid #ddd}figcaption{color:#555;font-size:.9em;margin-top:.4em}"
+            "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em}"
+            f"</style><script>{_IMG_CHECK}</script></head><body>" + "\n".join(body) + "</body></html>\n")
+    write_text(tmp / "index.html", page)
+    write_text(tmp / "README.md", "\n".join(md) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.png"):
+        stale.unlink()
+    move_dir_contents(tmp, out)
+    return out / "index.html"
