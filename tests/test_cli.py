@@ -49,12 +49,29 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_demo_quick_end_to_end(tmp_path):
-    r = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r.exit_code == 0, r.output
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "tiny"
-    code = summary["validation"]["code"]
-    assert code["model_ppl"] < code["unigram_ppl"], "the base model beats unigram on its training domain"
-    # second run reuses the cached base model
-    r = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
-    assert r.exit_code == 0 and "reusing" in r.output
+    cap = summary["capability"]
+    assert set(cap) == {"reference", "dlr", "pmp"} and all(v["code"] > 1 for v in cap.values())
+    rows = summary["attacks"]
+    assert {(r["defense"], r["attack"]) for r in rows} >= {
+        ("dlr", "full"), ("dlr", "lora"), ("dlr", "checkpointing"), ("dlr", "reverse-distill"),
+        ("pmp", "full"), ("pmp", "lora"), ("pmp", "mask-recover"), ("pmp", "masked (authorized)")}
+    assert {r["task"] for r in rows} == {"prose", "recall"}
+    full = next(r for r in rows if r["defense"] == "dlr" and r["attack"] == "full" and r["task"] == "prose")
+    assert full["memory_ratio"] > 1.2  # the locked model stores every DLR block's activations
+    assert summary["memory_vs_depth"]["r2"] > 0.99
+    assert 0 <= summary["mask_recovery"]["best"]["iou"] <= 1
+    assert set(summary["verdicts"]) == {"DLR-Lock", "PMP"}
+    # the terminal summary shows the JSON's numbers
+    assert f"{full['gain']:+.4f}" in r.output and "DLR-Lock" in r.output
+    for name in ("index.html", "README.md", "curves.png", "memory_vs_depth.png", "frontier.png",
+                 "gain_vs_ratio.png", "mask_recovery.png", "layer_error.png"):
+        assert (out / "report" / name).stat().st_size > 500, name
+    # a second run reuses every model and attack
+    r = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0 and r.output.count("reusing") == 3
+    assert json.loads((out / "summary.json").read_text())["attacks"] == rows

@@ -294,6 +294,8 @@ def _fmt(v, spec: str) -> str:
 def print_summary(summary: dict, console: Console | None = None) -> None:
     """The terminal table: capability, attacker gain ratio, memory and time multipliers, mask recovery."""
     console = console or Console()
+    if console.width < 110:  # the attack table needs the room
+        console = Console(width=110)
     cap = summary["capability"]
     t = Table(title=f"weightlock demo ({summary['preset']}): capability (validation perplexity, lower is better)")
     for c in ("model", "code (pretraining domain)", "prose"):

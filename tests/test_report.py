@@ -1,0 +1,79 @@
+"""`weightlock report`: figures and documents from recorded JSON only, local files only, renders headless."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from weightlock.cli import app
+from weightlock.errors import WeightlockError
+from weightlock.report import FIGURES, build_report, collect
+
+FIX = Path(__file__).parent / "fixtures" / "report"
+runner = CliRunner()
+
+
+def test_collect_recognises_every_kind_by_content():
+    found = collect([FIX])
+    assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity"}
+    assert all(len(v) == 1 for v in found.values())  # unrelated.json is ignored
+
+
+def test_report_from_fixture_json_has_every_figure_and_local_references_only(tmp_path):
+    r = runner.invoke(app, ["report", str(FIX / "bench"), str(FIX / "demo"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "rep"
+    page = (out / "index.html").read_text()
+    md = (out / "README.md").read_text()
+    for name, title, _ in FIGURES:
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert f'src="{name}"' in page and f"]({name})" in md
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert refs and all("://" not in u and not u.startswith("//") and (out / u).is_file() for u in refs)
+    assert "Not in these results" not in page
+    # every figure has a caption; the demo's tables and verdicts are there, with the demo's numbers
+    assert page.count("<figcaption>") == len(FIGURES)
+    assert "DLR-Lock" in page and "Verdicts" in md
+    import json
+
+    demo = json.loads((FIX / "demo" / "summary.json").read_text())
+    row = next(r for r in demo["attacks"] if r["defense"] == "dlr" and r["attack"] == "full" and r["task"] == "prose")
+    assert f"{row['gain']:+.4f}" in md
+
+
+def test_report_lists_missing_figures_and_rejects_empty_input(tmp_path):
+    index = build_report([FIX / "bench" / "dlr_memory.json"], tmp_path / "one")
+    page = index.read_text()
+    assert 'src="memory_vs_depth.png"' in page and "Not in these results" in page
+    assert not (tmp_path / "one" / "curves.png").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightlockError, match="no weightlock results"):
+        build_report([tmp_path / "empty"], tmp_path / "x")
+    with pytest.raises(WeightlockError, match="no such file"):
+        build_report([tmp_path / "missing"], tmp_path / "x")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium_with_all_images(tmp_path):
+    index = build_report([FIX], tmp_path / "rep")
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+             "--virtual-time-budget=10000"]
+    dom = subprocess.run(flags + ["--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    total = re.search(r'data-images-total="(\d+)"', dom)
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    assert total and loaded, dom[:500]
+    assert int(total.group(1)) == len(FIGURES) and loaded.group(1) == total.group(1)
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + ["--window-size=1200,4000", f"--screenshot={shot}", index.as_uri()],
+                   capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    lo, hi = img.getextrema()
+    assert img.size == (1200, 4000) and hi - lo > 100  # a rendered page, not a blank one
