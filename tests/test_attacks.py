@@ -185,15 +185,39 @@ def test_jsonl_user_task(tmp_path):
 def test_run_attack_end_to_end_with_reference(tiny_model_dir, tmp_path):
     model, _ = tiny_model_dir
     r = run_attack(model, "prose", "full", tmp_path / "run", reference=model, steps=4, batch_size=4, block_size=64,
-                   train_tokens=20000)
+                   train_tokens=20000, score_every=2)
     assert r["gain_ratio"] == pytest.approx(1.0, abs=1e-6), "same model, same seed: the same gain"
     assert r["locked"]["gain"] > 0, "fine-tuning on prose lowers prose loss"
     c = r["locked"]["cost"]
     assert c["saved_activation_bytes_per_step"] > 0 and c["step_time_s"] > 0 and c["flops_estimate"] > 0
+    # torch's FLOP counter agrees with 6·N·tokens to within the embedding lookups it does not count
+    assert 0.3 < c["flops_counted"] / c["flops_estimate"] < 1.2
+    curve = r["locked"]["score_curve"]
+    assert curve[0] == [0, r["locked"]["before"]["score"]] and curve[-1] == [4, r["locked"]["after"]["score"]]
     assert (tmp_path / "run" / "result.json").exists()
+    assert [p[0] for p in curve] == [0, 2, 4]
     again = run_attack(model, "prose", "full", tmp_path / "run", reference=model, steps=4)
     assert again == r, "a finished run is skipped"
     with pytest.raises(WeightlockError, match="reverse-distill needs a DLR-locked model"):
         run_attack(model, "prose", "reverse-distill", steps=1)
     with pytest.raises(WeightlockError, match="reference model directory not found"):
         run_attack(model, "prose", "full", reference=tmp_path / "nope", steps=1)
+
+
+def test_sweep_grid_and_random_search_points():
+    from weightlock.attacks.suite import parse_grid, sample_points
+
+    grid = parse_grid(["lr=1e-3,3e-3", "optimizer=adamw,sgd"])
+    assert grid == {"lr": [1e-3, 3e-3], "optimizer": ["adamw", "sgd"]}
+    assert len(sample_points(grid, None)) == 4
+    space = parse_grid(["lr=1e-4..1e-2", "steps=10..40", "optimizer=adamw,sgd"])
+    pts = sample_points(space, 20, seed=1)
+    assert pts == sample_points(space, 20, seed=1), "random search is reproducible"
+    assert all(1e-4 <= p["lr"] <= 1e-2 and isinstance(p["steps"], int) and 10 <= p["steps"] <= 40 for p in pts)
+    assert len({p["lr"] for p in pts}) > 10 and {p["optimizer"] for p in pts} == {"adamw", "sgd"}
+    with pytest.raises(WeightlockError, match="random search"):
+        sample_points(space, None)
+    with pytest.raises(WeightlockError, match="LO < HI"):
+        parse_grid(["lr=1e-2..1e-4"])
+    with pytest.raises(WeightlockError, match="KEY=V1"):
+        parse_grid(["lr"])

@@ -437,6 +437,9 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
             "backward_time_s": med("backward_time"), "optimizer_time_s": med("optimizer_time"),
             "train_seconds": sum(h["step_time"] for h in history), "prepare_seconds": prepare_s,
             "flops_estimate": 6 * n_params * tokens,
+            # torch's FLOP counter (matmuls; forward + backward of one micro-batch) × micro-batches run
+            "flops_counted": (trainer.flops_per_micro_batch * len(history) * atk.cfg.grad_accum
+                              if trainer.flops_per_micro_batch is not None else None),
         },
         **ctx,
     }

@@ -13,6 +13,8 @@ Checkpoints (model, optimizer, scheduler, step, hook states) are written atomica
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import shutil
@@ -165,6 +167,7 @@ class Trainer:
         self.should_stop = False
         self.measure_saved = measure_saved_activations
         self.saved_activation_bytes: int | None = None  # of one micro-batch, measured at the first step
+        self.flops_per_micro_batch: int | None = None  # forward + backward, torch's FLOP counter, first step
         self._perm_epoch, self._perm = -1, None
         self.per_epoch = train_blocks.shape[0] // cfg.batch_size
 
@@ -197,17 +200,25 @@ class Trainer:
         for micro in range(self.cfg.grad_accum):
             x = self.batch(self.step, micro)
             ta = time.perf_counter()
-            if self.measure_saved and self.saved_activation_bytes is None:
+            first = self.measure_saved and self.saved_activation_bytes is None
+            flops = contextlib.nullcontext()
+            if first:  # the first micro-batch (excluded from timing medians) is also FLOP-counted
+                from torch.utils.flop_counter import FlopCounterMode
+
                 from ..eval.cost import count_saved_tensors
 
-                with count_saved_tensors(tuple(self.raw_model.parameters())) as saved, self.acc.autocast():
+                flops = FlopCounterMode(display=False)
+                with flops, count_saved_tensors(tuple(self.raw_model.parameters())) as saved, self.acc.autocast():
                     loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
                 self.saved_activation_bytes = saved.bytes
             else:
                 with self.acc.autocast():
                     loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
             tb = time.perf_counter()
-            self.acc.backward(loss)
+            with flops:
+                self.acc.backward(loss)
+            if first:
+                self.flops_per_micro_batch = flops.get_total_flops()
             t_fwd += tb - ta
             t_bwd += time.perf_counter() - tb
             total += loss.item()
