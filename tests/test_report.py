@@ -27,7 +27,7 @@ def test_report_from_fixture_json_has_every_figure_and_local_references_only(tmp
     out = tmp_path / "rep"
     page = (out / "index.html").read_text()
     md = (out / "README.md").read_text()
-    for name, title, _ in FIGURES:
+    for name, *_ in FIGURES:
         png = out / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f'src="{name}"' in page and f"]({name})" in md

@@ -138,172 +138,131 @@ def _layer_errors(found) -> list[tuple[str, list[float]]]:
     return out
 
 
-# ---- figures -----------------------------------------------------------------------------------
+# ---- figures: each a list of panels, a drawing function per panel and a caption ---------------
 
-def _plt():
+def _draw(path: Path, panels: list, draw: Callable, size: tuple[float, float], cols: int | None = None) -> None:
+    """One subplot per panel (``draw(ax, panel)``), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
-
-
-def fig_curves(found, path: Path) -> str | None:
-    curves = _curves(found)
-    if not curves:
-        return None
-    plt = _plt()
-    curves = curves[:16]
-    cols = min(4, len(curves))
-    rows = (len(curves) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, c in zip(axes.flat, curves):
-        ax.plot(*zip(*c["locked"]), "o-", label=c["label"])
-        if c["reference"]:
-            ax.plot(*zip(*c["reference"]), "s--", label="unlocked original")
-        ax.set_title(f"{c['title']} · {c['task']}", fontsize=9)
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("−held-out loss" if c["task"] in ("prose", "tests", "code") else "task score")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(curves):]:
-        ax.axis("off")
+    cols = cols or len(panels)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(panels):
+            draw(ax, panels[i])
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        else:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return ("Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match "
-            "accuracy) measured every few steps while each attack fine-tunes the locked model (solid) and the "
-            "same attack, same budget, fine-tunes the unlocked original (dashed). A lock holds where the solid "
-            "curve stays flat while the dashed one rises.")
 
 
-def fig_memory(found, path: Path) -> str | None:
-    items = _memory(found)
-    if not items:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(items), figsize=(5 * len(items), 3.6), squeeze=False)
-    for ax, (name, m) in zip(axes.flat, items):
-        mib = [b / 2**20 for b in m["bytes"]]
-        ax.plot(m["depths"], mib, "o", label="measured")
-        xs = [0, max(m["depths"])]
-        ax.plot(xs, [(m["intercept"] + m["slope_bytes_per_block"] * x) / 2**20 for x in xs], "-",
-                label=f"fit: {m['slope_bytes_per_block'] / 2**20:.2f} MiB/block, R²={m['r2']:.4f}")
-        ax.plot(xs, [m["analytic_bytes_per_block"] * x / 2**20 for x in xs], ":", label="analytic (d+2r)·4·tokens")
-        ax.set_xlabel("DLR depth L (blocks)")
-        ax.set_ylabel("saved activations (MiB)")
-        ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    tokens = ", ".join(str(m["tokens"]) for _, m in items)
-    return (f"Fine-tuning memory vs DLR depth: bytes autograd saves for one training forward of a DLR-Net "
-            f"(saved-tensor hooks, deduplicated by storage; {tokens} tokens), a least-squares line through "
-            "them and the analytic model. Memory grows linearly with depth.")
+def _draw_curve(ax, c: dict) -> None:
+    ax.plot(*zip(*c["locked"]), "o-", label=c["label"])
+    if c["reference"]:
+        ax.plot(*zip(*c["reference"]), "s--", label="unlocked original")
+    ax.set_title(f"{c['title']} · {c['task']}", fontsize=9)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("−held-out loss" if c["task"] in ("prose", "tests", "code") else "task score")
 
 
-def fig_frontier(found, path: Path) -> str | None:
-    items = _frontier(found)
-    if not items:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(items), figsize=(6 * len(items), 4), squeeze=False)
-    for ax, (name, rows) in zip(axes.flat, items):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            pts = [r for r in rows if r["model"] == model]
-            ax.scatter([r["saved_activation_bytes"] / 2**20 for r in pts], [r["step_time_s"] for r in pts], label=model)
-            for r in pts:
-                ax.annotate(r["strategy"], (r["saved_activation_bytes"] / 2**20, r["step_time_s"]), fontsize=7)
-        ax.set_xlabel("saved activations per step (MiB)")
-        ax.set_ylabel("step time (s)")
-        ax.set_title(f"memory–time frontier ({name})", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return ("Memory–time frontier: for the original and the DLR-locked model, the activation memory of one "
-            "training step (saved-tensor hooks) and its median wall time under each memory-saving strategy "
-            "(none, gradient checkpointing per layer / per DLR-Net / per group of blocks, CPU offload, "
-            "micro-batching). What it costs an attacker to fit the locked model into a memory budget.")
+def _draw_memory(ax, item) -> None:
+    name, m = item
+    ax.plot(m["depths"], [b / 2**20 for b in m["bytes"]], "o", label="measured")
+    xs = [0, max(m["depths"])]
+    ax.plot(xs, [(m["intercept"] + m["slope_bytes_per_block"] * x) / 2**20 for x in xs], "-",
+            label=f"fit: {m['slope_bytes_per_block'] / 2**20:.2f} MiB/block, R²={m['r2']:.4f}")
+    ax.plot(xs, [m["analytic_bytes_per_block"] * x / 2**20 for x in xs], ":", label="analytic (d+2r)·4·tokens")
+    ax.set_xlabel("DLR depth L (blocks)")
+    ax.set_ylabel("saved activations (MiB)")
+    ax.set_title(name, fontsize=9)
 
 
-def fig_gain_vs_ratio(found, path: Path) -> str | None:
-    items = _gain_vs_ratio(found)
-    if not items:
-        return None
-    plt = _plt()
-    panels = [(name, task, rows) for name, rows in items for task in dict.fromkeys(r["task"] for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (name, task, rows) in zip(axes.flat, panels):
-        rs = [r for r in rows if r["task"] == task]
-        for method in dict.fromkeys(r["method"] for r in rs):
-            pts = sorted((r["ratio"], r["gain"]) for r in rs if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
-        ax.set_xlabel("mask ratio ρ (1 = dense)")
-        ax.set_ylabel("fine-tuning gain")
-        ax.set_title(f"{name}: {task}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return ("Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match "
-            "accuracy gained) of unauthorized full fine-tuning, LoRA and mask recovery + masked fine-tuning, "
-            "and of the owner's authorized masked fine-tuning, at the best of the learning rates tried. ρ = 1 "
-            "is the dense model.")
+def _draw_frontier(ax, item) -> None:
+    name, rows = item
+    for model in dict.fromkeys(r["model"] for r in rows):
+        pts = [r for r in rows if r["model"] == model]
+        ax.scatter([r["saved_activation_bytes"] / 2**20 for r in pts], [r["step_time_s"] for r in pts], label=model)
+        for r in pts:
+            ax.annotate(r["strategy"], (r["saved_activation_bytes"] / 2**20, r["step_time_s"]), fontsize=7)
+    ax.set_xlabel("saved activations per step (MiB)")
+    ax.set_ylabel("step time (s)")
+    ax.set_title(f"memory–time frontier ({name})", fontsize=9)
 
 
-def fig_recovery(found, path: Path) -> str | None:
-    items = _recovery(found)
-    if not items:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(items), figsize=(5.5 * len(items), 3.8), squeeze=False)
-    for ax, (name, rec) in zip(axes.flat, items):
-        keys = [k for k in rec if "/" in k]
-        ax.barh(keys, [rec[k] for k in keys])
-        ax.axvline(rec["chance_iou"], color="red", ls="--", label=f"chance ρ/(2−ρ) = {rec['chance_iou']:.3f}")
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("IoU of recovered mask with the true mask")
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return ("PMP mask recovery: IoU between the mask each attack guesses from the released dense weights "
-            "(|w| threshold, regenerated initialisation, row/column statistics, spectral outliers, early-bird "
-            "re-discovery on public data; global and per-tensor top-ρ) and the true private mask, against the "
-            "IoU of a random guess of the same density.")
+def _draw_gain(ax, item) -> None:
+    name, task, rows = item
+    rs = [r for r in rows if r["task"] == task]
+    for method in dict.fromkeys(r["method"] for r in rs):
+        pts = sorted((r["ratio"], r["gain"]) for r in rs if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    ax.set_xlabel("mask ratio ρ (1 = dense)")
+    ax.set_ylabel("fine-tuning gain")
+    ax.set_title(f"{name}: {task}", fontsize=9)
 
 
-def fig_layer_error(found, path: Path) -> str | None:
-    items = _layer_errors(found)
-    if not items:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+def _draw_recovery(ax, item) -> None:
+    name, rec = item
+    keys = [k for k in rec if "/" in k]
+    ax.barh(keys, [rec[k] for k in keys])
+    ax.axvline(rec["chance_iou"], color="red", ls="--", label=f"chance ρ/(2−ρ) = {rec['chance_iou']:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU of recovered mask with the true mask")
+    ax.set_title(name, fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+
+
+def _draw_layer_errors(ax, items) -> None:
     for name, errs in items:
         ax.plot(range(len(errs)), [100 * e for e in errs], "o-", label=name)
     ax.set_xticks(range(max(len(e) for _, e in items)))
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error (%)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return ("Per-layer distillation error: ‖DLR(x) − MLP(x)‖ / ‖MLP(x)‖ of each layer's DLR-Net on held-out "
-            "calibration activations (captured from the original model), after module-wise distillation.")
 
 
-FIGURES: list[tuple[str, str, Callable]] = [
-    ("curves.png", "Fine-tuning curves, locked vs unlocked", fig_curves),
-    ("memory_vs_depth.png", "Memory vs DLR depth", fig_memory),
-    ("frontier.png", "Memory–time frontier", fig_frontier),
-    ("gain_vs_ratio.png", "Gain vs PMP mask ratio", fig_gain_vs_ratio),
-    ("mask_recovery.png", "Mask-recovery IoU vs chance", fig_recovery),
-    ("layer_error.png", "Per-layer distillation error", fig_layer_error),
+def _gain_panels(found) -> list:
+    return [(name, task, rows) for name, rows in _gain_vs_ratio(found) for task in dict.fromkeys(r["task"] for r in rows)]
+
+
+def _one_panel(items: list) -> list:
+    return [items] if items else []
+
+
+# (file, title, panels from the results, drawing, panel size, columns, caption)
+FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | None, str]] = [
+    ("curves.png", "Fine-tuning curves, locked vs unlocked", lambda f: _curves(f)[:16], _draw_curve, (4, 3), 4,
+     "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match accuracy) "
+     "measured every few steps while each attack fine-tunes the locked model (solid) and the same attack, same "
+     "budget, fine-tunes the unlocked original (dashed). A lock holds where the solid curve stays flat while the "
+     "dashed one rises."),
+    ("memory_vs_depth.png", "Memory vs DLR depth", _memory, _draw_memory, (5, 3.6), None,
+     "Fine-tuning memory vs DLR depth: bytes autograd saves for one training forward of a DLR-Net (saved-tensor "
+     "hooks, deduplicated by storage), a least-squares line through them and the analytic model "
+     "(d + 2r)·4 bytes per token per block. Memory grows linearly with depth."),
+    ("frontier.png", "Memory–time frontier", _frontier, _draw_frontier, (6, 4), None,
+     "Memory–time frontier: for the original and the DLR-locked model, the activation memory of one training "
+     "step (saved-tensor hooks) and its median wall time under each memory-saving strategy (none, gradient "
+     "checkpointing per layer / per DLR-Net / per group of blocks, CPU offload, micro-batching, LoRA). What it "
+     "costs an attacker to fit the locked model into a memory budget."),
+    ("gain_vs_ratio.png", "Gain vs PMP mask ratio", _gain_panels, _draw_gain, (5, 3.8), None,
+     "Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match accuracy "
+     "gained) of unauthorized full fine-tuning, LoRA and mask recovery + masked fine-tuning, and of the owner's "
+     "authorized masked fine-tuning, at the best of the learning rates tried. ρ = 1 is the dense model."),
+    ("mask_recovery.png", "Mask-recovery IoU vs chance", _recovery, _draw_recovery, (5.5, 3.8), None,
+     "PMP mask recovery: IoU between the mask each attack guesses from the released dense weights (|w| "
+     "threshold, regenerated initialisation, row/column statistics, spectral outliers, early-bird re-discovery "
+     "on public data; global and per-tensor top-ρ) and the true private mask, against the IoU of a random guess "
+     "of the same density."),
+    ("layer_error.png", "Per-layer distillation error", lambda f: _one_panel(_layer_errors(f)), _draw_layer_errors,
+     (6, 3.8), None,
+     "Per-layer distillation error: ‖DLR(x) − MLP(x)‖ / ‖MLP(x)‖ of each layer's DLR-Net on held-out "
+     "calibration activations (captured from the original model), after module-wise distillation."),
 ]
 
 
@@ -345,9 +304,13 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     figures, missing = [], []
-    for name, title, fn in FIGURES:
-        caption = fn(found, tmp / name)
-        (figures.append((name, title, caption)) if caption else missing.append(title))
+    for name, title, panels_of, draw, size, cols, caption in FIGURES:
+        panels = panels_of(found)
+        if panels:
+            _draw(tmp / name, panels, draw, size, cols and min(cols, len(panels)))
+            figures.append((name, title, caption))
+        else:
+            missing.append(title)
     tables = _demo_tables(found)
     sources = [str(f) for items in found.values() for f, _ in items]
     dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
