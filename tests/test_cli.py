@@ -56,6 +56,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert summary["preset"] == "tiny"
     cap = summary["capability"]
     assert set(cap) == {"reference", "dlr", "pmp"} and all(v["code"] > 1 for v in cap.values())
+    # the locked model is evaluated with its DLR-Nets (not a plain load with re-initialised MLPs)
+    assert cap["dlr"]["code"] < 1.1 * cap["reference"]["code"]
     rows = summary["attacks"]
     assert {(r["defense"], r["attack"]) for r in rows} >= {
         ("dlr", "full"), ("dlr", "lora"), ("dlr", "checkpointing"), ("dlr", "reverse-distill"),

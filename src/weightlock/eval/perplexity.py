@@ -29,7 +29,12 @@ def model_perplexity(model_dir: str | os.PathLike, data: str = "builtin:prose", 
     from ..data import load_blocks, load_tokenizer
     from ..models.hub import load_causal_lm
 
-    model = load_causal_lm(model_dir, device=device, trust_remote_code=trust_remote_code)
+    if trust_remote_code:
+        model = load_causal_lm(model_dir, device=device, trust_remote_code=True)
+    else:  # weightlock's loader: plain checkpoints and DLR-locked releases (with their DLR-Nets) alike
+        from ..dlr.lock import load
+
+        model = load(model_dir, device=device)
     tok = load_tokenizer(model_dir)
     block_size = block_size or default_block_size(model_dir)
     blocks = load_blocks(data, split, tok, block_size, max_tokens)
