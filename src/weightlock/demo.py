@@ -189,9 +189,8 @@ def _mask_recovery(pmp_dir: Path, plan: DemoPlan) -> dict:
 
 def _memory_vs_depth(locked: Path, plan: DemoPlan) -> dict:
     from .eval.cost import depth_linearity
-    from .io import read_json as rj
 
-    spec = rj(locked / "lock_report.json")["layers"][0]["spec"]
+    spec = read_json(locked / "lock_report.json")["layers"][0]["spec"]
     return depth_linearity(spec["width"], spec["rank"], list(plan.memory_depths), 256)
 
 
