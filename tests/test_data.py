@@ -162,3 +162,23 @@ def test_load_blocks_is_cached_and_identical(tokenizer):
     assert a.shape == (5000 // 64, 64) and torch.equal(a, b)
     with pytest.raises(WeightlockError, match="too little text"):
         load_blocks("builtin:prose", "validation", tokenizer, 10**7)
+
+
+def test_packing_with_special_tokens_wraps_every_block(tokenizer, tmp_path):
+    """Encoders see calibration text as in use: every block is [CLS] … [SEP]; tokenizers without
+    special tokens (the built-in one) pack exactly as before."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    bert = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    texts = ["alpha beta gamma", "delta epsilon zeta alpha", "beta gamma delta epsilon"]
+    stream = [i for t in texts for i in bert(t, add_special_tokens=False)["input_ids"] + [bert.sep_token_id]]
+    assert len(stream) == 14 and bert.unk_token_id not in stream
+    plain = pack_texts(texts, bert, block_size=5)
+    wrapped = pack_texts(texts, bert, block_size=5, specials=True)
+    assert plain.reshape(-1).tolist() == stream[:10] and wrapped.shape == (4, 5)
+    assert (wrapped[:, 0] == bert.cls_token_id).all() and (wrapped[:, -1] == bert.sep_token_id).all()
+    assert wrapped[:, 1:-1].reshape(-1).tolist() == stream[:12]
+    with pytest.raises(WeightlockError, match="at least 4"):
+        pack_texts(texts, bert, block_size=3, specials=True)
+    assert torch.equal(pack_texts(texts, tokenizer, 4, specials=True), pack_texts(texts, tokenizer, 4))

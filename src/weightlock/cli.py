@@ -180,7 +180,7 @@ def lock_cmd(
     norm: bool = typer.Option(False, help="Per-block RMSNorm."),
     init: str = typer.Option("zero", help="zero (U starts at 0) or mlp (plain MLPs: blocks start as slices of the MLP)."),
     mode: str = typer.Option("parallel", help="parallel (layers independent) or sequential."),
-    refine_steps: int = typer.Option(0, help="End-to-end KL refinement steps after distillation."),
+    refine_steps: int = typer.Option(0, help="End-to-end refinement steps after distillation (KL to logits; hidden states for encoders)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
 ) -> None:
     """Lock a model: distil every MLP into a deep low-rank residual net (DLR-Lock)."""

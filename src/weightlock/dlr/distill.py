@@ -42,7 +42,7 @@ class LockConfig:
     holdout: float = 0.1
     seed: int = 0
     mode: str = "parallel"  # parallel: all layers on the original's activations | sequential
-    refine_steps: int = 0  # optional end-to-end KL refinement toward the original's logits
+    refine_steps: int = 0  # optional end-to-end refinement toward the original's logits (KL) / hidden states
     refine_lr: float = 3e-4
     progress: bool = True
 
@@ -327,23 +327,30 @@ def _install(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, 
 
 
 def refine(locked: nn.Module, original: nn.Module, blocks: torch.Tensor, cfg: LockConfig) -> list[dict]:
-    """End-to-end refinement: train only the DLR-Nets so the locked model's logits match the original's (KL)."""
+    """End-to-end refinement: train only the DLR-Nets so the locked model's outputs match the original's:
+    KL to its logits (language models), or the normalised squared error of the last hidden states (encoders)."""
     from ..train.loop import TrainConfig, Trainer
 
     for n, p in locked.named_parameters():
         p.requires_grad_(".blocks." in n)
     original.eval()
 
-    def kl_loss(model, x):
+    def match_loss(model, x):
+        model.eval()  # the teacher is deterministic: no dropout in the student either (gradients still flow)
         with torch.no_grad():
-            teacher = torch.log_softmax(original(input_ids=x).logits.float(), -1)
-        student = torch.log_softmax(model(input_ids=x).logits.float(), -1)
-        return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") / x.shape[1]
+            t = original(input_ids=x)
+        s = model(input_ids=x)
+        if getattr(t, "logits", None) is not None:
+            teacher = torch.log_softmax(t.logits.float(), -1)
+            student = torch.log_softmax(s.logits.float(), -1)
+            return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") / x.shape[1]
+        t, s = t.last_hidden_state.float(), s.last_hidden_state.float()
+        return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
 
     tc = TrainConfig(max_steps=cfg.refine_steps, batch_size=min(16, blocks.shape[0]), lr=cfg.refine_lr,
                      warmup_steps=min(10, cfg.refine_steps), weight_decay=0.0, eval_every=10**9,
                      checkpoint_every=0, seed=cfg.seed, progress=cfg.progress)
-    history = Trainer(locked, blocks, tc, loss_fn=kl_loss).fit(resume=False)
+    history = Trainer(locked, blocks, tc, loss_fn=match_loss).fit(resume=False)
     for p in locked.parameters():
         p.requires_grad_(True)
     return history

@@ -84,8 +84,8 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     tok = load_tokenizer(model_dir)
     spec = _calibration_spec(model_dir, cfg)
     block = min(cfg.block_size, getattr(original.config, "max_position_embeddings", cfg.block_size))
-    calib = load_blocks(spec, "train", tok, block, cfg.calib_tokens)
-    val = load_blocks(spec, "validation", tok, block, 32768)
+    calib = load_blocks(spec, "train", tok, block, cfg.calib_tokens, specials=True)
+    val = load_blocks(spec, "validation", tok, block, 32768, specials=True)
 
     work = out / WORK
     dist = dist_or_none()
