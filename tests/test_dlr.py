@@ -53,7 +53,7 @@ def test_match_depth_errors():
 def test_surgery_keeps_non_mlp_weights_and_release_round_trips(family, tmp_path):
     model = tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = LockConfig(rank=2)
+    cfg = LockConfig(rank=2, readout=4.0)
     adapter, specs, sizes = specs_for(model, cfg)
     assert all(abs(s.num_parameters() - n) / n <= 0.02 for s, n in zip(specs, sizes))
     torch.manual_seed(1)
@@ -78,6 +78,7 @@ def test_surgery_keeps_non_mlp_weights_and_release_round_trips(family, tmp_path)
         out = loaded(input_ids=ids)
         out = out.logits if hasattr(out, "logits") else out.last_hidden_state
     assert torch.equal(ref, out)
+    assert all(m.spec.readout == 4.0 for m in loaded.modules() if isinstance(m, DLRNet))
     manifest = json.loads((tmp_path / "rel" / "manifest.json").read_text())
     assert "model.safetensors" in manifest["files"] and "modeling_weightlock_dlr.py" in manifest["files"]
 
@@ -188,3 +189,28 @@ def test_refine_moves_the_locked_model_toward_the_original(family, tmp_path):
     assert len(history) == 60 and gap() < 0.5 * before
     assert all(torch.equal(p, frozen[n]) for n, p in locked.named_parameters() if n in frozen)
     assert all(p.requires_grad for p in locked.parameters())
+
+
+def test_readout_scale_with_mlp_init_approaches_the_mlp():
+    """init=mlp: with the read-out s·(z_L − z_0) and U/s, the residual state barely drifts, so a net that
+    holds all d_ff hidden units starts as the MLP itself (error → 0 as s grows); the scale is not a
+    parameter, and fitting divides the learning rate by it."""
+    from weightlock.dlr.distill import mlp_slice_init
+
+    torch.manual_seed(0)  # an MLP whose output is as large as its input (d=32, d_ff=64), as in real models
+    w1, b1, w2, b2 = torch.randn(64, 32) / 32 ** 0.5, torch.randn(64), torch.randn(32, 64) / 8, torch.randn(32)
+    weights = (w1, b1, w2, b2)
+    x = torch.randn(512, 32)
+    y = torch.nn.functional.gelu(x @ w1.T + b1) @ w2.T + b2
+    assert 0.3 < (y.norm() / x.norm()).item() < 3
+    errors = {}
+    for s in (1.0, 16.0, 1000.0):
+        net = DLRNet(DLRSpec(32, 8, 8, bias=True, readout=s))  # 8 × 8 = all 64 hidden units
+        mlp_slice_init(weights)(net)
+        errors[s] = relative_error(net, x, y)
+        assert sum(p.numel() for p in net.parameters()) == DLRSpec(32, 8, 8, bias=True).num_parameters()
+    assert errors[1000.0] < 1e-4 < errors[1.0] and errors[16.0] < 0.1 * errors[1.0]
+    with pytest.raises(ValueError, match="readout"):
+        DLRSpec(32, 8, 8, readout=0.0)
+    with pytest.raises(WeightlockError, match="readout"):
+        LockConfig(readout=-1.0).validate()

@@ -26,7 +26,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("kw", [{}, {"bias": True}, {"norm": True}, {"norm": True, "bias": True},
                                 {"activation": "relu"}, {"activation": "silu", "bias": True},
-                                {"activation": "tanh"}])
+                                {"activation": "tanh"}, {"readout": 16.0, "bias": True}])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5,), (2, 3, 4)])
 def test_fast_path_matches_reference_fp32(kw, shape):
     net = random_net(**kw)
@@ -39,7 +39,7 @@ def test_fast_path_matches_reference_fp32(kw, shape):
     assert ref.abs().max() > 0.1  # the comparison is not between two zeros
 
 
-@pytest.mark.parametrize("kw", [{}, {"norm": True, "bias": True}])
+@pytest.mark.parametrize("kw", [{}, {"norm": True, "bias": True}, {"readout": 16.0}])
 @pytest.mark.parametrize("scale", [0.3, 1.0])
 def test_fast_path_bf16_within_1e2_of_exact(kw, scale):
     """bf16: the fast path keeps the residual state in fp32, so it is within 1e-2 of the exact (fp32)

@@ -33,6 +33,7 @@ class LockConfig:
     bias: bool = False
     init_scale: float = 0.0
     init: str = "zero"  # zero (U = 0) | mlp (plain MLPs: block l starts as a slice of the MLP's hidden units)
+    readout: float = 1.0  # DLR(u) = readout·(z_L − z_0); with init=mlp, s > 1 shrinks the drift of z (see README)
     data: str | None = None  # calibration text; None: the model's own training data, else builtin:code+prose
     calib_tokens: int = 131_072
     block_size: int = 128
@@ -51,6 +52,8 @@ class LockConfig:
             raise WeightlockError(f"rank must be at least 1, got {self.rank}")
         if self.depth is not None and self.depth < 1:
             raise WeightlockError(f"depth must be at least 1, got {self.depth}")
+        if not self.readout > 0:
+            raise WeightlockError(f"readout must be positive, got {self.readout}")
         if self.init not in ("zero", "mlp"):
             raise WeightlockError(f"unknown init {self.init!r} (zero, mlp)")
         if self.mode not in ("parallel", "sequential"):
@@ -106,7 +109,7 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
         if n == 0:
             raise WeightlockError(f"{type(model).__name__}: MLP without parameters, nothing to lock")
         depth = cfg.depth or match_depth(n, width, cfg.rank, cfg.norm, bias)
-        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, bias, cfg.init_scale))
+        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, bias, cfg.init_scale, cfg.readout))
         sizes.append(n)
     return adapter, specs, sizes
 
@@ -177,22 +180,23 @@ def plain_mlp_weights(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Ten
 
 
 def mlp_slice_init(weights: tuple[torch.Tensor, ...]) -> Callable[[DLRNet], None]:
-    """Initialise block l with the l-th slice of the MLP's hidden units (most important first)."""
+    """Initialise block l with the l-th slice of the MLP's hidden units (most important first); the
+    up-projections are divided by the net's read-out scale, so at init the net's output is unchanged."""
     w1, b1, w2, b2 = weights
 
     @torch.no_grad()
     def init(net: DLRNet) -> None:
-        r, blocks = net.spec.rank, net.blocks
+        r, blocks, s = net.spec.rank, net.blocks, net.spec.readout
         order = (w2.norm(dim=0) * w1.norm(dim=1)).argsort(descending=True)
         for l, b in enumerate(blocks):
             idx = order[l * r:(l + 1) * r]
             if idx.numel() < r:
                 break  # more blocks than hidden units: the rest keep their default init
             b.down.weight.copy_(w1[idx])
-            b.up.weight.copy_(w2[:, idx])
+            b.up.weight.copy_(w2[:, idx] / s)
             if b.down.bias is not None:
                 b.down.bias.copy_(b1[idx])
-                b.up.bias.copy_(b2 / len(blocks))
+                b.up.bias.copy_(b2 / (len(blocks) * s))
 
     return init
 
@@ -206,8 +210,11 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
             init(net)
         return net
 
-    net, stats = fit_module(make, x, y, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens,
-                            seed=cfg.seed, holdout=cfg.holdout, progress=cfg.progress, desc=desc, device=device)
+    # Adam moves every weight by ~lr per step whatever its scale, and the read-out multiplies the effect of
+    # U by s, so the step size is lr/s (MiniLM layer 2, init=mlp, s = 16: rel. error 0.0011 after 300 steps)
+    net, stats = fit_module(make, x, y, steps=cfg.steps, lr=cfg.lr / spec.readout,
+                            batch_tokens=cfg.batch_tokens, seed=cfg.seed, holdout=cfg.holdout,
+                            progress=cfg.progress, desc=desc, device=device)
     stats["spec"] = asdict(spec)
     return net, stats
 
@@ -347,7 +354,8 @@ def refine(locked: nn.Module, original: nn.Module, blocks: torch.Tensor, cfg: Lo
         t, s = t.last_hidden_state.float(), s.last_hidden_state.float()
         return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
 
-    tc = TrainConfig(max_steps=cfg.refine_steps, batch_size=min(16, blocks.shape[0]), lr=cfg.refine_lr,
+    tc = TrainConfig(max_steps=cfg.refine_steps, batch_size=min(16, blocks.shape[0]),
+                     lr=cfg.refine_lr / cfg.readout,  # as in fit_layer
                      warmup_steps=min(10, cfg.refine_steps), weight_decay=0.0, eval_every=10**9,
                      checkpoint_every=0, seed=cfg.seed, progress=cfg.progress)
     history = Trainer(locked, blocks, tc, loss_fn=match_loss).fit(resume=False)

@@ -8,7 +8,7 @@ A DLR-Net replaces an MLP whose output is added to the residual stream::
 
     z_0 = u
     z_{l+1} = z_l + U_l · σ(V_l · n_l(z_l))        V_l: r×d, U_l: d×r, n_l optional RMSNorm
-    DLR(u)  = z_L − z_0
+    DLR(u)  = s · (z_L − z_0)                        s: a fixed read-out scale (default 1)
 """
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ class DLRSpec:
     norm: bool = False  # per-block RMSNorm before the down-projection
     bias: bool = False
     init_scale: float = 0.0  # std of U at init relative to 1/sqrt(r·L); 0 = U starts at zero
+    readout: float = 1.0  # DLR(u) = readout · (z_L − z_0): a fixed scale, not a parameter
+
+    def __post_init__(self) -> None:
+        if not self.readout > 0:
+            raise ValueError(f"readout must be positive, got {self.readout}")
 
     def num_parameters(self) -> int:
         per_block = 2 * self.width * self.rank + (self.width if self.norm else 0)
@@ -101,6 +106,10 @@ class DLRNet(nn.Module):
             return self.forward_fast(x)
         return self.forward_reference(x)
 
+    def _read_out(self, out: torch.Tensor) -> torch.Tensor:
+        r = self.spec.readout
+        return out if r == 1.0 else out.mul_(r) if not out.requires_grad else out * r
+
     def forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path's maths as one compiled function (weights are its inputs, so every net of the
         same shape shares one compilation; a new number of tokens compiles once more)."""
@@ -109,7 +118,8 @@ class DLRNet(nn.Module):
         if args is None or args[1][0] is not w[0][1]:
             args = ([None if n is None else n.weight for n, *_ in w], *([t[i] for t in w] for i in range(1, 5)))
             self.__dict__["_compile_args"] = args
-        return _compiled_stack()(x.reshape(-1, self.spec.width), *args, self.spec.activation).view(x.shape)
+        out = _compiled_stack()(x.reshape(-1, self.spec.width), *args, self.spec.activation).view(x.shape)
+        return self._read_out(out)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain PyTorch path: one module call per block. Training always runs this path, so the
@@ -117,7 +127,7 @@ class DLRNet(nn.Module):
         z = x
         for block in self.blocks:
             z = block(z)
-        return z - x
+        return self._read_out(z - x)
 
     def _fast_ok(self, x: torch.Tensor) -> bool:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -186,13 +196,13 @@ class DLRNet(nn.Module):
                 z.addmm_(h, u.t())
                 if c is not None:
                     z.add_(c)
-        if low:
-            return z.sub_(x2).to(x.dtype).view(shape)
-        return z.sub_(x2).view(shape)
+        z = self._read_out(z.sub_(x2))
+        return (z.to(x.dtype) if low else z).view(shape)
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"width={s.width}, rank={s.rank}, depth={s.depth}, activation={s.activation}, norm={s.norm}"
+        out = f"width={s.width}, rank={s.rank}, depth={s.depth}, activation={s.activation}, norm={s.norm}"
+        return out + (f", readout={s.readout:g}" if s.readout != 1.0 else "")
 
 
 def _stack(x, norms, vs, bs, us, cs, activation: str):
