@@ -130,7 +130,7 @@ class _SmallTok:
         self.eos_token_id = 0
         self.sep_token_id = None
 
-    def __call__(self, texts, add_special_tokens=False):
+    def __call__(self, texts, add_special_tokens=False, **kwargs):
         ids = self.tok(texts, add_special_tokens=False)["input_ids"]
         return {"input_ids": [[i % 128 for i in row] for row in ids]}
 
