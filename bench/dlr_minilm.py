@@ -46,22 +46,20 @@ def embed(model, tok, texts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def readback_error(original, locked, blocks: torch.Tensor) -> list[float]:
-    """A zero-compute attack on init=mlp releases: read each MLP straight out of the released DLR weights
-    (W1 = the stacked V_l, W2 = s · the stacked U_l, b2 = s · Σ c_l; no forward pass through the deep net)
-    and return, per layer, its relative error against the original MLP on held-out activations."""
-    from weightlock.dlr.distill import capture
+    """A zero-compute attack on init=mlp releases (the `reverse-distill` attack with init=readback,
+    distill_steps=0): read each MLP straight out of the released DLR weights (W1 = the stacked V_l,
+    W2 = s · the stacked U_l, b2 = s · Σ c_l) and return, per layer, its relative error against the
+    original MLP on held-out activations."""
+    from weightlock.dlr.distill import capture, dlr_readback
     from weightlock.dlr.modeling_weightlock_dlr import DLRNet
 
     nets = [m for m in locked.modules() if isinstance(m, DLRNet)]
     caps = capture(original, blocks, list(range(len(nets))), dtype=torch.float32)
     out = []
     for k, net in enumerate(nets):
-        s, bl = net.spec.readout, net.blocks
-        w1, w2 = torch.cat([b.down.weight for b in bl]), s * torch.cat([b.up.weight for b in bl], 1)
-        b1 = torch.cat([b.down.bias for b in bl]) if net.spec.bias else 0.0
-        b2 = s * sum(b.up.bias for b in bl) if net.spec.bias else 0.0
+        w1, b1, w2, b2 = dlr_readback(net)
         x, y = caps[k]
-        y_hat = bl[0].act(x @ w1.T + b1) @ w2.T + b2
+        y_hat = net.blocks[0].act(x @ w1.T + b1) @ w2.T + b2
         out.append(((y_hat - y).pow(2).sum() / y.pow(2).sum()).item())
     return out
 

@@ -163,20 +163,50 @@ def relative_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int 
     return num / max(den, 1e-30)
 
 
-def plain_mlp_weights(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, ...]:
-    """(W1 [d_ff, d], b1, W2 [d, d_ff], b2) of a plain two-matrix MLP (Linear or GPT-2's Conv1D)."""
+def _plain_maps(layer: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
     maps = [m for mod in mlp_modules(layer, adapter) for m in ([mod] + list(mod.modules()))
             if type(m).__name__ in ("Linear", "Conv1D")]
     maps = list(dict.fromkeys(maps))
     if len(maps) != 2:
         raise WeightlockError(f"{adapter.family}: expected two linear maps in the MLP, found {len(maps)}")
+    return maps
+
+
+def plain_mlp_weights(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, ...]:
+    """(W1 [d_ff, d], b1, W2 [d, d_ff], b2) of a plain two-matrix MLP (Linear or GPT-2's Conv1D)."""
     out = []
-    for m in maps:
+    for m in _plain_maps(layer, adapter):
         w = m.weight.detach().float()
         w = w.t() if type(m).__name__ == "Conv1D" else w
         b = m.bias.detach().float() if m.bias is not None else torch.zeros(w.shape[0])
         out += [w, b]
     return tuple(out)
+
+
+@torch.no_grad()
+def set_plain_mlp_weights(layer: nn.Module, adapter: ArchAdapter, weights: tuple[torch.Tensor, ...]) -> None:
+    """Write (W1, b1, W2, b2) into a plain two-matrix MLP; fewer hidden units than d_ff fill the first
+    ones and zero the rest (which then contribute nothing)."""
+    for m, w, b in zip(_plain_maps(layer, adapter), weights[0::2], weights[1::2]):
+        full = m.weight.t() if type(m).__name__ == "Conv1D" else m.weight
+        if w.shape[0] > full.shape[0] or w.shape[1] > full.shape[1]:
+            raise WeightlockError(f"{tuple(w.shape)} weights do not fit the MLP's {tuple(full.shape)}")
+        full.zero_()
+        full[: w.shape[0], : w.shape[1]].copy_(w)
+        if m.bias is not None:
+            m.bias.zero_()
+            m.bias[: b.shape[0]].copy_(b)
+
+
+def dlr_readback(net: DLRNet) -> tuple[torch.Tensor, ...]:
+    """The dense MLP (W1, b1, W2, b2) written in a DLR-Net's weights if the residual state did not drift:
+    the stacked V_l and s·U_l. Exact for an ``init=mlp`` net before training as s → ∞ (tested)."""
+    bl, s = net.blocks, net.spec.readout
+    w1, w2 = torch.cat([b.down.weight for b in bl]), s * torch.cat([b.up.weight for b in bl], 1)
+    zeros = torch.zeros
+    b1 = torch.cat([b.down.bias for b in bl]) if net.spec.bias else zeros(w1.shape[0])
+    b2 = s * sum(b.up.bias for b in bl) if net.spec.bias else zeros(w2.shape[0])
+    return tuple(t.detach().float() for t in (w1, b1, w2, b2))
 
 
 def mlp_slice_init(weights: tuple[torch.Tensor, ...]) -> Callable[[DLRNet], None]:
