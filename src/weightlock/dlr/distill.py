@@ -199,19 +199,20 @@ def set_plain_mlp_weights(layer: nn.Module, adapter: ArchAdapter, weights: tuple
 
 
 def dlr_readback(net: DLRNet) -> tuple[torch.Tensor, ...]:
-    """The dense MLP (W1, b1, W2, b2) written in a DLR-Net's weights if the residual state did not drift:
-    the stacked V_l and s·U_l. Exact for an ``init=mlp`` net before training as s → ∞ (tested)."""
+    """The dense MLP (W1, b1, W2, b2) a DLR-Net would be if its residual state did not drift: the stacked
+    V_l and s·U_l. For an untrained ``init=mlp`` net these are the MLP's own weights; training moves them
+    little (MiniLM, s = 16: the read-back MLP is within 0.1–0.3% of the original)."""
     bl, s = net.blocks, net.spec.readout
     w1, w2 = torch.cat([b.down.weight for b in bl]), s * torch.cat([b.up.weight for b in bl], 1)
-    zeros = torch.zeros
-    b1 = torch.cat([b.down.bias for b in bl]) if net.spec.bias else zeros(w1.shape[0])
-    b2 = s * sum(b.up.bias for b in bl) if net.spec.bias else zeros(w2.shape[0])
+    b1 = torch.cat([b.down.bias for b in bl]) if net.spec.bias else torch.zeros(w1.shape[0])
+    b2 = s * sum(b.up.bias for b in bl) if net.spec.bias else torch.zeros(w2.shape[0])
     return tuple(t.detach().float() for t in (w1, b1, w2, b2))
 
 
 def mlp_slice_init(weights: tuple[torch.Tensor, ...]) -> Callable[[DLRNet], None]:
     """Initialise block l with the l-th slice of the MLP's hidden units (most important first); the
-    up-projections are divided by the net's read-out scale, so at init the net's output is unchanged."""
+    up-projections are divided by the net's read-out scale s, so the residual state drifts s times less
+    between blocks and the net starts closer to the MLP as s grows."""
     w1, b1, w2, b2 = weights
 
     @torch.no_grad()
