@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .io import read_json, write_json
+from .io import machine_info, read_json, write_json
 
 
 @dataclass
@@ -137,7 +137,7 @@ def run_demo(out: Path, quick: bool = False, report: bool = True) -> dict:
         "verdicts": verdicts(rows, recovery),
         "seconds": {"this_run": time.perf_counter() - t0, "stages": stage_s},
     }
-    summary["machine"] = _machine()
+    summary["machine"] = machine_info()
     write_json(out / "summary.json", summary)
     print_summary(summary, console)
     if report:
@@ -154,16 +154,6 @@ def _plan_dict(plan: DemoPlan) -> dict:
     d["tasks"] = list(plan.tasks)
     d["memory_depths"] = list(plan.memory_depths)
     return d
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    import torch
-
-    return {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _capability(model_dir: Path, plan: DemoPlan) -> dict:

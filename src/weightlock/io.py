@@ -112,3 +112,21 @@ def cache_dir() -> Path:
         p = Path(base) / "weightlock"
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def machine_info() -> dict:
+    """What produced a result: date, Python, torch, platform, CPU (model and count), threads, CUDA device."""
+    import datetime
+    import platform
+    import sys
+
+    import torch
+
+    info = {"date": datetime.date.today().isoformat(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    return info
