@@ -17,7 +17,7 @@ from .errors import WeightlockError
 from .io import move_dir_contents, read_json, write_text
 
 MAX_JSON_BYTES = 50 * 2**20
-SKIP_DIRS = {"checkpoint", "report", ".dlr_work", "__pycache__", ".git"}
+SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
 
 
 def _kind(d: Any) -> str | None:
@@ -261,7 +261,7 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
      "of the same density."),
     ("layer_error.png", "Per-layer distillation error", lambda f: _one_panel(_layer_errors(f)), _draw_layer_errors,
      (6, 3.8), None,
-     "Per-layer distillation error: ‖DLR(x) − MLP(x)‖ / ‖MLP(x)‖ of each layer's DLR-Net on held-out "
+     "Per-layer distillation error: ‖DLR(x) − MLP(x)‖² / ‖MLP(x)‖² of each layer's DLR-Net on held-out "
      "calibration activations (captured from the original model), after module-wise distillation."),
 ]
 
