@@ -107,8 +107,11 @@ class DLRNet(nn.Module):
         return self.forward_reference(x)
 
     def _read_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Apply the read-out scale (in place when autograd does not need ``out``)."""
         r = self.spec.readout
-        return out if r == 1.0 else out.mul_(r) if not out.requires_grad else out * r
+        if r == 1.0:
+            return out
+        return out * r if out.requires_grad else out.mul_(r)
 
     def forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
         """The fast path's maths as one compiled function (weights are its inputs, so every net of the

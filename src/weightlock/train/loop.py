@@ -14,7 +14,6 @@ Checkpoints (model, optimizer, scheduler, step, hook states) are written atomica
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 import shutil
