@@ -35,3 +35,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     out = tmp_path_factory.mktemp("tiny") / "model"
     metrics = pretrain(tiny_config(), out)
     return out, metrics
+
+
+@pytest.fixture(scope="session")
+def tiny_locked_dir(tmp_path_factory, tiny_model_dir):
+    """The session's tiny model, DLR-locked once (rank 8, few distillation steps)."""
+    from weightlock.dlr import LockConfig, lock
+
+    model, _ = tiny_model_dir
+    out = tmp_path_factory.mktemp("tinylock") / "locked"
+    lock(model, out, LockConfig(rank=8, steps=150, calib_tokens=8192, batch_tokens=512, progress=False))
+    return out

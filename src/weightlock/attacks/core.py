@@ -8,10 +8,8 @@ FLOPs, tokens).
 from __future__ import annotations
 
 import math
-import resource
 import statistics
 import time
-import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightlockError
+from ..eval.cost import PeakMemory, analytic_train_flops
 from ..io import read_json, write_json
 from ..train.loop import TrainConfig, Trainer
 
@@ -299,8 +298,6 @@ def _attention_names(model) -> list[str]:
 def apply_checkpointing(model: nn.Module, mode: str) -> None:
     """Gradient checkpointing per transformer layer (``layer``), per DLR-Net (``dlr``) or per group of K
     DLR blocks (``group:K``)."""
-    from torch.utils.checkpoint import checkpoint
-
     from ..dlr.modeling_weightlock_dlr import DLRNet
 
     if mode == "none":
@@ -317,28 +314,11 @@ def apply_checkpointing(model: nn.Module, mode: str) -> None:
     nets = [m for m in model.modules() if isinstance(m, DLRNet)]
     if not nets:
         raise WeightlockError(f"checkpointing {mode!r} needs DLR-Nets; use 'layer' on an unlocked model")
-    for net in nets:
-        k = group or len(net.blocks)
-
-        def forward(self, x, k=k):
-            z = x
-            for i in range(0, len(self.blocks), k):
-                def run(z, i=i):
-                    for b in self.blocks[i:i + k]:
-                        z = b(z)
-                    return z
-
-                z = checkpoint(run, z, use_reentrant=False) if torch.is_grad_enabled() else run(z)
-            return z - x
-
-        net.forward = types.MethodType(forward, net)
+    for net in nets:  # a flag the net's own forward honours (read-out scale and all)
+        net.checkpoint_blocks = group or len(net.blocks)
 
 
 # ---- running an attack --------------------------------------------------------------------------
-
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 def _offloaded_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The causal-LM loss with the activations autograd saves kept in (pinned) host memory."""
@@ -360,8 +340,6 @@ def finetune(model: nn.Module, blocks: torch.Tensor, cfg: AttackConfig, hooks=()
         trainer.optimizer = torch.optim.Adafactor([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
             trainer.optimizer, trainer.scheduler.lr_lambdas[0])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     history = trainer.fit(resume=False)
     return history, trainer
 
@@ -399,7 +377,7 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
 
 def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
     from ..data import load_blocks, load_tokenizer
-    from ..dlr.lock import load
+    from ..models.hub import load
     from ..train.loop import evaluate_loss
 
     torch.manual_seed(atk.cfg.seed)
@@ -410,26 +388,28 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
     ctx: dict[str, Any] = {}
     before = task.evaluate(model, tok, atk.cfg.block_size)
     cap_before = math.exp(evaluate_loss(model, cap_blocks))
-    t0 = time.perf_counter()
-    model = atk.prepare(model, tok, ctx)
-    prepare_s = time.perf_counter() - t0
+    blocks = task.train_blocks(tok, atk.cfg.block_size, atk.cfg.train_tokens)
+    curve = [[0, before["score"]]]
+    # this run's own peak memory (preparation + fine-tuning), not the process's all-time high
+    with PeakMemory() as peak:
+        t0 = time.perf_counter()
+        model = atk.prepare(model, tok, ctx)
+        prepare_s = time.perf_counter() - t0
+        hooks = ctx.pop("hooks", [])
+        if atk.cfg.score_every > 0:
+            from ..train.loop import LambdaHook
+
+            def score(trainer, metrics, k=atk.cfg.score_every):
+                if trainer.step % k == 0 and trainer.step < atk.cfg.steps:  # outside the timed step
+                    curve.append([trainer.step, task.evaluate(model, tok, atk.cfg.block_size)["score"]])
+            hooks = [*hooks, LambdaHook(on_step_end=score)]
+        history, trainer = finetune(model, blocks, atk.cfg, hooks=hooks)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    blocks = task.train_blocks(tok, atk.cfg.block_size, atk.cfg.train_tokens)
-    hooks = ctx.pop("hooks", [])
     recovered = ctx.pop("recovered_mask", None)
     if recovered is not None:
         ctx["recovered_mask_density"] = sum(int(m.sum()) for m in recovered.values()) / sum(
             m.numel() for m in recovered.values())
-    curve = [[0, before["score"]]]
-    if atk.cfg.score_every > 0:
-        from ..train.loop import LambdaHook
-
-        def score(trainer, metrics, k=atk.cfg.score_every):
-            if trainer.step % k == 0 and trainer.step < atk.cfg.steps:  # outside the timed step
-                curve.append([trainer.step, task.evaluate(model, tok, atk.cfg.block_size)["score"]])
-        hooks = [*hooks, LambdaHook(on_step_end=score)]
-    history, trainer = finetune(model, blocks, atk.cfg, hooks=hooks)
     model.eval()
     after = task.evaluate(model, tok, atk.cfg.block_size)
     curve.append([trainer.step, after["score"]])
@@ -444,12 +424,13 @@ def _attack_one(model_dir, task, atk: Attack, eval_data: str | None) -> dict:
         "loss_curve": [h["loss"] for h in history], "score_curve": curve,
         "cost": {
             "saved_activation_bytes_per_step": trainer.saved_activation_bytes,
-            "peak_rss_bytes": _rss_peak_bytes(),
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            **peak.as_dict(),
             "step_time_s": med("step_time"), "forward_time_s": med("forward_time"),
             "backward_time_s": med("backward_time"), "optimizer_time_s": med("optimizer_time"),
             "train_seconds": sum(h["step_time"] for h in history), "prepare_seconds": prepare_s,
-            "flops_estimate": 6 * n_params * tokens,
+            # analytic FLOPs of full training (linear maps + attention), every micro-batch run
+            "flops_estimate": analytic_train_flops(model, atk.cfg.batch_size, atk.cfg.block_size)
+            * len(history) * atk.cfg.grad_accum,
             # torch's FLOP counter (matmuls; forward + backward of one micro-batch) × micro-batches run
             "flops_counted": (trainer.flops_per_micro_batch * len(history) * atk.cfg.grad_accum
                               if trainer.flops_per_micro_batch is not None else None),

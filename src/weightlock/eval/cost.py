@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,21 @@ def saved_bytes_of_step(model: torch.nn.Module, fn) -> int:
         out = fn()
     del out
     return stats.bytes
+
+
+def analytic_train_flops(model: torch.nn.Module, batch: int, seq: int) -> int:
+    """FLOPs of one full training step (forward + backward) on ``batch`` sequences of ``seq`` tokens:
+    6 per weight of every linear map (incl. the LM head and DLR blocks) per token, plus attention's
+    score and value matmuls, 4·b·T²·d_attn per layer forward and twice that backward. Embedding lookups,
+    norms and activations are not counted (as torch's FLOP counter does not count them)."""
+    from transformers.pytorch_utils import Conv1D
+
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", 0)
+    heads = getattr(c, "num_attention_heads", 0)
+    head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
+    return 6 * linear * batch * seq + 12 * batch * seq * seq * heads * head_dim * layers
 
 
 def mlp_saved_elements_per_token(d: int, d_ff: int, gated: bool = True) -> int:
@@ -121,3 +137,121 @@ def time_forward_backward(model: torch.nn.Module, input_ids: torch.Tensor, repea
     med = statistics.median
     return {"forward_inference_s": med(infer), "forward_train_s": med(fwd), "backward_s": med(bwd),
             "backward_over_forward": med(bwd) / med(fwd), "repeats": repeats}
+
+
+# ---- peak memory of one run ---------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux ``/proc/self/statm``; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the best available is the process's high-water mark
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _hwm_bytes() -> int | None:
+    """This process's RSS high-water mark (``VmHWM``), resettable through ``/proc/self/clear_refs``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS, so an earlier run's freed memory is not reused unseen."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PeakMemory:
+    """The peak memory of the code inside one ``with PeakMemory() as pm:`` block — not the process's
+    all-time high. CPU: the RSS high-water mark is reset at entry (after freed heap is handed back to
+    the OS) and read at exit, so ``peak_bytes`` is this block's own peak RSS and ``delta_bytes`` what the
+    block added over the memory already in use when it began (activations, gradients, optimizer state and
+    anything else it allocated). Where the mark cannot be reset (not Linux), RSS is sampled every 2 ms by a
+    thread (``method`` says which). CUDA: ``torch.cuda.reset_peak_memory_stats`` at entry,
+    ``max_memory_allocated`` at exit (``cuda_peak_bytes``, ``cuda_delta_bytes``)."""
+
+    baseline_bytes: int = 0
+    peak_bytes: int = 0
+    delta_bytes: int = 0
+    method: str = ""
+    cuda_peak_bytes: int | None = None
+    cuda_delta_bytes: int | None = None
+    _sampler: object = field(default=None, repr=False)
+
+    def __enter__(self) -> "PeakMemory":
+        _release_free_heap()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_base = torch.cuda.memory_allocated()
+        self.baseline_bytes = _rss_bytes()
+        if _reset_hwm() and _hwm_bytes() is not None:
+            self.method = "vmhwm"
+        else:
+            self.method = "sampled"
+            self._sampler = _RSSSampler(self.baseline_bytes)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "vmhwm":
+            self.peak_bytes = max(_hwm_bytes() or 0, self.baseline_bytes)
+        else:
+            self._sampler.stop()
+            self.peak_bytes = max(self._sampler.peak, _rss_bytes())
+        self.delta_bytes = self.peak_bytes - self.baseline_bytes
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.cuda_peak_bytes = torch.cuda.max_memory_allocated()
+            self.cuda_delta_bytes = self.cuda_peak_bytes - self._cuda_base
+
+    def as_dict(self) -> dict:
+        return {"peak_rss_bytes": self.peak_bytes, "peak_rss_delta_bytes": self.delta_bytes,
+                "rss_baseline_bytes": self.baseline_bytes, "peak_method": self.method,
+                "cuda_peak_bytes": self.cuda_peak_bytes, "cuda_peak_delta_bytes": self.cuda_delta_bytes}
+
+
+class _RSSSampler:
+    def __init__(self, start: int, every_s: float = 0.002) -> None:
+        import threading
+
+        self.peak, self.every = start, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

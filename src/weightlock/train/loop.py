@@ -200,21 +200,20 @@ class Trainer:
             x = self.batch(self.step, micro)
             ta = time.perf_counter()
             first = self.measure_saved and self.saved_activation_bytes is None
-            flops = contextlib.nullcontext()
-            if first:  # the first micro-batch (excluded from timing medians) is also FLOP-counted
-                from torch.utils.flop_counter import FlopCounterMode
-
-                from ..eval.cost import count_saved_tensors
-
-                flops = FlopCounterMode(display=False)
-                with flops, count_saved_tensors(tuple(self.raw_model.parameters())) as saved, self.acc.autocast():
-                    loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
-                self.saved_activation_bytes = saved.bytes
-            else:
-                with self.acc.autocast():
-                    loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
-            tb = time.perf_counter()
+            # the first micro-batch (excluded from timing medians) is also measured: FLOPs of its forward
+            # AND backward in one counter (re-entering a FlopCounterMode resets it), saved activations
+            flops = _first_step_flops() if first else contextlib.nullcontext()
             with flops:
+                if first:
+                    from ..eval.cost import count_saved_tensors
+
+                    with count_saved_tensors(tuple(self.raw_model.parameters())) as saved, self.acc.autocast():
+                        loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
+                    self.saved_activation_bytes = saved.bytes
+                else:
+                    with self.acc.autocast():
+                        loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
+                tb = time.perf_counter()
                 self.acc.backward(loss)
             if first:
                 self.flops_per_micro_batch = flops.get_total_flops()
@@ -329,6 +328,21 @@ class Trainer:
         if self.checkpoint_dir is not None and self.acc.is_main_process:
             for d in (self.checkpoint_dir, self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def _first_step_flops():
+    """torch's FLOP counter, taught the CPU flash-attention kernels it does not know (without them every
+    attention matmul on CPU would count as zero)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _install_sigint(flag: list) -> object:
