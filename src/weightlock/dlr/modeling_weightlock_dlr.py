@@ -68,6 +68,9 @@ class DLRNet(nn.Module):
     instance (or the class) to force the reference path."""
 
     fast: bool = True
+    # gradient checkpointing inside the net: 0 = off, K = recompute K blocks at a time in the backward pass
+    # (``len(blocks)``: the whole net is one checkpoint). Per instance, read by :meth:`forward_reference`.
+    checkpoint_blocks: int = 0
     # opt-in (``weightlock.load(..., compile=True)``): on CPU, steps of at most COMPILE_MAX_ROWS tokens
     # (token-by-token decoding) run one torch.compile'd C++ function for the whole stack of blocks
     compile_small: bool = False
@@ -127,10 +130,21 @@ class DLRNet(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain PyTorch path: one module call per block. Training always runs this path, so the
         backward pass stores every block's activations (the lock's memory cost)."""
-        z = x
-        for block in self.blocks:
-            z = block(z)
+        k = self.checkpoint_blocks
+        if k and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            z = x
+            for i in range(0, len(self.blocks), k):
+                z = checkpoint(self._run_blocks, z, i, i + k, use_reentrant=False)
+        else:
+            z = self._run_blocks(x, 0, len(self.blocks))
         return self._read_out(z - x)
+
+    def _run_blocks(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for block in self.blocks[start:stop]:
+            z = block(z)
+        return z
 
     def _fast_ok(self, x: torch.Tensor) -> bool:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
