@@ -125,11 +125,12 @@ def eval_ppl(
     block_size: Optional[int] = typer.Option(None, help="Block size (default: the model's training block size)."),
     max_tokens: Optional[int] = typer.Option(None, help="Token budget."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    verify: bool = typer.Option(True, help="Check the release's manifest SHA-256s before loading."),
 ) -> None:
     """Perplexity of a causal LM directory on packed blocks (token-weighted)."""
     from .eval.perplexity import model_perplexity
 
-    r = model_perplexity(model, data, split, block_size, max_tokens)
+    r = model_perplexity(model, data, split, block_size, max_tokens, verify=verify)
     print(json.dumps(r, indent=2) if json_out else f"perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens "
           f"({data}, {split})")
 
@@ -142,11 +143,12 @@ def generate(
     max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
     temperature: float = typer.Option(0.8, help="Sampling temperature (0: greedy)."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    verify: bool = typer.Option(True, help="Check the release's manifest SHA-256s before loading."),
 ) -> None:
-    """Sample text from a model directory."""
+    """Sample text from a model directory (plain checkpoint or locked release)."""
     from .eval.perplexity import generate_text
 
-    print(generate_text(model, prompt, max_new_tokens, temperature, seed=seed))
+    print(generate_text(model, prompt, max_new_tokens, temperature, seed=seed, verify=verify))
 
 
 @app.command("data")

@@ -165,7 +165,7 @@ def _capability(model_dir: Path, plan: DemoPlan) -> dict:
 
 def _mask_recovery(pmp_dir: Path, plan: DemoPlan) -> dict:
     from .data import load_blocks, load_tokenizer
-    from .dlr.lock import load
+    from .models.hub import load
     from .pmp import PMPConfig, load_mask
     from .pmp.recover import recover_all
 

@@ -13,46 +13,13 @@ import torch
 from .. import __version__
 from ..errors import WeightlockError
 from ..io import prepare_out_dir, sha256_file, write_json
+from ..models.hub import load
 from . import modeling_weightlock_dlr as M
 from .distill import LockConfig, dist_or_none, distill_model, refine, specs_for
 
 WORK = ".weightlock-work"
 MODELING_FILE = "modeling_weightlock_dlr.py"
 MANIFEST = "manifest.json"
-
-
-def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         compile: bool = False):
-    """Load any local model directory: a DLR-locked release, or a plain HF causal LM / encoder.
-
-    ``compile=True`` (CPU): DLR-Nets run steps of a few tokens (token-by-token decoding) through one
-    ``torch.compile``'d function per net shape (a C++ compiler is needed; the first call of each new
-    token count compiles for a few seconds; without a compiler the eager fast path is used)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-    from transformers.utils import logging
-
-    from ..models.hub import _check_model_dir
-
-    logging.disable_progress_bar()
-    d = Path(model_dir)
-    _check_model_dir(d)
-    try:
-        config = AutoConfig.from_pretrained(str(d), local_files_only=True)
-        if getattr(config, M.DLR_CONFIG_KEY, None):
-            model = M.load_locked_state(M.build_locked_model(config), str(d))
-        else:
-            archs = getattr(config, "architectures", None) or []
-            auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
-            model = auto.from_pretrained(str(d), local_files_only=True, dtype=torch.float32)
-    except Exception as e:  # transformers/safetensors raise many types for bad checkpoints
-        raise WeightlockError(f"{d}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-    if dtype is not None:
-        model = model.to(dtype)
-    if compile:
-        for m in model.modules():
-            if isinstance(m, M.DLRNet):
-                m.compile_small = True
-    return model.to(device).eval()
 
 
 def _calibration_spec(model_dir: Path, cfg: LockConfig) -> str:
@@ -123,8 +90,9 @@ def _write_release(model, tokenizer, out: Path, specs: list, report: dict) -> No
     from ..models.hub import save_model_dir
 
     cfg = model.config
+    # the adapter travels with the release: a family registered only at lock time loads anywhere
     setattr(cfg, M.DLR_CONFIG_KEY, {"base_class": type(model).__name__, "layers": [asdict(s) for s in specs],
-                                    "weightlock_version": __version__})
+                                    "adapter": M.adapter_for(model).to_dict(), "weightlock_version": __version__})
     auto = "AutoModelForCausalLM" if "CausalLM" in type(model).__name__ else "AutoModel"
     cfg.auto_map = {auto: "modeling_weightlock_dlr.DLRLockedModel"}
     save_model_dir(model, tokenizer, out, extra_files={"lock_report.json": report}, module_names=True)

@@ -24,17 +24,12 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 def model_perplexity(model_dir: str | os.PathLike, data: str = "builtin:prose", split: str = "test",
                      block_size: int | None = None, max_tokens: int | None = None, batch_size: int = 16,
-                     device: str = "cpu", trust_remote_code: bool = False) -> dict:
+                     device: str = "cpu", trust_remote_code: bool = False, verify: bool = True) -> dict:
     """Perplexity of the model in ``model_dir`` on ``data``/``split``, tokenized with the model's tokenizer."""
     from ..data import load_blocks, load_tokenizer
-    from ..models.hub import load_causal_lm
+    from ..models.hub import load
 
-    if trust_remote_code:
-        model = load_causal_lm(model_dir, device=device, trust_remote_code=True)
-    else:  # weightlock's loader: plain checkpoints and DLR-locked releases (with their DLR-Nets) alike
-        from ..dlr.lock import load
-
-        model = load(model_dir, device=device)
+    model = load(model_dir, device=device, trust_remote_code=trust_remote_code, verify=verify)
     tok = load_tokenizer(model_dir)
     block_size = block_size or default_block_size(model_dir)
     blocks = load_blocks(data, split, tok, block_size, max_tokens)
@@ -54,13 +49,15 @@ def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vo
 
 
 def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-                  top_k: int = 50, seed: int = 0, trust_remote_code: bool = False) -> str:
+                  top_k: int = 50, seed: int = 0, trust_remote_code: bool = False, verify: bool = True) -> str:
     from ..data import load_tokenizer
-    from ..models.hub import load_causal_lm
+    from ..models.hub import load
 
     if max_new_tokens < 1:
         raise WeightlockError("max_new_tokens must be at least 1")
-    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code).eval()
+    model = load(model_dir, trust_remote_code=trust_remote_code, verify=verify)
+    if not model.can_generate():
+        raise WeightlockError(f"{model_dir}: {type(model).__name__} is not a generative (causal) language model")
     tok = load_tokenizer(model_dir)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] == 0:

@@ -56,20 +56,77 @@ def save_model_dir(model, tokenizer, out: str | os.PathLike, extra_files: dict[s
     return out
 
 
-def load_causal_lm(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype=None,
-                   trust_remote_code: bool = False):
-    """Load a causal LM from a local directory, with a clear error for missing or corrupt checkpoints."""
-    from transformers import AutoModelForCausalLM
+MANIFEST = "manifest.json"
+
+
+def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         compile: bool = False, verify: bool = True, trust_remote_code: bool = False):
+    """Load any local model directory — a plain Hugging Face checkpoint (causal LM or encoder), a DLR-locked
+    release (with its DLR-Nets) or a PMP release — the one loader every weightlock command uses.
+
+    * ``verify``: when the directory has a ``manifest.json`` (every weightlock release does), check the
+      SHA-256 of each file it lists first and refuse a file that changed (``verify=False`` skips it).
+    * Weights missing from the checkpoint are an error, never silently random-initialised.
+    * ``compile=True`` (CPU): DLR-Nets run steps of a few tokens (token-by-token decoding) through one
+      ``torch.compile``'d function per net shape (a C++ compiler is needed; the first call of each new
+      token count compiles for a few seconds; without a compiler the eager fast path is used).
+    * ``trust_remote_code=True`` loads through the modeling file shipped in the directory instead (what a
+      user without weightlock gets).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from ..dlr import modeling_weightlock_dlr as M
 
     _quiet()
     d = Path(model_dir)
     _check_model_dir(d)
+    if verify:
+        verify_manifest(d)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype or torch.float32, local_files_only=True,
-                                                     trust_remote_code=trust_remote_code)
-    except Exception as e:  # transformers raises OSError/ValueError/SafetensorError/... for bad checkpoints
+        config = AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust_remote_code)
+        archs = getattr(config, "architectures", None) or []
+        if getattr(config, M.DLR_CONFIG_KEY, None) and not trust_remote_code:
+            model = M.load_locked_state(M.build_locked_model(config), str(d))
+        else:
+            auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+            model, info = auto.from_pretrained(str(d), local_files_only=True, dtype=dtype or torch.float32,
+                                               trust_remote_code=trust_remote_code, output_loading_info=True)
+            missing = [k for k in info.get("missing_keys", ()) if not _tied_key(model, k)]
+            if missing:
+                raise ValueError(f"weights missing from the checkpoint: {', '.join(sorted(missing)[:4])}"
+                                 + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    except Exception as e:  # transformers/safetensors raise many types for bad checkpoints
         raise WeightlockError(f"{d}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-    return model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    if compile:
+        for m in model.modules():
+            if isinstance(m, M.DLRNet):
+                m.compile_small = True
+    return model.to(device).eval()
+
+
+def _tied_key(model, key: str) -> bool:
+    return key.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def verify_manifest(d: str | os.PathLike) -> None:
+    """Check every file listed in ``d/manifest.json`` against its SHA-256; the error names the file."""
+    from ..io import read_json, sha256_file
+
+    d = Path(d)
+    if not (d / MANIFEST).exists():
+        return
+    files = read_json(d / MANIFEST).get("files") or {}
+    for name, digest in sorted(files.items()):
+        f = d / name
+        if not f.exists():
+            if name.endswith(".safetensors"):
+                raise WeightlockError(f"{f}: listed in {MANIFEST} but missing")
+            continue
+        if sha256_file(f) != digest:
+            raise WeightlockError(f"{f}: SHA-256 does not match {MANIFEST} (the file was changed or corrupted; "
+                                  "pass verify=False / --no-verify to load it anyway)")
 
 
 def _check_model_dir(d: Path) -> None:

@@ -11,7 +11,7 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     """Fine-tune ``model_dir`` on ``data``; with ``mask`` only masked entries of the pooled parameters move."""
     from ..attacks.core import AttackConfig, finetune
     from ..data import load_blocks, load_tokenizer
-    from ..dlr.lock import load
+    from ..models.hub import load
     from ..eval.perplexity import default_block_size
     from ..models.hub import save_model_dir
     from .mask import load_mask
