@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -71,28 +70,84 @@ def test_lock_errors_leave_nothing(tiny_model_dir, tmp_path):
         assert not out.exists(), "nothing written for a refused lock"
 
 
+KILL_AFTER_LAYER_0 = """
+import os, signal, sys
+import weightlock.dlr.distill as D
+_write = D.write_json
+def write_json(path, obj):
+    _write(path, obj)
+    if path.name == "layer_0.json":  # layer 0 is saved: die the hard way, as an OOM kill would
+        os.kill(os.getpid(), signal.SIGKILL)
+D.write_json = write_json
+from weightlock.cli import app
+sys.argv = ["weightlock", *sys.argv[1:]]
+app()
+"""
+
+
 def test_lock_resumes_after_kill(tiny_model_dir, tmp_path):
     model, _ = tiny_model_dir
     out = tmp_path / "locked"
-    args = ["lock", "--model", str(model), "--out", str(out), "--rank", "8", "--steps", "4000",
+    args = ["lock", "--model", str(model), "--out", str(out), "--rank", "8", "--steps", "300",
             "--calib-tokens", "8192", "--batch-tokens", "256"]
-    p = subprocess.Popen([sys.executable, "-m", "weightlock.cli", *args], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER_0, *args], capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     first = out / ".weightlock-work" / "layer_0.json"
-    deadline = time.time() + 240
-    while not first.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
     assert first.exists(), "layer 0 finished before the kill"
     assert not (out / "model.safetensors").exists() and not (out / ".weightlock-work" / "layer_1.json").exists()
-    stamp = first.stat().st_mtime_ns
+    killed_stats = json.loads(first.read_text())
+    # other settings: the work is not silently reused, and nothing is lost
+    r = _cli(*[a if a != "300" else "200" for a in args])
+    assert r.returncode == 2 and "other settings (steps differ)" in r.stderr and "--restart" in r.stderr, r.stderr
+    assert first.exists()
     r = _cli(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "lock_report.json").read_text())
     assert [l["layer"] for l in rep["layers"]] == [0, 1]
-    assert rep["layers"][0]["steps"] == 4000
+    assert rep["layers"][0] == killed_stats, "layer 0 was reused, not fitted again"
+    assert rep["layers"][0]["steps"] == 300
     assert not first.exists()  # work dir cleaned up after the release was written
+
+
+def test_lock_restart_discards_other_settings(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    out = tmp_path / "locked"
+    args = ["lock", "--model", str(model), "--out", str(out), "--rank", "8", "--steps", "100",
+            "--calib-tokens", "8192", "--batch-tokens", "256"]
+    p = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER_0, *args], capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL
+    other = [*args[:-6], "--rank", "4", "--steps", "100", "--calib-tokens", "8192", "--batch-tokens", "256"]
+    r = _cli(*other)
+    assert r.returncode == 2 and "rank" in r.stderr
+    r = _cli(*other, "--restart")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "lock_report.json").read_text())
+    assert rep["lock_config"]["rank"] == 4 and all(l["spec"]["rank"] == 4 for l in rep["layers"])
+
+
+def test_lock_refuses_an_output_that_is_or_contains_the_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    src, _ = tiny_model_dir
+    model = tmp_path / "models" / "base"
+    shutil.copytree(src, model)
+    before = sorted(p.name for p in model.iterdir())
+    for out, msg in [(model, "is or contains the input"), (model.parent, "is or contains the input"),
+                     (model / "locked", "lies inside the input")]:
+        r = runner.invoke(app, ["lock", "--model", str(model), "--out", str(out), "--overwrite", *FAST])
+        assert r.exit_code == 2 and msg in r.output, r.output
+        assert sorted(p.name for p in model.iterdir()) == before, "the source model is untouched"
+
+
+def test_lock_unwritable_output_is_one_line_before_any_work(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    r = _cli("lock", "--model", str(model), "--out", str(blocker / "out"), *FAST)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "is not a directory" in r.stderr
+    r = _cli("lock", "--model", str(model), "--out", "/proc/weightlock-out", *FAST)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot" in r.stderr, r.stderr[-2000:]
 
 
 def test_lock_two_process_gloo(tiny_model_dir, tmp_path):

@@ -74,16 +74,46 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``out``; refuse a non-empty one unless ``overwrite`` (wipe it) or ``resume`` (keep it)."""
+def check_out_dir(out: str | os.PathLike, inputs: tuple = ()) -> Path:
+    """Refuse, before any work, an output directory that cannot be written or that is, contains or lies
+    inside one of ``inputs`` (a model or data path): replacing it would delete or alter the input."""
     out = Path(out)
+    real = out.resolve()
+    for inp in inputs:
+        if inp is None or not Path(inp).exists():
+            continue
+        src = Path(inp).resolve()
+        if real == src or real in src.parents:
+            raise WeightlockError(f"{out}: the output directory is or contains the input {inp}; "
+                                  "choose an output outside it")
+        if src in real.parents:
+            raise WeightlockError(f"{out}: the output directory lies inside the input {inp}; "
+                                  "choose an output outside it")
     if out.exists() and not out.is_dir():
         raise WeightlockError(f"{out}: exists and is not a directory")
+    parent = real
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WeightlockError(f"{out}: cannot create it ({parent} is not a directory)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".weightlock-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise WeightlockError(f"{out}: cannot write there ({parent}: {e.strerror or e})") from None
+    return out
+
+
+def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False, resume: bool = False, inputs: tuple = (),
+                    hint: str = "pass --overwrite to replace it") -> Path:
+    """Create ``out``; refuse a non-empty one unless ``overwrite`` (wipe it) or ``resume`` (keep it), and
+    refuse one that is, contains or lies inside an input (see :func:`check_out_dir`). ``hint`` ends the
+    error for a non-empty directory (the ways out the calling command offers)."""
+    out = check_out_dir(out, inputs)
     if out.exists() and any(out.iterdir()) and not resume:
         if not overwrite:
-            raise WeightlockError(
-                f"{out}: directory is not empty; pass --overwrite to replace it or --resume to continue a run"
-            )
+            raise WeightlockError(f"{out}: directory is not empty; {hint}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

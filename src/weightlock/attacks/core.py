@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import check_types
 from ..errors import WeightlockError
 from ..eval.cost import PeakMemory, analytic_train_flops
 from ..io import read_json, write_json
@@ -52,6 +53,22 @@ class AttackConfig:
     train_tokens: int = 200_000
     score_every: int = 0  # also score the task every N steps (a fine-tuning curve); 0: before/after only
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_types(self, "attack config")
+        if min(self.steps, self.batch_size, self.grad_accum, self.train_tokens) < 1 or self.block_size < 2:
+            raise WeightlockError("steps, batch_size, grad_accum and train_tokens must be ≥ 1, block_size ≥ 2")
+        if not self.lr > 0:
+            raise WeightlockError(f"learning rate must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or self.score_every < 0:
+            raise WeightlockError("warmup_steps and score_every must be ≥ 0")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise WeightlockError(f"unknown schedule {self.schedule!r} (cosine, linear, constant)")
+        if self.optimizer not in ("adamw", "sgd", "adafactor"):
+            raise WeightlockError(f"unknown optimizer {self.optimizer!r} (adamw, sgd, adafactor)")
+        c = self.checkpointing
+        if c not in ("none", "layer", "dlr") and not (c.startswith("group:") and c[6:].isdigit() and int(c[6:]) > 0):
+            raise WeightlockError(f"unknown checkpointing {c!r} (none, layer, dlr, group:K)")
 
 
 @dataclass
@@ -329,8 +346,6 @@ def _offloaded_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def finetune(model: nn.Module, blocks: torch.Tensor, cfg: AttackConfig, hooks=(), measure: bool = True):
     """Fine-tune ``model`` on ``blocks`` with the one training loop; returns (history, trainer)."""
     apply_checkpointing(model, cfg.checkpointing)
-    if cfg.optimizer not in ("adamw", "sgd", "adafactor"):
-        raise WeightlockError(f"unknown optimizer {cfg.optimizer!r} (adamw, sgd, adafactor)")
     tc = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr,
                      warmup_steps=min(cfg.warmup_steps, cfg.steps), schedule=cfg.schedule, weight_decay=0.0,
                      eval_every=10**9, checkpoint_every=0, seed=cfg.seed, progress=cfg.progress,

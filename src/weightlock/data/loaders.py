@@ -110,7 +110,7 @@ def _read_file(path: Path, name_prefix: str) -> list[Document]:
         if path.suffix in (".txt", ".md", ".py", ".text"):
             return [Document(name_prefix, path.read_text(encoding="utf-8"))]
     except UnicodeDecodeError as e:
-        raise WeightlockError(f"{path}: not UTF-8 text ({e})") from None
+        raise WeightlockError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except OSError as e:
         raise WeightlockError(f"{path}: cannot read ({e.strerror or e})") from None
     except WeightlockError:
@@ -131,7 +131,8 @@ def _read_jsonl(path: Path, name_prefix: str) -> list[Document]:
             except json.JSONDecodeError as e:
                 raise WeightlockError(f"{path}:{i}: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise WeightlockError(f"{path}:{i}: expected an object with a string field 'text'")
+                got = json.dumps(obj.get("text")) if isinstance(obj, dict) else type(obj).__name__
+                raise WeightlockError(f"{path}:{i}: expected an object with a string field 'text' (got {got})")
             docs.append(Document(f"{name_prefix}:{i}", obj["text"]))
     return docs
 

@@ -1,6 +1,7 @@
 """``weightlock lock``: a Hugging Face checkpoint in, a DLR-locked release out."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -12,7 +13,7 @@ import torch
 
 from .. import __version__
 from ..errors import WeightlockError
-from ..io import prepare_out_dir, sha256_file, write_json
+from ..io import check_out_dir, prepare_out_dir, read_json, sha256_file, write_json
 from ..models.hub import load
 from . import modeling_weightlock_dlr as M
 from .distill import LockConfig, dist_or_none, distill_model, refine, specs_for
@@ -37,13 +38,19 @@ def _ppl(model, blocks) -> float | None:
 
 
 def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig | None = None,
-         overwrite: bool = False) -> dict:
-    """Lock the model in ``model_dir`` with DLR-Nets and write the release to ``out``; returns the report."""
+         overwrite: bool = False, restart: bool = False) -> dict:
+    """Lock the model in ``model_dir`` with DLR-Nets and write the release to ``out``; returns the report.
+
+    An interrupted lock resumes from ``out/.weightlock-work`` when run again with the same settings; work
+    left by different settings (model, data, DLR shape, distillation) is an error unless ``restart``
+    discards it."""
     from ..data import load_blocks, load_tokenizer
 
     cfg = cfg or LockConfig()
     cfg.validate()
     model_dir, out = Path(model_dir), Path(out)
+    inputs = (model_dir, cfg.data)
+    check_out_dir(out, inputs)  # before any heavy work
     original = load(model_dir)
     if getattr(original.config, M.DLR_CONFIG_KEY, None):
         raise WeightlockError(f"{model_dir}: already DLR-locked")
@@ -58,7 +65,11 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     dist = dist_or_none()
     main = dist is None or dist.get_rank() == 0
     if main:
-        prepare_out_dir(out, overwrite=overwrite, resume=work.exists())
+        if restart:
+            shutil.rmtree(work, ignore_errors=True)
+        prepare_out_dir(out, overwrite=overwrite, resume=work.exists(), inputs=inputs,
+                        hint="pass --overwrite to replace it (an interrupted lock into it resumes by itself)")
+        _claim_work(work, _work_settings(model_dir, cfg, spec, block, adapter))
     if dist:
         dist.barrier()
     t0 = time.perf_counter()
@@ -84,6 +95,35 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     _write_release(locked, tok, out, specs, report)
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+# settings that do not change what the work directory holds (captures and distilled layers)
+_NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "max_rel_error"}
+
+
+def _work_settings(model_dir: Path, cfg: LockConfig, data: str, block: int, adapter) -> dict:
+    """What the captures and fitted layers in the work directory depend on."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and (p.suffix == ".safetensors"
+                                                                       or p.name == "config.json"))
+    return {"model": {p.name: sha256_file(p) for p in files}, "calibration_data": data, "block_size": block,
+            "adapter": asdict(adapter),
+            "lock_config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_WORK}}
+
+
+def _claim_work(work: Path, settings: dict) -> None:
+    """Record ``settings`` in a new work directory, or check that an existing one was made with them."""
+    record = work / "settings.json"
+    if work.exists() and any(work.iterdir()):
+        old = read_json(record) if record.exists() else {}
+        saved = json.loads(json.dumps(settings))  # tuples as lists, as read back from JSON
+        if old != saved:
+            diff = [k for k in saved["lock_config"] if old.get("lock_config", {}).get(k) != saved["lock_config"][k]]
+            diff += [k for k in ("model", "calibration_data", "block_size", "adapter") if old.get(k) != saved[k]]
+            raise WeightlockError(
+                f"{work}: holds an interrupted lock made with other settings ({', '.join(diff) or 'unrecorded'}"
+                " differ); rerun with the same settings to resume it, or pass --restart to discard it")
+        return
+    write_json(record, settings)
 
 
 def _write_release(model, tokenizer, out: Path, specs: list, report: dict) -> None:

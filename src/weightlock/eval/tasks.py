@@ -156,13 +156,23 @@ def get_task(name: str) -> Task:
 def _jsonl_task(path: Path) -> Task:
     if not path.exists():
         raise WeightlockError(f"{path}: task file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WeightlockError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise WeightlockError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise WeightlockError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            for k in ("prompt", "completion", "text"):
+                if k in row and not isinstance(row[k], str):
+                    raise WeightlockError(f"{path}:{i}: field {k!r} must be a string, got {json.dumps(row[k])}")
+            rows.append(row)
     if not rows:
         raise WeightlockError(f"{path}: no examples")
     if all("prompt" in r and "completion" in r for r in rows):

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ..config import check_types
 from ..errors import WeightlockError
 from ..io import read_json, write_json
 
@@ -52,7 +53,11 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | sgd
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        check_types(self, "train config")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise WeightlockError("max_steps, batch_size and grad_accum must be at least 1")
         if not self.lr > 0:

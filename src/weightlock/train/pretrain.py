@@ -108,7 +108,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, overwrite: bool = Fals
         cfg = saved
         if (out / METRICS_FILE).exists() and not (out / "checkpoint").exists():
             return read_json(out / METRICS_FILE)  # already finished
-    out = prepare_out_dir(out, overwrite=overwrite, resume=resume)
+    out = prepare_out_dir(out, overwrite=overwrite, resume=resume,
+                          hint="pass --overwrite to replace it or --resume to continue a run")
     write_json(out / RUN_FILE, {"kind": "pretrain", "config": cfg.to_dict()})
 
     tok = load_tokenizer(None, cfg.vocab_size)
