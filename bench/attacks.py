@@ -14,7 +14,6 @@ bench/frontier.py (the memory–time frontier). Writes bench/results/attacks.jso
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save  # noqa: E402
+
+from weightlock.io import set_threads_per_process  # noqa: E402
 
 STEPS = 40
 ATTACKS = {  # label: (attack, options, learning rates)
@@ -38,9 +39,6 @@ SEEDS = (0, 1, 2)
 
 def job(args) -> dict:
     label, task, base, locked, out = args
-    import torch
-
-    torch.set_num_threads(1)
     from weightlock.attacks import run_suite
 
     name, options, lrs = ATTACKS[label]
@@ -120,8 +118,8 @@ def main() -> None:
         if not Path(d).is_dir():
             sys.exit(f"{d} not found: run bench/base_model.py and bench/dlr_fidelity.py first")
     jobs = [(label, task, args.base, args.locked, args.out) for task in TASKS for label in ATTACKS]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ProcessPoolExecutor(args.workers) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process,
+                             initargs=(args.workers,)) as pool:
         summaries = list(pool.map(job, jobs))
     rows = [summarize(j[0], j[1], s) for j, s in zip(jobs, summaries)]
     for r in rows:

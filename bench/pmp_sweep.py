@@ -19,13 +19,14 @@ bench/results/pmp_sweep.json and pmp_sweep.png (gain vs ρ). Runs are kept under
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save  # noqa: E402
+
+from weightlock.io import set_threads_per_process  # noqa: E402
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TASKS = ("prose", "recall")
@@ -40,9 +41,6 @@ METHODS = {  # label: (attack, options, learning rates)
 
 def pretrain_job(args) -> dict:
     ratio, out = args
-    import torch
-
-    torch.set_num_threads(1)
     from weightlock.io import read_json
     from weightlock.pmp import PMPConfig, pretrain_pmp
     from weightlock.train.pretrain import default_config
@@ -58,9 +56,6 @@ def pretrain_job(args) -> dict:
 
 def attack_job(args) -> dict:
     model, label, task, ratio, mask, out = args
-    import torch
-
-    torch.set_num_threads(1)
     from weightlock.attacks import run_attack
 
     name, options, lrs = METHODS[label]
@@ -108,8 +103,8 @@ def main() -> None:
     args = ap.parse_args()
     if not Path(args.base).is_dir():
         sys.exit(f"{args.base} not found: run bench/base_model.py first")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ProcessPoolExecutor(args.workers) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process,
+                             initargs=(args.workers,)) as pool:
         pre = dict(zip(RATIOS, pool.map(pretrain_job, [(r, args.out) for r in RATIOS])))
         jobs = []
         for task in TASKS:

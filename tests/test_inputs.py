@@ -81,3 +81,35 @@ def test_pretrain_config_file_keeps_the_presets_other_fields(tmp_path):
     assert not (tmp_path / "r2").exists()
     r = _cli("pretrain", "--preset", "tiny", "--steps", "abc", "--out", str(tmp_path / "r3"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_threads_per_process_divides_cores_and_respects_the_environment(monkeypatch):
+    import os
+
+    from weightlock.io import threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads_per_process(1) == cores
+    assert threads_per_process(2) * 2 <= max(2, cores) and threads_per_process(2) >= 1
+    assert threads_per_process(4 * cores) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_process(2) == 3, "an explicit OMP_NUM_THREADS wins"
+
+
+def test_torchrun_workers_share_the_cores(tmp_path):
+    """Each gloo worker of a 2-process job runs with at most cores/2 threads (torchrun without an explicit
+    OMP_NUM_THREADS: the library divides the cores itself)."""
+    import os
+
+    script = tmp_path / "w.py"
+    script.write_text("import sys, torch\nfrom pathlib import Path\nfrom weightlock.dlr.distill import dist_or_none\n"
+                      "d = dist_or_none()\n"
+                      "Path(sys.argv[1], f'rank{d.get_rank()}').write_text(str(torch.get_num_threads()))\n"
+                      "d.destroy_process_group()\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script), str(tmp_path)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = [int((tmp_path / f"rank{k}").read_text()) for k in (0, 1)]
+    assert all(1 <= c <= max(1, len(os.sched_getaffinity(0)) // 2) for c in counts), counts
