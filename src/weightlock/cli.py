@@ -187,14 +187,20 @@ def lock_cmd(
     refine_steps: int = typer.Option(0, help="End-to-end refinement steps after distillation (KL to logits; "
                                      "hidden states for encoders)."),
     refine_lr: float = typer.Option(3e-4, help="Refinement learning rate (divided by the read-out scale)."),
+    max_rel_error: str = typer.Option("0.5", help="Fail the lock if a layer's held-out relative error is above "
+                                      "this or not finite (1 = the net outputs nothing); 'none' accepts any."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
 ) -> None:
     """Lock a model: distil every MLP into a deep low-rank residual net (DLR-Lock)."""
     from .dlr import LockConfig, lock
 
+    try:
+        gate = None if max_rel_error.strip().lower() == "none" else float(max_rel_error)
+    except ValueError:
+        raise WeightlockError(f"--max-rel-error expects a number or 'none', got {max_rel_error!r}") from None
     cfg = LockConfig(rank=rank, depth=depth, data=data, calib_tokens=calib_tokens, steps=steps,
                      batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode, init=init,
-                     readout=readout, refine_steps=refine_steps, refine_lr=refine_lr)
+                     readout=readout, refine_steps=refine_steps, refine_lr=refine_lr, max_rel_error=gate)
     r = lock(model, out, cfg, overwrite=overwrite)
     if not r:
         return  # a non-zero rank of a torchrun job

@@ -45,6 +45,9 @@ class LockConfig:
     mode: str = "parallel"  # parallel: all layers on the original's activations | sequential
     refine_steps: int = 0  # optional end-to-end refinement toward the original's logits (KL) / hidden states
     refine_lr: float = 3e-4
+    # quality gate: a layer whose held-out relative error is above this (or not finite) fails the lock;
+    # 1.0 is what a net that outputs nothing scores. None: no gate
+    max_rel_error: float | None = 0.5
     progress: bool = True
 
     def validate(self) -> None:
@@ -62,6 +65,8 @@ class LockConfig:
             raise WeightlockError("holdout must be in (0, 0.5)")
         if self.steps < 1 or self.batch_tokens < 1 or self.calib_tokens < self.block_size:
             raise WeightlockError("steps, batch_tokens must be ≥ 1 and calib_tokens ≥ block_size")
+        if self.max_rel_error is not None and not self.max_rel_error > 0:
+            raise WeightlockError(f"max_rel_error must be positive (or None to accept any error), got {self.max_rel_error}")
 
 
 def block_parameters(width: int, rank: int, norm: bool, bias: bool) -> int:
@@ -86,8 +91,10 @@ def match_depth(mlp_params: int, width: int, rank: int, norm: bool = False, bias
 
 def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRSpec], list[int]]:
     """Validate ``model`` against ``cfg`` and return its adapter, one DLRSpec per layer and MLP sizes."""
+    _refuse_mixture_of_experts(model)
     try:
         adapter = adapter_for(model)
+        adapter.check(model.config)
         layers = find_layers(model, adapter)
     except UnsupportedArchitecture as e:
         raise WeightlockError(str(e)) from None
@@ -114,6 +121,17 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
     return adapter, specs, sizes
 
 
+def _refuse_mixture_of_experts(model: nn.Module) -> None:
+    """Mixture-of-experts feed-forwards (Mixtral, Qwen2-MoE, ...) are refused: one DLR-Net in place of the
+    block would fold the router and every expert into a single dense net."""
+    experts = [n for n, _ in model.named_modules() if n.rpartition(".")[2] in ("experts", "shared_expert")]
+    if experts:
+        mt = getattr(model.config, "model_type", None) or type(model).__name__
+        raise WeightlockError(
+            f"{mt}: mixture-of-experts feed-forward blocks are not supported by DLR-Lock (one net would fold "
+            "the router and all experts into a single dense network); lock a dense model instead")
+
+
 # ---- capture ------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -128,11 +146,12 @@ def capture(model: nn.Module, blocks: torch.Tensor, layer_ids: list[int], batch_
     for k in layer_ids:
         def pre(mod, args, kwargs, k=k):
             x = args[0] if args else next(iter(kwargs.values()))
-            xs[k].append(x.detach().reshape(-1, x.shape[-1]).to(dtype).cpu())
+            # always a copy: the layer may modify the tensor in place afterwards (Falcon: mlp_output += attn)
+            xs[k].append(x.detach().reshape(-1, x.shape[-1]).to("cpu", dtype, copy=True))
 
         def post(mod, args, out, k=k):
             y = out[0] if isinstance(out, tuple) else out
-            ys[k].append(y.detach().reshape(-1, y.shape[-1]).to(dtype).cpu())
+            ys[k].append(y.detach().reshape(-1, y.shape[-1]).to("cpu", dtype, copy=True))
 
         handles.append(get_path(layers[k], adapter.mlp).register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(get_path(layers[k], adapter.out_path()).register_forward_hook(post))
@@ -165,7 +184,7 @@ def relative_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int 
 
 def _plain_maps(layer: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
     maps = [m for mod in mlp_modules(layer, adapter) for m in ([mod] + list(mod.modules()))
-            if type(m).__name__ in ("Linear", "Conv1D")]
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     maps = list(dict.fromkeys(maps))
     if len(maps) != 2:
         raise WeightlockError(f"{adapter.family}: expected two linear maps in the MLP, found {len(maps)}")
@@ -353,9 +372,26 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
         write_json(work / f"layer_{k}.json", stats)
     if dist:
         dist.barrier()
+    stats = [read_json(work / f"layer_{k}.json") for k in range(len(layers))]
+    check_layer_errors(stats, cfg.max_rel_error, work)
     for k, layer in enumerate(layers):
         _install(layer, adapter, specs[k], work / f"layer_{k}.safetensors", device)
-    return model, [read_json(work / f"layer_{k}.json") for k in range(len(layers))]
+    return model, stats
+
+
+def check_layer_errors(stats: list[dict], max_rel_error: float | None, work: Path | None = None) -> None:
+    """The quality gate: refuse layers whose held-out relative error is above ``max_rel_error`` or not finite."""
+    if max_rel_error is None:
+        return
+    bad = [(s.get("layer", k), s["rel_error"]) for k, s in enumerate(stats)
+           if not math.isfinite(s["rel_error"]) or s["rel_error"] > max_rel_error]
+    if bad:
+        layers = ", ".join(f"layer {k} ({e:.4g})" for k, e in bad)
+        kept = f"; the fitted layers stay in {work} (other settings refit them with --restart)" if work else ""
+        raise WeightlockError(
+            f"held-out relative error above {max_rel_error:g} (1 = the net outputs nothing): {layers}. "
+            "Distil longer or wider (--steps, --lr, --rank), or accept it with --max-rel-error N or none "
+            f"(LockConfig.max_rel_error){kept}")
 
 
 def _install(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, device) -> None:

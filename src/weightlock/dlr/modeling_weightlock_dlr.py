@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -252,6 +252,10 @@ def _disable_compile(err: Exception) -> None:
 
 # ---- architecture adapters ----------------------------------------------------------------------
 
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
 @dataclass
 class ArchAdapter:
     """Where a model family keeps its feed-forward blocks and how to swap them for DLR-Nets.
@@ -260,7 +264,14 @@ class ArchAdapter:
     ``mlp``: path inside a layer of the module whose *input* is the feed-forward input and which is
     replaced by the DLR-Net. ``mlp_out``: path of the module whose *output* is the feed-forward output
     (the same module for most families). ``identity``: modules replaced by ``nn.Identity`` once the
-    DLR-Net computes the whole feed-forward (BERT's ``output.dense``).
+    DLR-Net computes the whole feed-forward (BERT's ``output.dense``; OPT's activation and ``fc2``, which
+    sit directly on the decoder layer). Replacing the *first* map of an MLP and turning the rest into
+    identities keeps whatever the family's own code does around them (Bloom's MLP adds the residual
+    and applies dropout inside its forward). ``requires``: (config attribute, value) pairs the wiring
+    depends on (a config that differs is refused instead of computing something else).
+
+    Every field is plain data: a release records its adapter in ``config.json``, so a family registered
+    at lock time loads without being registered again (and without weightlock, via ``trust_remote_code``).
     """
 
     family: str
@@ -270,9 +281,32 @@ class ArchAdapter:
     mlp_out: str | None = None
     identity: tuple[str, ...] = ()
     gated: bool = True
+    requires: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self) -> None:  # JSON gives lists; keep the tuples the defaults have
+        for f in ("model_types", "layers", "identity"):
+            setattr(self, f, tuple(getattr(self, f)))
+        self.requires = tuple(tuple(r) for r in self.requires)
 
     def out_path(self) -> str:
         return self.mlp_out or self.mlp
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ArchAdapter":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UnsupportedArchitecture(f"the release's adapter has fields {unknown} this modeling code does not "
+                                          "know (written by a newer weightlock)")
+        return cls(**d)
+
+    def check(self, config) -> None:
+        for attr, value in self.requires:
+            if getattr(config, attr, value) != value:
+                raise UnsupportedArchitecture(f"{self.family}: DLR-Lock needs {attr}={value!r} in the config, "
+                                              f"got {getattr(config, attr)!r}")
 
 
 ADAPTERS: dict[str, ArchAdapter] = {}
@@ -288,17 +322,28 @@ def register_adapter(adapter: ArchAdapter) -> ArchAdapter:
 
 _DECODER = ("model.layers",)
 for _fam, _types in [("llama", ("llama",)), ("mistral", ("mistral",)), ("qwen2", ("qwen2",)),
-                     ("qwen3", ("qwen3",)), ("gemma", ("gemma", "gemma2")), ("phi3", ("phi3",))]:
+                     ("qwen3", ("qwen3",)), ("gemma", ("gemma", "gemma2")), ("phi3", ("phi3",)),
+                     ("stablelm", ("stablelm",)), ("olmo", ("olmo",)), ("olmo2", ("olmo2",)),
+                     ("gemma3", ("gemma3_text",))]:
     register_adapter(ArchAdapter(_fam, _types, layers=_DECODER))
 register_adapter(ArchAdapter("gpt2", ("gpt2",), layers=("transformer.h", "h"), gated=False))
 register_adapter(ArchAdapter("gpt_neox", ("gpt_neox",), layers=("gpt_neox.layers", "layers"), gated=False))
 register_adapter(ArchAdapter("bert", ("bert",), layers=("bert.encoder.layer", "encoder.layer"),
                              mlp="intermediate", mlp_out="output.dense", identity=("output.dense",),
                              gated=False))
-
-
-class UnsupportedArchitecture(ValueError):
-    pass
+register_adapter(ArchAdapter("phi", ("phi",), layers=_DECODER, gated=False))
+register_adapter(ArchAdapter("falcon", ("falcon",), layers=("transformer.h", "h"), gated=False))
+# GPT-J's MLP ends in its own dropout: replace fc_in and keep the module, so the dropout stays
+register_adapter(ArchAdapter("gptj", ("gptj",), layers=("transformer.h", "h"), mlp="mlp.fc_in",
+                             mlp_out="mlp.fc_out", identity=("mlp.act", "mlp.fc_out"), gated=False))
+# OPT: fc1 → activation → fc2 directly on the decoder layer (layer norm before, dropout + residual after)
+register_adapter(ArchAdapter("opt", ("opt",), layers=("model.decoder.layers", "decoder.layers"), mlp="fc1",
+                             mlp_out="fc2", identity=("activation_fn", "fc2"), gated=False))
+# Bloom: BloomMLP.forward(x, residual) adds the residual (with dropout) itself; its tensor-parallel
+# "slow but exact" path reads dense_4h_to_h's weight, so that mode is refused
+register_adapter(ArchAdapter("bloom", ("bloom",), layers=("transformer.h", "h"), mlp="mlp.dense_h_to_4h",
+                             mlp_out="mlp.dense_4h_to_h", identity=("mlp.gelu_impl", "mlp.dense_4h_to_h"),
+                             gated=False, requires=(("slow_but_exact", False),)))
 
 
 def adapter_for(model: nn.Module) -> ArchAdapter:
@@ -353,9 +398,11 @@ def replace_mlp(layer: nn.Module, adapter: ArchAdapter, net: DLRNet) -> None:
     set_path(layer, adapter.mlp, net)
 
 
-def apply_dlr(model: nn.Module, specs: list[dict]) -> nn.Module:
-    """Swap every feed-forward block of ``model`` for a (freshly initialised) DLR-Net of the given specs."""
-    adapter = adapter_for(model)
+def apply_dlr(model: nn.Module, specs: list[dict], adapter: ArchAdapter | None = None) -> nn.Module:
+    """Swap every feed-forward block of ``model`` for a (freshly initialised) DLR-Net of the given specs
+    (``adapter``: the one a release recorded; default: the one registered for the model type)."""
+    adapter = adapter or adapter_for(model)
+    adapter.check(model.config)
     layers = find_layers(model, adapter)
     if len(specs) != len(layers):
         raise ValueError(f"{len(specs)} DLR specs for {len(layers)} layers")
@@ -376,7 +423,9 @@ def build_locked_model(config, dtype=None):
         raise ValueError(f"config has no {DLR_CONFIG_KEY!r} section: not a DLR-locked checkpoint")
     cls = getattr(transformers, info["base_class"])
     model = cls(config)
-    apply_dlr(model, info["layers"])
+    # the adapter the release was made with (releases before it was recorded: the registered one)
+    adapter = ArchAdapter.from_dict(info["adapter"]) if info.get("adapter") else None
+    apply_dlr(model, info["layers"], adapter)
     if dtype is not None:
         model = model.to(dtype)
     return model
