@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 import stat
 
 import pytest
@@ -10,9 +11,9 @@ from typer.testing import CliRunner
 from conftest import tiny_config
 from weightlock.cli import app
 from weightlock.errors import WeightlockError
-from weightlock.pmp import (MaskHook, PMPConfig, chance_iou, check_release, load_mask, mask_iou, pooled_parameters,
-                            pretrain_pmp, save_mask, topk_mask, verify)
-from weightlock.train.loop import TrainConfig, Trainer
+from weightlock.pmp import (EarlyBirdHook, MaskHook, PMPConfig, chance_iou, check_release, load_mask, mask_iou,
+                            pooled_parameters, pretrain_pmp, save_mask, topk_mask, verify)
+from weightlock.train.loop import Hook, TrainConfig, Trainer
 
 runner = CliRunner()
 
@@ -184,3 +185,153 @@ def test_mask_recover_attack_fine_tunes_guessed_entries(tmp_path, tiny_model_dir
     assert r["locked"]["recovered_mask_density"] == pytest.approx(0.2, abs=1e-3)
     with pytest.raises(WeightlockError, match="unknown mask-recovery method"):
         run_attack(model, "prose", "mask-recover", method="psychic", steps=1)
+
+
+class _InterruptAt(Hook):
+    """A real Ctrl-C (SIGINT to this process) at the end of one step of one PMP stage: deterministic, no timing."""
+
+    def __init__(self, stage: int, step: int) -> None:
+        self.stage, self.step = stage, step
+
+    def on_step_end(self, trainer, metrics) -> None:
+        stage = 1 if any(isinstance(h, EarlyBirdHook) for h in trainer.hooks) else 2
+        if (stage, trainer.step) == (self.stage, self.step):
+            signal.raise_signal(signal.SIGINT)  # the trainer's handler: finish the step, checkpoint, stop
+
+
+def _pmp_resume_settings():
+    return (tiny_config(max_steps=6, train_tokens=30_000),
+            PMPConfig(mask_ratio=0.3, discovery_max_steps=12, patience=3, iou_threshold=0.5))
+
+
+def test_pmp_pretraining_resumes_bit_identically(tmp_path, tokenizer, monkeypatch):
+    """Interrupted twice in Stage I (mid-discovery and at the very step it converges) and once in Stage II,
+    then finished by `pretrain --method pmp --resume`: the same weights, mask and discovery as one run."""
+    from safetensors.torch import load_file
+
+    import weightlock.pmp.train as pmp_train
+
+    monkeypatch.setattr(pmp_train.secrets, "randbits", lambda bits: 1234567890123456789)  # same W0 in both runs
+    ref = pretrain_pmp(*_pmp_resume_settings(), tmp_path / "ref")
+    stop = ref["discovery"]["steps"]
+    assert ref["discovery"]["converged"] and stop >= 4  # early-bird stopped before its step cap
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_pmp(*_pmp_resume_settings(), run, hooks=[_InterruptAt(1, 2)])
+    assert (run / "private" / "stage1" / "trainer_state.json").exists()
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_pmp(*_pmp_resume_settings(), run, resume=True, hooks=[_InterruptAt(1, stop)])
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_pmp(*_pmp_resume_settings(), run, resume=True, hooks=[_InterruptAt(2, 3)])
+    # Stage II checkpoints (whose Adam moments are zero exactly off the mask) stay private; no release yet
+    assert (run / "private" / "stage2" / "checkpoint" / "trainer_state.json").exists()
+    assert not (run / "release").exists()
+    res = runner.invoke(app, ["pretrain", "--method", "pmp", "--resume", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+
+    a, b = (load_file(str(d / "release" / "model.safetensors")) for d in (tmp_path / "ref", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, _, _ = load_mask(tmp_path / "ref" / "private" / "mask.safetensors")
+    mb, _, _ = load_mask(run / "private" / "mask.safetensors")
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[n], mb[n]) for n in ma)
+    got = json.loads((run / "pmp_run.json").read_text())
+    assert got["discovery"] == ref["discovery"] and got["val_ppl"] == ref["val_ppl"]
+    assert verify(run / "release", run / "private" / "mask.safetensors")
+    assert check_release(run / "release", private=run / "private") == []
+    assert sorted(os.listdir(run / "private")) == ["mask.safetensors", "secrets.json"]  # no stale work files
+    assert stat.S_IMODE(os.stat(run / "private").st_mode) == 0o700
+    assert pretrain_pmp(*_pmp_resume_settings(), run, resume=True) == got  # finished: nothing to do
+    with pytest.raises(WeightlockError, match="not an interrupted PMP run"):
+        pretrain_pmp(*_pmp_resume_settings(), run / "release", resume=True)
+
+
+@pytest.fixture(scope="module")
+def pmp_run(tmp_path_factory, tokenizer):
+    """A small PMP run made by the pipeline: (release, private)."""
+    run = tmp_path_factory.mktemp("pmprun") / "run"
+    pretrain_pmp(tiny_config(max_steps=3, train_tokens=30_000), PMPConfig(mask_ratio=0.3, discovery_max_steps=3), run)
+    return run / "release", run / "private"
+
+
+def _plant(tmp_path, release, name, write, prefix="leaky-"):
+    leaky = tmp_path / (prefix + name.replace("/", "_"))
+    shutil.copytree(release, leaky)
+    write(leaky / name)
+    return leaky
+
+
+def test_release_check_finds_secrets_by_content(tmp_path, pmp_run):
+    """The mask under any name and dtype, beside the weights or packed in raw bytes, the seed under any key,
+    the salt in hex: all found by content (the last three only given the private directory); the release
+    itself (config, tokenizer, manifest with its commitment, metrics) is clean."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    release, private = pmp_run
+    assert check_release(release) == [] and check_release(release, private=private) == []
+    res = runner.invoke(app, ["release", "check", str(release), "--private", str(private)])
+    assert res.exit_code == 0 and "clean" in res.output, res.output
+    mask, salt, _ = load_mask(private / "mask.safetensors")
+    seed = json.loads((private / "secrets.json").read_text())["init_seed"]
+    name = next(n for n in sorted(mask) if mask[n].ndim == 2 and "layers.1" in n)
+    m = mask[name]
+
+    def into_model(f, tensors):
+        state = load_file(str(release / "model.safetensors"))
+        save_file({**state, **tensors}, str(f), metadata={"format": "pt"})
+
+    packed = b"".join(np.packbits(mask[n].reshape(-1).numpy()).tobytes() for n in sorted(mask))  # pack()'s bits
+    planted = {  # file -> (writer, found without the private directory too)
+        "model.safetensors": (lambda f: into_model(f, {"model.layers.0.mlp.gate_proj.scale": m.half()}), True),
+        "extra.safetensors": (lambda f: save_file({"w": m.to(torch.int8) * 3}, str(f)), True),
+        "stats.npy": (lambda f: np.save(f, m.numpy().astype(np.float32)), True),
+        "state.pt": (lambda f: torch.save({"w": m.float()}, f), True),
+        "vocab.bin": (lambda f: f.write_bytes(bytes(range(5)) + packed), True),  # a .bin is reported anyway
+        "vocab.dat": (lambda f: f.write_bytes(b"abc" + np.packbits(m.reshape(-1).numpy(), bitorder="little")
+                                              .tobytes() + b"xyz"), False),
+        "table.dat": (lambda f: m.numpy().astype(np.uint8).tofile(f), True),
+        "data/bits.json": (lambda f: f.parent.mkdir() or f.write_text(json.dumps({"b": m.int().tolist()})), True),
+        "notes.txt": (lambda f: f.write_text(f'"rng": {seed}\n'), False),
+        "extra_config.json": (lambda f: f.write_text(json.dumps({"nonce": salt.hex()})), False),
+        "blob.dat": (lambda f: f.write_bytes(b"\x00" * 13 + salt + b"\x00" * 7), False),
+    }
+    for fname, (write, without_private) in planted.items():
+        leaky = _plant(tmp_path, release, fname, write)
+        found = check_release(leaky, private=private)
+        assert [f for f in found if not f.startswith(fname + ":")] == [], found
+        assert found, f"{fname} not detected"
+        assert (check_release(leaky) != []) == without_private, (fname, check_release(leaky))
+        if fname in ("model.safetensors", "extra.safetensors", "stats.npy", "table.dat"):
+            assert any("reproduces the private mask of" in f for f in found), found
+        res = runner.invoke(app, ["release", "check", str(leaky), "--private", str(private)])
+        assert res.exit_code == 1 and fname in res.output, res.output
+    assert str(seed) not in " ".join(check_release(_plant(tmp_path, release, "n2.txt", lambda f: f.write_text(
+        str(seed))), private=private))  # findings never print the secret itself
+
+    # real weights and legitimate constant tensors are not masks
+    clean = _plant(tmp_path, release, "model.safetensors", lambda f: into_model(
+        f, {"extra.norm.weight": torch.ones(256), "tiny": torch.tensor([0.0, 1.0])}), "clean-")
+    assert check_release(clean, private=private) == []
+
+
+def test_finetune_refuses_a_mask_of_another_run(tmp_path, pmp_run, tiny_model_dir):
+    release, private = pmp_run
+    other = tmp_path / "other.safetensors"  # the same shapes, another run's mask and salt
+    mask, _, _ = load_mask(private / "mask.safetensors")
+    save_mask({n: m.flip(-1) for n, m in mask.items()}, other, b"another run")
+    args = ["finetune", "--model", str(release), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size", "4"]
+    res = runner.invoke(app, args + ["--mask", str(other)])
+    assert res.exit_code == 2 and "is not the mask of" in res.output, res.output
+    assert not (tmp_path / "ft").exists()  # refused before anything was written
+    res = runner.invoke(app, args + ["--mask", str(private / "mask.safetensors")])
+    assert res.exit_code == 0 and "saved" in res.output, res.output
+
+    # a model without a commitment (a dense checkpoint of the same shape): refused unless asked for
+    dense, _ = tiny_model_dir
+    args = ["finetune", "--model", str(dense), "--mask", str(private / "mask.safetensors"), "--out",
+            str(tmp_path / "ft2"), "--steps", "2", "--batch-size", "4"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "no mask commitment" in res.output and "--allow-uncommitted" in res.output
+    res = runner.invoke(app, args + ["--allow-uncommitted"])
+    assert res.exit_code == 0, res.output

@@ -100,11 +100,9 @@ def pretrain(
     if method == "pmp":
         from .pmp import PMPConfig, pretrain_pmp
 
-        if resume:
-            raise WeightlockError("PMP runs cannot be resumed yet; start again with --overwrite")
         pmp = PMPConfig.paper(mask_ratio) if pmp_variant == "paper" else PMPConfig(mask_ratio=mask_ratio,
                                                                                    variant=pmp_variant)
-        r = pretrain_pmp(cfg, pmp, out, overwrite=overwrite)
+        r = pretrain_pmp(cfg, pmp, out, overwrite=overwrite, resume=resume)  # resume: the saved settings win
         console.print(f"[green]saved[/] {r['release']} (publish this) and {r['private']} (keep this secret): "
                       f"mask density {r['density']:.3f}, early-bird after {r['discovery']['steps']} steps, "
                       f"val ppl {r['val_ppl']:.2f}")
@@ -224,11 +222,13 @@ app.add_typer(pmp_app, name="pmp")
 
 @release_app.command("check")
 @user_errors
-def release_check(directory: Path = typer.Argument(..., help="Directory to scan.")) -> None:
-    """Fail if a directory holds secret material (masks, init seeds, salts)."""
+def release_check(directory: Path = typer.Argument(..., help="Directory to scan."),
+                  private: Optional[Path] = typer.Option(None, help="The run's private directory (or mask file): "
+                                                         "also find its mask, seed and salt by content.")) -> None:
+    """Fail (exit 1) if a directory holds secret material (masks by name or content, init seeds, salts, pickles)."""
     from .pmp import check_release
 
-    findings = check_release(directory)
+    findings = check_release(directory, private=private)
     for f in findings:
         console.print(f"[red]secret:[/] {f}", highlight=False, soft_wrap=True)
     if findings:
@@ -253,7 +253,10 @@ def finetune(
     model: Path = typer.Option(..., help="Model directory (e.g. a PMP release)."),
     data: str = typer.Option("builtin:prose", help="Training data spec."),
     out: Path = typer.Option(..., help="Output model directory."),
-    mask: Optional[Path] = typer.Option(None, help="Private mask: only masked entries are updated."),
+    mask: Optional[Path] = typer.Option(None, help="Private mask: only masked entries are updated (checked "
+                                        "against the release's mask commitment first)."),
+    allow_uncommitted: bool = typer.Option(False, help="Accept --mask for a model without a mask commitment "
+                                           "(not a PMP release); only its shapes are checked."),
     steps: int = typer.Option(100, help="Optimizer steps."),
     lr: float = typer.Option(1e-3, help="Learning rate."),
     batch_size: int = typer.Option(8, help="Sequences per step."),
@@ -262,7 +265,8 @@ def finetune(
     """Fine-tune a model (with --mask: authorized PMP fine-tuning; without: ordinary full fine-tuning)."""
     from .pmp.finetune import finetune_model
 
-    r = finetune_model(model, data, out, mask=mask, steps=steps, lr=lr, batch_size=batch_size, overwrite=overwrite)
+    r = finetune_model(model, data, out, mask=mask, steps=steps, lr=lr, batch_size=batch_size, overwrite=overwrite,
+                       allow_uncommitted=allow_uncommitted)
     console.print(f"[green]saved[/] {out}: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
 
 

@@ -1,7 +1,8 @@
 """PMP: private-mask pretraining, secret-safe release, authorized fine-tuning."""
 from .mask import chance_iou, commitment, load_mask, mask_iou, save_mask, topk_mask
-from .release import check_release, verify
+from .release import check_release, load_private, mask_for_release, verify
 from .train import EarlyBirdHook, MaskHook, PMPConfig, pooled_parameters, pretrain_pmp
 
-__all__ = ["chance_iou", "commitment", "load_mask", "mask_iou", "save_mask", "topk_mask", "check_release", "verify",
-           "EarlyBirdHook", "MaskHook", "PMPConfig", "pooled_parameters", "pretrain_pmp"]
+__all__ = ["chance_iou", "commitment", "load_mask", "mask_iou", "save_mask", "topk_mask", "check_release",
+           "load_private", "mask_for_release", "verify", "EarlyBirdHook", "MaskHook", "PMPConfig", "pooled_parameters",
+           "pretrain_pmp"]

@@ -1,29 +1,30 @@
 """Authorized fine-tuning with the private mask (the attack suite's loop, plus the mask hook)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..io import prepare_out_dir
 
 
 def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: float = 1e-3, batch_size: int = 8,
-                   block_size: int | None = None, overwrite: bool = False, seed: int = 0) -> dict:
-    """Fine-tune ``model_dir`` on ``data``; with ``mask`` only masked entries of the pooled parameters move."""
+                   block_size: int | None = None, overwrite: bool = False, seed: int = 0,
+                   allow_uncommitted: bool = False) -> dict:
+    """Fine-tune ``model_dir`` on ``data``; with ``mask`` only masked entries of the pooled parameters move.
+
+    The mask must match the release's commitment (a mask from another run is refused before anything is
+    loaded or trained); a model without one is refused unless ``allow_uncommitted``.
+    """
     from ..attacks.core import AttackConfig, finetune
     from ..data import load_blocks, load_tokenizer
     from ..models.hub import load
     from ..eval.perplexity import default_block_size
     from ..models.hub import save_model_dir
-    from .mask import load_mask
-    from .release import check_shapes
+    from .release import mask_for_release
     from .train import MaskHook
 
+    m = mask_for_release(model_dir, mask, allow_uncommitted) if mask is not None else None
     model = load(model_dir)
     tok = load_tokenizer(model_dir)
     hooks = []
-    if mask is not None:
-        m, _, _ = load_mask(mask)
-        check_shapes(m, Path(model_dir))
+    if m is not None:
         params = {n: p for n, p in model.named_parameters() if n in m}
         hooks.append(MaskHook(params, m))
     out = prepare_out_dir(out, overwrite=overwrite)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -68,13 +70,25 @@ def pooled_parameters(model: torch.nn.Module, pool: str) -> dict[str, torch.nn.P
 
 
 class EarlyBirdHook(Hook):
-    """Stage I: the top-ρ |grad| mask each step; stop when it has stabilised."""
+    """Stage I: the top-ρ |grad| mask each step; stop when it has stabilised.
+
+    Its state (the current mask, the IoU history, the stable count) travels through checkpoints, so an
+    interrupted discovery continues exactly where it stopped.
+    """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], cfg: PMPConfig) -> None:
         self.params, self.cfg = params, cfg
         self.mask: Mask | None = None
         self.ious: list[float] = []
         self.stable = 0
+
+    @property
+    def converged(self) -> bool:
+        return self.stable >= self.cfg.patience
+
+    def on_train_start(self, trainer) -> None:
+        if self.converged:  # resumed from a checkpoint written at the very step discovery stopped
+            trainer.should_stop = True
 
     def transform_gradients(self, trainer) -> None:
         grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self.params.items()}
@@ -83,9 +97,21 @@ class EarlyBirdHook(Hook):
             iou = mask_iou(self.mask, new)
             self.ious.append(iou)
             self.stable = self.stable + 1 if iou >= self.cfg.iou_threshold else 0
-            if self.stable >= self.cfg.patience:
+            if self.converged:
                 trainer.should_stop = True
         self.mask = new
+
+    def state_dict(self) -> dict:
+        mask = None if self.mask is None else {n: m.detach().cpu() for n, m in self.mask.items()}
+        return {"mask": mask, "ious": list(self.ious), "stable": self.stable}
+
+    def load_state_dict(self, state: dict) -> None:
+        mask = state.get("mask")
+        if mask is not None and set(mask) != set(self.params):
+            raise WeightlockError("early-bird checkpoint covers other parameters than this run's mask pool")
+        self.mask = None if mask is None else {n: mask[n].to(p.device).bool() for n, p in self.params.items()}
+        self.ious = [float(x) for x in state.get("ious", [])]
+        self.stable = int(state.get("stable", 0))
 
 
 class MaskHook(Hook):
@@ -126,54 +152,117 @@ class MaskHook(Hook):
                     p.copy_(torch.where(self.mask[n], p, p * scale))
 
 
-def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = False) -> dict:
+CONFIG_FILE = "pmp_config.json"  # the run's settings (not secret), for --resume
+SUMMARY_FILE = "pmp_run.json"  # written last: the run is finished
+
+
+def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = False, resume: bool = False,
+                 hooks: Sequence[Hook] = ()) -> dict:
     """PMP pretraining into ``out/release`` (dense weights, public) and ``out/private`` (mask, seed: 0600).
 
     ``cfg`` is a :class:`weightlock.train.pretrain.PretrainConfig`; Stage II uses its training settings,
     so ``--method dense`` with the same config is the baseline with identical optimizer, data and tokens.
+
+    While it runs, everything lives in ``out/private`` (0700): ``secrets.json`` (init seed, salt) from the
+    start, the Stage-I checkpoint ``stage1/`` (its early-bird state holds the mask), then ``mask.safetensors``
+    and Stage II's working directory ``stage2/`` with its checkpoints (their optimizer moments would reveal
+    the mask). ``out/release`` is filled only once Stage II has finished. Both stages checkpoint every
+    ``checkpoint_every`` steps and on Ctrl-C; ``resume=True`` continues an interrupted run with the settings
+    saved in ``out`` (``cfg`` and ``pmp`` are then ignored) and ends bit-identical to an uninterrupted run.
+    ``hooks`` are extra training hooks, run in both stages after the PMP hook.
     """
     from ..data import load_blocks, load_tokenizer
-    from ..io import prepare_out_dir
-    from ..train.pretrain import build_model, pretrain
+    from ..io import move_dir_contents, prepare_out_dir, read_json
+    from ..train.pretrain import PretrainConfig, build_model, pretrain
 
+    out = Path(out)
+    if resume and (out / CONFIG_FILE).exists():
+        saved = read_json(out / CONFIG_FILE)
+        if saved.get("kind") != "pretrain-pmp":
+            raise WeightlockError(f"{out / CONFIG_FILE}: not the settings of a PMP run")
+        progress = cfg.train.progress
+        cfg, pmp = PretrainConfig.from_dict(saved["config"]), PMPConfig(**saved["pmp"])
+        cfg.train.progress = progress
+        if (out / SUMMARY_FILE).exists():  # already finished
+            _remove_work(out / "private")
+            return read_json(out / SUMMARY_FILE)
+    elif resume and out.is_dir() and any(out.iterdir()):
+        raise WeightlockError(f"{out}: no {CONFIG_FILE} here, so not an interrupted PMP run; nothing to resume "
+                              "(start again with --overwrite)")
     pmp.validate()
-    out = prepare_out_dir(out, overwrite=overwrite)
+    out = prepare_out_dir(out, overwrite=overwrite, resume=resume)
+    write_json(out / CONFIG_FILE, {"kind": "pretrain-pmp", "config": cfg.to_dict(), "pmp": asdict(pmp)})
     release, private = out / "release", out / "private"
-    private.mkdir(mode=0o700)
-    init_seed = PAPER_SEED if pmp.variant == "paper" else secrets.randbits(63)
+    private.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(private, 0o700)
+    secrets_file = private / "secrets.json"
+    if secrets_file.exists():
+        saved_secrets = read_json(secrets_file)
+        init_seed, salt = int(saved_secrets["init_seed"]), bytes.fromhex(saved_secrets["salt"])
+    else:
+        init_seed = PAPER_SEED if pmp.variant == "paper" else secrets.randbits(63)
+        salt = secrets.token_bytes(32)
+        _write_secret(secrets_file, {"init_seed": init_seed, "salt": salt.hex(), "pmp": asdict(pmp)})
+
     tok = load_tokenizer(None, cfg.vocab_size)
     seed_backup = cfg.train.seed
     cfg.train.seed = init_seed
-    model = build_model(cfg, tok)  # the (secret) initialisation
+    model = build_model(cfg, tok)  # the (secret) initialisation, regenerated exactly on resume
     cfg.train.seed = seed_backup
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = pooled_parameters(model, pmp.pool)
 
+    # Stage I: its final checkpoint is kept until the run is finished, so a resumed run restores the
+    # discovered mask (and, without rewind, the Stage-I weights) from it without training again
     train_blocks = load_blocks(cfg.data, "train", tok, cfg.block_size, cfg.train_tokens)
     stage1 = TrainConfig(**{**asdict(cfg.train), "max_steps": pmp.discovery_max_steps, "schedule": "constant",
-                            "checkpoint_every": 0, "eval_every": 10**9})
+                            "eval_every": 10**9})
     eb = EarlyBirdHook(params, pmp)
-    Trainer(model, train_blocks, stage1, hooks=[eb]).fit(resume=False)
-    discovery = {"steps": len(eb.ious) + 1, "ious": eb.ious, "converged": eb.stable >= pmp.patience}
+    trainer1 = Trainer(model, train_blocks, stage1, hooks=[eb, *hooks], checkpoint_dir=private / "stage1")
+    trainer1.fit(resume=True)
+    trainer1.save_checkpoint()
+    if eb.mask is None:
+        raise WeightlockError("early-bird discovery ended without a mask (no Stage-I step ran)")
+    discovery = {"steps": len(eb.ious) + 1, "ious": eb.ious, "converged": eb.converged}
+    commit = save_mask(eb.mask, private / "mask.safetensors", salt)
+    _write_secret(secrets_file, {"init_seed": init_seed, "salt": salt.hex(), "commitment": commit,
+                                 "pmp": asdict(pmp)})
     if pmp.rewind:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(w0[n])
-    hook = MaskHook(params, eb.mask, restore_complement=pmp.variant != "paper",
-                    projection_every=pmp.projection_every, projection_radius=pmp.projection_radius)
-    metrics = pretrain(cfg, release, model=model, hooks=[hook])
-    salt = secrets.token_bytes(32)
-    commit = save_mask(eb.mask, private / "mask.safetensors", salt)
-    secrets_file = private / "secrets.json"
-    write_json(secrets_file, {"init_seed": init_seed, "salt": salt.hex(), "commitment": commit,
-                              "pmp": asdict(pmp)})
-    os.chmod(secrets_file, 0o600)
-    files = {p.name: sha256_file(p) for p in sorted(release.iterdir()) if p.is_file()}
+
+    # Stage II in the private working directory, then moved into the release
+    stage2, stage2_done = private / "stage2", private / "stage2.done"
+    if not stage2_done.exists():
+        hook = MaskHook(params, eb.mask, restore_complement=pmp.variant != "paper",
+                        projection_every=pmp.projection_every, projection_radius=pmp.projection_radius)
+        pretrain(cfg, stage2, resume=True, model=model, hooks=[hook, *hooks])
+        stage2_done.write_text("")
+    if stage2.exists():
+        move_dir_contents(stage2, release)
+    metrics = read_json(release / "metrics.json")
+    files = {p.name: sha256_file(p) for p in sorted(release.iterdir()) if p.is_file() and p.name != "manifest.json"}
     write_json(release / "manifest.json", {
         "kind": "weightlock-pmp", "mask_commitment": commit, "files": files,
         "pmp": {"mask_ratio": pmp.mask_ratio, "variant": pmp.variant, "pool": pmp.pool},
     })
     summary = {"discovery": discovery, "density": mask_density(eb.mask), "chance_iou": chance_iou(pmp.mask_ratio),
                "val_ppl": metrics["val_ppl"], "release": str(release), "private": str(private)}
-    write_json(out / "pmp_run.json", summary)
+    write_json(out / SUMMARY_FILE, summary)
+    _remove_work(private)
     return summary
+
+
+def _write_secret(path: Path, obj: dict) -> None:
+    write_json(path, obj)
+    os.chmod(path, 0o600)
+
+
+def _remove_work(private: Path) -> None:
+    """Drop the checkpoints and working files of a finished run (the mask and secrets.json stay)."""
+    import shutil
+
+    for name in ("stage1", "stage1.tmp", "stage1.old", "stage2"):
+        shutil.rmtree(private / name, ignore_errors=True)
+    (private / "stage2.done").unlink(missing_ok=True)
