@@ -77,6 +77,7 @@ def pretrain(
     """Pretrain a Llama-architecture causal LM from scratch."""
     from dataclasses import replace
 
+    from .config import merge
     from .io import read_json
     from .train.pretrain import PretrainConfig, default_config
 
@@ -84,7 +85,10 @@ def pretrain(
         raise WeightlockError(f"unknown method {method!r}; available: dense, pmp")
     cfg = default_config(preset)
     if config is not None:
-        cfg = PretrainConfig.from_dict({**cfg.to_dict(), **read_json(config)})
+        override = read_json(config)
+        if not isinstance(override, dict):
+            raise WeightlockError(f"{config}: expected a JSON object of PretrainConfig fields")
+        cfg = PretrainConfig.from_dict(merge(cfg.to_dict(), override))  # deep: {"train": {"lr": ..}} keeps the rest
     cfg.data = data
     for name, value in dict(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed).items():
         if value is not None:
@@ -188,6 +192,8 @@ def lock_cmd(
     max_rel_error: str = typer.Option("0.5", help="Fail the lock if a layer's held-out relative error is above "
                                       "this or not finite (1 = the net outputs nothing); 'none' accepts any."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    restart: bool = typer.Option(False, help="Discard an interrupted lock's work in --out (made with other "
+                                 "settings) instead of resuming it."),
 ) -> None:
     """Lock a model: distil every MLP into a deep low-rank residual net (DLR-Lock)."""
     from .dlr import LockConfig, lock
@@ -199,7 +205,7 @@ def lock_cmd(
     cfg = LockConfig(rank=rank, depth=depth, data=data, calib_tokens=calib_tokens, steps=steps,
                      batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode, init=init,
                      readout=readout, refine_steps=refine_steps, refine_lr=refine_lr, max_rel_error=gate)
-    r = lock(model, out, cfg, overwrite=overwrite)
+    r = lock(model, out, cfg, overwrite=overwrite, restart=restart)
     if not r:
         return  # a non-zero rank of a torchrun job
     t = Table(title=f"DLR-Lock of {model} ({r['family']}), rank {rank}")

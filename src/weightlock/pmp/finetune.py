@@ -1,7 +1,7 @@
 """Authorized fine-tuning with the private mask (the attack suite's loop, plus the mask hook)."""
 from __future__ import annotations
 
-from ..io import prepare_out_dir
+from ..io import check_out_dir, prepare_out_dir
 
 
 def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: float = 1e-3, batch_size: int = 8,
@@ -14,12 +14,12 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     """
     from ..attacks.core import AttackConfig, finetune
     from ..data import load_blocks, load_tokenizer
-    from ..models.hub import load
     from ..eval.perplexity import default_block_size
-    from ..models.hub import save_model_dir
+    from ..models.hub import load, save_model_dir
     from .release import mask_for_release
     from .train import MaskHook
 
+    check_out_dir(out, (model_dir, mask, data))  # before any work
     m = mask_for_release(model_dir, mask, allow_uncommitted) if mask is not None else None
     model = load(model_dir)
     tok = load_tokenizer(model_dir)
@@ -27,7 +27,7 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     if m is not None:
         params = {n: p for n, p in model.named_parameters() if n in m}
         hooks.append(MaskHook(params, m))
-    out = prepare_out_dir(out, overwrite=overwrite)
+    out = prepare_out_dir(out, overwrite=overwrite, inputs=(model_dir, mask, data))
     bs = block_size or default_block_size(model_dir)
     blocks = load_blocks(data, "train", tok, bs, 400_000)
     cfg = AttackConfig(steps=steps, lr=lr, batch_size=min(batch_size, blocks.shape[0]), block_size=bs, seed=seed)
