@@ -5,8 +5,10 @@
 For each memory-saving strategy (none, gradient checkpointing per layer / per DLR-Net / per group of
 4 DLR blocks, CPU activation offload, micro-batch 2 × accumulation 4, Adafactor) runs a few full
 fine-tuning steps on the prose task at an effective batch of 8 × 128 tokens and records the
-saved-activation bytes of one micro-batch, the peak RSS growth and the median step time. Writes
-bench/results/frontier.json and bench/results/frontier.png.
+saved-activation bytes of one micro-batch, the run's own peak memory (RSS high-water mark reset at the
+start of the run: its peak and its growth over the memory in use before it — parameters, gradients,
+optimizer state, activations, recomputation), torch's FLOP count of one step (forward + backward) and
+the median step time. Writes bench/results/frontier.json and bench/results/frontier.png.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from common import RESULTS, save  # noqa: E402
 
 from weightlock.attacks import finetune, make_attack  # noqa: E402
 from weightlock.data import load_tokenizer  # noqa: E402
-from weightlock.dlr import load  # noqa: E402
+from weightlock import load  # noqa: E402
 from weightlock.errors import WeightlockError  # noqa: E402
+from weightlock.eval.cost import PeakMemory  # noqa: E402
 from weightlock.eval.tasks import get_task  # noqa: E402
 
 STRATEGIES = {
@@ -48,13 +51,16 @@ def main() -> None:
             model = load(path)
             atk = make_attack("full", **{"steps": args.steps, "batch_size": 8, "block_size": 128, **opts})
             try:
-                history, trainer = finetune(model, blocks, atk.cfg)
+                with PeakMemory() as peak:
+                    history, trainer = finetune(model, blocks, atk.cfg)
             except WeightlockError as e:  # e.g. DLR checkpointing on the unlocked model
                 rows.append({"model": label, "strategy": name, "skipped": str(e)})
                 continue
             times = sorted(h["step_time"] for h in history[1:])
             rows.append({"model": label, "strategy": name, "saved_activation_bytes": trainer.saved_activation_bytes,
-                         "step_time_s": times[len(times) // 2], "effective_batch": [8, 128]})
+                         "step_time_s": times[len(times) // 2], "effective_batch": [8, 128],
+                         "flops_per_step": trainer.flops_per_micro_batch * atk.cfg.grad_accum, **peak.as_dict()})
+            del model, trainer, history
             print(rows[-1], flush=True)
     import matplotlib
 

@@ -65,6 +65,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert {r["task"] for r in rows} == {"prose", "recall"}
     full = next(r for r in rows if r["defense"] == "dlr" and r["attack"] == "full" and r["task"] == "prose")
     assert full["memory_ratio"] > 1.2  # the locked model stores every DLR block's activations
+    assert full["peak_delta_bytes"] > 0 and full["peak_ratio"] is not None  # each run's own peak
+    assert len({r["peak_rss_bytes"] for r in rows}) > 1, "not one process-wide high for every run"
     assert summary["memory_vs_depth"]["r2"] > 0.99
     assert 0 <= summary["mask_recovery"]["best"]["iou"] <= 1
     assert set(summary["verdicts"]) == {"DLR-Lock", "PMP"}

@@ -213,6 +213,9 @@ def _attack_rows(runs: dict, plan: DemoPlan) -> list[dict]:
             "step_time_s": r["cost"]["step_time_s"], "total_seconds": total,
             "memory_ratio": _ratio(r["cost"]["saved_activation_bytes_per_step"], ref["cost"]["saved_activation_bytes_per_step"]),
             "time_ratio": _ratio(total, ref_total), "peak_rss_bytes": r["cost"]["peak_rss_bytes"],
+            # the run's own peak memory growth (parameters' gradients, optimizer state, activations)
+            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
+            "peak_ratio": _ratio(r["cost"].get("peak_rss_delta_bytes"), ref["cost"].get("peak_rss_delta_bytes")),
             "capability_ppl_before": r["capability_ppl_before"], "capability_ppl_after": r["capability_ppl_after"],
             "curve": r["score_curve"], "reference_curve": ref["score_curve"],
             "recovered_mask_density": r.get("recovered_mask_density"),
@@ -263,7 +266,9 @@ def verdicts(rows: list[dict], recovery: dict) -> dict[str, str]:
         if defense == "dlr":
             full = [r for r in rows if r["defense"] == "dlr" and r["attack"] == "full"]
             if full and full[0]["memory_ratio"]:
-                line += f"; full fine-tuning costs {full[0]['memory_ratio']:.1f}× activation memory, {full[0]['time_ratio']:.1f}× time"
+                line += (f"; full fine-tuning costs {full[0]['memory_ratio']:.1f}× activation memory"
+                         + (f" ({full[0]['peak_ratio']:.1f}× peak memory growth)" if full[0].get("peak_ratio") else "")
+                         + f", {full[0]['time_ratio']:.1f}× time")
         else:
             b = recovery["best"]
             line += (f"; best mask recovery ({b['attack']}) IoU {b['iou']:.2f} vs chance {recovery['chance_iou']:.2f}"
@@ -293,13 +298,14 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
         t.add_row(name, f"{cap[k]['code']:.2f}", f"{cap[k]['prose']:.2f}")
     console.print(t)
     t = Table(title="attacks: gain ratio = attacker gain on the lock / same attack's gain on the original")
-    for c in ("defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "time ×"):
+    for c in ("defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "peak ×", "time ×"):
         t.add_column(c, justify="right" if c not in ("defense", "attack", "task") else "left")
     for r in summary["attacks"]:
         if r["defense"] == "reference":
             continue
         t.add_row(r["defense"], r["attack"], r["task"], f"{r['gain']:+.4f}", f"{r['reference_gain']:+.4f}",
-                  _fmt(r["gain_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), _fmt(r["time_ratio"], ".2f"))
+                  _fmt(r["gain_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), _fmt(r.get("peak_ratio"), ".2f"),
+                  _fmt(r["time_ratio"], ".2f"))
     console.print(t)
     rec = summary["mask_recovery"]
     console.print(f"PMP mask recovery: best {rec['best']['attack']} IoU {rec['best']['iou']:.3f} "

@@ -279,9 +279,11 @@ def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
                        [[n, f"{cap[k]['code']:.2f}", f"{cap[k]['prose']:.2f}"]
                         for k, n in (("reference", "original"), ("dlr", "DLR-locked"), ("pmp", "PMP"))]))
         tables.append(("Attacks (gain ratio = gain on the lock / same attack's gain on the original)",
-                       ["defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "time ×"],
+                       ["defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "peak ×",
+                        "time ×"],
                        [[r["defense"], r["attack"], r["task"], f"{r['gain']:+.4f}", f"{r['reference_gain']:+.4f}",
-                         _fmt(r["gain_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), _fmt(r["time_ratio"], ".2f")]
+                         _fmt(r["gain_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), _fmt(r.get("peak_ratio"), ".2f"),
+                         _fmt(r["time_ratio"], ".2f")]
                         for r in d["attacks"] if r["defense"] != "reference"]))
         tables.append(("Verdicts", ["defense", "verdict"], [[k, v] for k, v in d["verdicts"].items()]))
     return tables

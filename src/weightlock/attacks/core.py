@@ -320,7 +320,10 @@ def apply_checkpointing(model: nn.Module, mode: str) -> None:
     if mode == "none":
         return
     if mode == "layer":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return
     if mode == "dlr":
         group = None
