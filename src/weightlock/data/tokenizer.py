@@ -89,7 +89,9 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None, vocab_size: int =
     from transformers import AutoTokenizer
 
     if model_dir is not None:
-        d = Path(model_dir)
+        from ..models.gguf import resolve_model_path
+
+        d = resolve_model_path(model_dir)  # a .gguf file: its cached conversion, tokenizer included
         if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
             tok = AutoTokenizer.from_pretrained(str(d))
             if tok.eos_token is None and tok.sep_token is None:

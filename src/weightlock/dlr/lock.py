@@ -14,6 +14,7 @@ import torch
 from .. import __version__
 from ..errors import WeightlockError
 from ..io import check_out_dir, prepare_out_dir, read_json, sha256_file, write_json
+from ..models.gguf import resolve_model_path
 from ..models.hub import load
 from . import modeling_weightlock_dlr as M
 from .distill import LockConfig, dist_or_none, distill_model, refine, specs_for
@@ -48,9 +49,10 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
 
     cfg = cfg or LockConfig()
     cfg.validate()
-    model_dir, out = Path(model_dir), Path(out)
+    out = Path(out)
     inputs = (model_dir, cfg.data)
     check_out_dir(out, inputs)  # before any heavy work
+    model_dir = resolve_model_path(model_dir)  # a .gguf file: its cached Hugging Face conversion
     original = load(model_dir)
     if getattr(original.config, M.DLR_CONFIG_KEY, None):
         raise WeightlockError(f"{model_dir}: already DLR-locked")

@@ -61,8 +61,9 @@ MANIFEST = "manifest.json"
 
 def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          compile: bool = False, verify: bool = True, trust_remote_code: bool = False):
-    """Load any local model directory — a plain Hugging Face checkpoint (causal LM or encoder), a DLR-locked
-    release (with its DLR-Nets) or a PMP release — the one loader every weightlock command uses.
+    """Load any local model — a plain Hugging Face checkpoint directory (causal LM or encoder), a DLR-locked
+    release (with its DLR-Nets), a PMP release, or a ``.gguf`` file (converted once into the cache, see
+    :func:`weightlock.models.gguf.resolve_model_path`) — the one loader every weightlock command uses.
 
     * ``verify``: when the directory has a ``manifest.json`` (every weightlock release does), check the
       SHA-256 of each file it lists first and refuse a file that changed (``verify=False`` skips it).
@@ -77,8 +78,10 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
 
     from ..dlr import modeling_weightlock_dlr as M
 
+    from .gguf import resolve_model_path
+
     _quiet()
-    d = Path(model_dir)
+    d = resolve_model_path(model_dir)  # a .gguf file: its cached Hugging Face conversion
     _check_model_dir(d)
     if verify:
         verify_manifest(d)
