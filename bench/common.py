@@ -7,10 +7,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def save(name: str, result: dict) -> Path:
+    """Write ``result`` to ``bench/results/NAME.json`` with the machine and its kind (``bench.NAME``)."""
     from weightlock.io import machine_info, write_json
+    from weightlock.schema import SCHEMA_VERSION, bench_kind
 
     path = RESULTS / f"{name}.json"
-    write_json(path, {"machine": machine_info(), **result})
+    write_json(path, {"kind": bench_kind(name), "schema_version": SCHEMA_VERSION, "machine": machine_info(), **result})
     print(f"wrote {path}")
     return path
 

@@ -9,7 +9,6 @@ Every stage reuses what an earlier (or interrupted) run left in ``--out``.
 """
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import schema
 from .io import machine_info, read_json, write_json
+from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, fmt
 
 
 @dataclass
@@ -129,7 +130,7 @@ def run_demo(out: Path, quick: bool = False, report: bool = True) -> dict:
                                                    lr=plan.lr[lr_key], **opts, plan=plan)
     rows = _attack_rows(runs, plan)
     summary = {
-        "weightlock_demo": 1, "preset": plan.preset, "plan": _plan_dict(plan),
+        "kind": schema.DEMO, "schema_version": schema.SCHEMA_VERSION, "weightlock_demo": 1, "preset": plan.preset, "plan": _plan_dict(plan),
         "models": {k: str(v) for k, v in models.items()}, "capability": capability,
         "mask_recovery": recovery, "memory_vs_depth": memory, "attacks": rows,
         "frontier": _frontier(runs, plan), "layer_rel_error": [l["rel_error"] for l in read_json(locked / "lock_report.json")["layers"]],
@@ -276,13 +277,9 @@ def verdicts(rows: list[dict], recovery: dict) -> dict[str, str]:
             auth = [r for r in rows if r["defense"] == "pmp" and r["attack"] == "masked (authorized)"]
             if auth:
                 line += "; authorized fine-tuning gain ratio " + ", ".join(
-                    f"{r['task']} {_fmt(r['gain_ratio'], '.0%')}" for r in auth)
+                    f"{r['task']} {fmt(r['gain_ratio'], '.0%')}" for r in auth)
         out[name] = line
     return out
-
-
-def _fmt(v, spec: str) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
 def print_summary(summary: dict, console: Console | None = None) -> None:
@@ -290,22 +287,17 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     console = console or Console()
     if console.width < 110:  # the attack table needs the room
         console = Console(width=110)
-    cap = summary["capability"]
     t = Table(title=f"weightlock demo ({summary['preset']}): capability (validation perplexity, lower is better)")
-    for c in ("model", "code (pretraining domain)", "prose"):
+    for c in CAPABILITY_HEAD:
         t.add_column(c)
-    for k, name in (("reference", "original (dense)"), ("dlr", "DLR-locked"), ("pmp", "PMP (hardened)")):
-        t.add_row(name, f"{cap[k]['code']:.2f}", f"{cap[k]['prose']:.2f}")
+    for row in capability_rows(summary):
+        t.add_row(*row)
     console.print(t)
     t = Table(title="attacks: gain ratio = attacker gain on the lock / same attack's gain on the original")
-    for c in ("defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "peak ×", "time ×"):
+    for c in ATTACK_HEAD:
         t.add_column(c, justify="right" if c not in ("defense", "attack", "task") else "left")
-    for r in summary["attacks"]:
-        if r["defense"] == "reference":
-            continue
-        t.add_row(r["defense"], r["attack"], r["task"], f"{r['gain']:+.4f}", f"{r['reference_gain']:+.4f}",
-                  _fmt(r["gain_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), _fmt(r.get("peak_ratio"), ".2f"),
-                  _fmt(r["time_ratio"], ".2f"))
+    for row in attack_rows(summary):
+        t.add_row(*row)
     console.print(t)
     rec = summary["mask_recovery"]
     console.print(f"PMP mask recovery: best {rec['best']['attack']} IoU {rec['best']['iou']:.3f} "

@@ -2,8 +2,9 @@
 
 Any mix of inputs works: a demo directory (``summary.json``), ``bench/results`` (attacks, memory,
 frontier, PMP sweep, mask recovery, fidelity), attack run directories (``result.json``) and locked
-releases (``lock_report.json``). Each JSON file is recognised by its content; figures whose data is
-absent are listed as missing. The HTML needs no network: images are local PNGs next to it.
+releases (``lock_report.json``). Each JSON file is recognised by its recorded ``kind`` (see
+``weightlock.schema``), or by its content if it was written before results carried one; figures whose
+data is absent are listed as missing. The HTML needs no network: images are local PNGs next to it.
 """
 from __future__ import annotations
 
@@ -13,14 +14,32 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from . import schema
 from .errors import WeightlockError
 from .io import move_dir_contents, read_json, write_text
+from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of
 
 MAX_JSON_BYTES = 50 * 2**20
 SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
 
 
-def _kind(d: Any) -> str | None:
+# recorded kind (weightlock.schema) → what the report draws from it; other kinds are not drawn
+KINDS = {schema.DEMO: "demo", schema.ATTACK_RUN: "attack_run", schema.LOCK_REPORT: "lock_report",
+         schema.bench_kind("attacks"): "attacks", schema.bench_kind("dlr_memory"): "memory",
+         schema.bench_kind("frontier"): "frontier", schema.bench_kind("pmp_sweep"): "pmp_sweep",
+         schema.bench_kind("pmp_recovery"): "recovery", schema.bench_kind("dlr_fidelity"): "fidelity"}
+
+
+def _kind(d: Any, source: object = "result") -> str | None:
+    """What the report draws from ``d``: by its recorded ``kind``, or, for files written before results
+    carried one, guessed from its fields."""
+    recorded = schema.kind_of(d, source)
+    if recorded is not None:
+        return KINDS.get(recorded)
+    return _guess_kind(d)
+
+
+def _guess_kind(d: Any) -> str | None:
     if not isinstance(d, dict):
         return None
     if "weightlock_demo" in d:
@@ -63,7 +82,7 @@ def collect(paths: list[str | Path]) -> dict[str, list[tuple[Path, dict]]]:
             data = read_json(f)
         except (WeightlockError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        kind = _kind(data)
+        kind = _kind(data, f)
         if kind:
             found.setdefault(kind, []).append((f, data))
     return found
@@ -75,10 +94,11 @@ def _curves(found) -> list[dict]:
     """[{title, locked: [[step, score]], reference: [[step, score]] | None, task}]"""
     out = []
     for _, d in found.get("demo", []):
+        labels = {x["name"]: x["label"] for x in defenses_of(d)}
         for r in d["attacks"]:
             if r["defense"] != "reference":
                 out.append({"title": f"{r['defense']}: {r['attack']}", "task": r["task"], "locked": r["curve"],
-                            "reference": r["reference_curve"], "label": {"dlr": "DLR-locked", "pmp": "PMP"}[r["defense"]]})
+                            "reference": r["reference_curve"], "label": labels.get(r["defense"], r["defense"])})
     for _, d in found.get("attacks", []):
         for r in d["results"]:
             c = r["score_curves"]
@@ -101,7 +121,7 @@ def _memory(found) -> list[tuple[str, dict]]:
     out = [(f"bench (d={d['depth_linearity']['d']}, r={d['depth_linearity']['rank']})", d["depth_linearity"])
            for _, d in found.get("memory", [])]
     out += [(f"demo (d={d['memory_vs_depth']['d']}, r={d['memory_vs_depth']['rank']})", d["memory_vs_depth"])
-            for _, d in found.get("demo", [])]
+            for _, d in found.get("demo", []) if d.get("memory_vs_depth")]
     return out
 
 
@@ -126,7 +146,7 @@ def _recovery(found) -> list[tuple[str, dict]]:
     out = [(f"{name} (bench, ρ={v['recovery']['mask_ratio']})", v["recovery"])
            for _, d in found.get("recovery", []) for name, v in d["variants"].items()]
     out += [(f"hardened (demo, ρ={d['mask_recovery']['mask_ratio']})", d["mask_recovery"])
-            for _, d in found.get("demo", [])]
+            for _, d in found.get("demo", []) if d.get("mask_recovery")]
     return out
 
 
@@ -269,22 +289,12 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
 # ---- documents ---------------------------------------------------------------------------------
 
 def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
-    from .demo import _fmt
-
     tables = []
     for f, d in found.get("demo", []):
-        cap = d["capability"]
         tables.append((f"Capability ({f.parent}, {d['preset']} preset): validation perplexity",
-                       ["model", "code (pretraining domain)", "prose"],
-                       [[n, f"{cap[k]['code']:.2f}", f"{cap[k]['prose']:.2f}"]
-                        for k, n in (("reference", "original"), ("dlr", "DLR-locked"), ("pmp", "PMP"))]))
+                       CAPABILITY_HEAD, capability_rows(d)))
         tables.append(("Attacks (gain ratio = gain on the lock / same attack's gain on the original)",
-                       ["defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "peak ×",
-                        "time ×"],
-                       [[r["defense"], r["attack"], r["task"], f"{r['gain']:+.4f}", f"{r['reference_gain']:+.4f}",
-                         _fmt(r["gain_ratio"], ".2f"), _fmt(r["memory_ratio"], ".2f"), _fmt(r.get("peak_ratio"), ".2f"),
-                         _fmt(r["time_ratio"], ".2f")]
-                        for r in d["attacks"] if r["defense"] != "reference"]))
+                       ATTACK_HEAD, attack_rows(d)))
         tables.append(("Verdicts", ["defense", "verdict"], [[k, v] for k, v in d["verdicts"].items()]))
     return tables
 

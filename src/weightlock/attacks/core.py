@@ -21,6 +21,7 @@ from ..config import check_types
 from ..errors import WeightlockError
 from ..eval.cost import PeakMemory, analytic_train_flops
 from ..io import read_json, write_json
+from ..schema import ATTACK_RUN, SCHEMA_VERSION
 from ..train.loop import TrainConfig, Trainer
 
 ATTACKS: dict[str, type["Attack"]] = {}
@@ -378,7 +379,7 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
         raise WeightlockError(f"{reference}: reference model directory not found")
     config = {"model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
               "attack": attack, "options": asdict(atk.cfg)}
-    result = {**config, "locked": _attack_one(model_dir, task_obj, atk, eval_data)}
+    result = {"kind": ATTACK_RUN, "schema_version": SCHEMA_VERSION, **config, "locked": _attack_one(model_dir, task_obj, atk, eval_data)}
     if reference is not None:
         ref_name = atk.reference_attack or attack
         ref_fields = {f.name for f in fields(ATTACKS[ref_name].Config)}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import WeightlockError
 from ..io import write_json
+from ..schema import ATTACK_SUITE, SCHEMA_VERSION
 from .core import make_attack, run_attack
 
 
@@ -86,7 +87,7 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
                        for k in ("saved_activation_bytes_per_step", "step_time_s", "peak_rss_bytes")}
         rows.append(row)
     best = max(rows, key=lambda r: r["gain_mean"])
-    summary = {"model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
+    summary = {"kind": ATTACK_SUITE, "schema_version": SCHEMA_VERSION, "model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
                "attack": attack, "options": options, "grid": {k: list(v) for k, v in grid.items()}, "samples": samples, "points": rows, "best": best}
     if reference is not None:
         best_ref = max(rows, key=lambda r: r["reference_gain_mean"])

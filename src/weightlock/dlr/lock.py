@@ -16,6 +16,7 @@ from ..errors import WeightlockError
 from ..io import check_out_dir, prepare_out_dir, read_json, sha256_file, write_json
 from ..models.gguf import resolve_model_path
 from ..models.hub import load
+from ..schema import LOCK_REPORT, SCHEMA_VERSION
 from . import modeling_weightlock_dlr as M
 from .distill import LockConfig, dist_or_none, distill_model, refine, specs_for
 
@@ -85,7 +86,7 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     ppl_after = _ppl(locked, val)
     params_after = sum(p.numel() for p in locked.parameters())
     report = {
-        "base_model": str(model_dir), "family": adapter.family, "calibration_data": spec,
+        "kind": LOCK_REPORT, "schema_version": SCHEMA_VERSION, "base_model": str(model_dir), "family": adapter.family, "calibration_data": spec,
         "calibration_tokens": int(calib.numel()), "validation_tokens": int(val.numel()),
         "lock_config": asdict(cfg), "parameters_before": params_before, "parameters_after": params_after,
         "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs],

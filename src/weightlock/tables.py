@@ -1,0 +1,41 @@
+"""The demo's tables as rows of strings, shared by the terminal summary (``weightlock.demo``) and the
+report (``weightlock.report``), so both show the same numbers the same way."""
+from __future__ import annotations
+
+import math
+
+# demo summaries recorded before defenses were plug-ins list no "defenses": these were the two
+LEGACY_DEFENSES = [{"name": "dlr", "title": "DLR-Lock", "label": "DLR-locked"},
+                   {"name": "pmp", "title": "PMP", "label": "PMP (hardened)"}]
+REFERENCE_LABEL = "original (dense)"
+
+CAPABILITY_HEAD = ["model", "code (pretraining domain)", "prose"]
+ATTACK_HEAD = ["defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "peak ×", "time ×"]
+
+
+def fmt(v, spec: str) -> str:
+    """``v`` formatted with ``spec``; ``n/a`` for a missing or NaN value."""
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def defenses_of(summary: dict) -> list[dict]:
+    """The defenses a demo summary covers, in run order: ``{name, title, label, ...}`` each."""
+    recorded = summary.get("defenses")
+    if recorded:
+        return recorded
+    return [d for d in LEGACY_DEFENSES if d["name"] in summary.get("capability", {})]
+
+
+def capability_rows(summary: dict) -> list[list[str]]:
+    """One row per model: the original, then each defense's release (validation perplexity)."""
+    cap = summary["capability"]
+    models = [("reference", REFERENCE_LABEL)] + [(d["name"], d["label"]) for d in defenses_of(summary)]
+    return [[label, f"{cap[k]['code']:.2f}", f"{cap[k]['prose']:.2f}"] for k, label in models if k in cap]
+
+
+def attack_rows(summary: dict) -> list[list[str]]:
+    """One row per attack on a defense (the reference runs on the original are the denominators)."""
+    return [[r["defense"], r["attack"], r["task"], f"{r['gain']:+.4f}", f"{r['reference_gain']:+.4f}",
+             fmt(r["gain_ratio"], ".2f"), fmt(r["memory_ratio"], ".2f"), fmt(r.get("peak_ratio"), ".2f"),
+             fmt(r["time_ratio"], ".2f")]
+            for r in summary["attacks"] if r["defense"] != "reference"]
