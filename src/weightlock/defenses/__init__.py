@@ -1,0 +1,31 @@
+"""Defenses as plug-ins, the counterpart of the attack registry (``weightlock.attacks``).
+
+A defense is a typed config (a dataclass that validates itself) plus a small :class:`Defense` class:
+its name, a description, ``apply(source, out) -> release directory`` (``source`` is a model directory
+for a post-hoc defense, a :class:`~weightlock.train.pretrain.PretrainConfig` for a pretraining-time
+one), the attacks that make sense against it with their reference attack on the original, an optional
+authorized fine-tuning (the owner's yardstick) and optional extra evaluations. Built in: ``none`` (the
+unlocked original), ``dlr`` (DLR-Lock) and ``pmp`` (private-mask pretraining). ``weightlock demo``
+builds, evaluates and attacks every registered defense (or those named with ``--defense``)::
+
+    from dataclasses import dataclass
+    from weightlock.defenses import AttackSpec, Defense, DefenseConfig, register_defense
+
+    @dataclass
+    class NoiseConfig(DefenseConfig):
+        sigma: float = 0.01
+
+    @register_defense("noise")
+    class Noise(Defense):
+        description = "Gaussian noise added to every weight"
+        Config = NoiseConfig
+
+        def apply(self, source, out):
+            ...  # load the model in ``source``, add noise, save it into ``out``
+            return out
+"""
+from .base import DEFENSES, AttackSpec, Defense, DefenseConfig, get_defense, make_defense, register_defense
+from .builtin import DLRLockDefense, NoDefense, NoneConfig, PMPDefense
+
+__all__ = ["DEFENSES", "AttackSpec", "Defense", "DefenseConfig", "get_defense", "make_defense", "register_defense",
+           "DLRLockDefense", "NoDefense", "NoneConfig", "PMPDefense"]

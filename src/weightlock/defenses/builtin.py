@@ -1,0 +1,186 @@
+"""The built-in defenses: ``none`` (the unlocked original), ``dlr`` (DLR-Lock) and ``pmp`` (PMP)."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..dlr.distill import LockConfig
+from ..io import prepare_out_dir, read_json
+from ..pmp.train import PMPConfig
+from ..tables import REFERENCE_LABEL
+from .base import AttackSpec, Defense, DefenseConfig, register_defense
+
+FULL = AttackSpec("full", "full", {}, "full", "full")
+LORA = AttackSpec("lora", "lora", {"targets": "attention"}, "lora", "lora")
+
+
+@dataclass
+class NoneConfig(DefenseConfig):
+    copy: bool = False  # False: the release is the model directory itself; True: a copy in ``out``
+
+
+@register_defense("none")
+class NoDefense(Defense):
+    """The unlocked original: every other defense's attacks are measured against these runs on it."""
+
+    title = "none"
+    description = "the unlocked original (no defense): the reference every attack is compared with"
+    Config = NoneConfig
+    attacks = (FULL, LORA, AttackSpec("checkpointing", "full", {"checkpointing": "layer"}, "full", "checkpointing"))
+
+    @property
+    def label(self) -> str:
+        return REFERENCE_LABEL
+
+    def apply(self, source, out: Path) -> Path:
+        if not self.cfg.copy:
+            return Path(source)
+        out = prepare_out_dir(out, overwrite=True, inputs=(source,))
+        for f in sorted(Path(source).iterdir()):
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        return out
+
+
+@register_defense("dlr")
+class DLRLockDefense(Defense):
+    """DLR-Lock: every MLP replaced by a deep low-rank residual network distilled from it."""
+
+    title = "DLR-Lock"
+    description = "every MLP replaced by a deep low-rank residual network distilled from it (weightlock lock)"
+    Config = LockConfig
+    workdir = "locked"
+    attacks = (FULL, LORA,
+               AttackSpec("checkpointing", "full", {"checkpointing": "dlr"}, "full", "checkpointing"),
+               AttackSpec("reverse-distill", "reverse-distill", {}, "full", "full"))
+    evaluations = ("memory_vs_depth",)
+
+    @property
+    def label(self) -> str:
+        return "DLR-locked"
+
+    def build_title(self) -> str:
+        return f"lock the base model with DLR-Lock (rank {self.cfg.rank})"
+
+    def apply(self, source, out: Path) -> Path:
+        from ..dlr.lock import lock
+
+        lock(source, out, self.cfg, overwrite=True)
+        return Path(out)
+
+    def finished(self, out: Path) -> Path | None:
+        return out if (out / "lock_report.json").exists() else None
+
+    def attack_options(self, spec: AttackSpec, out: Path, plan: Any) -> dict:
+        steps = getattr(plan, "reverse_distill_steps", None)
+        return {"distill_steps": steps} if spec.attack == "reverse-distill" and steps else {}
+
+    def evaluate(self, release: Path, out: Path, plan: Any) -> dict:
+        from ..eval.cost import depth_linearity
+
+        spec = read_json(release / "lock_report.json")["layers"][0]["spec"]
+        return {"memory_vs_depth": depth_linearity(spec["width"], spec["rank"], list(plan.memory_depths), 256)}
+
+    def summarize(self, rows: list[dict], out: Path, plan: Any) -> dict:
+        """The memory–time frontier (plain, checkpointed and LoRA fine-tuning on the original and the lock, first
+        task) and the per-layer distillation error."""
+        names = {"reference": "original", self.name: self.label}
+        frontier = [{"model": names[r["defense"]], "strategy": "none" if r["attack"] == "full" else r["attack"],
+                     "saved_activation_bytes": r["saved_activation_bytes"], "step_time_s": r["step_time_s"]}
+                    for r in rows if r["defense"] in names and r["attack"] in ("full", "checkpointing", "lora")
+                    and r["task"] == plan.tasks[0]]
+        layers = read_json(out / "lock_report.json")["layers"]
+        return {"frontier": frontier, "layer_rel_error": [l["rel_error"] for l in layers]}
+
+    def verdict_notes(self, rows: list[dict], summary: dict) -> list[str]:
+        full = [r for r in rows if r["defense"] == self.name and r["attack"] == "full"]
+        if not (full and full[0]["memory_ratio"]):
+            return []
+        f = full[0]
+        return [f"full fine-tuning costs {f['memory_ratio']:.1f}× activation memory"
+                + (f" ({f['peak_ratio']:.1f}× peak memory growth)" if f.get("peak_ratio") else "")
+                + f", {f['time_ratio']:.1f}× time"]
+
+
+@register_defense("pmp")
+class PMPDefense(Defense):
+    """PMP: pretraining that updates only a private mask's entries; the owner fine-tunes with the mask."""
+
+    title = "PMP"
+    description = ("private-mask pretraining: only a secret mask of the weights is trained; the owner's "
+                   "authorized fine-tuning uses the mask (weightlock pretrain --method pmp)")
+    Config = PMPConfig
+    pretraining = True
+    workdir = "pmp"
+    attacks = (FULL, LORA, AttackSpec("mask-recover", "mask-recover", {"method": "spectral"}, "masked", "full"))
+    authorized = AttackSpec("masked (authorized)", "masked", {}, "masked", "full")
+    evaluations = ("mask_recovery",)
+
+    @property
+    def label(self) -> str:
+        return f"PMP ({self.cfg.variant})"
+
+    def build_title(self) -> str:
+        return f"pretrain a PMP model ({self.cfg.variant}, ρ={self.cfg.mask_ratio}), same settings"
+
+    def apply(self, source, out: Path) -> Path:
+        from ..pmp.train import pretrain_pmp
+
+        pretrain_pmp(source, self.cfg, out, overwrite=True)
+        return Path(out) / "release"
+
+    def finished(self, out: Path) -> Path | None:
+        return out / "release" if (out / "pmp_run.json").exists() else None
+
+    @staticmethod
+    def mask_file(out: Path) -> Path:
+        return Path(out) / "private" / "mask.safetensors"
+
+    def attack_options(self, spec: AttackSpec, out: Path, plan: Any) -> dict:
+        if spec.attack == "masked":
+            return {"mask": str(self.mask_file(out))}
+        if spec.attack == "mask-recover":
+            return {"mask_ratio": self.cfg.mask_ratio}
+        return {}
+
+    def evaluate(self, release: Path, out: Path, plan: Any) -> dict:
+        """Every mask-recovery attack's IoU with the true mask, against chance."""
+        from ..data import load_blocks, load_tokenizer
+        from ..models.hub import load
+        from ..pmp import load_mask
+        from ..pmp.recover import recover_all
+
+        tok = load_tokenizer(release)
+        mask, _, _ = load_mask(self.mask_file(out))
+        public = load_blocks("builtin:code", "train", tok, plan.block_size, 50_000)
+        return {"mask_recovery": recover_all(load(release), mask, self.cfg, tok, public)}
+
+    def summarize(self, rows: list[dict], out: Path, plan: Any) -> dict:
+        """Gains at the mask ratio ρ, and of the dense original as ρ = 1 (every entry trained)."""
+        gains = []
+        for r in rows:
+            if r["defense"] == self.name:
+                gains.append({"ratio": self.cfg.mask_ratio, "task": r["task"], "method": r["attack"], "gain": r["gain"]})
+            elif r["defense"] == "reference" and r["attack"] in ("full", "lora"):
+                gains.append({"ratio": 1.0, "task": r["task"], "method": r["attack"], "gain": r["gain"]})
+        return {"pmp_gain_vs_ratio": gains}
+
+    def verdict_notes(self, rows: list[dict], summary: dict) -> list[str]:
+        rec = summary.get("mask_recovery")
+        if not rec:
+            return []
+        b = rec["best"]
+        return [f"best mask recovery ({b['attack']}) IoU {b['iou']:.2f} vs chance {rec['chance_iou']:.2f}"
+                + (" — the mask leaks" if b["excess_over_chance"] > 0.05 else " — at chance")]
+
+    def summary_lines(self, summary: dict) -> list[str]:
+        rec = summary.get("mask_recovery")
+        if not rec:
+            return []
+        return [f"PMP mask recovery: best {rec['best']['attack']} IoU {rec['best']['iou']:.3f} "
+                f"(chance {rec['chance_iou']:.3f})"]
+
+
+__all__ = ["NoneConfig", "NoDefense", "DLRLockDefense", "PMPDefense"]
