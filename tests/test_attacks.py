@@ -5,7 +5,7 @@ import torch
 
 from dlr_helpers import tiny_model
 from weightlock.attacks import ATTACKS, apply_checkpointing, finetune, make_attack, run_attack
-from weightlock.attacks.core import AttackConfig, ReverseDistillConfig
+from weightlock.attacks import AttackConfig, ReverseDistillConfig  # noqa: F401
 from weightlock.dlr import LockConfig, apply_dlr
 from weightlock.dlr.distill import specs_for
 from weightlock.dlr.modeling_weightlock_dlr import DLRNet
@@ -105,7 +105,7 @@ def test_checkpointing_same_gradients_less_memory():
 
 
 def test_reverse_distill_restores_dense_architecture(tokenizer):
-    from weightlock.attacks.core import reverse_distill
+    from weightlock.attacks import reverse_distill
 
     model = tiny_model("llama")
     model.config.vocab_size = 128
@@ -113,7 +113,7 @@ def test_reverse_distill_restores_dense_architecture(tokenizer):
     from weightlock.dlr.lock import _write_release  # noqa: F401  (config section as in a release)
 
     locked.config.weightlock_dlr = {"base_class": "LlamaForCausalLM", "layers": []}
-    dense, stats = reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig(distill_steps=150, block_size=16,
+    dense, stats = reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig.from_options(distill_steps=150, block_size=16,
                                                                                      distill_tokens=4096, progress=False))
     assert not any(isinstance(m, DLRNet) for m in dense.modules())
     assert type(dense.model.layers[0].mlp).__name__ == "LlamaMLP"
@@ -126,7 +126,7 @@ def test_reverse_distill_restores_dense_architecture(tokenizer):
 def test_reverse_distill_readback_recovers_an_mlp_init_release_without_training(family, tokenizer):
     """A release locked with --init mlp keeps the original MLPs in its weights: reading them back (no
     distillation step) gives a dense model equal to the original, and close to the locked model."""
-    from weightlock.attacks.core import reverse_distill
+    from weightlock.attacks import reverse_distill
     from weightlock.dlr.distill import mlp_slice_init, plain_mlp_weights
     from weightlock.dlr.modeling_weightlock_dlr import adapter_for, find_layers, get_path
 
@@ -137,7 +137,7 @@ def test_reverse_distill_readback_recovers_an_mlp_init_release_without_training(
     for orig, lay in zip(find_layers(original, adapter), find_layers(locked, adapter)):
         mlp_slice_init(plain_mlp_weights(orig, adapter))(get_path(lay, adapter.mlp))
     locked.config.weightlock_dlr = {"base_class": type(original).__name__, "layers": []}
-    cfg = ReverseDistillConfig(init="readback", distill_steps=0, block_size=16, distill_tokens=2048, progress=False)
+    cfg = ReverseDistillConfig.from_options(init="readback", distill_steps=0, block_size=16, distill_tokens=2048, progress=False)
     dense, stats = reverse_distill(locked, _SmallTok(tokenizer), cfg)
     assert not any(isinstance(m, DLRNet) for m in dense.modules())
     assert all(s["steps"] == 0 and s["rel_error"] < 1e-3 for s in stats)  # vs the DLR-Nets' bf16 captures
@@ -147,7 +147,7 @@ def test_reverse_distill_readback_recovers_an_mlp_init_release_without_training(
     key = "logits" if family == "gpt2" else "last_hidden_state"
     assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-4)
     with pytest.raises(WeightlockError, match="init"):
-        reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig(init="guess", progress=False))
+        reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig.from_options(init="guess", progress=False))
 
 
 class _SmallTok:

@@ -126,7 +126,7 @@ def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
 
     # the same through the attack suite's `masked` entry (the unlocked reference gets full fine-tuning)
     from weightlock.attacks import make_attack, run_attack
-    from weightlock.attacks.core import finetune
+    from weightlock.attacks import finetune
     from weightlock.dlr.lock import load
 
     r = run_attack(release, "prose", "masked", tmp_path / "masked", reference=release, steps=2, batch_size=4,

@@ -307,10 +307,8 @@ def attack(
     list_: bool = typer.Option(False, "--list", help="List the attacks and their options."),
 ) -> None:
     """Fine-tuning attacks against a model, with gain and attacker cost."""
-    from dataclasses import fields as dc_fields
-
-    from .attacks import ATTACKS, run_suite
-    from .attacks.suite import _parse, parse_grid
+    from .attacks import ATTACKS, attack_options, run_suite
+    from .attacks.suite import parse_grid, parse_value
 
     if list_:
         t = Table(title="attacks")
@@ -319,7 +317,7 @@ def attack(
         t.add_column("options")
         for n, cls in sorted(ATTACKS.items()):
             t.add_row(n, (cls.__doc__ or "").strip().splitlines()[0],
-                      ", ".join(f"{f.name}={f.default}" for f in dc_fields(cls.Config)))
+                      ", ".join(f"{k}={v}" for k, v in attack_options(n).items()))
         Console(width=200).print(t)
         console.print("sweep: any attack with --sweep KEY=V1,V2 (grid) or --sweep KEY=LO..HI --random N "
                       "(random search); the attacker's best point is reported")
@@ -331,7 +329,7 @@ def attack(
         k, sep, v = item.partition("=")
         if not sep:
             raise WeightlockError(f"--set expects KEY=VALUE, got {item!r}")
-        opts[k] = _parse(v)
+        opts[k] = parse_value(v)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

@@ -1,7 +1,19 @@
-"""The red team: fine-tuning attacks (a registry), counter-measures and attacker-cost measurement."""
-from .core import (ATTACKS, Attack, AttackConfig, apply_checkpointing, finetune, make_attack, register,
-                   reverse_distill, run_attack)
+"""The red team: fine-tuning attacks (a registry), counter-measures and attacker-cost measurement.
+
+Importing this package registers the built-in attacks (each module registers itself):
+``full``, ``lora``, ``freeze``, ``reverse-distill``, ``mask-recover`` and the authorized ``masked``.
+"""
+from ..train.finetune import apply_checkpointing, finetune
+from . import freeze, full, lora, mask, reverse_distill  # noqa: F401  (registers the built-ins)
+from .base import Attack, AttackConfig
+from .freeze import FreezeAttackConfig
+from .lora import LoraAttackConfig
+from .mask import MaskedConfig, MaskRecoverConfig
+from .registry import ATTACKS, attack_options, make_attack, register
+from .reverse_distill import ReverseDistillConfig, reverse_distill
+from .run import run_attack
 from .suite import run_suite
 
-__all__ = ["ATTACKS", "Attack", "AttackConfig", "apply_checkpointing", "finetune", "make_attack", "register",
-           "reverse_distill", "run_attack", "run_suite"]
+__all__ = ["ATTACKS", "Attack", "AttackConfig", "FreezeAttackConfig", "LoraAttackConfig", "MaskRecoverConfig",
+           "MaskedConfig", "ReverseDistillConfig", "apply_checkpointing", "attack_options", "finetune",
+           "make_attack", "register", "reverse_distill", "run_attack", "run_suite"]

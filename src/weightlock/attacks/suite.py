@@ -10,10 +10,12 @@ from pathlib import Path
 from ..errors import WeightlockError
 from ..io import write_json
 from ..schema import ATTACK_SUITE, SCHEMA_VERSION
-from .core import make_attack, run_attack
+from .registry import make_attack
+from .run import run_attack
 
 
-def _parse(v: str):
+def parse_value(v: str):
+    """A command-line value: an int, a float, true/false, or the string itself."""
     for cast in (int, float):
         try:
             return cast(v)
@@ -31,12 +33,12 @@ def parse_grid(items: list[str]) -> dict[str, list | tuple]:
         if not sep or not values.strip():
             raise WeightlockError(f"a sweep is KEY=V1,V2,... or KEY=LO..HI, got {item!r}")
         if ".." in values:
-            lo, hi = (_parse(v) for v in values.split("..", 1))
+            lo, hi = (parse_value(v) for v in values.split("..", 1))
             if not all(isinstance(v, (int, float)) and v > 0 for v in (lo, hi)) or lo >= hi:
                 raise WeightlockError(f"{item!r}: a range needs two positive numbers LO < HI")
             grid[key.strip()] = (lo, hi)
         else:
-            grid[key.strip()] = [_parse(v) for v in values.split(",") if v.strip()]
+            grid[key.strip()] = [parse_value(v) for v in values.split(",") if v.strip()]
     return grid
 
 

@@ -1,4 +1,4 @@
-"""Authorized fine-tuning with the private mask (the attack suite's loop, plus the mask hook)."""
+"""Authorized fine-tuning with the private mask (the attacks' fine-tuning, plus the mask hook)."""
 from __future__ import annotations
 
 from ..io import check_out_dir, prepare_out_dir
@@ -12,10 +12,10 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     The mask must match the release's commitment (a mask from another run is refused before anything is
     loaded or trained); a model without one is refused unless ``allow_uncommitted``.
     """
-    from ..attacks.core import AttackConfig, finetune
     from ..data import load_blocks, load_tokenizer
     from ..eval.perplexity import default_block_size
     from ..models.hub import load, save_model_dir
+    from ..train.finetune import FinetuneConfig, finetune
     from .release import mask_for_release
     from .train import MaskHook
 
@@ -30,7 +30,7 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     out = prepare_out_dir(out, overwrite=overwrite, inputs=(model_dir, mask, data))
     bs = block_size or default_block_size(model_dir)
     blocks = load_blocks(data, "train", tok, bs, 400_000)
-    cfg = AttackConfig(steps=steps, lr=lr, batch_size=min(batch_size, blocks.shape[0]), block_size=bs, seed=seed)
+    cfg = FinetuneConfig.from_options(steps=steps, lr=lr, batch_size=min(batch_size, blocks.shape[0]), seed=seed)
     history, _ = finetune(model, blocks, cfg, hooks=hooks, measure=False)
     save_model_dir(model, tok, out)
     return {"loss_first": history[0]["loss"], "loss_last": history[-1]["loss"], "authorized": mask is not None}

@@ -13,27 +13,33 @@ Checkpoints (model, optimizer, scheduler, step, hook states) are written atomica
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import signal
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import torch
 
 from ..config import check_types
 from ..errors import WeightlockError
+from ..eval.cost import CostProbe
 from ..io import read_json, write_json
+
+
+Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["adamw", "sgd", "adafactor"]  # adafactor: factored second moments (low memory)
 
 
 @dataclass
 class TrainConfig:
-    """Optimizer, schedule and bookkeeping of one training run (defaults suit the small presets)."""
+    """Optimizer, schedule and bookkeeping of one training run (defaults suit the small presets).
+
+    Validated at construction; code that changes a field afterwards calls :meth:`validate` again (the
+    :class:`Trainer` does, before it trains)."""
 
     max_steps: int = 300
     batch_size: int = 16  # sequences per micro-batch (per process)
@@ -41,16 +47,16 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: Schedule = "cosine"
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     eval_every: int = 100
     eval_blocks: int = 64
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # 0: no periodic checkpoints
     seed: int = 0
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: Optimizer = "adamw"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -62,10 +68,14 @@ class TrainConfig:
             raise WeightlockError("max_steps, batch_size and grad_accum must be at least 1")
         if not self.lr > 0:
             raise WeightlockError(f"learning rate must be positive, got {self.lr}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise WeightlockError(f"unknown schedule {self.schedule!r} (cosine, linear, constant)")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise WeightlockError(f"unknown optimizer {self.optimizer!r} (adamw, sgd)")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise WeightlockError("warmup_steps and checkpoint_every must be ≥ 0")
+        if self.eval_every < 1 or self.eval_blocks < 1:
+            raise WeightlockError("eval_every and eval_blocks must be at least 1")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise WeightlockError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or not self.eps > 0:
+            raise WeightlockError("weight_decay and grad_clip must be ≥ 0, eps positive")
 
 
 class Hook:
@@ -103,6 +113,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(params: Iterable[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over the trainable ``params``: weight decay on matrices, none on vectors."""
     decay, no_decay = [], []
     for _, p in params:
         if p.requires_grad:
@@ -112,6 +123,8 @@ def make_optimizer(params: Iterable[tuple[str, torch.nn.Parameter]], cfg: TrainC
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -137,13 +150,15 @@ def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int 
 
 
 class Trainer:
-    """Train ``model`` (a causal LM) on packed token blocks with AdamW, a schedule, clipping and hooks."""
+    """Train ``model`` (a causal LM) on packed token blocks with an optimizer (AdamW, SGD or Adafactor), a
+    schedule, clipping and hooks. Its :class:`~weightlock.eval.cost.CostProbe` times every step and, with
+    ``measure_costs``, measures the first micro-batch (``saved_activation_bytes``, ``flops_per_micro_batch``)."""
 
     def __init__(self, model: torch.nn.Module, train_blocks: torch.Tensor, cfg: TrainConfig,
                  val_blocks: torch.Tensor | None = None, hooks: Sequence[Hook] = (),
                  checkpoint_dir: str | os.PathLike | None = None, accelerator=None,
                  loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
-                 measure_saved_activations: bool = False) -> None:
+                 measure_costs: bool = False) -> None:
         cfg.validate()
         if train_blocks.ndim != 2 or train_blocks.shape[0] < cfg.batch_size:
             raise WeightlockError(
@@ -169,9 +184,8 @@ class Trainer:
         self.tokens_seen = 0
         self.history: list[dict[str, float]] = []
         self.should_stop = False
-        self.measure_saved = measure_saved_activations
-        self.saved_activation_bytes: int | None = None  # of one micro-batch, measured at the first step
-        self.flops_per_micro_batch: int | None = None  # forward + backward, torch's FLOP counter, first step
+        # times every step; with measure_costs also the first micro-batch's saved activations and FLOPs
+        self.probe = CostProbe(model, measure=measure_costs)
         self._perm_epoch, self._perm = -1, None
         self.per_epoch = train_blocks.shape[0] // cfg.batch_size
 
@@ -197,36 +211,33 @@ class Trainer:
             h.on_evaluate(self, metrics)
         return metrics
 
+    @property
+    def saved_activation_bytes(self) -> int | None:
+        """Bytes autograd saved for one micro-batch's backward (first step; ``measure_costs`` only)."""
+        return self.probe.saved_activation_bytes
+
+    @property
+    def flops_per_micro_batch(self) -> int | None:
+        """Forward + backward FLOPs of one micro-batch, torch's counter (first step; ``measure_costs`` only)."""
+        return self.probe.flops_per_micro_batch
+
+    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+        with self.acc.autocast():
+            return self.loss_fn(self.model, x) / self.cfg.grad_accum
+
     def train_step(self) -> dict[str, float]:
+        """One optimizer step: ``grad_accum`` micro-batches forward and backward, the hooks'
+        ``transform_gradients``, clipping, the optimizer and scheduler, ``after_optimizer_step``. Returns the
+        step's metrics (loss, gradient norm, learning rate, the probe's timings, tokens per second)."""
         self.model.train()
-        t0 = time.perf_counter()
-        total = t_fwd = t_bwd = 0.0
+        self.probe.begin_step()
+        total = 0.0
         for micro in range(self.cfg.grad_accum):
             x = self.batch(self.step, micro)
-            ta = time.perf_counter()
-            first = self.measure_saved and self.saved_activation_bytes is None
-            # the first micro-batch (excluded from timing medians) is also measured: FLOPs of its forward
-            # AND backward in one counter (re-entering a FlopCounterMode resets it), saved activations
-            flops = _first_step_flops() if first else contextlib.nullcontext()
-            with flops:
-                if first:
-                    from ..eval.cost import count_saved_tensors
-
-                    with count_saved_tensors(tuple(self.raw_model.parameters())) as saved, self.acc.autocast():
-                        loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
-                    self.saved_activation_bytes = saved.bytes
-                else:
-                    with self.acc.autocast():
-                        loss = self.loss_fn(self.model, x) / self.cfg.grad_accum
-                tb = time.perf_counter()
-                self.acc.backward(loss)
-            if first:
-                self.flops_per_micro_batch = flops.get_total_flops()
-            t_fwd += tb - ta
-            t_bwd += time.perf_counter() - tb
+            loss = self.probe.micro_batch(lambda: self._loss(x), self.acc.backward)
             total += loss.item()
             self.tokens_seen += x.numel() * self.acc.num_processes
-        tc = time.perf_counter()
+        self.probe.begin_optimizer()
         for h in self.hooks:
             h.transform_gradients(self)
         gnorm = 0.0
@@ -238,11 +249,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        dt = time.perf_counter() - t0
+        times = self.probe.end_step()
         return {"step": self.step, "loss": total, "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
-                "step_time": dt, "forward_time": t_fwd, "backward_time": t_bwd,
-                "optimizer_time": time.perf_counter() - tc,
-                "tokens_per_s": self.cfg.batch_size * self.cfg.grad_accum * self.train_blocks.shape[1] / dt}
+                **times, "tokens_per_s": self.cfg.batch_size * self.cfg.grad_accum * self.train_blocks.shape[1]
+                / times["step_time"]}
 
     def fit(self, resume: bool = True) -> list[dict[str, float]]:
         """Train to ``cfg.max_steps`` (resuming from the checkpoint dir if one is there)."""
@@ -294,7 +304,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.raw_model.state_dict().items()}
-        save_file(_dedupe_shared(state), str(tmp / "model.safetensors"))
+        save_file(dedupe_shared(state), str(tmp / "model.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "hooks": [h.state_dict() for h in self.hooks]}, tmp / "optimizer.pt")
         write_json(tmp / "trainer_state.json", {"step": self.step, "tokens_seen": self.tokens_seen,
@@ -335,21 +345,6 @@ class Trainer:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _first_step_flops():
-    """torch's FLOP counter, taught the CPU flash-attention kernels it does not know (without them every
-    attention matmul on CPU would count as zero)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-
-    aten = torch.ops.aten
-    mapping = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = (
-            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
-            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
 def _install_sigint(flag: list) -> object:
     """First Ctrl-C sets ``flag`` (the loop checkpoints at the end of the step); a second one aborts."""
     if threading.current_thread() is not threading.main_thread():
@@ -371,7 +366,7 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied embeddings): keep the first of each."""
     seen: dict[tuple[int, int], str] = {}
     out = {}
@@ -382,3 +377,6 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen[key] = k
         out[k] = v
     return out
+
+
+_dedupe_shared = dedupe_shared  # the old private name, still imported by models/hub.py

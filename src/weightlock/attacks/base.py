@@ -1,0 +1,66 @@
+"""What every attack is: a config (fine-tuning budget, counter-measures, task data) and a class that
+prepares the model to fine-tune."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..errors import WeightlockError
+from ..train.finetune import FinetuneConfig
+
+
+@dataclass
+class AttackConfig(FinetuneConfig):
+    """Fine-tuning budget and memory-saving counter-measures shared by every attack (``training``: the
+    :class:`~weightlock.train.loop.TrainConfig`; flat options ``steps``, ``lr``, ... map into it, see
+    :meth:`~weightlock.train.finetune.FinetuneConfig.from_options`), plus the task data's block size and
+    token budget and the fine-tuning curve."""
+
+    what: ClassVar[str] = "attack config"
+    block_size: int = 128
+    train_tokens: int = 200_000
+    score_every: int = 0  # also score the task every N steps (a fine-tuning curve); 0: before/after only
+
+    def validate(self) -> None:
+        super().validate()
+        if self.train_tokens < 1 or self.block_size < 2:
+            raise WeightlockError("train_tokens must be ≥ 1, block_size ≥ 2")
+        if self.score_every < 0:
+            raise WeightlockError("score_every must be ≥ 0")
+
+
+class Attack:
+    """A fine-tuning attack: ``Config`` is its :class:`AttackConfig` subclass; :meth:`prepare` turns the
+    loaded model into what gets fine-tuned. Registered by name with :func:`~weightlock.attacks.registry.register`;
+    built with :func:`~weightlock.attacks.registry.make_attack`; run with
+    :func:`~weightlock.attacks.run.run_attack`."""
+
+    name = "attack"
+    Config: type[AttackConfig] = AttackConfig
+    reference_attack: str | None = None  # what runs on the unlocked reference (default: the same attack)
+
+    def __init__(self, cfg: AttackConfig | None = None) -> None:
+        self.cfg = cfg or self.Config()
+
+    def prepare(self, model: nn.Module, tokenizer, ctx: dict) -> nn.Module:
+        """Return the model to fine-tune (may wrap or convert ``model``); record extra costs in ``ctx``
+        (``ctx["hooks"]``: training-loop hooks for the fine-tuning)."""
+        return model
+
+
+def is_dlr(model: nn.Module) -> bool:
+    """Whether ``model`` is DLR-locked (a release's config section, or DLR-Nets in it)."""
+    from ..dlr.modeling_weightlock_dlr import DLR_CONFIG_KEY, DLRNet
+
+    return bool(getattr(model.config, DLR_CONFIG_KEY, None)) or any(isinstance(m, DLRNet) for m in model.modules())
+
+
+def attention_names(model: nn.Module) -> list[str]:
+    """The names of the attention projections among ``model``'s linear layers (``q_proj``, ``c_attn``, ...)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    known = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "query", "key",
+             "value", "dense"]
+    picked = [k for k in known if k in names and k != "dense"]
+    return picked or [k for k in known if k in names]

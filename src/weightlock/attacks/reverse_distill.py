@@ -1,0 +1,87 @@
+"""Reverse distillation: turn a DLR lock back into a dense model, then fine-tune that."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import choice
+from ..errors import WeightlockError
+from .base import Attack, AttackConfig, is_dlr
+from .registry import register
+
+
+@dataclass
+class ReverseDistillConfig(AttackConfig):
+    # random | readback (plain MLPs: start from the stacked V_l, s·U_l of each DLR-Net)
+    init: Literal["random", "readback"] = choice("random", "reverse-distill init")
+    distill_steps: int = 600  # 0 with init=readback: no distillation at all
+    distill_tokens: int = 65_536
+    distill_lr: float = 3e-3
+
+    def validate(self) -> None:
+        super().validate()
+        if self.distill_steps < 0 or self.distill_tokens < self.block_size or not self.distill_lr > 0:
+            raise WeightlockError("distill_steps must be ≥ 0, distill_tokens ≥ block_size and distill_lr positive")
+
+
+@register("reverse-distill")
+class ReverseDistill(Attack):
+    """Distil each DLR-Net back into a dense MLP of the original shape (forward passes through the locked
+    model only), then fully fine-tune the dense model. The distillation's time counts as attack cost.
+    ``init=readback`` starts each dense MLP from the DLR-Net's own stacked factors, which for an
+    ``--init mlp`` release already is the original MLP (``distill_steps=0``: no distillation at all)."""
+
+    Config = ReverseDistillConfig
+    reference_attack = "full"  # the unlocked reference has nothing to reverse: it is fine-tuned directly
+
+    def prepare(self, model, tokenizer, ctx):
+        if not is_dlr(model):
+            raise WeightlockError("reverse-distill needs a DLR-locked model (this one has no DLR-Nets)")
+        t0 = time.perf_counter()
+        dense, errors = reverse_distill(model, tokenizer, self.cfg)
+        ctx["reverse_distill"] = {"seconds": time.perf_counter() - t0, "layer_rel_error": errors}
+        return dense
+
+
+def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Module, list[dict]]:
+    """A dense model with the locked model's architecture before locking, MLPs fitted to the DLR-Nets."""
+    import transformers
+
+    from ..data import load_blocks
+    from ..dlr.distill import capture, dlr_readback, fit_module, relative_error, set_plain_mlp_weights
+    from ..dlr.modeling_weightlock_dlr import DLR_CONFIG_KEY, adapter_for, find_layers, get_path
+
+    info = getattr(model.config, DLR_CONFIG_KEY)
+    config = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                               if k not in (DLR_CONFIG_KEY, "auto_map")})
+    torch.manual_seed(cfg.training.seed)
+    dense = getattr(transformers, info["base_class"])(config).eval()  # no dropout while fitting the MLPs
+    adapter = adapter_for(model)
+    locked_layers, dense_layers = find_layers(model, adapter), find_layers(dense, adapter)
+    # every non-MLP weight is public: copy it
+    own = dict(dense.named_parameters())
+    for n, p in model.named_parameters():
+        if n in own and own[n].shape == p.shape:
+            own[n].data.copy_(p.data)
+    if cfg.init == "readback":
+        for locked, layer in zip(locked_layers, dense_layers):
+            set_plain_mlp_weights(layer, adapter, dlr_readback(get_path(locked, adapter.mlp)))
+    blocks = load_blocks("builtin:code+prose", "train", tokenizer, cfg.block_size, cfg.distill_tokens)
+    caps = capture(model, blocks, list(range(len(locked_layers))))
+    errors = []
+    for k, layer in enumerate(dense_layers):
+        x, y = caps[k]
+        student = get_path(layer, adapter.mlp)
+        if adapter.mlp_out:  # BERT: the feed-forward is split over `intermediate` and `output.dense`
+            student = nn.Sequential(student, get_path(layer, adapter.mlp_out))
+        if cfg.distill_steps == 0:
+            errors.append({"rel_error": relative_error(student, x, y), "steps": 0})
+            continue
+        _, st = fit_module(lambda s=student: s, x, y, steps=cfg.distill_steps, lr=cfg.distill_lr,
+                           batch_tokens=1024, seed=cfg.training.seed, progress=cfg.training.progress, desc=f"reverse {k}")
+        errors.append(st)
+    return dense.train(), errors

@@ -1,0 +1,128 @@
+"""Running one attack: fine-tune a model on a task, against the unlocked reference when given, and record
+the attacker's gain and what it paid (saved-activation bytes, the run's own peak memory, time split
+forward/backward/optimizer, FLOPs, tokens)."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import WeightlockError
+from ..eval.cost import PeakMemory, analytic_train_flops
+from ..io import read_json, write_json
+from ..train.finetune import finetune
+from .base import Attack
+from .registry import attack_options, make_attack
+
+
+def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | None = None,
+               reference: str | Path | None = None, eval_data: str | None = None, **options) -> dict:
+    """Attack the model in ``model_dir`` on ``task`` with the registered ``attack`` configured by flat
+    ``options`` (see :func:`~weightlock.attacks.registry.make_attack`); with ``reference`` the same attack
+    (or the attack's ``reference_attack``) runs on the unlocked reference and the gain ratio is reported.
+    Writes ``result.json`` + ``config.json`` in ``out`` (a finished run there is returned as is)."""
+    from ..eval.tasks import get_task
+
+    atk = make_attack(attack, **options)
+    task_obj = get_task(task)
+    out = Path(out) if out else None
+    if out and (out / "result.json").exists():
+        return read_json(out / "result.json")
+    if reference is not None and not Path(reference).is_dir():
+        raise WeightlockError(f"{reference}: reference model directory not found")
+    config = {"model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
+              "attack": attack, "options": atk.cfg.options()}
+    result = {**config, "locked": attack_one(model_dir, task_obj, atk, eval_data)}
+    if reference is not None:
+        ref_name = atk.reference_attack or attack
+        ref_options = attack_options(ref_name)
+        result["reference_attack"] = ref_name
+        result["reference_run"] = attack_one(reference, task_obj, make_attack(
+            ref_name, **{k: v for k, v in options.items() if k in ref_options}), eval_data)
+        ref_gain = result["reference_run"]["gain"]
+        result["gain_ratio"] = result["locked"]["gain"] / ref_gain if abs(ref_gain) > 1e-12 else None
+    if out:
+        write_json(out / "config.json", config)
+        write_json(out / "result.json", result)
+    return result
+
+
+def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> dict:
+    """One attack on one model: task score and capability perplexity before and after, and the costs.
+    The run's own peak memory (preparation + fine-tuning, not the process's all-time high) is measured
+    here, around the whole run; the per-step figures come from the trainer's cost probe."""
+    from ..data import load_blocks, load_tokenizer
+    from ..models.hub import load
+    from ..train.loop import LambdaHook, evaluate_loss
+
+    c, tc = atk.cfg, atk.cfg.training
+    torch.manual_seed(tc.seed)
+    model = load(model_dir)
+    tok = load_tokenizer(model_dir)
+    cap_spec = eval_data or pretraining_domain(model_dir)
+    cap_blocks = load_blocks(cap_spec, "validation", tok, c.block_size, 8192)
+    ctx: dict[str, Any] = {}
+    before = task.evaluate(model, tok, c.block_size)
+    cap_before = math.exp(evaluate_loss(model, cap_blocks))
+    blocks = task.train_blocks(tok, c.block_size, c.train_tokens)
+    curve = [[0, before["score"]]]
+    with PeakMemory() as peak:
+        t0 = time.perf_counter()
+        model = atk.prepare(model, tok, ctx)
+        prepare_s = time.perf_counter() - t0
+        hooks = ctx.pop("hooks", [])
+        if c.score_every > 0:
+            def score(trainer, metrics, k=c.score_every):
+                if trainer.step % k == 0 and trainer.step < tc.max_steps:  # outside the timed step
+                    curve.append([trainer.step, task.evaluate(model, tok, c.block_size)["score"]])
+            hooks = [*hooks, LambdaHook(on_step_end=score)]
+        history, trainer = finetune(model, blocks, c, hooks=hooks)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    recovered = ctx.pop("recovered_mask", None)
+    if recovered is not None:
+        ctx["recovered_mask_density"] = sum(int(m.sum()) for m in recovered.values()) / sum(
+            m.numel() for m in recovered.values())
+    model.eval()
+    after = task.evaluate(model, tok, c.block_size)
+    curve.append([trainer.step, after["score"]])
+    cap_after = math.exp(evaluate_loss(model, cap_blocks))
+    steps = history[1:] or history  # the first step pays one-off costs
+    med = lambda k: statistics.median(h[k] for h in steps)  # noqa: E731
+    micro_batches = len(history) * tc.grad_accum
+    return {
+        "model": str(model_dir), "before": before, "after": after, "gain": after["score"] - before["score"],
+        "capability_ppl_before": cap_before, "capability_ppl_after": cap_after, "capability_data": cap_spec,
+        "parameters": n_params, "trainable_parameters": n_train, "tokens": trainer.tokens_seen,
+        "loss_curve": [h["loss"] for h in history], "score_curve": curve,
+        "cost": {
+            "saved_activation_bytes_per_step": trainer.saved_activation_bytes,
+            **peak.as_dict(),
+            "step_time_s": med("step_time"), "forward_time_s": med("forward_time"),
+            "backward_time_s": med("backward_time"), "optimizer_time_s": med("optimizer_time"),
+            "train_seconds": sum(h["step_time"] for h in history), "prepare_seconds": prepare_s,
+            # analytic FLOPs of full training (linear maps + attention), every micro-batch run
+            "flops_estimate": analytic_train_flops(model, tc.batch_size, c.block_size) * micro_batches,
+            # torch's FLOP counter (matmuls; forward + backward of one micro-batch) × micro-batches run
+            "flops_counted": (trainer.flops_per_micro_batch * micro_batches
+                              if trainer.flops_per_micro_batch is not None else None),
+        },
+        **ctx,
+    }
+
+
+def pretraining_domain(model_dir) -> str:
+    """The data ``model_dir`` was pretrained on (through a lock report to its base model), else builtin:code."""
+    from ..train.pretrain import run_config
+
+    data = run_config(model_dir).get("data")
+    if data:
+        return data
+    rep = Path(model_dir) / "lock_report.json"
+    if rep.exists():
+        return pretraining_domain(read_json(rep)["base_model"])
+    return "builtin:code"
