@@ -14,6 +14,7 @@ import torch
 from ..errors import WeightlockError
 from ..eval.cost import PeakMemory, analytic_train_flops
 from ..io import read_json, write_json
+from ..schema import ATTACK_RUN, SCHEMA_VERSION
 from ..train.finetune import finetune
 from .base import Attack
 from .registry import attack_options, make_attack
@@ -36,7 +37,8 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
         raise WeightlockError(f"{reference}: reference model directory not found")
     config = {"model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
               "attack": attack, "options": atk.cfg.options()}
-    result = {**config, "locked": attack_one(model_dir, task_obj, atk, eval_data)}
+    result = {"kind": ATTACK_RUN, "schema_version": SCHEMA_VERSION, **config,
+              "locked": attack_one(model_dir, task_obj, atk, eval_data)}
     if reference is not None:
         ref_name = atk.reference_attack or attack
         ref_options = attack_options(ref_name)
