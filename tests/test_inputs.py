@@ -113,3 +113,14 @@ def test_torchrun_workers_share_the_cores(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     counts = [int((tmp_path / f"rank{k}").read_text()) for k in (0, 1)]
     assert all(1 <= c <= max(1, len(os.sched_getaffinity(0)) // 2) for c in counts), counts
+
+
+def test_non_empty_output_hints_only_options_the_command_has(tiny_model_dir, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = _cli("lock", "--model", str(tiny_model_dir[0]), "--out", str(out), "--steps", "1")
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "--resume" not in r.stderr, r.stderr[-1500:]
+    r = _cli("pretrain", "--method", "pmp", "--preset", "tiny", "--out", str(out))
+    assert r.returncode == 2 and "--resume" in r.stderr, r.stderr[-1500:]
+    assert (out / "keep.txt").read_text() == "precious"

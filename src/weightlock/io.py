@@ -74,9 +74,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_out_dir(out: str | os.PathLike, inputs: tuple = ()) -> Path:
+def check_out_dir(out: str | os.PathLike, inputs: tuple = (), non_empty_ok: bool = True,
+                  hint: str = "pass --overwrite to replace it") -> Path:
     """Refuse, before any work, an output directory that cannot be written or that is, contains or lies
-    inside one of ``inputs`` (a model or data path): replacing it would delete or alter the input."""
+    inside one of ``inputs`` (a model or data path): replacing it would delete or alter the input; with
+    ``non_empty_ok=False`` also one that is not empty (``hint``: the ways out the command offers)."""
     out = Path(out)
     real = out.resolve()
     for inp in inputs:
@@ -91,6 +93,8 @@ def check_out_dir(out: str | os.PathLike, inputs: tuple = ()) -> Path:
                                   "choose an output outside it")
     if out.exists() and not out.is_dir():
         raise WeightlockError(f"{out}: exists and is not a directory")
+    if not non_empty_ok and out.is_dir() and any(out.iterdir()):
+        raise WeightlockError(f"{out}: directory is not empty; {hint}")
     parent = real
     while not parent.exists():
         parent = parent.parent
@@ -110,10 +114,8 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False, resume: boo
     """Create ``out``; refuse a non-empty one unless ``overwrite`` (wipe it) or ``resume`` (keep it), and
     refuse one that is, contains or lies inside an input (see :func:`check_out_dir`). ``hint`` ends the
     error for a non-empty directory (the ways out the calling command offers)."""
-    out = check_out_dir(out, inputs)
+    out = check_out_dir(out, inputs, non_empty_ok=overwrite or resume, hint=hint)
     if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise WeightlockError(f"{out}: directory is not empty; {hint}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out

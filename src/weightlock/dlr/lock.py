@@ -52,7 +52,7 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     cfg.validate()
     out = Path(out)
     inputs = (model_dir, cfg.data)
-    check_out_dir(out, inputs)  # before any heavy work
+    check_out_dir(out, inputs, non_empty_ok=overwrite or (out / WORK).exists(), hint=_BUSY)  # before heavy work
     model_dir = resolve_model_path(model_dir)  # a .gguf file: its cached Hugging Face conversion
     original = load(model_dir)
     if getattr(original.config, M.DLR_CONFIG_KEY, None):
@@ -70,8 +70,7 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     if main:
         if restart:
             shutil.rmtree(work, ignore_errors=True)
-        prepare_out_dir(out, overwrite=overwrite, resume=work.exists(), inputs=inputs,
-                        hint="pass --overwrite to replace it (an interrupted lock into it resumes by itself)")
+        prepare_out_dir(out, overwrite=overwrite, resume=work.exists(), inputs=inputs, hint=_BUSY)
         _claim_work(work, _work_settings(model_dir, cfg, spec, block, adapter))
     if dist:
         dist.barrier()
@@ -99,6 +98,8 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     shutil.rmtree(work, ignore_errors=True)
     return report
 
+
+_BUSY = "pass --overwrite to replace it (an interrupted lock into it resumes by itself)"
 
 # settings that do not change what the work directory holds (captures and distilled layers)
 _NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "max_rel_error"}

@@ -13,10 +13,11 @@ import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
+from ..config import check_types, choice
 from ..errors import WeightlockError
 from ..io import sha256_file, write_json
 from ..schema import PMP_RUN, SCHEMA_VERSION
@@ -28,11 +29,15 @@ PAPER_SEED = 42
 
 @dataclass
 class PMPConfig:
-    """Settings of PMP. ``variant='paper'`` reproduces the authors' script; ``hardened`` is the default."""
+    """Settings of PMP. ``variant='paper'`` reproduces the authors' script; ``hardened`` is the default.
+
+    Validated at construction; code that changes a field afterwards calls :meth:`validate` again
+    (``pretrain_pmp`` does, before any work)."""
 
     mask_ratio: float = 0.3
-    variant: str = "hardened"  # hardened | paper
-    pool: str = "linear"  # all | linear (2-D weights of linear layers) | no-embed-norm
+    variant: Literal["hardened", "paper"] = choice("hardened", "PMP variant")
+    # all | linear (2-D weights of linear layers) | no-embed-norm
+    pool: Literal["all", "linear", "no-embed-norm"] = choice("linear", "pool")
     per_tensor: bool = False
     iou_threshold: float = 0.99
     patience: int = 5
@@ -41,13 +46,19 @@ class PMPConfig:
     projection_every: int = 0  # paper: rescale the complement into an L2 ball every τ steps
     projection_radius: float = 2.0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        check_types(self, "PMP config")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise WeightlockError(f"mask ratio must be in (0, 1], got {self.mask_ratio}")
-        if self.variant not in ("hardened", "paper"):
-            raise WeightlockError(f"unknown PMP variant {self.variant!r} (hardened, paper)")
-        if self.pool not in ("all", "linear", "no-embed-norm"):
-            raise WeightlockError(f"unknown pool {self.pool!r} (all, linear, no-embed-norm)")
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise WeightlockError(f"iou_threshold must be in (0, 1], got {self.iou_threshold}")
+        if self.patience < 1 or self.discovery_max_steps < 1 or self.projection_every < 0:
+            raise WeightlockError("patience and discovery_max_steps must be ≥ 1, projection_every ≥ 0")
+        if not self.projection_radius > 0:
+            raise WeightlockError(f"projection_radius must be positive, got {self.projection_radius}")
 
     @classmethod
     def paper(cls, mask_ratio: float) -> "PMPConfig":
@@ -190,8 +201,10 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
     elif resume and out.is_dir() and any(out.iterdir()):
         raise WeightlockError(f"{out}: no {CONFIG_FILE} here, so not an interrupted PMP run; nothing to resume "
                               "(start again with --overwrite)")
+    cfg.validate()
     pmp.validate()
-    out = prepare_out_dir(out, overwrite=overwrite, resume=resume)
+    out = prepare_out_dir(out, overwrite=overwrite, resume=resume,
+                          hint="pass --overwrite to replace it or --resume to continue a run")
     write_json(out / CONFIG_FILE, {"kind": "pretrain-pmp", "config": cfg.to_dict(), "pmp": asdict(pmp)})
     release, private = out / "release", out / "private"
     private.mkdir(mode=0o700, exist_ok=True)
