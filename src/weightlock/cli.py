@@ -348,11 +348,13 @@ def attack(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo keeps its models and results."),
     quick: bool = typer.Option(False, help="Tiny preset, fewer steps (a minute or two)."),
+    defense: list[str] = typer.Option([], help="Run only this registered defense (repeatable; default: every "
+                                      "registered defense, e.g. dlr and pmp)."),
 ) -> None:
     """Run the whole story on the built-in corpus (reuses cached artifacts in --out)."""
     from .demo import run_demo
 
-    run_demo(out, quick=quick)
+    run_demo(out, quick=quick, defenses=defense or None)
 
 
 @app.command()

@@ -1,11 +1,14 @@
 """``weightlock demo``: the main job, end to end on the built-in corpus.
 
-Pretrains a dense base model and a PMP model with the same settings, locks the base model with
-DLR-Lock, evaluates all three, attacks both locks (full fine-tuning, LoRA, gradient checkpointing,
-reverse distillation, mask recovery; the owner's authorized masked fine-tuning as the yardstick) on the
-prose-adaptation task and the key–value recall skill, runs the same attacks on the unlocked base model
-as the reference, measures mask recovery against chance, and writes ``summary.json`` and the report.
-Every stage reuses what an earlier (or interrupted) run left in ``--out``.
+Pretrains a dense base model on the built-in corpus, then builds every registered defense
+(``weightlock.defenses``: DLR-Lock locks the base model; PMP pretrains its own model with the same
+settings; defenses registered from user code join them, or ``defenses=``/``--defense`` picks some),
+evaluates each release's capability and the defense's own extra evaluations (mask recovery against
+chance, memory vs depth), runs each defense's attack plan (full fine-tuning, LoRA, gradient
+checkpointing, reverse distillation, mask recovery; PMP's authorized masked fine-tuning as the yardstick)
+on the prose-adaptation task and the key–value recall skill, with the same attacks on the unlocked base
+model as the reference, and writes one verdict per defense, ``summary.json`` and the report. Every stage
+reuses what an earlier (or interrupted) run left in ``--out``.
 """
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 from . import schema
+from .errors import WeightlockError
 from .io import machine_info, read_json, write_json
-from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, fmt
+from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
 
 @dataclass
@@ -40,107 +45,156 @@ class DemoPlan:
     memory_depths: tuple[int, ...] = (8, 16, 24, 32)
     max_ppl_tokens: int = 32768
 
+    @property
+    def block_size(self) -> int:
+        return 64 if self.preset == "tiny" else 128
+
+    @property
+    def train_tokens(self) -> int:
+        return 50_000 if self.preset == "tiny" else 200_000
+
+    def defense_options(self, name: str) -> dict:
+        """This plan's settings of a built-in defense (others run with their config's defaults)."""
+        return {"dlr": {"rank": self.rank, "steps": self.lock_steps},
+                "pmp": {"mask_ratio": self.pmp_ratio, "discovery_max_steps": self.discovery_steps}}.get(name, {})
+
 
 FULL = DemoPlan()
 QUICK = DemoPlan(preset="tiny", rank=8, lock_steps=150, discovery_steps=15, attack_steps=6, attack_batch=4,
                  score_every=3, reverse_distill_steps=40, memory_depths=(2, 4, 6, 8), max_ppl_tokens=4096)
 
-# (defense, label, attack, options, learning-rate key, reference label); the reference runs on the base model
-ATTACK_PLAN = [
-    ("reference", "full", "full", {}, "full", None),
-    ("reference", "lora", "lora", {"targets": "attention"}, "lora", None),
-    ("reference", "checkpointing", "full", {"checkpointing": "layer"}, "full", None),
-    ("dlr", "full", "full", {}, "full", "full"),
-    ("dlr", "lora", "lora", {"targets": "attention"}, "lora", "lora"),
-    ("dlr", "checkpointing", "full", {"checkpointing": "dlr"}, "full", "checkpointing"),
-    ("dlr", "reverse-distill", "reverse-distill", {}, "full", "full"),
-    ("pmp", "full", "full", {}, "full", "full"),
-    ("pmp", "lora", "lora", {"targets": "attention"}, "lora", "lora"),
-    ("pmp", "mask-recover", "mask-recover", {"method": "spectral"}, "masked", "full"),
-    ("pmp", "masked (authorized)", "masked", {}, "masked", "full"),
-]
+
+def select_defenses(names: Sequence | None, plan: DemoPlan) -> list:
+    """The defenses a demo runs: every registered one but ``none`` (the reference), or those named (a
+    registry name, configured by the plan for the built-ins, or a ready :class:`Defense`)."""
+    from .defenses import DEFENSES, Defense, make_defense
+
+    if names is None:
+        names = [n for n in DEFENSES if n != "none"]
+    chosen = [d if isinstance(d, Defense) else make_defense(d, **plan.defense_options(d)) for d in names]
+    if not chosen:
+        raise WeightlockError("no defense to run; name one with --defense (registered: "
+                              f"{', '.join(DEFENSES)})")
+    seen = [d.name for d in chosen]
+    if len(set(seen)) != len(seen):
+        raise WeightlockError(f"a defense is named twice: {', '.join(seen)}")
+    return chosen
 
 
-def run_demo(out: Path, quick: bool = False, report: bool = True) -> dict:
-    """Run (or resume) the demo in ``out``; returns the summary also written to ``out/summary.json``."""
-    from .dlr.lock import LockConfig, lock
-    from .pmp import PMPConfig, pretrain_pmp
+def _reference_plan(reference, chosen: list, plan: DemoPlan) -> list:
+    """The reference attacks on the original that the chosen defenses' attacks are compared with; checks
+    every attack's reference and learning rate before any work."""
+    from .attacks import ATTACKS
+
+    refs = {s.label: s for s in reference.attacks}
+    needed = set()
+    for d in chosen:
+        for s in d.plan():
+            if s.reference not in refs:
+                raise WeightlockError(f"defense {d.name!r}: attack {s.label!r} is compared with reference "
+                                      f"{s.reference!r}; the original's attacks are {', '.join(refs)}")
+            if s.lr not in plan.lr:
+                raise WeightlockError(f"defense {d.name!r}: attack {s.label!r} asks for learning rate "
+                                      f"{s.lr!r}; the demo has {', '.join(plan.lr)}")
+            if s.attack not in ATTACKS:
+                raise WeightlockError(f"defense {d.name!r}: unknown attack {s.attack!r}; available: "
+                                      f"{', '.join(sorted(ATTACKS))}")
+            needed.add(s.reference)
+    return [s for s in reference.attacks if s.label in needed]
+
+
+def run_demo(out: Path, quick: bool = False, report: bool = True, defenses: Sequence | None = None) -> dict:
+    """Run (or resume) the demo in ``out``; returns the summary also written to ``out/summary.json``.
+
+    ``defenses``: registry names or :class:`weightlock.defenses.Defense` objects (default: every
+    registered defense but ``none``)."""
+    from .defenses import make_defense
     from .train.pretrain import METRICS_FILE, default_config, pretrain
 
     console = Console()
     plan = QUICK if quick else FULL
+    chosen = select_defenses(defenses, plan)
+    reference = make_defense("none")
+    ref_specs = _reference_plan(reference, chosen, plan)
     out = Path(out)
     t0 = time.perf_counter()
     stage_s: dict[str, float] = {}
 
-    def stage(name: str, done: bool, fn) -> None:
+    def stage(name: str, done: bool, fn) -> bool:
         if done:
             console.print(f"[dim]reusing {name}[/]")
-            return
+            return False
         console.rule(f"[bold]{name}")
         t = time.perf_counter()
         fn()
         stage_s[name] = time.perf_counter() - t
+        return True
 
-    base, pmp_dir, locked = out / f"base-{plan.preset}", out / f"pmp-{plan.preset}", out / f"locked-{plan.preset}"
+    base = out / f"base-{plan.preset}"
+    work = {d.name: out / f"{d.workdir or d.name}-{plan.preset}" for d in chosen}
+    rebuilt: set[str] = set()
 
     def pretrain_base():
-        cfg = default_config(plan.preset)
-        pretrain(cfg, base, overwrite=False, resume=True)
+        pretrain(default_config(plan.preset), base, overwrite=False, resume=True)
 
-    def pretrain_pmp_model():
-        cfg = default_config(plan.preset)
-        pretrain_pmp(cfg, PMPConfig(mask_ratio=plan.pmp_ratio, discovery_max_steps=plan.discovery_steps),
-                     pmp_dir, overwrite=True)
-
-    def lock_base():
-        lock(base, locked, LockConfig(rank=plan.rank, steps=plan.lock_steps), overwrite=True)
-
-    stage(f"pretrain the dense {plan.preset} base model on builtin:code",
-          (base / METRICS_FILE).exists() and not (base / "checkpoint").exists(), pretrain_base)
-    stage(f"pretrain a PMP model (hardened, ρ={plan.pmp_ratio}), same settings",
-          (pmp_dir / "pmp_run.json").exists(), pretrain_pmp_model)
-    stage(f"lock the base model with DLR-Lock (rank {plan.rank})", (locked / "lock_report.json").exists(), lock_base)
-    models = {"reference": base, "dlr": locked, "pmp": pmp_dir / "release"}
-    mask_file = pmp_dir / "private" / "mask.safetensors"
+    if stage(f"pretrain the dense {plan.preset} base model on builtin:code",
+             (base / METRICS_FILE).exists() and not (base / "checkpoint").exists(), pretrain_base):
+        rebuilt.add("reference")
+    models = {"reference": Path(reference.apply(base, out / f"reference-{plan.preset}"))}
+    # pretraining-time defenses first (pretraining runs, like the base), then those applied to the base
+    for d in sorted(chosen, key=lambda d: not d.pretraining):
+        release = d.release(work[d.name])
+        stale = release is None or ("reference" in rebuilt and not d.pretraining)
+        source = default_config(plan.preset) if d.pretraining else base
+        built: list[Path] = []
+        if stage(d.build_title(), not stale, lambda: built.append(d.build(source, work[d.name]))):
+            rebuilt.add(d.name)
+            release = built[0]
+        models[d.name] = release
+    models = {"reference": models["reference"], **{d.name: models[d.name] for d in chosen}}
 
     cached = read_json(out / "summary.json") if (out / "summary.json").exists() else {}
-    if stage_s or cached.get("plan") != _plan_dict(plan):  # a model was (re)built: earlier results are stale
+    if cached.get("plan") != _plan_dict(plan) or "reference" in rebuilt:  # earlier results are stale
         cached = {}
-        if stage_s:
-            shutil.rmtree(out / "attacks", ignore_errors=True)
-    console.rule("[bold]capability and mask recovery")
-    capability = cached.get("capability") or {k: _capability(d, plan) for k, d in models.items()}
-    recovery = cached.get("mask_recovery") or _mask_recovery(pmp_dir, plan)
-    memory = cached.get("memory_vs_depth") or _memory_vs_depth(locked, plan)
+    for name in rebuilt:
+        shutil.rmtree(out / "attacks" / ("" if name == "reference" else name), ignore_errors=True)
+    extra_names = [k.replace("_", " ") for d in chosen for k in d.evaluations]
+    console.rule("[bold]capability" + (" and " + ", ".join(extra_names) if extra_names else ""))
+    cached_cap = cached.get("capability", {})
+    capability = {k: cached_cap[k] if k in cached_cap and k not in rebuilt else _capability(m, plan)
+                  for k, m in models.items()}
+    evaluations: dict = {}
+    for d in chosen:
+        if d.name not in rebuilt and all(k in cached for k in d.evaluations):
+            evaluations.update({k: cached[k] for k in d.evaluations})
+        else:
+            evaluations.update(d.evaluate(models[d.name], work[d.name], plan))
 
     console.rule("[bold]attacks")
+    specs = [(reference, "reference", s) for s in ref_specs] + [(d, d.name, s) for d in chosen for s in d.plan()]
     runs = {}
     for task in plan.tasks:
-        for defense, label, attack, options, lr_key, _ in ATTACK_PLAN:
-            opts = dict(options)
-            if attack == "masked":
-                opts["mask"] = str(mask_file)
-            if attack == "mask-recover":
-                opts["mask_ratio"] = plan.pmp_ratio
-            if attack == "reverse-distill":
-                opts["distill_steps"] = plan.reverse_distill_steps
-            console.print(f"{task:7s} {defense:9s} {label}")
-            runs[(defense, label, task)] = _attack(models[defense], task, attack, out / "attacks" / defense / task / label,
-                                                   lr=plan.lr[lr_key], **opts, plan=plan)
-    rows = _attack_rows(runs, plan)
+        for defense, key, spec in specs:
+            opts = {**spec.options, **defense.attack_options(spec, work.get(key, models[key]), plan)}
+            console.print(f"{task:7s} {key:9s} {spec.label}")
+            runs[(key, spec.label, task)] = _attack(models[key], task, spec.attack,
+                                                    out / "attacks" / key / task / spec.label,
+                                                    lr=plan.lr[spec.lr], **opts, plan=plan)
+    references = {(key, spec.label): (None if key == "reference" else spec.reference) for _, key, spec in specs}
+    rows = _attack_rows(runs, references, plan)
     summary = {
-        "kind": schema.DEMO, "schema_version": schema.SCHEMA_VERSION, "weightlock_demo": 1, "preset": plan.preset, "plan": _plan_dict(plan),
-        "models": {k: str(v) for k, v in models.items()}, "capability": capability,
-        "mask_recovery": recovery, "memory_vs_depth": memory, "attacks": rows,
-        "frontier": _frontier(runs, plan), "layer_rel_error": [l["rel_error"] for l in read_json(locked / "lock_report.json")["layers"]],
-        "pmp_gain_vs_ratio": _gain_vs_ratio(rows, plan),
-        "verdicts": verdicts(rows, recovery),
-        "seconds": {"this_run": time.perf_counter() - t0, "stages": stage_s},
+        "kind": schema.DEMO, "schema_version": schema.SCHEMA_VERSION, "weightlock_demo": 1,
+        "preset": plan.preset, "plan": _plan_dict(plan), "defenses": [d.record() for d in chosen],
+        "models": {k: str(v) for k, v in models.items()}, "capability": capability, **evaluations,
+        "attacks": rows,
     }
+    for d in chosen:
+        summary.update(d.summarize(rows, work[d.name], plan))
+    summary["verdicts"] = verdicts(rows, summary, chosen)
+    summary["seconds"] = {"this_run": time.perf_counter() - t0, "stages": stage_s}
     summary["machine"] = machine_info()
     write_json(out / "summary.json", summary)
-    print_summary(summary, console)
+    print_summary(summary, console, chosen)
     if report:
         from .report import build_report
 
@@ -164,44 +218,24 @@ def _capability(model_dir: Path, plan: DemoPlan) -> dict:
             for d in ("code", "prose")}
 
 
-def _mask_recovery(pmp_dir: Path, plan: DemoPlan) -> dict:
-    from .data import load_blocks, load_tokenizer
-    from .models.hub import load
-    from .pmp import PMPConfig, load_mask
-    from .pmp.recover import recover_all
-
-    release = pmp_dir / "release"
-    tok = load_tokenizer(release)
-    mask, _, _ = load_mask(pmp_dir / "private" / "mask.safetensors")
-    cfg = PMPConfig(mask_ratio=plan.pmp_ratio, discovery_max_steps=plan.discovery_steps)
-    public = load_blocks("builtin:code", "train", tok, 64 if plan.preset == "tiny" else 128, 50_000)
-    return recover_all(load(release), mask, cfg, tok, public)
-
-
-def _memory_vs_depth(locked: Path, plan: DemoPlan) -> dict:
-    from .eval.cost import depth_linearity
-
-    spec = read_json(locked / "lock_report.json")["layers"][0]["spec"]
-    return depth_linearity(spec["width"], spec["rank"], list(plan.memory_depths), 256)
-
-
 def _attack(model_dir: Path, task: str, attack: str, out: Path, plan: DemoPlan, **options) -> dict:
     from .attacks import run_attack
 
     return run_attack(model_dir, task, attack, out, steps=plan.attack_steps, batch_size=plan.attack_batch,
-                      score_every=plan.score_every, block_size=64 if plan.preset == "tiny" else 128,
-                      train_tokens=50_000 if plan.preset == "tiny" else 200_000, **options)["locked"]
+                      score_every=plan.score_every, block_size=plan.block_size, train_tokens=plan.train_tokens,
+                      **options)["locked"]
 
 
 def _ratio(a, b):
     return a / b if b and abs(b) > 1e-12 and a is not None else None
 
 
-def _attack_rows(runs: dict, plan: DemoPlan) -> list[dict]:
-    """One row per (defense, attack, task): gain, gain ratio and cost multipliers against the reference."""
+def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> list[dict]:
+    """One row per (defense, attack, task): gain, gain ratio and cost multipliers against the reference
+    (``references``: (defense, attack label) → the label of its reference run on the original)."""
     rows = []
     for (defense, label, task), r in runs.items():
-        ref_label = next(p[5] for p in ATTACK_PLAN if p[0] == defense and p[1] == label)
+        ref_label = references[(defense, label)]
         ref = runs[("reference", ref_label or label, task)]
         # the attacker's time: median step × steps (robust to one-off first-step costs) + its preparation
         total = r["cost"]["step_time_s"] * plan.attack_steps + r["cost"]["prepare_seconds"]
@@ -224,34 +258,16 @@ def _attack_rows(runs: dict, plan: DemoPlan) -> list[dict]:
     return rows
 
 
-def _frontier(runs: dict, plan: DemoPlan) -> list[dict]:
-    """(saved-activation bytes, step time) of plain full fine-tuning and of checkpointing, per model."""
-    names = {"reference": "original", "dlr": "DLR-locked"}
-    return [{"model": names[d], "strategy": "none" if label == "full" else label,
-             "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"], "step_time_s": r["cost"]["step_time_s"]}
-            for (d, label, task), r in runs.items()
-            if d in names and label in ("full", "checkpointing", "lora") and task == plan.tasks[0]]
-
-
-def _gain_vs_ratio(rows: list[dict], plan: DemoPlan) -> list[dict]:
-    """Gains of the PMP model at its ρ, and of the dense model as ρ = 1 (every entry trained)."""
-    out = []
-    for r in rows:
-        if r["defense"] == "pmp":
-            out.append({"ratio": plan.pmp_ratio, "task": r["task"], "method": r["attack"], "gain": r["gain"]})
-        elif r["defense"] == "reference" and r["attack"] in ("full", "lora"):
-            out.append({"ratio": 1.0, "task": r["task"], "method": r["attack"], "gain": r["gain"]})
-    return out
-
-
-def verdicts(rows: list[dict], recovery: dict) -> dict[str, str]:
+def verdicts(rows: list[dict], summary: dict, defenses: Sequence) -> dict[str, str]:
     """One plain-language line per defense, from the measured numbers only.
 
     A defense *holds* on a task when no unauthorized attack reaches half of the gain the same budget buys
-    on the unlocked model (gain ratio < 0.5); an attack that reaches it *breaks* the lock."""
+    on the unlocked model (gain ratio < 0.5); an attack that reaches it *breaks* the lock. The defense adds
+    its own facts (cost multipliers, mask recovery); the authorized fine-tuning's gain ratio ends the line."""
     out = {}
-    for defense, name in (("dlr", "DLR-Lock"), ("pmp", "PMP")):
-        attacks = [r for r in rows if r["defense"] == defense and r["attack"] != "masked (authorized)"]
+    for d in defenses:
+        authorized = d.authorized.label if d.authorized else None
+        attacks = [r for r in rows if r["defense"] == d.name and r["attack"] != authorized]
         broken, parts = [], []
         for task in dict.fromkeys(r["task"] for r in attacks):
             tr = [r for r in attacks if r["task"] == task and r["gain_ratio"] is not None]
@@ -264,29 +280,25 @@ def verdicts(rows: list[dict], recovery: dict) -> dict[str, str]:
                 broken.append(f"{best['attack']} ({task})")
         line = "FAILS — broken by " + ", ".join(broken) if broken else "HOLDS against every attack run"
         line += "; " + "; ".join(parts)
-        if defense == "dlr":
-            full = [r for r in rows if r["defense"] == "dlr" and r["attack"] == "full"]
-            if full and full[0]["memory_ratio"]:
-                line += (f"; full fine-tuning costs {full[0]['memory_ratio']:.1f}× activation memory"
-                         + (f" ({full[0]['peak_ratio']:.1f}× peak memory growth)" if full[0].get("peak_ratio") else "")
-                         + f", {full[0]['time_ratio']:.1f}× time")
-        else:
-            b = recovery["best"]
-            line += (f"; best mask recovery ({b['attack']}) IoU {b['iou']:.2f} vs chance {recovery['chance_iou']:.2f}"
-                     + (" — the mask leaks" if b["excess_over_chance"] > 0.05 else " — at chance"))
-            auth = [r for r in rows if r["defense"] == "pmp" and r["attack"] == "masked (authorized)"]
-            if auth:
-                line += "; authorized fine-tuning gain ratio " + ", ".join(
-                    f"{r['task']} {fmt(r['gain_ratio'], '.0%')}" for r in auth)
-        out[name] = line
+        for note in d.verdict_notes(rows, summary):
+            line += "; " + note
+        auth = [r for r in rows if r["defense"] == d.name and r["attack"] == authorized]
+        if auth:
+            line += "; authorized fine-tuning gain ratio " + ", ".join(
+                f"{r['task']} {fmt(r['gain_ratio'], '.0%')}" for r in auth)
+        out[d.display_name] = line
     return out
 
 
-def print_summary(summary: dict, console: Console | None = None) -> None:
-    """The terminal table: capability, attacker gain ratio, memory and time multipliers, mask recovery."""
+def print_summary(summary: dict, console: Console | None = None, defenses: Sequence | None = None) -> None:
+    """The terminal table: capability, attacker gain ratio, memory and time multipliers, then each defense's
+    own lines (mask recovery...) and the verdicts. ``defenses`` default: the registered ones the summary
+    names."""
     console = console or Console()
     if console.width < 110:  # the attack table needs the room
         console = Console(width=110)
+    if defenses is None:
+        defenses = _registered(summary)
     t = Table(title=f"weightlock demo ({summary['preset']}): capability (validation perplexity, lower is better)")
     for c in CAPABILITY_HEAD:
         t.add_column(c)
@@ -299,8 +311,26 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     for row in attack_rows(summary):
         t.add_row(*row)
     console.print(t)
-    rec = summary["mask_recovery"]
-    console.print(f"PMP mask recovery: best {rec['best']['attack']} IoU {rec['best']['iou']:.3f} "
-                  f"(chance {rec['chance_iou']:.3f})")
+    for d in defenses:
+        for line in d.summary_lines(summary):
+            console.print(line)
     for name, line in summary["verdicts"].items():
         console.print(f"[bold]{name}[/]: {line}")
+
+
+def _registered(summary: dict) -> list:
+    """The registered defenses a recorded summary names, with their recorded configs where they load."""
+    from .defenses import DEFENSES
+
+    out = []
+    for rec in defenses_of(summary):
+        cls = DEFENSES.get(rec["name"])
+        if cls is None:
+            continue
+        for make in (lambda: cls(cls.Config(**rec.get("config", {}))), cls):
+            try:
+                out.append(make())
+                break
+            except (TypeError, WeightlockError):
+                continue
+    return out
