@@ -12,7 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .attacks import AttackConfig
+from .config import default
+from .dlr.distill import LockConfig
 from .errors import WeightlockError
+from .pmp.train import PMPConfig
+from .train.finetune import FinetuneConfig
+from .train.pretrain import PretrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Release open-weight LMs that resist unauthorized fine-tuning, and measure how well the lock holds.")
@@ -54,11 +60,15 @@ def user_errors(fn):
 @user_errors
 def pretrain(
     out: Path = typer.Option(..., "--out", help="Output directory (a Hugging Face checkpoint)."),
-    preset: str = typer.Option("small", help="Model size preset: tiny or small."),
-    data: str = typer.Option("builtin:code", help="builtin:code|tests|prose, or a path to .txt/.jsonl/.parquet/HF dataset."),
-    method: str = typer.Option("dense", help="Pretraining method: dense or pmp (private-mask pretraining)."),
-    mask_ratio: float = typer.Option(0.3, help="PMP: fraction of entries that are trained (rho)."),
-    pmp_variant: str = typer.Option("hardened", help="PMP: hardened (default) or paper (the authors' script)."),
+    preset: str = typer.Option(default(PretrainConfig, "preset"), help="Model size preset: tiny or small."),
+    data: str = typer.Option(default(PretrainConfig, "data"),
+                             help="builtin:code|tests|prose, or a path to .txt/.jsonl/.parquet/HF dataset."),
+    method: str = typer.Option(default(PretrainConfig, "method"),
+                               help="Pretraining method: dense or pmp (private-mask pretraining)."),
+    mask_ratio: float = typer.Option(default(PMPConfig, "mask_ratio"),
+                                     help="PMP: fraction of entries that are trained (rho)."),
+    pmp_variant: str = typer.Option(default(PMPConfig, "variant"),
+                                    help="PMP: hardened (default) or paper (the authors' script)."),
     config: Optional[Path] = typer.Option(None, help="JSON file with PretrainConfig fields (overrides the preset)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
@@ -79,7 +89,7 @@ def pretrain(
 
     from .config import merge
     from .io import read_json
-    from .train.pretrain import PretrainConfig, default_config
+    from .train.pretrain import default_config
 
     if method not in ("dense", "pmp"):
         raise WeightlockError(f"unknown method {method!r}; available: dense, pmp")
@@ -189,30 +199,33 @@ def data_info() -> None:
 def lock_cmd(
     model: Path = typer.Option(..., help="Hugging Face model directory to lock."),
     out: Path = typer.Option(..., help="Output directory of the locked release."),
-    rank: int = typer.Option(32, help="Rank r of every DLR block."),
+    rank: int = typer.Option(default(LockConfig, "rank"), help="Rank r of every DLR block."),
     depth: Optional[int] = typer.Option(None, help="Blocks per DLR-Net (default: match the MLP's parameter count)."),
     data: Optional[str] = typer.Option(None, help="Calibration data (default: the model's training data)."),
-    calib_tokens: int = typer.Option(131_072, help="Calibration tokens."),
-    steps: int = typer.Option(600, help="Distillation steps per layer."),
-    batch_tokens: int = typer.Option(1024, help="Tokens per distillation step."),
-    lr: float = typer.Option(1e-2, help="Distillation learning rate."),
-    activation: str = typer.Option("gelu", help="gelu, relu, silu or tanh."),
-    norm: bool = typer.Option(False, help="Per-block RMSNorm."),
-    init: str = typer.Option("zero", help="zero (U starts at 0) or mlp (plain MLPs: blocks start as slices of the MLP)."),
-    readout: float = typer.Option(1.0, help="Read-out scale s: DLR(u) = s·(z_L − z_0); with --init mlp, 16 "
-                                  "reaches ~10× lower error (see README)."),
-    mode: str = typer.Option("parallel", help="parallel (layers independent) or sequential."),
-    refine_steps: int = typer.Option(0, help="End-to-end refinement steps after distillation (KL to logits; "
-                                     "hidden states for encoders)."),
-    refine_lr: float = typer.Option(3e-4, help="Refinement learning rate (divided by the read-out scale)."),
-    max_rel_error: str = typer.Option("0.5", help="Fail the lock if a layer's held-out relative error is above "
-                                      "this or not finite (1 = the net outputs nothing); 'none' accepts any."),
+    calib_tokens: int = typer.Option(default(LockConfig, "calib_tokens"), help="Calibration tokens."),
+    steps: int = typer.Option(default(LockConfig, "steps"), help="Distillation steps per layer."),
+    batch_tokens: int = typer.Option(default(LockConfig, "batch_tokens"), help="Tokens per distillation step."),
+    lr: float = typer.Option(default(LockConfig, "lr"), help="Distillation learning rate."),
+    activation: str = typer.Option(default(LockConfig, "activation"), help="gelu, relu, silu or tanh."),
+    norm: bool = typer.Option(default(LockConfig, "norm"), help="Per-block RMSNorm."),
+    init: str = typer.Option(default(LockConfig, "init"),
+                             help="zero (U starts at 0) or mlp (plain MLPs: blocks start as slices of the MLP)."),
+    readout: float = typer.Option(default(LockConfig, "readout"), help="Read-out scale s: DLR(u) = s·(z_L − z_0); "
+                                  "with --init mlp, 16 reaches ~10× lower error (see README)."),
+    mode: str = typer.Option(default(LockConfig, "mode"), help="parallel (layers independent) or sequential."),
+    refine_steps: int = typer.Option(default(LockConfig, "refine_steps"), help="End-to-end refinement steps after "
+                                     "distillation (KL to logits; hidden states for encoders)."),
+    refine_lr: float = typer.Option(default(LockConfig, "refine_lr"),
+                                    help="Refinement learning rate (divided by the read-out scale)."),
+    max_rel_error: str = typer.Option(str(default(LockConfig, "max_rel_error")), help="Fail the lock if a layer's "
+                                      "held-out relative error is above this or not finite (1 = the net outputs "
+                                      "nothing); 'none' accepts any."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     restart: bool = typer.Option(False, help="Discard an interrupted lock's work in --out (made with other "
                                  "settings) instead of resuming it."),
 ) -> None:
     """Lock a model: distil every MLP into a deep low-rank residual net (DLR-Lock)."""
-    from .dlr import LockConfig, lock
+    from .dlr import lock
 
     try:
         gate = None if max_rel_error.strip().lower() == "none" else float(max_rel_error)
@@ -279,9 +292,9 @@ def finetune(
                                         "against the release's mask commitment first)."),
     allow_uncommitted: bool = typer.Option(False, help="Accept --mask for a model without a mask commitment "
                                            "(not a PMP release); only its shapes are checked."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    lr: float = typer.Option(1e-3, help="Learning rate."),
-    batch_size: int = typer.Option(8, help="Sequences per step."),
+    steps: int = typer.Option(default(FinetuneConfig, "training").max_steps, help="Optimizer steps."),
+    lr: float = typer.Option(default(FinetuneConfig, "training").lr, help="Learning rate."),
+    batch_size: int = typer.Option(default(FinetuneConfig, "training").batch_size, help="Sequences per step."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
 ) -> None:
     """Fine-tune a model (with --mask: authorized PMP fine-tuning; without: ordinary full fine-tuning)."""
@@ -303,7 +316,7 @@ def attack(
     option: list[str] = typer.Option([], "--set", help="Attack option KEY=VALUE (repeatable)."),
     sweep: list[str] = typer.Option([], help="Attacker's search KEY=V1,V2,... or KEY=LO..HI (repeatable); the best is reported."),
     random_: Optional[int] = typer.Option(None, "--random", help="Random search: N points of the --sweep space."),
-    seeds: str = typer.Option("0", help="Comma-separated seeds."),
+    seeds: str = typer.Option(str(default(AttackConfig, "training").seed), help="Comma-separated seeds."),
     list_: bool = typer.Option(False, "--list", help="List the attacks and their options."),
 ) -> None:
     """Fine-tuning attacks against a model, with gain and attacker cost."""

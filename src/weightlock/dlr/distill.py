@@ -11,11 +11,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
+from ..config import check_types, choice
 from ..errors import WeightlockError
 from ..io import atomic_path, read_json, write_json
 from .modeling_weightlock_dlr import (ArchAdapter, DLRNet, DLRSpec, UnsupportedArchitecture, adapter_for,
@@ -24,15 +25,19 @@ from .modeling_weightlock_dlr import (ArchAdapter, DLRNet, DLRSpec, UnsupportedA
 
 @dataclass
 class LockConfig:
-    """Settings of ``weightlock lock`` (the DLR-Net shape, calibration data and distillation)."""
+    """Settings of ``weightlock lock`` (the DLR-Net shape, calibration data and distillation).
+
+    Validated at construction; code that changes a field afterwards calls :meth:`validate` again (``lock``
+    and ``distill_model`` do, before any work)."""
 
     rank: int = 32
     depth: int | None = None  # None: chosen so the DLR-Net has the MLP's parameter count (±2%)
-    activation: str = "gelu"
+    activation: Literal["gelu", "relu", "silu", "tanh"] = choice("gelu", "activation")
     norm: bool = False
     bias: bool = False
     init_scale: float = 0.0
-    init: str = "zero"  # zero (U = 0) | mlp (plain MLPs: block l starts as a slice of the MLP's hidden units)
+    # zero (U = 0) | mlp (plain MLPs: block l starts as a slice of the MLP's hidden units)
+    init: Literal["zero", "mlp"] = choice("zero", "init")
     readout: float = 1.0  # DLR(u) = readout·(z_L − z_0); with init=mlp, s > 1 shrinks the drift of z (see README)
     data: str | None = None  # calibration text; None: the model's own training data, else builtin:code+prose
     calib_tokens: int = 131_072
@@ -42,7 +47,8 @@ class LockConfig:
     lr: float = 1e-2
     holdout: float = 0.1
     seed: int = 0
-    mode: str = "parallel"  # parallel: all layers on the original's activations | sequential
+    # parallel: all layers on the original's activations | sequential
+    mode: Literal["parallel", "sequential"] = choice("parallel", "mode")
     refine_steps: int = 0  # optional end-to-end refinement toward the original's logits (KL) / hidden states
     refine_lr: float = 3e-4
     # quality gate: a layer whose held-out relative error is above this (or not finite) fails the lock;
@@ -50,21 +56,25 @@ class LockConfig:
     max_rel_error: float | None = 0.5
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        check_types(self, "lock config")
         if self.rank < 1:
             raise WeightlockError(f"rank must be at least 1, got {self.rank}")
         if self.depth is not None and self.depth < 1:
             raise WeightlockError(f"depth must be at least 1, got {self.depth}")
         if not self.readout > 0:
             raise WeightlockError(f"readout must be positive, got {self.readout}")
-        if self.init not in ("zero", "mlp"):
-            raise WeightlockError(f"unknown init {self.init!r} (zero, mlp)")
-        if self.mode not in ("parallel", "sequential"):
-            raise WeightlockError(f"unknown mode {self.mode!r} (parallel, sequential)")
         if not 0 < self.holdout < 0.5:
             raise WeightlockError("holdout must be in (0, 0.5)")
         if self.steps < 1 or self.batch_tokens < 1 or self.calib_tokens < self.block_size:
             raise WeightlockError("steps, batch_tokens must be ≥ 1 and calib_tokens ≥ block_size")
+        if self.block_size < 2 or self.refine_steps < 0 or self.init_scale < 0:
+            raise WeightlockError("block_size must be ≥ 2, refine_steps and init_scale ≥ 0")
+        if not self.lr > 0 or not self.refine_lr > 0:
+            raise WeightlockError(f"learning rates must be positive, got lr={self.lr}, refine_lr={self.refine_lr}")
         if self.max_rel_error is not None and not self.max_rel_error > 0:
             raise WeightlockError(f"max_rel_error must be positive (or None to accept any error), got {self.max_rel_error}")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..config import check_types
 from ..errors import WeightlockError
 
 
@@ -19,7 +20,11 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        check_types(self, "model config")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, int) and not isinstance(v, bool) and v <= 0:

@@ -6,10 +6,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
+from ..config import check_types
 from ..errors import WeightlockError
 from ..io import prepare_out_dir, read_json, write_json
 from ..models.presets import ModelConfig, preset
@@ -23,15 +24,32 @@ METRICS_FILE = "metrics.json"
 class PretrainConfig:
     """Everything a pretraining run depends on; saved as ``weightlock_run.json`` beside the weights."""
 
-    preset: str = "small"
+    preset: str = "small"  # a name in weightlock.models.presets.PRESETS
     model: ModelConfig | None = None  # overrides the preset when given
     data: str = "builtin:code"
     block_size: int = 128
     train_tokens: int | None = None  # token budget for training data (None: all of it)
     val_tokens: int = 32768
     vocab_size: int = 4096
-    method: str = "dense"
+    method: Literal["dense", "pmp"] = "dense"
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (the nested model and train configs included); called at construction and
+        again by :func:`pretrain` and ``pretrain_pmp``, since callers may change fields in between."""
+        check_types(self, "pretrain config")
+        if self.model is None:
+            preset(self.preset)  # raises the clear error for an unknown name
+        else:
+            self.model.validate()
+        self.train.validate()
+        if self.block_size < 2 or self.val_tokens < 1 or self.vocab_size < 1:
+            raise WeightlockError("block_size must be ≥ 2, val_tokens and vocab_size ≥ 1")
+        if self.train_tokens is not None and self.train_tokens < 1:
+            raise WeightlockError(f"train_tokens must be ≥ 1 (or None: all of the data), got {self.train_tokens}")
 
     def model_config(self) -> ModelConfig:
         return self.model if self.model is not None else preset(self.preset)
@@ -79,6 +97,7 @@ def default_config(preset_name: str = "small", **overrides) -> PretrainConfig:
             setattr(cfg, k, v)
         else:
             raise WeightlockError(f"unknown pretraining option {k!r}")
+    cfg.validate()
     return cfg
 
 
@@ -101,6 +120,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, overwrite: bool = Fals
     from ..data import load_blocks, load_tokenizer
     from ..models.hub import save_model_dir
 
+    cfg.validate()
     out = Path(out)
     if resume and (out / RUN_FILE).exists():
         saved = PretrainConfig.from_dict(read_json(out / RUN_FILE)["config"])
