@@ -1,0 +1,84 @@
+"""Cost to target on synthetic curves, the lock cost multiplier, memory budgets, patience stopping."""
+import math
+
+import pytest
+import torch
+
+from weightlock.errors import WeightlockError
+from weightlock.eval.cost_to_target import AttackCurve, PatienceHook, cost_to_target, lock_cost_multiplier
+
+
+def curve(scores, seconds_per_point=10.0, start=0.0):
+    return [{"step": 10 * i, "tokens": 1000 * i, "seconds": seconds_per_point * i, "flops": 1e9 * i,
+             "score": start + s} for i, s in enumerate(scores)]
+
+
+def test_cost_to_target_interpolates_and_can_be_never():
+    c = curve([0.0, 0.4, 0.8, 1.0])
+    assert cost_to_target(c, 0.6) == pytest.approx(15.0)  # halfway between 10 s (0.4) and 20 s (0.8)
+    assert cost_to_target(c, 0.8, "step") == pytest.approx(20.0)
+    assert cost_to_target(c, 0.2, "tokens") == pytest.approx(500.0)
+    assert cost_to_target(c, 1.5) is None, "never reached within the budget"
+    assert cost_to_target(c, 0.0) == 0.0
+    # the gain is relative to the score before training, not the raw score
+    assert cost_to_target(curve([0.0, 0.4, 0.8], start=-3.0), 0.6) == pytest.approx(15.0)
+    # first crossing counts even if the curve falls back later
+    assert cost_to_target(curve([0.0, 0.9, 0.1, 0.95]), 0.5) == pytest.approx(10 * 0.5 / 0.9)
+    with pytest.raises(WeightlockError, match="must not decrease"):
+        cost_to_target([{"seconds": 2, "score": 0}, {"seconds": 1, "score": 1}], 0.5)
+    with pytest.raises(WeightlockError, match="unknown cost"):
+        cost_to_target(c, 0.5, "euros")
+
+
+def test_lock_cost_multiplier_and_memory_budget():
+    original = [AttackCurve("full", curve([0, 0.5, 1.0, 1.0]), peak_bytes=100),
+                AttackCurve("lora", curve([0, 0.3, 0.6, 0.7]), peak_bytes=60)]
+    locked = [AttackCurve("full", curve([0, 0.3, 0.6, 0.9, 1.0], seconds_per_point=15), peak_bytes=250),
+              AttackCurve("lora", curve([0, 0.3, 0.6, 0.7]), peak_bytes=50)]
+    r = lock_cost_multiplier(locked, original, q=0.9)
+    assert r["target_gain"] == pytest.approx(0.9)
+    assert r["original_min"] == pytest.approx(18.0)  # full: 10 + 0.8·10
+    assert r["locked_min"] == pytest.approx(45.0)  # full: 3 points × 15 s
+    assert r["multiplier"] == pytest.approx(2.5) and r["locked"]["lora"] is None
+    # the attacker may use at most the unlocked full fine-tune's peak: locked full does not fit
+    b = lock_cost_multiplier(locked, original, q=0.9, memory_budget=100)
+    assert b["locked"]["full"] == "over memory budget" and b["multiplier"] == math.inf
+    # a checkpointed attack that fits the budget and pays in time is what counts then
+    locked.append(AttackCurve("full+checkpointing", curve([0, 0.3, 0.6, 0.9, 1.0], seconds_per_point=20),
+                              peak_bytes=90))
+    b = lock_cost_multiplier(locked, original, q=0.9, memory_budget=100)
+    assert b["multiplier"] == pytest.approx(60.0 / 18.0)
+    with pytest.raises(WeightlockError, match="gains nothing"):
+        lock_cost_multiplier(locked, [AttackCurve("full", curve([0, -0.1]))])
+
+
+class _FakeTrainer:
+    def __init__(self):
+        self.step, self.tokens_seen, self.should_stop = 0, 0, False
+
+
+def test_patience_stops_when_the_score_stops_improving():
+    scores = iter([0.0, 0.5, 0.7, 0.69, 0.7, 0.65, 0.9])
+    hook = PatienceHook(lambda t: next(scores), every=5, patience=3)
+    t = _FakeTrainer()
+    hook.on_train_start(t)
+    while not t.should_stop:
+        t.step += 1
+        t.tokens_seen += 100
+        hook.on_step_end(t, {"step_time": 0.5})
+    assert t.step == 25, "three evaluations (steps 15, 20, 25) without beating 0.7"
+    assert [p["score"] for p in hook.curve] == [0.0, 0.5, 0.7, 0.69, 0.7, 0.65]
+    assert hook.curve[-1]["seconds"] == pytest.approx(12.5) and hook.curve[-1]["tokens"] == 2500
+
+
+def test_patience_hook_stops_a_real_training_run():
+    from dlr_helpers import tiny_model
+    from weightlock.train.loop import TrainConfig, Trainer
+
+    model = tiny_model("llama")
+    blocks = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(0))
+    hook = PatienceHook(lambda t: 0.0, every=2, patience=2)  # a score that never improves
+    cfg = TrainConfig(max_steps=50, batch_size=4, warmup_steps=1, eval_every=10**9, checkpoint_every=0,
+                      progress=False)
+    Trainer(model, blocks, cfg, hooks=[hook]).fit(resume=False)
+    assert [p["step"] for p in hook.curve] == [0, 2, 4]
