@@ -11,6 +11,8 @@ from .registry import register
 
 @dataclass
 class FreezeAttackConfig(AttackConfig):
+    """Which parameters train (``train``); the rest are frozen."""
+
     # non-mlp: attention, norms, embeddings, head | attention | norms-head
     train: Literal["non-mlp", "attention", "norms-head"] = choice("non-mlp", "freeze mode")
 

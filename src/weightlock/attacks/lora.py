@@ -14,6 +14,8 @@ from .registry import register
 
 @dataclass
 class LoraAttackConfig(AttackConfig):
+    """LoRA: which linear layers get adapters, their rank ``r`` and scale ``alpha`` (default lr 3e-3)."""
+
     training: TrainConfig = field(default_factory=lambda: finetune_training(lr=3e-3))
     targets: Literal["attention", "all-linear", "dlr"] = choice("attention", "LoRA targets")
     r: int = 8

@@ -13,6 +13,8 @@ from .registry import register
 
 @dataclass
 class MaskRecoverConfig(AttackConfig):
+    """How the attacker guesses the PMP mask: the scoring method, the guessed ratio and pool."""
+
     method: Literal["magnitude", "init-regen", "row-col", "spectral", "early-bird"] = choice(
         "magnitude", "mask-recovery method")
     mask_ratio: float = 0.3  # the attacker's guess of ρ (the paper's values are public)
@@ -58,6 +60,8 @@ class MaskRecover(Attack):
 
 @dataclass
 class MaskedConfig(AttackConfig):
+    """The owner's private mask file (``mask``)."""
+
     mask: str = ""  # the owner's private mask file (private/mask.safetensors)
 
 

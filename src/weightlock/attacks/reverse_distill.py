@@ -16,6 +16,8 @@ from .registry import register
 
 @dataclass
 class ReverseDistillConfig(AttackConfig):
+    """How the dense MLPs start and are distilled before the full fine-tuning."""
+
     # random | readback (plain MLPs: start from the stacked V_l, s·U_l of each DLR-Net)
     init: Literal["random", "readback"] = choice("random", "reverse-distill init")
     distill_steps: int = 600  # 0 with init=readback: no distillation at all
@@ -81,7 +83,7 @@ def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Mod
         if cfg.distill_steps == 0:
             errors.append({"rel_error": relative_error(student, x, y), "steps": 0})
             continue
-        _, st = fit_module(lambda s=student: s, x, y, steps=cfg.distill_steps, lr=cfg.distill_lr,
-                           batch_tokens=1024, seed=cfg.training.seed, progress=cfg.training.progress, desc=f"reverse {k}")
+        _, st = fit_module(lambda s=student: s, x, y, steps=cfg.distill_steps, lr=cfg.distill_lr, batch_tokens=1024,
+                           seed=cfg.training.seed, progress=cfg.training.progress, desc=f"reverse {k}")
         errors.append(st)
     return dense.train(), errors
