@@ -78,6 +78,10 @@ def select_defenses(names: Sequence | None, plan: DemoPlan) -> list:
     seen = [d.name for d in chosen]
     if len(set(seen)) != len(seen):
         raise WeightlockError(f"a defense is named twice: {', '.join(seen)}")
+    dirs = [d.workdir or d.name for d in chosen]
+    if "base" in dirs or len(set(dirs)) != len(dirs):
+        raise WeightlockError(f"defense build directories must differ from each other and from 'base': "
+                              f"{', '.join(dirs)}")
     return chosen
 
 
