@@ -98,6 +98,7 @@ class FinetuneConfig:
 for _alias, _name in TRAIN_ALIASES.items():
     setattr(FinetuneConfig, _alias, property(lambda self, n=_name: getattr(self.training, n),
                                              doc=f"``training.{_name}``"))
+del _alias, _name
 
 
 # ---- counter-measures ---------------------------------------------------------------------------
