@@ -147,6 +147,30 @@ def eval_ppl(
           f"({data}, {split})")
 
 
+@eval_app.command("harness")
+@user_errors
+def eval_harness(
+    model: Path = typer.Option(..., help="Model directory, release or .gguf file."),
+    tasks: str = typer.Option(",".join(("wl_code_next_line", "wl_prose_next_sentence", "wl_recall")),
+                              help="Comma-separated local tasks (generated from the built-in corpus's test split)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many examples per task."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Capability on local multiple-choice and generation tasks, with lm-evaluation-harness as the engine."""
+    from .data import load_tokenizer
+    from .eval.harness import evaluate_harness
+    from .models.hub import load
+
+    r = evaluate_harness(load(model), load_tokenizer(model), [t.strip() for t in tasks.split(",") if t.strip()],
+                         limit=limit)
+    if json_out:
+        print(json.dumps(r, indent=2))
+        return
+    for name, metrics in r.items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
+              + f" ({metrics['samples']} examples)")
+
+
 @app.command()
 @user_errors
 def generate(
