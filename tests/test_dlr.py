@@ -215,3 +215,43 @@ def test_readout_scale_with_mlp_init_approaches_the_mlp():
         DLRSpec(32, 8, 8, readout=0.0)
     with pytest.raises(WeightlockError, match="readout"):
         LockConfig(readout=-1.0).validate()
+
+
+def test_row_loss_weighs_every_token_alike():
+    from weightlock.dlr.distill import distill_loss
+
+    y = torch.tensor([[1.0, 0.0], [0.0, 100.0]])
+    out = torch.tensor([[0.0, 0.0], [0.0, 100.0]])  # the small row entirely wrong, the massive one right
+    assert distill_loss(out, y, "energy").item() == pytest.approx(1 / 10001)
+    mean_e = (1 + 10000) / 2
+    assert distill_loss(out, y, "row").item() == pytest.approx(0.5 * 1 / (1 + mean_e))
+    out2 = torch.tensor([[1.0, 0.0], [0.0, 99.0]])  # now the massive row is off by 1
+    assert distill_loss(out2, y, "row").item() == pytest.approx(0.5 * 1 / (10000 + mean_e))
+    with pytest.raises(WeightlockError, match="unknown distillation loss"):
+        distill_loss(out, y, "l1")
+    with pytest.raises(WeightlockError, match="distillation loss"):
+        LockConfig(loss="l1")
+
+
+def test_row_loss_and_clipping_fit_the_ordinary_tokens_of_an_outlier_heavy_mlp():
+    """Massive activations on 1% of tokens: the energy loss spends the budget on them, the row loss fits the
+    ordinary tokens (what most of the model's positions see) far better."""
+    from weightlock.dlr.distill import fit_module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 16, generator=g) * 0.1
+    w1, w2 = torch.randn(64, 16, generator=g), torch.randn(16, 64, generator=g) / 8
+    y = torch.nn.functional.gelu(x @ w1.T * 10) @ w2.T
+    x[::100] += 1.0  # 1% of the tokens (a sink token, say) produce a massive activation in one channel
+    y = torch.nn.functional.gelu(x @ w1.T * 10) @ w2.T
+    y[::100, 0] += 300
+    ordinary = torch.ones(4000, dtype=torch.bool)
+    ordinary[::100] = False
+
+    def fit(loss):
+        net, _ = fit_module(lambda: DLRNet(DLRSpec(16, 4, 16)), x, y, steps=200, lr=1e-2, batch_tokens=256,
+                            progress=False, loss=loss, grad_clip=1.0)
+        return relative_error(net, x[ordinary], y[ordinary])
+
+    energy, row = fit("energy"), fit("row")
+    assert row < 0.75 * energy, (row, energy)

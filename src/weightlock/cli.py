@@ -244,6 +244,10 @@ def lock_cmd(
     max_rel_error: str = typer.Option(str(default(LockConfig, "max_rel_error")), help="Fail the lock if a layer's "
                                       "held-out relative error is above this or not finite (1 = the net outputs "
                                       "nothing); 'none' accepts any."),
+    loss: str = typer.Option(default(LockConfig, "loss"), help="Distillation loss: energy (‖f−y‖²/‖y‖² over the "
+                             "batch) or row (per token; real LLMs with massive activations)."),
+    grad_clip: float = typer.Option(default(LockConfig, "grad_clip"), help="Clip the distillation gradient "
+                                    "norm (0: off)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     restart: bool = typer.Option(False, help="Discard an interrupted lock's work in --out (made with other "
                                  "settings) instead of resuming it."),
@@ -257,7 +261,8 @@ def lock_cmd(
         raise WeightlockError(f"--max-rel-error expects a number or 'none', got {max_rel_error!r}") from None
     cfg = LockConfig(rank=rank, depth=depth, data=data, calib_tokens=calib_tokens, steps=steps,
                      batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode, init=init,
-                     readout=readout, refine_steps=refine_steps, refine_lr=refine_lr, max_rel_error=gate)
+                     readout=readout, refine_steps=refine_steps, refine_lr=refine_lr, max_rel_error=gate,
+                     loss=loss, grad_clip=grad_clip)
     r = lock(model, out, cfg, overwrite=overwrite, restart=restart)
     if not r:
         return  # a non-zero rank of a torchrun job
