@@ -132,7 +132,10 @@ def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
     r = run_attack(release, "prose", "masked", tmp_path / "masked", reference=release, steps=2, batch_size=4,
                    block_size=64, train_tokens=20000, mask=str(private / "mask.safetensors"))
     assert r["reference_attack"] == "full" and r["locked"]["trainable_parameters"] > 0
-    model, ctx = load(release), {}
+    with pytest.raises(WeightlockError, match="is not the mask of"):  # another run's mask: refused
+        run_attack(release, "prose", "masked", steps=1, batch_size=4, block_size=64, train_tokens=20000,
+                   mask=str(tmp_path / "other.safetensors"))
+    model, ctx = load(release), {"model_dir": str(release)}
     atk = make_attack("masked", mask=str(private / "mask.safetensors"), steps=2, batch_size=4, block_size=64)
     model = atk.prepare(model, None, ctx)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -144,7 +147,7 @@ def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
     assert all(torch.equal(after[n][~m], before[n][~m]) for n, m in mask.items())
     assert any(not torch.equal(after[n][m], before[n][m]) for n, m in mask.items())
     with pytest.raises(WeightlockError, match="needs mask=PATH"):
-        make_attack("masked").prepare(load(release), None, {})
+        make_attack("masked").prepare(load(release), None, {"model_dir": str(release)})
 
 
 def test_pmp_config_errors(tmp_path):

@@ -63,6 +63,7 @@ class MaskedConfig(AttackConfig):
     """The owner's private mask file (``mask``)."""
 
     mask: str = ""  # the owner's private mask file (private/mask.safetensors)
+    allow_uncommitted: bool = False  # accept a mask for a model without a mask commitment (shapes checked only)
 
 
 @register("masked")
@@ -74,12 +75,13 @@ class AuthorizedMasked(Attack):
     reference_attack = "full"
 
     def prepare(self, model, tokenizer, ctx):
-        from ..pmp.mask import load_mask
+        from ..pmp.release import mask_for_release
         from ..pmp.train import MaskHook
 
         if not self.cfg.mask:
             raise WeightlockError("the masked attack needs mask=PATH (the owner's private mask file)")
-        mask, _, _ = load_mask(self.cfg.mask)
+        # checked against the release's commitment, as `weightlock finetune --mask` does
+        mask = mask_for_release(ctx["model_dir"], self.cfg.mask, self.cfg.allow_uncommitted)
         params = dict(model.named_parameters())
         missing = [n for n in mask if n not in params or params[n].shape != mask[n].shape]
         if missing:

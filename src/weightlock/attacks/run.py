@@ -67,7 +67,7 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
     tok = load_tokenizer(model_dir)
     cap_spec = eval_data or pretraining_domain(model_dir)
     cap_blocks = load_blocks(cap_spec, "validation", tok, c.block_size, 8192)
-    ctx: dict[str, Any] = {}
+    ctx: dict[str, Any] = {"model_dir": str(model_dir)}  # what prepare may need to know; not part of the result
     before = task.evaluate(model, tok, c.block_size)
     cap_before = math.exp(evaluate_loss(model, cap_blocks))
     blocks = task.train_blocks(tok, c.block_size, c.train_tokens)
@@ -76,6 +76,7 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
         t0 = time.perf_counter()
         model = atk.prepare(model, tok, ctx)
         prepare_s = time.perf_counter() - t0
+        ctx.pop("model_dir")
         hooks = ctx.pop("hooks", [])
         if c.score_every > 0:
             def score(trainer, metrics, k=c.score_every):
