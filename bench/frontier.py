@@ -13,6 +13,7 @@ the median step time. Writes bench/results/frontier.json and bench/results/front
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--base", default="runs/bench/base-small")
     ap.add_argument("--locked", default="runs/bench/locked-r32")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--name", default="frontier", help="results file bench/results/NAME.json (+ .png)")
     args = ap.parse_args()
     tok = load_tokenizer(args.base)
     blocks = get_task("prose").train_blocks(tok, 128, 100_000)
@@ -80,9 +82,11 @@ def main() -> None:
     ax.set_title("Attacker's memory–time frontier: full fine-tuning, small model")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "frontier.png", dpi=120)
-    save("frontier", {"command": "python bench/frontier.py", "base": args.base, "locked": args.locked,
-                      "steps": args.steps, "rows": rows, "figure": "bench/results/frontier.png"})
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
+    save(args.name, {"command": "python bench/frontier.py " + " ".join(sys.argv[1:]), "base": args.base,
+                     "locked": args.locked, "steps": args.steps, "rows": rows, "figure": f"bench/results/{args.name}.png",
+                     # glibc's mmap threshold decides whether freed activations go back to the OS (RSS) at once
+                     "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")})
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ def save_model_dir(model, tokenizer, out: str | os.PathLike, extra_files: dict[s
         if module_names:
             from safetensors.torch import save_file
 
-            from ..train.loop import _dedupe_shared
+            from ..train.loop import dedupe_shared
 
             model.config.save_pretrained(str(tmp))
             if getattr(model, "generation_config", None) is not None and model.can_generate():
                 model.generation_config.save_pretrained(str(tmp))
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(_dedupe_shared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(dedupe_shared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:

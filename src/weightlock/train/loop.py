@@ -379,4 +379,3 @@ def dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-_dedupe_shared = dedupe_shared  # the old private name, still imported by models/hub.py
