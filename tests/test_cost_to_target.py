@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from weightlock.errors import WeightlockError
-from weightlock.eval.cost_to_target import AttackCurve, PatienceHook, cost_to_target, lock_cost_multiplier
+from weightlock.eval.cost_to_target import AttackCurve, cost_to_target, lock_cost_multiplier
+from weightlock.train.loop import PatienceHook
 
 
 def curve(scores, seconds_per_point=10.0, start=0.0):

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ..errors import WeightlockError
-from ..train.loop import Hook
 
 COSTS = ("step", "tokens", "seconds", "flops")
 
@@ -98,42 +97,3 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
     return {"q": q, "cost": cost, "target_gain": target, "best_original_gain": best, "memory_budget": memory_budget,
             "locked": lk, "original": og, "locked_min": lk_min, "original_min": og_min, "multiplier": mult,
             "best_locked_gain": max((best_gain(a.curve) for a in locked), default=None)}
-
-
-class PatienceHook(Hook):
-    """Score the model every ``every`` steps with ``score_fn(trainer) -> float`` (held-out, higher is better)
-    and stop training once ``patience`` scores in a row have not beaten the best by more than ``min_delta``.
-    ``curve`` collects (step, tokens, seconds, flops, score) points; ``seconds`` is training time only."""
-
-    def __init__(self, score_fn: Callable, every: int, patience: int = 3, min_delta: float = 0.0,
-                 flops_per_step: Callable[[], float | None] | None = None) -> None:
-        if every < 1 or patience < 1:
-            raise WeightlockError("every and patience must be at least 1")
-        self.score_fn, self.every, self.patience, self.min_delta = score_fn, every, patience, min_delta
-        self.flops_per_step = flops_per_step
-        self.curve: list[dict] = []
-        self.best = -math.inf
-        self.bad = 0
-        self._seconds = 0.0
-
-    def _point(self, trainer) -> None:
-        fl = self.flops_per_step() if self.flops_per_step else None
-        score = float(self.score_fn(trainer))
-        self.curve.append({"step": trainer.step, "tokens": trainer.tokens_seen, "seconds": self._seconds,
-                           "flops": (fl or 0.0) * trainer.step, "score": score})
-        if score > self.best + self.min_delta:
-            self.best, self.bad = score, 0
-        else:
-            self.bad += 1
-            if self.bad >= self.patience:
-                trainer.should_stop = True
-
-    def on_train_start(self, trainer) -> None:
-        if not self.curve:
-            self._point(trainer)
-            self.bad = 0
-
-    def on_step_end(self, trainer, metrics: dict) -> None:
-        self._seconds += metrics.get("step_time", 0.0)
-        if trainer.step % self.every == 0:
-            self._point(trainer)

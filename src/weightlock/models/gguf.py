@@ -80,7 +80,7 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, overwrite: boo
     """Write the GGUF model in ``path`` as a plain Hugging Face directory (``model.safetensors``, config,
     tokenizer) into ``out``, atomically file by file; returns ``out``."""
     from ..io import check_out_dir, prepare_out_dir, sha256_file
-    from .hub import save_model_dir
+    from .save import save_model_dir
 
     path = Path(path)
     check_out_dir(out, (path,))

@@ -1,59 +1,13 @@
-"""Saving and loading Hugging Face model directories, locally and atomically (never from a hub)."""
+"""Loading model directories, releases and GGUF files: the one loader (never from a hub)."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import WeightlockError
-from ..io import move_dir_contents
-
-
-def _quiet() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-
-
-def save_model_dir(model, tokenizer, out: str | os.PathLike, extra_files: dict[str, object] | None = None,
-                   module_names: bool = False) -> Path:
-    """Write ``model`` + ``tokenizer`` (+ JSON ``extra_files``) into ``out`` as a standard HF checkpoint.
-
-    Everything is written to a temporary folder first and then moved in file by file with ``os.replace``,
-    so a crash never leaves a half-written ``model.safetensors`` in ``out``. ``module_names=True`` writes the
-    weights under the module's own parameter names (no legacy-name conversion), for modeling code of our own.
-    """
-    _quiet()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
-    try:
-        if module_names:
-            from safetensors.torch import save_file
-
-            from ..train.loop import dedupe_shared
-
-            model.config.save_pretrained(str(tmp))
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(str(tmp))
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(dedupe_shared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, obj in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        move_dir_contents(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+from .save import quiet_progress, save_model_dir  # noqa: F401  (save_model_dir: re-exported, its home is models.save)
 
 
 MANIFEST = "manifest.json"
@@ -80,7 +34,7 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
 
     from .gguf import resolve_model_path
 
-    _quiet()
+    quiet_progress()
     d = resolve_model_path(model_dir)  # a .gguf file: its cached Hugging Face conversion
     _check_model_dir(d)
     if verify:

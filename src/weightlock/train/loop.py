@@ -28,6 +28,7 @@ from ..config import check_types
 from ..errors import WeightlockError
 from ..eval.cost import CostProbe
 from ..io import read_json, write_json
+from ..models.save import dedupe_shared
 
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -99,6 +100,45 @@ class LambdaHook(Hook):
             if not hasattr(Hook, name):
                 raise TypeError(f"unknown hook point {name!r}")
             setattr(self, name, fn)
+
+
+class PatienceHook(Hook):
+    """Score the model every ``every`` steps with ``score_fn(trainer) -> float`` (held-out, higher is better)
+    and stop training once ``patience`` scores in a row have not beaten the best by more than ``min_delta``.
+    ``curve`` collects (step, tokens, seconds, flops, score) points; ``seconds`` is training time only."""
+
+    def __init__(self, score_fn: Callable, every: int, patience: int = 3, min_delta: float = 0.0,
+                 flops_per_step: Callable[[], float | None] | None = None) -> None:
+        if every < 1 or patience < 1:
+            raise WeightlockError("every and patience must be at least 1")
+        self.score_fn, self.every, self.patience, self.min_delta = score_fn, every, patience, min_delta
+        self.flops_per_step = flops_per_step
+        self.curve: list[dict] = []
+        self.best = -math.inf
+        self.bad = 0
+        self._seconds = 0.0
+
+    def _point(self, trainer) -> None:
+        fl = self.flops_per_step() if self.flops_per_step else None
+        score = float(self.score_fn(trainer))
+        self.curve.append({"step": trainer.step, "tokens": trainer.tokens_seen, "seconds": self._seconds,
+                           "flops": (fl or 0.0) * trainer.step, "score": score})
+        if score > self.best + self.min_delta:
+            self.best, self.bad = score, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                trainer.should_stop = True
+
+    def on_train_start(self, trainer) -> None:
+        if not self.curve:
+            self._point(trainer)
+            self.bad = 0
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        self._seconds += metrics.get("step_time", 0.0)
+        if trainer.step % self.every == 0:
+            self._point(trainer)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -364,18 +404,3 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         tied.add("lm_head.weight")
     return tied
-
-
-def dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied embeddings): keep the first of each."""
-    seen: dict[tuple[int, int], str] = {}
-    out = {}
-    for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        if key in seen:
-            continue
-        seen[key] = k
-        out[k] = v
-    return out
-
-
