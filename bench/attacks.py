@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save  # noqa: E402
-
 from weightlock.io import set_threads_per_process  # noqa: E402
 
 STEPS = 40
@@ -62,14 +61,16 @@ def summarize(label: str, task: str, s: dict) -> dict:
            "score_before_locked": locked_runs[0]["locked"]["before"]["score"],
            "score_before_reference": ref_runs[0]["reference_run"]["before"]["score"],
            "capability_ppl_after_locked": statistics.mean(r["locked"]["capability_ppl_after"] for r in locked_runs),
-           "capability_ppl_after_reference": statistics.mean(r["reference_run"]["capability_ppl_after"] for r in ref_runs),
+           "capability_ppl_after_reference": statistics.mean(r["reference_run"]["capability_ppl_after"]
+                                                             for r in ref_runs),
            "points": [{k: p[k] for k in ("point", "gain_mean", "gain_std", "reference_gain_mean", "reference_gain_std")}
                       for p in s["points"]]}
     for k in ("saved_activation_bytes_per_step", "step_time_s", "forward_time_s", "backward_time_s",
               "optimizer_time_s", "flops_estimate", "peak_rss_bytes"):
         row[f"{k}_locked"] = cost(locked_runs, "locked", k)
         row[f"{k}_reference"] = cost(ref_runs, "reference_run", k)
-    row["memory_ratio"] = row["saved_activation_bytes_per_step_locked"] / max(1, row["saved_activation_bytes_per_step_reference"])
+    row["memory_ratio"] = (row["saved_activation_bytes_per_step_locked"]
+                           / max(1, row["saved_activation_bytes_per_step_reference"]))
     row["step_time_ratio"] = row["step_time_s_locked"] / row["step_time_s_reference"]
     row["trainable_parameters_locked"] = locked_runs[0]["locked"]["trainable_parameters"]
     row["trainable_parameters_reference"] = ref_runs[0]["reference_run"]["trainable_parameters"]

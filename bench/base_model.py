@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
 from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
 from weightlock.eval.perplexity import model_perplexity, unigram_perplexity  # noqa: E402
 from weightlock.io import read_json  # noqa: E402

@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
 from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
 from weightlock.dlr import DLRSpec, LockConfig, capture, fit_layer, load, lock  # noqa: E402
 from weightlock.train.pretrain import default_config, pretrain  # noqa: E402

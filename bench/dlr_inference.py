@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import llama_shaped_pair, save  # noqa: E402
-
 from weightlock.dlr import load  # noqa: E402
 from weightlock.dlr.modeling_weightlock_dlr import DLRNet  # noqa: E402
 

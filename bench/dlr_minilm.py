@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
 from weightlock.data import load_blocks, load_texts  # noqa: E402
 from weightlock.dlr import LockConfig, load, lock  # noqa: E402
 from weightlock.dlr.distill import refine  # noqa: E402

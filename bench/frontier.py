@@ -19,10 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save  # noqa: E402
-
+from weightlock import load  # noqa: E402
 from weightlock.attacks import finetune, make_attack  # noqa: E402
 from weightlock.data import load_tokenizer  # noqa: E402
-from weightlock import load  # noqa: E402
 from weightlock.errors import WeightlockError  # noqa: E402
 from weightlock.eval.cost import PeakMemory  # noqa: E402
 from weightlock.eval.tasks import get_task  # noqa: E402
@@ -84,7 +83,8 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
     save(args.name, {"command": "python bench/frontier.py " + " ".join(sys.argv[1:]), "base": args.base,
-                     "locked": args.locked, "steps": args.steps, "rows": rows, "figure": f"bench/results/{args.name}.png",
+                     "locked": args.locked, "steps": args.steps, "rows": rows,
+                     "figure": f"bench/results/{args.name}.png",
                      # glibc's mmap threshold decides whether freed activations go back to the OS (RSS) at once
                      "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")})
 

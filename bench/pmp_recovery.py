@@ -15,9 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
 from weightlock import load  # noqa: E402
+from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
 from weightlock.pmp import PMPConfig, load_mask, pretrain_pmp  # noqa: E402
 from weightlock.pmp.recover import recover_all  # noqa: E402
 from weightlock.train.pretrain import default_config  # noqa: E402

@@ -25,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save  # noqa: E402
-
 from weightlock.io import set_threads_per_process  # noqa: E402
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -124,11 +123,13 @@ def main() -> None:
     plot(rows, dense, RESULTS / "pmp_sweep.png")
     save("pmp_sweep", {"command": "python bench/pmp_sweep.py", "steps": STEPS, "batch": [8, 128],
                        "dense_val_ppl": base_ppl,
-                       "pretraining": {str(r): {k: v for k, v in pre[r].items() if k in ("val_ppl", "density", "discovery")}
+                       "pretraining": {str(r): {k: v for k, v in pre[r].items()
+                                                if k in ("val_ppl", "density", "discovery")}
                                        for r in RATIOS},
                        "dense_gains": dense, "rows": rows})
     for r in rows:
-        print(f"ρ={r['ratio']} {r['task']:7s} {r['method']:20s} gain {r['gain']:+.3f} (dense full {dense[r['task']]['full']:+.3f})")
+        print(f"ρ={r['ratio']} {r['task']:7s} {r['method']:20s} gain {r['gain']:+.3f} "
+              f"(dense full {dense[r['task']]['full']:+.3f})")
 
 
 if __name__ == "__main__":

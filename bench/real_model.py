@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
-import torch  # noqa: E402
-
 from weightlock import load  # noqa: E402
 from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
 from weightlock.dlr import LockConfig, lock  # noqa: E402
@@ -126,7 +125,8 @@ def main() -> None:
         "command": "python bench/real_model.py " + " ".join(sys.argv[1:]), "model": str(model_dir),
         "lock_config": report["lock_config"], "depth": spec["depth"],
         "parameters_before": report["parameters_before"], "parameters_after": report["parameters_after"],
-        "lock_seconds": report["seconds"], "lock_wall": read_json(run / "lock_wall.json") if (run / "lock_wall.json").exists() else None,
+        "lock_seconds": report["seconds"],
+        "lock_wall": read_json(run / "lock_wall.json") if (run / "lock_wall.json").exists() else None,
         "layer_rel_error": errors, "layer_rel_error_median": statistics.median(errors),
         "layer_rel_error_max": max(errors), "fidelity": read_json(run / "fidelity.json"),
         "speed": read_json(run / "speed.json"), "per_mlp_activation_memory_multiplier": mem,
