@@ -21,7 +21,8 @@ from .train.finetune import FinetuneConfig
 from .train.pretrain import PretrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Release open-weight LMs that resist unauthorized fine-tuning, and measure how well the lock holds.")
+                  help="Release open-weight LMs that resist unauthorized fine-tuning, "
+                       "and measure how well the lock holds.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model directory (perplexity, ...).")
 app.add_typer(eval_app, name="eval")
 console = Console(stderr=True)
@@ -48,10 +49,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except WeightlockError as e:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: a checkpoint was saved; rerun with --resume to continue[/]")
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -343,7 +344,8 @@ def attack(
     name: str = typer.Option("full", "--attack", help="Attack name (see --list)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (JSON results; finished runs are skipped)."),
     option: list[str] = typer.Option([], "--set", help="Attack option KEY=VALUE (repeatable)."),
-    sweep: list[str] = typer.Option([], help="Attacker's search KEY=V1,V2,... or KEY=LO..HI (repeatable); the best is reported."),
+    sweep: list[str] = typer.Option([], help="Attacker's search KEY=V1,V2,... or KEY=LO..HI (repeatable); "
+                                             "the best is reported."),
     random_: Optional[int] = typer.Option(None, "--random", help="Random search: N points of the --sweep space."),
     seeds: str = typer.Option(str(default(AttackConfig, "training").seed), help="Comma-separated seeds."),
     list_: bool = typer.Option(False, "--list", help="List the attacks and their options."),
@@ -402,7 +404,8 @@ def demo(
 @app.command()
 @user_errors
 def report(
-    rundirs: list[Path] = typer.Argument(..., help="Demo, bench/results, attack-run or release directories (or JSON files)."),
+    rundirs: list[Path] = typer.Argument(..., help="Demo, bench/results, attack-run or release directories "
+                                                   "(or JSON files)."),
     out: Path = typer.Option(Path("report"), help="Output directory (index.html, README.md, PNG figures)."),
 ) -> None:
     """Build an HTML + Markdown report with figures from recorded JSON results (no network)."""

@@ -151,7 +151,7 @@ def run_demo(out: Path, quick: bool = False, report: bool = True, defenses: Sequ
         stale = release is None or ("reference" in rebuilt and not d.pretraining)
         source = default_config(plan.preset) if d.pretraining else base
         built: list[Path] = []
-        if stage(d.build_title(), not stale, lambda: built.append(d.build(source, work[d.name]))):
+        if stage(d.build_title(), not stale, lambda: built.append(d.build(source, work[d.name]))):  # noqa: B023  (called within this iteration)
             rebuilt.add(d.name)
             release = built[0]
         models[d.name] = release
@@ -247,10 +247,12 @@ def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> list[dict]:
         rows.append({
             "defense": defense, "attack": label, "task": task, "reference_attack": ref_label,
             "score_before": r["before"]["score"], "score_after": r["after"]["score"], "gain": r["gain"],
-            "reference_gain": ref["gain"], "gain_ratio": _ratio(r["gain"], ref["gain"]) if defense != "reference" else 1.0,
+            "reference_gain": ref["gain"],
+            "gain_ratio": _ratio(r["gain"], ref["gain"]) if defense != "reference" else 1.0,
             "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
             "step_time_s": r["cost"]["step_time_s"], "total_seconds": total,
-            "memory_ratio": _ratio(r["cost"]["saved_activation_bytes_per_step"], ref["cost"]["saved_activation_bytes_per_step"]),
+            "memory_ratio": _ratio(r["cost"]["saved_activation_bytes_per_step"],
+                                   ref["cost"]["saved_activation_bytes_per_step"]),
             "time_ratio": _ratio(total, ref_total), "peak_rss_bytes": r["cost"]["peak_rss_bytes"],
             # the run's own peak memory growth (parameters' gradients, optimizer state, activations)
             "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
@@ -331,7 +333,7 @@ def _registered(summary: dict) -> list:
         cls = DEFENSES.get(rec["name"])
         if cls is None:
             continue
-        for make in (lambda: cls(cls.Config(**rec.get("config", {}))), cls):
+        for make in (lambda: cls(cls.Config(**rec.get("config", {}))), cls):  # noqa: B023  (called within this iteration)
             try:
                 out.append(make())
                 break

@@ -247,7 +247,8 @@ def _draw_layer_errors(ax, items) -> None:
 
 
 def _gain_panels(found) -> list:
-    return [(name, task, rows) for name, rows in _gain_vs_ratio(found) for task in dict.fromkeys(r["task"] for r in rows)]
+    return [(name, task, rows) for name, rows in _gain_vs_ratio(found)
+            for task in dict.fromkeys(r["task"] for r in rows)]
 
 
 def _one_panel(items: list) -> list:
@@ -328,14 +329,16 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
     dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
 
     md = ["# weightlock report", "",
-          f"Built from {len(sources)} recorded result file(s)" + (f" dated {', '.join(dates)}" if dates else "") + ".", ""]
+          f"Built from {len(sources)} recorded result file(s)" + (f" dated {', '.join(dates)}" if dates else "") + ".",
+          ""]
     body = [f"<h1>weightlock report</h1><p>Built from {len(sources)} recorded result file(s)"
             + (f" dated {html.escape(', '.join(dates))}" if dates else "") + ".</p>"]
     for title, head, rows in tables:
         md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
         body.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-                    + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                    + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
                     + "</table>")
     for name, title, caption in figures:
         md += [f"## {title}", "", f"![{title}]({name})", "", caption, ""]
@@ -343,7 +346,8 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     if missing:
         md += ["## Not in these results", ""] + [f"- {m}" for m in missing] + [""]
-        body.append("<h2>Not in these results</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
+        body.append("<h2>Not in these results</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing)
+                    + "</ul>")
     md += ["## Sources", ""] + [f"- `{s}`" for s in sources]
     body.append("<h2>Sources</h2><ul>" + "".join(f"<li><code>{html.escape(s)}</code></li>" for s in sources) + "</ul>")
     page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>weightlock report</title><style>"

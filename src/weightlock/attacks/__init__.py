@@ -4,7 +4,7 @@ Importing this package registers the built-in attacks (each module registers its
 ``full``, ``lora``, ``freeze``, ``reverse-distill``, ``mask-recover`` and the authorized ``masked``.
 """
 from ..train.finetune import apply_checkpointing, finetune
-from . import freeze, full, lora, mask, reverse_distill  # noqa: F401  (registers the built-ins)
+from . import freeze, full, lora, mask  # noqa: F401  (registers the built-ins; reverse_distill: below)
 from .base import Attack, AttackConfig
 from .freeze import FreezeAttackConfig
 from .lora import LoraAttackConfig

@@ -80,7 +80,8 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
                            **{**options, **point, "seed": s}) for s in seeds]
         gains = [r["locked"]["gain"] for r in runs]
         row = {"point": point, "seeds": list(seeds), "gain_mean": statistics.mean(gains),
-               "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0, "runs": [str(out / tag / f"seed{s}") for s in seeds]}
+               "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+               "runs": [str(out / tag / f"seed{s}") for s in seeds]}
         if reference is not None:
             ref = [r["reference_run"]["gain"] for r in runs]
             row.update(reference_gain_mean=statistics.mean(ref),
@@ -89,8 +90,10 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
                        for k in ("saved_activation_bytes_per_step", "step_time_s", "peak_rss_bytes")}
         rows.append(row)
     best = max(rows, key=lambda r: r["gain_mean"])
-    summary = {"kind": ATTACK_SUITE, "schema_version": SCHEMA_VERSION, "model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
-               "attack": attack, "options": options, "grid": {k: list(v) for k, v in grid.items()}, "samples": samples, "points": rows, "best": best}
+    summary = {"kind": ATTACK_SUITE, "schema_version": SCHEMA_VERSION, "model": str(model_dir),
+               "reference": str(reference) if reference else None, "task": task,
+               "attack": attack, "options": options, "grid": {k: list(v) for k, v in grid.items()}, "samples": samples,
+               "points": rows, "best": best}
     if reference is not None:
         best_ref = max(rows, key=lambda r: r["reference_gain_mean"])
         summary["best_reference"] = best_ref

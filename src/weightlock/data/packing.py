@@ -37,7 +37,8 @@ def pack_texts(texts: list[str], tokenizer, block_size: int, max_tokens: int | N
     chunks: list[np.ndarray] = []
     total = 0
     for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i:i + batch], add_special_tokens=False, verbose=False)["input_ids"]  # cut into blocks below
+        # cut into blocks below
+        enc = tokenizer(texts[i:i + batch], add_special_tokens=False, verbose=False)["input_ids"]
         for ids in enc:
             arr = np.asarray(ids + [eos], dtype=np.int64)
             chunks.append(arr)

@@ -162,7 +162,8 @@ class PMPDefense(Defense):
         gains = []
         for r in rows:
             if r["defense"] == self.name:
-                gains.append({"ratio": self.cfg.mask_ratio, "task": r["task"], "method": r["attack"], "gain": r["gain"]})
+                gains.append({"ratio": self.cfg.mask_ratio, "task": r["task"], "method": r["attack"],
+                              "gain": r["gain"]})
             elif r["defense"] == "reference" and r["attack"] in ("full", "lora"):
                 gains.append({"ratio": 1.0, "task": r["task"], "method": r["attack"], "gain": r["gain"]})
         return {"pmp_gain_vs_ratio": gains}

@@ -1,8 +1,7 @@
 """DLR-Lock: replace every MLP with a deep low-rank residual network distilled from it."""
 from .distill import LockConfig, capture, distill_model, fit_layer, match_depth, relative_error
 from .lock import load, lock
-from .modeling_weightlock_dlr import (ADAPTERS, ArchAdapter, DLRNet, DLRSpec, adapter_for, apply_dlr,
-                                      register_adapter)
+from .modeling_weightlock_dlr import ADAPTERS, ArchAdapter, DLRNet, DLRSpec, adapter_for, apply_dlr, register_adapter
 
 __all__ = ["LockConfig", "capture", "distill_model", "fit_layer", "match_depth", "relative_error", "load", "lock",
            "ADAPTERS", "ArchAdapter", "DLRNet", "DLRSpec", "adapter_for", "apply_dlr", "register_adapter"]

@@ -19,8 +19,18 @@ from torch import nn
 from ..config import check_types, choice
 from ..errors import WeightlockError
 from ..io import atomic_path, read_json, write_json
-from .modeling_weightlock_dlr import (ArchAdapter, DLRNet, DLRSpec, UnsupportedArchitecture, adapter_for,
-                                      find_layers, get_path, mlp_modules, mlp_num_parameters, replace_mlp)
+from .modeling_weightlock_dlr import (
+    ArchAdapter,
+    DLRNet,
+    DLRSpec,
+    UnsupportedArchitecture,
+    adapter_for,
+    find_layers,
+    get_path,
+    mlp_modules,
+    mlp_num_parameters,
+    replace_mlp,
+)
 
 
 @dataclass
@@ -82,7 +92,8 @@ class LockConfig:
         if not self.lr > 0 or not self.refine_lr > 0:
             raise WeightlockError(f"learning rates must be positive, got lr={self.lr}, refine_lr={self.refine_lr}")
         if self.max_rel_error is not None and not self.max_rel_error > 0:
-            raise WeightlockError(f"max_rel_error must be positive (or None to accept any error), got {self.max_rel_error}")
+            raise WeightlockError(f"max_rel_error must be positive (or None to accept any error), "
+                                  f"got {self.max_rel_error}")
 
 
 def block_parameters(width: int, rank: int, norm: bool, bias: bool) -> int:

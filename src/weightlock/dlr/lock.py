@@ -9,8 +9,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from .. import __version__
 from ..errors import WeightlockError
 from ..io import check_out_dir, prepare_out_dir, read_json, sha256_file, write_json
@@ -85,7 +83,8 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     ppl_after = _ppl(locked, val)
     params_after = sum(p.numel() for p in locked.parameters())
     report = {
-        "kind": LOCK_REPORT, "schema_version": SCHEMA_VERSION, "base_model": str(model_dir), "family": adapter.family, "calibration_data": spec,
+        "kind": LOCK_REPORT, "schema_version": SCHEMA_VERSION, "base_model": str(model_dir), "family": adapter.family,
+        "calibration_data": spec,
         "calibration_tokens": int(calib.numel()), "validation_tokens": int(val.numel()),
         "lock_config": asdict(cfg), "parameters_before": params_before, "parameters_after": params_after,
         "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs],

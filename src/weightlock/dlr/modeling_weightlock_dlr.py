@@ -22,8 +22,8 @@ from torch import nn
 
 DLR_CONFIG_KEY = "weightlock_dlr"
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-_INPLACE = {"gelu": torch._C._nn.gelu_, "relu": torch.relu_, "silu": lambda h: torch.nn.functional.silu(h, inplace=True),
-            "tanh": torch.tanh_}
+_INPLACE = {"gelu": torch._C._nn.gelu_, "relu": torch.relu_,
+            "silu": lambda h: torch.nn.functional.silu(h, inplace=True), "tanh": torch.tanh_}
 
 
 @dataclass
@@ -246,7 +246,8 @@ def _compiled_stack():
 def _disable_compile(err: Exception) -> None:
     import warnings
 
-    warnings.warn(f"DLR-Net compiled path unavailable ({type(err).__name__}: {err}); using the eager fast path")
+    warnings.warn(f"DLR-Net compiled path unavailable ({type(err).__name__}: {err}); using the eager fast path",
+                  stacklevel=2)
     _COMPILED[:] = [None]
 
 

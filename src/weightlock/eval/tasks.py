@@ -180,7 +180,8 @@ def _jsonl_task(path: Path) -> Task:
         test = [(r["prompt"], r["completion"]) for r in rows if _hash_split(r["prompt"]) == "test"]
         if not test or not train:
             raise WeightlockError(f"{path}: too few examples to hold some out for testing")
-        return Task(path.stem, "exact", train_texts=lambda: ["".join(r["prompt"] + r["completion"] + "\n" for r in train)],
+        return Task(path.stem, "exact",
+                    train_texts=lambda: ["".join(r["prompt"] + r["completion"] + "\n" for r in train)],
                     test_pairs=lambda: test)
     if all(isinstance(r.get("text"), str) for r in rows):
         spec = str(path)

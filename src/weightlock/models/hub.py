@@ -9,7 +9,6 @@ import torch
 from ..errors import WeightlockError
 from .save import quiet_progress, save_model_dir  # noqa: F401  (save_model_dir: re-exported, its home is models.save)
 
-
 MANIFEST = "manifest.json"
 
 
@@ -31,7 +30,6 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from ..dlr import modeling_weightlock_dlr as M
-
     from .gguf import resolve_model_path
 
     quiet_progress()
@@ -53,7 +51,8 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
                 raise ValueError(f"weights missing from the checkpoint: {', '.join(sorted(missing)[:4])}"
                                  + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
     except Exception as e:  # transformers/safetensors raise many types for bad checkpoints
-        raise WeightlockError(f"{d}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        raise WeightlockError(f"{d}: cannot load the model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     if dtype is not None:
         model = model.to(dtype)
     if compile:

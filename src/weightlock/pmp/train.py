@@ -261,7 +261,8 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
         "kind": "weightlock-pmp", "mask_commitment": commit, "files": files,
         "pmp": {"mask_ratio": pmp.mask_ratio, "variant": pmp.variant, "pool": pmp.pool},
     })
-    summary = {"kind": PMP_RUN, "schema_version": SCHEMA_VERSION, "discovery": discovery, "density": mask_density(eb.mask), "chance_iou": chance_iou(pmp.mask_ratio),
+    summary = {"kind": PMP_RUN, "schema_version": SCHEMA_VERSION, "discovery": discovery,
+               "density": mask_density(eb.mask), "chance_iou": chance_iou(pmp.mask_ratio),
                "val_ppl": metrics["val_ppl"], "release": str(release), "private": str(private)}
     write_json(out / SUMMARY_FILE, summary)
     _remove_work(private)

@@ -30,7 +30,6 @@ from ..eval.cost import CostProbe
 from ..io import read_json, write_json
 from ..models.save import dedupe_shared
 
-
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd", "adafactor"]  # adafactor: factored second moments (low memory)
 
@@ -274,7 +273,7 @@ class Trainer:
         total = 0.0
         for micro in range(self.cfg.grad_accum):
             x = self.batch(self.step, micro)
-            loss = self.probe.micro_batch(lambda: self._loss(x), self.acc.backward)
+            loss = self.probe.micro_batch(lambda: self._loss(x), self.acc.backward)  # noqa: B023  (called at once)
             total += loss.item()
             self.tokens_seen += x.numel() * self.acc.num_processes
         self.probe.begin_optimizer()

@@ -107,7 +107,8 @@ def build_model(cfg: PretrainConfig, tokenizer):
     torch.manual_seed(cfg.train.seed)
     mc = cfg.model_config()
     if mc.max_position_embeddings < cfg.block_size:
-        raise WeightlockError(f"block size {cfg.block_size} exceeds max_position_embeddings {mc.max_position_embeddings}")
+        raise WeightlockError(f"block size {cfg.block_size} exceeds max_position_embeddings "
+                              f"{mc.max_position_embeddings}")
     return LlamaForCausalLM(mc.to_hf(tokenizer))
 
 
