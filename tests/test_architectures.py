@@ -163,7 +163,8 @@ def test_family_registered_at_lock_time_travels_with_the_release(tmp_path, token
             "assert 'granite' not in ADAPTERS\n"
             "m = load(sys.argv[1])\n"
             "ids = torch.tensor([[5, 6, 7]])\n"
-            "assert m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False).shape == (1, 7)\n"
+            "assert m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,"
+            " do_sample=False).shape == (1, 7)\n"
             "with torch.no_grad():\n"
             "    torch.save(m(input_ids=ids).logits, sys.argv[2])\n")
     r = _run(code, out, tmp_path / "wl.pt", cwd=tmp_path)

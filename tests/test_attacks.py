@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from dlr_helpers import tiny_model
-from weightlock.attacks import ATTACKS, apply_checkpointing, finetune, make_attack, run_attack
-from weightlock.attacks import AttackConfig, ReverseDistillConfig  # noqa: F401
+from weightlock.attacks import (  # noqa: F401
+    ATTACKS,
+    AttackConfig,
+    ReverseDistillConfig,
+    apply_checkpointing,
+    finetune,
+    make_attack,
+    run_attack,
+)
 from weightlock.dlr import LockConfig, apply_dlr
 from weightlock.dlr.distill import specs_for
 from weightlock.dlr.modeling_weightlock_dlr import DLRNet
@@ -113,8 +120,8 @@ def test_reverse_distill_restores_dense_architecture(tokenizer):
     from weightlock.dlr.lock import _write_release  # noqa: F401  (config section as in a release)
 
     locked.config.weightlock_dlr = {"base_class": "LlamaForCausalLM", "layers": []}
-    dense, stats = reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig.from_options(distill_steps=150, block_size=16,
-                                                                                     distill_tokens=4096, progress=False))
+    cfg = ReverseDistillConfig.from_options(distill_steps=150, block_size=16, distill_tokens=4096, progress=False)
+    dense, stats = reverse_distill(locked, _SmallTok(tokenizer), cfg)
     assert not any(isinstance(m, DLRNet) for m in dense.modules())
     assert type(dense.model.layers[0].mlp).__name__ == "LlamaMLP"
     assert all(s["rel_error"] < s["rel_error_init"] for s in stats)
@@ -137,7 +144,8 @@ def test_reverse_distill_readback_recovers_an_mlp_init_release_without_training(
     for orig, lay in zip(find_layers(original, adapter), find_layers(locked, adapter)):
         mlp_slice_init(plain_mlp_weights(orig, adapter))(get_path(lay, adapter.mlp))
     locked.config.weightlock_dlr = {"base_class": type(original).__name__, "layers": []}
-    cfg = ReverseDistillConfig.from_options(init="readback", distill_steps=0, block_size=16, distill_tokens=2048, progress=False)
+    cfg = ReverseDistillConfig.from_options(init="readback", distill_steps=0, block_size=16, distill_tokens=2048,
+                                            progress=False)
     dense, stats = reverse_distill(locked, _SmallTok(tokenizer), cfg)
     assert not any(isinstance(m, DLRNet) for m in dense.modules())
     assert all(s["steps"] == 0 and s["rel_error"] < 1e-3 for s in stats)  # vs the DLR-Nets' bf16 captures

@@ -9,8 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from weightlock.cli import app
-from weightlock.defenses import (DEFENSES, AttackSpec, Defense, DefenseConfig, get_defense, make_defense,
-                                 register_defense)
+from weightlock.defenses import (
+    DEFENSES,
+    AttackSpec,
+    Defense,
+    DefenseConfig,
+    get_defense,
+    make_defense,
+    register_defense,
+)
 from weightlock.errors import WeightlockError
 
 runner = CliRunner()

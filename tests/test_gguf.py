@@ -57,7 +57,8 @@ def test_convert_writes_a_plain_directory_with_identical_logits(tiny_gguf, token
     assert src["format"] == "gguf" and src["file"] == "tiny.gguf" and len(src["sha256"]) == 64
     # plain transformers, no weightlock and no gguf involved
     code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\nt = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+            "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
             "ids = t('def f(x):\\n    return x + 1\\n', return_tensors='pt').input_ids\n"
             "torch.save(m(input_ids=ids).logits.detach(), sys.argv[2])\n"
             "assert 'weightlock' not in sys.modules and 'gguf' not in sys.modules\n")

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import torch
 from typer.testing import CliRunner
 

@@ -11,8 +11,20 @@ from typer.testing import CliRunner
 from conftest import tiny_config
 from weightlock.cli import app
 from weightlock.errors import WeightlockError
-from weightlock.pmp import (EarlyBirdHook, MaskHook, PMPConfig, chance_iou, check_release, load_mask, mask_iou,
-                            pooled_parameters, pretrain_pmp, save_mask, topk_mask, verify)
+from weightlock.pmp import (
+    EarlyBirdHook,
+    MaskHook,
+    PMPConfig,
+    chance_iou,
+    check_release,
+    load_mask,
+    mask_iou,
+    pooled_parameters,
+    pretrain_pmp,
+    save_mask,
+    topk_mask,
+    verify,
+)
 from weightlock.train.loop import Hook, TrainConfig, Trainer
 
 runner = CliRunner()
@@ -20,7 +32,8 @@ runner = CliRunner()
 
 def test_topk_mask_is_exact_and_matches_a_sort():
     g = torch.Generator().manual_seed(0)
-    scores = {"a": torch.randn(37, 11, generator=g), "b": torch.randn(5, generator=g), "c": torch.randn(8, 8, generator=g)}
+    scores = {"a": torch.randn(37, 11, generator=g), "b": torch.randn(5, generator=g),
+              "c": torch.randn(8, 8, generator=g)}
     flat = torch.cat([s.reshape(-1).abs() for s in scores.values()])
     for ratio in (0.01, 0.1, 0.3, 0.5, 0.9, 1.0):
         m = topk_mask(scores, ratio)
@@ -71,7 +84,8 @@ def test_stage2_complement_is_bit_identical(tokenizer):
 
 def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
     cfg = tiny_config(max_steps=10, train_tokens=30_000)
-    r = pretrain_pmp(cfg, PMPConfig(mask_ratio=0.3, discovery_max_steps=8, patience=2, iou_threshold=0.5), tmp_path / "run")
+    r = pretrain_pmp(cfg, PMPConfig(mask_ratio=0.3, discovery_max_steps=8, patience=2, iou_threshold=0.5),
+                     tmp_path / "run")
     release, private = tmp_path / "run" / "release", tmp_path / "run" / "private"
     assert abs(r["density"] - 0.3) < 1e-3
     assert check_release(release) == []
@@ -125,8 +139,7 @@ def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
     assert sum(int((wu[n] != w0[n])[~m].sum()) for n, m in mask.items() if n in w0) > 0
 
     # the same through the attack suite's `masked` entry (the unlocked reference gets full fine-tuning)
-    from weightlock.attacks import make_attack, run_attack
-    from weightlock.attacks import finetune
+    from weightlock.attacks import finetune, make_attack, run_attack
     from weightlock.dlr.lock import load
 
     r = run_attack(release, "prose", "masked", tmp_path / "masked", reference=release, steps=2, batch_size=4,
@@ -167,7 +180,8 @@ def test_mask_recovery_attacks(tmp_path, tokenizer, variant):
 
     cfg = tiny_config(max_steps=15, train_tokens=30_000)
     pmp = PMPConfig.paper(0.3) if variant == "paper" else PMPConfig(mask_ratio=0.3)
-    pmp.discovery_max_steps, pmp.patience, pmp.iou_threshold, pmp.projection_every = 6, 2, 0.5, (5 if variant == "paper" else 0)
+    pmp.discovery_max_steps, pmp.patience, pmp.iou_threshold = 6, 2, 0.5
+    pmp.projection_every = 5 if variant == "paper" else 0
     pretrain_pmp(cfg, pmp, tmp_path / "run")
     model = load(tmp_path / "run" / "release")
     mask, _, _ = load_mask(tmp_path / "run" / "private" / "mask.safetensors")
