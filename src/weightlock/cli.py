@@ -403,6 +403,42 @@ def demo(
 
 @app.command()
 @user_errors
+def plan(
+    model: str = typer.Option(..., help="config.json, model directory, or a shipped name (smollm2-135m, "
+                              "llama-3.2-1b, llama-3.1-8b, qwen2.5-7b)."),
+    rank: int = typer.Option(32, help="DLR rank of the lock."),
+    tokens_per_step: int = typer.Option(16384, help="Tokens per optimizer step (batch × sequence length)."),
+    seq_len: int = typer.Option(2048, help="Sequence length."),
+    dtype: str = typer.Option("bfloat16", help="Activation / parameter dtype: bfloat16, float16, float32."),
+    recalibrate: bool = typer.Option(False, help="Re-measure this machine's throughput (else cached)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Predict what fine-tuning a model and its DLR lock costs an attacker (memory, FLOPs, time), from its config."""
+    from .eval.plan import plan as make_plan
+
+    p = make_plan(model, rank=rank, tokens_per_step=tokens_per_step, seq_len=seq_len, dtype=dtype,
+                  recalibrate=recalibrate)
+    if as_json:
+        print(json.dumps(p, indent=1))
+        return
+    gib = 2 ** 30
+    t = Table(title=f"{p['model']}: rank {p['rank']}, depth {p['depth']} × {p['layers']} layers; {p['batch']} × "
+                    f"{p['seq_len']} tokens, {p['dtype']}; one DLR-Net saves {p['mlp_memory_multiplier']:.1f}× an MLP")
+    for c in ("model", "attack / counter-measure", "activations GiB", "× orig", "params+grads+AdamW GiB",
+              "TFLOP", "time s", "× orig"):
+        t.add_column(c)
+    for r in p["rows"]:
+        t.add_row(r["model"], r["what"], f"{r['peak_activation_bytes'] / gib:,.2f}", f"{r['activation_vs_original']:.2f}",
+                  f"{(r['param_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / gib:,.2f}", f"{r['flops'] / 1e12:,.1f}",
+                  f"{r['time_s']:,.2f}", f"{r['time_vs_original']:.2f}")
+    Console(width=200).print(t)
+    console.print(f"time: this machine ({p['calibration']['device']}, {p['calibration']['threads']} threads), "
+                  "calibrated per operation; '× orig' compares with the original under the same attack "
+                  "(checkpointing per DLR-Net: with the original's per-layer checkpointing)")
+
+
+@app.command()
+@user_errors
 def report(
     rundirs: list[Path] = typer.Argument(..., help="Demo, bench/results, attack-run or release directories "
                                                    "(or JSON files)."),
