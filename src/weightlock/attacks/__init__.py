@@ -1,4 +1,5 @@
-"""The red team: fine-tuning attacks (a registry), counter-measures and attacker-cost measurement.
+"""The red team, on releases: fine-tuning attacks (a registry), counter-measures and attacker-cost
+measurement, each run against the unlocked original; ``weightlock.eval`` scores what they gain.
 
 Importing this package registers the built-in attacks (each module registers itself):
 ``full``, ``lora``, ``freeze``, ``reverse-distill``, ``mask-recover`` and the authorized ``masked``.

@@ -1,4 +1,6 @@
-"""Defenses as plug-ins, the counterpart of the attack registry (``weightlock.attacks``).
+"""Defenses as plug-ins, the counterpart of the attack registry (``weightlock.attacks``): what turns a
+model (or a pretraining run) into a release. The locks themselves live in ``weightlock.dlr`` and
+``weightlock.pmp``.
 
 A defense is a typed config (a dataclass that validates itself) plus a small :class:`Defense` class:
 its name, a description, ``apply(source, out) -> release directory`` (``source`` is a model directory

@@ -1,1 +1,3 @@
-"""Evaluation: perplexity, tasks, fine-tuning gain and attacker cost."""
+"""Evaluation, after attacks and before the report: perplexity, tasks (what an attacker fine-tunes for),
+fidelity of a lock to its original, lm-evaluation-harness tasks, attacker cost (memory, FLOPs, time) and
+cost to a target gain."""
