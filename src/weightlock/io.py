@@ -40,11 +40,14 @@ def _umask() -> int:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, creating its directory."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON with sorted keys, atomically (paths become strings, tensor and numpy
+    scalars numbers)."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
@@ -57,6 +60,7 @@ def _json_default(o: Any) -> Any:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; a missing or invalid file is a :class:`WeightlockError`."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -67,6 +71,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -27,6 +27,7 @@ def stamp(kind: str, obj: dict) -> dict:
 
 
 def bench_kind(name: str) -> str:
+    """The ``kind`` of the result of the bench script ``name`` (``bench.NAME``)."""
     return BENCH_PREFIX + name
 
 

@@ -29,6 +29,8 @@ _TEST_DIRS = {"test", "tests", "idle_test"}
 
 @dataclass(frozen=True)
 class Document:
+    """One document of the corpus: ``name`` identifies it (stable across machines), ``text`` is its content."""
+
     name: str  # stable identifier: path relative to the stdlib, or "topics/<name>"
     text: str
 
@@ -46,6 +48,7 @@ def order_key(name: str) -> str:
 
 
 def stdlib_dir() -> Path:
+    """The running Python's standard-library directory: the source of the built-in corpus."""
     return Path(sysconfig.get_paths()["stdlib"])
 
 

@@ -55,6 +55,7 @@ def load_documents(spec: str, split: str | None = None) -> list[Document]:
 
 
 def load_texts(spec: str, split: str | None = None) -> list[str]:
+    """The texts of :func:`load_documents` (``spec``, ``split``) without their names."""
     return [d.text for d in load_documents(spec, split)]
 
 

@@ -59,6 +59,8 @@ class DefenseConfig:
         check_types(self, f"{type(self).__name__}")
 
     def validate(self) -> None:
+        """Check the config's values (field types are checked at construction; :func:`make_defense` calls this);
+        raise :class:`WeightlockError`. The base accepts everything."""
         pass
 
 
@@ -111,6 +113,7 @@ class Defense:
     # ---- naming -----------------------------------------------------------------------------------
     @property
     def display_name(self) -> str:
+        """The defense's ``title``, or its registered name."""
         return self.title or self.name
 
     @property
@@ -160,6 +163,7 @@ class Defense:
 
     @staticmethod
     def build_file(out: Path) -> Path:
+        """Where a build into ``out`` records what it built (``OUT.defense.json``, beside ``out``)."""
         return Path(out).with_name(Path(out).name + ".defense.json")
 
     def release(self, out: str | os.PathLike) -> Path | None:

@@ -18,6 +18,8 @@ LORA = AttackSpec("lora", "lora", {"targets": "attention"}, "lora", "lora")
 
 @dataclass
 class NoneConfig(DefenseConfig):
+    """Settings of the ``none`` defense (the unlocked original)."""
+
     copy: bool = False  # False: the release is the model directory itself; True: a copy in ``out``
 
 
@@ -136,6 +138,7 @@ class PMPDefense(Defense):
 
     @staticmethod
     def mask_file(out: Path) -> Path:
+        """The private mask a PMP build into ``out`` leaves (never part of the release)."""
         return Path(out) / "private" / "mask.safetensors"
 
     def attack_options(self, spec: AttackSpec, out: Path, plan: Any) -> dict:

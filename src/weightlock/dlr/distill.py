@@ -74,6 +74,7 @@ class LockConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field (types and ranges); raise :class:`WeightlockError` on the first bad one."""
         check_types(self, "lock config")
         if self.rank < 1:
             raise WeightlockError(f"rank must be at least 1, got {self.rank}")
@@ -97,6 +98,7 @@ class LockConfig:
 
 
 def block_parameters(width: int, rank: int, norm: bool, bias: bool) -> int:
+    """Parameters of one DLR block of this width and rank."""
     return DLRSpec(width, rank, 1, norm=norm, bias=bias).num_parameters()
 
 
@@ -356,6 +358,8 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
 # ---- the whole model ----------------------------------------------------------------------------
 
 def dist_or_none():
+    """``torch.distributed`` initialised for a multi-process run (``WORLD_SIZE`` > 1: NCCL on GPUs, else Gloo,
+    CPU threads shared between the processes), or None in a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 

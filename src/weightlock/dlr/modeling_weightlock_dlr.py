@@ -44,12 +44,15 @@ class DLRSpec:
             raise ValueError(f"readout must be positive, got {self.readout}")
 
     def num_parameters(self) -> int:
+        """Parameters of a DLR-Net of this spec (down and up projections, optional norms and biases)."""
         per_block = 2 * self.width * self.rank + (self.width if self.norm else 0)
         per_block += (self.rank + self.width) if self.bias else 0
         return per_block * self.depth
 
 
 class DLRBlock(nn.Module):
+    """One residual block of a DLR-Net: ``z + up(act(down(norm(z))))``, a rank-``r`` bottleneck."""
+
     def __init__(self, spec: DLRSpec) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(spec.width, eps=1e-6) if spec.norm else nn.Identity()
@@ -90,6 +93,8 @@ class DLRNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Random init: down-projections ~ N(0, 1/width), up-projections ~ N(0, (init_scale)²/(rank·depth))
+        (zero with the default ``init_scale=0``: a fresh net adds nothing), biases zero."""
         s = self.spec
         for b in self.blocks:
             nn.init.normal_(b.down.weight, std=1.0 / math.sqrt(s.width))
@@ -254,7 +259,7 @@ def _disable_compile(err: Exception) -> None:
 # ---- architecture adapters ----------------------------------------------------------------------
 
 class UnsupportedArchitecture(ValueError):
-    pass
+    """A model (or a release's recorded adapter) that DLR-Lock cannot wire: unknown family, unexpected config."""
 
 
 @dataclass
@@ -290,13 +295,16 @@ class ArchAdapter:
         self.requires = tuple(tuple(r) for r in self.requires)
 
     def out_path(self) -> str:
+        """Path of the module whose output is the feed-forward output (``mlp_out``, or ``mlp``)."""
         return self.mlp_out or self.mlp
 
     def to_dict(self) -> dict:
+        """The adapter as plain data (what a release records in ``config.json``)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ArchAdapter":
+        """The adapter a release recorded; fields this code does not know are an :class:`UnsupportedArchitecture`."""
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise UnsupportedArchitecture(f"the release's adapter has fields {unknown} this modeling code does not "
@@ -304,6 +312,7 @@ class ArchAdapter:
         return cls(**d)
 
     def check(self, config) -> None:
+        """Raise :class:`UnsupportedArchitecture` if ``config`` differs from what the wiring ``requires``."""
         for attr, value in self.requires:
             if getattr(config, attr, value) != value:
                 raise UnsupportedArchitecture(f"{self.family}: DLR-Lock needs {attr}={value!r} in the config, "
@@ -348,6 +357,7 @@ register_adapter(ArchAdapter("bloom", ("bloom",), layers=("transformer.h", "h"),
 
 
 def adapter_for(model: nn.Module) -> ArchAdapter:
+    """The registered adapter of ``model``'s ``config.model_type``; :class:`UnsupportedArchitecture` if none."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt not in ADAPTERS:
         fams = ", ".join(sorted({a.family for a in ADAPTERS.values()}))
@@ -360,6 +370,7 @@ def adapter_for(model: nn.Module) -> ArchAdapter:
 
 
 def get_path(root: nn.Module, path: str):
+    """The attribute at the dotted ``path`` below ``root`` (e.g. ``model.layers``)."""
     obj = root
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -367,11 +378,13 @@ def get_path(root: nn.Module, path: str):
 
 
 def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    """Replace the module at the dotted ``path`` below ``root`` with ``value``."""
     parent, _, name = path.rpartition(".")
     setattr(get_path(root, parent) if parent else root, name, value)
 
 
 def find_layers(model: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
+    """The transformer layers of ``model``: the first of the adapter's ``layers`` paths that exists."""
     for path in adapter.layers:
         try:
             layers = get_path(model, path)
@@ -390,10 +403,13 @@ def mlp_modules(layer: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
 
 
 def mlp_num_parameters(layer: nn.Module, adapter: ArchAdapter) -> int:
+    """Parameters of ``layer``'s feed-forward block (what a DLR-Net of equal size must match)."""
     return sum(p.numel() for m in mlp_modules(layer, adapter) for p in m.parameters())
 
 
 def replace_mlp(layer: nn.Module, adapter: ArchAdapter, net: DLRNet) -> None:
+    """Put ``net`` in place of ``layer``'s feed-forward block (the adapter's ``identity`` modules become
+    ``nn.Identity``)."""
     for path in adapter.identity:
         set_path(layer, path, nn.Identity())
     set_path(layer, adapter.mlp, net)
@@ -433,6 +449,8 @@ def build_locked_model(config, dtype=None):
 
 
 def load_locked_state(model: nn.Module, directory: str) -> nn.Module:
+    """Load the safetensors weights in ``directory`` (sharded or not) into the locked ``model`` strictly (tied
+    weights may be absent and are re-tied); returns ``model``."""
     from safetensors.torch import load_file
 
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
@@ -466,6 +484,7 @@ class DLRLockedModel:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        """The locked model of a release directory: the base family's class with DLR-Nets, weights loaded."""
         import transformers
 
         path = str(pretrained_model_name_or_path)

@@ -21,6 +21,7 @@ class SavedTensorStats:
     storages: dict = field(default_factory=dict)  # (data_ptr, device) -> nbytes
 
     def add(self, t: torch.Tensor) -> None:
+        """Count one saved tensor; its storage's bytes count once however many tensors share it."""
         self.tensors += 1
         st = t.untyped_storage()
         key = (st.data_ptr(), str(t.device))
@@ -94,6 +95,7 @@ class CostProbe:
         return self.measure and self.model is not None and self.saved_activation_bytes is None
 
     def begin_step(self) -> None:
+        """Start timing an optimizer step (before its first micro-batch)."""
         self._t0 = time.perf_counter()
         self._fwd = self._bwd = 0.0
 
@@ -117,6 +119,7 @@ class CostProbe:
         return loss
 
     def begin_optimizer(self) -> None:
+        """Mark the end of the step's backward passes and the start of its optimizer update."""
         self._t_opt = time.perf_counter()
 
     def end_step(self) -> dict[str, float]:
@@ -307,6 +310,7 @@ class PeakMemory:
             self.cuda_delta_bytes = self.cuda_peak_bytes - self._cuda_base
 
     def as_dict(self) -> dict:
+        """The measured peaks as a result record (``peak_rss_bytes``, ``cuda_peak_bytes``, ...)."""
         return {"peak_rss_bytes": self.peak_bytes, "peak_rss_delta_bytes": self.delta_bytes,
                 "rss_baseline_bytes": self.baseline_bytes, "peak_method": self.method,
                 "cuda_peak_bytes": self.cuda_peak_bytes, "cuda_peak_delta_bytes": self.cuda_delta_bytes}

@@ -50,6 +50,8 @@ def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vo
 
 def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
                   top_k: int = 50, seed: int = 0, trust_remote_code: bool = False, verify: bool = True) -> str:
+    """Sample a continuation of ``prompt`` from the model in ``model_dir`` (greedy at ``temperature`` 0);
+    returns the decoded prompt and continuation."""
     from ..data import load_tokenizer
     from ..models.hub import load
 

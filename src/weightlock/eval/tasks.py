@@ -28,6 +28,9 @@ from ..errors import WeightlockError
 
 @dataclass
 class Task:
+    """A fine-tuning target: texts to train on and a test, ``ppl`` (held-out perplexity; score = −loss) or
+    ``exact`` (exact-match accuracy on prompt → completion pairs; score = accuracy). Higher is better."""
+
     name: str
     kind: str  # "ppl" | "exact"
     train_texts: Callable[[], list[str]]
@@ -35,6 +38,7 @@ class Task:
     test_pairs: Callable[[], list[tuple[str, str]]] | None = None  # exact tasks
 
     def train_blocks(self, tokenizer, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
+        """The training texts packed into token blocks (at most ``max_tokens``)."""
         from ..data.packing import pack_texts
 
         blocks = pack_texts(self.train_texts(), tokenizer, block_size, max_tokens)
@@ -44,6 +48,8 @@ class Task:
 
     def evaluate(self, model, tokenizer, block_size: int = 128, max_tokens: int = 16384,
                  max_examples: int = 200) -> dict:
+        """Score ``model`` on the task's test data: ``score`` plus the loss and perplexity (``ppl``) or the
+        accuracy and number of examples (``exact``)."""
         if self.kind == "ppl":
             from ..data.packing import pack_texts
             from ..train.loop import evaluate_loss

@@ -24,6 +24,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field (types, positive sizes, heads dividing the width); raise :class:`WeightlockError`."""
         check_types(self, "model config")
         for f in fields(self):
             v = getattr(self, f.name)
@@ -36,6 +37,8 @@ class ModelConfig:
             )
 
     def to_hf(self, tokenizer=None):
+        """The Hugging Face ``LlamaConfig`` of this model (validated first); with ``tokenizer``, its vocabulary
+        size and special-token ids."""
         from transformers import LlamaConfig
 
         self.validate()
@@ -61,6 +64,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def preset(name: str) -> ModelConfig:
+    """A fresh copy of the preset ``name`` (see ``PRESETS``); an unknown name is a :class:`WeightlockError`."""
     if name not in PRESETS:
         raise WeightlockError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(**asdict(PRESETS[name]))

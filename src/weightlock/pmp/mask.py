@@ -60,12 +60,14 @@ def topk_mask(scores: dict[str, torch.Tensor], ratio: float, per_tensor: bool = 
 
 
 def mask_iou(a: Mask, b: Mask) -> float:
+    """Intersection over union of two masks over the same parameters (1.0 for two empty masks)."""
     inter = sum(int((a[n] & b[n]).sum()) for n in a)
     union = sum(int((a[n] | b[n]).sum()) for n in a)
     return inter / union if union else 1.0
 
 
 def mask_density(m: Mask) -> float:
+    """The fraction of entries the mask selects."""
     return sum(int(t.sum()) for t in m.values()) / sum(t.numel() for t in m.values())
 
 
@@ -107,6 +109,8 @@ def save_mask(mask: Mask, path: str | os.PathLike, salt: bytes, extra: dict[str,
 
 
 def load_mask(path: str | os.PathLike) -> tuple[Mask, bytes, dict]:
+    """Read a mask file written by :func:`save_mask`: ``(mask, salt, metadata)``; a missing or foreign file
+    is a :class:`WeightlockError`."""
     from safetensors import safe_open
 
     path = Path(path)

@@ -23,6 +23,7 @@ def _guess(scores: dict[str, torch.Tensor], ratio: float, per_tensor: bool) -> M
 
 
 def magnitude_scores(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Attack (a): score every entry by its magnitude |w|."""
     return {n: p.detach().abs() for n, p in params.items()}
 
 
@@ -51,6 +52,8 @@ def init_regen_scores(model, params: dict[str, torch.Tensor], seed: int = PAPER_
 
 
 def row_col_scores(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Attack (c): score every entry by its larger z-score within its row or column (1-D tensors: the whole
+    tensor's)."""
     out = {}
     for n, p in params.items():
         w = p.detach().float()
@@ -64,6 +67,8 @@ def row_col_scores(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def spectral_scores(params: dict[str, torch.Tensor], keep: float = 0.1) -> dict[str, torch.Tensor]:
+    """Attack (c), spectral: score every entry by the magnitude of the weight's rank-``keep``·min(shape) approximation
+    (1-D tensors: |w|)."""
     out = {}
     for n, p in params.items():
         w = p.detach().float()

@@ -452,6 +452,7 @@ def mask_for_release(release: str | os.PathLike, mask_file: str | os.PathLike, a
 
 
 def check_shapes(mask: Mask, release: Path) -> None:
+    """Raise :class:`WeightlockError` unless every mask entry names a parameter of the release with its shape."""
     from safetensors import safe_open
 
     shapes = {}

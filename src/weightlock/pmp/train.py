@@ -50,6 +50,7 @@ class PMPConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field (types and ranges); raise :class:`WeightlockError` on the first bad one."""
         check_types(self, "PMP config")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise WeightlockError(f"mask ratio must be in (0, 1], got {self.mask_ratio}")
@@ -62,6 +63,7 @@ class PMPConfig:
 
     @classmethod
     def paper(cls, mask_ratio: float) -> "PMPConfig":
+        """The settings of the authors' script (``variant='paper'``) at ``mask_ratio``."""
         return cls(mask_ratio=mask_ratio, variant="paper", pool="all", iou_threshold=0.99, patience=5,
                    discovery_max_steps=500, rewind=True, projection_every=50, projection_radius=2.0)
 
@@ -96,6 +98,7 @@ class EarlyBirdHook(Hook):
 
     @property
     def converged(self) -> bool:
+        """Whether the mask has been stable (IoU ≥ ``iou_threshold``) for ``patience`` steps in a row."""
         return self.stable >= self.cfg.patience
 
     def on_train_start(self, trainer) -> None:

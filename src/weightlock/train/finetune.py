@@ -57,6 +57,8 @@ class FinetuneConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field, the nested training settings and the checkpointing mode; raise
+        :class:`WeightlockError`. Subclasses (the attack configs) add their own checks after ``super()``'s."""
         check_types(self, self.what)
         self.training.validate()
         checkpoint_group(self.checkpointing)

@@ -63,6 +63,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field (types and ranges); raise :class:`WeightlockError` on the first bad one."""
         check_types(self, "train config")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise WeightlockError("max_steps, batch_size and grad_accum must be at least 1")
@@ -81,14 +82,27 @@ class TrainConfig:
 class Hook:
     """Base class of training-loop extensions; override what you need."""
 
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-    def transform_gradients(self, trainer: "Trainer") -> None: ...
-    def after_optimizer_step(self, trainer: "Trainer") -> None: ...
-    def on_step_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
-    def on_evaluate(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
+    def on_train_start(self, trainer: "Trainer") -> None:
+        """Before the first step of :meth:`Trainer.fit` (after a checkpoint was resumed)."""
+
+    def transform_gradients(self, trainer: "Trainer") -> None:
+        """After the backward passes of a step, before clipping and the optimizer: may edit ``p.grad``."""
+
+    def after_optimizer_step(self, trainer: "Trainer") -> None:
+        """After the optimizer and scheduler step (e.g. restore entries that must not move)."""
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """At the end of every step, with its metrics; may set ``trainer.should_stop``."""
+
+    def on_evaluate(self, trainer: "Trainer", metrics: dict[str, float]) -> None:
+        """After each evaluation on the held-out blocks, with its metrics; may set ``trainer.should_stop``."""
+
     def state_dict(self) -> dict[str, Any]:
+        """The hook's state to keep in a checkpoint (picklable; none by default)."""
         return {}
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned when the checkpoint was written."""
 
 
 class LambdaHook(Hook):
@@ -230,6 +244,8 @@ class Trainer:
 
     # ---- data order: a pure function of (seed, step), so a resumed run sees the same batches
     def batch(self, step: int, micro: int) -> torch.Tensor:
+        """The training blocks of micro-batch ``micro`` of ``step`` for this process, on its device: a seeded
+        permutation per epoch, so a resumed run sees the same batches."""
         k = (step * self.cfg.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
         epoch, pos = divmod(k, self.per_epoch)
         if epoch != self._perm_epoch:
@@ -239,9 +255,12 @@ class Trainer:
         return self.train_blocks[idx].to(self.acc.device)
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's (name, parameter) pairs that require gradients."""
         return [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
 
     def evaluate(self) -> dict[str, float]:
+        """Validation loss and perplexity on the first ``eval_blocks`` held-out blocks (``{}`` without them);
+        the hooks' ``on_evaluate`` see the metrics."""
         if self.val_blocks is None:
             return {}
         loss = evaluate_loss(self.model, self.val_blocks[: self.cfg.eval_blocks], self.cfg.batch_size)
@@ -334,6 +353,8 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Write model, optimizer, scheduler, hook and trainer state to ``checkpoint_dir`` (main process only;
+        a temporary directory renamed into place, so an interruption leaves the previous checkpoint)."""
         if self.checkpoint_dir is None or not self.acc.is_main_process:
             return
         from safetensors.torch import save_file
@@ -355,6 +376,7 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
+        """Restore the state :meth:`save_checkpoint` wrote; False when there is none to resume from."""
         if self.checkpoint_dir is None:
             return False
         d = self.checkpoint_dir
@@ -379,6 +401,7 @@ class Trainer:
         return True
 
     def remove_checkpoint(self) -> None:
+        """Delete the checkpoint (and a leftover previous one): the run's output has been saved."""
         if self.checkpoint_dir is not None and self.acc.is_main_process:
             for d in (self.checkpoint_dir, self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".old")):
                 shutil.rmtree(d, ignore_errors=True)

@@ -52,15 +52,18 @@ class PretrainConfig:
             raise WeightlockError(f"train_tokens must be ≥ 1 (or None: all of the data), got {self.train_tokens}")
 
     def model_config(self) -> ModelConfig:
+        """The explicit ``model`` if set, else the ``preset``'s configuration."""
         return self.model if self.model is not None else preset(self.preset)
 
     def to_dict(self) -> dict:
+        """Plain data (JSON-ready) with the resolved model configuration; :meth:`from_dict` reads it back."""
         d = asdict(self)
         d["model"] = asdict(self.model_config())
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
+        """The config :meth:`to_dict` wrote (nested model and training settings rebuilt and validated)."""
         d = dict(d)
         d["model"] = ModelConfig(**d["model"]) if d.get("model") else None
         t = dict(d.get("train") or {})
@@ -102,6 +105,8 @@ def default_config(preset_name: str = "small", **overrides) -> PretrainConfig:
 
 
 def build_model(cfg: PretrainConfig, tokenizer):
+    """A freshly initialised ``LlamaForCausalLM`` of ``cfg``'s model (seeded by ``cfg.train.seed``) sized for
+    ``tokenizer``; a block size beyond the model's positions is a :class:`WeightlockError`."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.train.seed)
