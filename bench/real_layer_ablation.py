@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
-import torch  # noqa: E402
-
 from weightlock import load  # noqa: E402
 from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
 from weightlock.dlr import DLRNet, DLRSpec, LockConfig  # noqa: E402

@@ -45,7 +45,7 @@ def test_memory_exact_for_lora_and_checkpointing_and_bf16():
                                     (False, "ckpt-layer", torch.float32), (True, "full", torch.bfloat16)]:
         model, specs, ids = _measure(cfg, rank if locked else None, scenario, b, T)
         model.to(dtype)
-        measured = saved_bytes_of_step(model, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
+        measured = saved_bytes_of_step(model, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)  # noqa: B023
         s = P.Shape.of(cfg, specs[0].depth if locked else 0, rank if locked else 0)
         assert P.predict_memory(cfg, s, scenario, b, T, dtype)["saved_bytes"] == measured, (locked, scenario, dtype)
 

@@ -428,9 +428,10 @@ def plan(
               "TFLOP", "time s", "× orig"):
         t.add_column(c)
     for r in p["rows"]:
-        t.add_row(r["model"], r["what"], f"{r['peak_activation_bytes'] / gib:,.2f}", f"{r['activation_vs_original']:.2f}",
-                  f"{(r['param_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / gib:,.2f}", f"{r['flops'] / 1e12:,.1f}",
-                  f"{r['time_s']:,.2f}", f"{r['time_vs_original']:.2f}")
+        t.add_row(r["model"], r["what"], f"{r['peak_activation_bytes'] / gib:,.2f}",
+                  f"{r['activation_vs_original']:.2f}",
+                  f"{(r['param_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / gib:,.2f}",
+                  f"{r['flops'] / 1e12:,.1f}", f"{r['time_s']:,.2f}", f"{r['time_vs_original']:.2f}")
     Console(width=200).print(t)
     console.print(f"time: this machine ({p['calibration']['device']}, {p['calibration']['threads']} threads), "
                   "calibrated per operation; '× orig' compares with the original under the same attack "

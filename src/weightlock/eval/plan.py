@@ -28,11 +28,9 @@ R, per fine-tuning step and for every attack / counter-measure of :data:`SCENARI
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,7 +384,6 @@ def analytic_flops(model: nn.Module, b: int, T: int, scenario: str) -> dict:
     read each linear map's shape, whether its weight trains and whether its input needs a gradient."""
     from ..dlr.modeling_weightlock_dlr import DLRNet
 
-    N = b * T
     lin = {"forward": 0, "input_grad": 0, "weight_grad": 0, "recompute": 0}
     ckpt = set()
     if scenario == "ckpt-layer":
@@ -576,11 +573,11 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, remeasure
                              "rows": (rnd(n, WIDE), rnd(WIDE, WIDE))}.items():
             flops = 2 * a.shape[0] * a.shape[1] * w.shape[1]
             reps = max(repeats, min(50, int(2e8 // flops)))
-            mm[kind][str(n)] = flops / _time(lambda: torch.mm(a, w), reps, device)
+            mm[kind][str(n)] = flops / _time(lambda: torch.mm(a, w), reps, device)  # noqa: B023  (timed at once)
     elem = {}
     for n in ELEM_SIZES:
         x, y = rnd(n), rnd(n)
-        elem[str(n * 3 * x.element_size())] = _time(lambda: torch.add(x, y), max(repeats, 20), device)
+        elem[str(n * 3 * x.element_size())] = _time(lambda: torch.add(x, y), max(repeats, 20), device)  # noqa: B023
     tiny = rnd(8)
     overhead = _time(lambda: torch.add(tiny, tiny), 200, device)
     bq, hq, tq, dq = 1, 8, 512, 64
@@ -723,7 +720,8 @@ def plan(model_spec, rank: int = 32, tokens_per_step: int = 16384, seq_len: int 
             if cal is not None:
                 row["time_s"] = cost["time_s"]
                 row["time_parts_s"] = {k: v for k, v in cost.items() if k.startswith("time_") and k != "time_s"}
-            row["total_bytes"] = row["peak_activation_bytes"] + row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
+            row["total_bytes"] = (row["peak_activation_bytes"] + row["param_bytes"] + row["grad_bytes"]
+                                  + row["optimizer_bytes"])
             rows.append(row)
     orig = {r["scenario"]: r for r in rows if r["model"] == "original"}
     for r in rows:
