@@ -26,9 +26,9 @@ import torch
 
 from ..config import check_types
 from ..errors import WeightlockError
-from ..eval.cost import CostProbe
 from ..io import read_json, write_json
 from ..models.save import dedupe_shared
+from .probe import CostProbe
 
 Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "sgd", "adafactor"]  # adafactor: factored second moments (low memory)
@@ -204,7 +204,7 @@ def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int 
 
 class Trainer:
     """Train ``model`` (a causal LM) on packed token blocks with an optimizer (AdamW, SGD or Adafactor), a
-    schedule, clipping and hooks. Its :class:`~weightlock.eval.cost.CostProbe` times every step and, with
+    schedule, clipping and hooks. Its :class:`~weightlock.train.probe.CostProbe` times every step and, with
     ``measure_costs``, measures the first micro-batch (``saved_activation_bytes``, ``flops_per_micro_batch``)."""
 
     def __init__(self, model: torch.nn.Module, train_blocks: torch.Tensor, cfg: TrainConfig,
