@@ -8,6 +8,7 @@ from typing import ClassVar
 from torch import nn
 
 from ..errors import WeightlockError
+from ..models.layout import attention_names  # noqa: F401  (re-exported: its home is models.layout)
 from ..train.finetune import FinetuneConfig
 
 
@@ -55,12 +56,3 @@ def is_dlr(model: nn.Module) -> bool:
     from ..dlr.modeling_weightlock_dlr import DLR_CONFIG_KEY, DLRNet
 
     return bool(getattr(model.config, DLR_CONFIG_KEY, None)) or any(isinstance(m, DLRNet) for m in model.modules())
-
-
-def attention_names(model: nn.Module) -> list[str]:
-    """The names of the attention projections among ``model``'s linear layers (``q_proj``, ``c_attn``, ...)."""
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    known = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value", "query", "key",
-             "value", "dense"]
-    picked = [k for k in known if k in names and k != "dense"]
-    return picked or [k for k in known if k in names]

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import choice
-from .base import Attack, AttackConfig, attention_names
+from ..models.layout import attention_names
+from .base import Attack, AttackConfig
 from .registry import register
 
 

@@ -6,9 +6,10 @@ from typing import Literal
 
 from ..config import choice
 from ..errors import WeightlockError
+from ..models.layout import attention_names
 from ..train.finetune import finetune_training
 from ..train.loop import TrainConfig
-from .base import Attack, AttackConfig, attention_names, is_dlr
+from .base import Attack, AttackConfig, is_dlr
 from .registry import register
 
 

@@ -160,8 +160,8 @@ def skeleton(cfg, rank: int | None = None, device: str = "meta"):
 
 def prepare(model: nn.Module, scenario: str) -> nn.Module:
     """Make ``model`` what the attack / counter-measure trains (in place)."""
-    from ..attacks.base import attention_names
     from ..dlr.modeling_weightlock_dlr import DLRNet, adapter_for, find_layers, mlp_modules
+    from ..models.layout import attention_names
     from ..train.finetune import apply_checkpointing
 
     if scenario not in SCENARIOS:
@@ -533,6 +533,8 @@ def _fingerprint(device: str, dtype: torch.dtype) -> str:
 
 
 def _time(fn, repeats: int, device: str) -> float:
+    """Median seconds of ``fn()`` (the median, not the minimum: a training step's ops do not all run at
+    the best case, and this machine may be shared)."""
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
@@ -545,7 +547,7 @@ def _time(fn, repeats: int, device: str) -> float:
         fn()
         sync()
         ts.append(time.perf_counter() - t0)
-    return min(ts)
+    return statistics.median(ts)
 
 
 def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, remeasure: bool = False,
@@ -569,11 +571,14 @@ def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, remeasure
 
     mm = {"out": {}, "inner": {}, "rows": {}}
     for n in NARROW:
-        for kind, (a, w) in {"out": (rnd(WIDE, WIDE), rnd(WIDE, n)), "inner": (rnd(WIDE, n), rnd(n, WIDE)),
-                             "rows": (rnd(n, WIDE), rnd(WIDE, WIDE))}.items():
-            flops = 2 * a.shape[0] * a.shape[1] * w.shape[1]
-            reps = max(repeats, min(50, int(2e8 // flops)))
-            mm[kind][str(n)] = flops / _time(lambda: torch.mm(a, w), reps, device)  # noqa: B023  (timed at once)
+        for kind, (ashape, wshape) in {"out": ((WIDE, WIDE), (WIDE, n)), "inner": ((WIDE, n), (n, WIDE)),
+                                       "rows": ((n, WIDE), (WIDE, WIDE))}.items():
+            # fresh operands for every call, as in a step where each op reads what the previous one wrote
+            pairs = [(rnd(*ashape), rnd(*wshape)) for _ in range(4)]
+            it = iter(range(10 ** 9))
+            flops = 2 * ashape[0] * ashape[1] * wshape[1]
+            reps = max(repeats, min(40, int(2e8 // flops)))
+            mm[kind][str(n)] = flops / _time(lambda: torch.mm(*pairs[next(it) % 4]), reps, device)  # noqa: B023  (timed at once)
     elem = {}
     for n in ELEM_SIZES:
         x, y = rnd(n), rnd(n)
