@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
