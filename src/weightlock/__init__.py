@@ -17,10 +17,9 @@ helpers shared by all):
 
 ``weightlock.demo`` runs the whole chain on the built-in corpus; ``weightlock.cli`` is the command line.
 """
-__version__ = "0.1.0"
-
-from .dlr.lock import lock  # noqa: E402
-from .errors import WeightlockError  # noqa: E402
-from .models.hub import load  # noqa: E402
+from .dlr.lock import lock
+from .errors import WeightlockError
+from .models.hub import load
+from .version import __version__
 
 __all__ = ["WeightlockError", "__version__", "load", "lock"]
