@@ -117,8 +117,6 @@ def test_reverse_distill_restores_dense_architecture(tokenizer):
     model = tiny_model("llama")
     model.config.vocab_size = 128
     locked = locked_tiny()
-    from weightlock.dlr.lock import _write_release  # noqa: F401  (config section as in a release)
-
     locked.config.weightlock_dlr = {"base_class": "LlamaForCausalLM", "layers": []}
     cfg = ReverseDistillConfig.from_options(distill_steps=150, block_size=16, distill_tokens=4096, progress=False)
     dense, stats = reverse_distill(locked, _SmallTok(tokenizer), cfg)
