@@ -84,13 +84,19 @@ app()
 """
 
 
-def test_lock_resumes_after_kill(tiny_model_dir, tmp_path):
-    model, _ = tiny_model_dir
-    out = tmp_path / "locked"
-    args = ["lock", "--model", str(model), "--out", str(out), "--rank", "8", "--steps", "300",
+def _lock_killed_after_layer_0(model, out, steps: int) -> list[str]:
+    """Start ``weightlock lock`` (rank 8, ``steps``) and SIGKILL it once layer 0 is saved; returns its args."""
+    args = ["lock", "--model", str(model), "--out", str(out), "--rank", "8", "--steps", str(steps),
             "--calib-tokens", "8192", "--batch-tokens", "256"]
     p = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER_0, *args], capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    return args
+
+
+def test_lock_resumes_after_kill(tiny_model_dir, tmp_path):
+    model, _ = tiny_model_dir
+    out = tmp_path / "locked"
+    args = _lock_killed_after_layer_0(model, out, 300)
     first = out / ".weightlock-work" / "layer_0.json"
     assert first.exists(), "layer 0 finished before the kill"
     assert not (out / "model.safetensors").exists() and not (out / ".weightlock-work" / "layer_1.json").exists()
@@ -111,10 +117,7 @@ def test_lock_resumes_after_kill(tiny_model_dir, tmp_path):
 def test_lock_restart_discards_other_settings(tiny_model_dir, tmp_path):
     model, _ = tiny_model_dir
     out = tmp_path / "locked"
-    args = ["lock", "--model", str(model), "--out", str(out), "--rank", "8", "--steps", "100",
-            "--calib-tokens", "8192", "--batch-tokens", "256"]
-    p = subprocess.run([sys.executable, "-c", KILL_AFTER_LAYER_0, *args], capture_output=True, text=True)
-    assert p.returncode == -signal.SIGKILL
+    args = _lock_killed_after_layer_0(model, out, 100)
     other = [*args[:-6], "--rank", "4", "--steps", "100", "--calib-tokens", "8192", "--batch-tokens", "256"]
     r = _cli(*other)
     assert r.returncode == 2 and "rank" in r.stderr
