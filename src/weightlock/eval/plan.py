@@ -59,6 +59,7 @@ _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num
 # ---- the model's config ---------------------------------------------------------------------------
 
 def shipped_configs() -> list[str]:
+    """The names of the configs weightlock ships (``weightlock/configs/NAME.json``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
@@ -190,6 +191,7 @@ def prepare(model: nn.Module, scenario: str) -> nn.Module:
 
 
 def scenarios_for(locked: bool) -> list[str]:
+    """The scenarios that apply to a locked or an unlocked model (``ckpt-dlr`` needs DLR-Nets)."""
     return [s for s in SCENARIOS if locked or s != "ckpt-dlr"]
 
 
@@ -637,6 +639,7 @@ def op_seconds(op, cal: dict) -> float:
 
 
 def predict_time(ops: list, cal: dict) -> dict:
+    """Seconds of an op trace priced by the calibration ``cal``: the total, by kind of op, and the op count."""
     parts = {"mm": 0.0, "attention": 0.0, "elementwise": 0.0}
     for op in ops:
         parts["attention" if op[0].startswith("sdpa") else op[0]] += op_seconds(op, cal)
