@@ -78,6 +78,11 @@ class DLRNet(nn.Module):
     # (token-by-token decoding) run one torch.compile'd C++ function for the whole stack of blocks
     compile_small: bool = False
     COMPILE_MAX_ROWS = 16
+    # on CUDA, inference runs weightlock's fused Triton kernel (weightlock.dlr.triton_dlr) when weightlock and
+    # triton are importable and the net and input are supported; a release loaded without weightlock, or
+    # ``use_triton = False``, runs the eager fast path. With ``compile_small`` on CUDA, steps of at most
+    # COMPILE_MAX_ROWS tokens replay a CUDA graph of that path (one graph per net and input shape).
+    use_triton: bool = True
 
     def __init__(self, spec: DLRSpec) -> None:
         super().__init__()
@@ -104,15 +109,76 @@ class DLRNet(nn.Module):
                 nn.init.zeros_(b.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and self._fast_ok(x):
-            if (self.compile_small and x.device.type == "cpu" and x.numel() <= self.COMPILE_MAX_ROWS * self.spec.width
-                    and _compiled_stack() is not None):
-                try:
-                    return self.forward_compiled(x)
-                except Exception as e:  # no C++ compiler, unsupported platform: the eager fast path is exact too
-                    _disable_compile(e)
-            return self.forward_fast(x)
-        return self.forward_reference(x)
+        path = self.inference_path(x)
+        if path == "compiled":
+            try:
+                return self.forward_compiled(x)
+            except Exception as e:  # no C++ compiler, unsupported platform: the eager fast path is exact too
+                _disable_compile(e)
+        elif path == "graph":
+            try:
+                return self.forward_graphed(x)
+            except Exception as e:  # capture refused (e.g. another capture running): the eager paths are exact
+                _disable_graphs(e)
+                path = self.inference_path(x)
+        if path == "triton":
+            return _triton_module().forward(self, x)
+        return self.forward_reference(x) if path == "reference" else self.forward_fast(x)
+
+    def inference_path(self, x: torch.Tensor) -> str:
+        """The path :meth:`forward` takes for ``x``: ``"reference"`` (autograd, hooks, wrapped blocks or
+        ``fast = False``); on CPU ``"compiled"`` (``compile_small``, ≤ COMPILE_MAX_ROWS tokens) or ``"fast"``;
+        on CUDA ``"graph"`` (``compile_small``, ≤ COMPILE_MAX_ROWS tokens: a CUDA graph replay of the next
+        path), ``"triton"`` (the fused kernel: weightlock and triton importable, net and input supported) or
+        ``"fast"``. CPU tensors never take a CUDA path."""
+        if not (self.fast and self._fast_ok(x)):
+            return "reference"
+        small = x.numel() <= self.COMPILE_MAX_ROWS * self.spec.width
+        if x.device.type == "cpu":
+            return "compiled" if self.compile_small and small and _compiled_stack() is not None else "fast"
+        if x.device.type != "cuda":
+            return "fast"
+        if self.compile_small and small and not _GRAPHS_OFF and not torch.cuda.is_current_stream_capturing():
+            return "graph"
+        return "triton" if self._triton_ok(x) else "fast"
+
+    def _triton_ok(self, x: torch.Tensor) -> bool:
+        if not (self.use_triton and x.device.type == "cuda"):
+            return False
+        mod = _triton_module()
+        return mod is not None and mod.supported(self, x)
+
+    def forward_graphed(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA inference path (fused kernel or eager fast path) as a replay of a CUDA graph captured
+        once per input shape: a decode step costs one graph launch instead of a launch per kernel. The
+        graph reads the weights where they were at capture; it is dropped when they move (``to``,
+        ``load_state_dict``, a replaced first weight) and the kernel's stacked copy is refreshed in place."""
+        graphs = self.__dict__.get("_cuda_graphs")
+        w0 = self.blocks[0].down.weight
+        if graphs is None or graphs.get("weight") is not w0:
+            graphs = self.__dict__["_cuda_graphs"] = {"weight": w0}
+        key = (tuple(x.shape), x.dtype, x.device)
+        entry = graphs.get(key)
+        if entry is None:
+            triton = self._triton_ok(x)
+            run = (lambda t: _triton_module().forward(self, t)) if triton else self.forward_fast
+            static_x = x.clone()
+            stream = torch.cuda.Stream(device=x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):  # warm-up outside the capture: kernel compilation, cuBLAS workspaces
+                for _ in range(2):
+                    run(static_x)
+            torch.cuda.current_stream(x.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = run(static_x)
+            entry = graphs[key] = (graph, static_x, static_out, triton)
+        graph, static_x, static_out, triton = entry
+        if triton:
+            _triton_module().stacked(self)  # copies parameters changed in place into the captured buffers
+        static_x.copy_(x)
+        graph.replay()
+        return static_out.clone()
 
     def _read_out(self, out: torch.Tensor) -> torch.Tensor:
         """Apply the read-out scale (in place when autograd does not need ``out``)."""
@@ -171,14 +237,16 @@ class DLRNet(nn.Module):
             self.__dict__["_fast_weights"] = cache
         return cache
 
+    _CACHES = ("_fast_weights", "_compile_args", "_triton_stack", "_cuda_graphs")
+
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_fast_weights", None)
-        self.__dict__.pop("_compile_args", None)
+        for k in self._CACHES:
+            self.__dict__.pop(k, None)
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_fast_weights", None)
-        self.__dict__.pop("_compile_args", None)
+        for k in self._CACHES:
+            self.__dict__.pop(k, None)
         return super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
@@ -254,6 +322,32 @@ def _disable_compile(err: Exception) -> None:
     warnings.warn(f"DLR-Net compiled path unavailable ({type(err).__name__}: {err}); using the eager fast path",
                   stacklevel=2)
     _COMPILED[:] = [None]
+
+
+_TRITON: list = []  # [weightlock.dlr.triton_dlr, or None when weightlock or triton cannot be imported]
+_GRAPHS_OFF: list = []  # [the error] once CUDA-graph capture failed
+
+
+def _triton_module():
+    """weightlock's fused kernel module, imported on first use. By name, not by an import statement: this file
+    is shipped in releases that must load without weightlock (and without triton), which then use the eager
+    fast path."""
+    if not _TRITON:
+        import importlib
+
+        try:
+            _TRITON.append(importlib.import_module("weightlock.dlr.triton_dlr"))
+        except ImportError:
+            _TRITON.append(None)
+    return _TRITON[0]
+
+
+def _disable_graphs(err: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"DLR-Net CUDA-graph decoding unavailable ({type(err).__name__}: {err}); running eagerly",
+                  stacklevel=2)
+    _GRAPHS_OFF[:] = [err]
 
 
 # ---- architecture adapters ----------------------------------------------------------------------
