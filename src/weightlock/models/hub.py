@@ -21,9 +21,11 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     * ``verify``: when the directory has a ``manifest.json`` (every weightlock release does), check the
       SHA-256 of each file it lists first and refuse a file that changed (``verify=False`` skips it).
     * Weights missing from the checkpoint are an error, never silently random-initialised.
-    * ``compile=True`` (CPU): DLR-Nets run steps of a few tokens (token-by-token decoding) through one
-      ``torch.compile``'d function per net shape (a C++ compiler is needed; the first call of each new
-      token count compiles for a few seconds; without a compiler the eager fast path is used).
+    * ``compile=True``: DLR-Nets run steps of a few tokens (token-by-token decoding) faster. On CPU through
+      one ``torch.compile``'d function per net shape (a C++ compiler is needed; the first call of each new
+      token count compiles for a few seconds; without a compiler the eager fast path is used); on CUDA by
+      replaying a CUDA graph of the net's inference path (the fused Triton kernel when available), captured
+      once per net and step shape.
     * ``trust_remote_code=True`` loads through the modeling file shipped in the directory instead (what a
       user without weightlock gets).
     """
