@@ -29,6 +29,7 @@ VARIANTS = {  # name: (loss, gradient clip, learning rate)
     "energy": ("energy", 0.0, 1e-2),
     "energy-clip": ("energy", 1.0, 1e-2),
     "row-clip": ("row", 1.0, 1e-2),
+    "row-median-clip": ("row-median", 1.0, 1e-2),
     "energy-clip-lr3e-3": ("energy", 1.0, 3e-3),
     "row-clip-lr3e-3": ("row", 1.0, 3e-3),
 }
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--tokens", type=int, default=40_960)
     ap.add_argument("--block", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--name", default="real_layer_ablation", help="results file bench/results/NAME.json")
     ap.add_argument("--variants", nargs="+", default=["energy-clip", "row-clip"], choices=sorted(VARIANTS))
     args = ap.parse_args()
     model, tok = load(args.model), load_tokenizer(args.model)
@@ -72,7 +74,7 @@ def main() -> None:
                    "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(row, flush=True)
-    save("real_layer_ablation", {"command": "python bench/real_layer_ablation.py " + " ".join(sys.argv[1:]),
+    save(args.name, {"command": "python bench/real_layer_ablation.py " + " ".join(sys.argv[1:]),
                                  "model": args.model, "layer": args.layer, "rank": LockConfig.rank, "depth": depth,
                                  "rows": rows})
 

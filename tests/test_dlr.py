@@ -224,6 +224,11 @@ def test_row_loss_weighs_every_token_alike():
     assert distill_loss(out, y, "row").item() == pytest.approx(0.5 * 1 / (1 + mean_e))
     out2 = torch.tensor([[1.0, 0.0], [0.0, 99.0]])  # now the massive row is off by 1
     assert distill_loss(out2, y, "row").item() == pytest.approx(0.5 * 1 / (10000 + mean_e))
+    # row-median: the floor is the median row energy, which one massive row does not inflate
+    y3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 100.0]])
+    out3 = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 100.0]])
+    assert distill_loss(out3, y3, "row-median").item() == pytest.approx(1 / 3 * 1 / (1 + 1))
+    assert distill_loss(out3, y3, "row").item() == pytest.approx(1 / 3 * 1 / (1 + 10002 / 3))
     with pytest.raises(WeightlockError, match="unknown distillation loss"):
         distill_loss(out, y, "l1")
     with pytest.raises(WeightlockError, match="distillation loss"):

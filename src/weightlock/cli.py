@@ -246,7 +246,7 @@ def lock_cmd(
                                       "held-out relative error is above this or not finite (1 = the net outputs "
                                       "nothing); 'none' accepts any."),
     loss: str = typer.Option(default(LockConfig, "loss"), help="Distillation loss: energy (‖f−y‖²/‖y‖² over the "
-                             "batch) or row (per token; real LLMs with massive activations)."),
+                             "batch), row or row-median (per token; real LLMs with massive activations)."),
     grad_clip: float = typer.Option(default(LockConfig, "grad_clip"), help="Clip the distillation gradient "
                                     "norm (0: off)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),

@@ -65,8 +65,9 @@ class LockConfig:
     # 1.0 is what a net that outputs nothing scores. None: no gate
     max_rel_error: float | None = 0.5
     # energy: ‖f(x) − y‖² / ‖y‖² over the batch | row: each token's error relative to its own output energy
-    # (floored at the batch mean), so a few tokens with massive activations do not dominate (real LLMs)
-    loss: Literal["energy", "row"] = choice("energy", "distillation loss")
+    # (floored at the batch mean), so a few tokens with massive activations do not dominate (real LLMs) |
+    # row-median: the floor is the batch median (the mean is itself dominated by the massive tokens)
+    loss: Literal["energy", "row", "row-median"] = choice("energy", "distillation loss")
     grad_clip: float = 0.0  # clip the distillation gradient norm (0: off); deep nets on real LLMs diverge without
     progress: bool = True
 
@@ -301,13 +302,15 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
 def distill_loss(out: torch.Tensor, y: torch.Tensor, kind: str = "energy") -> torch.Tensor:
     """``energy``: ‖out − y‖² / ‖y‖² over the batch. ``row``: the mean over tokens of ‖out_i − y_i‖² /
     (‖y_i‖² + mean_j ‖y_j‖²) — every token's relative error counts alike, so the few tokens with massive
-    activations that real LLMs produce (|y| in the hundreds on 0.1% of tokens) do not swamp the rest."""
+    activations that real LLMs produce (|y| in the hundreds on 0.1% of tokens) do not swamp the rest.
+    ``row-median``: the same with the batch median as the floor, which the massive tokens do not inflate."""
     if kind == "energy":
         return (out - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
-    if kind == "row":
+    if kind in ("row", "row-median"):
         e = y.pow(2).sum(-1)
-        return ((out - y).pow(2).sum(-1) / (e + e.mean()).clamp_min(1e-30)).mean()
-    raise WeightlockError(f"unknown distillation loss {kind!r} (energy, row)")
+        floor = e.median() if kind == "row-median" else e.mean()
+        return ((out - y).pow(2).sum(-1) / (e + floor).clamp_min(1e-30)).mean()
+    raise WeightlockError(f"unknown distillation loss {kind!r} (energy, row, row-median)")
 
 
 def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
