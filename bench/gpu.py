@@ -207,7 +207,7 @@ def kernel_bandwidth(net, repeats: int) -> dict:
         with torch.no_grad():
             t_fast = cuda_time(lambda: net.forward_fast(x), max(repeats, 20))  # noqa: B023
         row = {"kernel_s": t, "eager_fast_path_s": t_fast, "bytes_moved": moved, "achieved_bytes_per_s": moved / t,
-               "tile_sizes": list(K.tile_sizes(tokens, s.width, s.rank))}
+               "launch_config": list(K.launch_config(tokens, s.width, s.rank, x.dtype))}
         if out["peak_hbm_bytes_per_s"]:
             row["fraction_of_peak_hbm"] = row["achieved_bytes_per_s"] / out["peak_hbm_bytes_per_s"]
         row["fraction_of_device_copy"] = row["achieved_bytes_per_s"] / out["device_copy_bytes_per_s"]

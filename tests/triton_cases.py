@@ -130,3 +130,48 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def compile_for_gpus() -> list[dict]:
+    """Compile the kernel ahead of time (no GPU needed: Triton's own ptxas) for sm_90 and sm_80 at the
+    launch configurations :func:`launch_config` picks, bf16 decode and prefill and fp32; what ptxas reports.
+    Catches what the interpreter cannot: lowering errors, tiles that exceed shared memory, register spills."""
+    import glob
+    import subprocess
+    import tempfile
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from weightlock.dlr import triton_dlr as K
+
+    ptxas = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas*")))
+    out = []
+    for cap in (90, 80):
+        for dtype, tokens in ((torch.bfloat16, 1), (torch.bfloat16, 4096), (torch.float32, 1)):
+            bt, bd, br, warps, stages = K.launch_config(tokens, 2048, 64, dtype)
+            ty = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+            sig = {**{k: ty for k in ("x_ptr", "out_ptr", "v_ptr", "u_ptr", "b_ptr", "c_ptr", "w_ptr")},
+                   "z_ptr": "*fp32", "T": "i32", "D": "i32", "R": "i32", "L": "i32", "readout": "fp32", "eps": "fp32"}
+            const = dict(ACT=0, NORM=True, BIAS=True, IEEE=dtype == torch.float32, WIDEN=False, BLOCK_T=bt,
+                         BLOCK_D=bd, BLOCK_R=br, CHUNKS=2048 // bd)
+            src = ASTSource(fn=K._dlr_kernel, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
+            c = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                               options={"num_warps": warps, "num_stages": stages})
+            row = {"cap": cap, "dtype": str(dtype), "tokens": tokens, "shared": c.metadata.shared,
+                   "cubin": bool(c.asm.get("cubin"))}
+            if ptxas:
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+                    f.write(c.asm["ptx"])
+                    f.flush()
+                    for exe, arch in ((e, a) for e in ptxas for a in (f"sm_{cap}a", f"sm_{cap}")):
+                        rep = subprocess.run([exe, "-v", "--gpu-name", arch, f.name, "-o", os.devnull],
+                                             capture_output=True, text=True)
+                        rep = rep.stderr + rep.stdout
+                        if "Used" in rep:
+                            break
+                row["ptxas"] = [line.strip() for line in rep.splitlines() if "spill" in line or "Used" in line]
+            out.append(row)
+    return out

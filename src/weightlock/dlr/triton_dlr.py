@@ -52,10 +52,13 @@ def _activation(h, ACT: tl.constexpr):
 def _round(a, DTYPE: tl.constexpr, WIDEN: tl.constexpr):
     """fp32 ``a`` rounded to nearest-even in DTYPE. WIDEN (the interpreter, whose fp32 → bf16 cast truncates):
     bf16 rounding done on the fp32 bits, the value kept in fp32 (exactly representable in bf16)."""
-    if WIDEN and DTYPE == tl.bfloat16:
-        bits = a.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        a = bits.to(tl.float32, bitcast=True)
+    if WIDEN:
+        if DTYPE == tl.bfloat16:
+            bits = a.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            a = bits.to(tl.float32, bitcast=True)
+        else:
+            a = a.to(DTYPE)
     else:
         a = a.to(DTYPE)
     return a
@@ -82,7 +85,7 @@ def _dlr_kernel(x_ptr, out_ptr, z_ptr, v_ptr, u_ptr, b_ptr, c_ptr, w_ptr, T, D, 
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
-    row_off = rows.to(tl.int64) * D
+    row_off = rows * D
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     r_ok = offs_r < R
@@ -166,8 +169,8 @@ def supported(net, x: torch.Tensor) -> bool:
     if spec.norm and not (isinstance(b.norm, torch.nn.RMSNorm) and b.norm.eps == NORM_EPS
                           and b.norm.weight is not None):
         return False
-    w = b.down.weight
-    return w.dtype == x.dtype and w.device == x.device
+    w = b.down.weight  # int32 offsets in the kernel: fewer registers, at most 2³¹ − 1 elements
+    return w.dtype == x.dtype and w.device == x.device and x.numel() < 2 ** 31
 
 
 def stacked(net) -> tuple:
@@ -209,12 +212,18 @@ def _fill(net, tensors) -> None:
             g[i].copy_(blk.norm.weight)
 
 
-def tile_sizes(tokens: int, width: int, rank: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, BLOCK_R): tiles of ≥ 16 (tl.dot's minimum), BLOCK_T growing with the token count."""
-    block_t = 16 if tokens <= 16 else 32 if tokens <= 2048 else 64
+def launch_config(tokens: int, width: int, rank: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, BLOCK_R, num_warps, num_stages). Tiles are ≥ 16 (tl.dot's minimum). Chosen so that
+    ptxas reports no register spills for sm_90 at r ≤ 64 (checked without a GPU by compiling ahead of time,
+    tests/test_triton.py); speed is not tuned yet (no GPU was available): decode steps (≤ 16 tokens) use
+    one 16-token tile, longer 16-bit inputs 64-token tiles so that each streamed weight serves more tokens."""
     block_r = max(16, triton.next_power_of_2(rank))
+    if dtype == torch.float32:
+        return 16, 32, block_r, 4, 2
     block_d = min(64 if block_r <= 64 else 32, max(16, triton.next_power_of_2(width)))
-    return block_t, block_d, block_r
+    if tokens <= 16:
+        return 16, block_d, block_r, 4, 2
+    return (64 if block_r <= 64 else 32), block_d, block_r, 8, 1
 
 
 @torch.no_grad()
@@ -230,7 +239,7 @@ def forward(net, x: torch.Tensor, block_t: int | None = None, block_d: int | Non
     if tokens == 0:
         return out.view(x.shape)
     z = out if x2.dtype == torch.float32 else torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
-    bt, bd, br = tile_sizes(tokens, d, r)
+    bt, bd, br, warps, stages = launch_config(tokens, d, r, x2.dtype)
     bt, bd = block_t or bt, block_d or bd
     grid = (triton.cdiv(tokens, bt),)
     _dlr_kernel[grid](x2, out, z, v, u, v if b is None else b, v if c is None else c, v if g is None else g,
@@ -238,5 +247,5 @@ def forward(net, x: torch.Tensor, block_t: int | None = None, block_d: int | Non
                       ACT=ACTIVATIONS[spec.activation], NORM=g is not None, BIAS=b is not None,
                       IEEE=x2.dtype == torch.float32,
                       WIDEN=x2.device.type != "cuda", BLOCK_T=bt, BLOCK_D=bd, BLOCK_R=br,
-                      CHUNKS=triton.cdiv(d, bd), num_warps=4)
+                      CHUNKS=triton.cdiv(d, bd), num_warps=warps, num_stages=stages)
     return out.view(x.shape)
