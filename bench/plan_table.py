@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
 from weightlock.errors import WeightlockError  # noqa: E402
 from weightlock.eval import plan as P  # noqa: E402
 

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-
 from weightlock.eval import plan as P  # noqa: E402
 from weightlock.eval.cost import flop_counter, saved_bytes_of_step  # noqa: E402
 
@@ -48,7 +47,7 @@ def measure(cfg, rank, b, T, repeats):
             P.prepare(model, sc)
             ids = torch.randint(0, cfg.vocab_size, (b, T), generator=torch.Generator().manual_seed(0))
             res[f"saved_bytes_{sc}"] = saved_bytes_of_step(
-                model, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
+                model, lambda m=model, x=ids: m(input_ids=x, labels=x, use_cache=False).loss)
             if sc == "full":
                 with flop_counter() as fc:
                     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -83,7 +82,8 @@ def compare(name, cfg, rank, b, T, repeats) -> dict:
     mo, ml = meas["original"], meas["locked"]
     ratio_m = ml["step_time_s"] / mo["step_time_s"]
     ratio_p = rows[("locked", "full")]["time_s"] / rows[("original", "full")]["time_s"]
-    res["time_ratio_locked_over_original"] = {"measured": ratio_m, "predicted": ratio_p, "rel_err": ratio_p / ratio_m - 1}
+    res["time_ratio_locked_over_original"] = {"measured": ratio_m, "predicted": ratio_p,
+                                              "rel_err": ratio_p / ratio_m - 1}
     mem_m = ml["saved_bytes_full"] / mo["saved_bytes_full"]
     mem_p = rows[("locked", "full")]["saved_bytes"] / rows[("original", "full")]["saved_bytes"]
     res["memory_ratio_locked_over_original"] = {"measured": mem_m, "predicted": mem_p, "rel_err": mem_p / mem_m - 1}
