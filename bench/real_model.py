@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--loss", default="row")
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--calib-tokens", type=int, default=65_536)
+    ap.add_argument("--block-size", type=int, default=LockConfig.block_size, help="calibration block length")
     ap.add_argument("--batch-tokens", type=int, default=LockConfig.batch_tokens)
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--prompts", type=int, default=100)
@@ -98,6 +99,7 @@ def main() -> None:
     locked_dir = run / "locked"
     cfg = LockConfig(rank=args.rank, steps=args.steps, lr=args.lr, loss=args.loss, grad_clip=args.grad_clip,
                      calib_tokens=args.calib_tokens, batch_tokens=args.batch_tokens, data="builtin:code+prose",
+                     block_size=args.block_size,
                      max_rel_error=None)  # a bad fit is measured and reported here, not refused
     if not (locked_dir / "lock_report.json").exists():
         t0 = time.perf_counter()
