@@ -85,3 +85,26 @@ def test_manifest_hashes_are_checked(tiny_locked_dir, tmp_path):
     r = runner.invoke(app, ["eval", "ppl", "--model", str(d), "--max-tokens", "512"])
     assert r.exit_code == 2 and "model.safetensors" in r.output and "SHA-256" in r.output
     assert weightlock.load(d, verify=False) is not None, "the opt-out loads it anyway"
+
+
+def test_locked_skeleton_is_built_on_meta_and_filled_from_the_file(tiny_locked_dir, monkeypatch):
+    """No parameter of a locked release is allocated or randomly initialised before its weights are read."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from weightlock.dlr import modeling_weightlock_dlr as M
+
+    config = AutoConfig.from_pretrained(str(tiny_locked_dir))
+    skeleton = M.build_locked_model(config, empty=True)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert not any(b.is_meta for b in skeleton.buffers()), "buffers (rotary frequencies) stay real"
+    inits = []
+    original = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: (inits.append(t.is_meta), original(t, *a, **k))[1])
+    model = weightlock.load(tiny_locked_dir)
+    assert inits and all(inits), "every initialisation ran on meta tensors only"
+    state = load_file(str(tiny_locked_dir / "model.safetensors"))
+    params = dict(model.named_parameters())
+    assert not any(p.is_meta for p in params.values())
+    assert all(torch.equal(params[k], v) for k, v in state.items() if k in params)
+    assert model.lm_head.weight is model.model.embed_tokens.weight or "lm_head.weight" in state

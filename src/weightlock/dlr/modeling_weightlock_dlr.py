@@ -12,6 +12,7 @@ A DLR-Net replaces an MLP whose output is added to the residual stream::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -525,18 +526,41 @@ def apply_dlr(model: nn.Module, specs: list[dict], adapter: ArchAdapter | None =
 
 # ---- loading a locked release with plain transformers (trust_remote_code) ------------------------
 
-def build_locked_model(config, dtype=None):
-    """Instantiate the base architecture from ``config`` and swap in DLR-Nets (weights uninitialised)."""
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside the block live on the meta device: no memory and no random
+    initialisation (``reset_parameters`` runs on meta tensors); buffers such as rotary frequencies stay
+    real. The skeleton is then filled with ``load_state_dict(..., assign=True)`` — as transformers'
+    quantizers and accelerate's ``init_empty_weights`` build models."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_locked_model(config, dtype=None, empty: bool = False):
+    """Instantiate the base architecture from ``config`` and swap in DLR-Nets. ``empty=True`` builds the
+    skeleton with every parameter on the meta device (nothing allocated or initialised), for
+    :func:`load_locked_state` to fill; otherwise the weights are freshly initialised."""
     import transformers
 
     info = getattr(config, DLR_CONFIG_KEY, None)
     if not info:
         raise ValueError(f"config has no {DLR_CONFIG_KEY!r} section: not a DLR-locked checkpoint")
     cls = getattr(transformers, info["base_class"])
-    model = cls(config)
     # the adapter the release was made with (releases before it was recorded: the registered one)
     adapter = ArchAdapter.from_dict(info["adapter"]) if info.get("adapter") else None
-    apply_dlr(model, info["layers"], adapter)
+    with _parameters_on_meta() if empty else contextlib.nullcontext():
+        model = cls(config)
+        apply_dlr(model, info["layers"], adapter)
     if dtype is not None:
         model = model.to(dtype)
     return model
@@ -554,13 +578,17 @@ def load_locked_state(model: nn.Module, directory: str) -> nn.Module:
     state = {}
     for f in files:
         state.update(load_file(os.path.join(directory, f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # assign: a meta skeleton (build_locked_model(empty=True)) takes the loaded tensors themselves
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if _is_tied(model, k)}
     if unexpected or set(missing) - tied:
         raise ValueError(f"{directory}: weights do not match the locked architecture "
                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"{directory}: weights missing from the checkpoint: {left[:5]}")
     return model
 
 
@@ -586,7 +614,7 @@ class DLRLockedModel:
             config = transformers.AutoConfig.from_pretrained(path)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = dtype if isinstance(dtype, torch.dtype) else None
-        model = build_locked_model(config)
+        model = build_locked_model(config, empty=True)
         load_locked_state(model, path)
         if dtype is not None:
             model = model.to(dtype)

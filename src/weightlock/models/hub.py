@@ -43,7 +43,7 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
         config = AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust_remote_code)
         archs = getattr(config, "architectures", None) or []
         if getattr(config, M.DLR_CONFIG_KEY, None) and not trust_remote_code:
-            model = M.load_locked_state(M.build_locked_model(config), str(d))
+            model = M.load_locked_state(M.build_locked_model(config, empty=True), str(d))
         else:
             auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
             model, info = auto.from_pretrained(str(d), local_files_only=True, dtype=dtype or torch.float32,
