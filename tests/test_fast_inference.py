@@ -3,25 +3,10 @@ import pytest
 import torch
 
 from dlr_helpers import tiny_model
+from triton_cases import random_net, rel
 from weightlock.dlr import apply_dlr
 from weightlock.dlr.modeling_weightlock_dlr import DLRNet, DLRSpec
 from weightlock.eval.cost import saved_bytes_of_step
-
-
-def random_net(seed=0, **kw) -> DLRNet:
-    torch.manual_seed(seed)
-    spec = DLRSpec(**{"width": 48, "rank": 8, "depth": 12, "init_scale": 1.0, **kw})
-    net = DLRNet(spec).eval()
-    with torch.no_grad():
-        for b in net.blocks:  # non-trivial biases and norm weights
-            for p in b.parameters():
-                if p.dim() == 1:
-                    p.normal_(0, 0.1).add_(1.0 if p is getattr(b.norm, "weight", None) else 0.0)
-    return net
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("kw", [{}, {"bias": True}, {"norm": True}, {"norm": True, "bias": True},

@@ -35,13 +35,15 @@ CASES = {
 }
 
 
-def random_net(width, rank, depth, **kw):
+def random_net(width=48, rank=8, depth=12, seed=0, **kw):
+    """A DLR-Net with random U (init_scale 1) and non-trivial biases and norm weights (also used by
+    tests/test_fast_inference.py)."""
     import torch
 
     from weightlock.dlr.modeling_weightlock_dlr import DLRNet, DLRSpec
 
-    torch.manual_seed(0)
-    net = DLRNet(DLRSpec(width, rank, depth, init_scale=1.0, **kw)).eval()
+    torch.manual_seed(seed)
+    net = DLRNet(DLRSpec(width, rank, depth, **{"init_scale": 1.0, **kw})).eval()
     with torch.no_grad():
         for b in net.blocks:  # non-trivial biases and norm weights
             for p in b.parameters():
