@@ -109,6 +109,9 @@ def wheel_gguf(package: str = SMOLLM2_WHEEL, filename: str = SMOLLM2_FILE) -> Pa
     raise WeightlockError(f"{package} is installed but holds no {filename}")
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> SHA-256 prefix of a GGUF file already hashed
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """``path`` itself for a model directory; for a ``.gguf`` file, its plain Hugging Face conversion in the
     weightlock cache (``$WEIGHTLOCK_CACHE/gguf/<name>-<sha256 prefix>``), converted on first use — so every
@@ -119,7 +122,11 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if not (p.is_file() and p.suffix.lower() == ".gguf"):
         return p
     _check_gguf(p)
-    target = cache_dir() / "gguf" / f"{p.stem}-{sha256_file(p)[:16]}"
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)  # one command resolves its model several times
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(p)[:16]
+    target = cache_dir() / "gguf" / f"{p.stem}-{_DIGESTS[key]}"
     if not (target / "config.json").exists() or not (target / "model.safetensors").exists():
         convert_gguf(p, target, overwrite=True)
     return target
