@@ -238,6 +238,40 @@ def test_run_attack_end_to_end_with_reference(tiny_model_dir, tmp_path):
         run_attack(model, "prose", "full", reference=tmp_path / "nope", steps=1)
 
 
+def test_attack_cost_curve_and_patience(tiny_model_dir, tmp_path):
+    """Every scored point carries its cumulative cost; patience stops a run whose score stops improving."""
+    model, _ = tiny_model_dir
+    r = run_attack(model, "prose", "full", steps=6, batch_size=4, block_size=64, train_tokens=20000,
+                   score_every=2)["locked"]
+    curve = r["cost_curve"]
+    assert [p["step"] for p in curve] == [0, 2, 4, 6] and not r["stopped_early"]
+    assert curve[0] == {"step": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0, "score": r["before"]["score"]}
+    assert curve[-1]["score"] == r["after"]["score"]
+    assert [p["tokens"] for p in curve] == [0, 2 * 4 * 64, 4 * 4 * 64, 6 * 4 * 64]
+    assert curve[-1]["flops"] == pytest.approx(r["cost"]["flops_counted"])
+    for cost in ("seconds", "flops"):
+        assert all(b[cost] > a[cost] for a, b in zip(curve, curve[1:])), cost
+    assert curve[-1]["seconds"] == pytest.approx(r["cost"]["train_seconds"] + r["cost"]["prepare_seconds"])
+    # lr 1e-9 leaves the score where it is: patience 2 stops after two scores without improvement
+    r = run_attack(model, "prose", "full", steps=40, lr=1e-9, batch_size=4, block_size=64, train_tokens=20000,
+                   score_every=2, patience=2, min_delta=1e-3)["locked"]
+    assert r["stopped_early"] and [p["step"] for p in r["cost_curve"]] == [0, 2, 4]
+    with pytest.raises(WeightlockError, match="patience needs a score"):
+        make_attack("full", patience=3)
+
+
+def test_reverse_distill_curve_starts_with_its_own_cost(tiny_locked_dir):
+    """The distillation is part of the attacker's bill: the curve's second point is the distilled dense
+    model, at the distillation's time and FLOPs, before any fine-tuning step."""
+    r = run_attack(tiny_locked_dir, "prose", "reverse-distill", steps=2, batch_size=4, block_size=64,
+                   train_tokens=20000, score_every=1, distill_steps=5, distill_tokens=2048)["locked"]
+    c = r["cost_curve"]
+    assert [p["step"] for p in c] == [0, 0, 1, 2]
+    assert c[1]["seconds"] >= r["reverse_distill"]["seconds"] > 0
+    assert c[1]["flops"] == r["reverse_distill"]["flops"] > 0
+    assert c[1]["score"] != c[0]["score"], "the distilled model is scored, not the lock"
+
+
 def test_sweep_grid_and_random_search_points():
     from weightlock.attacks.suite import parse_grid, sample_points
 

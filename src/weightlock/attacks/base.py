@@ -23,13 +23,19 @@ class AttackConfig(FinetuneConfig):
     block_size: int = 128
     train_tokens: int = 200_000
     score_every: int = 0  # also score the task every N steps (a fine-tuning curve); 0: before/after only
+    # stop once this many scores in a row (every score_every steps) have not beaten the best by more than
+    # min_delta: an attack run to convergence; 0: run every step
+    patience: int = 0
+    min_delta: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         if self.train_tokens < 1 or self.block_size < 2:
             raise WeightlockError("train_tokens must be ≥ 1, block_size ≥ 2")
-        if self.score_every < 0:
-            raise WeightlockError("score_every must be ≥ 0")
+        if self.score_every < 0 or self.patience < 0 or self.min_delta < 0:
+            raise WeightlockError("score_every, patience and min_delta must be ≥ 0")
+        if self.patience and not self.score_every:
+            raise WeightlockError("patience needs a score every N steps (score_every > 0)")
 
 
 class Attack:
@@ -41,6 +47,7 @@ class Attack:
     name = "attack"
     Config: type[AttackConfig] = AttackConfig
     reference_attack: str | None = None  # what runs on the unlocked reference (default: the same attack)
+    changes_model = False  # whether prepare changes the model's function (its curve then scores it again)
 
     def __init__(self, cfg: AttackConfig | None = None) -> None:
         self.cfg = cfg or self.Config()

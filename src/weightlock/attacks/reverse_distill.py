@@ -13,6 +13,8 @@ from ..errors import WeightlockError
 from .base import Attack, AttackConfig, is_dlr
 from .registry import register
 
+DISTILL_BATCH_TOKENS = 1024  # captured (input, output) pairs per distillation step
+
 
 @dataclass
 class ReverseDistillConfig(AttackConfig):
@@ -39,14 +41,30 @@ class ReverseDistill(Attack):
 
     Config = ReverseDistillConfig
     reference_attack = "full"  # the unlocked reference has nothing to reverse: it is fine-tuned directly
+    changes_model = True
 
     def prepare(self, model, tokenizer, ctx):
         if not is_dlr(model):
             raise WeightlockError("reverse-distill needs a DLR-locked model (this one has no DLR-Nets)")
         t0 = time.perf_counter()
         dense, errors = reverse_distill(model, tokenizer, self.cfg)
-        ctx["reverse_distill"] = {"seconds": time.perf_counter() - t0, "layer_rel_error": errors}
+        ctx["reverse_distill"] = {"seconds": time.perf_counter() - t0, "layer_rel_error": errors,
+                                  "flops": reverse_distill_flops(model, dense, self.cfg)}
         return dense
+
+
+def reverse_distill_flops(locked: nn.Module, dense: nn.Module, cfg: ReverseDistillConfig) -> float:
+    """Analytic FLOPs of :func:`reverse_distill`: one forward pass of the locked model over the capture
+    tokens (2 FLOPs per weight per token, attention scores not counted) plus, per layer, the dense MLP's
+    forward and backward (6 FLOPs per weight per token) over ``distill_steps`` batches of
+    :data:`DISTILL_BATCH_TOKENS`."""
+    from ..dlr.modeling_weightlock_dlr import adapter_for, find_layers, mlp_modules
+
+    capture = 2.0 * sum(p.numel() for p in locked.parameters() if p.ndim >= 2) * cfg.distill_tokens
+    adapter = adapter_for(locked)
+    mlp = sum(p.numel() for layer in find_layers(dense, adapter) for m in mlp_modules(layer, adapter)
+              for p in m.parameters() if p.ndim >= 2)
+    return capture + 6.0 * mlp * DISTILL_BATCH_TOKENS * cfg.distill_steps
 
 
 def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Module, list[dict]]:
@@ -83,7 +101,8 @@ def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Mod
         if cfg.distill_steps == 0:
             errors.append({"rel_error": relative_error(student, x, y), "steps": 0})
             continue
-        _, st = fit_module(lambda s=student: s, x, y, steps=cfg.distill_steps, lr=cfg.distill_lr, batch_tokens=1024,
-                           seed=cfg.training.seed, progress=cfg.training.progress, desc=f"reverse {k}")
+        _, st = fit_module(lambda s=student: s, x, y, steps=cfg.distill_steps, lr=cfg.distill_lr,
+                           batch_tokens=DISTILL_BATCH_TOKENS, seed=cfg.training.seed,
+                           progress=cfg.training.progress, desc=f"reverse {k}")
         errors.append(st)
     return dense.train(), errors

@@ -59,7 +59,7 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
     here, around the whole run; the per-step figures come from the trainer's cost probe."""
     from ..data import load_blocks, load_tokenizer
     from ..models.hub import load
-    from ..train.loop import LambdaHook, evaluate_loss
+    from ..train.loop import PatienceHook, evaluate_loss
 
     c, tc = atk.cfg, atk.cfg.training
     torch.manual_seed(tc.seed)
@@ -71,18 +71,18 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
     before = task.evaluate(model, tok, c.block_size)
     cap_before = math.exp(evaluate_loss(model, cap_blocks))
     blocks = task.train_blocks(tok, c.block_size, c.train_tokens)
-    curve = [[0, before["score"]]]
+    curve_hook = None
     with PeakMemory() as peak:
         t0 = time.perf_counter()
         model = atk.prepare(model, tok, ctx)
         prepare_s = time.perf_counter() - t0
         ctx.pop("model_dir")
         hooks = ctx.pop("hooks", [])
-        if c.score_every > 0:
-            def score(trainer, metrics, k=c.score_every):
-                if trainer.step % k == 0 and trainer.step < tc.max_steps:  # outside the timed step
-                    curve.append([trainer.step, task.evaluate(model, tok, c.block_size)["score"]])
-            hooks = [*hooks, LambdaHook(on_step_end=score)]
+        if c.score_every > 0:  # scored outside the timed steps; the final model is scored below
+            curve_hook = PatienceHook(lambda t: task.evaluate(model, tok, c.block_size)["score"], c.score_every,
+                                      patience=c.patience, min_delta=c.min_delta, skip_final=True,
+                                      initial_score=None if atk.changes_model else before["score"])
+            hooks = [*hooks, curve_hook]
         history, trainer = finetune(model, blocks, c, hooks=hooks)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -92,7 +92,9 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
             m.numel() for m in recovered.values())
     model.eval()
     after = task.evaluate(model, tok, c.block_size)
-    curve.append([trainer.step, after["score"]])
+    cost_curve = _cost_curve(before["score"], after["score"], curve_hook, trainer, prepare_s,
+                             ctx.get("reverse_distill", {}).get("flops", 0.0),
+                             atk.changes_model)
     cap_after = math.exp(evaluate_loss(model, cap_blocks))
     steps = history[1:] or history  # the first step pays one-off costs
     med = lambda k: statistics.median(h[k] for h in steps)  # noqa: E731
@@ -101,7 +103,9 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
         "model": str(model_dir), "before": before, "after": after, "gain": after["score"] - before["score"],
         "capability_ppl_before": cap_before, "capability_ppl_after": cap_after, "capability_data": cap_spec,
         "parameters": n_params, "trainable_parameters": n_train, "tokens": trainer.tokens_seen,
-        "loss_curve": [h["loss"] for h in history], "score_curve": curve,
+        "loss_curve": [h["loss"] for h in history],
+        "score_curve": [[p["step"], p["score"]] for p in cost_curve if p["step"] or p is cost_curve[0]],
+        "cost_curve": cost_curve, "stopped_early": trainer.step < tc.max_steps,
         "cost": {
             "saved_activation_bytes_per_step": trainer.saved_activation_bytes,
             **peak.as_dict(),
@@ -116,6 +120,32 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
         },
         **ctx,
     }
+
+
+def _cost_curve(before: float, after: float, hook, trainer, prepare_s: float, prepare_flops: float,
+                changes_model: bool) -> list[dict]:
+    """The attack's score against its cumulative cost: the model as released at cost 0, (for an attack whose
+    preparation changes the model, e.g. reverse distillation, whose time and FLOPs count) the prepared
+    model, every scored step and the final model. ``seconds`` is preparation + training-step time (scoring
+    excluded)."""
+    from ..train.loop import PatienceHook
+
+    if hook is None:  # no curve asked for: before and after only
+        hook = PatienceHook(lambda t: before, every=10**9, initial_score=before)
+        hook._seconds = sum(h["step_time"] for h in trainer.history)
+        hook.curve.append({"step": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0, "score": before})
+
+    def shifted(p):
+        return {**p, "seconds": p["seconds"] + prepare_s,
+                "flops": None if p["flops"] is None else p["flops"] + prepare_flops}
+
+    points = [shifted(p) for p in hook.curve]
+    if points[-1]["step"] != trainer.step:
+        points.append(shifted(hook.point(trainer, after)))
+    else:
+        points[-1]["score"] = after  # the same model, scored once more in eval mode
+    start = {"step": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0, "score": before}
+    return [start] + points if changes_model else [start] + points[1:]
 
 
 def pretraining_domain(model_dir) -> str:

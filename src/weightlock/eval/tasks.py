@@ -6,7 +6,8 @@ Every task has training blocks and a score where higher is better:
 * ``exact`` tasks score exact-match accuracy of greedy completions on a held-out problem set.
 
 Built-in tasks: ``prose`` (adapt to builtin:prose), ``tests`` (adapt to the stdlib test suites),
-``addition`` (``a+b=`` with up to 3 digits), ``reverse`` (reverse a 3–6 letter string). Skill problems
+``addition`` (``a+b=`` with up to 3 digits), ``reverse`` (reverse a 3–6 letter string), ``recall``
+(in-context recall: ``k=3 q=7; q?`` → ``7``, two key–value pairs). Skill problems
 are generated from a seed and split by a hash of the prompt, so train and test never share a problem.
 A ``.jsonl`` file with ``prompt``/``completion`` (exact match) or ``text`` (perplexity) fields is a
 user task.
@@ -121,9 +122,11 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
 
 
 def _recall(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample("abcdefghijklmnopqrstuvwxyz", 4)
+    # two pairs: the small model learns this within ~150 steps (0 → ~0.5 exact match); with four pairs its
+    # accuracy stayed at chance (~0.1, a digit) and the gains were seed noise
+    keys = rng.sample("abcdefghijklmnopqrstuvwxyz", 2)
     vals = [str(rng.randint(0, 9)) for _ in keys]
-    q = rng.randrange(4)
+    q = rng.randrange(2)
     return " ".join(f"{k}={v}" for k, v in zip(keys, vals)) + f"; {keys[q]}?", f" {vals[q]}\n"
 
 

@@ -117,41 +117,52 @@ class LambdaHook(Hook):
 
 class PatienceHook(Hook):
     """Score the model every ``every`` steps with ``score_fn(trainer) -> float`` (held-out, higher is better)
-    and stop training once ``patience`` scores in a row have not beaten the best by more than ``min_delta``.
-    ``curve`` collects (step, tokens, seconds, flops, score) points; ``seconds`` is training time only."""
+    and stop training once ``patience`` scores in a row have not beaten the best by more than ``min_delta``
+    (``patience=0``: never stop, only record). ``curve`` collects the points (``step``, ``tokens``,
+    ``seconds``, ``flops``, ``score``), the first before any training; ``seconds`` is training time only
+    (scoring excluded) and ``flops`` the trainer's counted FLOPs per micro-batch × micro-batches run.
+    ``skip_final``: no point at ``max_steps`` (the caller scores the final model itself);
+    ``initial_score``: the score before training when the caller already has it (not scored again)."""
 
     def __init__(self, score_fn: Callable, every: int, patience: int = 3, min_delta: float = 0.0,
-                 flops_per_step: Callable[[], float | None] | None = None) -> None:
-        if every < 1 or patience < 1:
-            raise WeightlockError("every and patience must be at least 1")
+                 skip_final: bool = False, initial_score: float | None = None) -> None:
+        if every < 1 or patience < 0:
+            raise WeightlockError("every must be at least 1 and patience ≥ 0")
         self.score_fn, self.every, self.patience, self.min_delta = score_fn, every, patience, min_delta
-        self.flops_per_step = flops_per_step
+        self.skip_final, self.initial_score = skip_final, initial_score
         self.curve: list[dict] = []
         self.best = -math.inf
         self.bad = 0
         self._seconds = 0.0
 
-    def _point(self, trainer) -> None:
-        fl = self.flops_per_step() if self.flops_per_step else None
-        score = float(self.score_fn(trainer))
-        self.curve.append({"step": trainer.step, "tokens": trainer.tokens_seen, "seconds": self._seconds,
-                           "flops": (fl or 0.0) * trainer.step, "score": score})
+    def point(self, trainer, score: float) -> dict:
+        """The cost point of ``trainer`` now, with ``score``."""
+        per_micro = getattr(trainer, "flops_per_micro_batch", None)
+        micro = trainer.step * (trainer.cfg.grad_accum if hasattr(trainer, "cfg") else 1)
+        flops = float(per_micro * micro) if per_micro is not None else (0.0 if micro == 0 else None)
+        return {"step": trainer.step, "tokens": trainer.tokens_seen, "seconds": self._seconds, "flops": flops,
+                "score": float(score)}
+
+    def _score(self, trainer, score: float | None = None) -> None:
+        score = float(self.score_fn(trainer) if score is None else score)
+        self.curve.append(self.point(trainer, score))
         if score > self.best + self.min_delta:
             self.best, self.bad = score, 0
         else:
             self.bad += 1
-            if self.bad >= self.patience:
+            if self.patience and self.bad >= self.patience:
                 trainer.should_stop = True
 
     def on_train_start(self, trainer) -> None:
         if not self.curve:
-            self._point(trainer)
+            self._score(trainer, self.initial_score)
             self.bad = 0
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         self._seconds += metrics.get("step_time", 0.0)
-        if trainer.step % self.every == 0:
-            self._point(trainer)
+        final = hasattr(trainer, "cfg") and trainer.step >= trainer.cfg.max_steps
+        if trainer.step % self.every == 0 and not (self.skip_final and final):
+            self._score(trainer)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
