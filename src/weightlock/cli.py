@@ -324,15 +324,25 @@ def finetune(
                                            "(not a PMP release); only its shapes are checked."),
     steps: int = typer.Option(default(FinetuneConfig, "training").max_steps, help="Optimizer steps."),
     lr: float = typer.Option(default(FinetuneConfig, "training").lr, help="Learning rate."),
-    batch_size: int = typer.Option(default(FinetuneConfig, "training").batch_size, help="Sequences per step."),
+    batch_size: int = typer.Option(default(FinetuneConfig, "training").batch_size,
+                                   help="Sequences per step and process (torchrun with P processes: P × this "
+                                   "per step, the same run as one process with P × this)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result (with the per-step loss) as JSON."),
 ) -> None:
-    """Fine-tune a model (with --mask: authorized PMP fine-tuning; without: ordinary full fine-tuning)."""
+    """Fine-tune a model (with --mask: authorized PMP fine-tuning; without: ordinary full fine-tuning).
+    Data-parallel on several processes under torchrun or accelerate launch (the main process writes --out)."""
     from .pmp.finetune import finetune_model
 
     r = finetune_model(model, data, out, mask=mask, steps=steps, lr=lr, batch_size=batch_size, overwrite=overwrite,
                        allow_uncommitted=allow_uncommitted)
-    console.print(f"[green]saved[/] {out}: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+    if not r:
+        return  # a non-zero rank of a torchrun job
+    if json_out:
+        print(json.dumps(r, indent=2))
+        return
+    console.print(f"[green]saved[/] {out}: loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+                  + (f" ({r['processes']} processes × batch {r['batch_size']})" if r["processes"] > 1 else ""))
 
 
 @app.command()

@@ -11,11 +11,14 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
 
     The mask must match the release's commitment (a mask from another run is refused before anything is
     loaded or trained); a model without one is refused unless ``allow_uncommitted``.
+
+    Under ``torchrun`` / ``accelerate launch`` (P processes) ``batch_size`` is per process: the run equals
+    one process with ``P × batch_size``. Only the main process writes ``out``; the others return ``{}``.
     """
     from ..data import load_blocks, load_tokenizer
     from ..eval.perplexity import default_block_size
     from ..models.hub import load, save_model_dir
-    from ..train.finetune import FinetuneConfig, finetune
+    from ..train.finetune import FinetuneConfig, barrier, finetune, is_main_process, process_count
     from .release import mask_for_release
     from .train import MaskHook
 
@@ -27,10 +30,19 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     if m is not None:
         params = {n: p for n, p in model.named_parameters() if n in m}
         hooks.append(MaskHook(params, m))
-    out = prepare_out_dir(out, overwrite=overwrite, inputs=(model_dir, mask, data))
+    main = is_main_process()
+    if main:
+        out = prepare_out_dir(out, overwrite=overwrite, inputs=(model_dir, mask, data))
+    barrier()  # the other processes start once the output directory is claimed
     bs = block_size or default_block_size(model_dir)
     blocks = load_blocks(data, "train", tok, bs, 400_000)
-    cfg = FinetuneConfig.from_options(steps=steps, lr=lr, batch_size=min(batch_size, blocks.shape[0]), seed=seed)
+    procs = process_count()
+    cfg = FinetuneConfig.from_options(steps=steps, lr=lr, seed=seed,
+                                      batch_size=max(1, min(batch_size, blocks.shape[0] // procs)))
     history, _ = finetune(model, blocks, cfg, hooks=hooks, measure=False)
+    if not main:
+        return {}
     save_model_dir(model, tok, out)
-    return {"loss_first": history[0]["loss"], "loss_last": history[-1]["loss"], "authorized": mask is not None}
+    return {"loss_first": history[0]["loss"], "loss_last": history[-1]["loss"], "authorized": mask is not None,
+            "loss_curve": [h["loss"] for h in history], "processes": procs, "batch_size": cfg.batch_size,
+            "global_batch": cfg.batch_size * procs}

@@ -132,11 +132,45 @@ def offloaded_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(input_ids=x, labels=x).loss
 
 
+# ---- data-parallel runs (torchrun / accelerate launch) ------------------------------------------
+
+def distributed():
+    """``torch.distributed``, initialised, in a job of several processes (``torchrun``, ``accelerate launch``:
+    ``WORLD_SIZE`` > 1; Gloo on CPU, the cores shared between the processes); None in a single process."""
+    from ..dlr.distill import dist_or_none
+
+    return dist_or_none()
+
+
+def process_count() -> int:
+    """How many processes train together (1 outside a data-parallel job)."""
+    dist = distributed()
+    return dist.get_world_size() if dist else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the outputs (rank 0, or the only process)."""
+    dist = distributed()
+    return dist is None or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process of a data-parallel job (nothing in a single process)."""
+    dist = distributed()
+    if dist:
+        dist.barrier()
+
+
 def finetune(model: nn.Module, blocks: torch.Tensor, cfg: FinetuneConfig, hooks=(), measure: bool = True):
     """Fine-tune ``model`` in place on the token ``blocks`` with the one training loop, after applying the
     config's counter-measures; ``hooks`` are training-loop hooks (e.g. a PMP mask). The warm-up is capped
     at the step budget. With ``measure`` the trainer also measures the first micro-batch's saved
-    activations and FLOPs. Returns ``(history, trainer)``."""
+    activations and FLOPs. Returns ``(history, trainer)``.
+
+    In a data-parallel job every process calls this with the same model and ``blocks``; each trains on
+    its slice of every global batch (``batch_size`` per process, see :class:`TrainConfig`) and the history's
+    losses are those of the global batch. Writing the result is up to the caller: main process only
+    (:func:`is_main_process`)."""
     apply_checkpointing(model, cfg.checkpointing)
     tc = cfg.training
     tc = replace(tc, warmup_steps=min(tc.warmup_steps, tc.max_steps))

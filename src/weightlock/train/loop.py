@@ -39,10 +39,15 @@ class TrainConfig:
     """Optimizer, schedule and bookkeeping of one training run (defaults suit the small presets).
 
     Validated at construction; code that changes a field afterwards calls :meth:`validate` again (the
-    :class:`Trainer` does, before it trains)."""
+    :class:`Trainer` does, before it trains).
+
+    ``batch_size`` counts the sequences of one micro-batch of *one process*: a step of a data-parallel run
+    (``torchrun`` / ``accelerate launch``, P processes) takes ``batch_size × grad_accum × P`` sequences, and
+    P processes with ``batch_size=b`` train exactly like one process with ``batch_size=P·b`` (same blocks,
+    same order, same loss and weights up to float rounding)."""
 
     max_steps: int = 300
-    batch_size: int = 16  # sequences per micro-batch (per process)
+    batch_size: int = 16  # sequences per micro-batch per process (global batch: × grad_accum × processes)
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -224,16 +229,18 @@ class Trainer:
                  loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
                  measure_costs: bool = False) -> None:
         cfg.validate()
-        if train_blocks.ndim != 2 or train_blocks.shape[0] < cfg.batch_size:
-            raise WeightlockError(
-                f"need at least one batch of training blocks ({cfg.batch_size}), got {tuple(train_blocks.shape)}"
-            )
         if accelerator is None:
             from accelerate import Accelerator
 
             accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                                       cpu=not torch.cuda.is_available())
         self.acc = accelerator
+        global_batch = cfg.batch_size * accelerator.num_processes
+        if train_blocks.ndim != 2 or train_blocks.shape[0] < global_batch:
+            raise WeightlockError(
+                f"need at least one batch of training blocks ({cfg.batch_size} per process × "
+                f"{accelerator.num_processes} processes), got {tuple(train_blocks.shape)}"
+            )
         self.cfg = cfg
         self.raw_model = model
         self.train_blocks = train_blocks
@@ -251,19 +258,21 @@ class Trainer:
         # times every step; with measure_costs also the first micro-batch's saved activations and FLOPs
         self.probe = CostProbe(model, measure=measure_costs)
         self._perm_epoch, self._perm = -1, None
-        self.per_epoch = train_blocks.shape[0] // cfg.batch_size
+        self.per_epoch = train_blocks.shape[0] // global_batch  # global batches per epoch
 
     # ---- data order: a pure function of (seed, step), so a resumed run sees the same batches
     def batch(self, step: int, micro: int) -> torch.Tensor:
         """The training blocks of micro-batch ``micro`` of ``step`` for this process, on its device: a seeded
-        permutation per epoch, so a resumed run sees the same batches."""
-        k = (step * self.cfg.grad_accum + micro) * self.acc.num_processes + self.acc.process_index
-        epoch, pos = divmod(k, self.per_epoch)
+        permutation per epoch, so a resumed run sees the same batches. The global batch (P processes ×
+        ``batch_size``) is the one a single process with ``P × batch_size`` takes; process p gets its p-th
+        slice, so a data-parallel run sees the same blocks in the same order as one process."""
+        b, procs = self.cfg.batch_size, self.acc.num_processes
+        epoch, pos = divmod(step * self.cfg.grad_accum + micro, self.per_epoch)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.train_blocks.shape[0], generator=g), epoch
-        idx = self._perm[pos * self.cfg.batch_size:(pos + 1) * self.cfg.batch_size]
-        return self.train_blocks[idx].to(self.acc.device)
+        start = (pos * procs + self.acc.process_index) * b
+        return self.train_blocks[self._perm[start:start + b]].to(self.acc.device)
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The model's (name, parameter) pairs that require gradients."""
@@ -297,7 +306,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step: ``grad_accum`` micro-batches forward and backward, the hooks'
         ``transform_gradients``, clipping, the optimizer and scheduler, ``after_optimizer_step``. Returns the
-        step's metrics (loss, gradient norm, learning rate, the probe's timings, tokens per second)."""
+        step's metrics (loss and tokens per second of the global batch, i.e. of every process together;
+        gradient norm, learning rate, the probe's timings)."""
         self.model.train()
         self.probe.begin_step()
         total = 0.0
@@ -306,6 +316,8 @@ class Trainer:
             loss = self.probe.micro_batch(lambda: self._loss(x), self.acc.backward)  # noqa: B023  (called at once)
             total += loss.item()
             self.tokens_seen += x.numel() * self.acc.num_processes
+        if self.acc.num_processes > 1:  # the loss of the global batch: the mean over the processes
+            total = self.acc.reduce(torch.tensor(total, device=self.acc.device), reduction="mean").item()
         self.probe.begin_optimizer()
         for h in self.hooks:
             h.transform_gradients(self)
@@ -320,8 +332,8 @@ class Trainer:
         self.step += 1
         times = self.probe.end_step()
         return {"step": self.step, "loss": total, "grad_norm": gnorm, "lr": self.scheduler.get_last_lr()[0],
-                **times, "tokens_per_s": self.cfg.batch_size * self.cfg.grad_accum * self.train_blocks.shape[1]
-                / times["step_time"]}
+                **times, "tokens_per_s": self.cfg.batch_size * self.cfg.grad_accum * self.acc.num_processes
+                * self.train_blocks.shape[1] / times["step_time"]}
 
     def fit(self, resume: bool = True) -> list[dict[str, float]]:
         """Train to ``cfg.max_steps`` (resuming from the checkpoint dir if one is there)."""
