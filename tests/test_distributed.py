@@ -82,3 +82,26 @@ def test_processes_split_the_one_process_batches_across_epochs(blocks):
             parts = [t.batch(step, micro) for t in ranks]
             assert torch.equal(torch.cat(parts), single.batch(step, micro)), (step, micro)
             assert not torch.equal(parts[0], parts[1])
+
+
+def test_attack_two_processes_record_the_one_process_result(tiny_model_dir, tmp_path):
+    """A data-parallel attack counts every process's FLOPs and tokens and the main process alone writes."""
+    model, _ = tiny_model_dir
+    args = ["--task", "prose", "--attack", "full", "--set", "steps=4", "--set", "block_size=64",
+            "--set", "train_tokens=20000", "--set", "score_every=2"]
+    r = runner.invoke(app, ["attack", "--model", str(model), "--out", str(tmp_path / "one"), *args,
+                            "--set", "batch_size=8"])
+    assert r.exit_code == 0, r.output
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "weightlock.cli", "attack", "--model", str(model), "--out", str(tmp_path / "two"),
+                        *args, "--set", "batch_size=4"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (p.stdout + p.stderr).count("best gain") == 1, p.stderr[-3000:]  # one summary line: the main process
+    one = json.loads(next((tmp_path / "one").rglob("result.json")).read_text())["locked"]
+    two = json.loads(next((tmp_path / "two").rglob("result.json")).read_text())["locked"]
+    assert two["cost"]["flops_counted"] == pytest.approx(one["cost"]["flops_counted"], rel=1e-6)
+    assert two["cost"]["flops_estimate"] == pytest.approx(one["cost"]["flops_estimate"], rel=1e-6)
+    assert [p["tokens"] for p in two["cost_curve"]] == [p["tokens"] for p in one["cost_curve"]]
+    assert [p["flops"] for p in two["cost_curve"]] == pytest.approx([p["flops"] for p in one["cost_curve"]])
+    assert two["gain"] == pytest.approx(one["gain"], rel=1e-3, abs=1e-4)

@@ -17,7 +17,7 @@ from .config import default
 from .dlr.distill import LockConfig
 from .errors import WeightlockError
 from .pmp.train import PMPConfig
-from .train.finetune import FinetuneConfig
+from .train.finetune import FinetuneConfig, is_main_process
 from .train.pretrain import PretrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -394,7 +394,8 @@ def attack(
     line = f"{name} on {task}: best gain {b['gain_mean']:.4f} ± {b['gain_std']:.4f} at {b['point'] or 'defaults'}"
     if reference is not None:
         line += f"; reference gain {s['best_reference']['reference_gain_mean']:.4f}; gain ratio {s['gain_ratio']}"
-    console.print(line + f"; results in {out}")
+    if is_main_process():
+        console.print(line + f"; results in {out}")
 
 
 @app.command()

@@ -15,7 +15,7 @@ from ..errors import WeightlockError
 from ..eval.cost import PeakMemory, analytic_train_flops
 from ..io import read_json, write_json
 from ..schema import ATTACK_RUN, SCHEMA_VERSION
-from ..train.finetune import finetune
+from ..train.finetune import finetune, is_main_process
 from .base import Attack
 from .registry import attack_options, make_attack
 
@@ -47,7 +47,7 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
             ref_name, **{k: v for k, v in options.items() if k in ref_options}), eval_data)
         ref_gain = result["reference_run"]["gain"]
         result["gain_ratio"] = result["locked"]["gain"] / ref_gain if abs(ref_gain) > 1e-12 else None
-    if out:
+    if out and is_main_process():  # a data-parallel run (torchrun): every process has the same result
         write_json(out / "config.json", config)
         write_json(out / "result.json", result)
     return result
@@ -98,7 +98,7 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
     cap_after = math.exp(evaluate_loss(model, cap_blocks))
     steps = history[1:] or history  # the first step pays one-off costs
     med = lambda k: statistics.median(h[k] for h in steps)  # noqa: E731
-    micro_batches = len(history) * tc.grad_accum
+    micro_batches = len(history) * tc.grad_accum * trainer.acc.num_processes  # every process's, data-parallel
     return {
         "model": str(model_dir), "before": before, "after": after, "gain": after["score"] - before["score"],
         "capability_ppl_before": cap_before, "capability_ppl_after": cap_after, "capability_data": cap_spec,

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import WeightlockError
 from ..io import write_json
 from ..schema import ATTACK_SUITE, SCHEMA_VERSION
+from ..train.finetune import is_main_process
 from .registry import make_attack
 from .run import run_attack
 
@@ -99,5 +100,6 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
         summary["best_reference"] = best_ref
         summary["gain_ratio"] = (best["gain_mean"] / best_ref["reference_gain_mean"]
                                  if abs(best_ref["reference_gain_mean"]) > 1e-12 else None)
-    write_json(out / "summary.json", summary)
+    if is_main_process():
+        write_json(out / "summary.json", summary)
     return summary

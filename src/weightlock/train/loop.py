@@ -143,7 +143,8 @@ class PatienceHook(Hook):
     def point(self, trainer, score: float) -> dict:
         """The cost point of ``trainer`` now, with ``score``."""
         per_micro = getattr(trainer, "flops_per_micro_batch", None)
-        micro = trainer.step * (trainer.cfg.grad_accum if hasattr(trainer, "cfg") else 1)
+        processes = getattr(getattr(trainer, "acc", None), "num_processes", 1)  # data-parallel: all processes
+        micro = trainer.step * (trainer.cfg.grad_accum if hasattr(trainer, "cfg") else 1) * processes
         flops = float(per_micro * micro) if per_micro is not None else (0.0 if micro == 0 else None)
         return {"step": trainer.step, "tokens": trainer.tokens_seen, "seconds": self._seconds, "flops": flops,
                 "score": float(score)}
