@@ -83,3 +83,38 @@ def test_patience_hook_stops_a_real_training_run():
                       progress=False)
     Trainer(model, blocks, cfg, hooks=[hook]).fit(resume=False)
     assert [p["step"] for p in hook.curve] == [0, 2, 4]
+
+
+def _pts(scores, dt=1.0, fl=10.0):
+    return [{"step": i, "tokens": 100 * i, "seconds": dt * i, "flops": fl * i, "score": s} for i, s in enumerate(scores)]
+
+
+def test_multiplier_note_states_time_flops_and_memory():
+    from weightlock.eval.cost_to_target import multiplier_note
+
+    orig = [AttackCurve("full", _pts([0, 0.5, 1.0]), peak_bytes=100)]
+    lock = [AttackCurve("full", _pts([0, 0.5, 1.0], dt=3.0, fl=20.0), peak_bytes=200),
+            AttackCurve("checkpointing", _pts([0, 0.5, 1.0], dt=4.0, fl=30.0), peak_bytes=90)]
+    note = multiplier_note(lock, orig, memory_budget=100)
+    # target 0.9 is reached at 1.8 steps: 1.8 s on the original, 5.4 s on the lock, 7.2 s within the budget
+    assert note == ("reaching 90% of the unlocked gain costs 3.00× the time (full), 2.00× the FLOPs, "
+                    "4.00× the time within the unlocked full fine-tune's memory")
+    held = multiplier_note([AttackCurve("full", _pts([0, 0.1, 0.2]))], orig)
+    assert "no attack on the lock reaches 90%" in held and "∞" in held
+    assert multiplier_note(lock, [AttackCurve("full", _pts([0, -0.1]))]).startswith("no cost multiplier")
+
+
+def test_demo_verdict_carries_the_cost_multiplier():
+    from weightlock.defenses import make_defense
+    from weightlock.demo import verdicts
+
+    def row(defense, attack, gain_ratio, curve, peak):
+        return {"defense": defense, "attack": attack, "task": "prose", "gain_ratio": gain_ratio,
+                "cost_curve": curve, "peak_delta_bytes": peak, "memory_ratio": None}
+
+    rows = [row("reference", "full", 1.0, _pts([0, 0.5, 1.0]), 100),
+            row("dlr", "full", 1.0, _pts([0, 0.5, 1.0], dt=2.0), 250),
+            row("dlr", "lora", 0.2, _pts([0, 0.1, 0.2]), 80)]
+    line = verdicts(rows, {}, [make_defense("dlr")])["DLR-Lock"]
+    assert "prose: best attack full gets 100% of the unlocked gain (reaching 90% of the unlocked gain costs " \
+           "2.00× the time (full), 1.00× the FLOPs, never within the unlocked full fine-tune's memory)" in line

@@ -97,3 +97,28 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
     return {"q": q, "cost": cost, "target_gain": target, "best_original_gain": best, "memory_budget": memory_budget,
             "locked": lk, "original": og, "locked_min": lk_min, "original_min": og_min, "multiplier": mult,
             "best_locked_gain": max((best_gain(a.curve) for a in locked), default=None)}
+
+
+def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurve], q: float = 0.9,
+                    memory_budget: int | None = None) -> str:
+    """One verdict clause: what reaching ``q`` of the unlocked attacker's best gain costs on the lock, as
+    multipliers of the original's cost in training seconds and FLOPs, plus the time multiplier when the
+    attacker may use no more memory than ``memory_budget``."""
+    try:
+        sec = lock_cost_multiplier(locked, original, q, "seconds")
+    except WeightlockError as e:
+        return f"no cost multiplier ({e})"
+    if math.isinf(sec["multiplier"]):
+        return f"no attack on the lock reaches {q:.0%} of the unlocked gain within its budget (cost multiplier ∞)"
+    best = min((k for k, v in sec["locked"].items() if isinstance(v, float)), key=lambda k: sec["locked"][k])
+    line = f"reaching {q:.0%} of the unlocked gain costs {sec['multiplier']:.2f}× the time ({best})"
+    if all(a.curve[-1].get("flops") is not None for a in (*locked, *original)):
+        line += f", {lock_cost_multiplier(locked, original, q, 'flops')['multiplier']:.2f}× the FLOPs"
+    if memory_budget is not None:
+        try:
+            m = lock_cost_multiplier(locked, original, q, "seconds", memory_budget)["multiplier"]
+            line += (f", {m:.2f}× the time within the unlocked full fine-tune's memory" if math.isfinite(m)
+                     else ", never within the unlocked full fine-tune's memory")
+        except WeightlockError:
+            pass
+    return line
