@@ -86,7 +86,8 @@ def test_patience_hook_stops_a_real_training_run():
 
 
 def _pts(scores, dt=1.0, fl=10.0):
-    return [{"step": i, "tokens": 100 * i, "seconds": dt * i, "flops": fl * i, "score": s} for i, s in enumerate(scores)]
+    return [{"step": i, "tokens": 100 * i, "seconds": dt * i, "flops": fl * i, "score": s}
+            for i, s in enumerate(scores)]
 
 
 def test_multiplier_note_states_time_flops_and_memory():
