@@ -1,0 +1,274 @@
+"""Benchmark (issue #15): the security verdict as a cost — what an attacker pays to reach the unlocked
+attacker's gain, on the `small` model, for DLR-Lock at two ranks and for PMP.
+
+    python bench/cost_to_target.py [--ranks 16 32] [--tasks prose recall] [--steps 200] [--workers 2]
+
+Models (built here when missing, kept under runs/bench): the dense base (bench/base_model.py), its
+DLR locks at each rank (default lock settings), and a PMP model pretrained with the same settings
+(hardened, ρ = 0.3). Every attack runs until its held-out task score stops improving (scored every 20
+steps, patience 3 scores) or the step budget, with batches of 8 × 128 tokens:
+
+* on the original: full fine-tuning and LoRA (r = 8, every linear map), each at 3 learning rates;
+* on each lock: full fine-tuning at 3 learning rates, LoRA on every linear map (the DLR factors
+  included), per-layer and per-DLR-Net gradient checkpointing and reverse distillation at the best
+  full-fine-tuning rate, and the MLPs (DLR-Nets) frozen;
+* on PMP: full fine-tuning at 3 learning rates and LoRA (the unauthorized attacker has no mask);
+* a second seed of each model's best full fine-tuning and (original) LoRA: the seed spread.
+
+Each run records its score against cumulative cost (steps, tokens, training seconds, FLOPs counted by
+torch; reverse distillation's own time and FLOPs included) and its own peak memory growth. The runs go
+two at a time beside other work, so their own clocks are not comparable: a final pass times every
+distinct (model, attack, options) alone, 10 steps, repeated 3 times in alternating order, and a run's
+``seconds`` are its quiet preparation time + steps × the quiet median step time (its own clock is kept as
+``seconds_in_run``). Run it on an otherwise idle machine for that pass. For each
+task and defense: target = 0.9 × the best gain of any attack on the original; cost to target per run
+(interpolated, or never); lock cost multiplier = cheapest run on the lock ÷ cheapest on the original,
+in seconds, FLOPs and tokens, without and with a memory budget (the unlocked full fine-tune's peak
+growth: runs above it do not count). Runs are kept under runs/bench/cost_to_target (re-running skips
+finished ones; delete a run's directory to redo it). Two workers, one thread each. Writes
+bench/results/cost_to_target.json and cost_to_target.png.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, save  # noqa: E402
+from weightlock.io import set_threads_per_process  # noqa: E402
+
+BASE = Path("runs/bench/base-small")
+RUNS = Path("runs/bench/cost_to_target")
+LRS = {"full": [1e-3, 3e-3, 1e-2], "lora": [3e-3, 1e-2, 3e-2]}
+BUDGET = dict(batch_size=8, block_size=128, train_tokens=200_000, score_every=20, patience=3, progress=False)
+COSTS = ("seconds", "flops", "tokens")
+Q = 0.9
+
+
+def lock_dir(rank: int) -> Path:
+    return Path(f"runs/bench/locked-r{rank}")
+
+
+def pmp_dir() -> Path:
+    return Path("runs/bench/pmp-small")
+
+
+def build_model(what: str) -> str:
+    """Build one missing model (a lock at rank R: ``dlr-R``; ``pmp``); returns its release directory."""
+    if what == "pmp":
+        from weightlock.defenses import make_defense
+        from weightlock.train.pretrain import default_config
+
+        d = make_defense("pmp", mask_ratio=0.3, discovery_max_steps=100)
+        release = d.release(pmp_dir()) or d.build(default_config("small"), pmp_dir())
+        return str(release)
+    from weightlock.dlr import LockConfig, lock
+
+    rank = int(what.split("-")[1])
+    out = lock_dir(rank)
+    if not (out / "manifest.json").exists():
+        lock(BASE, out, LockConfig(rank=rank, progress=False), overwrite=True)
+    return str(out)
+
+
+def run(job: tuple) -> dict:
+    """One attack run (skipped when finished): (model key, model dir, task, label, attack, options)."""
+    from weightlock.attacks import run_attack
+
+    key, model, task, label, attack, options = job
+    out = RUNS / task / key / label
+    r = run_attack(model, task, attack, out, **BUDGET, **options)["locked"]
+    print(f"{task:7s} {key:8s} {label:28s} gain {r['gain']:+.4f} steps {r['cost_curve'][-1]['step']:3d} "
+          f"{r['cost_curve'][-1]['seconds']:6.0f} s", flush=True)
+    return {"model": key, "task": task, "label": label, "attack": attack, "options": options, "dir": str(out),
+            **{k: r[k] for k in ("gain", "before", "after", "cost_curve", "stopped_early", "capability_ppl_after")},
+            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
+            "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
+            "step_time_s": r["cost"]["step_time_s"], "prepare_seconds": r["cost"]["prepare_seconds"]}
+
+
+def first_jobs(models: dict, tasks) -> list[tuple]:
+    """The learning-rate searches and the runs that need no earlier result."""
+    jobs = []
+    for task in tasks:
+        for key, model in models.items():
+            for lr in LRS["full"]:
+                jobs.append((key, model, task, f"full-lr{lr:g}", "full", {"lr": lr}))
+            for lr in (LRS["lora"] if key == "original" else [1e-2]):
+                jobs.append((key, model, task, f"lora-all-lr{lr:g}", "lora", {"lr": lr, "targets": "all-linear"}))
+            if key.startswith("dlr"):
+                jobs.append((key, model, task, "freeze-dlr-lr0.003", "freeze", {"lr": 3e-3, "train": "non-mlp"}))
+    return jobs
+
+
+def second_jobs(models: dict, tasks, done: list[dict]) -> list[tuple]:
+    """Checkpointing and reverse distillation at the best full-fine-tuning rate; a second seed of the best
+    full fine-tuning (and the original's best LoRA)."""
+    jobs = []
+    for task in tasks:
+        for key, model in models.items():
+            mine = [r for r in done if r["task"] == task and r["model"] == key and r["options"].get("seed", 0) == 0]
+            for attack in ("full", "lora") if key == "original" else ("full",):
+                best = max((r for r in mine if r["attack"] == attack), key=lambda r: max_gain(r))
+                jobs.append((key, model, task, best["label"] + "-seed1", attack, {**best["options"], "seed": 1}))
+                if attack == "full" and key.startswith("dlr"):
+                    lr = best["options"]["lr"]
+                    for ck in ("layer", "dlr"):
+                        jobs.append((key, model, task, f"ckpt-{ck}-lr{lr:g}", "full", {"lr": lr, "checkpointing": ck}))
+                    jobs.append((key, model, task, f"reverse-distill-lr{lr:g}", "reverse-distill",
+                                 {"lr": lr, "distill_steps": 300}))
+    return jobs
+
+
+def timing_key(r: dict) -> tuple:
+    """What a run's step time depends on: the model, the attack and its options except rate and seed."""
+    opts = {k: v for k, v in r["options"].items() if k not in ("lr", "seed")}
+    return (r["model"], r["attack"], tuple(sorted(opts.items())))
+
+
+def quiet_timings(models: dict, rows: list[dict], repeats: int, steps: int = 10) -> dict:
+    """Median training-step time (and preparation time) of every distinct (model, attack, options), measured
+    in this process alone, one configuration after another, the whole pass repeated ``repeats`` times
+    (the runs themselves ran two at a time beside other work, so their own clocks are not comparable)."""
+    from weightlock.attacks import run_attack
+
+    keys = list(dict.fromkeys(timing_key(r) for r in rows))
+    seen: dict[tuple, list] = {k: [] for k in keys}
+    for rep in range(repeats):
+        for key in keys if rep % 2 == 0 else keys[::-1]:
+            model, attack, opts = key
+            o = dict(opts)
+            if attack == "reverse-distill":
+                o["distill_steps"] = o.get("distill_steps", 300)
+            r = run_attack(models[model], "prose", attack, None, **{**BUDGET, "steps": steps, "score_every": 0,
+                                                                    "patience": 0}, **o)["locked"]
+            seen[key].append((r["cost"]["step_time_s"], r["cost"]["prepare_seconds"],
+                              r["cost"]["saved_activation_bytes_per_step"]))
+            print(f"timing {model:8s} {attack:16s} {o} step {seen[key][-1][0]:.3f} s", flush=True)
+    return {k: {"step_time_s": statistics.median(x[0] for x in v),
+                "prepare_seconds": statistics.median(x[1] for x in v), "step_times": [x[0] for x in v], "saved_activation_bytes": v[0][2]} for k, v in seen.items()}
+
+
+def with_quiet_seconds(rows: list[dict], timings: dict) -> list[dict]:
+    """Each run's curve with ``seconds`` = quiet preparation time + steps × quiet median step time (the run's
+    own clock kept as ``seconds_in_run``)."""
+    out = []
+    for r in rows:
+        t = timings[timing_key(r)]
+        prep = t["prepare_seconds"] if r["attack"] == "reverse-distill" else 0.0
+        curve = [{**p, "seconds_in_run": p.get("seconds_in_run", p["seconds"]),
+                  "seconds": 0.0 if i == 0 else prep + p["step"] * t["step_time_s"]}
+                 for i, p in enumerate(r["cost_curve"])]
+        out.append({**r, "cost_curve": curve, "quiet_step_time_s": t["step_time_s"]})
+    return out
+
+
+def max_gain(r: dict) -> float:
+    c = r["cost_curve"]
+    return max(p["score"] for p in c) - c[0]["score"]
+
+
+def analyse(rows: list[dict], defenses: list[str], tasks) -> list[dict]:
+    from weightlock.eval.cost_to_target import AttackCurve, cost_to_target, lock_cost_multiplier
+
+    out = []
+    for task in tasks:
+        orig = [r for r in rows if r["task"] == task and r["model"] == "original"]
+        budget = max(r["peak_delta_bytes"] for r in orig if r["attack"] == "full" and "ckpt" not in r["label"])
+        target = Q * max(max_gain(r) for r in orig)
+        seeds = {}
+        for key in ["original", *defenses]:
+            mine = [r for r in rows if r["task"] == task and r["model"] == key]
+            pairs = [(r, next((s for s in mine if s["label"] == r["label"] + "-seed1"), None)) for r in mine]
+            seeds[key] = [{"label": r["label"], "best_gain": [max_gain(r), max_gain(s)],
+                           "seconds_to_target": [cost_to_target(r["cost_curve"], target, "seconds"),
+                                                 cost_to_target(s["cost_curve"], target, "seconds")]}
+                          for r, s in pairs if s is not None]
+        curves = {key: [AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"])
+                        for r in rows if r["task"] == task and r["model"] == key]
+                  for key in ["original", *defenses]}
+        for key in defenses:
+            entry = {"task": task, "defense": key, "q": Q, "target_gain": target, "memory_budget_bytes": budget,
+                     "best_original_gain": target / Q,
+                     "best_gain": max(max_gain(r) for r in rows if r["task"] == task and r["model"] == key),
+                     "seed_spread": {"original": seeds["original"], key: seeds[key]}}
+            entry["gain_ratio_at_convergence"] = entry["best_gain"] / entry["best_original_gain"]
+            for cost in COSTS:
+                for name, mb in (("any_memory", None), ("memory_budget", budget)):
+                    m = lock_cost_multiplier(curves[key], curves["original"], Q, cost, mb)
+                    entry[f"{cost}_{name}"] = {k: m[k] for k in ("multiplier", "locked_min", "original_min",
+                                                                 "locked", "original")}
+            out.append(entry)
+    return out
+
+
+def plot(rows: list[dict], analysis: list[dict], defenses: list[str], tasks, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(tasks), len(defenses), figsize=(5.5 * len(defenses), 4 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, key in enumerate(defenses):
+            ax = axes[i][j]
+            a = next(e for e in analysis if e["task"] == task and e["defense"] == key)
+            for model, style in (("original", "--"), (key, "-")):
+                for r in rows:
+                    if r["task"] != task or r["model"] != model or r["label"].endswith("seed1"):
+                        continue
+                    c = r["cost_curve"]
+                    ax.plot([p["seconds"] for p in c], [p["score"] - c[0]["score"] for p in c], style,
+                            label=f"{'original' if model == 'original' else 'lock'}: {r['label']}", lw=1.2)
+            ax.axhline(a["target_gain"], color="k", lw=0.8, ls=":")
+            m = a["seconds_any_memory"]["multiplier"]
+            ax.set_title(f"{task} · {key}: cost multiplier {m:.2f}× (seconds)", fontsize=9)
+            ax.set_xlabel("attacker's cumulative training seconds")
+            ax.set_ylabel("gain over the release")
+            ax.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--tasks", nargs="+", default=["prose", "recall"])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-pmp", action="store_true")
+    ap.add_argument("--timing-repeats", type=int, default=3, help="quiet timing passes (run on an idle machine)")
+    args = ap.parse_args()
+    if not (BASE / "model.safetensors").exists():
+        sys.exit(f"{BASE} not found: run bench/base_model.py first")
+    BUDGET["steps"] = args.steps
+    wanted = [f"dlr-{r}" for r in args.ranks] + ([] if args.no_pmp else ["pmp"])
+    with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process, initargs=(args.workers,)) as pool:
+        built = list(pool.map(build_model, wanted))
+        models = {"original": str(BASE), **dict(zip(wanted, built))}
+        rows = list(pool.map(run, first_jobs(models, args.tasks)))
+        rows += list(pool.map(run, second_jobs(models, args.tasks, rows)))
+    set_threads_per_process(1)
+    timings = quiet_timings(models, rows, args.timing_repeats)
+    rows = with_quiet_seconds(rows, timings)
+    analysis = analyse(rows, wanted, args.tasks)
+    for a in analysis:
+        print(f"{a['task']:7s} {a['defense']:7s} gain ratio {a['gain_ratio_at_convergence']:.2f}  multiplier "
+              + "  ".join(f"{c} {a[f'{c}_any_memory']['multiplier']:.2f}× "
+                          f"(budget {a[f'{c}_memory_budget']['multiplier']:.2f}×)" for c in COSTS))
+    plot(rows, analysis, wanted, args.tasks, RESULTS / "cost_to_target.png")
+    save("cost_to_target", {"command": "python bench/cost_to_target.py " + " ".join(sys.argv[1:]),
+                            "budget": BUDGET, "learning_rates": LRS, "q": Q, "models": models,
+                            "analysis": analysis, "runs": rows, "timing_repeats": args.timing_repeats,
+                            "quiet_timings": [{"model": k[0], "attack": k[1], "options": dict(k[2]), **v}
+                                              for k, v in timings.items()],
+                            "step_time_median_s": {
+                                k: statistics.median(r["step_time_s"] for r in rows if r["model"] == k)
+                                for k in models}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Benchmark (issue #15): the lock's regime — rank sweep of DLR-Lock on the `small` model.
+
+    python bench/dlr_regime.py [--ranks 8 16 32 64] [--timing-repeats 3]
+
+For rank ∈ {8, 16, 32, 64} (depth matched to the MLP's parameter count) and rank 32 with per-block
+RMSNorm (``--norm``: even frozen-DLR backprop must then store d per block), each locked with the
+default settings (runs/bench/locked-r{R}[-norm], built when missing):
+
+* fidelity and lock time: the lock's own report (held-out perplexity ratio, per-layer error, seconds);
+* the paper's regime: the per-MLP memory multiplier (saved bytes of one DLR-Net over one MLP in full
+  fine-tuning, `weightlock plan`'s measured memory model) and the whole model's;
+* the attacker's memory and time per step: saved activation bytes and quiet median step time of full
+  fine-tuning and of the frozen-DLR attack, ratios to the original's, timed alone (10 steps, repeated,
+  alternating order);
+* the attack to convergence: full fine-tuning at the original's best rate and the frozen-DLR attack on
+  the prose task (the runs of bench/cost_to_target.py, same budget and directories, reused where they
+  exist), gain ratio at convergence and the lock cost multiplier in quiet seconds and FLOPs against every
+  attack on the original in bench/cost_to_target.py's runs (run that first).
+
+Writes bench/results/dlr_regime.json and dlr_regime.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cost_to_target as ctt  # noqa: E402
+from common import RESULTS, save  # noqa: E402
+from weightlock.io import read_json, set_threads_per_process  # noqa: E402
+
+TASK = "prose"
+
+
+def variant_dir(v: str) -> Path:
+    return Path(f"runs/bench/locked-{v}")
+
+
+def build(v: str) -> str:
+    from weightlock.dlr import LockConfig, lock
+
+    out = variant_dir(v)
+    if not (out / "manifest.json").exists():
+        rank = int(v.split("-")[0][1:])
+        lock(ctt.BASE, out, LockConfig(rank=rank, norm=v.endswith("-norm"), progress=False), overwrite=True)
+    return str(out)
+
+
+def original_rows() -> list[dict]:
+    """The original's prose runs of bench/cost_to_target.py (every attack, learning rate and seed)."""
+    d = read_json(RESULTS / "cost_to_target.json")
+    return [r for r in d["runs"] if r["model"] == "original" and r["task"] == TASK], d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--norm-rank", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--timing-repeats", type=int, default=3)
+    args = ap.parse_args()
+    if not (RESULTS / "cost_to_target.json").exists():
+        sys.exit("bench/results/cost_to_target.json not found: run bench/cost_to_target.py first")
+    orig, recorded = original_rows()
+    ctt.BUDGET.update(recorded["budget"])
+    best_full = max((r for r in orig if r["attack"] == "full" and "seed" not in r["options"]
+                     and "checkpointing" not in r["options"]), key=ctt.max_gain)
+    lr = best_full["options"]["lr"]
+    variants = [f"r{r}" for r in args.ranks] + [f"r{args.norm_rank}-norm"]
+    with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process, initargs=(args.workers,)) as pool:
+        dirs = dict(zip(variants, pool.map(build, variants)))
+        jobs = []
+        for v in variants:
+            key = f"dlr-{v[1:]}"  # the model key bench/cost_to_target.py uses: its run directories are reused
+            jobs.append((key, dirs[v], TASK, f"full-lr{lr:g}", "full", {"lr": lr}))
+            jobs.append((key, dirs[v], TASK, "freeze-dlr-lr0.003", "freeze", {"lr": 3e-3, "train": "non-mlp"}))
+        rows = list(pool.map(ctt.run, jobs))
+    set_threads_per_process(1)
+    models = {"original": str(ctt.BASE), **{f"dlr-{v[1:]}": dirs[v] for v in variants}}
+    # every configuration timed in this one pass, the original's included (its runs' seconds are redone)
+    probe = rows + orig + [{"model": "original", "attack": "freeze", "options": {"train": "non-mlp"}}]
+    timings = ctt.quiet_timings(models, probe, args.timing_repeats)
+    rows = ctt.with_quiet_seconds(rows, timings)
+    orig_timed = ctt.with_quiet_seconds(orig, timings)
+    results = [summarize(v, dirs[v], rows, orig_timed, timings) for v in variants]
+    for r in results:
+        print(f"{r['variant']:9s} depth {r['depth']:3d} ppl×{r['ppl_ratio']:.4f} lock {r['lock_seconds']:5.0f} s "
+              f"MLP mem×{r['mlp_memory_multiplier'] or float('nan'):.1f} act×{r['full']['activation_ratio']:.2f} "
+              f"step×{r['full']['step_time_ratio']:.2f} gain ratio {r['full']['gain_ratio']:.2f} "
+              f"cost× {r['full']['multiplier_seconds']:.2f} (FLOPs {r['full']['multiplier_flops']:.2f})", flush=True)
+    plot(results, RESULTS / "dlr_regime.png")
+    save("dlr_regime", {"command": "python bench/dlr_regime.py " + " ".join(sys.argv[1:]), "task": TASK,
+                        "learning_rate_full": lr, "budget": ctt.BUDGET, "q": ctt.Q,
+                        "timing_repeats": args.timing_repeats,
+                        "results": results, "runs": rows})
+
+
+def summarize(v: str, model_dir: str, rows: list[dict], orig: list[dict], timings: dict) -> dict:
+    from weightlock.eval.cost_to_target import AttackCurve, lock_cost_multiplier
+    from weightlock.eval.plan import plan
+
+    rep = read_json(Path(model_dir) / "lock_report.json")
+    lc = rep["lock_config"]
+    key = f"dlr-{v[1:]}"
+    analytic = None if lc["norm"] else plan(model_dir, rank=lc["rank"], tokens_per_step=8 * 128, seq_len=128,
+                                            dtype="float32", with_time=False, scenarios=["full"])
+    curves_orig = [AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"]) for r in orig]
+    best_orig = max(ctt.max_gain(r) for r in orig)
+    out = {"variant": v, "rank": lc["rank"], "norm": lc["norm"], "model": model_dir,
+           "depth": read_json(Path(model_dir) / "config.json")["weightlock_dlr"]["layers"][0]["depth"],
+           "ppl_ratio": rep["ppl_ratio"], "layer_rel_error": [l["rel_error"] for l in rep["layers"]],
+           "lock_seconds": rep["seconds"],
+           "mlp_memory_multiplier": analytic["mlp_memory_multiplier"] if analytic else None,
+           "model_activation_multiplier_predicted": analytic["rows"][1]["activation_vs_original"] if analytic else None}
+    for label, attack in (("full", "full"), ("freeze", "freeze")):
+        r = next(x for x in rows if x["model"] == key and x["attack"] == attack)
+        o_key = ("original", attack, tuple(sorted({k: v for k, v in r["options"].items()
+                                                   if k not in ("lr", "seed")}.items())))
+        mine, theirs = timings[ctt.timing_key(r)], timings[o_key]
+        entry = {"gain": ctt.max_gain(r), "gain_ratio": ctt.max_gain(r) / best_orig,
+                 "saved_activation_bytes": mine["saved_activation_bytes"],
+                 "activation_ratio": mine["saved_activation_bytes"] / theirs["saved_activation_bytes"],
+                 "step_time_s": mine["step_time_s"], "step_time_ratio": mine["step_time_s"] / theirs["step_time_s"],
+                 "peak_delta_bytes": r["peak_delta_bytes"], "stopped_early": r["stopped_early"],
+                 "steps": r["cost_curve"][-1]["step"]}
+        for cost in ("seconds", "flops"):
+            m = lock_cost_multiplier([AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"])], curves_orig,
+                                     ctt.Q, cost)
+            entry[f"multiplier_{cost}"] = m["multiplier"]
+        out[label] = entry
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain = [r for r in results if not r["norm"]]
+    ranks = [r["rank"] for r in plain]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    ax = axes[0]
+    ax.plot(ranks, [r["ppl_ratio"] for r in plain], "o-", label="perplexity ratio")
+    ax.set_ylabel("locked / original perplexity")
+    ax2 = ax.twinx()
+    ax2.plot(ranks, [r["lock_seconds"] for r in plain], "s--", color="C1", label="lock time (s)")
+    ax2.set_ylabel("lock seconds")
+    ax.set_title("fidelity and lock time")
+    ax = axes[1]
+    ax.plot(ranks, [r["mlp_memory_multiplier"] for r in plain], "o-", label="per-MLP (plan model)")
+    ax.plot(ranks, [r["full"]["activation_ratio"] for r in plain], "s-", label="whole model, full FT (measured)")
+    ax.plot(ranks, [r["freeze"]["activation_ratio"] for r in plain], "^-", label="whole model, frozen DLR")
+    ax.axhline(10, color="k", ls=":", lw=0.8)
+    ax.set_title("attacker activation memory ÷ original")
+    ax = axes[2]
+    ax.plot(ranks, [r["full"]["step_time_ratio"] for r in plain], "o-", label="full FT")
+    ax.plot(ranks, [r["freeze"]["step_time_ratio"] for r in plain], "^-", label="frozen DLR")
+    ax.set_title("attacker time per step ÷ original (quiet)")
+    ax = axes[3]
+    for k, style in (("multiplier_seconds", "o-"), ("multiplier_flops", "s-")):
+        ax.plot(ranks, [r["full"][k] if math.isfinite(r["full"][k]) else float("nan") for r in plain], style,
+                label=f"full FT cost multiplier ({k.split('_')[1]})")
+    ax.plot(ranks, [r["full"]["gain_ratio"] for r in plain], "^--", label="gain ratio at convergence")
+    ax.axhline(1, color="k", ls=":", lw=0.8)
+    ax.set_title(f"attack to convergence ({TASK})")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("DLR rank r (depth matched)")
+        ax.legend(fontsize=7)
+    norm = [r for r in results if r["norm"]]
+    if norm:
+        n = norm[0]
+        fig.suptitle(f"rank {n['rank']} + per-block norm: ppl×{n['ppl_ratio']:.4f}, activation "
+                     f"×{n['full']['activation_ratio']:.2f} (frozen ×{n['freeze']['activation_ratio']:.2f}), "
+                     f"step ×{n['full']['step_time_ratio']:.2f}, "
+                     f"cost multiplier ×{n['full']['multiplier_seconds']:.2f}",
+                     fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
