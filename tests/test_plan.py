@@ -86,8 +86,7 @@ def test_cli_plan_on_config_json(tmp_path, monkeypatch):
     cfg = LlamaConfig(**SHAPES[0][0]).to_dict()
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    monkeypatch.setattr(P, "NARROW", (8, 64))  # a quick calibration
-    monkeypatch.setattr(P, "ELEM_SIZES", (2 ** 12, 2 ** 16))
+    monkeypatch.setattr(P, "ELEM_SIZES", (2 ** 12, 2 ** 16))  # a quick calibration
     res = CliRunner().invoke(app, ["plan", "--model", str(path), "--rank", "8", "--tokens-per-step", "64",
                                    "--seq-len", "32", "--dtype", "float32", "--json"])
     assert res.exit_code == 0, res.output
@@ -103,6 +102,34 @@ def test_cli_plan_on_config_json(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["plan", "--model", str(path), "--rank", "8", "--tokens-per-step", "64",
                                    "--seq-len", "32", "--dtype", "float32"])
     assert res.exit_code == 0 and "locked" in res.output and "checkpointing per DLR-Net" in res.output
+
+
+def test_replay_signatures_keep_layout_and_shrink_consistently():
+    """The op pricer replays each traced op on real operands laid out like the traced ones (transposed and
+    expanded operands included) and shrinks ops too large to replay along dimensions their time scales with."""
+    a = torch.empty(64, 32, device="meta")
+    w = torch.empty(48, 32, device="meta").t()  # a transposed weight, as nn.Linear's forward passes it
+    mm = torch.ops.aten.mm.default
+    assert P._sig_key((mm, (a, w), {})) != P._sig_key((mm, (a, w.contiguous()), {}))
+    real = P._materialize(w, torch.device("cpu"))
+    assert real.shape == w.shape and real.stride() == w.stride()
+    big = P._materialize(w, torch.device("cpu"), (32, 24))
+    assert big.shape == (32, 24) and big.stride() == (1, 32)  # still column-major
+    ex = P._materialize(torch.empty(8, device="meta").expand(4, 8), torch.device("cpu"))
+    assert ex.stride() == (0, 1)
+    args, _, scale = P._shrunk((mm, (a, w), {}), 2 * 64 * 32 * 48 / 4, "mm")
+    shapes = [x.shape for x in args]
+    assert shapes[0][1] == shapes[1][0] and scale == pytest.approx(2 * 64 * 32 * 48 / (
+        2 * shapes[0][0] * shapes[0][1] * shapes[1][1]))
+    x = torch.empty(8, 16, 32, device="meta")
+    args, _, scale = P._shrunk((torch.ops.aten.add.Tensor, (x, x), {}), 2 * x.numel() * 4 / 4, "elementwise")
+    assert args[0].shape == args[1].shape == (2, 16, 32) and scale == 4
+    # the trace keeps views (a call's cost, no kernel) apart from computing ops
+    ops = P._probe_trace(P._probe_model(width=8, depth=2).to("meta"),
+                         torch.empty(2, 8, device="meta", requires_grad=True))
+    kinds = {o[0] for o in ops}
+    assert {"mm", "elementwise", "view"} <= kinds
+    assert all(o[4] is not None for o in ops if o[0] != "view")
 
 
 def test_shipped_configs_load():

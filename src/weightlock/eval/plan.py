@@ -450,7 +450,10 @@ _MM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 
 
 def _op_trace():
-    """A dispatch mode that records (kind, cost quantity, narrow dim / bytes) per aten op."""
+    """A dispatch mode that records every aten op: (kind, cost quantity, dims, dtype, signature). Kinds:
+    ``mm`` (FLOPs, (m, k, n)), ``sdpa`` / ``sdpa_bwd`` (b·h·Tq·Tk·head_dim), ``elementwise`` (everything
+    else that computes: bytes read and written), ``view`` (aliases: no kernel, only the call). The
+    signature (the op and its arguments, tensors as meta tensors) is what :class:`Pricer` replays."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Trace(TorchDispatchMode):
@@ -459,25 +462,28 @@ def _op_trace():
             self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
             name = func._schema.name.split("::")[-1]
+            sig = (func, args, kwargs)
             if name in _MM_OPS:
                 a, bm = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
                 batch = a.shape[0] if a.dim() == 3 else 1
                 m, k, n = a.shape[-2], a.shape[-1], bm.shape[-1]
-                self.ops.append(("mm", 2 * batch * m * k * n, (m, k, n), a.dtype))
+                self.ops.append(("mm", 2 * batch * m * k * n, (m, k, n), a.dtype, sig))
             elif "scaled_dot_product" in name:
                 q = args[1] if name.endswith("backward") else args[0]
                 bq, hq, tq, dq = q.shape
                 tk = args[2].shape[2] if name.endswith("backward") else args[1].shape[2]
                 self.ops.append(("sdpa_bwd" if name.endswith("backward") else "sdpa", bq * hq * tq * tk * dq,
-                                 None, q.dtype))
-            elif name not in _VIEW_OPS:
+                                 None, q.dtype, sig))
+            else:
                 rets = func._schema.returns
-                if rets and rets[0].alias_info is not None and not rets[0].alias_info.is_write:
-                    return out  # a view
+                if name in _VIEW_OPS or (rets and rets[0].alias_info is not None and not rets[0].alias_info.is_write):
+                    self.ops.append(("view", 0, None, None, None))
+                    return out
                 nbytes = sum(x.numel() * x.element_size() for x in _flat([args, out]) if isinstance(x, torch.Tensor))
-                self.ops.append(("elementwise", nbytes, None, None))
+                self.ops.append(("elementwise", nbytes, None, None, sig))
             return out
 
     return Trace()
@@ -486,6 +492,9 @@ def _op_trace():
 def _flat(x):
     if isinstance(x, (list, tuple)):
         for y in x:
+            yield from _flat(y)
+    elif isinstance(x, dict):
+        for y in x.values():
             yield from _flat(y)
     else:
         yield x
@@ -519,11 +528,12 @@ def trace_step(model: nn.Module, b: int, T: int) -> list:
     return tr.ops
 
 
-# ---- throughput calibration ----------------------------------------------------------------------
+# ---- pricing: every op replayed on this machine ---------------------------------------------------
 
-NARROW = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-WIDE = 1024
 ELEM_SIZES = (2 ** 14, 2 ** 17, 2 ** 20, 2 ** 23)
+REPLAY_BYTES = 256 * 2 ** 20  # larger ops are replayed shrunk (along their leading dims) and scaled up
+REPLAY_FLOPS = 4e8  # larger matmuls are replayed with their widest dimension shrunk and scaled up
+COLD_BYTES = 64 * 2 ** 20  # operands rotated over copies of at least this many bytes in all (at most 8)
 
 
 def _fingerprint(device: str, dtype: torch.dtype) -> str:
@@ -535,114 +545,402 @@ def _fingerprint(device: str, dtype: torch.dtype) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
+def keep_freed_memory() -> bool:
+    """Make this process's allocator (glibc malloc, Linux) keep the memory it frees instead of returning it
+    to the system (no mmap'd chunks, no trimming): a training step then reuses its previous step's pages,
+    as under PyTorch's caching allocator on GPU, instead of faulting them in anew (the kernel zeroes every
+    page: ~0.3 ns per byte here, paid on whatever glibc's heuristics gave back). The plan prices steps in
+    that steady state; its replays and ``bench/plan_validation.py`` run under it. Returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(-4, 0)  # M_MMAP_MAX: never mmap
+        return bool(ok and libc.mallopt(-1, 2 ** 31 - 1))  # M_TRIM_THRESHOLD: never trim
+    except (OSError, AttributeError):
+        return False
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time(fn, repeats: int, device: str) -> float:
     """Median seconds of ``fn()`` (the median, not the minimum: a training step's ops do not all run at
     the best case, and this machine may be shared)."""
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
     fn()
-    sync()
+    _sync(device)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        sync()
+        _sync(device)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
 
+def _tensor_bytes(x) -> int:
+    return sum(t.numel() * t.element_size() for t in _flat(x) if isinstance(t, torch.Tensor))
+
+
+def _sig_key(sig) -> str:
+    """A replay signature's identity: the op, every tensor's shape, strides and dtype, the other arguments."""
+    func, args, kwargs = sig
+
+    def show(x):
+        if isinstance(x, torch.Tensor):
+            return f"T{tuple(x.shape)}{tuple(x.stride())}{x.storage_offset()}{str(x.dtype)[6:]}"
+        if isinstance(x, (list, tuple)):
+            return "[" + ",".join(show(y) for y in x) + "]"
+        if isinstance(x, dict):
+            return "{" + ",".join(f"{k}={show(v)}" for k, v in sorted(x.items())) + "}"
+        if isinstance(x, torch.device):
+            return "dev"
+        return repr(x)
+
+    return f"{func._schema.name}({show(args)};{show(kwargs)})"
+
+
+def _materialize(x, dev: torch.device, shape=None):
+    """A real tensor laid out like the meta tensor ``x`` (same strides, expanded and transposed operands
+    included; ``shape`` overrides the sizes, strides then follow ``x``'s dimension order): random normal
+    values for floating point, zeros (valid indices, no ignored labels) otherwise. Other arguments pass
+    through, devices become ``dev``."""
+    if isinstance(x, torch.device):
+        return dev
+    if isinstance(x, (list, tuple)):
+        return type(x)(_materialize(y, dev) for y in x)
+    if isinstance(x, dict):
+        return {k: _materialize(v, dev) for k, v in x.items()}
+    if not isinstance(x, torch.Tensor):
+        return x
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    stride = list(x.stride())
+    if shape != tuple(x.shape):  # recompute strides in x's dimension order (stride 0 stays 0: expanded)
+        order = sorted(range(x.dim()), key=lambda i: (x.stride(i), x.shape[i]))
+        acc = 1
+        for i in order:
+            if x.stride(i) != 0:
+                stride[i] = acc
+                acc *= shape[i]
+            else:
+                stride[i] = 0
+    n = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
+    buf = torch.empty(max(n, 1), dtype=x.dtype, device=dev)
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        buf.normal_()
+    else:
+        buf.zero_()
+    return buf.as_strided(shape, stride)
+
+
+def _shrunk(sig, budget: float, kind: str):
+    """``sig`` made small enough to replay (total tensor bytes ≤ ``budget``, or FLOPs for matmuls), and
+    the factor its time scales by: a matmul loses from its widest dimension, any other op from its
+    leading dimensions (b, then h or T: attention, rows of elementwise ops), every tensor that has that
+    size there alike. Returns (args, kwargs, scale) of meta templates, or None when the op does not shrink
+    that way."""
+    func, args, kwargs = sig
+    tensors = [t for t in _flat([args, kwargs]) if isinstance(t, torch.Tensor)]
+    if kind == "mm" and func._schema.name.split("::")[-1] in ("mm", "addmm"):
+        a, bm = (args[1], args[2]) if len(args) > 2 else (args[0], args[1])
+        m, k, n = a.shape[0], a.shape[1], bm.shape[1]
+        flops = 2 * m * k * n
+        new = {"m": m, "k": k, "n": n}
+        while 2 * new["m"] * new["k"] * new["n"] > budget:
+            widest = max(new, key=new.get)
+            if new[widest] <= 64:
+                break
+            new[widest] = max(64, int(new[widest] * budget / (2 * new["m"] * new["k"] * new["n"])))
+        shapes = {id(a): (new["m"], new["k"]), id(bm): (new["k"], new["n"])}
+        if len(args) > 2:  # addmm's bias: [n] or [m, n]
+            bias = args[0]
+            shapes[id(bias)] = (new["n"],) if bias.dim() == 1 else (new["m"], new["n"])
+        new_args = tuple(_Resized(t, shapes[id(t)]) if isinstance(t, torch.Tensor) and id(t) in shapes else t
+                         for t in args)
+        return new_args, kwargs, flops / (2 * new["m"] * new["k"] * new["n"])
+    total = _tensor_bytes(tensors)
+    scale, sizes = 1.0, {id(t): list(t.shape) for t in tensors}
+    for dim in (0, 1):
+        if total / scale <= budget:
+            break
+        D = max((t.shape[dim] for t in tensors if t.dim() > dim), default=1)
+        if D <= 1:
+            continue
+        D2 = max(1, int(D * budget * scale / total))
+        if D2 >= D:
+            continue
+        for t in tensors:
+            if t.dim() > dim and t.shape[dim] == D:
+                sizes[id(t)][dim] = D2
+        scale *= D / D2
+    if scale == 1.0:
+        return None
+
+    def sub(x):
+        if isinstance(x, torch.Tensor):
+            return _Resized(x, sizes[id(x)])
+        if isinstance(x, (list, tuple)):
+            return type(x)(sub(y) for y in x)
+        if isinstance(x, dict):
+            return {k: sub(v) for k, v in x.items()}
+        return x
+
+    return sub(args), sub(kwargs), scale
+
+
+class _Resized:
+    """A meta tensor to materialize with other sizes (see :func:`_materialize`)."""
+
+    def __init__(self, t: torch.Tensor, shape):
+        self.t, self.shape = t, tuple(shape)
+
+
+def _build(x, dev):
+    if isinstance(x, _Resized):
+        return _materialize(x.t, dev, x.shape)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_build(y, dev) for y in x)
+    if isinstance(x, dict):
+        return {k: _build(v, dev) for k, v in x.items()}
+    return _materialize(x, dev)
+
+
+def replay_seconds(func, args, kwargs, device: str = "cpu", target_s: float = 0.02) -> float:
+    """Median seconds of one call of ``func`` on fresh real operands laid out like the meta templates
+    ``args`` / ``kwargs``. The operands rotate over copies (``COLD_BYTES`` in all, at most 8) so that, as
+    in a training step where an op reads what another op wrote long before, they do not stay in cache."""
+    dev = torch.device(device)
+    nbytes = max(1, sum(_materialize_bytes(x) for x in _flat([args, kwargs])))
+    copies = max(1, min(8, COLD_BYTES // nbytes))
+    sets = [(_build(args, dev), _build(kwargs, dev)) for _ in range(copies)]
+    t0 = time.perf_counter()
+    func(*sets[0][0], **sets[0][1])
+    _sync(device)
+    first = time.perf_counter() - t0
+    reps = max(5, min(40, int(target_s / max(first, 1e-7))))
+    ts = []
+    for i in range(reps):
+        a, k = sets[(i + 1) % copies]
+        t0 = time.perf_counter()
+        func(*a, **k)
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _materialize_bytes(x) -> int:
+    if isinstance(x, _Resized):
+        return math.prod(x.shape) * x.t.element_size()
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return 0
+
+
+class Pricer:
+    """Seconds of traced ops on this machine: every distinct op signature (op, operand shapes, strides,
+    dtypes, arguments) is replayed once on real operands (:func:`replay_seconds`; shrunk and scaled
+    above ``REPLAY_BYTES`` / ``REPLAY_FLOPS``) and cached on disk with the calibration; views cost only a
+    call. Every op, views included, also pays the calibration's per-op framework cost (autograd's graph
+    and engine, module calls) that a bare call does not show."""
+
+    def __init__(self, cal: dict, device: str = "cpu", cache_path: Path | None = None):
+        self.cal, self.device, self.path = cal, device, cache_path
+        self.seconds: dict[str, float] = {}
+        if cache_path is not None and cache_path.exists():
+            try:
+                self.seconds = json.loads(cache_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                self.seconds = {}
+        self.dirty = False
+
+    def op(self, op) -> float:
+        kind, q, _, _, sig = op
+        if kind == "view":
+            return self.cal["view_s"]
+        key = _sig_key(sig)
+        if key not in self.seconds:
+            self.seconds[key] = self._measure(kind, q, sig)
+            self.dirty = True
+        return self.seconds[key]
+
+    def measure_all(self, ops: list, passes: int = 2) -> None:
+        """Replay every signature of ``ops`` not yet priced, in ``passes`` separate passes over them all,
+        keeping each one's smallest median: on a shared machine a burst of load then cannot stick to
+        one op."""
+        todo = {}
+        for op in ops:
+            if op[0] != "view":
+                key = _sig_key(op[4])
+                if key not in self.seconds:
+                    todo[key] = op
+        if not todo:
+            return
+        if self.device == "cpu":
+            keep_freed_memory()
+        best = {k: math.inf for k in todo}
+        for _ in range(passes):
+            for k, (kind, q, _, _, sig) in todo.items():
+                best[k] = min(best[k], self._measure(kind, q, sig))
+        self.seconds.update(best)
+        self.dirty = True
+
+    def _measure(self, kind: str, q: float, sig) -> float:
+        func, args, kwargs = sig
+        budget = REPLAY_FLOPS if kind == "mm" else REPLAY_BYTES
+        big = (q if kind == "mm" else _tensor_bytes([args, kwargs])) > budget
+        try:
+            if not big:
+                return replay_seconds(func, args, kwargs, self.device)
+            small = _shrunk(sig, budget, kind)
+            if small is not None:
+                a, k, scale = small
+                return scale * replay_seconds(func, a, k, self.device)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            pass
+        if kind == "mm":  # not replayable: the calibration's wide-matmul rate
+            return q / self.cal["matmul_flops_per_s"]
+        return _bandwidth_seconds(_tensor_bytes([args, kwargs]), self.cal)
+
+    def save(self) -> None:
+        if self.dirty and self.path is not None:
+            from ..io import write_json
+
+            write_json(self.path, self.seconds)
+            self.dirty = False
+
+
+def _bandwidth_seconds(nbytes: float, cal: dict) -> float:
+    """Seconds to stream ``nbytes`` through an elementwise op (cold operands, fresh output)."""
+    sizes = sorted((float(k), v) for k, v in cal["elementwise_seconds_by_bytes"].items())
+    if nbytes <= sizes[0][0]:
+        return max(cal["view_s"], sizes[0][1] * nbytes / sizes[0][0])
+    for (x0, y0), (x1, y1) in zip(sizes, sizes[1:]):
+        if nbytes <= x1:
+            w = (math.log(nbytes) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return nbytes / math.exp((1 - w) * math.log(x0 / y0) + w * math.log(x1 / y1))
+    return nbytes * sizes[-1][1] / sizes[-1][0]
+
+
+def _probe_model(width: int = 16, depth: int = 24):
+    """The framework-overhead probe: a stack of tiny residual blocks (norm, two linear maps, activation),
+    every kernel negligible, so a training step's time is almost all per-op cost."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.RMSNorm(width)
+            self.a = nn.Linear(width, width, bias=False)
+            self.b = nn.Linear(width, width, bias=False)
+
+        def forward(self, x):
+            return x + self.b(nn.functional.gelu(self.a(self.norm(x))))
+
+    return nn.Sequential(*(Block() for _ in range(depth)))
+
+
+def _probe_trace(model: nn.Module, x: torch.Tensor) -> list:
+    tr = _op_trace()
+    with tr:
+        model(x).square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return tr.ops
+
+
 def calibrate(device: str = "cpu", dtype: torch.dtype = torch.float32, remeasure: bool = False,
-              repeats: int = 3) -> dict:
-    """Per-operation throughput of this machine, cached in the weightlock cache dir per machine, device,
-    dtype, torch version and thread count (``remeasure`` re-runs it): matmul GFLOP/s with the narrow
-    dimension n ∈ NARROW as output width ([WIDE×WIDE]·[WIDE×n], the forward of a thin map), as inner
-    dimension ([WIDE×n]·[n×WIDE], its input gradient) and as output rows ([n×WIDE]·[WIDE×WIDE], its weight
-    gradient); elementwise bandwidth at a few sizes and the per-call overhead; the attention kernel's
-    time per b·h·T²·head_dim (forward and backward, causal)."""
+              repeats: int = 5) -> dict:
+    """What pricing needs besides op replays, cached in the weightlock cache dir per machine, device,
+    dtype, torch version and thread count (``remeasure`` re-runs it and drops the cached op replays):
+    a wide matmul's rate and elementwise bandwidth (cold operands) at a few sizes, the fallbacks for ops
+    that cannot be replayed; the cost of a view call; the framework's cost per op in a training step
+    beyond the op's own call: one step of a stack of tiny residual blocks (kernels negligible) minus its
+    ops' replays, over its op count."""
     from ..io import cache_dir, read_json, write_json
 
-    path = cache_dir() / f"plan_calibration_{_fingerprint(device, dtype)}.json"
+    fp = _fingerprint(device, dtype)
+    path = cache_dir() / f"plan_calibration_{fp}.json"
+    replays = cache_dir() / f"plan_replays_{fp}.json"
     if path.exists() and not remeasure:
-        return read_json(path)
+        cal = read_json(path)
+        if "framework_s_per_op" in cal:
+            return cal
+    if replays.exists():
+        replays.unlink()
+    if device == "cpu":
+        keep_freed_memory()
     dev = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dev, dtype)
 
-    mm = {"out": {}, "inner": {}, "rows": {}}
-    for n in NARROW:
-        for kind, (ashape, wshape) in {"out": ((WIDE, WIDE), (WIDE, n)), "inner": ((WIDE, n), (n, WIDE)),
-                                       "rows": ((n, WIDE), (WIDE, WIDE))}.items():
-            # fresh operands for every call, as in a step where each op reads what the previous one wrote
-            pairs = [(rnd(*ashape), rnd(*wshape)) for _ in range(4)]
-            it = iter(range(10 ** 9))
-            flops = 2 * ashape[0] * ashape[1] * wshape[1]
-            reps = max(repeats, min(40, int(2e8 // flops)))
-            mm[kind][str(n)] = flops / _time(lambda: torch.mm(*pairs[next(it) % 4]), reps, device)  # noqa: B023  (timed at once)
+    n = 1024
+    pairs = [(rnd(n, n), rnd(n, n)) for _ in range(4)]
+    it = iter(range(10 ** 9))
+    mm_rate = 2 * n ** 3 / _time(lambda: torch.mm(*pairs[next(it) % 4]), max(repeats, 10), device)
     elem = {}
-    for n in ELEM_SIZES:
-        x, y = rnd(n), rnd(n)
-        elem[str(n * 3 * x.element_size())] = _time(lambda: torch.add(x, y), max(repeats, 20), device)  # noqa: B023
-    tiny = rnd(8)
-    overhead = _time(lambda: torch.add(tiny, tiny), 200, device)
-    bq, hq, tq, dq = 1, 8, 512, 64
-    q, k, v = (rnd(bq, hq, tq, dq).requires_grad_() for _ in range(3))
-    F = torch.nn.functional
-    fwd = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats, device)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    go = torch.ones_like(out)
-    both = _time(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), go),
-                 repeats, device)
-    unit = bq * hq * tq * tq * dq
+    for size in ELEM_SIZES:
+        xs = [(rnd(size), rnd(size)) for _ in range(max(1, min(8, COLD_BYTES // (8 * size))))]
+        it = iter(range(10 ** 9))
+        elem[str(size * 3 * xs[0][0].element_size())] = _time(lambda: torch.add(*xs[next(it) % len(xs)]),  # noqa: B023
+                                                                max(repeats, 20), device)
+    view = rnd(8, 8)
+    view_s = _time(lambda: view.t(), 200, device)
     cal = {"device": device, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "matmul_flops_per_s": mm,
-           "elementwise_seconds_by_bytes": elem, "op_overhead_s": overhead,
-           "sdpa_fwd_s_per_unit": fwd / unit, "sdpa_bwd_s_per_unit": max(both - fwd, fwd) / unit,
-           "wide": WIDE}
+           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "matmul_flops_per_s": mm_rate,
+           "elementwise_seconds_by_bytes": elem, "view_s": view_s, "framework_s_per_op": 0.0}
+    # the framework's per-op cost: a step of tiny blocks, measured, minus its ops priced as replays
+    torch.manual_seed(0)
+    model = _probe_model().to(dev, dtype)
+    x = rnd(4, 16).requires_grad_()
+
+    def step():
+        model(x).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    measured = min(_time(step, 20, device) for _ in range(3))
+    meta = _probe_model().to("meta", dtype)
+    ops = _probe_trace(meta, torch.empty(4, 16, device="meta", dtype=dtype, requires_grad=True))
+    pricer = Pricer(cal, device)
+    replayed = sum(pricer.op(o) for o in ops)
+    cal["framework_s_per_op"] = max(0.0, (measured - replayed) / len(ops))
+    cal["framework_probe"] = {"step_s": measured, "replayed_s": replayed, "ops": len(ops)}
     write_json(path, cal)
     return cal
 
 
-def _interp_log(table: dict, x: float) -> float:
-    xs = sorted((float(k), v) for k, v in table.items())
-    if x <= xs[0][0]:
-        return xs[0][1] * (x / xs[0][0]) if x < xs[0][0] else xs[0][1]
-    for (x0, y0), (x1, y1) in zip(xs, xs[1:]):
-        if x <= x1:
-            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
-    return xs[-1][1]
+def pricer_for(cal: dict) -> Pricer:
+    """The op pricer of calibration ``cal`` (its replays cached next to it)."""
+    from ..io import cache_dir
+
+    key = (cal["device"], cal["dtype"], cal["measured_at"])
+    if key not in _PRICERS:
+        dt = DTYPES.get(cal["dtype"], torch.float32)
+        path = cache_dir() / f"plan_replays_{_fingerprint(cal['device'], dt)}.json"
+        _PRICERS[key] = Pricer(cal, cal["device"], path)
+    return _PRICERS[key]
+
+
+_PRICERS: dict = {}
 
 
 def op_seconds(op, cal: dict) -> float:
-    """Predicted seconds of one traced op."""
-    kind, q, dims, _ = op
-    over = cal["op_overhead_s"]
-    if kind == "mm":
-        m, k, n = dims
-        narrow = min(m, k, n)
-        which = "out" if narrow == n else ("inner" if narrow == k else "rows")
-        return over + q / _interp_log(cal["matmul_flops_per_s"][which], narrow)
-    if kind == "sdpa":
-        return over + q * cal["sdpa_fwd_s_per_unit"]
-    if kind == "sdpa_bwd":
-        return over + q * cal["sdpa_bwd_s_per_unit"]
-    table = cal["elementwise_seconds_by_bytes"]
-    sizes = sorted((float(k), v) for k, v in table.items())
-    if q <= sizes[0][0]:
-        return max(over, sizes[0][1] * q / sizes[0][0])
-    rate = _interp_log({k: k / v for k, v in sizes}, q)  # bytes/s
-    return over + q / rate
+    """Predicted seconds of one traced op in a training step: its replay (or a view call) plus the
+    framework's per-op cost."""
+    return pricer_for(cal).op(op) + cal["framework_s_per_op"]
 
 
 def predict_time(ops: list, cal: dict) -> dict:
     """Seconds of an op trace priced by the calibration ``cal``: the total, by kind of op, and the op count."""
-    parts = {"mm": 0.0, "attention": 0.0, "elementwise": 0.0}
+    parts = {"mm": 0.0, "attention": 0.0, "elementwise": 0.0, "views": 0.0, "framework": 0.0}
+    pricer = pricer_for(cal)
+    pricer.measure_all(ops)
     for op in ops:
-        parts["attention" if op[0].startswith("sdpa") else op[0]] += op_seconds(op, cal)
+        kind = "attention" if op[0].startswith("sdpa") else ("views" if op[0] == "view" else op[0])
+        parts[kind] += pricer.op(op)
+        parts["framework"] += cal["framework_s_per_op"]
+    pricer.save()
     return {"seconds": sum(parts.values()), "parts": parts, "ops": len(ops)}
 
 
