@@ -1,13 +1,15 @@
 """Benchmark: `weightlock plan`'s predictions vs measurements (issue #15).
 
-    python bench/plan_validation.py [--threads 1] [--repeats 3]
+    python bench/plan_validation.py [--threads 1] [--repeats 5] [--cached]
 
 For three shapes — the small preset (random weights), a 2-layer Llama-shaped slice at d=2048
 (bench/common.py llama_shaped_pair) and SmolLM2-135M's shape (random weights of its public config) — and
 for the original and its DLR lock, measures one fp32 training step on this CPU: the bytes autograd saves
 (full fine-tuning and frozen MLPs / DLR-Nets), torch's FLOP count (full fine-tuning) and the median time
-of forward + backward, and compares each with the plan's prediction (same tokens, same dtype, the
-calibration of this machine at the same thread count). Writes bench/results/plan_validation.json.
+of forward + backward (original and locked steps interleaved), and compares each with the plan's
+prediction (same tokens, same dtype, this machine calibrated at the start of the run, at the same thread
+count and under the same load). glibc is told to keep freed memory (P.keep_freed_memory): the steady
+state the plan prices. Writes bench/results/plan_validation.json.
 """
 from __future__ import annotations
 
@@ -25,15 +27,18 @@ from weightlock.eval import plan as P  # noqa: E402
 from weightlock.eval.cost import flop_counter, saved_bytes_of_step  # noqa: E402
 
 
-def step_time(model, ids, repeats: int) -> float:
-    ts = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        if i:
-            ts.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(ts)
+def step_times(models: dict, ids, repeats: int) -> dict:
+    """Median seconds of one training step (forward + backward) of each model, the models' steps
+    interleaved (o, l, o, l, ...) so that a neighbour's load falls on both alike; two warm-up steps each."""
+    ts = {k: [] for k in models}
+    for i in range(repeats + 2):
+        for k, model in models.items():
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            if i >= 2:
+                ts[k].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def measure(cfg, rank, b, T, repeats):
@@ -53,10 +58,16 @@ def measure(cfg, rank, b, T, repeats):
                     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
                 model.zero_grad(set_to_none=True)
                 res["flops"] = fc.get_total_flops()
-                res["step_time_s"] = step_time(model, ids, repeats)
             del model
         out[kind] = res
-        print(kind, res, flush=True)
+    models = {}
+    for kind in ("original", "locked"):
+        torch.manual_seed(0)
+        models[kind] = P.skeleton(cfg, rank if kind == "locked" else None, device="cpu")[0]
+    ids = torch.randint(0, cfg.vocab_size, (b, T), generator=torch.Generator().manual_seed(0))
+    for kind, t in step_times(models, ids, repeats).items():
+        out[kind]["step_time_s"] = t
+        print(kind, out[kind], flush=True)
     return out
 
 
@@ -95,11 +106,15 @@ def compare(name, cfg, rank, b, T, repeats) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--recalibrate", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cached", action="store_true", help="use the cached calibration (default: re-measure it "
+                    "now, under the same load as the measurements)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cal = P.calibrate("cpu", torch.float32, remeasure=args.recalibrate)
+    # the plan prices a steady-state step whose allocator reuses its memory (PyTorch's caching allocator on
+    # GPU does); glibc's default gives freed memory back and the next step faults it in again (see README)
+    kept = P.keep_freed_memory()
+    cal = P.calibrate("cpu", torch.float32, remeasure=not args.cached)
     from transformers import LlamaConfig
 
     from weightlock.data import builtin_tokenizer
@@ -113,6 +128,7 @@ def main() -> None:
     results = [compare(n, c, r, b, T, args.repeats) for n, c, r, b, T in cases]
     save("plan_validation", {"command": "python bench/plan_validation.py", "threads": args.threads,
                              "dtype": "float32", "calibration": cal, "cases": results,
+                             "allocator_keeps_freed_memory": kept,
                              "note": "CPU shared with another long benchmark while measured (2 cores): times are "
                                      "noisy; memory and FLOPs are not affected"})
 
