@@ -149,7 +149,8 @@ def quiet_timings(models: dict, rows: list[dict], repeats: int, steps: int = 10)
                               r["cost"]["saved_activation_bytes_per_step"]))
             print(f"timing {model:8s} {attack:16s} {o} step {seen[key][-1][0]:.3f} s", flush=True)
     return {k: {"step_time_s": statistics.median(x[0] for x in v),
-                "prepare_seconds": statistics.median(x[1] for x in v), "step_times": [x[0] for x in v], "saved_activation_bytes": v[0][2]} for k, v in seen.items()}
+                "prepare_seconds": statistics.median(x[1] for x in v), "step_times": [x[0] for x in v],
+                "saved_activation_bytes": v[0][2]} for k, v in seen.items()}
 
 
 def with_quiet_seconds(rows: list[dict], timings: dict) -> list[dict]:
