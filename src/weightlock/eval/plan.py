@@ -21,10 +21,16 @@ R, per fine-tuning step and for every attack / counter-measure of :data:`SCENARI
   for the weight gradient when the weight trains; attention 4·b·T²·h·head_dim forward and twice that
   backward (as torch's FLOP counter counts it); a checkpointed unit's forward twice.
 * **time** — every aten operation of one training step (forward + backward, recomputation included),
-  traced at full size on the meta device, priced with a per-operation throughput calibration measured on
-  this machine (:func:`calibrate`): matmuls by the narrowest of their three dimensions and which one it
-  is (thin ``[N×d]·[d×r]`` DLR maps run at a fraction of a wide MLP matmul's GFLOP/s), attention by
-  its own kernel's rate, everything else by bytes moved over measured bandwidth plus a per-call overhead.
+  traced at full size on the meta device, priced by replaying it on this machine (:class:`Pricer`): each
+  distinct signature (op, operand shapes, strides, dtypes, arguments) runs on fresh real operands laid out
+  like the traced ones (transposed weights, expanded tensors), rotated over copies so they come cold from
+  memory as in a step; the smaller median of two passes; ops too large to replay run shrunk along a
+  dimension their time scales with. Views cost a call; every op also pays a per-op framework cost (autograd
+  and module calls) measured by :func:`calibrate` on a stack of tiny blocks. Priced in the steady state
+  of an allocator that keeps freed memory (:func:`keep_freed_memory`): glibc's default gives it back and
+  a locked model's many activations are then faulted in again every step, an extra cost not modelled.
+  Pricing bare calls by a few throughput tables (the first version) missed op-specific kernels (GELU,
+  log-softmax), cold operands and the calibration's own noise: it predicted locked steps 33–49% short.
 """
 from __future__ import annotations
 
