@@ -36,9 +36,10 @@ class DemoPlan:
     lock_steps: int = 600
     pmp_ratio: float = 0.3
     discovery_steps: int = 100
-    attack_steps: int = 30
+    attack_steps: int = 150  # at most: an attack stops once its task score stops improving (patience)
     attack_batch: int = 8
-    score_every: int = 10
+    score_every: int = 15
+    patience: int = 3  # scores in a row without a new best before an attack stops (0: run every step)
     reverse_distill_steps: int = 300
     tasks: tuple[str, ...] = ("prose", "recall")
     lr: dict = field(default_factory=lambda: {"full": 2e-3, "lora": 1e-2, "masked": 2e-3})
@@ -61,7 +62,7 @@ class DemoPlan:
 
 FULL = DemoPlan()
 QUICK = DemoPlan(preset="tiny", rank=8, lock_steps=150, discovery_steps=15, attack_steps=6, attack_batch=4,
-                 score_every=3, reverse_distill_steps=40, memory_depths=(2, 4, 6, 8), max_ppl_tokens=4096)
+                 score_every=3, patience=0, reverse_distill_steps=40, memory_depths=(2, 4, 6, 8), max_ppl_tokens=4096)
 
 
 def select_defenses(names: Sequence | None, plan: DemoPlan) -> list:
@@ -226,8 +227,8 @@ def _attack(model_dir: Path, task: str, attack: str, out: Path, plan: DemoPlan, 
     from .attacks import run_attack
 
     return run_attack(model_dir, task, attack, out, steps=plan.attack_steps, batch_size=plan.attack_batch,
-                      score_every=plan.score_every, block_size=plan.block_size, train_tokens=plan.train_tokens,
-                      **options)["locked"]
+                      score_every=plan.score_every, patience=plan.patience, block_size=plan.block_size,
+                      train_tokens=plan.train_tokens, **options)["locked"]
 
 
 def _ratio(a, b):
@@ -241,9 +242,9 @@ def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> list[dict]:
     for (defense, label, task), r in runs.items():
         ref_label = references[(defense, label)]
         ref = runs[("reference", ref_label or label, task)]
-        # the attacker's time: median step × steps (robust to one-off first-step costs) + its preparation
-        total = r["cost"]["step_time_s"] * plan.attack_steps + r["cost"]["prepare_seconds"]
-        ref_total = ref["cost"]["step_time_s"] * plan.attack_steps + ref["cost"]["prepare_seconds"]
+        # the attacker's time: median step × steps run (robust to one-off first-step costs) + its preparation
+        total, ref_total = (x["cost"]["step_time_s"] * _steps_run(x, plan) + x["cost"]["prepare_seconds"]
+                            for x in (r, ref))
         rows.append({
             "defense": defense, "attack": label, "task": task, "reference_attack": ref_label,
             "score_before": r["before"]["score"], "score_after": r["after"]["score"], "gain": r["gain"],
@@ -263,6 +264,11 @@ def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> list[dict]:
             "recovered_mask_density": r.get("recovered_mask_density"),
         })
     return rows
+
+
+def _steps_run(r: dict, plan: DemoPlan) -> int:
+    """Steps an attack ran (fewer than the plan's when patience stopped it; older results: the plan's)."""
+    return r["cost_curve"][-1]["step"] if r.get("cost_curve") else plan.attack_steps
 
 
 def verdicts(rows: list[dict], summary: dict, defenses: Sequence) -> dict[str, str]:

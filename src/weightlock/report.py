@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from typing import Any, Callable
 from . import schema
 from .errors import WeightlockError
 from .io import move_dir_contents, read_json, write_text
-from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of
+from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
 MAX_JSON_BYTES = 50 * 2**20
 SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
@@ -27,7 +28,9 @@ SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
 KINDS = {schema.DEMO: "demo", schema.ATTACK_RUN: "attack_run", schema.LOCK_REPORT: "lock_report",
          schema.bench_kind("attacks"): "attacks", schema.bench_kind("dlr_memory"): "memory",
          schema.bench_kind("frontier"): "frontier", schema.bench_kind("pmp_sweep"): "pmp_sweep",
-         schema.bench_kind("pmp_recovery"): "recovery", schema.bench_kind("dlr_fidelity"): "fidelity"}
+         schema.bench_kind("pmp_recovery"): "recovery", schema.bench_kind("dlr_fidelity"): "fidelity",
+         schema.bench_kind("cost_to_target"): "cost_to_target", schema.bench_kind("dlr_regime"): "regime"}
+REAL_MODEL_PREFIX = schema.bench_kind("real_model")  # bench/real_model.py --name NAME: bench.real_model_NAME
 
 
 def _kind(d: Any, source: object = "result") -> str | None:
@@ -35,7 +38,7 @@ def _kind(d: Any, source: object = "result") -> str | None:
     carried one, guessed from its fields."""
     recorded = schema.kind_of(d, source)
     if recorded is not None:
-        return KINDS.get(recorded)
+        return "real_model" if recorded.startswith(REAL_MODEL_PREFIX) else KINDS.get(recorded)
     return _guess_kind(d)
 
 
@@ -246,6 +249,32 @@ def _draw_layer_errors(ax, items) -> None:
     ax.set_yscale("log")
 
 
+def _cost_panels(found) -> list:
+    """[(task, defense, target gain, [(label, is_lock, [(seconds, gain)])])] from cost_to_target results."""
+    out = []
+    for _, d in found.get("cost_to_target", []):
+        for a in d["analysis"]:
+            lines = []
+            for r in d["runs"]:
+                if r["task"] == a["task"] and r["model"] in ("original", a["defense"]) and "seed" not in r["options"]:
+                    c = r["cost_curve"]
+                    lines.append((r["label"], r["model"] != "original",
+                                  [(p["seconds"], p["score"] - c[0]["score"]) for p in c]))
+            out.append((a["task"], a["defense"], a["target_gain"], a["seconds_any_memory"]["multiplier"], lines))
+    return out
+
+
+def _draw_cost(ax, item) -> None:
+    task, defense, target, mult, lines = item
+    for label, lock, pts in lines:
+        ax.plot(*zip(*pts), "-" if lock else "--", lw=1.2 if lock else 0.9,
+                label=("lock: " if lock else "original: ") + label)
+    ax.axhline(target, color="k", ls=":", lw=0.8)
+    ax.set_title(f"{task} · {defense}: time to target ×{mult:.2f}", fontsize=9)
+    ax.set_xlabel("attacker's training seconds (cumulative)")
+    ax.set_ylabel("gain over the release")
+
+
 def _gain_panels(found) -> list:
     return [(name, task, rows) for name, rows in _gain_vs_ratio(found)
             for task in dict.fromkeys(r["task"] for r in rows)]
@@ -257,6 +286,11 @@ def _one_panel(items: list) -> list:
 
 # (file, title, panels from the results, drawing, panel size, columns, caption)
 FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | None, str]] = [
+    ("cost_curves.png", "Gain vs the attacker's cost, locked vs unlocked", _cost_panels, _draw_cost, (5, 3.8), 3,
+     "Attacks run to convergence (patience on the held-out task score): the gain over the released model against "
+     "the attacker's cumulative training seconds, on the lock (solid) and on the unlocked original (dashed), every "
+     "attack and learning rate. The dotted line is the target, 90% of the best gain any attack reaches on the "
+     "original; the lock cost multiplier is the cheapest lock attack's time to it over the cheapest original's."),
     ("curves.png", "Fine-tuning curves, locked vs unlocked", lambda f: _curves(f)[:16], _draw_curve, (4, 3), 4,
      "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match accuracy) "
      "measured every few steps while each attack fine-tunes the locked model (solid) and the same attack, same "
@@ -288,6 +322,64 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
 
 
 # ---- documents ---------------------------------------------------------------------------------
+
+def _x(v, spec: str = ".2f") -> str:
+    """A multiplier: ``∞`` when never reached, ``n/a`` when missing."""
+    if isinstance(v, float) and math.isinf(v):
+        return "∞ (never)"
+    return fmt(v, spec) + "×" if v is not None else "n/a"
+
+
+def _real_model_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The real LLM first: fidelity against the bars, lock time and speed of every recorded lock."""
+    rows = []
+    for f, d in sorted(found.get("real_model", []), key=lambda x: str(x[0])):
+        fid, speed, lc = d["fidelity"], d.get("speed", {}), d["lock_config"]
+        prose, code = fid.get("builtin:prose", {}), fid.get("builtin:code", {})
+        ok = all(x.get("ppl_ratio", math.inf) <= 1.05 and x.get("top1_agreement", 0) >= 0.95 for x in (prose, code))
+        rows.append([f.stem.removeprefix("real_model_"), f"{lc['rank']} / {d['depth']}",
+                     f"{d['lock_seconds'] / 60:.0f}",
+                     f"{d['layer_rel_error_median']:.2f} / {d['layer_rel_error_max']:.2f}",
+                     f"{prose.get('ppl_original', math.nan):.1f} → {prose.get('ppl_locked', math.nan):.3g}",
+                     fmt(prose.get("top1_agreement"), ".3f"), fmt(code.get("ppl_ratio"), ".3g"),
+                     _x(speed.get("prefill_ratio")), _x(speed.get("decode_ratio")),
+                     "meets" if ok else "MISSES"])
+    if not rows:
+        return []
+    return [("Real LLM (SmolLM2-135M): DLR-Lock fidelity, lock time and speed (bars: ppl ratio ≤ 1.05, top-1 "
+             "agreement ≥ 0.95, prefill ≤ 1.2×, decode ≤ 1.3×)",
+             ["run", "rank / depth", "lock min", "layer error median / max", "prose ppl original → locked",
+              "prose top-1 agreement", "code ppl ratio", "prefill", "decode", "fidelity bars"], rows)]
+
+
+def _cost_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
+    tables = []
+    for _, d in found.get("cost_to_target", []):
+        rows = []
+        for a in d["analysis"]:
+            sec = a["seconds_any_memory"]
+            cheapest = min((k for k, v in sec["locked"].items() if isinstance(v, float)),
+                           key=lambda k: sec["locked"][k], default="none")
+            rows.append([a["task"], a["defense"], f"{a['best_original_gain']:+.4f}", f"{a['best_gain']:+.4f}",
+                         fmt(a["gain_ratio_at_convergence"], ".2f"), _x(sec["multiplier"]),
+                         _x(a["flops_any_memory"]["multiplier"]), _x(a["tokens_any_memory"]["multiplier"]),
+                         _x(a["seconds_memory_budget"]["multiplier"]), cheapest])
+        tables.append((f"Lock cost multiplier: what reaching {d['q']:.0%} of the unlocked attacker's best gain costs "
+                       "on the lock ÷ on the original (cheapest attack each side, attacks run to convergence)",
+                       ["task", "defense", "best unlocked gain", "best gain on the lock", "gain ratio",
+                        "time ×", "FLOPs ×", "tokens ×", "time × within memory", "cheapest attack on the lock"],
+                       rows))
+    for _, d in found.get("regime", []):
+        rows = [[r["variant"], str(r["depth"]), f"{r['ppl_ratio']:.4f}", f"{r['lock_seconds']:.0f}",
+                 _x(r.get("mlp_memory_multiplier"), ".1f"), _x(r["full"]["activation_ratio"]),
+                 _x(r["freeze"]["activation_ratio"]), _x(r["full"]["step_time_ratio"]),
+                 fmt(r["full"]["gain_ratio"], ".2f"), _x(r["full"]["multiplier_seconds"]),
+                 _x(r["full"]["multiplier_flops"])] for r in d["results"]]
+        tables.append((f"DLR-Lock regime: rank sweep on the small model ({d['task']} task)",
+                       ["variant", "depth", "ppl ratio", "lock s", "per-MLP memory", "activation (full FT)",
+                        "activation (frozen DLR)", "step time (full FT)", "gain ratio", "time ×", "FLOPs ×"], rows))
+    return tables
+
 
 def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
@@ -324,7 +416,7 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
             figures.append((name, title, caption))
         else:
             missing.append(title)
-    tables = _demo_tables(found)
+    tables = _real_model_tables(found) + _cost_tables(found) + _demo_tables(found)
     sources = [str(f) for items in found.values() for f, _ in items]
     dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
 
