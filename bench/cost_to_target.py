@@ -2,6 +2,7 @@
 attacker's gain, on the `small` model, for DLR-Lock at two ranks and for PMP.
 
     python bench/cost_to_target.py [--ranks 16 32] [--tasks prose recall] [--steps 200] [--workers 2]
+                                   [--regime-ranks 8 64] [--regime-norm-rank 32]
 
 Models (built here when missing, kept under runs/bench): the dense base (bench/base_model.py), its
 DLR locks at each rank (default lock settings), and a PMP model pretrained with the same settings
@@ -13,7 +14,9 @@ steps, patience 3 scores) or the step budget, with batches of 8 × 128 tokens:
   included), per-layer and per-DLR-Net gradient checkpointing and reverse distillation at the best
   full-fine-tuning rate, and the MLPs (DLR-Nets) frozen;
 * on PMP: full fine-tuning at 3 learning rates and LoRA (the unauthorized attacker has no mask);
-* a second seed of each model's best full fine-tuning and (original) LoRA: the seed spread.
+* a second seed of each model's best full fine-tuning and (original) LoRA: the seed spread;
+* for bench/dlr_regime.py's rank sweep, the extra locks (ranks 8 and 64, rank 32 with per-block norm):
+  full fine-tuning at the original's best rate and the frozen-DLR attack, on prose only.
 
 Each run records its score against cumulative cost (steps, tokens, training seconds, FLOPs counted by
 torch; reverse distillation's own time and FLOPs included) and its own peak memory growth. The runs go
@@ -46,6 +49,7 @@ LRS = {"full": [1e-3, 3e-3, 1e-2], "lora": [3e-3, 1e-2, 3e-2]}
 BUDGET = dict(batch_size=8, block_size=128, train_tokens=200_000, score_every=20, patience=3, progress=False)
 COSTS = ("seconds", "flops", "tokens")
 Q = 0.9
+REGIME_TASK = "prose"  # the rank sweep's extra locks are attacked on this task only
 
 
 def lock_dir(rank: int) -> Path:
@@ -58,6 +62,14 @@ def pmp_dir() -> Path:
 
 def build_model(what: str) -> str:
     """Build one missing model (a lock at rank R: ``dlr-R``; ``pmp``); returns its release directory."""
+    if what.startswith("dlr-") and what.endswith("-norm"):  # the rank sweep's per-block-norm variant
+        from weightlock.dlr import LockConfig, lock
+
+        rank = int(what.split("-")[1])
+        out = Path(f"runs/bench/locked-r{rank}-norm")
+        if not (out / "manifest.json").exists():
+            lock(BASE, out, LockConfig(rank=rank, norm=True, progress=False), overwrite=True)
+        return str(out)
     if what == "pmp":
         from weightlock.defenses import make_defense
         from weightlock.train.pretrain import default_config
@@ -104,10 +116,16 @@ def first_jobs(models: dict, tasks) -> list[tuple]:
     return jobs
 
 
-def second_jobs(models: dict, tasks, done: list[dict]) -> list[tuple]:
+def second_jobs(models: dict, tasks, done: list[dict], regime: dict) -> list[tuple]:
     """Checkpointing and reverse distillation at the best full-fine-tuning rate; a second seed of the best
-    full fine-tuning (and the original's best LoRA)."""
+    full fine-tuning (and the original's best LoRA). For the rank sweep's extra locks (``regime``, see
+    bench/dlr_regime.py): full fine-tuning at the original's best rate and the frozen-DLR attack, prose."""
     jobs = []
+    best_lr = max((r for r in done if r["task"] == REGIME_TASK and r["model"] == "original" and r["attack"] == "full"),
+                  key=max_gain)["options"]["lr"]
+    for key, model in regime.items():
+        jobs.append((key, model, REGIME_TASK, f"full-lr{best_lr:g}", "full", {"lr": best_lr}))
+        jobs.append((key, model, REGIME_TASK, "freeze-dlr-lr0.003", "freeze", {"lr": 3e-3, "train": "non-mlp"}))
     for task in tasks:
         for key, model in models.items():
             mine = [r for r in done if r["task"] == task and r["model"] == key and r["options"].get("seed", 0) == 0]
@@ -241,19 +259,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-pmp", action="store_true")
+    ap.add_argument("--regime-ranks", type=int, nargs="*", default=[8, 64],
+                    help="extra lock ranks for bench/dlr_regime.py (prose; full FT + frozen DLR only)")
+    ap.add_argument("--regime-norm-rank", type=int, default=32, help="rank of the per-block-norm lock (0: none)")
     ap.add_argument("--timing-repeats", type=int, default=3, help="quiet timing passes (run on an idle machine)")
     args = ap.parse_args()
     if not (BASE / "model.safetensors").exists():
         sys.exit(f"{BASE} not found: run bench/base_model.py first")
     BUDGET["steps"] = args.steps
     wanted = [f"dlr-{r}" for r in args.ranks] + ([] if args.no_pmp else ["pmp"])
+    extra = [f"dlr-{r}" for r in args.regime_ranks if r not in args.ranks]
+    extra += [f"dlr-{args.regime_norm_rank}-norm"] if args.regime_norm_rank else []
     with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process, initargs=(args.workers,)) as pool:
-        built = list(pool.map(build_model, wanted))
+        built = list(pool.map(build_model, wanted + extra))
         models = {"original": str(BASE), **dict(zip(wanted, built))}
+        regime = dict(zip(extra, built[len(wanted):]))
         rows = list(pool.map(run, first_jobs(models, args.tasks)))
-        rows += list(pool.map(run, second_jobs(models, args.tasks, rows)))
+        rows += list(pool.map(run, second_jobs(models, args.tasks, rows, regime)))
+    models.update(regime)
     set_threads_per_process(1)
-    timings = quiet_timings(models, rows, args.timing_repeats)
+    # the original with frozen MLPs too: the frozen-DLR attack's step-time yardstick (bench/dlr_regime.py)
+    timings = quiet_timings(models, rows + [{"model": "original", "attack": "freeze", "options": {"train": "non-mlp"}}],
+                            args.timing_repeats)
     rows = with_quiet_seconds(rows, timings)
     analysis = analyse(rows, wanted, args.tasks)
     for a in analysis:

@@ -1,21 +1,23 @@
 """Benchmark (issue #15): the lock's regime — rank sweep of DLR-Lock on the `small` model.
 
-    python bench/dlr_regime.py [--ranks 8 16 32 64] [--timing-repeats 3]
+    python bench/cost_to_target.py      # runs every attack, the sweep's included, and times them
+    python bench/dlr_regime.py          # this: reads bench/results/cost_to_target.json and the locks
 
 For rank ∈ {8, 16, 32, 64} (depth matched to the MLP's parameter count) and rank 32 with per-block
 RMSNorm (``--norm``: even frozen-DLR backprop must then store d per block), each locked with the
-default settings (runs/bench/locked-r{R}[-norm], built when missing):
+default settings (runs/bench/locked-r{R}[-norm], built by bench/cost_to_target.py when missing):
 
-* fidelity and lock time: the lock's own report (held-out perplexity ratio, per-layer error, seconds);
+* fidelity and lock time: the lock's own report (held-out perplexity ratio, per-layer error, seconds of
+  this build, which shared the machine) and, where bench/results/dlr_fidelity.json locked the same rank
+  with the same settings, that quieter measurement;
 * the paper's regime: the per-MLP memory multiplier (saved bytes of one DLR-Net over one MLP in full
-  fine-tuning, `weightlock plan`'s measured memory model) and the whole model's;
+  fine-tuning, `weightlock plan`'s exact memory model) and the whole model's activation multiplier;
 * the attacker's memory and time per step: saved activation bytes and quiet median step time of full
-  fine-tuning and of the frozen-DLR attack, ratios to the original's, timed alone (10 steps, repeated,
-  alternating order);
-* the attack to convergence: full fine-tuning at the original's best rate and the frozen-DLR attack on
-  the prose task (the runs of bench/cost_to_target.py, same budget and directories, reused where they
-  exist), gain ratio at convergence and the lock cost multiplier in quiet seconds and FLOPs against every
-  attack on the original in bench/cost_to_target.py's runs (run that first).
+  fine-tuning and of the frozen-DLR attack, against the original's full fine-tuning and frozen MLPs
+  (bench/cost_to_target.py's quiet timing pass: every configuration alone, repeated, alternating order);
+* the attack to convergence on prose: full fine-tuning at the original's best rate and the frozen-DLR
+  attack, gain ratio at convergence (best gain ÷ the best gain of any attack on the original) and the
+  lock cost multiplier in quiet seconds and FLOPs against every attack on the original.
 
 Writes bench/results/dlr_regime.json and dlr_regime.png.
 """
@@ -24,103 +26,73 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost_to_target as ctt  # noqa: E402
 from common import RESULTS, save  # noqa: E402
-from weightlock.io import read_json, set_threads_per_process  # noqa: E402
+from weightlock.io import read_json  # noqa: E402
 
-TASK = "prose"
-
-
-def variant_dir(v: str) -> Path:
-    return Path(f"runs/bench/locked-{v}")
-
-
-def build(v: str) -> str:
-    from weightlock.dlr import LockConfig, lock
-
-    out = variant_dir(v)
-    if not (out / "manifest.json").exists():
-        rank = int(v.split("-")[0][1:])
-        lock(ctt.BASE, out, LockConfig(rank=rank, norm=v.endswith("-norm"), progress=False), overwrite=True)
-    return str(out)
-
-
-def original_rows() -> list[dict]:
-    """The original's prose runs of bench/cost_to_target.py (every attack, learning rate and seed)."""
-    d = read_json(RESULTS / "cost_to_target.json")
-    return [r for r in d["runs"] if r["model"] == "original" and r["task"] == TASK], d
+TASK = ctt.REGIME_TASK
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--norm-rank", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--timing-repeats", type=int, default=3)
     args = ap.parse_args()
-    if not (RESULTS / "cost_to_target.json").exists():
-        sys.exit("bench/results/cost_to_target.json not found: run bench/cost_to_target.py first")
-    orig, recorded = original_rows()
-    ctt.BUDGET.update(recorded["budget"])
-    best_full = max((r for r in orig if r["attack"] == "full" and "seed" not in r["options"]
-                     and "checkpointing" not in r["options"]), key=ctt.max_gain)
-    lr = best_full["options"]["lr"]
-    variants = [f"r{r}" for r in args.ranks] + [f"r{args.norm_rank}-norm"]
-    with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process, initargs=(args.workers,)) as pool:
-        dirs = dict(zip(variants, pool.map(build, variants)))
-        jobs = []
-        for v in variants:
-            key = f"dlr-{v[1:]}"  # the model key bench/cost_to_target.py uses: its run directories are reused
-            jobs.append((key, dirs[v], TASK, f"full-lr{lr:g}", "full", {"lr": lr}))
-            jobs.append((key, dirs[v], TASK, "freeze-dlr-lr0.003", "freeze", {"lr": 3e-3, "train": "non-mlp"}))
-        rows = list(pool.map(ctt.run, jobs))
-    set_threads_per_process(1)
-    models = {"original": str(ctt.BASE), **{f"dlr-{v[1:]}": dirs[v] for v in variants}}
-    # every configuration timed in this one pass, the original's included (its runs' seconds are redone)
-    probe = rows + orig + [{"model": "original", "attack": "freeze", "options": {"train": "non-mlp"}}]
-    timings = ctt.quiet_timings(models, probe, args.timing_repeats)
-    rows = ctt.with_quiet_seconds(rows, timings)
-    orig_timed = ctt.with_quiet_seconds(orig, timings)
-    results = [summarize(v, dirs[v], rows, orig_timed, timings) for v in variants]
+    path = RESULTS / "cost_to_target.json"
+    if not path.exists():
+        sys.exit(f"{path} not found: run bench/cost_to_target.py first")
+    d = read_json(path)
+    orig = [r for r in d["runs"] if r["model"] == "original" and r["task"] == TASK]
+    timings = {(t["model"], t["attack"], tuple(sorted(t["options"].items()))): t for t in d["quiet_timings"]}
+    lr = max((r for r in orig if r["attack"] == "full" and "seed" not in r["options"]
+              and "checkpointing" not in r["options"]), key=ctt.max_gain)["options"]["lr"]
+    variants = [f"dlr-{r}" for r in args.ranks] + ([f"dlr-{args.norm_rank}-norm"] if args.norm_rank else [])
+    missing = [v for v in variants if v not in d["models"]]
+    if missing:
+        sys.exit(f"cost_to_target.json has no runs of {', '.join(missing)}: run bench/cost_to_target.py with "
+                 "--ranks/--regime-ranks/--regime-norm-rank covering them")
+    quiet = read_json(RESULTS / "dlr_fidelity.json") if (RESULTS / "dlr_fidelity.json").exists() else None
+    results = [summarize(v, d["models"][v], d["runs"], orig, timings, lr, quiet) for v in variants]
     for r in results:
-        print(f"{r['variant']:9s} depth {r['depth']:3d} ppl×{r['ppl_ratio']:.4f} lock {r['lock_seconds']:5.0f} s "
+        print(f"{r['variant']:12s} depth {r['depth']:3d} ppl×{r['ppl_ratio']:.4f} lock {r['lock_seconds']:5.0f} s "
               f"MLP mem×{r['mlp_memory_multiplier'] or float('nan'):.1f} act×{r['full']['activation_ratio']:.2f} "
               f"step×{r['full']['step_time_ratio']:.2f} gain ratio {r['full']['gain_ratio']:.2f} "
               f"cost× {r['full']['multiplier_seconds']:.2f} (FLOPs {r['full']['multiplier_flops']:.2f})", flush=True)
     plot(results, RESULTS / "dlr_regime.png")
     save("dlr_regime", {"command": "python bench/dlr_regime.py " + " ".join(sys.argv[1:]), "task": TASK,
-                        "learning_rate_full": lr, "budget": ctt.BUDGET, "q": ctt.Q,
-                        "timing_repeats": args.timing_repeats,
-                        "results": results, "runs": rows})
+                        "source": str(path), "learning_rate_full": lr, "budget": d["budget"], "q": d["q"],
+                        "results": results})
 
 
-def summarize(v: str, model_dir: str, rows: list[dict], orig: list[dict], timings: dict) -> dict:
+def summarize(v: str, model_dir: str, runs: list[dict], orig: list[dict], timings: dict, lr: float,
+              quiet: dict | None) -> dict:
     from weightlock.eval.cost_to_target import AttackCurve, lock_cost_multiplier
     from weightlock.eval.plan import plan
 
     rep = read_json(Path(model_dir) / "lock_report.json")
     lc = rep["lock_config"]
-    key = f"dlr-{v[1:]}"
     analytic = None if lc["norm"] else plan(model_dir, rank=lc["rank"], tokens_per_step=8 * 128, seq_len=128,
                                             dtype="float32", with_time=False, scenarios=["full"])
+    same = [q for q in (quiet or {}).get("ranks", []) if q["rank"] == lc["rank"] and not lc["norm"]
+            and {k: v for k, v in quiet["lock_config"].items() if k not in ("rank", "progress")}
+            == {k: v for k, v in lc.items() if k in quiet["lock_config"] and k not in ("rank", "progress")}]
     curves_orig = [AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"]) for r in orig]
     best_orig = max(ctt.max_gain(r) for r in orig)
     out = {"variant": v, "rank": lc["rank"], "norm": lc["norm"], "model": model_dir,
            "depth": read_json(Path(model_dir) / "config.json")["weightlock_dlr"]["layers"][0]["depth"],
-           "ppl_ratio": rep["ppl_ratio"], "layer_rel_error": [l["rel_error"] for l in rep["layers"]],
-           "lock_seconds": rep["seconds"],
+           "ppl_ratio": rep["ppl_ratio"], "layer_rel_error": [layer["rel_error"] for layer in rep["layers"]],
+           "lock_seconds": rep["seconds"], "lock_seconds_dlr_fidelity": same[0]["lock_seconds"] if same else None,
            "mlp_memory_multiplier": analytic["mlp_memory_multiplier"] if analytic else None,
            "model_activation_multiplier_predicted": analytic["rows"][1]["activation_vs_original"] if analytic else None}
-    for label, attack in (("full", "full"), ("freeze", "freeze")):
-        r = next(x for x in rows if x["model"] == key and x["attack"] == attack)
-        o_key = ("original", attack, tuple(sorted({k: v for k, v in r["options"].items()
+    for label, attack, lr_label in (("full", "full", f"full-lr{lr:g}"), ("freeze", "freeze", "freeze-dlr-lr0.003")):
+        r = next(x for x in runs if x["model"] == v and x["task"] == TASK and x["label"] == lr_label)
+        o_key = ("original", attack, tuple(sorted({k: val for k, val in r["options"].items()
                                                    if k not in ("lr", "seed")}.items())))
         mine, theirs = timings[ctt.timing_key(r)], timings[o_key]
-        entry = {"gain": ctt.max_gain(r), "gain_ratio": ctt.max_gain(r) / best_orig,
+        entry = {"label": r["label"], "gain": ctt.max_gain(r), "gain_ratio": ctt.max_gain(r) / best_orig,
                  "saved_activation_bytes": mine["saved_activation_bytes"],
                  "activation_ratio": mine["saved_activation_bytes"] / theirs["saved_activation_bytes"],
                  "step_time_s": mine["step_time_s"], "step_time_ratio": mine["step_time_s"] / theirs["step_time_s"],

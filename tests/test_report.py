@@ -17,7 +17,7 @@ runner = CliRunner()
 
 def test_collect_recognises_every_kind_by_content():
     found = collect([FIX])
-    assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity"}
+    assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity", "real_model"}
     assert all(len(v) == 1 for v in found.values())  # unrelated.json is ignored
 
 
@@ -42,6 +42,15 @@ def test_report_from_fixture_json_has_every_figure_and_local_references_only(tmp
     demo = json.loads((FIX / "demo" / "summary.json").read_text())
     row = next(r for r in demo["attacks"] if r["defense"] == "dlr" and r["attack"] == "full" and r["task"] == "prose")
     assert f"{row['gain']:+.4f}" in md
+
+
+def test_report_leads_with_the_real_model_against_the_bars(tmp_path):
+    md = build_report([FIX / "bench", FIX / "demo"], tmp_path / "rep").with_name("README.md").read_text()
+    first = md.index("## ", md.index("# weightlock report") + 2)
+    assert md[first:].startswith("## Real LLM (SmolLM2-135M)")
+    row = next(line for line in md.splitlines() if line.startswith("| r32-row-clip-b256 |"))
+    # the recorded run: prose perplexity 17.0 → 8.1e7, top-1 agreement 0, prefill 1.09×, decode 1.73×
+    assert "17.0 → 8.11e+07" in row and "| 1.09× | 1.73× | MISSES |" in row
 
 
 def test_report_lists_missing_figures_and_rejects_empty_input(tmp_path):
