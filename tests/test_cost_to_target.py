@@ -119,3 +119,48 @@ def test_demo_verdict_carries_the_cost_multiplier():
     line = verdicts(rows, {}, [make_defense("dlr")])["DLR-Lock"]
     assert "prose: best attack full gets 100% of the unlocked gain (reaching 90% of the unlocked gain costs " \
            "2.00× the time (full), 1.00× the FLOPs, never within the unlocked full fine-tune's memory)" in line
+
+
+def _run_file(path, attack, curve, peak, options=None, reference=None):
+    import json
+
+    from weightlock.schema import ATTACK_RUN, stamp
+
+    path.mkdir(parents=True)
+    run = {"cost_curve": curve, "cost": {"peak_rss_delta_bytes": peak}}
+    d = stamp(ATTACK_RUN, {"attack": attack, "options": options or {}, "locked": run})
+    if reference is not None:
+        d["reference_run"] = {"cost_curve": reference, "cost": {"peak_rss_delta_bytes": 100 * 2**20}}
+    (path / "result.json").write_text(json.dumps(d))
+
+
+def test_cli_cost_reads_attack_runs_and_applies_the_memory_budget(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from weightlock.cli import app
+
+    _run_file(tmp_path / "orig" / "full", "full", _pts([0, 0.5, 1.0]), 100 * 2**20)
+    _run_file(tmp_path / "lock" / "full", "full", _pts([0, 0.5, 1.0], dt=3.0, fl=20.0), 300 * 2**20)
+    _run_file(tmp_path / "lock" / "ckpt", "full", _pts([0, 0.5, 1.0], dt=4.0, fl=30.0), 90 * 2**20,
+              {"checkpointing": "layer"})
+    r = CliRunner().invoke(app, ["cost", "--locked", str(tmp_path / "lock"), "--original", str(tmp_path / "orig"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    # target 0.9: 1.8 steps; the original's full fine-tune (100 MiB) sets the budget, only ckpt fits it
+    assert out["seconds"]["multiplier"] == pytest.approx(3.0)
+    assert out["seconds within memory"]["multiplier"] == pytest.approx(4.0)
+    assert out["flops"]["multiplier"] == pytest.approx(2.0) and out["tokens"]["multiplier"] == pytest.approx(1.0)
+    r = CliRunner().invoke(app, ["cost", "--locked", str(tmp_path / "lock"), "--original", str(tmp_path / "orig"),
+                                 "--memory-budget-mib", "50"])
+    assert r.exit_code == 2 and "no attack on the original reaches the target within the memory budget" in r.output
+    # without --original: the reference runs recorded beside the lock's runs
+    _run_file(tmp_path / "paired" / "a", "full", _pts([0, 0.2, 0.4]), 300 * 2**20, reference=_pts([0, 0.5, 1.0]))
+    r = CliRunner().invoke(app, ["cost", "--locked", str(tmp_path / "paired")])
+    assert r.exit_code == 0 and "∞ (never)" in r.output, r.output
+    (tmp_path / "old" / "x").mkdir(parents=True)
+    _run_file(tmp_path / "old" / "x" / "run", "full", [], 1)
+    r = CliRunner().invoke(app, ["cost", "--locked", str(tmp_path / "old"), "--original", str(tmp_path / "orig")])
+    assert r.exit_code == 2 and "no cost curve" in r.output

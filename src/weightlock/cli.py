@@ -414,6 +414,48 @@ def demo(
 
 @app.command()
 @user_errors
+def cost(
+    locked: list[Path] = typer.Option(..., help="Attack runs on the lock (run directories or folders of them; "
+                                      "repeatable)."),
+    original: Optional[list[Path]] = typer.Option(None, help="Attack runs on the unlocked original (default: "
+                                                  "the reference runs recorded beside --locked runs)."),
+    q: float = typer.Option(0.9, help="Target: this fraction of the best gain any attack reaches on the original."),
+    memory_budget_mib: Optional[float] = typer.Option(None, help="Memory budget (MiB of a run's own peak growth; "
+                                                      "default: the original's full fine-tuning peak)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The lock cost multiplier: what the cheapest attack on the lock pays to reach the target gain ÷ the
+    cheapest on the original, in training seconds, FLOPs and tokens, also within a memory budget."""
+    from .eval.cost_to_target import COSTS, full_finetune_budget, load_attack_curves, lock_cost_multiplier
+
+    lk = load_attack_curves(locked)
+    og = load_attack_curves(original) if original else load_attack_curves(locked, side="reference")
+    budget = int(memory_budget_mib * 2**20) if memory_budget_mib is not None else full_finetune_budget(og)
+    out = {}
+    for c in COSTS:
+        if any(p.get(c) is None for a in (*lk, *og) for p in a.curve):
+            continue
+        out[c] = lock_cost_multiplier(lk, og, q, c)
+        if budget is not None:
+            out[f"{c} within memory"] = lock_cost_multiplier(lk, og, q, c, budget)
+    if as_json:
+        print(json.dumps(out, indent=1, default=str))
+        return
+    first = next(iter(out.values()))
+    console.print(f"target: {q:.0%} of the best unlocked gain {first['best_original_gain']:+.4f} = "
+                  f"{first['target_gain']:+.4f}; best gain on the lock {first['best_locked_gain']:+.4f}"
+                  + (f"; memory budget {budget / 2**20:,.0f} MiB" if budget is not None else ""))
+    t = Table()
+    for col in ("cost", "lock: cheapest to target", "original: cheapest to target", "multiplier"):
+        t.add_column(col)
+    for name, m in out.items():
+        t.add_row(name, "never" if m["locked_min"] is None else f"{m['locked_min']:,.4g}",
+                  f"{m['original_min']:,.4g}", "∞ (never)" if m["locked_min"] is None else f"{m['multiplier']:.2f}×")
+    console.print(t)
+
+
+@app.command()
+@user_errors
 def plan(
     model: str = typer.Option(..., help="config.json, model directory, or a shipped name (smollm2-135m, "
                               "llama-3.2-1b, llama-3.1-8b, qwen2.5-7b)."),

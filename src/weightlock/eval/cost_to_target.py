@@ -122,3 +122,49 @@ def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurv
         except WeightlockError:
             pass
     return line
+
+
+def load_attack_curves(paths: Sequence, side: str = "locked") -> list[AttackCurve]:
+    """The cost curves of the attack runs (``result.json`` of :func:`~weightlock.attacks.run_attack`) in
+    ``paths`` (run directories, directories holding them, or result files): ``side="locked"`` reads the
+    attacked model's run, ``"reference"`` the unlocked reference run recorded beside it (``--reference``).
+    Each curve is named by its run directory; its peak memory is the run's own peak growth."""
+    from pathlib import Path
+
+    from ..io import read_json
+    from ..schema import ATTACK_RUN, kind_of
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += sorted(p.rglob("result.json"))
+        else:
+            raise WeightlockError(f"{p}: no such file or directory")
+    curves = []
+    for f in files:
+        d = read_json(f)
+        if kind_of(d, f) != ATTACK_RUN:
+            continue
+        run = d["locked"] if side == "locked" else d.get("reference_run")
+        if run is None:
+            continue
+        if not run.get("cost_curve"):
+            raise WeightlockError(f"{f}: no cost curve (recorded before weightlock kept one); run the attack again "
+                                  "with score_every=N")
+        name = d.get("attack", "attack") + f" ({f.parent})"
+        curves.append(AttackCurve(name, run["cost_curve"], run["cost"].get("peak_rss_delta_bytes"),
+                                  {"attack": d.get("attack"), "options": d.get("options", {})}))
+    if not curves:
+        raise WeightlockError(f"no attack runs{' with a reference run' if side != 'locked' else ''} under "
+                              + ", ".join(map(str, paths)))
+    return curves
+
+
+def full_finetune_budget(original: Sequence[AttackCurve]) -> int | None:
+    """The memory budget: the largest peak of the original's plain full fine-tuning runs (no counter-measure),
+    or None when there is none."""
+    peaks = [a.peak_bytes for a in original if a.extra.get("attack") == "full" and a.peak_bytes is not None
+             and not a.extra.get("options", {}).get("checkpointing") and not a.extra.get("options", {}).get("offload")]
+    return max(peaks) if peaks else None
