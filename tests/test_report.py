@@ -17,7 +17,8 @@ runner = CliRunner()
 
 def test_collect_recognises_every_kind_by_content():
     found = collect([FIX])
-    assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity", "real_model"}
+    assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity", "real_model",
+                          "cost_to_target", "regime"}
     assert all(len(v) == 1 for v in found.values())  # unrelated.json is ignored
 
 
@@ -51,6 +52,20 @@ def test_report_leads_with_the_real_model_against_the_bars(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| r32-row-clip-b256 |"))
     # the recorded run: prose perplexity 17.0 → 8.1e7, top-1 agreement 0, prefill 1.09×, decode 1.73×
     assert "17.0 → 8.11e+07" in row and "| 1.09× | 1.73× | MISSES |" in row
+
+
+def test_report_shows_the_lock_cost_multiplier_and_the_regime(tmp_path):
+    import json
+
+    md = build_report([FIX / "bench"], tmp_path / "rep").with_name("README.md").read_text()
+    a = json.loads((FIX / "bench" / "cost_to_target.json").read_text())["analysis"][0]
+    row = next(line for line in md.splitlines() if line.startswith("| prose | dlr-16 |"))
+    assert f"| {a['seconds_any_memory']['multiplier']:.2f}× |" in row
+    assert f"| {a['gain_ratio_at_convergence']:.2f} |" in row
+    assert "![Gain vs the attacker's cost, locked vs unlocked](cost_curves.png)" in md
+    rows = [line for line in md.splitlines() if line.startswith("| dlr-")]
+    assert "| dlr-32 | 32 | 1.0020 | 130 | 3.4× |" in md and any("∞ (never)" in r for r in rows)
+    assert any(r.startswith("| dlr-32-norm | 32 |") and "| n/a |" in r for r in rows)
 
 
 def test_report_lists_missing_figures_and_rejects_empty_input(tmp_path):
