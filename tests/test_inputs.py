@@ -103,7 +103,7 @@ def test_torchrun_workers_share_the_cores(tmp_path):
     import os
 
     script = tmp_path / "w.py"
-    script.write_text("import sys, torch\nfrom pathlib import Path\nfrom weightlock.dlr.distill import dist_or_none\n"
+    script.write_text("import sys, torch\nfrom pathlib import Path\nfrom weightlock.io import dist_or_none\n"
                       "d = dist_or_none()\n"
                       "Path(sys.argv[1], f'rank{d.get_rank()}').write_text(str(torch.get_num_threads()))\n"
                       "d.destroy_process_group()\n")

@@ -187,3 +187,17 @@ def set_threads_per_process(processes: int) -> int:
     n = threads_per_process(processes)
     torch.set_num_threads(n)
     return n
+
+
+def dist_or_none():
+    """``torch.distributed`` initialised for a multi-process run (``WORLD_SIZE`` > 1: NCCL on GPUs, else Gloo,
+    CPU threads shared between the processes), or None in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        set_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist
+    return None

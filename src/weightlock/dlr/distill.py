@@ -7,7 +7,6 @@ so a killed run restarts and skips it.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 from ..config import check_types, choice
 from ..errors import WeightlockError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, dist_or_none, read_json, write_json
 from .modeling_weightlock_dlr import (
     ArchAdapter,
     DLRNet,
@@ -359,22 +358,6 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
 
 
 # ---- the whole model ----------------------------------------------------------------------------
-
-def dist_or_none():
-    """``torch.distributed`` initialised for a multi-process run (``WORLD_SIZE`` > 1: NCCL on GPUs, else Gloo,
-    CPU threads shared between the processes), or None in a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        from ..io import set_threads_per_process
-
-        set_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist
-    return None
-
 
 def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work: Path) -> tuple[nn.Module, list[dict]]:
     """Replace every MLP of ``model`` (in place) by a distilled DLR-Net; returns the model and per-layer stats.

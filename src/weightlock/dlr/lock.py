@@ -10,13 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import WeightlockError
-from ..io import check_out_dir, prepare_out_dir, read_json, sha256_file, write_json
+from ..io import check_out_dir, dist_or_none, prepare_out_dir, read_json, sha256_file, write_json
 from ..models.gguf import resolve_model_path
 from ..models.hub import load
 from ..schema import LOCK_REPORT, SCHEMA_VERSION
 from ..version import __version__
 from . import modeling_weightlock_dlr as M
-from .distill import LockConfig, dist_or_none, distill_model, refine, specs_for
+from .distill import LockConfig, distill_model, refine, specs_for
 
 WORK = ".weightlock-work"
 MODELING_FILE = "modeling_weightlock_dlr.py"

@@ -137,7 +137,7 @@ def offloaded_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def distributed():
     """``torch.distributed``, initialised, in a job of several processes (``torchrun``, ``accelerate launch``:
     ``WORLD_SIZE`` > 1; Gloo on CPU, the cores shared between the processes); None in a single process."""
-    from ..dlr.distill import dist_or_none
+    from ..io import dist_or_none
 
     return dist_or_none()
 
