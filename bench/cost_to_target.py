@@ -27,13 +27,17 @@ distinct (model, attack, options) alone, 10 steps, repeated 3 times in alternati
 task and defense: target = 0.9 × the best gain of any attack on the original; cost to target per run
 (interpolated, or never); lock cost multiplier = cheapest run on the lock ÷ cheapest on the original,
 in seconds, FLOPs and tokens, without and with a memory budget (the unlocked full fine-tune's peak
-growth: runs above it do not count). Runs are kept under runs/bench/cost_to_target (re-running skips
-finished ones; delete a run's directory to redo it). Two workers, one thread each. Writes
+growth: runs above it do not count), and with an activation budget (the bytes autograd saves for one
+step, exact, against the unlocked full fine-tune's; checkpointed runs count what is kept between
+checkpoints, not the one unit recomputed in the backward pass). Runs are kept under
+runs/bench/cost_to_target (re-running skips finished ones; delete a run's directory to redo it). Two workers,
+one thread each. Writes
 bench/results/cost_to_target.json and cost_to_target.png.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -209,15 +213,22 @@ def analyse(rows: list[dict], defenses: list[str], tasks) -> list[dict]:
         curves = {key: [AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"])
                         for r in rows if r["task"] == task and r["model"] == key]
                   for key in ["original", *defenses]}
+        act_budget = max(r["saved_activation_bytes"] for r in orig
+                         if r["attack"] == "full" and "ckpt" not in r["label"])
+        act_curves = {key: [AttackCurve(r["label"], r["cost_curve"], r["saved_activation_bytes"])
+                            for r in rows if r["task"] == task and r["model"] == key]
+                      for key in ["original", *defenses]}
         for key in defenses:
             entry = {"task": task, "defense": key, "q": Q, "target_gain": target, "memory_budget_bytes": budget,
+                     "activation_budget_bytes": act_budget,
                      "best_original_gain": target / Q,
                      "best_gain": max(max_gain(r) for r in rows if r["task"] == task and r["model"] == key),
                      "seed_spread": {"original": seeds["original"], key: seeds[key]}}
             entry["gain_ratio_at_convergence"] = entry["best_gain"] / entry["best_original_gain"]
             for cost in COSTS:
-                for name, mb in (("any_memory", None), ("memory_budget", budget)):
-                    m = lock_cost_multiplier(curves[key], curves["original"], Q, cost, mb)
+                for name, mb in (("any_memory", None), ("memory_budget", budget), ("activation_budget", act_budget)):
+                    c = act_curves if name == "activation_budget" else curves
+                    m = lock_cost_multiplier(c[key], c["original"], Q, cost, mb)
                     entry[f"{cost}_{name}"] = {k: m[k] for k in ("multiplier", "locked_min", "original_min",
                                                                  "locked", "original")}
             out.append(entry)
@@ -263,7 +274,17 @@ def main() -> None:
                     help="extra lock ranks for bench/dlr_regime.py (prose; full FT + frozen DLR only)")
     ap.add_argument("--regime-norm-rank", type=int, default=32, help="rank of the per-block-norm lock (0: none)")
     ap.add_argument("--timing-repeats", type=int, default=3, help="quiet timing passes (run on an idle machine)")
+    ap.add_argument("--reanalyse", action="store_true", help="analyse the recorded JSON again, no runs")
     args = ap.parse_args()
+    if args.reanalyse:  # the recorded runs and timings, analysed again (no training)
+        d = json.loads((RESULTS / "cost_to_target.json").read_text())
+        wanted = [k for k in d["models"] if k != "original" and k in {a["defense"] for a in d["analysis"]}]
+        analysis = analyse(d["runs"], wanted, args.tasks)
+        plot(d["runs"], analysis, wanted, args.tasks, RESULTS / "cost_to_target.png")
+        d["analysis"] = analysis
+        d.pop("kind", None), d.pop("schema_version", None), d.pop("machine", None)
+        save("cost_to_target", d)
+        return
     if not (BASE / "model.safetensors").exists():
         sys.exit(f"{BASE} not found: run bench/base_model.py first")
     BUDGET["steps"] = args.steps
