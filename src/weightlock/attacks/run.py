@@ -125,27 +125,25 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
 def _cost_curve(before: float, after: float, hook, trainer, prepare_s: float, prepare_flops: float,
                 changes_model: bool) -> list[dict]:
     """The attack's score against its cumulative cost: the model as released at cost 0, (for an attack whose
-    preparation changes the model, e.g. reverse distillation, whose time and FLOPs count) the prepared
-    model, every scored step and the final model. ``seconds`` is preparation + training-step time (scoring
-    excluded)."""
-    from ..train.loop import PatienceHook
-
-    if hook is None:  # no curve asked for: before and after only
-        hook = PatienceHook(lambda t: before, every=10**9, initial_score=before)
-        hook._seconds = sum(h["step_time"] for h in trainer.history)
-        hook.curve.append({"step": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0, "score": before})
+    preparation changes the model, e.g. reverse distillation, whose time and FLOPs count, and when the curve
+    was scored) the prepared model, every scored step and the final model. ``seconds`` is preparation +
+    training-step time (scoring excluded)."""
+    from ..train.loop import cost_point
 
     def shifted(p):
         return {**p, "seconds": p["seconds"] + prepare_s,
                 "flops": None if p["flops"] is None else p["flops"] + prepare_flops}
 
-    points = [shifted(p) for p in hook.curve]
-    if points[-1]["step"] != trainer.step:
-        points.append(shifted(hook.point(trainer, after)))
-    else:
+    # the hook's first point is the model before training: the release itself unless prepare changed it
+    scored = [] if hook is None else hook.curve if changes_model else hook.curve[1:]
+    points = [shifted(p) for p in scored]
+    if points and points[-1]["step"] == trainer.step:
         points[-1]["score"] = after  # the same model, scored once more in eval mode
-    start = {"step": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0, "score": before}
-    return [start] + points if changes_model else [start] + points[1:]
+    else:
+        final = (hook.point(trainer, after) if hook is not None
+                 else cost_point(trainer, sum(h["step_time"] for h in trainer.history), after))
+        points.append(shifted(final))
+    return [{"step": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0, "score": before}] + points
 
 
 def pretraining_domain(model_dir) -> str:

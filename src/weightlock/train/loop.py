@@ -120,6 +120,17 @@ class LambdaHook(Hook):
             setattr(self, name, fn)
 
 
+def cost_point(trainer, seconds: float, score: float) -> dict:
+    """Where ``trainer`` stands now, with ``score``: steps, tokens, training ``seconds`` and FLOPs (counted
+    per micro-batch × micro-batches run by every process; ``None`` when not measured)."""
+    per_micro = getattr(trainer, "flops_per_micro_batch", None)
+    processes = getattr(getattr(trainer, "acc", None), "num_processes", 1)  # data-parallel: all processes
+    micro = trainer.step * (trainer.cfg.grad_accum if hasattr(trainer, "cfg") else 1) * processes
+    flops = float(per_micro * micro) if per_micro is not None else (0.0 if micro == 0 else None)
+    return {"step": trainer.step, "tokens": trainer.tokens_seen, "seconds": seconds, "flops": flops,
+            "score": float(score)}
+
+
 class PatienceHook(Hook):
     """Score the model every ``every`` steps with ``score_fn(trainer) -> float`` (held-out, higher is better)
     and stop training once ``patience`` scores in a row have not beaten the best by more than ``min_delta``
@@ -142,12 +153,7 @@ class PatienceHook(Hook):
 
     def point(self, trainer, score: float) -> dict:
         """The cost point of ``trainer`` now, with ``score``."""
-        per_micro = getattr(trainer, "flops_per_micro_batch", None)
-        processes = getattr(getattr(trainer, "acc", None), "num_processes", 1)  # data-parallel: all processes
-        micro = trainer.step * (trainer.cfg.grad_accum if hasattr(trainer, "cfg") else 1) * processes
-        flops = float(per_micro * micro) if per_micro is not None else (0.0 if micro == 0 else None)
-        return {"step": trainer.step, "tokens": trainer.tokens_seen, "seconds": self._seconds, "flops": flops,
-                "score": float(score)}
+        return cost_point(trainer, self._seconds, score)
 
     def _score(self, trainer, score: float | None = None) -> None:
         score = float(self.score_fn(trainer) if score is None else score)
