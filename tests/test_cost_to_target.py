@@ -141,7 +141,9 @@ def test_cli_cost_reads_attack_runs_and_applies_the_memory_budget(tmp_path):
 
     from weightlock.cli import app
 
-    _run_file(tmp_path / "orig" / "full", "full", _pts([0, 0.5, 1.0]), 100 * 2**20)
+    # run_attack records every option, the defaults included: a plain full fine-tune has checkpointing "none"
+    _run_file(tmp_path / "orig" / "full", "full", _pts([0, 0.5, 1.0]), 100 * 2**20,
+              {"checkpointing": "none", "offload": False})
     _run_file(tmp_path / "lock" / "full", "full", _pts([0, 0.5, 1.0], dt=3.0, fl=20.0), 300 * 2**20)
     _run_file(tmp_path / "lock" / "ckpt", "full", _pts([0, 0.5, 1.0], dt=4.0, fl=30.0), 90 * 2**20,
               {"checkpointing": "layer"})

@@ -165,6 +165,9 @@ def load_attack_curves(paths: Sequence, side: str = "locked") -> list[AttackCurv
 def full_finetune_budget(original: Sequence[AttackCurve]) -> int | None:
     """The memory budget: the largest peak of the original's plain full fine-tuning runs (no counter-measure),
     or None when there is none."""
+    def plain(options: dict) -> bool:  # run_attack records checkpointing="none" for no checkpointing
+        return options.get("checkpointing") in (None, "none") and not options.get("offload")
+
     peaks = [a.peak_bytes for a in original if a.extra.get("attack") == "full" and a.peak_bytes is not None
-             and not a.extra.get("options", {}).get("checkpointing") and not a.extra.get("options", {}).get("offload")]
+             and plain(a.extra.get("options", {}))]
     return max(peaks) if peaks else None
