@@ -17,6 +17,24 @@ def save(name: str, result: dict) -> Path:
     return path
 
 
+def attack_job(root: Path, budget: dict, job: tuple) -> dict:
+    """One attack run under ``root/TASK/MODEL/LABEL`` (skipped when finished there) with the shared ``budget``
+    options; ``job`` = (model key, model dir, task, label, attack, options). Returns its row: gain, curve
+    and costs."""
+    from weightlock.attacks import run_attack
+
+    key, model, task, label, attack, options = job
+    out = root / task / key / label
+    r = run_attack(model, task, attack, out, **budget, **options)["locked"]
+    print(f"{task:7s} {key:8s} {label:28s} gain {r['gain']:+.4f} steps {r['cost_curve'][-1]['step']:3d} "
+          f"{r['cost_curve'][-1]['seconds']:6.0f} s", flush=True)
+    return {"model": key, "task": task, "label": label, "attack": attack, "options": options, "dir": str(out),
+            **{k: r[k] for k in ("gain", "before", "after", "cost_curve", "stopped_early", "capability_ppl_after")},
+            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
+            "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
+            "step_time_s": r["cost"]["step_time_s"], "prepare_seconds": r["cost"]["prepare_seconds"]}
+
+
 def llama_shaped_pair(layers: int = 2, rank: int = 64):
     """A random Llama-shaped model at a real width (d=2048, d_ff=8192, vocab 4,096) and its DLR version
     at ``rank`` (random DLR weights: enough for memory and time). Returns (original, locked, specs)."""

@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, save  # noqa: E402
+from common import RESULTS, attack_job, save  # noqa: E402
 from weightlock.io import set_threads_per_process  # noqa: E402
 
 BASE = Path("runs/bench/base-small")
@@ -92,18 +92,7 @@ def build_model(what: str) -> str:
 
 def run(job: tuple) -> dict:
     """One attack run (skipped when finished): (model key, model dir, task, label, attack, options)."""
-    from weightlock.attacks import run_attack
-
-    key, model, task, label, attack, options = job
-    out = RUNS / task / key / label
-    r = run_attack(model, task, attack, out, **BUDGET, **options)["locked"]
-    print(f"{task:7s} {key:8s} {label:28s} gain {r['gain']:+.4f} steps {r['cost_curve'][-1]['step']:3d} "
-          f"{r['cost_curve'][-1]['seconds']:6.0f} s", flush=True)
-    return {"model": key, "task": task, "label": label, "attack": attack, "options": options, "dir": str(out),
-            **{k: r[k] for k in ("gain", "before", "after", "cost_curve", "stopped_early", "capability_ppl_after")},
-            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
-            "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
-            "step_time_s": r["cost"]["step_time_s"], "prepare_seconds": r["cost"]["prepare_seconds"]}
+    return attack_job(RUNS, BUDGET, job)
 
 
 def first_jobs(models: dict, tasks) -> list[tuple]:

@@ -260,6 +260,19 @@ def test_attack_cost_curve_and_patience(tiny_model_dir, tmp_path):
         make_attack("full", patience=3)
 
 
+def test_eval_tokens_bounds_the_score_and_capability_data(tiny_model_dir):
+    """A real LLM on a CPU scores on fewer held-out tokens: eval_tokens caps the task's test blocks (and the
+    capability perplexity's), and must hold one block."""
+    model, _ = tiny_model_dir
+    small = run_attack(model, "prose", "full", steps=1, batch_size=2, block_size=64, train_tokens=2000,
+                       eval_tokens=256)["locked"]
+    assert small["before"]["tokens"] == 256 and small["after"]["tokens"] == 256
+    default = run_attack(model, "prose", "full", steps=1, batch_size=2, block_size=64, train_tokens=2000)["locked"]
+    assert default["before"]["tokens"] > 256
+    with pytest.raises(WeightlockError, match="eval_tokens .* must hold one block of 128 tokens"):
+        make_attack("full", eval_tokens=64)
+
+
 def test_reverse_distill_curve_starts_with_its_own_cost(tiny_locked_dir):
     """The distillation is part of the attacker's bill: the curve's second point is the distilled dense
     model, at the distillation's time and FLOPs, before any fine-tuning step."""

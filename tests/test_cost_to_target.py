@@ -58,6 +58,27 @@ class _FakeTrainer:
         self.step, self.tokens_seen, self.should_stop = 0, 0, False
 
 
+def test_level_target_counts_from_the_original_release():
+    """A lock that starts far below the original reaches the gain-based target without ever getting back
+    to the original's level; the level target measures the climb from the original's release score."""
+    original = [AttackCurve("full", curve([0, 0.5, 1.0, 1.0], start=-3.0))]
+    degraded = [AttackCurve("full", curve([0, 1.0, 2.0, 2.5], start=-10.0))]  # ends at -7.5, far below -3
+    by_gain = lock_cost_multiplier(degraded, original, q=0.9)
+    # gain 0.9 at 9 s on the lock vs 18 s on the original: "twice as cheap", though it ends 4.5 nats worse
+    assert by_gain["multiplier"] == pytest.approx(0.5)
+    assert math.isfinite(by_gain["multiplier"]) and by_gain["target_score"] is None
+    by_level = lock_cost_multiplier(degraded, original, q=0.9, level=True)
+    assert by_level["target_score"] == pytest.approx(-3.0 + 0.9)
+    assert by_level["locked"]["full"] is None and math.isinf(by_level["multiplier"])
+    # a lock that keeps the original's score: both targets agree
+    same = [AttackCurve("full", curve([0, 0.3, 0.9, 1.0], start=-3.0))]
+    assert lock_cost_multiplier(same, original, level=True)["multiplier"] == pytest.approx(
+        lock_cost_multiplier(same, original)["multiplier"])
+    # the level is read off the original's attacks, which must start from one release score
+    with pytest.raises(WeightlockError, match="different scores"):
+        lock_cost_multiplier(same, [*original, AttackCurve("lora", curve([0, 0.2], start=-2.0))], level=True)
+
+
 def test_patience_stops_when_the_score_stops_improving():
     scores = iter([0.0, 0.5, 0.7, 0.69, 0.7, 0.65, 0.9])
     hook = PatienceHook(lambda t: next(scores), every=5, patience=3)

@@ -22,6 +22,9 @@ class AttackConfig(FinetuneConfig):
     what: ClassVar[str] = "attack config"
     block_size: int = 128
     train_tokens: int = 200_000
+    # held-out tokens of a perplexity task's score (and of the capability perplexity, at most 8192); a real
+    # LLM on a CPU pays one forward over them at every score
+    eval_tokens: int = 16_384
     score_every: int = 0  # also score the task every N steps (a fine-tuning curve); 0: before/after only
     # stop once this many scores in a row (every score_every steps) have not beaten the best by more than
     # min_delta: an attack run to convergence; 0: run every step
@@ -32,6 +35,8 @@ class AttackConfig(FinetuneConfig):
         super().validate()
         if self.train_tokens < 1 or self.block_size < 2:
             raise WeightlockError("train_tokens must be ≥ 1, block_size ≥ 2")
+        if self.eval_tokens < self.block_size:
+            raise WeightlockError(f"eval_tokens ({self.eval_tokens}) must hold one block of {self.block_size} tokens")
         if self.score_every < 0 or self.patience < 0 or self.min_delta < 0:
             raise WeightlockError("score_every, patience and min_delta must be ≥ 0")
         if self.patience and not self.score_every:

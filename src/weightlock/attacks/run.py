@@ -66,9 +66,9 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
     model = load(model_dir)
     tok = load_tokenizer(model_dir)
     cap_spec = eval_data or pretraining_domain(model_dir)
-    cap_blocks = load_blocks(cap_spec, "validation", tok, c.block_size, 8192)
+    cap_blocks = load_blocks(cap_spec, "validation", tok, c.block_size, min(8192, c.eval_tokens))
     ctx: dict[str, Any] = {"model_dir": str(model_dir)}  # what prepare may need to know; not part of the result
-    before = task.evaluate(model, tok, c.block_size)
+    before = task.evaluate(model, tok, c.block_size, max_tokens=c.eval_tokens)
     cap_before = math.exp(evaluate_loss(model, cap_blocks))
     blocks = task.train_blocks(tok, c.block_size, c.train_tokens)
     curve_hook = None
@@ -79,7 +79,8 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
         ctx.pop("model_dir")
         hooks = ctx.pop("hooks", [])
         if c.score_every > 0:  # scored outside the timed steps; the final model is scored below
-            curve_hook = PatienceHook(lambda t: task.evaluate(model, tok, c.block_size)["score"], c.score_every,
+            curve_hook = PatienceHook(lambda t: task.evaluate(model, tok, c.block_size, c.eval_tokens)["score"],
+                                      c.score_every,
                                       patience=c.patience, min_delta=c.min_delta, skip_final=True,
                                       initial_score=None if atk.changes_model else before["score"])
             hooks = [*hooks, curve_hook]
@@ -91,7 +92,7 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
         ctx["recovered_mask_density"] = sum(int(m.sum()) for m in recovered.values()) / sum(
             m.numel() for m in recovered.values())
     model.eval()
-    after = task.evaluate(model, tok, c.block_size)
+    after = task.evaluate(model, tok, c.block_size, max_tokens=c.eval_tokens)
     cost_curve = _cost_curve(before["score"], after["score"], curve_hook, trainer, prepare_s,
                              ctx.get("reverse_distill", {}).get("flops", 0.0),
                              atk.changes_model)

@@ -41,11 +41,13 @@ def best_gain(curve: Sequence[dict]) -> float:
     return max(gain_curve(curve))
 
 
-def cost_to_target(curve: Sequence[dict], target_gain: float, cost: str = "seconds") -> float | None:
+def cost_to_target(curve: Sequence[dict], target_gain: float, cost: str = "seconds",
+                   start: float | None = None) -> float | None:
     """The cost at which ``curve`` first reaches ``target_gain`` (linear interpolation between the points
-    around the crossing); ``None`` if it never does."""
+    around the crossing); ``None`` if it never does. Gains count from the curve's own first score, or from
+    ``start`` when given (e.g. the original release's score: the target is then a score level)."""
     _check_curve(curve, cost)
-    gains = gain_curve(curve)
+    gains = gain_curve(curve) if start is None else [p["score"] - start for p in curve]
     if gains[0] >= target_gain:
         return float(curve[0][cost])
     for (p0, g0), (p1, g1) in zip(zip(curve, gains), zip(curve[1:], gains[1:])):
@@ -66,12 +68,16 @@ class AttackCurve:
 
 
 def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[AttackCurve], q: float = 0.9,
-                         cost: str = "seconds", memory_budget: int | None = None) -> dict:
+                         cost: str = "seconds", memory_budget: int | None = None, level: bool = False) -> dict:
     """Cheapest cost to target on the lock ÷ cheapest on the original.
 
-    The target is ``q`` × the best gain of any attack on the original. With ``memory_budget``, attacks
-    whose peak memory exceeds it do not count (on either side). The multiplier is ``inf`` when no attack on
-    the lock reaches the target (the lock holds within the attacks' budgets)."""
+    The target is ``q`` × the best gain of any attack on the original, each curve's gain counted from its
+    own release's score; with ``level`` it counts from the *original* release's score on both sides, so
+    the target is a score level (``target_score``): a lock that starts below the original must first
+    climb back to it (the gain-based target lets a degraded release reach the target well below the
+    fine-tuned original's level). With ``memory_budget``, attacks whose peak memory exceeds it do not
+    count (on either side). The multiplier is ``inf`` when no attack on the lock reaches the target (the
+    lock holds within the attacks' budgets)."""
     if not 0 < q <= 1:
         raise WeightlockError(f"q must be in (0, 1], got {q}")
     if not original:
@@ -80,12 +86,15 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
     if not best > 0:
         raise WeightlockError(f"the unlocked attacker gains nothing (best gain {best:.4g}): no target to reach")
     target = q * best
+    start = original[0].curve[0]["score"] if level else None
+    if level and any(abs(a.curve[0]["score"] - start) > 1e-9 * max(1.0, abs(start)) for a in original):
+        raise WeightlockError("level target: the attacks on the original start from different scores")
 
     def fits(a: AttackCurve) -> bool:
         return memory_budget is None or (a.peak_bytes is not None and a.peak_bytes <= memory_budget)
 
     def table(runs):
-        return {a.attack: (cost_to_target(a.curve, target, cost) if fits(a) else "over memory budget")
+        return {a.attack: (cost_to_target(a.curve, target, cost, start) if fits(a) else "over memory budget")
                 for a in runs}
 
     lk, og = table(locked), table(original)
@@ -95,6 +104,7 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
         raise WeightlockError("no attack on the original reaches the target within the memory budget")
     mult = math.inf if lk_min is None else (lk_min / og_min if og_min > 0 else math.inf)
     return {"q": q, "cost": cost, "target_gain": target, "best_original_gain": best, "memory_budget": memory_budget,
+            "level": level, "target_score": None if start is None else start + target,
             "locked": lk, "original": og, "locked_min": lk_min, "original_min": og_min, "multiplier": mult,
             "best_locked_gain": max((best_gain(a.curve) for a in locked), default=None)}
 
