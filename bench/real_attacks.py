@@ -103,12 +103,14 @@ def analyse(rows: list[dict], tasks) -> list[dict]:
                      "best_locked_score": max(p["score"] for r in lock for p in r["cost_curve"]),
                      "seed_spread": None if seed1 is None else [best_gain(ref), best_gain(seed1)]}
             entry["target_gain"] = Q * entry["best_original_gain"]
-            entry["gain_ratio_at_convergence"] = entry["best_gain"] / entry["best_original_gain"]
+            gains = entry["best_original_gain"] > 0  # else no target: the unlocked attacker gains nothing
+            entry["gain_ratio_at_convergence"] = entry["best_gain"] / entry["best_original_gain"] if gains else None
             for target, level in (("gain", False), ("level", True)):
                 for cost in ("seconds", "flops"):
-                    m = lock_cost_multiplier(curves["locked"], curves["original"], Q, cost, level=level)
-                    entry[f"{cost}_{target}"] = {k: m[k] for k in ("multiplier", "locked_min", "original_min",
-                                                                  "locked", "original", "target_score")}
+                    m = lock_cost_multiplier(curves["locked"], curves["original"], Q, cost, level=level) if gains \
+                        else {"multiplier": None}
+                    entry[f"{cost}_{target}"] = {k: m.get(k) for k in ("multiplier", "locked_min", "original_min",
+                                                                      "locked", "original", "target_score")}
             base = next(r for r in orig if r["label"] == ref["label"])
             entry["per_step"] = [{"model": r["model"], "label": r["label"], "step_time_s": r["step_time_s"],
                                   "step_time_ratio": r["step_time_s"] / base["step_time_s"],
@@ -137,7 +139,8 @@ def plot(rows: list[dict], analysis: list[dict], path: Path) -> None:
             c, lock = r["cost_curve"], r["model"] != "original"
             ax.plot([p["seconds"] for p in c], [p["score"] for p in c], "-" if lock else "--", lw=1.1,
                     label=("lock: " if lock else "original: ") + r["label"])
-        ax.axhline(a["seconds_level"]["target_score"], color="k", ls=":", lw=0.8)
+        if a["seconds_level"]["target_score"] is not None:
+            ax.axhline(a["seconds_level"]["target_score"], color="k", ls=":", lw=0.8)
         ax.set_title(f"{a['task']} · {a['defense']}: score vs attacker's seconds (dotted: level target)", fontsize=9)
         ax.set_xlabel("cumulative training seconds")
         ax.set_ylabel("held-out task score (−loss)")
@@ -186,8 +189,8 @@ def main() -> None:
     for a in analysis:
         print(f"{a['task']:6s} {a['defense']}: release {a['locked_release_score']:+.3f} vs original "
               f"{a['original_release_score']:+.3f}; best score {a['best_locked_score']:+.3f} vs "
-              f"{a['best_original_score']:+.3f}; gain ratio {a['gain_ratio_at_convergence']:.2f}; time × (gain) "
-              f"{a['seconds_gain']['multiplier']:.2f}, (level) {a['seconds_level']['multiplier']:.2f}")
+              f"{a['best_original_score']:+.3f}; gain ratio {a['gain_ratio_at_convergence']}; time × (gain) "
+              f"{a['seconds_gain']['multiplier']}, (level) {a['seconds_level']['multiplier']}")
         for s in a["per_step"]:
             print(f"   {s['model']:8s} {s['label']:28s} step {s['step_time_s']:6.2f} s ({s['step_time_ratio']:.2f}×) "
                   f"activations {s['saved_activation_bytes'] / 2**20:7.0f} MiB ({s['activation_ratio']:.2f}×)")

@@ -18,7 +18,7 @@ runner = CliRunner()
 def test_collect_recognises_every_kind_by_content():
     found = collect([FIX])
     assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity", "real_model",
-                          "cost_to_target", "regime"}
+                          "cost_to_target", "regime", "real_attacks", "error_budget"}
     assert all(len(v) == 1 for v in found.values())  # unrelated.json is ignored
 
 
@@ -52,6 +52,27 @@ def test_report_leads_with_the_real_model_against_the_bars(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| r32-row-clip-b256 |"))
     # the recorded run: prose perplexity 17.0 → 8.1e7, top-1 agreement 0, prefill 1.09×, decode 1.73×
     assert "17.0 → 8.11e+07" in row and "| 1.09× | 1.73× | MISSES |" in row
+
+
+def test_report_shows_the_real_model_red_team_and_error_budget(tmp_path):
+    import json
+
+    build_report([FIX / "bench"], tmp_path / "rep")
+    md = (tmp_path / "rep" / "README.md").read_text()
+    assert "the red team, lock vs unlocked original" in md and "per-layer error budget" in md
+    ra = json.loads((FIX / "bench" / "real_attacks.json").read_text())
+    prose = next(a for a in ra["analysis"] if a["task"] == "prose")
+    row = next(line for line in md.splitlines() if line.startswith("| prose | dlr-32 |"))
+    assert f"{prose['gain_ratio_at_convergence']:.2f}" in row
+    assert f"{prose['seconds_level']['multiplier']:.2f}×" in row
+    # a task where the unlocked attacker gains nothing has no target: n/a, not a number
+    recall = next(line for line in md.splitlines() if line.startswith("| recall | dlr-32 |"))
+    assert recall.count("n/a") >= 4
+    eb = json.loads((FIX / "bench" / "real_error_budget.json").read_text())
+    verdicts = [line.rsplit("|", 2)[-2].strip() for line in md.splitlines()
+                if line.startswith("| ") and line.count("|") == 6 and line.split("|")[1].strip()[:1] in "0123456789"]
+    expect = ["meets" if g["ppl_ratio"] <= 1.05 and g["top1_agreement"] >= 0.95 else "MISSES" for g in eb["all_layers"]]
+    assert verdicts == expect and "meets" in expect and "MISSES" in expect
 
 
 def test_report_shows_the_lock_cost_multiplier_and_the_regime(tmp_path):

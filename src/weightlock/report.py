@@ -29,7 +29,8 @@ KINDS = {schema.DEMO: "demo", schema.ATTACK_RUN: "attack_run", schema.LOCK_REPOR
          schema.bench_kind("attacks"): "attacks", schema.bench_kind("dlr_memory"): "memory",
          schema.bench_kind("frontier"): "frontier", schema.bench_kind("pmp_sweep"): "pmp_sweep",
          schema.bench_kind("pmp_recovery"): "recovery", schema.bench_kind("dlr_fidelity"): "fidelity",
-         schema.bench_kind("cost_to_target"): "cost_to_target", schema.bench_kind("dlr_regime"): "regime"}
+         schema.bench_kind("cost_to_target"): "cost_to_target", schema.bench_kind("dlr_regime"): "regime",
+         schema.bench_kind("real_attacks"): "real_attacks", schema.bench_kind("real_error_budget"): "error_budget"}
 REAL_MODEL_PREFIX = schema.bench_kind("real_model")  # bench/real_model.py --name NAME: bench.real_model_NAME
 
 
@@ -275,6 +276,45 @@ def _draw_cost(ax, item) -> None:
     ax.set_ylabel("gain over the release")
 
 
+def _real_attack_panels(found) -> list:
+    """[(task, defense, level target, [(label, is_lock, [(seconds, score)])])] from bench/real_attacks.py."""
+    out = []
+    for _, d in found.get("real_attacks", []):
+        for a in d["analysis"]:
+            lines = [(r["label"], r["model"] != "original", [(p["seconds"], p["score"]) for p in r["cost_curve"]])
+                     for r in d["runs"] if r["task"] == a["task"] and r["model"] in ("original", a["defense"])]
+            out.append((a["task"], a["defense"], a["seconds_level"]["target_score"], lines))
+    return out
+
+
+def _draw_real_attack(ax, item) -> None:
+    task, defense, level, lines = item
+    for label, lock, pts in lines:
+        ax.plot(*zip(*pts), "-" if lock else "--", lw=1.2 if lock else 0.9,
+                label=("lock: " if lock else "original: ") + label)
+    if level is not None:
+        ax.axhline(level, color="k", ls=":", lw=0.8)
+    ax.set_yscale("symlog")
+    ax.set_title(f"SmolLM2-135M · {task} · {defense}", fontsize=9)
+    ax.set_xlabel("attacker's training seconds (cumulative)")
+    ax.set_ylabel("held-out task score (−loss)")
+
+
+def _budget_panels(found) -> list:
+    return [d for _, d in found.get("error_budget", [])]
+
+
+def _draw_budget(ax, d) -> None:
+    g = [x for x in d["all_layers"] if x["layer_rel_error_median"] > 0]
+    err = [x["layer_rel_error_median"] for x in g]
+    ax.semilogx(err, [x["top1_agreement"] for x in g], "o-", label="top-1 agreement")
+    ax.semilogx(err, [min(x["ppl_ratio"], 3.0) for x in g], "s-", label="ppl ratio (capped at 3)")
+    ax.axhline(0.95, color="C0", ls=":", lw=0.8)
+    ax.axhline(1.05, color="C1", ls=":", lw=0.8)
+    ax.set_xlabel("median per-layer relative error (every layer at α²·e)")
+    ax.set_title("what the fidelity bars ask of each DLR-Net (SmolLM2-135M)", fontsize=9)
+
+
 def _gain_panels(found) -> list:
     return [(name, task, rows) for name, rows in _gain_vs_ratio(found)
             for task in dict.fromkeys(r["task"] for r in rows)]
@@ -291,6 +331,16 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
      "the attacker's cumulative training seconds, on the lock (solid) and on the unlocked original (dashed), every "
      "attack and learning rate. The dotted line is the target, 90% of the best gain any attack reaches on the "
      "original; the lock cost multiplier is the cheapest lock attack's time to it over the cheapest original's."),
+    ("real_attacks.png", "Attacks on a real LLM (SmolLM2-135M): score vs the attacker's cost", _real_attack_panels,
+     _draw_real_attack, (6, 4), 2,
+     "The red team on the real model: the held-out task score (negative loss, symmetric-log scale) of every attack "
+     "on the DLR-locked SmolLM2-135M (solid) and on the unlocked original (dashed) against the attacker's "
+     "cumulative training seconds. The dotted line is the level target: the original release's score plus 90% "
+     "of the best gain any attack reaches on the original."),
+    ("error_budget.png", "Per-layer error budget of a real LLM", _budget_panels, _draw_budget, (6, 4), None,
+     "Every MLP of SmolLM2-135M replaced by MLP + α·(DLR − MLP) with the lock's own DLR-Nets (layer error α²·e): "
+     "top-1 next-token agreement and perplexity ratio on held-out prose against the median per-layer relative "
+     "error; dotted lines are the bars (top-1 ≥ 0.95, ppl ratio ≤ 1.05)."),
     ("curves.png", "Fine-tuning curves, locked vs unlocked", lambda f: _curves(f)[:16], _draw_curve, (4, 3), 4,
      "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match accuracy) "
      "measured every few steps while each attack fine-tunes the locked model (solid) and the same attack, same "
@@ -350,6 +400,44 @@ def _real_model_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
              "agreement ≥ 0.95, prefill ≤ 1.2×, decode ≤ 1.3×)",
              ["run", "rank / depth", "lock min", "layer error median / max", "prose ppl original → locked",
               "prose top-1 agreement", "code ppl ratio", "prefill", "decode", "fidelity bars"], rows)]
+
+
+def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The red team on the real LLM: the verdict per task, then every attack's cost per step."""
+    tables = []
+    for _, d in found.get("real_attacks", []):
+        rows, steps = [], []
+        for a in d["analysis"]:
+            spread = a.get("seed_spread")
+            rows.append([a["task"], a["defense"],
+                         f"{a['original_release_score']:+.3f} → {a['best_original_score']:+.3f}",
+                         "n/a" if not spread else " / ".join(f"{g:+.3f}" for g in spread),
+                         f"{a['locked_release_score']:+.3f} → {a['best_locked_score']:+.3f}",
+                         fmt(a["gain_ratio_at_convergence"], ".2f"), _x(a["seconds_gain"]["multiplier"]),
+                         _x(a["seconds_level"]["multiplier"]), _x(a["flops_level"]["multiplier"])])
+            steps += [[a["task"], "lock" if s["model"] != "original" else "original", s["label"],
+                       f"{s['best_score']:+.3f}", f"{s['best_gain']:+.3f}", str(s["steps"]),
+                       _x(s["step_time_ratio"]), _x(s["activation_ratio"]),
+                       fmt(None if s["peak_delta_bytes"] is None else s["peak_delta_bytes"] / 2**20, ".0f")]
+                      for s in a["per_step"]]
+        tables.append(("Real LLM (SmolLM2-135M): the red team, lock vs unlocked original (score = −held-out loss; "
+                       "targets: 90% of the best unlocked gain, from each release's own score or as a level from "
+                       "the original's)",
+                       ["task", "lock", "original: release → best", "original best gain, 2 seeds",
+                        "lock: release → best", "gain ratio", "time × (gain target)", "time × (level target)",
+                        "FLOPs × (level target)"], rows))
+        tables.append(("Real LLM (SmolLM2-135M): every attack's cost per step, relative to the original's best full "
+                       "fine-tune",
+                       ["task", "model", "attack", "best score", "best gain", "steps", "step time",
+                        "activation memory", "peak growth MiB"], steps))
+    for _, d in found.get("error_budget", []):
+        rows = [[fmt(g["alpha"], ".2f"), fmt(g["layer_rel_error_median"], ".4f"), fmt(g["ppl_ratio"], ".4g"),
+                 fmt(g["top1_agreement"], ".3f"),
+                 "meets" if g["ppl_ratio"] <= 1.05 and g["top1_agreement"] >= 0.95 else "MISSES"]
+                for g in d["all_layers"]]
+        tables.append(("Real LLM (SmolLM2-135M): per-layer error budget — every MLP replaced by MLP + α·(DLR − MLP)",
+                       ["α", "median layer error", "ppl ratio", "top-1 agreement", "fidelity bars"], rows))
+    return tables
 
 
 def _cost_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -416,7 +504,7 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
             figures.append((name, title, caption))
         else:
             missing.append(title)
-    tables = _real_model_tables(found) + _cost_tables(found) + _demo_tables(found)
+    tables = _real_model_tables(found) + _real_attack_tables(found) + _cost_tables(found) + _demo_tables(found)
     sources = [str(f) for items in found.values() for f, _ in items]
     dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
 
