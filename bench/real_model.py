@@ -11,7 +11,10 @@ Stages, each cached in runs/real/NAME/ so a killed run resumes (the lock itself 
    agreement on 100 prompts of 32 tokens;
 3. CPU inference speed, original vs locked with the default load path, interleaved, median of repeats:
    prefill (one forward of 1 × 256 tokens) and decode (32 greedy tokens after a 16-token prompt);
-4. the analytic per-MLP activation-memory multiplier of an attacker's full fine-tuning at this rank.
+4. capability beyond perplexity with lm-evaluation-harness (weightlock's local tasks from the held-out
+   split: two multiple-choice tasks and key–value recall, ``--harness-limit`` examples each), original
+   and locked;
+5. the analytic per-MLP activation-memory multiplier of an attacker's full fine-tuning at this rank.
 Writes bench/results/real_model_NAME.json.
 """
 from __future__ import annotations
@@ -75,6 +78,18 @@ def speed(model_dir: Path, locked_dir: Path, repeats: int) -> dict:
             "prefill_tokens": int(prefill_ids.numel()), "decode_tokens": 32}
 
 
+def harness(model_dir: Path, locked_dir: Path, limit: int) -> dict:
+    from weightlock.eval.harness import evaluate_harness
+
+    tok = load_tokenizer(model_dir)
+    out = {}
+    for name, path in (("original", model_dir), ("locked", locked_dir)):
+        out[name] = evaluate_harness(load(path), tok, limit=limit)
+        print(name, out[name], flush=True)
+    out["limit"] = limit
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="runs/smollm2")
@@ -91,6 +106,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16_384)
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--harness-limit", type=int, default=100, help="lm-eval examples per task (0: skip)")
     args = ap.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
@@ -116,6 +132,8 @@ def main() -> None:
         write_json(run / "fidelity.json", fidelity(model_dir, locked_dir, args.eval_tokens, args.prompts))
     if not (run / "speed.json").exists():
         write_json(run / "speed.json", speed(model_dir, locked_dir, args.repeats))
+    if args.harness_limit and not (run / "harness.json").exists():
+        write_json(run / "harness.json", harness(model_dir, locked_dir, args.harness_limit))
     from weightlock.eval.cost import dlr_saved_elements_per_token, mlp_saved_elements_per_token
 
     c = read_json(model_dir / "config.json")
@@ -132,6 +150,7 @@ def main() -> None:
         "layer_rel_error": errors, "layer_rel_error_median": statistics.median(errors),
         "layer_rel_error_max": max(errors), "fidelity": read_json(run / "fidelity.json"),
         "speed": read_json(run / "speed.json"), "per_mlp_activation_memory_multiplier": mem,
+        "harness": read_json(run / "harness.json") if (run / "harness.json").exists() else None,
     })
 
 

@@ -318,7 +318,12 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
                grad_clip: float = 0.0) -> tuple[nn.Module, dict]:
     """Fit ``make()`` (built after seeding) to map x → y with Adam and a warm-up + cosine schedule,
     minimising ``loss`` (see :func:`distill_loss`), the gradient norm clipped to ``grad_clip`` (0: off);
-    relative errors (energy) are measured on a held-out ``holdout`` fraction."""
+    relative errors (energy) are measured on a held-out ``holdout`` fraction.
+
+    Divergence guard: when the loss (or, at the end, a weight) stops being finite, the net goes back to its
+    last finite snapshot (taken every ``GUARD_EVERY`` steps), Adam's moments are reset and the learning rate
+    halves for the rest of the schedule; after ``GUARD_RESTARTS`` such restarts training stops there. A
+    diverged fit thus returns finite weights, never NaN; ``stats["restarts"]`` counts the restarts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     g = torch.Generator().manual_seed(seed)
@@ -335,6 +340,12 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     err0 = relative_error(net, xh, yh)
     t0 = time.perf_counter()
     bs = min(batch_tokens, train.numel())
+    good, restarts, stopped = _snapshot(net), 0, None
+
+    def restart() -> None:
+        net.load_state_dict(good)
+        opt.state.clear()
+        sched.base_lrs = [b / 2 for b in sched.base_lrs]
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[info]}"), disable=not progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
@@ -343,6 +354,15 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
             xb, yb = x[idx].float().to(device), y[idx].float().to(device)
             value = distill_loss(net(xb), yb, loss)
             opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(value):
+                restarts += 1
+                restart()
+                if restarts > GUARD_RESTARTS:
+                    stopped = step
+                    break
+                continue
+            if step % GUARD_EVERY == 0:
+                good = _snapshot(net)
             value.backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
@@ -351,10 +371,22 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
             if step % 50 == 0 or step == steps - 1:
                 bar.update(task, completed=step + 1, info=f"loss {value.item():.4f}")
     dt = time.perf_counter() - t0
-    stats = {"rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        restarts += 1
+        restart()
+    stats = {"restarts": restarts, "stopped_at_step": stopped,
+             "rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
              "rel_error": relative_error(net, xh, yh), "tokens": n, "steps": steps, "seconds": dt,
-             "tokens_per_s": steps * bs / dt}
+             "tokens_per_s": (stopped or steps) * bs / dt}
     return net.cpu() if str(device) != "cpu" else net, stats
+
+
+GUARD_EVERY = 25  # steps between the divergence guard's snapshots
+GUARD_RESTARTS = 5
+
+
+def _snapshot(net: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 # ---- the whole model ----------------------------------------------------------------------------
