@@ -20,6 +20,7 @@ Writes bench/results/real_model_NAME.json.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -141,14 +142,17 @@ def main() -> None:
     mem = dlr_saved_elements_per_token(spec["width"], spec["rank"], spec["depth"], spec["norm"]) / \
         mlp_saved_elements_per_token(c["hidden_size"], c["intermediate_size"], gated=True)
     errors = [layer["rel_error"] for layer in report["layers"]]
+    finite = [e for e in errors if math.isfinite(e)]  # a diverged layer (NaN) makes median and max meaningless
     save(f"real_model_{args.name}", {
         "command": "python bench/real_model.py " + " ".join(sys.argv[1:]), "model": str(model_dir),
         "lock_config": report["lock_config"], "depth": spec["depth"],
         "parameters_before": report["parameters_before"], "parameters_after": report["parameters_after"],
         "lock_seconds": report["seconds"],
         "lock_wall": read_json(run / "lock_wall.json") if (run / "lock_wall.json").exists() else None,
-        "layer_rel_error": errors, "layer_rel_error_median": statistics.median(errors),
-        "layer_rel_error_max": max(errors), "fidelity": read_json(run / "fidelity.json"),
+        "layer_rel_error": errors, "layer_rel_error_median": statistics.median(finite) if finite else math.nan,
+        "layer_rel_error_max": max(finite) if len(finite) == len(errors) else math.nan,
+        "layers_not_finite": [k for k, e in enumerate(errors) if not math.isfinite(e)],
+        "fidelity": read_json(run / "fidelity.json"),
         "speed": read_json(run / "speed.json"), "per_mlp_activation_memory_multiplier": mem,
         "harness": read_json(run / "harness.json") if (run / "harness.json").exists() else None,
     })

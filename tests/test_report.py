@@ -19,7 +19,7 @@ def test_collect_recognises_every_kind_by_content():
     found = collect([FIX])
     assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity", "real_model",
                           "cost_to_target", "regime", "real_attacks", "error_budget"}
-    assert all(len(v) == 1 for v in found.values())  # unrelated.json is ignored
+    assert all(len(v) == (2 if k == "real_model" else 1) for k, v in found.items())  # unrelated.json is ignored
 
 
 def test_report_from_fixture_json_has_every_figure_and_local_references_only(tmp_path):
@@ -52,6 +52,9 @@ def test_report_leads_with_the_real_model_against_the_bars(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| r32-row-clip-b256 |"))
     # the recorded run: prose perplexity 17.0 → 8.1e7, top-1 agreement 0, prefill 1.09×, decode 1.73×
     assert "17.0 → 8.11e+07" in row and "| 1.09× | 1.73× | MISSES |" in row
+    # a lock with a diverged layer says which, rather than a NaN maximum
+    row = next(line for line in md.splitlines() if line.startswith("| r16-row-clip-b256 |"))
+    assert "| 0.39 / NaN (layer 29 diverged) |" in row and "17.0 → nan" in row and row.endswith("MISSES |")
 
 
 def test_report_shows_the_real_model_red_team_and_error_budget(tmp_path):

@@ -389,7 +389,9 @@ def _real_model_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
         ok = all(x.get("ppl_ratio", math.inf) <= 1.05 and x.get("top1_agreement", 0) >= 0.95 for x in (prose, code))
         rows.append([f.stem.removeprefix("real_model_"), f"{lc['rank']} / {d['depth']}",
                      f"{d['lock_seconds'] / 60:.0f}",
-                     f"{d['layer_rel_error_median']:.2f} / {d['layer_rel_error_max']:.2f}",
+                     f"{d['layer_rel_error_median']:.2f} / " + (
+                         f"{d['layer_rel_error_max']:.2f}" if not d.get("layers_not_finite")
+                         else "NaN (layer " + ", ".join(map(str, d["layers_not_finite"])) + " diverged)"),
                      f"{prose.get('ppl_original', math.nan):.1f} → {prose.get('ppl_locked', math.nan):.3g}",
                      fmt(prose.get("top1_agreement"), ".3f"), fmt(code.get("ppl_ratio"), ".3g"),
                      _x(speed.get("prefill_ratio")), _x(speed.get("decode_ratio")),
