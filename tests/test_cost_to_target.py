@@ -187,3 +187,11 @@ def test_cli_cost_reads_attack_runs_and_applies_the_memory_budget(tmp_path):
     _run_file(tmp_path / "old" / "x" / "run", "full", [], 1)
     r = CliRunner().invoke(app, ["cost", "--locked", str(tmp_path / "old"), "--original", str(tmp_path / "orig")])
     assert r.exit_code == 2 and "no cost curve" in r.output
+    # --level: a lock that starts 5 below the original and gains 2 never reaches the original's level
+    low = [{**p, "score": p["score"] - 5.0} for p in _pts([0, 1.0, 2.0])]
+    _run_file(tmp_path / "low" / "full", "full", low, 100 * 2**20)
+    args = ["cost", "--locked", str(tmp_path / "low"), "--original", str(tmp_path / "orig")]
+    by_gain = CliRunner().invoke(app, [*args, "--json"])
+    assert json.loads(by_gain.stdout)["seconds"]["multiplier"] == pytest.approx(0.5)
+    by_level = CliRunner().invoke(app, [*args, "--level"])
+    assert by_level.exit_code == 0 and "∞ (never)" in by_level.output and "score level" in by_level.output

@@ -422,6 +422,8 @@ def cost(
     q: float = typer.Option(0.9, help="Target: this fraction of the best gain any attack reaches on the original."),
     memory_budget_mib: Optional[float] = typer.Option(None, help="Memory budget (MiB of a run's own peak growth; "
                                                       "default: the original's full fine-tuning peak)."),
+    level: bool = typer.Option(False, "--level", help="Count gains from the original release's score on both "
+                               "sides (a score level: a lock that degraded the model must first climb back)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The lock cost multiplier: what the cheapest attack on the lock pays to reach the target gain ÷ the
@@ -435,15 +437,17 @@ def cost(
     for c in COSTS:
         if any(p.get(c) is None for a in (*lk, *og) for p in a.curve):
             continue
-        out[c] = lock_cost_multiplier(lk, og, q, c)
+        out[c] = lock_cost_multiplier(lk, og, q, c, level=level)
         if budget is not None:
-            out[f"{c} within memory"] = lock_cost_multiplier(lk, og, q, c, budget)
+            out[f"{c} within memory"] = lock_cost_multiplier(lk, og, q, c, budget, level=level)
     if as_json:
         print(json.dumps(out, indent=1, default=str))
         return
     first = next(iter(out.values()))
     console.print(f"target: {q:.0%} of the best unlocked gain {first['best_original_gain']:+.4f} = "
-                  f"{first['target_gain']:+.4f}; best gain on the lock {first['best_locked_gain']:+.4f}"
+                  f"{first['target_gain']:+.4f}"
+                  + (f" (score level {first['target_score']:+.4f})" if level else "")
+                  + f"; best gain on the lock {first['best_locked_gain']:+.4f}"
                   + (f"; memory budget {budget / 2**20:,.0f} MiB" if budget is not None else ""))
     t = Table()
     for col in ("cost", "lock: cheapest to target", "original: cheapest to target", "multiplier"):
