@@ -13,7 +13,8 @@ is seconds), its score measured on 2,048 held-out tokens:
   included), the DLR-Nets frozen (attention, norms and embeddings train);
 * then a second seed of the original's best full fine-tuning (the seed noise), and on the first task, at
   the lock's best full-fine-tuning rate, per-layer gradient checkpointing and reverse distillation (each
-  DLR-Net distilled back into a dense SwiGLU, 100 steps per layer, its cost included).
+  DLR-Net distilled back into a dense SwiGLU on 8,192 captured tokens, 100 steps per layer, its cost
+  included).
 
 Each run records its score against cumulative cost (training seconds, FLOPs counted by torch), the bytes
 autograd saves for one step and its own peak memory. The two workers (one thread each) run side by side,
@@ -77,7 +78,7 @@ def second_jobs(models: dict, tasks, done: list[dict]) -> list[tuple]:
                 lr = best["options"]["lr"]
                 jobs.append((key, model, task, f"ckpt-layer-lr{lr:g}", "full", {"lr": lr, "checkpointing": "layer"}))
                 jobs.append((key, model, task, f"reverse-distill-lr{lr:g}", "reverse-distill",
-                             {"lr": lr, "distill_steps": 100}))
+                             {"lr": lr, "distill_steps": 100, "distill_tokens": 8192}))
     return jobs
 
 
