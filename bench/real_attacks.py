@@ -108,8 +108,9 @@ def analyse(rows: list[dict], tasks) -> list[dict]:
             entry["gain_ratio_at_convergence"] = entry["best_gain"] / entry["best_original_gain"] if gains else None
             for target, level in (("gain", False), ("level", True)):
                 for cost in ("seconds", "flops"):
-                    m = lock_cost_multiplier(curves["locked"], curves["original"], Q, cost, level=level) if gains \
-                        else {"multiplier": None}
+                    counted = all(p.get(cost) is not None for r in orig + lock for p in r["cost_curve"])
+                    m = lock_cost_multiplier(curves["locked"], curves["original"], Q, cost, level=level) \
+                        if gains and counted else {"multiplier": None}
                     entry[f"{cost}_{target}"] = {k: m.get(k) for k in ("multiplier", "locked_min", "original_min",
                                                                       "locked", "original", "target_score")}
             base = next(r for r in orig if r["label"] == ref["label"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def main() -> None:
     grid = []
     for a in ALPHAS:
         r = measured(everything, a)
-        grid.append({"alpha": a, "layer_rel_error_median": a * a * sorted(errors)[len(errors) // 2],
+        grid.append({"alpha": a, "layer_rel_error_median": a * a * statistics.median(errors),
                      "layer_rel_error_max": a * a * max(errors), **r})
         print(f"all layers, α = {a:4.2f} (median layer error {grid[-1]['layer_rel_error_median']:.4f}): "
               f"ppl ratio {r['ppl_ratio']:.4g}, top-1 {r['top1_agreement']:.3f}", flush=True)

@@ -261,8 +261,8 @@ def test_attack_cost_curve_and_patience(tiny_model_dir, tmp_path):
 
 
 def test_eval_tokens_bounds_the_score_and_capability_data(tiny_model_dir):
-    """A real LLM on a CPU scores on fewer held-out tokens: eval_tokens caps the task's test blocks (and the
-    capability perplexity's), and must hold one block."""
+    """A real LLM on a CPU scores on fewer held-out tokens: eval_tokens caps the task's test blocks and must
+    hold one block."""
     model, _ = tiny_model_dir
     small = run_attack(model, "prose", "full", steps=1, batch_size=2, block_size=64, train_tokens=2000,
                        eval_tokens=256)["locked"]

@@ -283,19 +283,20 @@ def _real_attack_panels(found) -> list:
         for a in d["analysis"]:
             lines = [(r["label"], r["model"] != "original", [(p["seconds"], p["score"]) for p in r["cost_curve"]])
                      for r in d["runs"] if r["task"] == a["task"] and r["model"] in ("original", a["defense"])]
-            out.append((a["task"], a["defense"], a["seconds_level"]["target_score"], lines))
+            out.append((a["task"], a["defense"], a["seconds_level"]["target_score"], lines,
+                        Path(d["models"]["original"]).name))
     return out
 
 
 def _draw_real_attack(ax, item) -> None:
-    task, defense, level, lines = item
+    task, defense, level, lines, name = item
     for label, lock, pts in lines:
         ax.plot(*zip(*pts), "-" if lock else "--", lw=1.2 if lock else 0.9,
                 label=("lock: " if lock else "original: ") + label)
     if level is not None:
         ax.axhline(level, color="k", ls=":", lw=0.8)
     ax.set_yscale("symlog")
-    ax.set_title(f"SmolLM2-135M · {task} · {defense}", fontsize=9)
+    ax.set_title(f"{name} · {task} · {defense}", fontsize=9)
     ax.set_xlabel("attacker's training seconds (cumulative)")
     ax.set_ylabel("held-out task score (−loss)")
 
@@ -422,13 +423,14 @@ def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
                        _x(s["step_time_ratio"]), _x(s["activation_ratio"]),
                        fmt(None if s["peak_delta_bytes"] is None else s["peak_delta_bytes"] / 2**20, ".0f")]
                       for s in a["per_step"]]
-        tables.append(("Real LLM (SmolLM2-135M): the red team, lock vs unlocked original (score = −held-out loss; "
+        name = Path(d["models"]["original"]).name
+        tables.append((f"Real LLM ({name}): the red team, lock vs unlocked original (score = −held-out loss; "
                        "targets: 90% of the best unlocked gain, from each release's own score or as a level from "
                        "the original's)",
                        ["task", "lock", "original: release → best", "original best gain, 2 seeds",
                         "lock: release → best", "gain ratio", "time × (gain target)", "time × (level target)",
                         "FLOPs × (level target)"], rows))
-        tables.append(("Real LLM (SmolLM2-135M): every attack's cost per step, relative to the original's best full "
+        tables.append((f"Real LLM ({name}): every attack's cost per step, relative to the original's best full "
                        "fine-tune",
                        ["task", "model", "attack", "best score", "best gain", "steps", "step time",
                         "activation memory", "peak growth MiB"], steps))

@@ -320,10 +320,12 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     minimising ``loss`` (see :func:`distill_loss`), the gradient norm clipped to ``grad_clip`` (0: off);
     relative errors (energy) are measured on a held-out ``holdout`` fraction.
 
-    Divergence guard: when the loss (or, at the end, a weight) stops being finite, the net goes back to its
-    last finite snapshot (taken every ``GUARD_EVERY`` steps), Adam's moments are reset and the learning rate
-    halves for the rest of the schedule; after ``GUARD_RESTARTS`` such restarts training stops there. A
-    diverged fit thus returns finite weights, never NaN; ``stats["restarts"]`` counts the restarts."""
+    Divergence guard: when the batch loss is not finite or exceeds ``GUARD_FACTOR`` × the best so far, the
+    net goes back to its last healthy snapshot (taken every ``GUARD_EVERY`` steps while the loss is within
+    2× its best), Adam's moments are reset and the learning rate halves from that step on; after
+    ``GUARD_RESTARTS`` restarts training stops. A fit that restarted (or ends with non-finite weights)
+    returns whichever of its final weights and the snapshot has the lower held-out error, never NaN;
+    ``stats["restarts"]`` counts the restarts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     g = torch.Generator().manual_seed(seed)
@@ -340,12 +342,15 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     err0 = relative_error(net, xh, yh)
     t0 = time.perf_counter()
     bs = min(batch_tokens, train.numel())
-    good, restarts, stopped = _snapshot(net), 0, None
+    good, best, restarts, stopped = _snapshot(net), math.inf, 0, None
 
-    def restart() -> None:
+    def restart() -> None:  # back to the snapshot, fresh Adam moments, half the rate from this step on
         net.load_state_dict(good)
         opt.state.clear()
         sched.base_lrs = [b / 2 for b in sched.base_lrs]
+        for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[info]}"), disable=not progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
@@ -354,15 +359,17 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
             xb, yb = x[idx].float().to(device), y[idx].float().to(device)
             value = distill_loss(net(xb), yb, loss)
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(value):
+            v = value.item()
+            if not math.isfinite(v) or v > GUARD_FACTOR * best:  # diverging
                 restarts += 1
                 restart()
                 if restarts > GUARD_RESTARTS:
                     stopped = step
                     break
                 continue
-            if step % GUARD_EVERY == 0:
+            if step % GUARD_EVERY == 0 and v <= 2 * best:  # a healthy state (not climbing away from the best)
                 good = _snapshot(net)
+            best = min(best, v)
             value.backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
@@ -371,9 +378,12 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
             if step % 50 == 0 or step == steps - 1:
                 bar.update(task, completed=step + 1, info=f"loss {value.item():.4f}")
     dt = time.perf_counter() - t0
-    if not all(torch.isfinite(p).all() for p in net.parameters()):
-        restarts += 1
-        restart()
+    if restarts or not all(torch.isfinite(p).all() for p in net.parameters()):
+        final = _snapshot(net)
+        err = relative_error(net, xh, yh)
+        net.load_state_dict(good)
+        if math.isfinite(err) and err < relative_error(net, xh, yh):
+            net.load_state_dict(final)  # the fit after the restarts is better than the last snapshot
     stats = {"restarts": restarts, "stopped_at_step": stopped,
              "rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
              "rel_error": relative_error(net, xh, yh), "tokens": n, "steps": steps, "seconds": dt,
@@ -383,6 +393,7 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
 
 GUARD_EVERY = 25  # steps between the divergence guard's snapshots
 GUARD_RESTARTS = 5
+GUARD_FACTOR = 1e3  # a batch loss this many times the best so far is divergence
 
 
 def _snapshot(net: nn.Module) -> dict:

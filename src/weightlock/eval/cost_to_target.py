@@ -87,7 +87,7 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
         raise WeightlockError(f"the unlocked attacker gains nothing (best gain {best:.4g}): no target to reach")
     target = q * best
     start = original[0].curve[0]["score"] if level else None
-    if level and any(abs(a.curve[0]["score"] - start) > 1e-9 * max(1.0, abs(start)) for a in original):
+    if level and any(abs(a.curve[0]["score"] - start) > 1e-6 * max(1.0, abs(start)) for a in original):
         raise WeightlockError("level target: the attacks on the original start from different scores")
 
     def fits(a: AttackCurve) -> bool:
@@ -106,7 +106,9 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
     return {"q": q, "cost": cost, "target_gain": target, "best_original_gain": best, "memory_budget": memory_budget,
             "level": level, "target_score": None if start is None else start + target,
             "locked": lk, "original": og, "locked_min": lk_min, "original_min": og_min, "multiplier": mult,
-            "best_locked_gain": max((best_gain(a.curve) for a in locked), default=None)}
+            # with ``level``, counted from the original release's score like the target
+            "best_locked_gain": max((best_gain(a.curve) if start is None else max(p["score"] for p in a.curve) - start
+                                     for a in locked), default=None)}
 
 
 def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurve], q: float = 0.9,
