@@ -265,14 +265,20 @@ def _cost_panels(found) -> list:
     return out
 
 
-def _draw_cost(ax, item) -> None:
-    task, defense, target, mult, lines = item
+def _lock_vs_original(ax, lines, target: float | None) -> None:
+    """Every run's curve, the lock's solid and the original's dashed, and the target as a dotted line."""
     for label, lock, pts in lines:
         ax.plot(*zip(*pts), "-" if lock else "--", lw=1.2 if lock else 0.9,
                 label=("lock: " if lock else "original: ") + label)
-    ax.axhline(target, color="k", ls=":", lw=0.8)
-    ax.set_title(f"{task} · {defense}: time to target ×{mult:.2f}", fontsize=9)
+    if target is not None:
+        ax.axhline(target, color="k", ls=":", lw=0.8)
     ax.set_xlabel("attacker's training seconds (cumulative)")
+
+
+def _draw_cost(ax, item) -> None:
+    task, defense, target, mult, lines = item
+    _lock_vs_original(ax, lines, target)
+    ax.set_title(f"{task} · {defense}: time to target ×{mult:.2f}", fontsize=9)
     ax.set_ylabel("gain over the release")
 
 
@@ -290,14 +296,9 @@ def _real_attack_panels(found) -> list:
 
 def _draw_real_attack(ax, item) -> None:
     task, defense, level, lines, name = item
-    for label, lock, pts in lines:
-        ax.plot(*zip(*pts), "-" if lock else "--", lw=1.2 if lock else 0.9,
-                label=("lock: " if lock else "original: ") + label)
-    if level is not None:
-        ax.axhline(level, color="k", ls=":", lw=0.8)
+    _lock_vs_original(ax, lines, level)
     ax.set_yscale("symlog")
     ax.set_title(f"{name} · {task} · {defense}", fontsize=9)
-    ax.set_xlabel("attacker's training seconds (cumulative)")
     ax.set_ylabel("held-out task score (−loss)")
 
 
