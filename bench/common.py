@@ -19,13 +19,13 @@ def save(name: str, result: dict) -> Path:
 
 def attack_job(root: Path, budget: dict, job: tuple) -> dict:
     """One attack run under ``root/TASK/MODEL/LABEL`` (skipped when finished there) with the shared ``budget``
-    options; ``job`` = (model key, model dir, task, label, attack, options). Returns its row: gain, curve
-    and costs."""
+    options, overridden by the job's; ``job`` = (model key, model dir, task, label, attack, options).
+    Returns its row: gain, curve and costs."""
     from weightlock.attacks import run_attack
 
     key, model, task, label, attack, options = job
     out = root / task / key / label
-    r = run_attack(model, task, attack, out, **budget, **options)["locked"]
+    r = run_attack(model, task, attack, out, **{**budget, **options})["locked"]  # a job's options win
     print(f"{task:7s} {key:8s} {label:28s} gain {r['gain']:+.4f} steps {r['cost_curve'][-1]['step']:3d} "
           f"{r['cost_curve'][-1]['seconds']:6.0f} s", flush=True)
     return {"model": key, "task": task, "label": label, "attack": attack, "options": options, "dir": str(out),

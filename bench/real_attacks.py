@@ -8,11 +8,11 @@ Every attack runs until its held-out task score stops improving (scored every 10
 the step budget, on batches of 2 × 128 tokens (a real 135 M-parameter model on a 2-core CPU: one step
 is seconds), its score measured on 2,048 held-out tokens:
 
-* on the original: full fine-tuning at 3 learning rates, LoRA (r = 8) on attention and on every linear map;
-* on the lock: full fine-tuning at the same 3 rates, LoRA on every linear map (the DLR factors
-  included), the DLR-Nets frozen (attention, norms and embeddings train);
-* then a second seed of the original's best full fine-tuning (the seed noise), and on the first task, at
-  the lock's best full-fine-tuning rate, per-layer gradient checkpointing and reverse distillation (each
+* on both: full fine-tuning at 3 learning rates, LoRA (r = 8) on attention and on every linear map (on
+  the lock, the DLR factors included); on the lock the DLR-Nets frozen (attention, norms, embeddings train);
+* then a second seed of the original's best full fine-tuning (the seed noise), on the first task the
+  same run for 150 steps (where the original's curve flattens) and, at the lock's best full-fine-tuning
+  rate, per-layer gradient checkpointing and reverse distillation (each
   DLR-Net distilled back into a dense SwiGLU on 8,192 captured tokens, 100 steps per layer, its cost
   included).
 
@@ -45,6 +45,7 @@ LORA_LR, FREEZE_LR = 1e-3, 1e-4
 BUDGET = dict(batch_size=2, block_size=128, train_tokens=65_536, eval_tokens=2048, score_every=10, patience=3,
               warmup_steps=5, progress=False)
 Q = 0.9
+LONG_STEPS = 150
 
 
 def first_jobs(models: dict, tasks) -> list[tuple]:
@@ -52,9 +53,8 @@ def first_jobs(models: dict, tasks) -> list[tuple]:
     for task in tasks:
         for key, model in models.items():
             jobs += [(key, model, task, f"full-lr{lr:g}", "full", {"lr": lr}) for lr in LRS]
-            targets = ("attention", "all-linear") if key == "original" else ("all-linear",)
             jobs += [(key, model, task, f"lora-{t}-lr{LORA_LR:g}", "lora", {"lr": LORA_LR, "targets": t})
-                     for t in targets]
+                     for t in ("attention", "all-linear")]
             if key != "original":
                 jobs.append((key, model, task, f"freeze-dlr-lr{FREEZE_LR:g}", "freeze",
                              {"lr": FREEZE_LR, "train": "non-mlp"}))
@@ -70,10 +70,14 @@ def second_jobs(models: dict, tasks, done: list[dict]) -> list[tuple]:
     jobs = []
     for i, task in enumerate(tasks):
         for key, model in models.items():
-            full = [r for r in done if r["task"] == task and r["model"] == key and r["attack"] == "full"]
+            full = [r for r in done if r["task"] == task and r["model"] == key and r["attack"] == "full"
+                    and not {"seed", "steps"} & set(r["options"])]
             best = max(full, key=best_gain)
             if key == "original":
                 jobs.append((key, model, task, best["label"] + "-seed1", "full", {**best["options"], "seed": 1}))
+                if i == 0:  # where the original's best curve flattens: the same run, LONG_STEPS steps
+                    jobs.append((key, model, task, f"{best['label']}-{LONG_STEPS}steps", "full",
+                                 {**best["options"], "steps": LONG_STEPS}))
             elif i == 0:
                 lr = best["options"]["lr"]
                 jobs.append((key, model, task, f"ckpt-layer-lr{lr:g}", "full", {"lr": lr, "checkpointing": "layer"}))
