@@ -92,8 +92,8 @@ def analyse(rows: list[dict], tasks) -> list[dict]:
     out = []
     for task in tasks:
         orig = [r for r in rows if r["task"] == task and r["model"] == "original"]
-        ref = next(r for r in orig if r["label"] == max((r for r in orig if r["attack"] == "full"
-                                                         and "seed" not in r["options"]), key=best_gain)["label"])
+        ref = max((r for r in orig if r["attack"] == "full" and not {"seed", "steps"} & set(r["options"])),
+                  key=best_gain)  # the best full fine-tune of the shared budget: the per-step baseline
         seed1 = next((r for r in orig if r["label"] == ref["label"] + "-seed1"), None)
         for key in sorted({r["model"] for r in rows if r["task"] == task} - {"original"}):
             lock = [r for r in rows if r["task"] == task and r["model"] == key]
@@ -117,7 +117,7 @@ def analyse(rows: list[dict], tasks) -> list[dict]:
                         if gains and counted else {"multiplier": None}
                     entry[f"{cost}_{target}"] = {k: m.get(k) for k in ("multiplier", "locked_min", "original_min",
                                                                       "locked", "original", "target_score")}
-            base = next(r for r in orig if r["label"] == ref["label"])
+            base = ref
             entry["per_step"] = [{"model": r["model"], "label": r["label"], "step_time_s": r["step_time_s"],
                                   "step_time_ratio": r["step_time_s"] / base["step_time_s"],
                                   "saved_activation_bytes": r["saved_activation_bytes"],
