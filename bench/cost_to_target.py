@@ -179,8 +179,10 @@ def with_quiet_seconds(rows: list[dict], timings: dict) -> list[dict]:
 
 
 def max_gain(r: dict) -> float:
-    c = r["cost_curve"]
-    return max(p["score"] for p in c) - c[0]["score"]
+    """A run's best gain over its release (weightlock.eval.cost_to_target.best_gain of its curve)."""
+    from weightlock.eval.cost_to_target import best_gain
+
+    return best_gain(r["cost_curve"])
 
 
 def analyse(rows: list[dict], defenses: list[str], tasks) -> list[dict]:

@@ -62,8 +62,10 @@ def first_jobs(models: dict, tasks) -> list[tuple]:
 
 
 def best_gain(r: dict) -> float:
-    c = r["cost_curve"]
-    return max(p["score"] for p in c) - c[0]["score"]
+    """A run's best gain over its release (weightlock.eval.cost_to_target.best_gain of its curve)."""
+    from weightlock.eval.cost_to_target import best_gain as curve_best_gain
+
+    return curve_best_gain(r["cost_curve"])
 
 
 def second_jobs(models: dict, tasks, done: list[dict]) -> list[tuple]:
@@ -117,11 +119,10 @@ def analyse(rows: list[dict], tasks) -> list[dict]:
                         if gains and counted else {"multiplier": None}
                     entry[f"{cost}_{target}"] = {k: m.get(k) for k in ("multiplier", "locked_min", "original_min",
                                                                       "locked", "original", "target_score")}
-            base = ref
             entry["per_step"] = [{"model": r["model"], "label": r["label"], "step_time_s": r["step_time_s"],
-                                  "step_time_ratio": r["step_time_s"] / base["step_time_s"],
+                                  "step_time_ratio": r["step_time_s"] / ref["step_time_s"],
                                   "saved_activation_bytes": r["saved_activation_bytes"],
-                                  "activation_ratio": r["saved_activation_bytes"] / base["saved_activation_bytes"],
+                                  "activation_ratio": r["saved_activation_bytes"] / ref["saved_activation_bytes"],
                                   "peak_delta_bytes": r["peak_delta_bytes"], "prepare_seconds": r["prepare_seconds"],
                                   "best_gain": best_gain(r),
                                   "best_score": max(p["score"] for p in r["cost_curve"]),

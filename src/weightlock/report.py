@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from . import schema
 from .errors import WeightlockError
+from .eval.fidelity import PPL_RATIO_BAR, TOP1_BAR, meets_bars
 from .io import move_dir_contents, read_json, write_text
 from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
@@ -311,8 +312,8 @@ def _draw_budget(ax, d) -> None:
     err = [x["layer_rel_error_median"] for x in g]
     ax.semilogx(err, [x["top1_agreement"] for x in g], "o-", label="top-1 agreement")
     ax.semilogx(err, [min(x["ppl_ratio"], 3.0) for x in g], "s-", label="ppl ratio (capped at 3)")
-    ax.axhline(0.95, color="C0", ls=":", lw=0.8)
-    ax.axhline(1.05, color="C1", ls=":", lw=0.8)
+    ax.axhline(TOP1_BAR, color="C0", ls=":", lw=0.8)
+    ax.axhline(PPL_RATIO_BAR, color="C1", ls=":", lw=0.8)
     ax.set_xlabel("median per-layer relative error (every layer at α²·e)")
     ax.set_title("what the fidelity bars ask of each DLR-Net (SmolLM2-135M)", fontsize=9)
 
@@ -388,7 +389,7 @@ def _real_model_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     for f, d in sorted(found.get("real_model", []), key=lambda x: str(x[0])):
         fid, speed, lc = d["fidelity"], d.get("speed", {}), d["lock_config"]
         prose, code = fid.get("builtin:prose", {}), fid.get("builtin:code", {})
-        ok = all(x.get("ppl_ratio", math.inf) <= 1.05 and x.get("top1_agreement", 0) >= 0.95 for x in (prose, code))
+        ok = all(meets_bars(x.get("ppl_ratio", math.inf), x.get("top1_agreement", 0)) for x in (prose, code))
         rows.append([f.stem.removeprefix("real_model_"), f"{lc['rank']} / {d['depth']}",
                      f"{d['lock_seconds'] / 60:.0f}",
                      f"{d['layer_rel_error_median']:.2f} / " + (
@@ -438,7 +439,7 @@ def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     for _, d in found.get("error_budget", []):
         rows = [[fmt(g["alpha"], ".2f"), fmt(g["layer_rel_error_median"], ".4f"), fmt(g["ppl_ratio"], ".4g"),
                  fmt(g["top1_agreement"], ".3f"),
-                 "meets" if g["ppl_ratio"] <= 1.05 and g["top1_agreement"] >= 0.95 else "MISSES"]
+                 "meets" if meets_bars(g["ppl_ratio"], g["top1_agreement"]) else "MISSES"]
                 for g in d["all_layers"]]
         tables.append(("Real LLM (SmolLM2-135M): per-layer error budget — every MLP replaced by MLP + α·(DLR − MLP)",
                        ["α", "median layer error", "ppl ratio", "top-1 agreement", "fidelity bars"], rows))

@@ -31,14 +31,15 @@ def _check_curve(curve: Sequence[dict], cost: str) -> None:
         raise WeightlockError(f"a score curve's {cost} must not decrease")
 
 
-def gain_curve(curve: Sequence[dict]) -> list[float]:
-    """The gain at every point: score minus the score before training."""
-    return [p["score"] - curve[0]["score"] for p in curve]
+def gain_curve(curve: Sequence[dict], start: float | None = None) -> list[float]:
+    """The gain at every point: score minus the score before training (or minus ``start`` when given)."""
+    start = curve[0]["score"] if start is None else start
+    return [p["score"] - start for p in curve]
 
 
-def best_gain(curve: Sequence[dict]) -> float:
-    """The best gain a curve reaches (its converged gain when it ran to a plateau)."""
-    return max(gain_curve(curve))
+def best_gain(curve: Sequence[dict], start: float | None = None) -> float:
+    """The best gain a curve reaches (its converged gain when it ran to a plateau), from ``start`` when given."""
+    return max(gain_curve(curve, start))
 
 
 def cost_to_target(curve: Sequence[dict], target_gain: float, cost: str = "seconds",
@@ -47,7 +48,7 @@ def cost_to_target(curve: Sequence[dict], target_gain: float, cost: str = "secon
     around the crossing); ``None`` if it never does. Gains count from the curve's own first score, or from
     ``start`` when given (e.g. the original release's score: the target is then a score level)."""
     _check_curve(curve, cost)
-    gains = gain_curve(curve) if start is None else [p["score"] - start for p in curve]
+    gains = gain_curve(curve, start)
     if gains[0] >= target_gain:
         return float(curve[0][cost])
     for (p0, g0), (p1, g1) in zip(zip(curve, gains), zip(curve[1:], gains[1:])):
@@ -107,8 +108,7 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
             "level": level, "target_score": None if start is None else start + target,
             "locked": lk, "original": og, "locked_min": lk_min, "original_min": og_min, "multiplier": mult,
             # with ``level``, counted from the original release's score like the target
-            "best_locked_gain": max((best_gain(a.curve) if start is None else max(p["score"] for p in a.curve) - start
-                                     for a in locked), default=None)}
+            "best_locked_gain": max((best_gain(a.curve, start) for a in locked), default=None)}
 
 
 def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurve], q: float = 0.9,

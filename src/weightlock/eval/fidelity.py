@@ -8,6 +8,14 @@ import torch
 
 from ..errors import WeightlockError
 
+PPL_RATIO_BAR = 1.05  # the fidelity bars a lock is held to: perplexity ratio at most this ...
+TOP1_BAR = 0.95  # ... and next-token top-1 agreement at least this
+
+
+def meets_bars(ppl_ratio: float, top1_agreement: float) -> bool:
+    """Whether a lock's perplexity ratio and top-1 agreement both meet the fidelity bars."""
+    return ppl_ratio <= PPL_RATIO_BAR and top1_agreement >= TOP1_BAR
+
 
 @torch.no_grad()
 def next_token_agreement(original, locked, blocks: torch.Tensor, batch_size: int = 8) -> dict:
