@@ -108,6 +108,16 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--harness-limit", type=int, default=100, help="lm-eval examples per task (0: skip)")
+    ap.add_argument("--readout", type=float, default=LockConfig.readout)
+    ap.add_argument("--no-sink", action="store_true", help="DLR-Nets without the sink component")
+    ap.add_argument("--layers", default=None, help="lock only these MLPs (e.g. 0,3,5-9)")
+    ap.add_argument("--refine-steps", type=int, default=0)
+    ap.add_argument("--refine-batch", type=int, default=LockConfig.refine_batch)
+    ap.add_argument("--refine-lr", type=float, default=LockConfig.refine_lr)
+    ap.add_argument("--work-from", default=None, help="seed the work dir with the fitted layers and captures of "
+                    "this run name (same settings; parallel mode)")
+    ap.add_argument("--keep-work", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
@@ -116,11 +126,21 @@ def main() -> None:
     locked_dir = run / "locked"
     cfg = LockConfig(rank=args.rank, steps=args.steps, lr=args.lr, loss=args.loss, grad_clip=args.grad_clip,
                      calib_tokens=args.calib_tokens, batch_tokens=args.batch_tokens, data="builtin:code+prose",
-                     block_size=args.block_size,
+                     block_size=args.block_size, readout=args.readout, sink=not args.no_sink, layers=args.layers,
+                     refine_steps=args.refine_steps, refine_batch=args.refine_batch, refine_lr=args.refine_lr,
                      max_rel_error=None)  # a bad fit is measured and reported here, not refused
+    if args.work_from and not (locked_dir / ".weightlock-work").exists():
+        import shutil
+
+        src = Path(args.out) / args.work_from / "locked" / ".weightlock-work"
+        dst = locked_dir / ".weightlock-work"
+        dst.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file():  # captures, fitted layers, settings, reference perplexity (links: no copies)
+                os.link(f, dst / f.name)
     if not (locked_dir / "lock_report.json").exists():
         t0 = time.perf_counter()
-        report = lock(model_dir, locked_dir, cfg)
+        report = lock(model_dir, locked_dir, cfg, keep_work=args.keep_work)
         if not report:
             return  # a non-zero rank of a torchrun job: rank 0 evaluates
         write_json(run / "lock_wall.json", {"seconds": time.perf_counter() - t0,
@@ -131,7 +151,7 @@ def main() -> None:
     report = read_json(locked_dir / "lock_report.json")
     if not (run / "fidelity.json").exists():
         write_json(run / "fidelity.json", fidelity(model_dir, locked_dir, args.eval_tokens, args.prompts))
-    if not (run / "speed.json").exists():
+    if not args.skip_speed and not (run / "speed.json").exists():
         write_json(run / "speed.json", speed(model_dir, locked_dir, args.repeats))
     if args.harness_limit and not (run / "harness.json").exists():
         write_json(run / "harness.json", harness(model_dir, locked_dir, args.harness_limit))
@@ -153,7 +173,11 @@ def main() -> None:
         "layer_rel_error_max": max(finite) if len(finite) == len(errors) else math.nan,
         "layers_not_finite": [k for k, e in enumerate(errors) if not math.isfinite(e)],
         "fidelity": read_json(run / "fidelity.json"),
-        "speed": read_json(run / "speed.json"), "per_mlp_activation_memory_multiplier": mem,
+        "speed": read_json(run / "speed.json") if (run / "speed.json").exists() else None,
+        "per_mlp_activation_memory_multiplier": mem,
+        "locked_layers": report.get("locked_layers"), "refine": report.get("refine"),
+        "layer_rel_error_tokens": [layer.get("rel_error_tokens") for layer in report["layers"]],
+        "layer_outlier_rel_error": [layer.get("outlier_rel_error") for layer in report["layers"]],
         "harness": read_json(run / "harness.json") if (run / "harness.json").exists() else None,
     })
 

@@ -22,7 +22,7 @@ def test_eval_ppl_and_generate(tiny_model_dir):
     r = runner.invoke(app, ["eval", "ppl", "--model", str(out), "--data", "builtin:code", "--split", "validation",
                             "--max-tokens", "4096", "--json"])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.output)
+    res = json.loads(r.stdout)  # status lines go to stderr
     assert res["block_size"] == 64 and res["tokens"] == (4096 // 64) * 63
     assert 1 < res["perplexity"] < 4096
     r = runner.invoke(app, ["generate", "--model", str(out), "--prompt", "import ", "--max-new-tokens", "5"])
@@ -80,3 +80,44 @@ def test_demo_quick_end_to_end(tmp_path):
     r = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert r.exit_code == 0 and r.output.count("reusing") == 3
     assert json.loads((out / "summary.json").read_text())["attacks"] == rows
+
+
+def test_ctrl_c_message_says_what_is_kept_and_the_exact_command():
+    from weightlock.cli import interrupt_message
+
+    m = interrupt_message("pretrain", ["pretrain", "--out", "runs/base"])
+    assert m == ("interrupted: the last checkpoint in --out is kept; continue with: "
+                 "weightlock pretrain --out runs/base --resume")
+    assert interrupt_message("pretrain", ["pretrain", "--out", "x", "--resume"]).endswith("--out x --resume")
+    m = interrupt_message("lock_cmd", ["lock", "--model", "my model", "--out", "o"])
+    assert "--out/.weightlock-work" in m and m.endswith("continue with: weightlock lock --model 'my model' --out o")
+    for command in ("eval_ppl", "generate", "finetune", "plan"):
+        m = interrupt_message(command, ["x"])
+        assert m.startswith("interrupted: nothing was saved; start over with: weightlock x"), m
+        assert "--resume" not in m and "checkpoint" not in m
+
+
+def _first_stderr_line(args: list[str]) -> str:
+    """The first line a ``weightlock`` command writes to stderr (then the command is stopped): what a user
+    sees before any long work."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "weightlock.cli", *args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        return p.stderr.readline().rstrip("\n")
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_long_commands_say_what_they_do_before_the_long_work(tiny_model_dir, tmp_path):
+    """plan, eval ppl and lock print a status line before any model is loaded or measured (they used to be
+    silent for minutes); read from the first line of output, not timed."""
+    model, _ = tiny_model_dir
+    assert _first_stderr_line(["plan", "--model", "smollm2-135m"]).startswith(
+        "weightlock plan: smollm2-135m, rank 32 — memory and FLOPs first")
+    assert _first_stderr_line(["eval", "ppl", "--model", str(model)]) == f"weightlock eval ppl: loading {model}"
+    assert _first_stderr_line(["lock", "--model", str(model), "--out", str(tmp_path / "o")]) == \
+        f"weightlock lock: loading {model}"

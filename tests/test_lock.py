@@ -39,7 +39,7 @@ def test_lock_cli_end_to_end(tiny_model_dir, tmp_path):
     r = runner.invoke(app, ["eval", "ppl", "--model", str(out), "--data", "builtin:code", "--split", "validation",
                             "--max-tokens", "2048", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["perplexity"] < 4096
+    assert json.loads(r.stdout)["perplexity"] < 4096
 
 
 def test_lock_errors_leave_nothing(tiny_model_dir, tmp_path):
@@ -169,3 +169,65 @@ def test_lock_two_process_gloo(tiny_model_dir, tmp_path):
 
     a, b = load_file(str(out / "model.safetensors")), load_file(str(single / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+INTERRUPT_AT_REFINE_STEP_3 = """
+import os, signal, sys
+import weightlock.train.loop as L
+_step = L.Trainer.train_step
+def train_step(self):
+    m = _step(self)
+    if self.step == 3:  # a Ctrl-C during refinement step 3, as a user would press it
+        os.kill(os.getpid(), signal.SIGINT)
+    return m
+L.Trainer.train_step = train_step
+from weightlock.cli import app
+sys.argv = ["weightlock", *sys.argv[1:]]
+app()
+"""
+
+
+def test_partial_lock_refinement_ctrl_c_resumes_to_the_identical_release(tiny_model_dir, tmp_path):
+    """A partial lock (--layers 1) with end-to-end refinement: the first line comes at once and says what is
+    happening; a Ctrl-C in refinement keeps a checkpoint and names the command that continues; that command
+    finishes with exactly the weights of an uninterrupted run. The release records which layers are locked,
+    loads with weightlock.load and trust_remote_code, and generates."""
+    model, _ = tiny_model_dir
+    common = ["--model", str(model), "--rank", "8", "--steps", "40", "--calib-tokens", "8192", "--batch-tokens",
+              "256", "--layers", "1", "--refine-steps", "6", "--refine-batch", "4"]
+    whole = tmp_path / "whole"
+    r = _cli("lock", "--out", str(whole), *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.splitlines()[0] == f"weightlock lock: loading {model}", r.stderr[:500]
+    out = tmp_path / "interrupted"
+    args = ["lock", "--out", str(out), *common]
+    p = subprocess.run([sys.executable, "-c", INTERRUPT_AT_REFINE_STEP_3, *args], capture_output=True, text=True)
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert "interrupted: the captured activations, every finished layer and the refinement checkpoint are kept" \
+        in p.stderr and "continue with: weightlock lock --out" in p.stderr, p.stderr[-1500:]
+    assert not (out / "model.safetensors").exists()
+    ckpt = [d for d in (out / ".weightlock-work").iterdir() if d.name.startswith("refine-")]
+    assert len(ckpt) == 1 and json.loads((ckpt[0] / "trainer_state.json").read_text())["step"] == 3
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed = uninterrupted, bit for bit"
+    rep = json.loads((out / "lock_report.json").read_text())
+    assert rep["locked_layers"] == [1] and [l["layer"] for l in rep["layers"]] == [1]
+    fid = rep["refine"]["fidelity"]
+    assert [m["step"] for m in fid] == [0, 6] and fid[-1]["kl"] < fid[0]["kl"]
+    cfg = json.loads((out / "config.json").read_text())["weightlock_dlr"]
+    assert cfg["layers"][0] is None and cfg["layers"][1]["sink"] is True
+    from transformers import AutoModelForCausalLM
+
+    from weightlock import load
+    from weightlock.dlr import DLRNet
+
+    for m in (load(out), AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)):
+        kinds = [type(layer.mlp).__name__ for layer in m.model.layers]
+        assert kinds[0] != "DLRNet" and isinstance(m.model.layers[1].mlp, DLRNet)
+        ids = torch.tensor([[1, 2, 3]])
+        g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert g.shape == (1, 7)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -40,8 +41,35 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """weightlock command line."""
 
 
+# what each command keeps when interrupted, and how it continues: "resume" = rerun with --resume added,
+# "same" = the same command picks up what was kept; commands not listed keep nothing
+_KEPT = {
+    "pretrain": ("the last checkpoint in --out is kept", "resume"),
+    "lock_cmd": ("the captured activations, every finished layer and the refinement checkpoint are kept in "
+                 "--out/.weightlock-work", "same"),
+    "attack": ("every finished run in --out is kept (it is skipped when rerun)", "same"),
+    "demo": ("every finished stage in --out is kept", "same"),
+    "report": ("nothing was written", "same"),
+}
+
+
+def interrupt_message(command: str, argv: list[str]) -> str:
+    """The line a Ctrl-C prints for ``command`` run as ``argv``: what is kept and the exact command that
+    continues (or starts over)."""
+    import shlex
+
+    kept, how = _KEPT.get(command, ("nothing was saved", "same"))
+    args = list(argv)
+    if how == "resume" and "--resume" not in args:
+        args.append("--resume")
+    line = shlex.join(["weightlock", *args])
+    verb = "continue with" if command in _KEPT and command != "report" else "start over with"
+    return f"interrupted: {kept}; {verb}: {line}"
+
+
 def user_errors(fn):
-    """Print a :class:`WeightlockError` as one red line and exit 2 (no traceback for user mistakes)."""
+    """Print a :class:`WeightlockError` as one red line and exit 2 (no traceback for user mistakes); a Ctrl-C
+    says what the command kept and the exact command that continues, and exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,7 +79,8 @@ def user_errors(fn):
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted: a checkpoint was saved; rerun with --resume to continue[/]")
+            console.print(interrupt_message(fn.__name__, sys.argv[1:]), style="yellow", highlight=False,
+                          soft_wrap=True, markup=False)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -143,9 +172,9 @@ def eval_ppl(
     """Perplexity of a causal LM directory on packed blocks (token-weighted)."""
     from .eval.perplexity import model_perplexity
 
-    r = model_perplexity(model, data, split, block_size, max_tokens, verify=verify)
+    r = model_perplexity(model, data, split, block_size, max_tokens, verify=verify, progress=True)
     print(json.dumps(r, indent=2) if json_out else f"perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens "
-          f"({data}, {split})")
+          f"({data}, {split}, {r['block_size']}-token blocks)")
 
 
 @eval_app.command("harness")
@@ -240,13 +269,21 @@ def lock_cmd(
     mode: str = typer.Option(default(LockConfig, "mode"), help="parallel (layers independent) or sequential."),
     refine_steps: int = typer.Option(default(LockConfig, "refine_steps"), help="End-to-end refinement steps after "
                                      "distillation (KL to logits; hidden states for encoders)."),
-    refine_lr: float = typer.Option(default(LockConfig, "refine_lr"),
-                                    help="Refinement learning rate (divided by the read-out scale)."),
+    refine_lr: float = typer.Option(default(LockConfig, "refine_lr"), help="Refinement learning rate."),
+    refine_batch: int = typer.Option(default(LockConfig, "refine_batch"), help="Sequences per refinement step."),
+    target_kl: Optional[float] = typer.Option(None, help="Stop refining once the held-out KL to the original is at "
+                                              "most this."),
+    layers: Optional[str] = typer.Option(None, help="Lock only these MLPs: ids and ranges such as 0,3,5-9 "
+                                         "(default: all); the release records which."),
+    sink: bool = typer.Option(default(LockConfig, "sink"), help="Give every DLR-Net a gated sink component for "
+                              "massive-activation tokens (the attention sink), fitted in closed form."),
+    keep_work: bool = typer.Option(False, help="Keep --out/.weightlock-work (captures and fitted layers) after "
+                                   "the release is written."),
     max_rel_error: str = typer.Option(str(default(LockConfig, "max_rel_error")), help="Fail the lock if a layer's "
                                       "held-out relative error is above this or not finite (1 = the net outputs "
                                       "nothing); 'none' accepts any."),
     loss: str = typer.Option(default(LockConfig, "loss"), help="Distillation loss: energy (‖f−y‖²/‖y‖² over the "
-                             "batch), row or row-median (per token; real LLMs with massive activations)."),
+                             "batch) or row (per token, floored at the median; real LLMs with massive activations)."),
     grad_clip: float = typer.Option(default(LockConfig, "grad_clip"), help="Clip the distillation gradient "
                                     "norm (0: off)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
@@ -263,16 +300,20 @@ def lock_cmd(
     cfg = LockConfig(rank=rank, depth=depth, data=data, calib_tokens=calib_tokens, steps=steps,
                      batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode, init=init,
                      readout=readout, refine_steps=refine_steps, refine_lr=refine_lr, max_rel_error=gate,
-                     loss=loss, grad_clip=grad_clip)
-    r = lock(model, out, cfg, overwrite=overwrite, restart=restart)
+                     loss=loss, grad_clip=grad_clip, refine_batch=refine_batch, target_kl=target_kl, layers=layers,
+                     sink=sink)
+    r = lock(model, out, cfg, overwrite=overwrite, restart=restart, keep_work=keep_work)
     if not r:
         return  # a non-zero rank of a torchrun job
     t = Table(title=f"DLR-Lock of {model} ({r['family']}), rank {rank}")
-    for c in ("layer", "depth", "MLP params", "DLR params", "rel. error (held out)", "seconds"):
+    for c in ("layer", "depth", "MLP params", "DLR params", "rel. error (tokens)", "rel. error (energy)",
+              "sink error", "seconds"):
         t.add_column(c)
-    for s, n_mlp, n_dlr in zip(r["layers"], r["mlp_parameters"], r["dlr_parameters"]):
-        t.add_row(str(s["layer"]), str(s["spec"]["depth"]), f"{n_mlp:,}", f"{n_dlr:,}", f"{s['rel_error']:.5f}",
-                  f"{s['seconds']:.1f}")
+    for s, n_dlr in zip(r["layers"], r["dlr_parameters"]):
+        sink = s.get("outlier_rel_error")
+        t.add_row(str(s["layer"]), str(s["spec"]["depth"]), f"{r['mlp_parameters'][s['layer']]:,}", f"{n_dlr:,}",
+                  f"{s.get('rel_error_tokens', math.nan):.5f}", f"{s['rel_error']:.5f}",
+                  "-" if sink is None else f"{sink:.4f}", f"{s['seconds']:.1f}")
     Console().print(t)
     if r["ppl_before"] is not None:
         console.print(f"perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f} (ratio {r['ppl_ratio']:.4f}); "
@@ -473,23 +514,33 @@ def plan(
     """Predict what fine-tuning a model and its DLR lock costs an attacker (memory, FLOPs, time), from its config."""
     from .eval.plan import plan as make_plan
 
-    p = make_plan(model, rank=rank, tokens_per_step=tokens_per_step, seq_len=seq_len, dtype=dtype,
-                  recalibrate=recalibrate)
+    kw = dict(rank=rank, tokens_per_step=tokens_per_step, seq_len=seq_len, dtype=dtype)
     if as_json:
-        print(json.dumps(p, indent=1))
+        print(json.dumps(make_plan(model, recalibrate=recalibrate, **kw), indent=1))
         return
     gib = 2 ** 30
-    t = Table(title=f"{p['model']}: rank {p['rank']}, depth {p['depth']} × {p['layers']} layers; {p['batch']} × "
-                    f"{p['seq_len']} tokens, {p['dtype']}; one DLR-Net saves {p['mlp_memory_multiplier']:.1f}× an MLP")
-    for c in ("model", "attack / counter-measure", "activations GiB", "× orig", "params+grads+AdamW GiB",
-              "TFLOP", "time s", "× orig"):
-        t.add_column(c)
-    for r in p["rows"]:
-        t.add_row(r["model"], r["what"], f"{r['peak_activation_bytes'] / gib:,.2f}",
-                  f"{r['activation_vs_original']:.2f}",
-                  f"{(r['param_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / gib:,.2f}",
-                  f"{r['flops'] / 1e12:,.1f}", f"{r['time_s']:,.2f}", f"{r['time_vs_original']:.2f}")
-    Console(width=200).print(t)
+
+    def table(p: dict, timed: bool) -> Table:
+        t = Table(title=f"{p['model']}: rank {p['rank']}, depth {p['depth']} × {p['layers']} layers; {p['batch']} × "
+                        f"{p['seq_len']} tokens, {p['dtype']}; one DLR-Net saves {p['mlp_memory_multiplier']:.1f}× an "
+                        f"MLP{'' if timed else ' (analytic; time follows)'}")
+        cols = ["model", "attack / counter-measure", "activations GiB", "× orig", "params+grads+AdamW GiB", "TFLOP"]
+        for c in cols + (["time s", "× orig"] if timed else []):
+            t.add_column(c)
+        for r in p["rows"]:
+            cells = [r["model"], r["what"], f"{r['peak_activation_bytes'] / gib:,.2f}", f"{r['activation_vs_original']:.2f}",
+                     f"{(r['param_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / gib:,.2f}",
+                     f"{r['flops'] / 1e12:,.1f}"]
+            t.add_row(*cells, *([f"{r['time_s']:,.2f}", f"{r['time_vs_original']:.2f}"] if timed else []))
+        return t
+
+    console.print(f"weightlock plan: {model}, rank {rank} — memory and FLOPs first (counted on tiny probe models of "
+                  "the family: about a minute), then time on this machine", highlight=False)
+    Console(width=200).print(table(make_plan(model, with_time=False, **kw), timed=False))
+    console.print("time: tracing the steps and timing their operations on this machine (the first run of a model "
+                  "takes minutes, with a progress bar; every timed operation is cached, so a rerun is fast)")
+    p = make_plan(model, recalibrate=recalibrate, progress=True, **kw)
+    Console(width=200).print(table(p, timed=True))
     console.print(f"time: this machine ({p['calibration']['device']}, {p['calibration']['threads']} threads), "
                   "calibrated per operation; '× orig' compares with the original under the same attack "
                   "(checkpointing per DLR-Net: with the original's per-layer checkpointing)")

@@ -197,7 +197,10 @@ def dist_or_none():
         import torch.distributed as dist
 
         set_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if not dist.is_initialized():  # one process may capture for an hour while the others wait at a barrier
+            import datetime
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                    timeout=datetime.timedelta(hours=6))
         return dist
     return None

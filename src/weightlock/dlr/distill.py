@@ -18,12 +18,14 @@ from torch import nn
 from ..config import check_types, choice
 from ..errors import WeightlockError
 from ..io import atomic_path, dist_or_none, read_json, write_json
+from ..train.loop import Hook
 from .modeling_weightlock_dlr import (
     ArchAdapter,
     DLRNet,
     DLRSpec,
     UnsupportedArchitecture,
     adapter_for,
+    sink_parameters,
     find_layers,
     get_path,
     mlp_modules,
@@ -47,7 +49,14 @@ class LockConfig:
     init_scale: float = 0.0
     # zero (U = 0) | mlp (plain MLPs: block l starts as a slice of the MLP's hidden units)
     init: Literal["zero", "mlp"] = choice("zero", "init")
-    readout: float = 1.0  # DLR(u) = readout·(z_L − z_0); with init=mlp, s > 1 shrinks the drift of z (see README)
+    # DLR(u) = readout·(z_L − z_0): s > 1 shrinks the drift of the residual state z by s (a real LLM's MLP
+    # output is 7–20× its input in norm, so at s = 1 later blocks see mostly the partial output, not the input)
+    readout: float = 1.0
+    # an explicit gated component for massive-activation tokens (the attention sink), fitted in closed form
+    sink: bool = True
+    outlier_factor: float = 10.0  # a token whose MLP output norm is above this × the median is an outlier
+    # which MLPs to lock: None = all; "0,3,5-9" (ranges inclusive); "auto" = as many as fit max_ppl_ratio
+    layers: str | None = None
     data: str | None = None  # calibration text; None: the model's own training data, else builtin:code+prose
     calib_tokens: int = 131_072
     block_size: int = 128
@@ -60,13 +69,16 @@ class LockConfig:
     mode: Literal["parallel", "sequential"] = choice("parallel", "mode")
     refine_steps: int = 0  # optional end-to-end refinement toward the original's logits (KL) / hidden states
     refine_lr: float = 3e-4
+    refine_batch: int = 8  # sequences (of block_size tokens) per refinement step
+    refine_eval_every: int = 25  # steps between fidelity measurements (KL, top-1, ppl ratio) on held-out text
+    refine_checkpoint_every: int = 25  # steps between refinement checkpoints (a killed run resumes from one)
+    target_kl: float | None = None  # stop refining once the held-out KL to the original is at most this
     # quality gate: a layer whose held-out relative error is above this (or not finite) fails the lock;
     # 1.0 is what a net that outputs nothing scores. None: no gate
     max_rel_error: float | None = 0.5
     # energy: ‖f(x) − y‖² / ‖y‖² over the batch | row: each token's error relative to its own output energy
-    # (floored at the batch mean), so a few tokens with massive activations do not dominate (real LLMs) |
-    # row-median: the floor is the batch median (the mean is itself dominated by the massive tokens)
-    loss: Literal["energy", "row", "row-median"] = choice("energy", "distillation loss")
+    # (floored at the batch median), so a few tokens with massive activations do not dominate (real LLMs)
+    loss: Literal["energy", "row"] = choice("energy", "distillation loss")
     grad_clip: float = 0.0  # clip the distillation gradient norm (0: off); deep nets on real LLMs diverge without
     progress: bool = True
 
@@ -86,15 +98,45 @@ class LockConfig:
             raise WeightlockError("holdout must be in (0, 0.5)")
         if self.steps < 1 or self.batch_tokens < 1 or self.calib_tokens < self.block_size:
             raise WeightlockError("steps, batch_tokens must be ≥ 1 and calib_tokens ≥ block_size")
+        if self.refine_batch < 1 or self.refine_eval_every < 1 or self.refine_checkpoint_every < 1:
+            raise WeightlockError("refine_batch, refine_eval_every and refine_checkpoint_every must be ≥ 1")
+        if self.target_kl is not None and not self.target_kl >= 0:
+            raise WeightlockError(f"target_kl must be ≥ 0, got {self.target_kl}")
         if self.block_size < 2 or self.refine_steps < 0 or self.init_scale < 0:
             raise WeightlockError("block_size must be ≥ 2, refine_steps and init_scale ≥ 0")
         if self.grad_clip < 0:
             raise WeightlockError(f"grad_clip must be ≥ 0, got {self.grad_clip}")
         if not self.lr > 0 or not self.refine_lr > 0:
             raise WeightlockError(f"learning rates must be positive, got lr={self.lr}, refine_lr={self.refine_lr}")
+        if not self.outlier_factor > 1:
+            raise WeightlockError(f"outlier_factor must be above 1, got {self.outlier_factor}")
+        if self.layers is not None:
+            parse_layers(self.layers, None)  # the syntax; the range is checked against the model
         if self.max_rel_error is not None and not self.max_rel_error > 0:
             raise WeightlockError(f"max_rel_error must be positive (or None to accept any error), "
                                   f"got {self.max_rel_error}")
+
+
+def parse_layers(spec: str | None, n: int | None) -> list[int] | None:
+    """The layer ids a ``layers`` spec names: None/"all" = every layer (None returned), "auto" = chosen by
+    fidelity (returned as None here), else comma-separated ids and inclusive ranges ("0,3,5-9"), each below
+    ``n`` (when given). A clear :class:`WeightlockError` on anything else."""
+    if spec is None or spec.strip() in ("all", "auto"):
+        return None
+    ids: list[int] = []
+    for part in spec.split(","):
+        a, dash, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b) if dash else int(a)
+        except ValueError:
+            raise WeightlockError(f"layers: {part.strip()!r} is not a layer id or a range like 5-9 "
+                                  "(expected e.g. '0,3,5-9', 'all' or 'auto')") from None
+        if lo < 0 or hi < lo:
+            raise WeightlockError(f"layers: bad range {part.strip()!r}")
+        ids.extend(range(lo, hi + 1))
+    if n is not None and max(ids) >= n:
+        raise WeightlockError(f"layers: the model has {n} layers (0–{n - 1}), got {max(ids)}")
+    return sorted(set(ids))
 
 
 def block_parameters(width: int, rank: int, norm: bool, bias: bool) -> int:
@@ -118,8 +160,10 @@ def match_depth(mlp_params: int, width: int, rank: int, norm: bool = False, bias
     return depth
 
 
-def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRSpec], list[int]]:
-    """Validate ``model`` against ``cfg`` and return its adapter, one DLRSpec per layer and MLP sizes."""
+def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRSpec | None], list[int]]:
+    """Validate ``model`` against ``cfg`` and return its adapter, one DLRSpec per layer (None for a layer the
+    config leaves unlocked) and MLP sizes. With a sink the blocks get the sink's parameters fewer, so the
+    net still matches the MLP's count."""
     _refuse_mixture_of_experts(model)
     try:
         adapter = adapter_for(model)
@@ -135,8 +179,9 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
     if cfg.init == "mlp" and adapter.gated:
         raise WeightlockError(f"init 'mlp' needs a plain two-matrix MLP; {adapter.family} has a gated MLP")
     bias = cfg.bias or cfg.init == "mlp"
+    chosen = parse_layers(cfg.layers, len(layers))
     specs, sizes = [], []
-    for layer in layers:
+    for k, layer in enumerate(layers):
         try:
             n = mlp_num_parameters(layer, adapter)
         except AttributeError:
@@ -144,8 +189,11 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
                                   "is it already locked?") from None
         if n == 0:
             raise WeightlockError(f"{type(model).__name__}: MLP without parameters, nothing to lock")
-        depth = cfg.depth or match_depth(n, width, cfg.rank, cfg.norm, bias)
-        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, bias, cfg.init_scale, cfg.readout))
+        extra = sink_parameters(width) if cfg.sink else 0
+        depth = cfg.depth or match_depth(n - extra, width, cfg.rank, cfg.norm, bias)
+        locked = chosen is None or k in chosen
+        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, bias, cfg.init_scale, cfg.readout,
+                             cfg.sink) if locked else None)
         sizes.append(n)
     return adapter, specs, sizes
 
@@ -165,8 +213,11 @@ def _refuse_mixture_of_experts(model: nn.Module) -> None:
 
 @torch.no_grad()
 def capture(model: nn.Module, blocks: torch.Tensor, layer_ids: list[int], batch_size: int = 16,
-            dtype: torch.dtype = torch.bfloat16) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Run ``model`` on ``blocks`` and return, per layer id, the MLP (inputs, outputs) as ``[tokens, d]``."""
+            dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``model`` on ``blocks`` and return, per layer id, the MLP (inputs, outputs) as ``[tokens, d]``
+    (rows in block order: block i is rows i·block … (i+1)·block − 1)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     adapter = adapter_for(model)
     layers = find_layers(model, adapter)
     xs: dict[int, list] = {k: [] for k in layer_ids}
@@ -187,10 +238,15 @@ def capture(model: nn.Module, blocks: torch.Tensor, layer_ids: list[int], batch_
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    desc = f"capture ({len(layer_ids)} MLPs)"
     try:
-        for i in range(0, blocks.shape[0], batch_size):
-            x = blocks[i:i + batch_size].to(device)
-            model(input_ids=x, attention_mask=torch.ones_like(x))
+        with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not progress) as bar:
+            task = bar.add_task(desc, total=blocks.shape[0])
+            for i in range(0, blocks.shape[0], batch_size):
+                x = blocks[i:i + batch_size].to(device)
+                model(input_ids=x, attention_mask=torch.ones_like(x))
+                bar.update(task, completed=min(i + batch_size, blocks.shape[0]))
     finally:
         for h in handles:
             h.remove()
@@ -202,13 +258,105 @@ def capture(model: nn.Module, blocks: torch.Tensor, layer_ids: list[int], batch_
 
 def relative_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
     """‖net(x) − y‖² / ‖y‖² over all tokens (fraction of the MLP output's energy not reproduced)."""
-    num = den = 0.0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], chunk):
-            xi, yi = x[i:i + chunk].float(), y[i:i + chunk].float()
-            num += (net(xi) - yi).pow(2).sum().item()
-            den += yi.pow(2).sum().item()
-    return num / max(den, 1e-30)
+    return error_stats(net, x, y, chunk=chunk)["rel_error"]
+
+
+@torch.no_grad()
+def error_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, outliers: torch.Tensor | None = None,
+                chunk: int = 8192) -> dict:
+    """How well ``net`` reproduces y = MLP(x), three ways:
+
+    * ``rel_error``: ‖net(x) − y‖² / ‖y‖² over all tokens (energy-weighted: on a layer with a 24,000-norm
+      sink token this is that one token's error);
+    * ``rel_error_tokens``: Σ w_i ‖e_i‖² / Σ w_i ‖y_i‖² with w_i = 1 / (‖y_i‖² + median_j ‖y_j‖²): every
+      token's relative error counts about alike, as in the row loss (the median floor keeps near-zero
+      outputs from blowing up); 1 = the net outputs nothing, as for ``rel_error``;
+    * ``outlier_rel_error``: ‖E‖ / ‖Y‖ (relative norm, not squared) over the ``outliers`` rows (massive
+      activations such as the attention sink), with their count; None without outliers."""
+    sq_err, sq_y = [], []
+    for i in range(0, x.shape[0], chunk):
+        xi, yi = x[i:i + chunk].float(), y[i:i + chunk].float()
+        sq_err.append((net(xi).float() - yi).pow(2).sum(-1))
+        sq_y.append(yi.pow(2).sum(-1))
+    e, ey = torch.cat(sq_err), torch.cat(sq_y)
+    num, den = e.sum().item(), ey.sum().item()
+    w = 1 / (ey + ey.median()).clamp_min(1e-30)
+    row = ((w * e).sum() / (w * ey).sum().clamp_min(1e-30)).item() if e.numel() else math.nan
+    out = {"rel_error": num / max(den, 1e-30), "rel_error_tokens": row,
+           "outliers": 0 if outliers is None else int(outliers.sum()), "outlier_rel_error": None}
+    if outliers is not None and outliers.any():
+        out["outlier_rel_error"] = math.sqrt(e[outliers].sum().item() / max(ey[outliers].sum().item(), 1e-30))
+    return out
+
+
+def outlier_rows(y: torch.Tensor, factor: float) -> torch.Tensor:
+    """Rows whose norm is above ``factor`` × the median row norm (massive activations)."""
+    n = y.float().norm(dim=-1)
+    return n > factor * n.median()
+
+
+@torch.no_grad()
+def fit_sink(sink: nn.Module, x: torch.Tensor, y: torch.Tensor, factor: float, ridge: float = 1e-4,
+             target: torch.Tensor | None = None) -> dict:
+    """Fit a :class:`DLRSink` in closed form to the outlier rows of (x, y) (output norm above ``factor`` × the
+    median): its value is their mean output direction, its amplitude a ridge regression of their output
+    along it on the input, and its gate a logistic regression (on the input direction) of outlier vs
+    ordinary, sharpened so that the most outlier-like ordinary token of the data sits at logit −12 and the
+    least outlier-like outlier (if they separate; else the median one) at +12. Without outliers (or with too few to fit) the sink stays off (value 0).
+
+    ``target`` (rows like y): refit only value and amplitude to it on the same outlier rows, keeping the
+    gate (after the blocks are trained: the sink then takes what they leave on the outliers, y − blocks(x)).
+    Returns what was found."""
+    flag = outlier_rows(y, factor)
+    count = int(flag.sum())
+    if count < 4 or count > 0.2 * y.shape[0]:
+        sink.value.zero_()
+        return {"outliers": count, "sink": False}
+    xf, yf = x[flag].double(), (y if target is None else target)[flag].double()
+    v = yf.mean(0)
+    v = v / v.norm()
+    a = yf @ v
+    xm = xf.mean(0)
+    X = xf - xm  # centred: the intercept is not shrunk
+    lam = ridge * X.pow(2).sum() / X.shape[1]  # relative to the features' scale
+    sol = torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1], dtype=torch.float64), X.T @ (a - a.mean()))
+    sink.value.copy_(v.float())
+    sink.amp.weight.copy_(sol.float()[None])
+    sink.amp.bias.fill_(float(a.mean() - xm @ sol))
+    if target is not None:
+        return {"outliers": count, "sink": True}
+    # the gate: logistic regression on the unit input direction, then sharpened
+    unit = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+    labels = flag.float()
+    pos_weight = torch.tensor((labels.numel() - count) / count)
+
+    def closure():
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = nn.functional.binary_cross_entropy_with_logits(unit @ w + b, labels, pos_weight=pos_weight)
+            loss = loss + 1e-4 * w.pow(2).sum()
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    logit = unit @ w.detach() + b.detach()
+    lo = logit[~flag].max().item()
+    separable = logit[flag].min().item() > lo
+    # separable: the least outlying outlier and the most outlying ordinary token at ±12; else the median outlier
+    hi = logit[flag].min().item() if separable else logit[flag].median().item()
+    if hi > lo:  # map [lo, hi] onto [−12, +12]
+        k = 24.0 / (hi - lo)
+        sink.gate.weight.copy_((k * w.detach())[None])
+        sink.gate.bias.fill_(float(k * (b.detach() - (hi + lo) / 2)))
+    else:
+        sink.gate.weight.copy_(w.detach()[None])
+        sink.gate.bias.fill_(float(b.detach()))
+    return {"outliers": count, "sink": True, "gate_separable": separable,
+            "ordinary_above_gate": int((logit[~flag] > (hi + lo) / 2).sum()) if hi > lo else int((logit[~flag] > 0).sum()),
+            "outliers_below_gate": int((logit[flag] < (hi + lo) / 2).sum()) if hi > lo else int((logit[flag] < 0).sum())}
 
 
 def _plain_maps(layer: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:
@@ -281,44 +429,82 @@ def mlp_slice_init(weights: tuple[torch.Tensor, ...]) -> Callable[[DLRNet], None
 
 
 def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, desc: str = "layer",
-              device: torch.device | str = "cpu", init: Callable[[DLRNet], None] | None = None) -> tuple[DLRNet, dict]:
-    """Train a DLR-Net on (x, y) pairs with the normalised regression loss; returns it and its stats."""
+              device: torch.device | str = "cpu", init: Callable[[DLRNet], None] | None = None,
+              block: int | None = None) -> tuple[DLRNet, dict]:
+    """Train a DLR-Net on (x, y) pairs (rows of ``block``-token blocks, split into train and held-out by
+    block) with the normalised regression loss; with a sink, the sink is fitted first in closed form on the
+    training rows and the blocks fit what it leaves. Returns the net and its stats."""
+    split = holdout_split(x.shape[0], cfg.holdout, cfg.seed, block)
+    sink_state, sink_stats = None, {}
+    if spec.sink:
+        probe = DLRNet(spec)
+        sink_stats = fit_sink(probe.sink, x[split[1]].float(), y[split[1]].float(), cfg.outlier_factor)
+        sink_state = {k: v.clone() for k, v in probe.sink.state_dict().items()}
+
     def make() -> DLRNet:
         net = DLRNet(spec)
         if init is not None:
             init(net)
+        if sink_state is not None:
+            net.sink.load_state_dict(sink_state)
+            net.sink.requires_grad_(False)  # fitted in closed form; the blocks fit the rest
         return net
 
-    # Adam moves every weight by ~lr per step whatever its scale, and the read-out multiplies the effect of
-    # U by s, so the step size is lr/s (MiniLM layer 2, init=mlp, s = 16: rel. error 0.0011 after 300 steps)
-    net, stats = fit_module(make, x, y, steps=cfg.steps, lr=cfg.lr / spec.readout,
-                            batch_tokens=cfg.batch_tokens, seed=cfg.seed, holdout=cfg.holdout,
-                            progress=cfg.progress, desc=desc, device=device, loss=cfg.loss, grad_clip=cfg.grad_clip)
+    net, stats = fit_module(make, x, y, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens, seed=cfg.seed,
+                            holdout=cfg.holdout, progress=cfg.progress, desc=desc, device=device, loss=cfg.loss,
+                            grad_clip=cfg.grad_clip, split=split, outlier_factor=cfg.outlier_factor)
+    net.requires_grad_(True)
+    if sink_stats.get("sink"):  # the sink takes what the blocks leave on the outliers; re-measure
+        xt, yt = x[split[1]].float(), y[split[1]].float()
+        with torch.no_grad():
+            rest = torch.cat([yt[i:i + 8192] - net._forward_blocks(xt[i:i + 8192]) for i in range(0, len(xt), 8192)])
+        fit_sink(net.sink, xt, yt, cfg.outlier_factor, target=rest)
+        xh, yh = x[split[0]].float(), y[split[0]].float()
+        stats.update(error_stats(net, xh, yh, outlier_rows(yh, cfg.outlier_factor)))
     stats["spec"] = asdict(spec)
+    stats["sink"] = sink_stats
     return net, stats
+
+
+def holdout_split(n: int, holdout: float, seed: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out rows, training rows) of ``n`` rows: whole blocks of ``block`` consecutive rows (a captured
+    block of text) go to one side, so held-out tokens never share a block with training tokens; without
+    ``block`` (or fewer than 2 blocks), single rows."""
+    g = torch.Generator().manual_seed(seed)
+    if block and n // block >= 2 and n % block == 0:
+        nb = n // block
+        perm = torch.randperm(nb, generator=g)
+        k = max(1, int(nb * holdout))
+        rows = lambda ids: (ids[:, None] * block + torch.arange(block)).reshape(-1)  # noqa: E731
+        return rows(perm[:k].sort().values), rows(perm[k:])
+    perm = torch.randperm(n, generator=g)
+    k = max(1, int(n * holdout))
+    return perm[:k], perm[k:]
 
 
 def distill_loss(out: torch.Tensor, y: torch.Tensor, kind: str = "energy") -> torch.Tensor:
     """``energy``: ‖out − y‖² / ‖y‖² over the batch. ``row``: the mean over tokens of ‖out_i − y_i‖² /
-    (‖y_i‖² + mean_j ‖y_j‖²) — every token's relative error counts alike, so the few tokens with massive
-    activations that real LLMs produce (|y| in the hundreds on 0.1% of tokens) do not swamp the rest.
-    ``row-median``: the same with the batch median as the floor, which the massive tokens do not inflate."""
+    (‖y_i‖² + median_j ‖y_j‖²) — every token's relative error counts alike, so the few tokens with massive
+    activations that real LLMs produce (norm ~10⁴ at the attention sink) do not swamp the rest; the floor
+    is the median, which they do not inflate (a mean floor would be set by them, and swing with how many
+    a batch holds)."""
     if kind == "energy":
         return (out - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
-    if kind in ("row", "row-median"):
+    if kind == "row":
         e = y.pow(2).sum(-1)
-        floor = e.median() if kind == "row-median" else e.mean()
-        return ((out - y).pow(2).sum(-1) / (e + floor).clamp_min(1e-30)).mean()
-    raise WeightlockError(f"unknown distillation loss {kind!r} (energy, row, row-median)")
+        return ((out - y).pow(2).sum(-1) / (e + e.median()).clamp_min(1e-30)).mean()
+    raise WeightlockError(f"unknown distillation loss {kind!r} (energy, row)")
 
 
 def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                batch_tokens: int, seed: int = 0, holdout: float = 0.1, progress: bool = True,
                desc: str = "fit", device: torch.device | str = "cpu", loss: str = "energy",
-               grad_clip: float = 0.0) -> tuple[nn.Module, dict]:
+               grad_clip: float = 0.0, split: tuple[torch.Tensor, torch.Tensor] | None = None,
+               outlier_factor: float = 10.0) -> tuple[nn.Module, dict]:
     """Fit ``make()`` (built after seeding) to map x → y with Adam and a warm-up + cosine schedule,
     minimising ``loss`` (see :func:`distill_loss`), the gradient norm clipped to ``grad_clip`` (0: off);
-    relative errors (energy) are measured on a held-out ``holdout`` fraction.
+    errors (:func:`error_stats`) are measured on a held-out ``holdout`` fraction of the rows, or on
+    ``split = (held-out rows, training rows)`` (see :func:`holdout_split`).
 
     Divergence guard: when the batch loss is not finite or exceeds ``GUARD_FACTOR`` × the best so far, the
     net goes back to its last healthy snapshot (taken every ``GUARD_EVERY`` steps while the loss is within
@@ -328,12 +514,11 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     ``stats["restarts"]`` counts the restarts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    g = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=g)
-    n_hold = max(1, int(n * holdout))
-    hold, train = perm[:n_hold], perm[n_hold:]
+    hold, train = split if split is not None else holdout_split(x.shape[0], holdout, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    n_hold = hold.numel()
     xh, yh = x[hold].float().to(device), y[hold].float().to(device)
+    flags = outlier_rows(yh, outlier_factor)
     torch.manual_seed(seed)
     net = make().to(device)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
@@ -384,9 +569,10 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
         net.load_state_dict(good)
         if math.isfinite(err) and err < relative_error(net, xh, yh):
             net.load_state_dict(final)  # the fit after the restarts is better than the last snapshot
+    held = error_stats(net, xh, yh, flags)
     stats = {"restarts": restarts, "stopped_at_step": stopped,
              "rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
-             "rel_error": relative_error(net, xh, yh), "tokens": n, "steps": steps, "seconds": dt,
+             **held, "tokens": x.shape[0], "held_out_tokens": n_hold, "steps": steps, "seconds": dt,
              "tokens_per_s": (stopped or steps) * bs / dt}
     return net.cpu() if str(device) != "cpu" else net, stats
 
@@ -422,45 +608,48 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
     def done(k: int) -> bool:
         return (work / f"layer_{k}.safetensors").exists() and (work / f"layer_{k}.json").exists()
 
+    locked = [k for k in range(len(layers)) if specs[k] is not None]
     if cfg.mode == "parallel":
-        todo = [k for k in range(len(layers)) if not done(k)]
+        todo = [k for k in locked if not done(k)]
         if rank == 0 and todo and not all((work / f"capture_{k}.safetensors").exists() for k in todo):
-            for k, (x, y) in capture(model, blocks, todo).items():
+            for k, (x, y) in capture(model, blocks, todo, progress=cfg.progress).items():
                 with atomic_path(work / f"capture_{k}.safetensors") as tmp:
                     save_file({"x": x.contiguous(), "y": y.contiguous()}, str(tmp))
         if dist:
             dist.barrier()
-    for k in range(len(layers)):
-        if k % world != rank or done(k):
+    for i, k in enumerate(locked):
+        if i % world != rank or done(k):
             continue
-        if cfg.mode == "sequential":  # inputs produced by the already-locked layers 0..k-1
-            for j in range(k):
+        if cfg.mode == "sequential":  # inputs produced by the already-locked layers below k
+            for j in locked[:i]:
                 _install(layers[j], adapter, specs[j], work / f"layer_{j}.safetensors", device)
             x, y = capture(model, blocks, [k])[k]
         else:
             cap = load_file(str(work / f"capture_{k}.safetensors"))
             x, y = cap["x"], cap["y"]
         init = mlp_slice_init(plain_mlp_weights(layers[k], adapter)) if cfg.init == "mlp" else None
-        net, stats = fit_layer(x, y, specs[k], cfg, desc=f"layer {k + 1}/{len(layers)}", device=device, init=init)
+        net, stats = fit_layer(x, y, specs[k], cfg, desc=f"layer {k} ({i + 1}/{len(locked)})", device=device,
+                               init=init, block=blocks.shape[1])
         stats["layer"], stats["process"] = k, rank
         with atomic_path(work / f"layer_{k}.safetensors") as tmp:
             save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
         write_json(work / f"layer_{k}.json", stats)
     if dist:
         dist.barrier()
-    stats = [read_json(work / f"layer_{k}.json") for k in range(len(layers))]
+    stats = [read_json(work / f"layer_{k}.json") for k in locked]
     check_layer_errors(stats, cfg.max_rel_error, work)
-    for k, layer in enumerate(layers):
-        _install(layer, adapter, specs[k], work / f"layer_{k}.safetensors", device)
+    for k in locked:
+        _install(layers[k], adapter, specs[k], work / f"layer_{k}.safetensors", device)
     return model, stats
 
 
 def check_layer_errors(stats: list[dict], max_rel_error: float | None, work: Path | None = None) -> None:
-    """The quality gate: refuse layers whose held-out relative error is above ``max_rel_error`` or not finite."""
+    """The quality gate: refuse layers whose held-out error (:func:`gate_error`) is above ``max_rel_error`` or
+    not finite."""
     if max_rel_error is None:
         return
-    bad = [(s.get("layer", k), s["rel_error"]) for k, s in enumerate(stats)
-           if not math.isfinite(s["rel_error"]) or s["rel_error"] > max_rel_error]
+    bad = [(s.get("layer", k), gate_error(s)) for k, s in enumerate(stats)
+           if not math.isfinite(gate_error(s)) or gate_error(s) > max_rel_error]
     if bad:
         layers = ", ".join(f"layer {k} ({e:.4g})" for k, e in bad)
         kept = f"; the fitted layers stay in {work} (other settings refit them with --restart)" if work else ""
@@ -468,6 +657,16 @@ def check_layer_errors(stats: list[dict], max_rel_error: float | None, work: Pat
             f"held-out relative error above {max_rel_error:g} (1 = the net outputs nothing): {layers}. "
             "Distil longer or wider (--steps, --lr, --rank), or accept it with --max-rel-error N or none "
             f"(LockConfig.max_rel_error){kept}")
+
+
+def gate_error(stats: dict) -> float:
+    """The error the quality gate reads from a layer's stats: the token-weighted relative error (energy-
+    weighted, one sink token would be all it measures) or, where the layer has outlier tokens, their
+    squared relative error if that is worse; layers fitted before these were recorded: ``rel_error``."""
+    if stats.get("rel_error_tokens") is None:
+        return stats["rel_error"]
+    out = stats.get("outlier_rel_error")
+    return max(stats["rel_error_tokens"], out ** 2 if out is not None else 0.0)
 
 
 def _install(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, device) -> None:
@@ -480,9 +679,81 @@ def _install(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, 
         replace_mlp(layer, adapter, net.to(device))
 
 
-def refine(locked: nn.Module, original: nn.Module, blocks: torch.Tensor, cfg: LockConfig) -> list[dict]:
+@torch.no_grad()
+def fidelity_metrics(model: nn.Module, blocks: torch.Tensor, teacher_logp: list[torch.Tensor],
+                     targets_nll: float, batch_size: int = 8) -> dict:
+    """KL(original ‖ model) per token, top-1 agreement and perplexity ratio of ``model`` on ``blocks``, given
+    the original's log-probabilities there (``teacher_logp``, one tensor per batch) and its mean NLL."""
+    was = model.training
+    model.eval()
+    kl = agree = nll = 0.0
+    count = 0
+    for i, t in zip(range(0, blocks.shape[0], batch_size), teacher_logp):
+        x = blocks[i:i + batch_size]
+        s = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
+        t = t.float()
+        kl += (t.exp() * (t - s)).sum().item()
+        agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+        nll -= s.gather(-1, x[:, 1:, None]).sum().item()
+        count += x[:, 1:].numel()
+    model.train(was)
+    return {"kl": kl / count, "top1_agreement": agree / count,
+            "ppl_ratio": math.exp(nll / count - targets_nll)}
+
+
+class FidelityHook(Hook):
+    """Refinement bookkeeping: every ``every`` steps (and at the start) measure KL, top-1 agreement and the
+    perplexity ratio on fixed held-out blocks, record them in the history, and stop the run once the KL
+    is at or below ``target_kl``. Its records travel through checkpoints."""
+
+    def __init__(self, original: nn.Module, blocks: torch.Tensor, every: int, target_kl: float | None) -> None:
+        self.blocks, self.every, self.target_kl = blocks, every, target_kl
+        self.teacher, nll, n = [], 0.0, 0
+        with torch.no_grad():
+            for i in range(0, blocks.shape[0], 8):
+                x = blocks[i:i + 8]
+                t = torch.log_softmax(original(input_ids=x).logits[:, :-1].float(), -1)
+                nll -= t.gather(-1, x[:, 1:, None]).sum().item()
+                n += x[:, 1:].numel()
+                self.teacher.append(t.to(torch.bfloat16))
+        self.nll = nll / n
+        self.records: list[dict] = []
+
+    def measure(self, trainer) -> dict:
+        m = {"step": trainer.step, "tokens": trainer.tokens_seen,
+             **fidelity_metrics(trainer.raw_model, self.blocks, self.teacher, self.nll)}
+        self.records.append(m)
+        return m
+
+    def on_train_start(self, trainer) -> None:
+        if not self.records:
+            self.measure(trainer)
+        if self.target_kl is not None and self.records[-1]["kl"] <= self.target_kl:
+            trainer.should_stop = True
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if trainer.step % self.every == 0 or trainer.step == trainer.cfg.max_steps:
+            m = self.measure(trainer)
+            metrics.update({f"val_{k}": v for k, v in m.items() if k not in ("step", "tokens")})
+            if self.target_kl is not None and m["kl"] <= self.target_kl:
+                trainer.should_stop = True
+
+    def state_dict(self) -> dict:
+        return {"records": self.records}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = list(state["records"])
+
+
+def refine(locked: nn.Module, original: nn.Module, blocks: torch.Tensor, cfg: LockConfig,
+           val: torch.Tensor | None = None, checkpoint_dir: Path | None = None) -> list[dict]:
     """End-to-end refinement: train only the DLR-Nets so the locked model's outputs match the original's:
-    KL to its logits (language models), or the normalised squared error of the last hidden states (encoders)."""
+    KL to its logits (language models), or the normalised squared error of the last hidden states (encoders).
+
+    With ``val`` (held-out blocks, causal LMs) fidelity is measured every ``cfg.refine_eval_every`` steps and
+    the run stops early at ``cfg.target_kl``; with ``checkpoint_dir`` a checkpoint is written every
+    ``cfg.refine_checkpoint_every`` steps (and on Ctrl-C) and a rerun continues from it exactly. Returns the
+    training history; with ``val`` its last entry carries the fidelity records (``"fidelity"``)."""
     from ..train.loop import TrainConfig, Trainer
 
     for n, p in locked.named_parameters():
@@ -501,11 +772,18 @@ def refine(locked: nn.Module, original: nn.Module, blocks: torch.Tensor, cfg: Lo
         t, s = t.last_hidden_state.float(), s.last_hidden_state.float()
         return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
 
-    tc = TrainConfig(max_steps=cfg.refine_steps, batch_size=min(16, blocks.shape[0]),
-                     lr=cfg.refine_lr / cfg.readout,  # as in fit_layer
-                     warmup_steps=min(10, cfg.refine_steps), weight_decay=0.0, eval_every=10**9,
-                     checkpoint_every=0, seed=cfg.seed, progress=cfg.progress)
-    history = Trainer(locked, blocks, tc, loss_fn=match_loss).fit(resume=False)
+    tc = TrainConfig(max_steps=cfg.refine_steps, batch_size=min(cfg.refine_batch, blocks.shape[0]),
+                     lr=cfg.refine_lr, warmup_steps=min(10, cfg.refine_steps), weight_decay=0.0, eval_every=10**9,
+                     checkpoint_every=cfg.refine_checkpoint_every if checkpoint_dir else 0, seed=cfg.seed,
+                     progress=cfg.progress)
+    lm = val is not None and hasattr(locked, "lm_head")
+    hooks = [FidelityHook(original, val, cfg.refine_eval_every, cfg.target_kl)] if lm else []
+    trainer = Trainer(locked, blocks, tc, loss_fn=match_loss, hooks=hooks, checkpoint_dir=checkpoint_dir)
+    history = trainer.fit(resume=checkpoint_dir is not None)
+    if checkpoint_dir is not None:
+        trainer.save_checkpoint()  # the finished state: a rerun of the lock skips the refinement
     for p in locked.parameters():
         p.requires_grad_(True)
+    if hooks and history:
+        history[-1] = {**history[-1], "fidelity": hooks[0].records}
     return history

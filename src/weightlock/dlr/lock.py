@@ -29,21 +29,43 @@ def _calibration_spec(model_dir: Path, cfg: LockConfig) -> str:
     return cfg.data or run_config(model_dir).get("data", "builtin:code+prose")
 
 
-def _ppl(model, blocks) -> float | None:
-    from ..train.loop import evaluate_loss
+def _say(cfg: LockConfig, msg: str) -> None:
+    """A status line on stderr (when progress is on): what the lock is doing now."""
+    if cfg.progress:
+        import sys
+
+        print(f"weightlock lock: {msg}", file=sys.stderr, flush=True)
+
+
+def _ppl(model, blocks, cfg: LockConfig, desc: str, batch_size: int = 16) -> float | None:
+    """Perplexity of a causal LM on ``blocks`` with a progress bar (None for an encoder)."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if not hasattr(model, "lm_head") and "CausalLM" not in type(model).__name__:
         return None
-    return math.exp(evaluate_loss(model, blocks))
+    model.eval()
+    total = count = 0.0
+    with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not cfg.progress) as bar, torch.no_grad():
+        task = bar.add_task(desc, total=blocks.shape[0])
+        for i in range(0, blocks.shape[0], batch_size):
+            x = blocks[i:i + batch_size]
+            loss = model(input_ids=x, labels=x).loss.item()
+            n = x[:, 1:].numel()
+            total, count = total + loss * n, count + n
+            bar.update(task, completed=min(i + batch_size, blocks.shape[0]))
+    return math.exp(total / count)
 
 
 def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig | None = None,
-         overwrite: bool = False, restart: bool = False) -> dict:
+         overwrite: bool = False, restart: bool = False, keep_work: bool = False) -> dict:
     """Lock the model in ``model_dir`` with DLR-Nets and write the release to ``out``; returns the report.
 
     An interrupted lock resumes from ``out/.weightlock-work`` when run again with the same settings; work
     left by different settings (model, data, DLR shape, distillation) is an error unless ``restart``
-    discards it."""
+    discards it. ``keep_work`` keeps the work directory (captures, fitted layers) after the release is written,
+    e.g. to lock other layer subsets from the same fits."""
     from ..data import load_blocks, load_tokenizer
 
     cfg = cfg or LockConfig()
@@ -51,6 +73,7 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     out = Path(out)
     inputs = (model_dir, cfg.data)
     check_out_dir(out, inputs, non_empty_ok=overwrite or (out / WORK).exists(), hint=_BUSY)  # before heavy work
+    _say(cfg, f"loading {model_dir}")
     model_dir = resolve_model_path(model_dir)  # a .gguf file: its cached Hugging Face conversion
     original = load(model_dir)
     if getattr(original.config, M.DLR_CONFIG_KEY, None):
@@ -73,35 +96,58 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     if dist:
         dist.barrier()
     t0 = time.perf_counter()
-    ppl_before = _ppl(original, val) if main else None
+    n_locked = sum(s is not None for s in specs)
+    _say(cfg, f"{n_locked} of {len(specs)} MLPs to lock ({calib.numel():,} calibration tokens); work kept in {work}")
+    ppl_before = None
+    if main:  # cached: a resumed lock does not measure it again
+        ref = work / "reference.json"
+        ppl_before = read_json(ref)["ppl"] if ref.exists() else _ppl(original, val, cfg, "reference perplexity")
+        write_json(ref, {"ppl": ppl_before})
     locked = load(model_dir)
     params_before = sum(p.numel() for p in locked.parameters())
     locked, layer_stats = distill_model(locked, calib, cfg, work)
     if not main:
         return {}
-    refine_history = refine(locked, original, calib, cfg) if cfg.refine_steps > 0 else []
-    ppl_after = _ppl(locked, val)
+    refine_history = []
+    if cfg.refine_steps > 0:
+        ckpt = work / _refine_dir(cfg)
+        _say(cfg, f"end-to-end refinement, {cfg.refine_steps} steps (checkpoints in {ckpt})")
+        refine_history = refine(locked, original, calib, cfg, val=val[:REFINE_VAL_BLOCKS], checkpoint_dir=ckpt)
+    ppl_after = _ppl(locked, val, cfg, "locked perplexity")
     params_after = sum(p.numel() for p in locked.parameters())
     report = {
         "kind": LOCK_REPORT, "schema_version": SCHEMA_VERSION, "base_model": str(model_dir), "family": adapter.family,
         "calibration_data": spec,
         "calibration_tokens": int(calib.numel()), "validation_tokens": int(val.numel()),
         "lock_config": asdict(cfg), "parameters_before": params_before, "parameters_after": params_after,
-        "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs],
+        "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs if s is not None],
         "ppl_before": ppl_before, "ppl_after": ppl_after,
         "ppl_ratio": ppl_after / ppl_before if ppl_before else None,
+        "locked_layers": [k for k, sp in enumerate(specs) if sp is not None],
         "layers": layer_stats, "refine": refine_history[-1] if refine_history else None,
         "seconds": time.perf_counter() - t0, "weightlock_version": __version__,
     }
     _write_release(locked, tok, out, specs, report)
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 
+REFINE_VAL_BLOCKS = 16  # held-out blocks on which refinement logs its fidelity as it goes
 _BUSY = "pass --overwrite to replace it (an interrupted lock into it resumes by itself)"
 
 # settings that do not change what the work directory holds (captures and distilled layers)
-_NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "max_rel_error"}
+_NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "refine_batch", "max_rel_error", "refine_eval_every", "refine_checkpoint_every",
+                "target_kl"}
+
+
+def _refine_dir(cfg: LockConfig) -> str:
+    """The refinement checkpoint's directory in the work dir, named by the settings its trajectory depends on
+    (other refinement settings start their own run and keep the distilled layers)."""
+    import hashlib
+
+    key = json.dumps([cfg.refine_steps, cfg.refine_lr, cfg.refine_batch, cfg.seed])
+    return "refine-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _work_settings(model_dir: Path, cfg: LockConfig, data: str, block: int, adapter) -> dict:
@@ -110,7 +156,9 @@ def _work_settings(model_dir: Path, cfg: LockConfig, data: str, block: int, adap
                                                                        or p.name == "config.json"))
     return {"model": {p.name: sha256_file(p) for p in files}, "calibration_data": data, "block_size": block,
             "adapter": asdict(adapter),
-            "lock_config": {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_WORK}}
+            # in parallel mode a layer's fit does not depend on which other layers are locked
+            "lock_config": {k: v for k, v in asdict(cfg).items()
+                            if k not in _NOT_IN_WORK and not (k == "layers" and cfg.mode == "parallel")}}
 
 
 def _claim_work(work: Path, settings: dict) -> None:
@@ -134,7 +182,8 @@ def _write_release(model, tokenizer, out: Path, specs: list, report: dict) -> No
 
     cfg = model.config
     # the adapter travels with the release: a family registered only at lock time loads anywhere
-    setattr(cfg, M.DLR_CONFIG_KEY, {"base_class": type(model).__name__, "layers": [asdict(s) for s in specs],
+    setattr(cfg, M.DLR_CONFIG_KEY, {"base_class": type(model).__name__,
+                                    "layers": [asdict(s) if s is not None else None for s in specs],
                                     "adapter": M.adapter_for(model).to_dict(), "weightlock_version": __version__})
     auto = "AutoModelForCausalLM" if "CausalLM" in type(model).__name__ else "AutoModel"
     cfg.auto_map = {auto: "modeling_weightlock_dlr.DLRLockedModel"}
@@ -147,5 +196,6 @@ def _write_release(model, tokenizer, out: Path, specs: list, report: dict) -> No
                                         "calibration_data")},
         "fidelity": {"ppl_before": report["ppl_before"], "ppl_after": report["ppl_after"],
                      "ppl_ratio": report["ppl_ratio"],
+                     "locked_layers": [k for k, s in enumerate(specs) if s is not None],
                      "layer_rel_error": [s["rel_error"] for s in report["layers"]]},
     })

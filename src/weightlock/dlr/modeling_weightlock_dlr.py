@@ -8,7 +8,13 @@ A DLR-Net replaces an MLP whose output is added to the residual stream::
 
     z_0 = u
     z_{l+1} = z_l + U_l · σ(V_l · n_l(z_l))        V_l: r×d, U_l: d×r, n_l optional RMSNorm
-    DLR(u)  = s · (z_L − z_0)                        s: a fixed read-out scale (default 1)
+    DLR(u)  = s · (z_L − z_0)  [+ sink(u)]            s: a fixed read-out scale (default 1)
+
+Real LLMs have a few "massive activation" tokens (the attention sink at position 0): some MLPs write a
+vector of norm ~10⁴ there, always in one direction, against ~30 for ordinary tokens. A deep net never
+produces it; the optional ``sink`` component does, at 3d + 3 parameters that reveal nothing of the MLP::
+
+    sink(u) = c · (a·u + a₀) · σ(g·û + g₀)            û = u/‖u‖, c ∈ ℝᵈ, a, g ∈ ℝᵈ
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ class DLRSpec:
     bias: bool = False
     init_scale: float = 0.0  # std of U at init relative to 1/sqrt(r·L); 0 = U starts at zero
     readout: float = 1.0  # DLR(u) = readout · (z_L − z_0): a fixed scale, not a parameter
+    sink: bool = False  # an explicit gated component for massive-activation tokens (see the module docstring)
 
     def __post_init__(self) -> None:
         if not self.readout > 0:
@@ -48,7 +55,34 @@ class DLRSpec:
         """Parameters of a DLR-Net of this spec (down and up projections, optional norms and biases)."""
         per_block = 2 * self.width * self.rank + (self.width if self.norm else 0)
         per_block += (self.rank + self.width) if self.bias else 0
-        return per_block * self.depth
+        return per_block * self.depth + (sink_parameters(self.width) if self.sink else 0)
+
+
+def sink_parameters(width: int) -> int:
+    """Parameters of a :class:`DLRSink` of this width: value c, amplitude (a, a₀), gate (g, g₀)."""
+    return 3 * width + 2
+
+
+class DLRSink(nn.Module):
+    """``c · (a·u + a₀) · σ(g·û + g₀)``: a constant direction whose amplitude is linear in the input, switched
+    on only for the inputs the gate recognises by direction (û = u/‖u‖). A fresh sink (c = 0) adds nothing."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(width))
+        self.amp = nn.Linear(width, 1)
+        self.gate = nn.Linear(width, 1)
+        nn.init.zeros_(self.amp.weight)
+        nn.init.ones_(self.amp.bias)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, -30.0)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        uf = u.float()
+        unit = uf / uf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        g = torch.sigmoid(nn.functional.linear(unit, self.gate.weight.float(), self.gate.bias.float()))
+        a = nn.functional.linear(uf, self.amp.weight.float(), self.amp.bias.float())
+        return ((a * g) * self.value.float()).to(u.dtype)
 
 
 class DLRBlock(nn.Module):
@@ -95,6 +129,8 @@ class DLRNet(nn.Module):
             raise ValueError(f"depth must be at least 1, got {spec.depth}")
         self.spec = spec
         self.blocks = nn.ModuleList(DLRBlock(spec) for _ in range(spec.depth))
+        if spec.sink:
+            self.sink = DLRSink(spec.width)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -110,6 +146,10 @@ class DLRNet(nn.Module):
                 nn.init.zeros_(b.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._forward_blocks(x)
+        return out + self.sink(x) if self.spec.sink else out
+
+    def _forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         path = self.inference_path(x)
         if path == "compiled":
             try:
@@ -511,8 +551,9 @@ def replace_mlp(layer: nn.Module, adapter: ArchAdapter, net: DLRNet) -> None:
 
 
 def apply_dlr(model: nn.Module, specs: list[dict], adapter: ArchAdapter | None = None) -> nn.Module:
-    """Swap every feed-forward block of ``model`` for a (freshly initialised) DLR-Net of the given specs
-    (``adapter``: the one a release recorded; default: the one registered for the model type)."""
+    """Swap the feed-forward blocks of ``model`` for (freshly initialised) DLR-Nets of the given specs, one per
+    layer; a ``None`` spec leaves that layer's MLP as it is (a partial lock). ``adapter``: the one a release
+    recorded; default: the one registered for the model type."""
     adapter = adapter or adapter_for(model)
     adapter.check(model.config)
     layers = find_layers(model, adapter)
@@ -520,7 +561,8 @@ def apply_dlr(model: nn.Module, specs: list[dict], adapter: ArchAdapter | None =
         raise ValueError(f"{len(specs)} DLR specs for {len(layers)} layers")
     ref = next(model.parameters())
     for layer, spec in zip(layers, specs):
-        replace_mlp(layer, adapter, DLRNet(DLRSpec(**spec)).to(device=ref.device, dtype=ref.dtype))
+        if spec is not None:
+            replace_mlp(layer, adapter, DLRNet(DLRSpec(**spec)).to(device=ref.device, dtype=ref.dtype))
     return model
 
 

@@ -24,16 +24,26 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
 
 def model_perplexity(model_dir: str | os.PathLike, data: str = "builtin:prose", split: str = "test",
                      block_size: int | None = None, max_tokens: int | None = None, batch_size: int = 16,
-                     device: str = "cpu", trust_remote_code: bool = False, verify: bool = True) -> dict:
-    """Perplexity of the model in ``model_dir`` on ``data``/``split``, tokenized with the model's tokenizer."""
+                     device: str = "cpu", trust_remote_code: bool = False, verify: bool = True,
+                     progress: bool = False) -> dict:
+    """Perplexity of the model in ``model_dir`` on ``data``/``split``, tokenized with the model's tokenizer;
+    ``progress``: status lines and a progress bar on stderr."""
+    import sys
+
     from ..data import load_blocks, load_tokenizer
     from ..models.hub import load
 
+    def say(msg: str) -> None:
+        if progress:
+            print(f"weightlock eval ppl: {msg}", file=sys.stderr, flush=True)
+
+    say(f"loading {model_dir}")
     model = load(model_dir, device=device, trust_remote_code=trust_remote_code, verify=verify)
     tok = load_tokenizer(model_dir)
     block_size = block_size or default_block_size(model_dir)
+    say(f"tokenizing {data} ({split}) into {block_size}-token blocks")
     blocks = load_blocks(data, split, tok, block_size, max_tokens)
-    loss = evaluate_loss(model, blocks, batch_size)
+    loss = evaluate_loss(model, blocks, batch_size, progress="perplexity" if progress else None)
     return {"model": str(model_dir), "data": data, "split": split, "block_size": block_size,
             "tokens": int(blocks[:, 1:].numel()), "loss": loss, "perplexity": math.exp(loss)}
 

@@ -754,6 +754,7 @@ class Pricer:
 
     def __init__(self, cal: dict, device: str = "cpu", cache_path: Path | None = None):
         self.cal, self.device, self.path = cal, device, cache_path
+        self.progress = False  # a progress bar on stderr while replaying (the CLI turns it on)
         self.seconds: dict[str, float] = {}
         if cache_path is not None and cache_path.exists():
             try:
@@ -786,12 +787,26 @@ class Pricer:
             return
         if self.device == "cpu":
             keep_freed_memory()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
         best = {k: math.inf for k in todo}
-        for _ in range(passes):
-            for k, (kind, q, _, _, sig) in todo.items():
-                best[k] = min(best[k], self._measure(kind, q, sig))
+        saved_at = time.perf_counter()
+        with Progress(TextColumn("[bold]timing operations"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), transient=True, disable=not self.progress) as bar:
+            task = bar.add_task("replay", total=passes * len(todo))
+            for p in range(passes):
+                for k, (kind, q, _, _, sig) in todo.items():
+                    best[k] = min(best[k], self._measure(kind, q, sig))
+                    if p == 0:  # cached as soon as measured once: an interrupted run keeps what it priced
+                        self.seconds[k] = best[k]
+                        self.dirty = True
+                    bar.advance(task)
+                    if time.perf_counter() - saved_at > 10:
+                        self.save()
+                        saved_at = time.perf_counter()
         self.seconds.update(best)
         self.dirty = True
+        self.save()
 
     def _measure(self, kind: str, q: float, sig) -> float:
         func, args, kwargs = sig
@@ -996,9 +1011,11 @@ def full_size_costs(cfg, rank: int | None, depth: int, scenario: str, b: int, T:
 
 def plan(model_spec, rank: int = 32, tokens_per_step: int = 16384, seq_len: int = 2048,
          dtype: str = "bfloat16", recalibrate: bool = False, scenarios: list[str] | None = None,
-         device: str = "cpu", with_time: bool = True) -> dict:
+         device: str = "cpu", with_time: bool = True, progress: bool = False) -> dict:
     """The attacker's cost of fine-tuning ``model_spec`` (a config, shipped name, path or directory) and
-    its DLR lock at ``rank``: one row per (model, scenario)."""
+    its DLR lock at ``rank``: one row per (model, scenario). ``with_time=False``: the analytic figures only
+    (memory, parameters, FLOPs; seconds, no machine calibration); ``progress``: a progress bar while the
+    operations of the time prediction are replayed (minutes on a first run, cached after)."""
     cfg = load_config(model_spec) if not hasattr(model_spec, "model_type") else model_spec
     _check_family(cfg)
     if dtype not in DTYPES:
@@ -1016,6 +1033,8 @@ def plan(model_spec, rank: int = 32, tokens_per_step: int = 16384, seq_len: int 
     _, specs = skeleton(_with_shape(cfg, num_hidden_layers=1), rank)  # validates the rank (depth matching)
     depth = specs[0].depth
     cal = calibrate(device, dt, remeasure=recalibrate) if with_time else None
+    if cal is not None:
+        pricer_for(cal).progress = progress
     size = torch.finfo(dt).bits // 8
     rows = []
     for kind in ("original", "locked"):

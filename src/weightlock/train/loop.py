@@ -206,21 +206,28 @@ def make_optimizer(params: Iterable[tuple[str, torch.nn.Parameter]], cfg: TrainC
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 16,
-                  device: torch.device | str | None = None) -> float:
-    """Token-weighted mean next-token NLL of ``model`` on packed ``blocks`` (all targets count)."""
+                  device: torch.device | str | None = None, progress: str | None = None) -> float:
+    """Token-weighted mean next-token NLL of ``model`` on packed ``blocks`` (all targets count); ``progress``:
+    show a progress bar (on stderr) with this label."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     if blocks.ndim != 2 or blocks.shape[0] == 0:
         raise WeightlockError(f"expected a non-empty [n, block] tensor of token ids, got {tuple(blocks.shape)}")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, blocks.shape[0], batch_size):
-        x = blocks[i:i + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total += nll.item()
-        count += x[:, 1:].numel()
+    with torch.no_grad(), Progress(TextColumn(f"[bold]{progress}"), BarColumn(), MofNCompleteColumn(),
+                                   TimeRemainingColumn(), transient=True, disable=progress is None) as bar:
+        task = bar.add_task("eval", total=blocks.shape[0])
+        for i in range(0, blocks.shape[0], batch_size):
+            x = blocks[i:i + batch_size].to(device)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                    reduction="sum")
+            total += nll.item()
+            count += x[:, 1:].numel()
+            bar.update(task, completed=min(i + batch_size, blocks.shape[0]))
     model.train(was_training)
     return total / count
 
