@@ -26,7 +26,7 @@ from common import save  # noqa: E402
 from weightlock import load  # noqa: E402
 from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
 from weightlock.dlr.distill import _install, fidelity_metrics  # noqa: E402
-from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, find_layers, get_path  # noqa: E402
+from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, find_layers  # noqa: E402
 from weightlock.io import read_json, write_json  # noqa: E402
 
 SPECS = ("builtin:prose", "builtin:code")

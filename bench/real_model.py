@@ -130,7 +130,6 @@ def main() -> None:
                      refine_steps=args.refine_steps, refine_batch=args.refine_batch, refine_lr=args.refine_lr,
                      max_rel_error=None)  # a bad fit is measured and reported here, not refused
     if args.work_from and not (locked_dir / ".weightlock-work").exists():
-        import shutil
 
         src = Path(args.out) / args.work_from / "locked" / ".weightlock-work"
         dst = locked_dir / ".weightlock-work"

@@ -528,7 +528,8 @@ def plan(
         for c in cols + (["time s", "× orig"] if timed else []):
             t.add_column(c)
         for r in p["rows"]:
-            cells = [r["model"], r["what"], f"{r['peak_activation_bytes'] / gib:,.2f}", f"{r['activation_vs_original']:.2f}",
+            cells = [r["model"], r["what"], f"{r['peak_activation_bytes'] / gib:,.2f}",
+                     f"{r['activation_vs_original']:.2f}",
                      f"{(r['param_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / gib:,.2f}",
                      f"{r['flops'] / 1e12:,.1f}"]
             t.add_row(*cells, *([f"{r['time_s']:,.2f}", f"{r['time_vs_original']:.2f}"] if timed else []))

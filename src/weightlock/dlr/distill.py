@@ -25,12 +25,12 @@ from .modeling_weightlock_dlr import (
     DLRSpec,
     UnsupportedArchitecture,
     adapter_for,
-    sink_parameters,
     find_layers,
     get_path,
     mlp_modules,
     mlp_num_parameters,
     replace_mlp,
+    sink_parameters,
 )
 
 
@@ -213,7 +213,8 @@ def _refuse_mixture_of_experts(model: nn.Module) -> None:
 
 @torch.no_grad()
 def capture(model: nn.Module, blocks: torch.Tensor, layer_ids: list[int], batch_size: int = 16,
-            dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+            dtype: torch.dtype = torch.bfloat16,
+            progress: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Run ``model`` on ``blocks`` and return, per layer id, the MLP (inputs, outputs) as ``[tokens, d]``
     (rows in block order: block i is rows i·block … (i+1)·block − 1)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -302,7 +303,8 @@ def fit_sink(sink: nn.Module, x: torch.Tensor, y: torch.Tensor, factor: float, r
     median): its value is their mean output direction, its amplitude a ridge regression of their output
     along it on the input, and its gate a logistic regression (on the input direction) of outlier vs
     ordinary, sharpened so that the most outlier-like ordinary token of the data sits at logit −12 and the
-    least outlier-like outlier (if they separate; else the median one) at +12. Without outliers (or with too few to fit) the sink stays off (value 0).
+    least outlier-like outlier (if they separate; else the median one) at +12. Without outliers (or with too
+    few to fit) the sink stays off (value 0).
 
     ``target`` (rows like y): refit only value and amplitude to it on the same outlier rows, keeping the
     gate (after the blocks are trained: the sink then takes what they leave on the outliers, y − blocks(x)).
@@ -354,9 +356,10 @@ def fit_sink(sink: nn.Module, x: torch.Tensor, y: torch.Tensor, factor: float, r
     else:
         sink.gate.weight.copy_(w.detach()[None])
         sink.gate.bias.fill_(float(b.detach()))
+    cut = (hi + lo) / 2 if hi > lo else 0.0
     return {"outliers": count, "sink": True, "gate_separable": separable,
-            "ordinary_above_gate": int((logit[~flag] > (hi + lo) / 2).sum()) if hi > lo else int((logit[~flag] > 0).sum()),
-            "outliers_below_gate": int((logit[flag] < (hi + lo) / 2).sum()) if hi > lo else int((logit[flag] < 0).sum())}
+            "ordinary_above_gate": int((logit[~flag] > cut).sum()),
+            "outliers_below_gate": int((logit[flag] < cut).sum())}
 
 
 def _plain_maps(layer: nn.Module, adapter: ArchAdapter) -> list[nn.Module]:

@@ -137,7 +137,8 @@ REFINE_VAL_BLOCKS = 16  # held-out blocks on which refinement logs its fidelity 
 _BUSY = "pass --overwrite to replace it (an interrupted lock into it resumes by itself)"
 
 # settings that do not change what the work directory holds (captures and distilled layers)
-_NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "refine_batch", "max_rel_error", "refine_eval_every", "refine_checkpoint_every",
+_NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "refine_batch", "max_rel_error", "refine_eval_every",
+                "refine_checkpoint_every",
                 "target_kl"}
 
 
