@@ -125,3 +125,27 @@ def test_html_renders_in_headless_chromium_with_all_images(tmp_path):
     img = Image.open(shot).convert("L")
     lo, hi = img.getextrema()
     assert img.size == (1200, 4000) and hi - lo > 100  # a rendered page, not a blank one
+
+
+def test_figures_draw_each_series_once_and_no_invented_lines():
+    """layer_error.png drew one release twice (its lock report and a bench copy), gain_vs_ratio.png joined two
+    measured ratios with a line, frontier.png's caption named strategies that are not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from weightlock import report as R
+
+    errs = [0.1, 0.2, 0.3]
+    found = {"fidelity": [(None, {"ranks": [{"rank": 8, "layer_rel_error": errs}]})],
+             "demo": [(None, {"layer_rel_error": list(errs)})]}
+    assert R._layer_errors(found) == [("bench rank 8", errs)]
+    fig, ax = plt.subplots()
+    rows = [{"ratio": 0.3, "task": "prose", "method": "full", "gain": 0.5},
+            {"ratio": 1.0, "task": "prose", "method": "full", "gain": 0.6}]
+    R._draw_gain(ax, ("bench", "prose", rows))
+    assert [line.get_linestyle() for line in ax.lines] == ["None"]
+    plt.close(fig)
+    caption = next(f[6] for f in R.FIGURES if f[0] == "frontier.png")
+    assert "offload" not in caption and "micro-batching" not in caption

@@ -160,7 +160,13 @@ def _layer_errors(found) -> list[tuple[str, list[float]]]:
     out += [(f"{f.parent.name} (rank {d['layers'][0]['spec']['rank']})", [l["rel_error"] for l in d["layers"]])
             for f, d in found.get("lock_report", [])]
     out += [("demo", d["layer_rel_error"]) for _, d in found.get("demo", []) if d.get("layer_rel_error")]
-    return out
+    seen, unique = set(), []  # one release found twice (its report and a bench copy) is drawn once
+    for name, errs in out:
+        key = tuple(round(e, 12) if e == e else None for e in errs)
+        if key not in seen:
+            seen.add(key)
+            unique.append((name, errs))
+    return unique
 
 
 # ---- figures: each a list of panels, a drawing function per panel and a caption ---------------
@@ -225,7 +231,8 @@ def _draw_gain(ax, item) -> None:
     rs = [r for r in rows if r["task"] == task]
     for method in dict.fromkeys(r["method"] for r in rs):
         pts = sorted((r["ratio"], r["gain"]) for r in rs if r["method"] == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        # points only: the ratios measured are few (often ρ and 1), a line would invent the gain between them
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", ls="none", label=method)
     ax.set_xlabel("mask ratio ρ (1 = dense)")
     ax.set_ylabel("fine-tuning gain")
     ax.set_title(f"{name}: {task}", fontsize=9)
@@ -243,8 +250,8 @@ def _draw_recovery(ax, item) -> None:
 
 
 def _draw_layer_errors(ax, items) -> None:
-    for name, errs in items:
-        ax.plot(range(len(errs)), [100 * e for e in errs], "o-", label=name)
+    for i, (name, errs) in enumerate(items):
+        ax.plot(range(len(errs)), [100 * e for e in errs], "os^vD<>"[i % 7] + "-", lw=1, ms=4, alpha=0.8, label=name)
     ax.set_xticks(range(max(len(e) for _, e in items)))
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error (%)")
@@ -355,9 +362,9 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
      "(d + 2r)·4 bytes per token per block. Memory grows linearly with depth."),
     ("frontier.png", "Memory–time frontier", _frontier, _draw_frontier, (6, 4), None,
      "Memory–time frontier: for the original and the DLR-locked model, the activation memory of one training "
-     "step (saved-tensor hooks) and its median wall time under each memory-saving strategy (none, gradient "
-     "checkpointing per layer / per DLR-Net / per group of blocks, CPU offload, micro-batching, LoRA). What it "
-     "costs an attacker to fit the locked model into a memory budget."),
+     "step (saved-tensor hooks) and its median wall time under each memory-saving strategy the bench measured "
+     "(the label at each point: e.g. none, gradient checkpointing per layer / per DLR-Net / per group of blocks). "
+     "What it costs an attacker to fit the locked model into a memory budget."),
     ("gain_vs_ratio.png", "Gain vs PMP mask ratio", _gain_panels, _draw_gain, (5, 3.8), None,
      "Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match accuracy "
      "gained) of unauthorized full fine-tuning, LoRA and mask recovery + masked fine-tuning, and of the owner's "
