@@ -46,6 +46,8 @@ def fidelity(model_dir: Path, locked_dir: Path, tokens: int, prompts: int) -> di
         blocks = load_blocks(spec, "test", tok, 256, tokens)
         out[spec] = next_token_agreement(original, locked, blocks)
         print(spec, out[spec], flush=True)
+    if prompts == 0:
+        return out
     g = torch.Generator().manual_seed(0)
     pool = torch.cat([load_blocks(s, "test", tok, 32, 200 * 32) for s in ("builtin:prose", "builtin:code")])
     chosen = pool[torch.randperm(pool.shape[0], generator=g)[:prompts]]
