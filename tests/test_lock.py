@@ -231,3 +231,31 @@ def test_partial_lock_refinement_ctrl_c_resumes_to_the_identical_release(tiny_mo
         ids = torch.tensor([[1, 2, 3]])
         g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert g.shape == (1, 7)
+
+
+def test_auto_layers_choose_the_most_that_keep_the_perplexity_budget(tiny_model_dir, tmp_path):
+    """--layers auto: every fitted layer is measured in the original's model; the largest set (best held-out
+    error first) within the ratio is locked; a budget nothing meets is one clear error."""
+    import pytest
+
+    from weightlock.dlr import LockConfig, lock
+    from weightlock.errors import WeightlockError
+
+    model, _ = tiny_model_dir
+    kw = dict(rank=8, steps=40, calib_tokens=8192, batch_tokens=256, progress=False, layers="auto")
+    rep = lock(model, tmp_path / "all", LockConfig(**kw, max_ppl_ratio=1e6), keep_work=True)
+    assert rep["locked_layers"] == [0, 1] and rep["auto_layers"]["trail"][0] == {
+        "layers": 2, "ppl_ratio": pytest.approx(rep["auto_layers"]["trail"][0]["ppl_ratio"])}
+    assert rep["auto_layers"]["trail"][0]["ppl_ratio"] > 1.0  # measured, not assumed
+    assert sorted(rep["auto_layers"]["order"]) == [0, 1]
+    # a tight budget: the chosen layers are the best-first prefix whose measured ratio fits, the next one not
+    tight = (1.0 + rep["auto_layers"]["trail"][0]["ppl_ratio"]) / 2
+    try:
+        r = lock(model, tmp_path / "tight", LockConfig(**kw, max_ppl_ratio=tight))
+    except WeightlockError as e:  # not even the best layer alone fits
+        assert "no fitted layer keeps the perplexity ratio within" in str(e)
+        assert not (tmp_path / "tight" / "model.safetensors").exists()
+    else:
+        n = len(r["locked_layers"])
+        by_n = {t["layers"]: t["ppl_ratio"] for t in r["auto_layers"]["trail"]}
+        assert n == 1 and r["locked_layers"] == r["auto_layers"]["order"][:1] and by_n[1] <= tight < by_n[2]

@@ -273,8 +273,11 @@ def lock_cmd(
     refine_batch: int = typer.Option(default(LockConfig, "refine_batch"), help="Sequences per refinement step."),
     target_kl: Optional[float] = typer.Option(None, help="Stop refining once the held-out KL to the original is at "
                                               "most this."),
-    layers: Optional[str] = typer.Option(None, help="Lock only these MLPs: ids and ranges such as 0,3,5-9 "
-                                         "(default: all); the release records which."),
+    layers: Optional[str] = typer.Option(None, help="Lock only these MLPs: ids and ranges such as 0,3,5-9, or "
+                                         "'auto': the most that keep --max-ppl-ratio (default: all); the release "
+                                         "records which."),
+    max_ppl_ratio: float = typer.Option(default(LockConfig, "max_ppl_ratio"), help="With --layers auto: the "
+                                        "held-out perplexity ratio the chosen layers must keep."),
     sink: bool = typer.Option(default(LockConfig, "sink"), help="Give every DLR-Net a gated sink component for "
                               "massive-activation tokens (the attention sink), fitted in closed form."),
     keep_work: bool = typer.Option(False, help="Keep --out/.weightlock-work (captures and fitted layers) after "
@@ -301,7 +304,7 @@ def lock_cmd(
                      batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode, init=init,
                      readout=readout, refine_steps=refine_steps, refine_lr=refine_lr, max_rel_error=gate,
                      loss=loss, grad_clip=grad_clip, refine_batch=refine_batch, target_kl=target_kl, layers=layers,
-                     sink=sink)
+                     sink=sink, max_ppl_ratio=max_ppl_ratio)
     r = lock(model, out, cfg, overwrite=overwrite, restart=restart, keep_work=keep_work)
     if not r:
         return  # a non-zero rank of a torchrun job

@@ -57,6 +57,7 @@ class LockConfig:
     outlier_factor: float = 10.0  # a token whose MLP output norm is above this × the median is an outlier
     # which MLPs to lock: None = all; "0,3,5-9" (ranges inclusive); "auto" = as many as fit max_ppl_ratio
     layers: str | None = None
+    max_ppl_ratio: float = 1.05  # layers="auto": the held-out perplexity ratio the chosen layers must keep
     data: str | None = None  # calibration text; None: the model's own training data, else builtin:code+prose
     calib_tokens: int = 131_072
     block_size: int = 128
@@ -111,7 +112,9 @@ class LockConfig:
         if not self.outlier_factor > 1:
             raise WeightlockError(f"outlier_factor must be above 1, got {self.outlier_factor}")
         if self.layers is not None:
-            parse_layers(self.layers, None)  # the syntax; the range is checked against the model
+            parse_layers(self.layers, None)
+        if not self.max_ppl_ratio >= 1:
+            raise WeightlockError(f"max_ppl_ratio must be at least 1, got {self.max_ppl_ratio}")  # the syntax; the range is checked against the model
         if self.max_rel_error is not None and not self.max_rel_error > 0:
             raise WeightlockError(f"max_rel_error must be positive (or None to accept any error), "
                                   f"got {self.max_rel_error}")

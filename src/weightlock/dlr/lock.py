@@ -108,6 +108,20 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     locked, layer_stats = distill_model(locked, calib, cfg, work)
     if not main:
         return {}
+    auto = None
+    if cfg.layers is not None and cfg.layers.strip() == "auto":
+        auto = _choose_layers(original, locked, layer_stats, val[:REFINE_VAL_BLOCKS], cfg)
+        keep = set(auto["layers"])
+        specs = [sp if k in keep else None for k, sp in enumerate(specs)]
+        layer_stats = [st for st in layer_stats if st["layer"] in keep]
+        locked = load(model_dir)
+        from .distill import _install
+
+        a = M.adapter_for(locked)
+        layers = M.find_layers(locked, a)
+        for k in sorted(keep):
+            _install(layers[k], a, specs[k], work / f"layer_{k}.safetensors", "cpu")
+        _say(cfg, f"auto: {len(keep)} MLPs fit ppl ratio ≤ {cfg.max_ppl_ratio:g}: {sorted(keep)}")
     refine_history = []
     if cfg.refine_steps > 0:
         ckpt = work / _refine_dir(cfg)
@@ -123,7 +137,7 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
         "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs if s is not None],
         "ppl_before": ppl_before, "ppl_after": ppl_after,
         "ppl_ratio": ppl_after / ppl_before if ppl_before else None,
-        "locked_layers": [k for k, sp in enumerate(specs) if sp is not None],
+        "locked_layers": [k for k, sp in enumerate(specs) if sp is not None], "auto_layers": auto,
         "layers": layer_stats, "refine": refine_history[-1] if refine_history else None,
         "seconds": time.perf_counter() - t0, "weightlock_version": __version__,
     }
@@ -133,13 +147,50 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     return report
 
 
+def _choose_layers(original, locked, stats: list[dict], val, cfg: LockConfig) -> dict:
+    """``layers="auto"``: the largest set of fitted layers, taken in order of their held-out error (best
+    first), whose perplexity ratio on held-out blocks stays within ``cfg.max_ppl_ratio`` (binary search over
+    the number of layers; each candidate is measured, not predicted). Returns the choice and its trail."""
+    from .distill import gate_error
+
+    adapter = M.adapter_for(locked)
+    mine, theirs = M.find_layers(locked, adapter), M.find_layers(original, adapter)
+    order = [s["layer"] for s in sorted(stats, key=gate_error)]
+    nets = {k: M.get_path(mine[k], adapter.mlp) for k in order}
+    mlps = {k: M.get_path(theirs[k], adapter.mlp) for k in order}
+    base = _ppl(original, val, cfg, "auto: original")
+    trail = []
+
+    def ratio(n: int) -> float:
+        for i, k in enumerate(order):  # the original's model with the first n nets swapped in
+            M.set_path(theirs[k], adapter.mlp, nets[k] if i < n else mlps[k])
+        try:
+            r = _ppl(original, val, cfg, f"auto: {n} layers") / base
+        finally:
+            for k in order:
+                M.set_path(theirs[k], adapter.mlp, mlps[k])
+        trail.append({"layers": n, "ppl_ratio": r})
+        return r
+
+    lo, hi = 0, len(order)  # lo fits (0 layers: ratio 1); find the largest n that fits
+    if ratio(hi) <= cfg.max_ppl_ratio:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ratio(mid) <= cfg.max_ppl_ratio else (lo, mid)
+    if lo == 0:
+        raise WeightlockError(f"layers=auto: no fitted layer keeps the perplexity ratio within {cfg.max_ppl_ratio:g} "
+                              f"on its own (trail: {trail}); distil longer or raise --max-ppl-ratio")
+    return {"layers": sorted(order[:lo]), "order": order, "max_ppl_ratio": cfg.max_ppl_ratio, "trail": trail}
+
+
 REFINE_VAL_BLOCKS = 16  # held-out blocks on which refinement logs its fidelity as it goes
 _BUSY = "pass --overwrite to replace it (an interrupted lock into it resumes by itself)"
 
 # settings that do not change what the work directory holds (captures and distilled layers)
 _NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "refine_batch", "max_rel_error", "refine_eval_every",
                 "refine_checkpoint_every",
-                "target_kl"}
+                "target_kl", "max_ppl_ratio"}
 
 
 def _refine_dir(cfg: LockConfig) -> str:
