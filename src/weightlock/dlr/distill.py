@@ -112,9 +112,9 @@ class LockConfig:
         if not self.outlier_factor > 1:
             raise WeightlockError(f"outlier_factor must be above 1, got {self.outlier_factor}")
         if self.layers is not None:
-            parse_layers(self.layers, None)
+            parse_layers(self.layers, None)  # the syntax; the range is checked against the model
         if not self.max_ppl_ratio >= 1:
-            raise WeightlockError(f"max_ppl_ratio must be at least 1, got {self.max_ppl_ratio}")  # the syntax; the range is checked against the model
+            raise WeightlockError(f"max_ppl_ratio must be at least 1, got {self.max_ppl_ratio}")
         if self.max_rel_error is not None and not self.max_rel_error > 0:
             raise WeightlockError(f"max_rel_error must be positive (or None to accept any error), "
                                   f"got {self.max_rel_error}")
