@@ -2,7 +2,7 @@
 
     python bench/real_sink.py --run r32-sink-r4 --layers 11,28,29 [--steps 300]
 
-Refits the given layers from the captures a lock run kept (``bench/real_model.py --keep-work``: the MLP's
+Measures the run's own fitted nets and refits the given layers without a sink from the captures a lock run kept (``bench/real_model.py --keep-work``: the MLP's
 inputs and outputs on the calibration text, 128-token blocks) with the run's recipe, once with the sink
 component and once without, and measures on the held-out blocks (split by block, never trained on):
 the relative error ‖ŷ − y‖ / ‖y‖ (norm, not squared) of the position-0 (sink) token, its worst single
@@ -57,7 +57,14 @@ def main() -> None:
                 per = 2 * spec["width"] * spec["rank"]
                 depth = round((spec["depth"] * per + (extra if spec.get("sink") else 0) - (extra if sink else 0)) / per)
             s = DLRSpec(**{**spec, "sink": sink, "depth": depth})
-            net, st = fit_layer(x, y, s, cfg, desc=f"layer {k}", block=block)
+            if spec.get("sink") == sink and cfg.steps == lc["steps"]:  # the run's own net: measured, not refitted
+                from weightlock.dlr.modeling_weightlock_dlr import DLRNet
+
+                net = DLRNet(s)
+                net.load_state_dict(load_file(str(work / f"layer_{k}.safetensors")))
+                st = read_json(work / f"layer_{k}.json")
+            else:
+                net, st = fit_layer(x, y, s, cfg, desc=f"layer {k}", block=block)
             with torch.no_grad():
                 out = torch.cat([net(xh[i:i + 4096]) for i in range(0, len(xh), 4096)])
             e, n = (out - yh)[pos0].norm(dim=1), yh[pos0].norm(dim=1)
