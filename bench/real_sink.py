@@ -2,11 +2,12 @@
 
     python bench/real_sink.py --run r32-sink-r4 --layers 11,28,29 [--steps 300]
 
-Measures the run's own fitted nets and refits the given layers without a sink from the captures a lock run kept (``bench/real_model.py --keep-work``: the MLP's
-inputs and outputs on the calibration text, 128-token blocks) with the run's recipe, once with the sink
-component and once without, and measures on the held-out blocks (split by block, never trained on):
-the relative error ‖ŷ − y‖ / ‖y‖ (norm, not squared) of the position-0 (sink) token, its worst single
-token, the token-weighted error of the ordinary tokens and the energy-weighted error.
+Measures the run's own fitted nets (with the sink component) on the captures the lock run kept
+(``bench/real_model.py --keep-work``: the MLP's inputs and outputs on the calibration text, 128-token
+blocks) and refits the same layers without a sink at the same parameter count, for comparison. On the
+held-out blocks (split by block, never trained on): the relative error ‖ŷ − y‖ / ‖y‖ (norm, not squared)
+of the position-0 (sink) token and its worst single token, the token-weighted error of the ordinary
+tokens and the energy-weighted error.
 Writes bench/results/real_sink_RUN.json.
 """
 from __future__ import annotations
