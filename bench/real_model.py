@@ -93,6 +93,44 @@ def harness(model_dir: Path, locked_dir: Path, limit: int) -> dict:
     return out
 
 
+def power_law(xs: list[float], ys: list[float]) -> dict | None:
+    """Least-squares fit of log y = log a − b·log x (points with x, y > 0): a, b, the RMS residual in log10."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 3:
+        return None
+    n = len(pts)
+    mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    b = -sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+    la = my + b * mx
+    res = math.sqrt(sum((p[1] - (la - b * p[0])) ** 2 for p in pts) / n) / math.log(10)
+    return {"a": math.exp(la), "b": b, "rms_residual_log10": res, "points": n}
+
+
+def refine_law(report: dict, flops_per_token: float) -> dict | None:
+    """The refinement's fidelity curve (KL, 1 − top-1, ppl ratio − 1 on held-out blocks vs training tokens),
+    a power law fitted to each (from the second record on: the first is the start), and where the law puts
+    the bars (top-1 ≥ 0.90, ppl ratio ≤ 1.05): tokens, seconds at the run's median step time, FLOPs."""
+    ref = report.get("refine") or {}
+    recs = ref.get("fidelity") or []
+    if len(recs) < 4:
+        return None
+    step_s = ref.get("median_step_time") or ref.get("step_time")
+    tokens_per_step = recs[-1]["tokens"] / max(recs[-1]["step"], 1)
+    law = {}
+    for name, f, bar in (("kl", lambda r: r["kl"], None), ("top1_deficit", lambda r: 1 - r["top1_agreement"], 0.10),
+                         ("ppl_excess", lambda r: r["ppl_ratio"] - 1, 0.05)):
+        fit = power_law([r["tokens"] for r in recs[1:]], [f(r) for r in recs[1:]])
+        if fit is not None and bar is not None and fit["b"] > 0:
+            tokens = (fit["a"] / bar) ** (1 / fit["b"])
+            fit["tokens_to_bar"] = tokens
+            fit["seconds_to_bar"] = tokens / tokens_per_step * step_s if step_s else None
+            fit["flops_to_bar"] = tokens * flops_per_token
+        law[name] = fit
+    return {"records": recs, "tokens_per_step": tokens_per_step, "step_seconds": step_s,
+            "flops_per_token": flops_per_token, "law": law}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="runs/smollm2")
@@ -179,6 +217,8 @@ def main() -> None:
         "locked_layers": report.get("locked_layers"), "refine": report.get("refine"),
         "layer_rel_error_tokens": [layer.get("rel_error_tokens") for layer in report["layers"]],
         "layer_outlier_rel_error": [layer.get("outlier_rel_error") for layer in report["layers"]],
+        # refinement: teacher forward (2N) + student forward and backward (6N) FLOPs per token, N parameters
+        "refine_law": refine_law(report, 8 * report["parameters_after"]),
         "harness": read_json(run / "harness.json") if (run / "harness.json").exists() else None,
     })
 

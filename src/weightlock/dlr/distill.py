@@ -798,6 +798,10 @@ def refine(locked: nn.Module, original: nn.Module, blocks: torch.Tensor, cfg: Lo
         trainer.save_checkpoint()  # the finished state: a rerun of the lock skips the refinement
     for p in locked.parameters():
         p.requires_grad_(True)
+    if history:
+        import statistics
+
+        history[-1] = {**history[-1], "median_step_time": statistics.median(h["step_time"] for h in history)}
     if hooks and history:
         history[-1] = {**history[-1], "fidelity": hooks[0].records}
     return history
