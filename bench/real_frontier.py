@@ -7,7 +7,7 @@ From the module-wise fits a lock run kept (``--keep-work``), with no end-to-end 
 2. the frontier: the k least damaging layers locked together (k = 1 … 30): perplexity ratio on held-out prose
    and code, top-1 agreement, KL, and the attacker's exact saved-activation bytes of a full fine-tuning
    step (one 256-token sequence, autograd's own count) relative to the original's;
-3. 8-bit and 4-bit round-to-nearest weight quantization (group-wise, asymmetric; groups of 32 and 128) of
+3. 8-bit and 4-bit round-to-nearest weight quantization (group-wise, asymmetric; groups of 64 and 32) of
    every linear map in the transformer layers, on the same text.
 Held-out text: the test split of builtin:prose and builtin:code (never used to calibrate), 256-token blocks.
 Writes bench/results/real_frontier_RUN.json and .png; stages cached in runs/real/RUN/frontier/.
@@ -70,7 +70,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/real")
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens per domain")
     ap.add_argument("--sensitivity-blocks", type=int, default=4, help="256-token blocks per domain for step 1")
+    ap.add_argument("--stages", default="sensitivity,frontier,quantization",
+                    help="which stages to run now (each cached; the result JSON is written when all three are)")
     args = ap.parse_args()
+    stages = set(args.stages.split(","))
     torch.manual_seed(0)
     work = Path(args.out) / args.run / "locked" / ".weightlock-work"
     cache = Path(args.out) / args.run / "frontier"
@@ -99,7 +102,7 @@ def main() -> None:
 
     sens_path = cache / "sensitivity.json"
     sens = read_json(sens_path) if sens_path.exists() else {}
-    for k in fitted:
+    for k in fitted if "sensitivity" in stages else []:
         if str(k) in sens:
             continue
         t0 = time.perf_counter()
@@ -107,12 +110,12 @@ def main() -> None:
         sens[str(k)]["seconds"] = time.perf_counter() - t0
         write_json(sens_path, sens)
         print(f"layer {k}: KL {sens[str(k)]['mean_kl']:.4f} top-1 {sens[str(k)]['min_top1_agreement']:.3f}", flush=True)
-    order = sorted(fitted, key=lambda k: sens[str(k)]["mean_kl"])
+    order = sorted((k for k in fitted if str(k) in sens), key=lambda k: sens[str(k)]["mean_kl"])
     x = data[SPECS[0]]["blocks"][:1]
-    base_bytes = saved_bytes(load(args.model), x)
+    base_bytes = saved_bytes(load(args.model), x) if "frontier" in stages else None
     front_path = cache / "frontier.json"
     front = read_json(front_path) if front_path.exists() else {}
-    for n in [n for n in (1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30) if n <= len(order)]:
+    for n in [n for n in (1, 2, 4, 6, 8, 10, 12, 15, 20, 25, 30) if n <= len(order) and "frontier" in stages]:
         if str(n) in front:
             continue
         m = locked_with(order[:n])
@@ -127,7 +130,7 @@ def main() -> None:
     quant = read_json(quant_path) if quant_path.exists() else {}
     from weightlock.eval.quantize import quantize_linear_layers_
 
-    for bits, group in ((8, 128), (4, 128), (4, 32)):
+    for bits, group in ((8, 64), (4, 64), (4, 32)) if "quantization" in stages else ():
         key = f"rtn{bits}-g{group}"
         if key in quant:
             continue
@@ -137,6 +140,8 @@ def main() -> None:
         write_json(quant_path, quant)
         print(key, f"ppl ratio {quant[key]['worst_ppl_ratio']:.4f} top-1 {quant[key]['min_top1_agreement']:.3f}",
               flush=True)
+    if stages != {"sensitivity", "frontier", "quantization"}:
+        return
     result = {"command": "python bench/real_frontier.py " + " ".join(sys.argv[1:]), "model": args.model,
               "run": args.run, "held_out_tokens_per_domain": args.tokens, "sensitivity": sens,
               "order": order, "frontier": front, "quantization": quant,
