@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--layers", default="11")
     ap.add_argument("--steps", type=int, default=None, help="default: the run's")
     ap.add_argument("--no-baseline", action="store_true", help="skip the fits without a sink")
+    ap.add_argument("--refit", action="store_true", help="refit the sink nets too (today's code), not the run's")
     args = ap.parse_args()
     from safetensors.torch import load_file
 
@@ -58,7 +59,8 @@ def main() -> None:
                 per = 2 * spec["width"] * spec["rank"]
                 depth = round((spec["depth"] * per + (extra if spec.get("sink") else 0) - (extra if sink else 0)) / per)
             s = DLRSpec(**{**spec, "sink": sink, "depth": depth})
-            if spec.get("sink") == sink and cfg.steps == lc["steps"]:  # the run's own net: measured, not refitted
+            # the run's own net: measured, not refitted
+            if spec.get("sink") == sink and cfg.steps == lc["steps"] and not args.refit:
                 from weightlock.dlr.modeling_weightlock_dlr import DLRNet
 
                 net = DLRNet(s)
