@@ -329,7 +329,7 @@ def test_release_check_finds_secrets_by_content(tmp_path, pmp_run):
     # real weights and legitimate constant tensors are not masks
     clean = _plant(tmp_path, release, "model.safetensors", lambda f: into_model(
         f, {"extra.norm.weight": torch.ones(256), "tiny": torch.tensor([0.0, 1.0])}), "clean-")
-    assert check_release(clean, private=private) == []
+    assert check_release(clean, private=private, manifest=False) == []  # (the changed file fails the manifest)
 
 
 def test_finetune_refuses_a_mask_of_another_run(tmp_path, pmp_run, tiny_model_dir):
@@ -352,3 +352,195 @@ def test_finetune_refuses_a_mask_of_another_run(tmp_path, pmp_run, tiny_model_di
     assert res.exit_code == 2 and "no mask commitment" in res.output and "--allow-uncommitted" in res.output
     res = runner.invoke(app, args + ["--allow-uncommitted"])
     assert res.exit_code == 0, res.output
+
+
+# ---- secrets hidden under a leaker's transforms: found given the private directory ------------------------
+SEED = 0x5DEECE66D1B2C3A7  # a fixed 63-bit init seed (halves 1575931494 and 3517104039), for deterministic plants
+
+
+@pytest.fixture(scope="module")
+def leak_kit(pmp_run, tmp_path_factory):
+    """(release, private directory with the fixed SEED, mask entry name, its mask, salt, all packed bits,
+    the released weights)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    release, private = pmp_run
+    priv = tmp_path_factory.mktemp("priv") / "private"
+    shutil.copytree(private, priv)
+    secrets_json = json.loads((priv / "secrets.json").read_text())
+    secrets_json["init_seed"] = SEED
+    (priv / "secrets.json").write_text(json.dumps(secrets_json))
+    mask, _, _ = load_mask(priv / "mask.safetensors")
+    salt = bytes.fromhex(secrets_json["salt"])
+    name = next(n for n in sorted(mask) if mask[n].ndim == 2 and "layers.1" in n)
+    packed = b"".join(np.packbits(mask[n].reshape(-1).numpy()).tobytes() for n in sorted(mask))
+    state = load_file(str(release / "model.safetensors"))
+    assert name in state
+    return release, priv, name, mask[name], salt, packed, state
+
+
+def _variant_writers(kit):
+    """The 24 planted variants: name -> (file, writer)."""
+    import base64
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    release, _, name, m, salt, packed, state = kit
+    g = torch.Generator().manual_seed(0)
+    mag = torch.rand(m.shape, generator=g) + 0.1
+    noise = torch.randn(m.shape, generator=g)
+    other_bit = (torch.rand(m.shape, generator=g) < 0.5).to(torch.int8)
+    pub = state[name]
+
+    def signs(bits):  # a random-looking float tensor whose sign pattern is ``bits``
+        return torch.where(bits, -mag, mag)
+
+    def st(t):
+        return lambda f: save_file({"w": t.contiguous()}, str(f))
+
+    def stray_half():
+        t = m.float().clone()
+        t.view(-1)[7] = 0.5
+        return t
+
+    def mantissa(f):
+        w = ((pub.view(torch.int32) & ~1) | m.to(torch.int32)).view(torch.float32)
+        save_file({**state, name: w}, str(f), metadata={"format": "pt"})
+
+    packed_values = torch.tensor(list(packed), dtype=torch.float32)
+    return {
+        "bool-safetensors": ("extra.safetensors", st(m)),
+        "float01-npy": ("stats.npy", lambda f: np.save(f, m.numpy().astype(np.float32))),
+        "packed-raw-dat": ("vocab.dat", lambda f: f.write_bytes(bytes(range(5)) + packed)),
+        "json-01-list": ("data.json", lambda f: f.write_text(json.dumps({"b": m.int().tolist()}))),
+        "salt-hex-json": ("extra_config.json", lambda f: f.write_text(json.dumps({"nonce": salt.hex()}))),
+        "seed-decimal-txt": ("notes.txt", lambda f: f.write_text(f"rng: {SEED}\n")),
+        "sign-pattern": ("aux.safetensors", st(signs(m))),
+        "sign-pattern-flat": ("aux.safetensors", st(signs(m).reshape(-1))),
+        "sign-pattern-npy": ("aux.npy", lambda f: np.save(f, signs(m).reshape(-1).numpy())),
+        "sign-pattern-complement": ("aux.safetensors", st(signs(~m))),
+        "sign-pattern-xor-public": ("aux.safetensors", st(signs(m ^ torch.signbit(pub)))),
+        "zero-one-plus-noise": ("aux.safetensors", st(m.float() + 1e-3 * noise)),
+        "int8-bit0": ("aux.safetensors", st(m.to(torch.int8) | (other_bit << 1))),
+        "int8-bit1": ("aux.safetensors", st((m.to(torch.int8) << 1) | other_bit)),
+        "stray-half": ("aux.safetensors", st(stray_half())),
+        "packed-as-float32": ("aux.safetensors", st(packed_values)),
+        "packed-as-float32-scaled": ("aux.safetensors", st(packed_values / 255)),
+        "mantissa-low-bits": ("model.safetensors", mantissa),
+        "seed-hex": ("notes.txt", lambda f: f.write_text(f"rng=0x{SEED:x}\n")),
+        "seed-two-halves": ("run.json", lambda f: f.write_text(json.dumps({"rng": [SEED >> 32, SEED & 0xFFFFFFFF]}))),
+        "seed-raw-bytes": ("blob.dat", lambda f: f.write_bytes(b"\x01\x02" + SEED.to_bytes(8, "little") + bytes(5))),
+        "seed-float-string": ("run.json", lambda f: f.write_text(json.dumps({"lr": 0.001, "rng": float(SEED)}))),
+        "salt-base64": ("extra_config.json", lambda f: f.write_text(json.dumps(
+            {"nonce": base64.b64encode(salt).decode()}))),
+        "packed-base64-json": ("tables.json", lambda f: f.write_text(json.dumps(
+            {"data": base64.b64encode(packed).decode()}))),
+    }
+
+
+VARIANTS = ["bool-safetensors", "float01-npy", "packed-raw-dat", "json-01-list", "salt-hex-json", "seed-decimal-txt",
+            "sign-pattern", "sign-pattern-flat", "sign-pattern-npy", "sign-pattern-complement",
+            "sign-pattern-xor-public", "zero-one-plus-noise", "int8-bit0", "int8-bit1", "stray-half",
+            "packed-as-float32", "packed-as-float32-scaled", "mantissa-low-bits", "seed-hex", "seed-two-halves",
+            "seed-raw-bytes", "seed-float-string", "salt-base64", "packed-base64-json"]
+CAUGHT_WITHOUT_PRIVATE = {"bool-safetensors", "float01-npy", "json-01-list"}  # two values: by content alone
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_release_check_private_finds_hidden_secrets(tmp_path, leak_kit, variant):
+    """Each planted variant, in a fresh copy of the release, is caught given the private directory, in the
+    planted file only (the manifest check is off: a changed model.safetensors must be caught by its content)."""
+    fname, write = _variant_writers(leak_kit)[variant]
+    release, priv = leak_kit[0], leak_kit[1]
+    leaky = _plant(tmp_path, release, fname, write)
+    found = check_release(leaky, private=priv, manifest=False)
+    assert found, f"{variant} not detected"
+    assert all(f.startswith(fname + ":") for f in found), found
+    assert str(SEED) not in " ".join(found) and leak_kit[4].hex() not in " ".join(found)  # never print secrets
+    assert (check_release(leaky, manifest=False) != []) == (variant in CAUGHT_WITHOUT_PRIVATE), check_release(leaky)
+
+
+def test_release_check_private_has_no_false_positives(tmp_path, leak_kit):
+    """Random tensors of a mask entry's shape, real weights re-saved, random bytes and numbers: all clean."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    release, priv, name, m, _, _, state = leak_kit
+    assert check_release(release, private=priv) == []
+    g = torch.Generator().manual_seed(1)
+    clean = tmp_path / "clean"
+    shutil.copytree(release, clean)
+    save_file({"a": torch.randn(m.shape, generator=g), "b": torch.randn(m.shape, generator=g).reshape(-1),
+               "c": torch.randint(0, 4, m.shape, generator=g, dtype=torch.int8), "d": state[name].t().contiguous(),
+               "e": torch.randint(0, 256, (4096,), generator=g).float()}, str(clean / "extra.safetensors"))
+    np.save(clean / "stats.npy", torch.rand(m.numel(), generator=g).numpy())
+    (clean / "blob.dat").write_bytes(torch.randint(0, 256, (m.numel(),), generator=g, dtype=torch.uint8).numpy()
+                                     .tobytes())
+    (clean / "run.json").write_text(json.dumps({"lr": 0.001, "big": 1.2345678901234567e18, "seed": 12345,
+                                                "ids": [17, 4242424242]}))
+    assert check_release(clean, private=priv) == []
+
+
+def test_release_check_without_private_lists_its_rules(pmp_run):
+    release, _ = pmp_run
+    res = runner.invoke(app, ["release", "check", str(release)])
+    assert res.exit_code == 0 and "clean" in res.output, res.output
+    out = " ".join(res.output.split())
+    assert "without --private only these rules apply:" in out and "exactly two values" in out
+    assert "need --private PRIVDIR" in out
+    res = runner.invoke(app, ["release", "check", str(release), "--private", str(pmp_run[1])])
+    assert res.exit_code == 0 and "without --private" not in res.output, res.output
+
+
+def test_release_check_and_pmp_verify_refuse_a_changed_file(tmp_path, pmp_run):
+    """One flipped byte in the weights: `release check` and `pmp verify` fail with one line naming the file."""
+    release, private = pmp_run
+    changed = tmp_path / "changed"
+    shutil.copytree(release, changed)
+    f = changed / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    line = ("model.safetensors: SHA-256 does not match manifest.json (changed or corrupted since the release "
+            "was written)")
+    assert check_release(changed) == [line]
+    res = runner.invoke(app, ["release", "check", str(changed)])
+    assert res.exit_code == 1, res.output
+    assert [x for x in res.output.splitlines() if "manifest.json (" in x] == [f"changed: {changed}/{line}"]
+    res = runner.invoke(app, ["pmp", "verify", "--release", str(changed), "--mask", str(private / "mask.safetensors")])
+    assert res.exit_code == 2 and "verified" not in res.output, res.output
+    assert res.output.strip() == f"error: {changed}/{line}"
+    with pytest.raises(WeightlockError, match="model.safetensors: SHA-256 does not match manifest.json"):
+        verify(changed, private / "mask.safetensors")
+    (changed / "tokenizer.json").unlink(missing_ok=True)
+    f.unlink()
+    assert "model.safetensors: listed in manifest.json but missing" in check_release(changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["files"] = {"../secrets.json": "0" * 64}  # a manifest never makes the check read outside the release
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    assert check_release(changed) == ["../secrets.json: listed in manifest.json but outside the release directory"]
+
+
+def test_pmp_private_files_are_0600(tmp_path, tokenizer):
+    """Everything written under private/ (Stage-I and Stage-II checkpoints included) is 0600, its directories
+    0700, also while the run is interrupted; the release's files keep the usual mode."""
+    run = tmp_path / "run"
+    settings = (tiny_config(max_steps=4, train_tokens=30_000), PMPConfig(mask_ratio=0.3, discovery_max_steps=3))
+    umask = os.umask(0o022)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain_pmp(*settings, run, hooks=[_InterruptAt(2, 2)])
+        assert os.umask(0o022) == 0o022  # restored after the interruption
+        private = run / "private"
+        modes = {p.relative_to(private).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in private.rglob("*")}
+        assert "stage1/trainer_state.json" in modes and "stage2/checkpoint/trainer_state.json" in modes, modes
+        assert {p: oct(m) for p, m in modes.items() if m != (0o700 if (private / p).is_dir() else 0o600)} == {}
+        assert stat.S_IMODE((run / "private").stat().st_mode) == 0o700
+        pretrain_pmp(*settings, run, resume=True)
+        assert sorted(os.listdir(run / "private")) == ["mask.safetensors", "secrets.json"]
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (run / "private").iterdir())
+        assert stat.S_IMODE((run / "release" / "model.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)

@@ -6,3 +6,9 @@ class WeightlockError(Exception):
 
     The CLI prints these without a traceback and exits with status 2.
     """
+
+
+class ManifestMismatch(WeightlockError):
+    """A release file whose SHA-256 differs from its ``manifest.json`` (changed or corrupted). The message
+    names no way out: a command that offers one (``--no-verify``) adds it, the Python API's is
+    ``load(..., verify=False)``."""

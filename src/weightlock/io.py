@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -110,7 +111,13 @@ def check_out_dir(out: str | os.PathLike, inputs: tuple = (), non_empty_ok: bool
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise WeightlockError(f"{out}: cannot write there ({parent}: {e.strerror or e})") from None
+        # an existing directory that answers "No such file or directory" (/proc, /sys) takes no new files
+        why = {errno.ENOENT: "does not accept new files", errno.EACCES: "is not writable (permission denied)",
+               errno.EPERM: "is not writable (operation not permitted)",
+               errno.EROFS: "is on a read-only file system"}.get(e.errno, f"is not writable ({e.strerror or e})")
+        if parent == real:
+            raise WeightlockError(f"{out}: cannot write into this directory (it {why})") from None
+        raise WeightlockError(f"{out}: the output directory cannot be created there ({parent} {why})") from None
     return out
 
 
@@ -124,6 +131,49 @@ def prepare_out_dir(out: str | os.PathLike, overwrite: bool = False, resume: boo
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def staged_out_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple = (),
+                   hint: str = "pass --overwrite to replace it") -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out`` to write the whole output into; on success it
+    replaces ``out`` (an existing ``out`` must be empty unless ``overwrite``), on any error (Ctrl-C included)
+    it is removed, with the parent directories this call created, and ``out`` is left as it was: a failed
+    run leaves nothing behind. Checked first as :func:`check_out_dir` does."""
+    out = check_out_dir(out, inputs, non_empty_ok=overwrite, hint=hint)
+    created, p = [], out.absolute().parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    tmp = None
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.absolute().parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        old = None
+        if out.exists():  # empty, or replaced with --overwrite: moved aside first, removed once the new one is in
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=tmp.parent))
+            os.replace(out, old / "out")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the previous output back
+                os.replace(old / "out", out)
+                old.rmdir()
+            raise
+        tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # deepest first; stops at one that is not empty (something else wrote there)
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def move_dir_contents(src: Path, dst: Path) -> None:

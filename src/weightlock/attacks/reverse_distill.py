@@ -67,6 +67,41 @@ def reverse_distill_flops(locked: nn.Module, dense: nn.Module, cfg: ReverseDisti
     return capture + 6.0 * mlp * DISTILL_BATCH_TOKENS * cfg.distill_steps
 
 
+class FeedForward(nn.Module):
+    """A feed-forward block spread over several modules of a layer, run in order as one module (the modules
+    are the layer's own: fitting this fits the layer)."""
+
+    def __init__(self, steps: list[nn.Module]):
+        super().__init__()
+        self.steps = nn.ModuleList(steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.steps:
+            x = m(x)
+        return x
+
+
+def dense_feed_forward(layer: nn.Module, adapter) -> nn.Module:
+    """The function a DLR-Net replaces in ``layer`` (from the feed-forward input to the output of the adapter's
+    ``out_path``), computed by the layer's own modules, so that a student built from it starts as, and can
+    only become, a feed-forward of the family's own kind: the ``mlp`` module itself where it is the whole
+    block (Llama-style gated MLPs, GPT-2, GPT-NeoX, Falcon, Phi); otherwise the ``mlp`` module followed by the
+    modules the lock turns into identities, in order, which the adapter lists as the rest of the block
+    (OPT: fc1 → activation_fn → fc2; GPT-J: fc_in → act → fc_out; Bloom: dense_h_to_4h → gelu_impl →
+    dense_4h_to_h; BERT: intermediate (dense + activation) → output.dense)."""
+    from ..dlr.modeling_weightlock_dlr import get_path
+
+    first = get_path(layer, adapter.mlp)
+    if adapter.out_path() == adapter.mlp:
+        return first
+    rest = [p for p in adapter.identity if p != adapter.mlp]
+    if not rest or rest[-1] != adapter.out_path():
+        raise WeightlockError(f"reverse-distill cannot rebuild the {adapter.family} feed-forward: its adapter's "
+                              f"identity modules {list(adapter.identity)} must list, in order, what follows "
+                              f"{adapter.mlp!r} up to {adapter.out_path()!r}")
+    return FeedForward([first, *(get_path(layer, p) for p in rest)])
+
+
 def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Module, list[dict]]:
     """A dense model with the locked model's architecture before locking, MLPs fitted to the DLR-Nets."""
     import transformers
@@ -95,9 +130,7 @@ def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Mod
     errors = []
     for k, layer in enumerate(dense_layers):
         x, y = caps[k]
-        student = get_path(layer, adapter.mlp)
-        if adapter.mlp_out:  # BERT: the feed-forward is split over `intermediate` and `output.dense`
-            student = nn.Sequential(student, get_path(layer, adapter.mlp_out))
+        student = dense_feed_forward(layer, adapter)  # the dense layer's own modules: its weights are fitted
         if cfg.distill_steps == 0:
             errors.append({"rel_error": relative_error(student, x, y), "steps": 0})
             continue

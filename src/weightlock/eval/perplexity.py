@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -59,14 +60,15 @@ def unigram_perplexity(train_blocks: torch.Tensor, eval_blocks: torch.Tensor, vo
 
 
 def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-                  top_k: int = 50, seed: int = 0, trust_remote_code: bool = False, verify: bool = True) -> str:
-    """Sample a continuation of ``prompt`` from the model in ``model_dir`` (greedy at ``temperature`` 0);
-    returns the decoded prompt and continuation."""
+                  top_k: int = 50, seed: int = 0, trust_remote_code: bool = False, verify: bool = True,
+                  top_p: float = 1.0) -> str:
+    """Sample a continuation of ``prompt`` from the model in ``model_dir`` (greedy at ``temperature`` 0;
+    otherwise from the ``top_k`` most likely tokens within the nucleus ``top_p``); returns the decoded prompt
+    and continuation. Invalid sampling settings are refused before the model is loaded."""
     from ..data import load_tokenizer
     from ..models.hub import load
 
-    if max_new_tokens < 1:
-        raise WeightlockError("max_new_tokens must be at least 1")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     model = load(model_dir, trust_remote_code=trust_remote_code, verify=verify)
     if not model.can_generate():
         raise WeightlockError(f"{model_dir}: {type(model).__name__} is not a generative (causal) language model")
@@ -75,8 +77,27 @@ def generate_text(model_dir: str | os.PathLike, prompt: str, max_new_tokens: int
     if ids.shape[1] == 0:
         ids = torch.tensor([[tok.eos_token_id]])
     torch.manual_seed(seed)
+    sample = temperature > 0
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_k=top_k if temperature > 0 else None, pad_token_id=tok.pad_token_id)
+                             do_sample=sample, temperature=temperature if sample else None,
+                             top_k=top_k if sample else None, top_p=top_p if sample else None,
+                             pad_token_id=tok.pad_token_id)
     return tok.decode(out[0], skip_special_tokens=True)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int = 50, top_p: float = 1.0) -> None:
+    """Refuse sampling settings that mean nothing (a :class:`WeightlockError` naming the setting): at least one
+    new token, a finite temperature ≥ 0 (0: greedy), ``top_k`` ≥ 1 and ``top_p`` in (0, 1]."""
+    if not _whole(max_new_tokens) or max_new_tokens < 1:
+        raise WeightlockError(f"max new tokens must be a whole number ≥ 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise WeightlockError(f"temperature must be a finite number ≥ 0 (0: greedy), got {temperature}")
+    if not _whole(top_k) or top_k < 1:
+        raise WeightlockError(f"top-k must be a whole number ≥ 1, got {top_k}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise WeightlockError(f"top-p must be in (0, 1], got {top_p}")
+
+
+def _whole(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)

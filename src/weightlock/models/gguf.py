@@ -38,6 +38,109 @@ def _check_gguf(path: Path) -> None:
         raise WeightlockError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     if importlib.util.find_spec("gguf") is None:
         raise WeightlockError("reading GGUF files needs the 'gguf' package: pip install gguf")
+    _check_gguf_complete(path)
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def gguf_required_size(path: str | os.PathLike) -> int | None:
+    """The size in bytes the GGUF file at ``path`` must have for every tensor its header describes to be
+    there: the end of the last tensor's data. None when that cannot be known (GGUF version 1, a tensor type
+    this ``gguf`` package does not know). Raises ``_Corrupt`` when the header itself is cut short or malformed."""
+    import struct
+
+    import gguf
+
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24:
+            raise _Corrupt(f"{len(head)} bytes: the header ends early")
+        order = "<"
+        version = struct.unpack_from("<I", head, 4)[0]
+        if version & 0xFFFF == 0 and version:  # written big-endian
+            order, version = ">", struct.unpack_from(">I", head, 4)[0]
+        if version < 2:
+            return None
+        n_tensors, n_kv = struct.unpack_from(order + "QQ", head, 8)
+
+        def read(n: int) -> bytes:
+            if n > size:
+                raise _Corrupt(f"a header field claims {n:,} bytes in a file of {size:,}")
+            b = f.read(n)
+            if len(b) < n:
+                raise _Corrupt(f"the header ends early, at byte {f.tell():,} of {size:,}")
+            return b
+
+        def num(fmt: str):
+            return struct.unpack(order + fmt, read(struct.calcsize(fmt)))[0]
+
+        scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+        def value(kind: int):
+            if kind in scalar:
+                return num(scalar[kind])
+            if kind == 8:
+                return read(num("Q"))
+            if kind == 9:
+                item, count = num("I"), num("Q")
+                if item in scalar:  # skipped in one read
+                    if count * struct.calcsize(scalar[item]) > size:
+                        raise _Corrupt(f"an array of {count:,} items in a file of {size:,} bytes")
+                    read(count * struct.calcsize(scalar[item]))
+                    return None
+                for _ in range(count):
+                    value(item)
+                return None
+            raise _Corrupt(f"unknown metadata value type {kind}")
+
+        if n_tensors > size or n_kv > size:
+            raise _Corrupt(f"the header claims {n_tensors:,} tensors and {n_kv:,} metadata entries")
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_kv):
+            key, v = read(num("Q")), value(num("I"))
+            if key == b"general.alignment" and isinstance(v, int) and v > 0:
+                alignment = v
+        end = 0
+        for _ in range(n_tensors):
+            read(num("Q"))  # name
+            n_dims = num("I")
+            if n_dims > 8:
+                raise _Corrupt(f"a tensor with {n_dims} dimensions")
+            dims = [num("Q") for _ in range(n_dims)]
+            kind, offset = num("I"), num("Q")
+            try:
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                return None
+            n = 1
+            for d in dims:
+                n *= d
+            end = max(end, offset + n // block * type_size)
+        start = f.tell()
+    return start + (-start) % alignment + end
+
+
+def _check_gguf_complete(path: Path) -> None:
+    """Refuse a GGUF file shorter than its header says (a cut-off download or copy) or with a malformed header,
+    with one line naming the file, before transformers reads it (its errors are about array shapes)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)  # one command checks its model several times
+    if key in _COMPLETE:
+        return
+    try:
+        need = gguf_required_size(path)
+    except _Corrupt as e:
+        raise WeightlockError(f"{path}: the GGUF file is truncated or corrupt ({e})") from None
+    if need is not None and st.st_size < need:
+        raise WeightlockError(f"{path}: the GGUF file is truncated or corrupt ({st.st_size:,} bytes, but its header "
+                              f"describes {need:,}; download or copy it again)")
+    _COMPLETE.add(key)
+
+
+_COMPLETE: set[tuple] = set()  # (path, size, mtime) of GGUF files already found complete
 
 
 def detach_quantizer(model) -> None:
@@ -61,13 +164,16 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, with_
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
+    from .hub import quiet_transformers
+
     path = Path(path)
     _check_gguf(path)
     logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                     local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tokenizer else None
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                         local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if with_tokenizer else None
     except Exception as e:  # transformers raises several types for unsupported or corrupt GGUF files
         raise WeightlockError(f"{path}: cannot load the GGUF model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None

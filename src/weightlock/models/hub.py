@@ -1,12 +1,13 @@
 """Loading model directories, releases and GGUF files: the one loader (never from a hub)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
-from ..errors import WeightlockError
+from ..errors import ManifestMismatch, WeightlockError
 from .save import quiet_progress, save_model_dir  # noqa: F401  (save_model_dir: re-exported, its home is models.save)
 
 MANIFEST = "manifest.json"
@@ -39,19 +40,29 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     _check_model_dir(d)
     if verify:
         verify_manifest(d)
+    info: dict = {}  # what transformers reports about the keys it loaded (not for a locked release)
     try:
-        config = AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust_remote_code)
-        archs = getattr(config, "architectures", None) or []
-        if getattr(config, M.DLR_CONFIG_KEY, None) and not trust_remote_code:
-            model = M.load_locked_state(M.build_locked_model(config, empty=True), str(d))
-        else:
-            auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
-            model, info = auto.from_pretrained(str(d), local_files_only=True, dtype=dtype or torch.float32,
-                                               trust_remote_code=trust_remote_code, output_loading_info=True)
-            missing = [k for k in info.get("missing_keys", ()) if not _tied_key(model, k)]
-            if missing:
-                raise ValueError(f"weights missing from the checkpoint: {', '.join(sorted(missing)[:4])}"
-                                 + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+        with quiet_transformers():  # its load report (a table of keys) would bury weightlock's one line
+            config = AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust_remote_code)
+            archs = getattr(config, "architectures", None) or []
+            if getattr(config, M.DLR_CONFIG_KEY, None) and not trust_remote_code:
+                model = M.load_locked_state(M.build_locked_model(config, empty=True), str(d))
+            else:
+                auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+                # mismatched shapes are reported below, by name, instead of transformers' pointer to its report
+                model, info = auto.from_pretrained(str(d), local_files_only=True, dtype=dtype or torch.float32,
+                                                   trust_remote_code=trust_remote_code, output_loading_info=True,
+                                                   ignore_mismatched_sizes=True)
+        wrong = sorted(info.get("mismatched_keys") or ())
+        if wrong:
+            k, ckpt, want = wrong[0]
+            raise ValueError(f"weights of the wrong shape for the config: {k} is {list(ckpt)} in the checkpoint, "
+                             f"the config needs {list(want)}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1
+                                                                 else ""))
+        missing = [k for k in info.get("missing_keys", ()) if not _tied_key(model, k)]
+        if missing:
+            raise ValueError(f"weights missing from the checkpoint: {', '.join(sorted(missing)[:4])}"
+                             + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
     except Exception as e:  # transformers/safetensors raise many types for bad checkpoints
         raise WeightlockError(f"{d}: cannot load the model "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
@@ -64,12 +75,27 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers logs only errors inside the block (no load-report tables or advice meant for its own
+    users; weightlock reports what matters as one line)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def _tied_key(model, key: str) -> bool:
     return key.endswith("lm_head.weight") and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
 def verify_manifest(d: str | os.PathLike) -> None:
-    """Check every file listed in ``d/manifest.json`` against its SHA-256; the error names the file."""
+    """Check every file listed in ``d/manifest.json`` against its SHA-256; the error (a
+    :class:`~weightlock.errors.ManifestMismatch`) names the file."""
     from ..io import read_json, sha256_file
 
     d = Path(d)
@@ -82,9 +108,8 @@ def verify_manifest(d: str | os.PathLike) -> None:
             if name.endswith(".safetensors"):
                 raise WeightlockError(f"{f}: listed in {MANIFEST} but missing")
             continue
-        if sha256_file(f) != digest:
-            raise WeightlockError(f"{f}: SHA-256 does not match {MANIFEST} (the file was changed or corrupted; "
-                                  "pass verify=False / --no-verify to load it anyway)")
+        if sha256_file(f) != digest:  # the way out (verify=False, --no-verify) is the caller's to name
+            raise ManifestMismatch(f"{f}: SHA-256 does not match {MANIFEST} (the file was changed or corrupted)")
 
 
 def _check_model_dir(d: Path) -> None:

@@ -1,7 +1,7 @@
 """Authorized fine-tuning with the private mask (the attacks' fine-tuning, plus the mask hook)."""
 from __future__ import annotations
 
-from ..io import check_out_dir, prepare_out_dir
+from ..io import check_out_dir, staged_out_dir
 
 
 def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: float = 1e-3, batch_size: int = 8,
@@ -14,6 +14,8 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
 
     Under ``torchrun`` / ``accelerate launch`` (P processes) ``batch_size`` is per process: the run equals
     one process with ``P × batch_size``. Only the main process writes ``out``; the others return ``{}``.
+    ``out`` is written only once training has succeeded (into a temporary sibling renamed onto it): a run that
+    fails leaves nothing behind, and a replaced ``out`` (``overwrite``) keeps its old content until then.
     """
     from ..data import load_blocks, load_tokenizer
     from ..eval.perplexity import default_block_size
@@ -22,7 +24,7 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     from .release import mask_for_release
     from .train import MaskHook
 
-    check_out_dir(out, (model_dir, mask, data))  # before any work
+    check_out_dir(out, (model_dir, mask, data), non_empty_ok=overwrite)  # before any work
     m = mask_for_release(model_dir, mask, allow_uncommitted) if mask is not None else None
     model = load(model_dir)
     tok = load_tokenizer(model_dir)
@@ -31,9 +33,7 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
         params = {n: p for n, p in model.named_parameters() if n in m}
         hooks.append(MaskHook(params, m))
     main = is_main_process()
-    if main:
-        out = prepare_out_dir(out, overwrite=overwrite, inputs=(model_dir, mask, data))
-    barrier()  # the other processes start once the output directory is claimed
+    barrier()  # the processes start together
     bs = block_size or default_block_size(model_dir)
     blocks = load_blocks(data, "train", tok, bs, 400_000)
     procs = process_count()
@@ -42,7 +42,8 @@ def finetune_model(model_dir, data: str, out, mask=None, steps: int = 100, lr: f
     history, _ = finetune(model, blocks, cfg, hooks=hooks, measure=False)
     if not main:
         return {}
-    save_model_dir(model, tok, out)
+    with staged_out_dir(out, overwrite=overwrite, inputs=(model_dir, mask, data)) as tmp:
+        save_model_dir(model, tok, tmp)
     return {"loss_first": history[0]["loss"], "loss_last": history[-1]["loss"], "authorized": mask is not None,
             "loss_curve": [h["loss"] for h in history], "processes": procs, "batch_size": cfg.batch_size,
             "global_batch": cfg.batch_size * procs}

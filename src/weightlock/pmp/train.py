@@ -9,6 +9,7 @@ Both stages run in the one training loop; the mask is just two hooks:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from dataclasses import asdict, dataclass
@@ -211,7 +212,7 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
     write_json(out / CONFIG_FILE, {"kind": "pretrain-pmp", "config": cfg.to_dict(), "pmp": asdict(pmp)})
     release, private = out / "release", out / "private"
     private.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(private, 0o700)
+    _restrict(private)  # also what an interrupted run of an older version left readable
     secrets_file = private / "secrets.json"
     if secrets_file.exists():
         saved_secrets = read_json(secrets_file)
@@ -219,7 +220,8 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
     else:
         init_seed = PAPER_SEED if pmp.variant == "paper" else secrets.randbits(63)
         salt = secrets.token_bytes(32)
-        _write_secret(secrets_file, {"init_seed": init_seed, "salt": salt.hex(), "pmp": asdict(pmp)})
+        with _private_files():
+            _write_secret(secrets_file, {"init_seed": init_seed, "salt": salt.hex(), "pmp": asdict(pmp)})
 
     tok = load_tokenizer(None, cfg.vocab_size)
     seed_backup = cfg.train.seed
@@ -235,15 +237,17 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
     stage1 = TrainConfig(**{**asdict(cfg.train), "max_steps": pmp.discovery_max_steps, "schedule": "constant",
                             "eval_every": 10**9})
     eb = EarlyBirdHook(params, pmp)
-    trainer1 = Trainer(model, train_blocks, stage1, hooks=[eb, *hooks], checkpoint_dir=private / "stage1")
-    trainer1.fit(resume=True)
-    trainer1.save_checkpoint()
+    with _private_files():  # its checkpoints (the early-bird mask, optimizer state) are 0600, directories 0700
+        trainer1 = Trainer(model, train_blocks, stage1, hooks=[eb, *hooks], checkpoint_dir=private / "stage1")
+        trainer1.fit(resume=True)
+        trainer1.save_checkpoint()
     if eb.mask is None:
         raise WeightlockError("early-bird discovery ended without a mask (no Stage-I step ran)")
     discovery = {"steps": len(eb.ious) + 1, "ious": eb.ious, "converged": eb.converged}
-    commit = save_mask(eb.mask, private / "mask.safetensors", salt)
-    _write_secret(secrets_file, {"init_seed": init_seed, "salt": salt.hex(), "commitment": commit,
-                                 "pmp": asdict(pmp)})
+    with _private_files():
+        commit = save_mask(eb.mask, private / "mask.safetensors", salt)
+        _write_secret(secrets_file, {"init_seed": init_seed, "salt": salt.hex(), "commitment": commit,
+                                     "pmp": asdict(pmp)})
     if pmp.rewind:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -254,10 +258,11 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
     if not stage2_done.exists():
         hook = MaskHook(params, eb.mask, restore_complement=pmp.variant != "paper",
                         projection_every=pmp.projection_every, projection_radius=pmp.projection_radius)
-        pretrain(cfg, stage2, resume=True, model=model, hooks=[hook, *hooks])
-        stage2_done.write_text("")
+        with _private_files():  # Stage II's working directory and checkpoints (moved out: see below)
+            pretrain(cfg, stage2, resume=True, model=model, hooks=[hook, *hooks])
+            stage2_done.write_text("")
     if stage2.exists():
-        move_dir_contents(stage2, release)
+        move_dir_contents(stage2, release)  # the release's files get the usual mode (0666 less the umask)
     metrics = read_json(release / "metrics.json")
     files = {p.name: sha256_file(p) for p in sorted(release.iterdir()) if p.is_file() and p.name != "manifest.json"}
     write_json(release / "manifest.json", {
@@ -269,7 +274,31 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
                "val_ppl": metrics["val_ppl"], "release": str(release), "private": str(private)}
     write_json(out / SUMMARY_FILE, summary)
     _remove_work(private)
+    _restrict(private)
     return summary
+
+
+@contextlib.contextmanager
+def _private_files():
+    """While it lasts, new files are created 0600 and directories 0700 (umask 077; every weightlock writer
+    applies the umask), so nothing written under ``private/`` is ever readable by others, even briefly."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _restrict(private: Path) -> None:
+    """``private`` and every directory under it 0700, every file 0600."""
+    os.chmod(private, 0o700)
+    for root, dirs, files in os.walk(private):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
 
 
 def _write_secret(path: Path, obj: dict) -> None:
