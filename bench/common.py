@@ -22,6 +22,7 @@ def attack_job(root: Path, budget: dict, job: tuple) -> dict:
     options, overridden by the job's; ``job`` = (model key, model dir, task, label, attack, options).
     Returns its row: gain, curve and costs."""
     from weightlock.attacks import run_attack
+    from weightlock.eval.cost_to_target import run_training_memory
 
     key, model, task, label, attack, options = job
     out = root / task / key / label
@@ -30,7 +31,9 @@ def attack_job(root: Path, budget: dict, job: tuple) -> dict:
           f"{r['cost_curve'][-1]['seconds']:6.0f} s", flush=True)
     return {"model": key, "task": task, "label": label, "attack": attack, "options": options, "dir": str(out),
             **{k: r[k] for k in ("gain", "before", "after", "cost_curve", "stopped_early", "capability_ppl_after")},
-            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
+            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),  # measured: reported, never a budget
+            # counted (parameters + gradients + optimizer state + saved activations): the memory budget's measure
+            "training_memory": run_training_memory(r, {**budget, **options}.get("optimizer")),
             "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
             "step_time_s": r["cost"]["step_time_s"], "prepare_seconds": r["cost"]["prepare_seconds"]}
 

@@ -19,17 +19,19 @@ steps, patience 3 scores) or the step budget, with batches of 8 × 128 tokens:
   full fine-tuning at the original's best rate and the frozen-DLR attack, on prose only.
 
 Each run records its score against cumulative cost (steps, tokens, training seconds, FLOPs counted by
-torch; reverse distillation's own time and FLOPs included) and its own peak memory growth. The runs go
+torch; reverse distillation's own time and FLOPs included), its training memory (counted) and its own
+measured peak memory growth. The runs go
 two at a time beside other work, so their own clocks are not comparable: a final pass times every
 distinct (model, attack, options) alone, 10 steps, repeated 3 times in alternating order, and a run's
 ``seconds`` are its quiet preparation time + steps × the quiet median step time (its own clock is kept as
 ``seconds_in_run``). Run it on an otherwise idle machine for that pass. For each
 task and defense: target = 0.9 × the best gain of any attack on the original; cost to target per run
 (interpolated, or never); lock cost multiplier = cheapest run on the lock ÷ cheapest on the original,
-in seconds, FLOPs and tokens, without and with a memory budget (the unlocked full fine-tune's peak
-growth: runs above it do not count), and with an activation budget (the bytes autograd saves for one
-step, exact, against the unlocked full fine-tune's; checkpointed runs count what is kept between
-checkpoints, not the one unit recomputed in the backward pass). Runs are kept under
+in seconds, FLOPs and tokens, without and with a memory budget (the unlocked full fine-tune's training
+memory — parameters + gradients + optimizer state + saved activations of a step, counted exactly, not the
+runs' measured RSS peaks, which vary run to run: runs above it do not count), and with an activation
+budget (the bytes autograd saves for one step, exact, against the unlocked full fine-tune's; checkpointed
+runs count what is kept between checkpoints, not the one unit recomputed in the backward pass). Runs are kept under
 runs/bench/cost_to_target (re-running skips finished ones; delete a run's directory to redo it). Two workers,
 one thread each. Writes
 bench/results/cost_to_target.json and cost_to_target.png.
@@ -46,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, attack_job, save  # noqa: E402
 from weightlock.io import set_threads_per_process  # noqa: E402
+from weightlock.tables import fmt  # noqa: E402
 
 BASE = Path("runs/bench/base-small")
 RUNS = Path("runs/bench/cost_to_target")
@@ -185,13 +188,39 @@ def max_gain(r: dict) -> float:
     return best_gain(r["cost_curve"])
 
 
+def row_memory(r: dict) -> dict:
+    """A run's training memory (weightlock.eval.cost_to_target.run_training_memory): recorded in its row, else
+    read from its run directory's result.json when that is still there (rows analysed before weightlock
+    counted it), else unknown."""
+    from weightlock.eval.cost_to_target import run_training_memory
+
+    if r.get("training_memory"):
+        return r["training_memory"]
+    f = Path(r.get("dir", "")) / "result.json"
+    if r.get("dir") and f.is_file():
+        return run_training_memory(json.loads(f.read_text())["locked"], r["options"].get("optimizer"))
+    return {"counted": None, "estimated": None}
+
+
 def analyse(rows: list[dict], defenses: list[str], tasks) -> list[dict]:
-    from weightlock.eval.cost_to_target import AttackCurve, cost_to_target, lock_cost_multiplier
+    from weightlock.eval.cost import TRAINING_MEMORY
+    from weightlock.eval.cost_to_target import (
+        MEMORY_BASIS,
+        AttackCurve,
+        cost_to_target,
+        lock_cost_multiplier,
+        on_one_basis,
+    )
 
     out = []
     for task in tasks:
         orig = [r for r in rows if r["task"] == task and r["model"] == "original"]
-        budget = max(r["peak_delta_bytes"] for r in orig if r["attack"] == "full" and "ckpt" not in r["label"])
+        mine = [r for r in rows if r["task"] == task]
+        counts, basis = on_one_basis([row_memory(r) for r in mine])  # every run compared on one basis
+        memory = {id(r): m for r, m in zip(mine, counts)}
+        plain = [memory[id(r)] for r in orig if r["attack"] == "full" and "ckpt" not in r["label"]
+                 and memory[id(r)] is not None]
+        budget = max(plain) if plain else None  # the original's full fine-tune's training memory
         target = Q * max(max_gain(r) for r in orig)
         seeds = {}
         for key in ["original", *defenses]:
@@ -201,23 +230,27 @@ def analyse(rows: list[dict], defenses: list[str], tasks) -> list[dict]:
                            "seconds_to_target": [cost_to_target(r["cost_curve"], target, "seconds"),
                                                  cost_to_target(s["cost_curve"], target, "seconds")]}
                           for r, s in pairs if s is not None]
-        curves = {key: [AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"])
+        curves = {key: [AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"], memory_bytes=memory[id(r)])
                         for r in rows if r["task"] == task and r["model"] == key]
                   for key in ["original", *defenses]}
         act_budget = max(r["saved_activation_bytes"] for r in orig
                          if r["attack"] == "full" and "ckpt" not in r["label"])
-        act_curves = {key: [AttackCurve(r["label"], r["cost_curve"], r["saved_activation_bytes"])
+        act_curves = {key: [AttackCurve(r["label"], r["cost_curve"], memory_bytes=r["saved_activation_bytes"])
                             for r in rows if r["task"] == task and r["model"] == key]
                       for key in ["original", *defenses]}
         for key in defenses:
             entry = {"task": task, "defense": key, "q": Q, "target_gain": target, "memory_budget_bytes": budget,
-                     "activation_budget_bytes": act_budget,
+                     "memory_budget_definition": TRAINING_MEMORY, "memory_basis": basis,
+                     "memory_basis_note": MEMORY_BASIS[basis], "activation_budget_bytes": act_budget,
                      "best_original_gain": target / Q,
                      "best_gain": max(max_gain(r) for r in rows if r["task"] == task and r["model"] == key),
                      "seed_spread": {"original": seeds["original"], key: seeds[key]}}
             entry["gain_ratio_at_convergence"] = entry["best_gain"] / entry["best_original_gain"]
             for cost in COSTS:
                 for name, mb in (("any_memory", None), ("memory_budget", budget), ("activation_budget", act_budget)):
+                    if name == "memory_budget" and budget is None:  # no training-memory count: no budget
+                        entry[f"{cost}_{name}"] = {"multiplier": None, "note": MEMORY_BASIS["unknown"]}
+                        continue
                     c = act_curves if name == "activation_budget" else curves
                     m = lock_cost_multiplier(c[key], c["original"], Q, cost, mb)
                     entry[f"{cost}_{name}"] = {k: m[k] for k in ("multiplier", "locked_min", "original_min",
@@ -298,7 +331,7 @@ def main() -> None:
     for a in analysis:
         print(f"{a['task']:7s} {a['defense']:7s} gain ratio {a['gain_ratio_at_convergence']:.2f}  multiplier "
               + "  ".join(f"{c} {a[f'{c}_any_memory']['multiplier']:.2f}× "
-                          f"(budget {a[f'{c}_memory_budget']['multiplier']:.2f}×)" for c in COSTS))
+                          f"(within memory {fmt(a[f'{c}_memory_budget']['multiplier'], '.2f')}×)" for c in COSTS))
     plot(rows, analysis, wanted, args.tasks, RESULTS / "cost_to_target.png")
     save("cost_to_target", {"command": "python bench/cost_to_target.py " + " ".join(sys.argv[1:]),
                             "budget": BUDGET, "learning_rates": LRS, "q": Q, "models": models,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 from weightlock import load  # noqa: E402
 from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.dlr.distill import _install, fidelity_metrics  # noqa: E402
+from weightlock.dlr.distill import fidelity_metrics, install_layer  # noqa: E402
 from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, find_layers  # noqa: E402
 from weightlock.io import read_json, write_json  # noqa: E402
 
@@ -97,7 +97,7 @@ def main() -> None:
         adapter = adapter_for(m)
         layers = find_layers(m, adapter)
         for k in ids:
-            _install(layers[k], adapter, DLRSpec(**stats[k]["spec"]), work / f"layer_{k}.safetensors", "cpu")
+            install_layer(layers[k], adapter, DLRSpec(**stats[k]["spec"]), work / f"layer_{k}.safetensors", "cpu")
         return m
 
     sens_path = cache / "sensitivity.json"

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dlr_helpers import tiny_model
+from dlr_helpers import FAMILIES, tiny_model
 from weightlock.attacks import (  # noqa: F401
     ATTACKS,
     AttackConfig,
@@ -54,7 +54,12 @@ def test_full_changes_every_weight():
     before = snapshot(model)
     atk = make_attack("full", **CFG)
     finetune(atk.prepare(model, None, {}), BLOCKS, atk.cfg)
-    assert changed(model, before) == set(before)
+    # a DLR-Net's sink that is off (no outlier tokens in the calibration data: value 0, gate closed) has no
+    # gradient through its amplitude and gate, by construction (weight decay may still shrink their weights);
+    # every other weight moves
+    off = {n.rsplit(".", 1)[0] for n, p in before.items() if n.endswith("sink.value") and not p.any()}
+    inert = {n for n in before if any(n.startswith(s + ".amp.") or n.startswith(s + ".gate.") for s in off)}
+    assert off and set(before) - inert <= changed(model, before)
 
 
 @pytest.mark.parametrize("targets,expect", [("attention", "self_attn"), ("dlr", ".blocks."), ("all-linear", None)])
@@ -302,3 +307,45 @@ def test_sweep_grid_and_random_search_points():
         parse_grid(["lr=1e-2..1e-4"])
     with pytest.raises(WeightlockError, match="KEY=V1"):
         parse_grid(["lr"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reverse_distill_student_computes_the_original_feed_forward(family):
+    """The dense student reverse distillation fits, initialised from the original MLP's weights, reproduces the
+    original MLP's output exactly on real activations, for every registered family (an activation-less
+    ``Sequential(fc1, fc2)`` does not: OPT, GPT-J, Bloom)."""
+    from torch import nn
+
+    from weightlock.attacks.reverse_distill import dense_feed_forward
+    from weightlock.dlr.modeling_weightlock_dlr import ADAPTERS, adapter_for, find_layers, get_path
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    layers = find_layers(model, adapter)
+    seen = {}
+    hooks = []
+    for k, layer in enumerate(layers):
+        hooks.append(get_path(layer, adapter.mlp).register_forward_pre_hook(
+            lambda m, args, kwargs, k=k: seen.__setitem__(("x", k), (args[0] if args else
+                                                                    next(iter(kwargs.values()))).detach().clone()),
+            with_kwargs=True))
+        hooks.append(get_path(layer, adapter.out_path()).register_forward_hook(
+            lambda m, args, out, k=k: seen.__setitem__(("y", k), (out[0] if isinstance(out, tuple) else out)
+                                                      .detach().clone())))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for h in hooks:
+        h.remove()
+    for k, layer in enumerate(layers):
+        x, y = seen["x", k], seen["y", k]
+        student = dense_feed_forward(layer, adapter)
+        with torch.no_grad():
+            assert torch.equal(student(x), y), f"{family} layer {k}: the student is not the original feed-forward"
+            if adapter.out_path() != adapter.mlp:  # the two linear maps alone miss what lies between them
+                bare = nn.Sequential(get_path(layer, adapter.mlp), get_path(layer, adapter.out_path()))
+                if len(adapter.identity) > 1:
+                    assert not torch.allclose(bare(x), y, atol=1e-4), family
+        assert {id(p) for p in student.parameters()} >= {id(p) for p in get_path(layer, adapter.mlp).parameters()}, \
+            "the student's weights are the dense layer's own (fitting it fits the model)"
+    assert {a.family for a in ADAPTERS.values()} <= set(FAMILIES), "every registered family is tested"

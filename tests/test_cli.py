@@ -1,4 +1,5 @@
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -67,6 +68,24 @@ def test_demo_quick_end_to_end(tmp_path):
     assert full["memory_ratio"] > 1.2  # the locked model stores every DLR block's activations
     assert full["peak_delta_bytes"] > 0 and full["peak_ratio"] is not None  # each run's own peak
     assert len({r["peak_rss_bytes"] for r in rows}) > 1, "not one process-wide high for every run"
+    # the memory budget is counted training memory, not the measured peaks: PMP's model has the original's
+    # architecture, so its full fine-tune and mask recovery fit exactly; the DLR lock's full fine-tune does not
+    assert summary["training_memory"]["basis"] == "counted"
+    for a in rows:
+        assert a["fits_memory"] == (a["training_memory_bytes"] <= summary["training_memory"]["budget_bytes"][a["task"]])
+    pmp = {(r["attack"], r["task"]): r for r in rows if r["defense"] == "pmp"}
+    for task in ("prose", "recall"):
+        assert pmp["full", task]["training_memory_ratio"] == 1.0 and pmp["full", task]["fits_memory"]
+        assert pmp["mask-recover", task]["fits_memory"]
+    assert full["fits_memory"] is False
+    # a verdict's cheapest attack that fits (memory × ≤ 1.00) is also its cheapest within memory: never "never"
+    for name, defense in (("DLR-Lock", "dlr"), ("PMP", "pmp")):
+        for task, m, attack in re.findall(r"(\w+): best attack [^;]*?costs ([\d.]+)× the time \(([^)]+)\)",
+                                           summary["verdicts"][name]):
+            hit = next(a for a in rows if (a["defense"], a["attack"], a["task"]) == (defense, attack, task))
+            if hit["fits_memory"]:
+                assert f"{m}× the time within the unlocked full fine-tune's training memory ({attack})" \
+                    in summary["verdicts"][name], summary["verdicts"][name]
     assert summary["memory_vs_depth"]["r2"] > 0.99
     assert 0 <= summary["mask_recovery"]["best"]["iou"] <= 1
     assert set(summary["verdicts"]) == {"DLR-Lock", "PMP"}

@@ -1,6 +1,7 @@
 """The ``weightlock`` command line: each command is a thin call into the library."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -16,7 +17,7 @@ from . import __version__
 from .attacks import AttackConfig
 from .config import default
 from .dlr.distill import LockConfig
-from .errors import WeightlockError
+from .errors import ManifestMismatch, WeightlockError
 from .pmp.train import PMPConfig
 from .train.finetune import FinetuneConfig, is_main_process
 from .train.pretrain import PretrainConfig
@@ -158,6 +159,15 @@ def pretrain(
                   f"val ppl {m['val_ppl']:.2f}, {m['wall_time_s']:.0f}s")
 
 
+@contextlib.contextmanager
+def _no_verify_hint():
+    """A manifest mismatch names ``--no-verify`` as the way out: for the commands that have that option."""
+    try:
+        yield
+    except ManifestMismatch as e:
+        raise WeightlockError(f"{e}; pass --no-verify to load it anyway") from None
+
+
 @eval_app.command("ppl")
 @user_errors
 def eval_ppl(
@@ -172,7 +182,8 @@ def eval_ppl(
     """Perplexity of a causal LM directory on packed blocks (token-weighted)."""
     from .eval.perplexity import model_perplexity
 
-    r = model_perplexity(model, data, split, block_size, max_tokens, verify=verify, progress=True)
+    with _no_verify_hint():
+        r = model_perplexity(model, data, split, block_size, max_tokens, verify=verify, progress=True)
     print(json.dumps(r, indent=2) if json_out else f"perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens "
           f"({data}, {split}, {r['block_size']}-token blocks)")
 
@@ -214,7 +225,9 @@ def generate(
     """Sample text from a model directory (plain checkpoint or locked release)."""
     from .eval.perplexity import generate_text
 
-    print(generate_text(model, prompt, max_new_tokens, temperature, seed=seed, verify=verify))
+    with _no_verify_hint():
+        text = generate_text(model, prompt, max_new_tokens, temperature, seed=seed, verify=verify)
+    print(text)
 
 
 @app.command()
@@ -334,13 +347,22 @@ app.add_typer(pmp_app, name="pmp")
 def release_check(directory: Path = typer.Argument(..., help="Directory to scan."),
                   private: Optional[Path] = typer.Option(None, help="The run's private directory (or mask file): "
                                                          "also find its mask, seed and salt by content.")) -> None:
-    """Fail (exit 1) if a directory holds secret material (masks by name or content, init seeds, salts, pickles)."""
-    from .pmp import check_release
+    """Fail (exit 1) if a directory holds secret material (masks by name or content, init seeds, salts, pickles)
+    or a file that does not match the SHA-256 in its manifest.json."""
+    from .pmp import check_release, manifest_problems
+    from .pmp.release import RULES_WITHOUT_PRIVATE
 
-    findings = check_release(directory, private=private)
+    if private is None:
+        console.print("without --private only these rules apply: " + "; ".join(RULES_WITHOUT_PRIVATE) + ". The mask "
+                      "hidden in signs, low bits, noise or encodings and the seed or salt under another name need "
+                      "--private PRIVDIR.", highlight=False, soft_wrap=True)
+    changed = manifest_problems(directory) if directory.is_dir() else []
+    for f in changed:
+        console.print(f"[red]changed:[/] {directory / f}", highlight=False, soft_wrap=True)
+    findings = check_release(directory, private=private, manifest=False)
     for f in findings:
         console.print(f"[red]secret:[/] {f}", highlight=False, soft_wrap=True)
-    if findings:
+    if findings or changed:
         raise typer.Exit(1)
     console.print(f"[green]clean:[/] no secret material found in {directory}")
 
@@ -464,18 +486,31 @@ def cost(
     original: Optional[list[Path]] = typer.Option(None, help="Attack runs on the unlocked original (default: "
                                                   "the reference runs recorded beside --locked runs)."),
     q: float = typer.Option(0.9, help="Target: this fraction of the best gain any attack reaches on the original."),
-    memory_budget_mib: Optional[float] = typer.Option(None, help="Memory budget (MiB of a run's own peak growth; "
-                                                      "default: the original's full fine-tuning peak)."),
+    memory_budget_mib: Optional[float] = typer.Option(None, help="Memory budget, MiB of training memory: parameters "
+                                                      "+ gradients + optimizer state + saved activations of a "
+                                                      "step, counted (default: the original's full fine-tune's)."),
     level: bool = typer.Option(False, "--level", help="Count gains from the original release's score on both "
                                "sides (a score level: a lock that degraded the model must first climb back)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """The lock cost multiplier: what the cheapest attack on the lock pays to reach the target gain ÷ the
-    cheapest on the original, in training seconds, FLOPs and tokens, also within a memory budget."""
-    from .eval.cost_to_target import COSTS, full_finetune_budget, load_attack_curves, lock_cost_multiplier
+    cheapest on the original, in training seconds, FLOPs and tokens, also within a memory budget (training
+    memory, counted: an attack fits when its own is at most the budget; measured RSS peaks are never used)."""
+    from .eval.cost import TRAINING_MEMORY
+    from .eval.cost_to_target import (
+        COSTS,
+        MEMORY_BASIS,
+        full_finetune_budget,
+        load_attack_curves,
+        lock_cost_multiplier,
+        put_on_one_basis,
+    )
 
     lk = load_attack_curves(locked)
     og = load_attack_curves(original) if original else load_attack_curves(locked, side="reference")
+    basis = put_on_one_basis(lk, og)  # every run's training memory on one basis: counted, or all estimated
+    if memory_budget_mib is not None and basis == "unknown":
+        raise WeightlockError("--memory-budget-mib: " + MEMORY_BASIS["unknown"])
     budget = int(memory_budget_mib * 2**20) if memory_budget_mib is not None else full_finetune_budget(og)
     out = {}
     for c in COSTS:
@@ -484,15 +519,25 @@ def cost(
         out[c] = lock_cost_multiplier(lk, og, q, c, level=level)
         if budget is not None:
             out[f"{c} within memory"] = lock_cost_multiplier(lk, og, q, c, budget, level=level)
+    memory = {"budget_bytes": budget, "definition": TRAINING_MEMORY, "basis": basis,
+              "basis_note": MEMORY_BASIS[basis]}
     if as_json:
-        print(json.dumps(out, indent=1, default=str))
+        print(json.dumps({**out, "memory budget": memory}, indent=1, default=str))
         return
     first = next(iter(out.values()))
+    if budget is None:
+        why = MEMORY_BASIS["unknown"] if basis == "unknown" else "the original has no plain full fine-tune to set it"
+        within = f"; no memory budget ({why})"
+    else:
+        whose = "--memory-budget-mib" if memory_budget_mib is not None else "the original's full fine-tune's"
+        within = (f"; memory budget {budget / 2**20:,.1f} MiB of training memory ({whose}; parameters + gradients "
+                  "+ optimizer state + saved activations of a step, "
+                  + ("counted)" if basis == "counted" else "estimated from older records' parameter counts)"))
     console.print(f"target: {q:.0%} of the best unlocked gain {first['best_original_gain']:+.4f} = "
                   f"{first['target_gain']:+.4f}"
                   + (f" (score level {first['target_score']:+.4f})" if level else "")
-                  + f"; best gain on the lock {first['best_locked_gain']:+.4f}"
-                  + (f"; memory budget {budget / 2**20:,.0f} MiB" if budget is not None else ""))
+                  + f"; best gain on the lock {first['best_locked_gain']:+.4f}" + within,
+                  highlight=False, soft_wrap=True)
     t = Table()
     for col in ("cost", "lock: cheapest to target", "original: cheapest to target", "multiplier"):
         t.add_column(col)

@@ -24,7 +24,7 @@ from rich.table import Table
 from . import schema
 from .errors import WeightlockError
 from .io import machine_info, read_json, write_json
-from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
+from .tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
 
 @dataclass
@@ -191,7 +191,7 @@ def run_demo(out: Path, quick: bool = False, report: bool = True, defenses: Sequ
         "kind": schema.DEMO, "schema_version": schema.SCHEMA_VERSION, "weightlock_demo": 1,
         "preset": plan.preset, "plan": _plan_dict(plan), "defenses": [d.record() for d in chosen],
         "models": {k: str(v) for k, v in models.items()}, "capability": capability, **evaluations,
-        "attacks": rows,
+        "attacks": rows, "training_memory": training_memory_summary(rows),
     }
     for d in chosen:
         summary.update(d.summarize(rows, work[d.name], plan))
@@ -237,7 +237,15 @@ def _ratio(a, b):
 
 def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> list[dict]:
     """One row per (defense, attack, task): gain, gain ratio and cost multipliers against the reference
-    (``references``: (defense, attack label) → the label of its reference run on the original)."""
+    (``references``: (defense, attack label) → the label of its reference run on the original), and the
+    training memory (counted: :data:`~weightlock.eval.cost.TRAINING_MEMORY`) against the budget, the original's
+    full fine-tune on the same task: ``training_memory_ratio`` (the tables' ``memory ×``) and ``fits_memory``,
+    what the verdict's "within memory" clause uses."""
+    from .eval.cost_to_target import on_one_basis, run_training_memory
+
+    # every run on one basis: counted when all are, else all estimated from older records' parameter counts
+    counts, basis = on_one_basis([run_training_memory(r) for r in runs.values()])
+    memory = dict(zip(runs, counts))
     rows = []
     for (defense, label, task), r in runs.items():
         ref_label = references[(defense, label)]
@@ -255,15 +263,38 @@ def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> list[dict]:
             "memory_ratio": _ratio(r["cost"]["saved_activation_bytes_per_step"],
                                    ref["cost"]["saved_activation_bytes_per_step"]),
             "time_ratio": _ratio(total, ref_total), "peak_rss_bytes": r["cost"]["peak_rss_bytes"],
-            # the run's own peak memory growth (parameters' gradients, optimizer state, activations)
+            # the run's own measured peak RSS growth: a measurement, reported; the budget is training memory
             "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
             "peak_ratio": _ratio(r["cost"].get("peak_rss_delta_bytes"), ref["cost"].get("peak_rss_delta_bytes")),
             "capability_ppl_before": r["capability_ppl_before"], "capability_ppl_after": r["capability_ppl_after"],
             "curve": r["score_curve"], "reference_curve": ref["score_curve"],
             "cost_curve": r.get("cost_curve"), "reference_cost_curve": ref.get("cost_curve"),
             "recovered_mask_density": r.get("recovered_mask_density"),
+            **_memory_fields(memory[(defense, label, task)], memory.get(("reference", "full", task)), basis),
         })
     return rows
+
+
+def _memory_fields(mine: int | None, budget: int | None, basis: str) -> dict:
+    """A row's training memory against the budget (the original's full fine-tune on the task): the one test
+    of "fits within the original's memory", ``training_memory_bytes <= memory_budget_bytes``."""
+    known = mine is not None and budget is not None
+    return {"training_memory_bytes": mine, "memory_budget_bytes": budget, "memory_basis": basis,
+            "training_memory_ratio": mine / budget if known and budget > 0 else None,
+            "fits_memory": mine <= budget if known else None}
+
+
+def training_memory_summary(rows: list[dict]) -> dict:
+    """The memory budget of a demo's verdicts, for ``summary.json``: the definition, how the runs' memory was
+    obtained and the budget per task (the original's full fine-tune's training memory)."""
+    from .eval.cost import TRAINING_MEMORY
+    from .eval.cost_to_target import MEMORY_BASIS
+
+    basis = next((r["memory_basis"] for r in rows), "unknown")
+    return {"definition": TRAINING_MEMORY, "basis": basis, "basis_note": MEMORY_BASIS.get(basis, basis),
+            "budget_bytes": {r["task"]: r["memory_budget_bytes"] for r in rows},
+            "measured_peaks": "peak_rss_bytes / peak_delta_bytes / peak_ratio are each run's measured RSS "
+                              "(allocator-dependent): reported, never the budget"}
 
 
 def _steps_run(r: dict, plan: DemoPlan) -> int:
@@ -278,7 +309,8 @@ def verdicts(rows: list[dict], summary: dict, defenses: Sequence) -> dict[str, s
     on the unlocked model (gain ratio < 0.5); an attack that reaches it *breaks* the lock. Beside each task's
     gain ratio: the lock cost multiplier (what the cheapest attack on the lock pays, in training time and
     FLOPs, to reach 90% of the best gain any attack reaches on the original, ÷ the same on the original;
-    also within the unlocked full fine-tune's memory), within the demo's step budget. The defense adds its
+    also among the attacks that fit within the unlocked full fine-tune's training memory — the rows'
+    ``fits_memory``, the tables' ``memory ×`` ≤ 1), within the demo's step budget. The defense adds its
     own facts (memory, mask recovery); the authorized fine-tuning's gain ratio ends the line."""
     out = {}
     for d in defenses:
@@ -316,9 +348,12 @@ def _multiplier_clause(rows: list[dict], attacks: list[dict], task: str) -> str:
     orig = [r for r in rows if r["defense"] == "reference" and r["task"] == task]
     if not orig or not all(r.get("cost_curve") for r in lock + orig):
         return ""
-    budget = next((r["peak_delta_bytes"] for r in orig if r["attack"] == "full"), None)
-    curves = [[AttackCurve(r["attack"], r["cost_curve"], r["peak_delta_bytes"]) for r in rs] for rs in (lock, orig)]
-    return " (" + multiplier_note(*curves, memory_budget=budget) + ")"
+    # the budget and every run's training memory as the rows hold them (the tables' memory × column)
+    budget = next((r.get("memory_budget_bytes") for r in orig if r["attack"] == "full"), None)
+    basis = next((r["memory_basis"] for r in orig if r.get("memory_basis")), "unknown")
+    curves = [[AttackCurve(r["attack"], r["cost_curve"], r.get("peak_delta_bytes"),
+                           memory_bytes=r.get("training_memory_bytes")) for r in rs] for rs in (lock, orig)]
+    return " (" + multiplier_note(*curves, memory_budget=budget, memory_basis=basis) + ")"
 
 
 def print_summary(summary: dict, console: Console | None = None, defenses: Sequence | None = None) -> None:
@@ -326,8 +361,8 @@ def print_summary(summary: dict, console: Console | None = None, defenses: Seque
     own lines (mask recovery...) and the verdicts. ``defenses`` default: the registered ones the summary
     names."""
     console = console or Console()
-    if console.width < 110:  # the attack table needs the room
-        console = Console(width=110)
+    if console.width < 120:  # the attack table needs the room
+        console = Console(width=120)
     if defenses is None:
         defenses = _registered(summary)
     t = Table(title=f"weightlock demo ({summary['preset']}): capability (validation perplexity, lower is better)")
@@ -336,7 +371,8 @@ def print_summary(summary: dict, console: Console | None = None, defenses: Seque
     for row in capability_rows(summary):
         t.add_row(*row)
     console.print(t)
-    t = Table(title="attacks: gain ratio = attacker gain on the lock / same attack's gain on the original")
+    t = Table(title="attacks: gain ratio = attacker gain on the lock / same attack's gain on the original",
+              caption=ATTACK_CAPTION)
     for c in ATTACK_HEAD:
         t.add_column(c, justify="right" if c not in ("defense", "attack", "task") else "left")
     for row in attack_rows(summary):

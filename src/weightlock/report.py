@@ -19,7 +19,7 @@ from . import schema
 from .errors import WeightlockError
 from .eval.fidelity import PPL_RATIO_BAR, TOP1_BAR, meets_bars
 from .io import move_dir_contents, read_json, write_text
-from .tables import ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
+from .tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
 MAX_JSON_BYTES = 50 * 2**20
 SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
@@ -453,6 +453,18 @@ def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
+def _within_memory(a: dict) -> str:
+    """The time multiplier within the original full fine-tune's training memory (counted, or estimated from
+    older runs' parameter counts); results analysed before weightlock counted it used the runs' measured RSS
+    peak, which is not shown as a budget."""
+    basis = a.get("memory_basis")
+    if basis is None:
+        return "n/a (older result: RSS-peak budget, not reliable)"
+    if basis == "unknown" or a["seconds_memory_budget"].get("multiplier") is None:
+        return "n/a (no training-memory count)"
+    return _x(a["seconds_memory_budget"]["multiplier"]) + (" (estimated)" if basis == "estimated" else "")
+
+
 def _cost_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     for _, d in found.get("cost_to_target", []):
@@ -464,11 +476,12 @@ def _cost_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
             rows.append([a["task"], a["defense"], f"{a['best_original_gain']:+.4f}", f"{a['best_gain']:+.4f}",
                          fmt(a["gain_ratio_at_convergence"], ".2f"), _x(sec["multiplier"]),
                          _x(a["flops_any_memory"]["multiplier"]), _x(a["tokens_any_memory"]["multiplier"]),
-                         _x(a["seconds_memory_budget"]["multiplier"]), cheapest])
+                         _within_memory(a), cheapest])
         tables.append((f"Lock cost multiplier: what reaching {d['q']:.0%} of the unlocked attacker's best gain costs "
                        "on the lock ÷ on the original (cheapest attack each side, attacks run to convergence)",
                        ["task", "defense", "best unlocked gain", "best gain on the lock", "gain ratio",
-                        "time ×", "FLOPs ×", "tokens ×", "time × within memory", "cheapest attack on the lock"],
+                        "time ×", "FLOPs ×", "tokens ×", "time × within training memory",
+                        "cheapest attack on the lock"],
                        rows))
     for _, d in found.get("regime", []):
         rows = [[r["variant"], str(r["depth"]), f"{r['ppl_ratio']:.4f}", f"{r['lock_seconds']:.0f}",
@@ -482,14 +495,21 @@ def _cost_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
+# a demo summary from before weightlock counted training memory: what its verdicts' memory clause meant
+OLD_DEMO_MEMORY = (" (recorded before weightlock counted training memory: a \"within the unlocked full fine-tune's "
+                   "memory\" clause here compared the runs' measured RSS peak growth, which varies run to run and "
+                   "is not reliable; run the demo again for the counted budget)")
+
+
 def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     for f, d in found.get("demo", []):
         tables.append((f"Capability ({f.parent}, {d['preset']} preset): validation perplexity",
                        CAPABILITY_HEAD, capability_rows(d)))
-        tables.append(("Attacks (gain ratio = gain on the lock / same attack's gain on the original)",
-                       ATTACK_HEAD, attack_rows(d)))
-        tables.append(("Verdicts", ["defense", "verdict"], [[k, v] for k, v in d["verdicts"].items()]))
+        tables.append(("Attacks (gain ratio = gain on the lock / same attack's gain on the original; "
+                       + ATTACK_CAPTION + ")", ATTACK_HEAD, attack_rows(d)))
+        tables.append(("Verdicts" + ("" if d.get("training_memory") else OLD_DEMO_MEMORY), ["defense", "verdict"],
+                       [[k, v] for k, v in d["verdicts"].items()]))
     return tables
 
 

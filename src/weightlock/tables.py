@@ -10,7 +10,12 @@ LEGACY_DEFENSES = [{"name": "dlr", "title": "DLR-Lock", "label": "DLR-locked"},
 REFERENCE_LABEL = "original (dense)"
 
 CAPABILITY_HEAD = ["model", "code (pretraining domain)", "prose"]
-ATTACK_HEAD = ["defense", "attack", "task", "gain", "reference gain", "gain ratio", "memory ×", "peak ×", "time ×"]
+ATTACK_HEAD = ["defense", "attack", "task", "gain", "reference gain", "gain ratio", "activation ×", "memory ×",
+               "RSS peak ×", "time ×"]
+ATTACK_CAPTION = ("activation × = saved-activation bytes of a step ÷ the same attack's on the original; memory × = "
+                  "training memory (parameters + gradients + optimizer state + saved activations, counted) ÷ the "
+                  "original's full fine-tune's: ≤ 1.00 fits within the original's memory, as the verdicts count it; "
+                  "RSS peak × = the runs' measured peak growth (allocator-dependent, never the budget)")
 
 
 def fmt(v, spec: str) -> str:
@@ -33,9 +38,20 @@ def capability_rows(summary: dict) -> list[list[str]]:
     return [[label, f"{cap[k]['code']:.2f}", f"{cap[k]['prose']:.2f}"] for k, label in models if k in cap]
 
 
+def memory_cell(row: dict) -> str:
+    """A row's ``memory ×`` (training memory ÷ the original full fine-tune's): ``>1.00`` where the ratio is
+    above 1 but would print as 1.00, so the cell never shows an attack that does not fit as fitting; ``n/a``
+    for rows recorded before weightlock counted training memory."""
+    ratio = row.get("training_memory_ratio")
+    if ratio is None:
+        return "n/a"
+    text = f"{ratio:.2f}"
+    return ">1.00" if row.get("fits_memory") is False and float(text) <= 1 else text
+
+
 def attack_rows(summary: dict) -> list[list[str]]:
     """One row per attack on a defense (the reference runs on the original are the denominators)."""
     return [[r["defense"], r["attack"], r["task"], f"{r['gain']:+.4f}", f"{r['reference_gain']:+.4f}",
-             fmt(r["gain_ratio"], ".2f"), fmt(r["memory_ratio"], ".2f"), fmt(r.get("peak_ratio"), ".2f"),
-             fmt(r["time_ratio"], ".2f")]
+             fmt(r["gain_ratio"], ".2f"), fmt(r["memory_ratio"], ".2f"), memory_cell(r),
+             fmt(r.get("peak_ratio"), ".2f"), fmt(r["time_ratio"], ".2f")]
             for r in summary["attacks"] if r["defense"] != "reference"]

@@ -1,6 +1,7 @@
 """Running one attack: fine-tune a model on a task, against the unlocked reference when given, and record
-the attacker's gain and what it paid (saved-activation bytes, the run's own peak memory, time split
-forward/backward/optimizer, FLOPs, tokens)."""
+the attacker's gain and what it paid (saved-activation bytes, the training memory counted from them and the
+parameters — the memory budget — the run's own measured peak memory, time split forward/backward/optimizer,
+FLOPs, tokens)."""
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ from typing import Any
 import torch
 
 from ..errors import WeightlockError
-from ..eval.cost import PeakMemory, analytic_train_flops
-from ..io import read_json, write_json
+from ..eval.cost import PeakMemory, analytic_train_flops, training_memory
+from ..io import check_out_dir, read_json, write_json
 from ..schema import ATTACK_RUN, SCHEMA_VERSION
 from ..train.finetune import finetune, is_main_process
 from .base import Attack
@@ -30,7 +31,7 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
 
     atk = make_attack(attack, **options)
     task_obj = get_task(task)
-    out = Path(out) if out else None
+    out = check_out_dir(out, attack_inputs(model_dir, reference, task)) if out else None  # before any work
     if out and (out / "result.json").exists():
         return read_json(out / "result.json")
     if reference is not None and not Path(reference).is_dir():
@@ -51,6 +52,12 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
         write_json(out / "config.json", config)
         write_json(out / "result.json", result)
     return result
+
+
+def attack_inputs(model_dir, reference, task: str) -> tuple:
+    """What an attack reads (the models, a task file): its output directory must not be, contain or lie inside
+    any of them."""
+    return (model_dir, reference, task if str(task).endswith(".jsonl") else None)
 
 
 def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> dict:
@@ -85,6 +92,8 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
                                       initial_score=None if atk.changes_model else before["score"])
             hooks = [*hooks, curve_hook]
         history, trainer = finetune(model, blocks, c, hooks=hooks)
+    # counted as the model trained (before eval mode): the one memory budget (eval.cost.TRAINING_MEMORY)
+    memory = training_memory(model, tc.optimizer, trainer.saved_activation_bytes)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     recovered = ctx.pop("recovered_mask", None)
@@ -109,6 +118,10 @@ def attack_one(model_dir, task, atk: Attack, eval_data: str | None = None) -> di
         "cost_curve": cost_curve, "stopped_early": trainer.step < tc.max_steps,
         "cost": {
             "saved_activation_bytes_per_step": trainer.saved_activation_bytes,
+            # the memory the attack needs, counted exactly: parameters + gradients + optimizer state + saved
+            # activations of a step (its parts beside it) — what "fits within the original's memory" compares
+            "training_memory_bytes": memory.pop("training_memory_bytes"), "training_memory": memory,
+            # measurements of this run (allocator-dependent, they vary run to run): reported, never the budget
             **peak.as_dict(),
             "step_time_s": med("step_time"), "forward_time_s": med("forward_time"),
             "backward_time_s": med("backward_time"), "optimizer_time_s": med("optimizer_time"),

@@ -5,14 +5,13 @@ import itertools
 import math
 import random
 import statistics
-from pathlib import Path
 
 from ..errors import WeightlockError
-from ..io import write_json
+from ..io import check_out_dir, write_json
 from ..schema import ATTACK_SUITE, SCHEMA_VERSION
 from ..train.finetune import is_main_process
 from .registry import make_attack
-from .run import run_attack
+from .run import attack_inputs, run_attack
 
 
 def parse_value(v: str):
@@ -72,8 +71,11 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
     skipping finished runs; mean and spread per point; the attacker's best is the reported result."""
     grid = grid or {}
     points = sample_points(grid, samples)
-    make_attack(attack, **options, **points[0])  # validate names before any work
-    out = Path(out)
+    from ..eval.tasks import get_task
+
+    make_attack(attack, **options, **points[0])  # validate names and the task before any work
+    get_task(task)
+    out = check_out_dir(out, attack_inputs(model_dir, reference, task))  # never inside (or around) a model
     rows = []
     for point in points:
         tag = "_".join(f"{k}-{v}" for k, v in point.items()) or "default"

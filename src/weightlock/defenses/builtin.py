@@ -9,7 +9,7 @@ from typing import Any
 from ..dlr.distill import LockConfig
 from ..io import prepare_out_dir, read_json
 from ..pmp.train import PMPConfig
-from ..tables import REFERENCE_LABEL
+from ..tables import REFERENCE_LABEL, memory_cell
 from .base import AttackSpec, Defense, DefenseConfig, register_defense
 
 FULL = AttackSpec("full", "full", {}, "full", "full")
@@ -101,8 +101,10 @@ class DLRLockDefense(Defense):
         if not (full and full[0]["memory_ratio"]):
             return []
         f = full[0]
+        memory = memory_cell(f)  # training memory ÷ the original full fine-tune's, as the table shows it
         return [f"full fine-tuning costs {f['memory_ratio']:.1f}× activation memory"
-                + (f" ({f['peak_ratio']:.1f}× peak memory growth)" if f.get("peak_ratio") else "")
+                + (f", {memory}× training memory" if memory != "n/a" else "")
+                + (f" ({f['peak_ratio']:.1f}× measured RSS peak growth)" if f.get("peak_ratio") else "")
                 + f", {f['time_ratio']:.1f}× time"]
 
 

@@ -676,7 +676,7 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
             continue
         if cfg.mode == "sequential":  # inputs produced by the already-locked layers below k
             for j in locked[:i]:
-                _install(layers[j], adapter, specs[j], work / f"layer_{j}.safetensors", device)
+                install_layer(layers[j], adapter, specs[j], work / f"layer_{j}.safetensors", device)
             x, y = capture(model, blocks, [k])[k]
         else:
             cap = load_file(str(work / f"capture_{k}.safetensors"))
@@ -693,7 +693,7 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
     stats = [read_json(work / f"layer_{k}.json") for k in locked]
     check_layer_errors(stats, cfg.max_rel_error, work)
     for k in locked:
-        _install(layers[k], adapter, specs[k], work / f"layer_{k}.safetensors", device)
+        install_layer(layers[k], adapter, specs[k], work / f"layer_{k}.safetensors", device)
     return model, stats
 
 
@@ -723,7 +723,7 @@ def gate_error(stats: dict) -> float:
     return max(stats["rel_error_tokens"], out ** 2 if out is not None else 0.0)
 
 
-def _install(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, device) -> None:
+def install_layer(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, device) -> None:
     from safetensors.torch import load_file
 
     mod = get_path(layer, adapter.mlp)

@@ -115,12 +115,12 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
         specs = [sp if k in keep else None for k, sp in enumerate(specs)]
         layer_stats = [st for st in layer_stats if st["layer"] in keep]
         locked = load(model_dir)
-        from .distill import _install
+        from .distill import install_layer
 
         a = M.adapter_for(locked)
         layers = M.find_layers(locked, a)
         for k in sorted(keep):
-            _install(layers[k], a, specs[k], work / f"layer_{k}.safetensors", "cpu")
+            install_layer(layers[k], a, specs[k], work / f"layer_{k}.safetensors", "cpu")
         _say(cfg, f"auto: {len(keep)} MLPs fit ppl ratio ≤ {cfg.max_ppl_ratio:g}: {sorted(keep)}")
     refine_history = []
     if cfg.refine_steps > 0:

@@ -3,10 +3,13 @@ the training loop's per-step probe (:class:`CostProbe`) — these three re-expor
 ``weightlock.train.probe`` — a run's own peak memory (:class:`PeakMemory`) and an analytic model."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
+
+from ..errors import WeightlockError
 
 # re-exported: the training loop's instruments live in train.probe (train does not import eval)
 from ..train.probe import (  # noqa: F401
@@ -31,6 +34,58 @@ def analytic_train_flops(model: torch.nn.Module, batch: int, seq: int) -> int:
     heads = getattr(c, "num_attention_heads", 0)
     head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else 0)
     return 6 * linear * batch * seq + 12 * batch * seq * seq * heads * head_dim * layers
+
+
+# ---- training memory: the one definition of "fits within the original's memory" -------------------
+
+TRAINING_MEMORY = ("training memory = the exact bytes of one training step's state: every parameter, the "
+                   "trainable parameters' gradients and optimizer state (counted from their numbers and dtypes: "
+                   "AdamW keeps two moments and a step counter per trainable tensor) and the bytes autograd saves "
+                   "for one micro-batch's backward pass (saved-tensor hooks); an attack fits within the original's "
+                   "memory when its training memory is at most that of the original's full fine-tune")
+
+
+def _step_counter_bytes() -> int:
+    """Bytes of the scalar step counter torch's AdamW and Adafactor keep per parameter tensor (float32, or
+    float64 when that is torch's default dtype)."""
+    return 8 if torch.get_default_dtype() == torch.float64 else 4
+
+
+def optimizer_state_bytes(p: torch.Tensor, optimizer: str = "adamw") -> int:
+    """Bytes of the state ``optimizer`` (a :class:`~weightlock.train.loop.TrainConfig` optimizer name, as
+    :func:`~weightlock.train.loop.make_optimizer` builds it) keeps for the trainable tensor ``p``, as torch
+    allocates it: ``adamw`` two moments in ``p``'s dtype and a scalar step; ``sgd`` (momentum) one buffer;
+    ``adafactor`` a scalar step and, for a matrix, a row and a column factor, else a full variance."""
+    size = p.element_size()
+    if optimizer == "adamw":
+        return 2 * p.numel() * size + _step_counter_bytes()
+    if optimizer == "sgd":
+        return p.numel() * size
+    if optimizer == "adafactor":
+        if p.dim() > 1:
+            shape = list(p.shape)
+            return _step_counter_bytes() + (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * size
+        return _step_counter_bytes() + p.numel() * size
+    raise WeightlockError(f"no optimizer-state count for optimizer {optimizer!r} (adamw, sgd, adafactor)")
+
+
+def training_memory(model: torch.nn.Module, optimizer: str = "adamw",
+                    saved_activation_bytes: int | None = None) -> dict:
+    """The training memory of one step of fine-tuning ``model`` as it is set up to train (its parameters'
+    ``requires_grad`` say what trains), counted, not measured (:data:`TRAINING_MEMORY`): ``param_bytes`` (every
+    parameter), ``grad_bytes`` and ``optimizer_state_bytes`` (the trainable ones), ``saved_activation_bytes``
+    (given: the saved-tensor hooks' count of one micro-batch) and their sum ``training_memory_bytes`` (None
+    without the saved bytes)."""
+    params = list(model.parameters())  # shared (tied) parameters once
+    trainable = [p for p in params if p.requires_grad]
+    parts = {"param_bytes": sum(p.numel() * p.element_size() for p in params),
+             "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+             "optimizer_state_bytes": sum(optimizer_state_bytes(p, optimizer) for p in trainable),
+             "saved_activation_bytes": saved_activation_bytes}
+    total = None if saved_activation_bytes is None else sum(parts.values())
+    return {"training_memory_bytes": total, **parts, "optimizer": optimizer,
+            "parameters": sum(p.numel() for p in params), "trainable_parameters": sum(p.numel() for p in trainable),
+            "trainable_tensors": len(trainable)}
 
 
 def mlp_saved_elements_per_token(d: int, d_ff: int, gated: bool = True) -> int:

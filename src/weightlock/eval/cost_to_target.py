@@ -6,9 +6,11 @@ training. The *target* is a fraction ``q`` (default 0.9) of the best converged g
 reaches on the task; the *cost to target* is the cost at which a curve first reaches it, linearly
 interpolated between the two points around the crossing, or ``None`` ("never") if it does not within its
 budget. The *lock cost multiplier* is the cheapest attack on the lock's cost to target divided by the
-cheapest attack on the original's — optionally only among attacks whose peak memory fits a budget (the
-peak the unlocked full fine-tune needed: an attacker who does not fit must use a memory-saving
-counter-measure and pay for it in time).
+cheapest attack on the original's — optionally only among attacks whose memory fits a budget: the *training
+memory* of the unlocked full fine-tune (:data:`~weightlock.eval.cost.TRAINING_MEMORY`: parameters + gradients
++ optimizer state + the saved activations of a step, counted exactly, never a measured RSS peak, which varies
+run to run by more than the differences it would have to show). An attacker who does not fit must use a
+memory-saving counter-measure and pay for it in time.
 """
 from __future__ import annotations
 
@@ -60,12 +62,62 @@ def cost_to_target(curve: Sequence[dict], target_gain: float, cost: str = "secon
 
 @dataclass
 class AttackCurve:
-    """One attack's run: its name, score curve and the run's own peak memory (bytes)."""
+    """One attack's run: its name, score curve, the run's own measured peak memory growth (``peak_bytes``, a
+    measurement, reported only) and its training memory (``memory_bytes``, counted: what a memory budget
+    compares; None when the run has no count)."""
 
     attack: str
     curve: list[dict]
     peak_bytes: int | None = None
     extra: dict = field(default_factory=dict)
+    memory_bytes: int | None = None
+
+
+# how the training memory of a set of runs was obtained (see :func:`on_one_basis`)
+MEMORY_BASIS = {
+    "counted": "training memory counted exactly (parameters + gradients + optimizer state + saved activations)",
+    "estimated": "training memory estimated from older records' parameter counts (float32 parameters; the "
+                 "optimizer's per-tensor step counters not counted), the same way for every run compared",
+    "unknown": "no training-memory count (runs recorded before weightlock counted it, without parameter "
+               "counts): run the attacks again",
+}
+
+
+def run_training_memory(run: dict, optimizer: str | None = None) -> dict:
+    """The training memory of one attack run record (``result.json``'s ``locked`` or ``reference_run``):
+    ``counted`` (the record's exact ``cost["training_memory_bytes"]``, None in records from before weightlock
+    counted it) and ``estimated`` from its parameter counts and saved-activation bytes, as weightlock's attacks
+    train (float32 parameters; ``optimizer``, default the record's or AdamW, 8 bytes of state per trainable
+    parameter; SGD 4; the per-tensor step counters, which older records cannot tell, not counted); None
+    when the record lacks what it needs."""
+    cost = run.get("cost") or {}
+    opt = optimizer or (cost.get("training_memory") or {}).get("optimizer") or "adamw"
+    per = {"adamw": 8, "sgd": 4}.get(opt)
+    n, t = run.get("parameters"), run.get("trainable_parameters")
+    saved = cost.get("saved_activation_bytes_per_step")
+    estimated = None if None in (n, t, saved, per) else 4 * n + (4 + per) * t + saved
+    return {"counted": cost.get("training_memory_bytes"), "estimated": estimated}
+
+
+def on_one_basis(memories: Sequence[dict]) -> tuple[list[int | None], str]:
+    """Comparable training memories of runs (each a :func:`run_training_memory`): the counted bytes when
+    every run has them (``"counted"``), else every run's estimate (``"estimated"``; ``"unknown"`` when no run
+    has one), so that a run is never compared on one basis against a budget on another. Returns the bytes
+    (None where unknown) and the basis (a key of :data:`MEMORY_BASIS`)."""
+    if all(m.get("counted") is not None for m in memories):
+        return [m["counted"] for m in memories], "counted"
+    est = [m.get("estimated") for m in memories]
+    return est, "unknown" if all(v is None for v in est) else "estimated"
+
+
+def put_on_one_basis(*sets: Sequence[AttackCurve]) -> str:
+    """Set ``memory_bytes`` of every curve read by :func:`load_attack_curves` (which keeps its record's
+    :func:`run_training_memory` in ``extra["memory"]``) on one basis, across all ``sets``; returns the basis."""
+    curves = [a for s in sets for a in s if "memory" in a.extra]
+    values, basis = on_one_basis([a.extra["memory"] for a in curves])
+    for a, v in zip(curves, values):
+        a.memory_bytes = v
+    return basis
 
 
 def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[AttackCurve], q: float = 0.9,
@@ -76,9 +128,9 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
     own release's score; with ``level`` it counts from the *original* release's score on both sides, so
     the target is a score level (``target_score``): a lock that starts below the original must first
     climb back to it (the gain-based target lets a degraded release reach the target well below the
-    fine-tuned original's level). With ``memory_budget``, attacks whose peak memory exceeds it do not
-    count (on either side). The multiplier is ``inf`` when no attack on the lock reaches the target (the
-    lock holds within the attacks' budgets)."""
+    fine-tuned original's level). With ``memory_budget`` (bytes of training memory), attacks whose training
+    memory (``memory_bytes``) exceeds it, or that have none, do not count (on either side). The multiplier
+    is ``inf`` when no attack on the lock reaches the target (the lock holds within the attacks' budgets)."""
     if not 0 < q <= 1:
         raise WeightlockError(f"q must be in (0, 1], got {q}")
     if not original:
@@ -92,10 +144,11 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
         raise WeightlockError("level target: the attacks on the original start from different scores")
 
     def fits(a: AttackCurve) -> bool:
-        return memory_budget is None or (a.peak_bytes is not None and a.peak_bytes <= memory_budget)
+        return memory_budget is None or (a.memory_bytes is not None and a.memory_bytes <= memory_budget)
 
     def table(runs):
-        return {a.attack: (cost_to_target(a.curve, target, cost, start) if fits(a) else "over memory budget")
+        return {a.attack: (cost_to_target(a.curve, target, cost, start) if fits(a)
+                           else "memory not counted" if a.memory_bytes is None else "over memory budget")
                 for a in runs}
 
     lk, og = table(locked), table(original)
@@ -112,10 +165,13 @@ def lock_cost_multiplier(locked: Sequence[AttackCurve], original: Sequence[Attac
 
 
 def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurve], q: float = 0.9,
-                    memory_budget: int | None = None) -> str:
+                    memory_budget: int | None = None, memory_basis: str = "counted") -> str:
     """One verdict clause: what reaching ``q`` of the unlocked attacker's best gain costs on the lock, as
     multipliers of the original's cost in training seconds and FLOPs, plus the time multiplier when the
-    attacker may use no more memory than ``memory_budget``."""
+    attacker may use no more training memory than ``memory_budget`` (the unlocked full fine-tune's: an
+    attack fits when its ``memory_bytes`` is at most the budget, the one test the tables' ``memory ×`` ≤ 1
+    shows), naming the cheapest attack that fits. ``memory_basis`` (:data:`MEMORY_BASIS`): ``"estimated"``
+    says so; ``"unknown"`` says that no memory clause can be given."""
     try:
         sec = lock_cost_multiplier(locked, original, q, "seconds")
     except WeightlockError as e:
@@ -126,13 +182,24 @@ def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurv
     line = f"reaching {q:.0%} of the unlocked gain costs {sec['multiplier']:.2f}× the time ({best})"
     if all(a.curve[-1].get("flops") is not None for a in (*locked, *original)):
         line += f", {lock_cost_multiplier(locked, original, q, 'flops')['multiplier']:.2f}× the FLOPs"
+    if memory_basis == "unknown" or (memory_budget is None and memory_basis != "counted"):
+        return line + ", within the unlocked full fine-tune's memory: unknown (" + MEMORY_BASIS["unknown"] + ")"
     if memory_budget is not None:
         try:
-            m = lock_cost_multiplier(locked, original, q, "seconds", memory_budget)["multiplier"]
-            line += (f", {m:.2f}× the time within the unlocked full fine-tune's memory" if math.isfinite(m)
-                     else ", never within the unlocked full fine-tune's memory")
-        except WeightlockError:
-            pass
+            mb = lock_cost_multiplier(locked, original, q, "seconds", memory_budget)
+        except WeightlockError:  # no attack on the original fits: nothing to compare with
+            return line
+        where = "within the unlocked full fine-tune's training memory"
+        if math.isfinite(mb["multiplier"]):
+            fit = min((k for k, v in mb["locked"].items() if isinstance(v, float)), key=lambda k: mb["locked"][k])
+            line += f", {mb['multiplier']:.2f}× the time {where} ({fit})"
+        else:
+            line += f", never {where}"
+        uncounted = [k for k, v in mb["locked"].items() if v == "memory not counted"]
+        if uncounted:
+            line += f" ({', '.join(uncounted)}: no memory count)"
+        if memory_basis == "estimated":
+            line += " (memory estimated from older records' parameter counts)"
     return line
 
 
@@ -140,7 +207,9 @@ def load_attack_curves(paths: Sequence, side: str = "locked") -> list[AttackCurv
     """The cost curves of the attack runs (``result.json`` of :func:`~weightlock.attacks.run_attack`) in
     ``paths`` (run directories, directories holding them, or result files): ``side="locked"`` reads the
     attacked model's run, ``"reference"`` the unlocked reference run recorded beside it (``--reference``).
-    Each curve is named by its run directory; its peak memory is the run's own peak growth."""
+    Each curve is named by its run directory; ``memory_bytes`` is the run's counted training memory (else
+    its estimate: call :func:`put_on_one_basis` on every set compared), ``peak_bytes`` its measured peak
+    growth (reported only)."""
     from pathlib import Path
 
     from ..io import read_json
@@ -166,8 +235,10 @@ def load_attack_curves(paths: Sequence, side: str = "locked") -> list[AttackCurv
             raise WeightlockError(f"{f}: no cost curve (recorded before weightlock kept one); run the attack again "
                                   "with score_every=N")
         name = d.get("attack", "attack") + f" ({f.parent})"
+        memory = run_training_memory(run, d.get("options", {}).get("optimizer"))
         curves.append(AttackCurve(name, run["cost_curve"], run["cost"].get("peak_rss_delta_bytes"),
-                                  {"attack": d.get("attack"), "options": d.get("options", {})}))
+                                  {"attack": d.get("attack"), "options": d.get("options", {}), "memory": memory},
+                                  memory["counted"] if memory["counted"] is not None else memory["estimated"]))
     if not curves:
         raise WeightlockError(f"no attack runs{' with a reference run' if side != 'locked' else ''} under "
                               + ", ".join(map(str, paths)))
@@ -175,11 +246,12 @@ def load_attack_curves(paths: Sequence, side: str = "locked") -> list[AttackCurv
 
 
 def full_finetune_budget(original: Sequence[AttackCurve]) -> int | None:
-    """The memory budget: the largest peak of the original's plain full fine-tuning runs (no counter-measure),
-    or None when there is none."""
+    """The memory budget: the training memory (``memory_bytes``) of the original's plain full fine-tuning runs
+    (no counter-measure; the largest, should they differ in batch or block size), or None when there is none
+    or none has a memory count."""
     def plain(options: dict) -> bool:  # run_attack records checkpointing="none" for no checkpointing
         return options.get("checkpointing") in (None, "none") and not options.get("offload")
 
-    peaks = [a.peak_bytes for a in original if a.extra.get("attack") == "full" and a.peak_bytes is not None
-             and plain(a.extra.get("options", {}))]
-    return max(peaks) if peaks else None
+    counts = [a.memory_bytes for a in original if a.extra.get("attack") == "full" and a.memory_bytes is not None
+              and plain(a.extra.get("options", {}))]
+    return max(counts) if counts else None

@@ -164,7 +164,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, with_
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
 
-    from .hub import quiet_transformers
+    from .save import quiet_transformers
 
     path = Path(path)
     _check_gguf(path)

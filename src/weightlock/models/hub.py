@@ -1,14 +1,13 @@
 """Loading model directories, releases and GGUF files: the one loader (never from a hub)."""
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ManifestMismatch, WeightlockError
-from .save import quiet_progress, save_model_dir  # noqa: F401  (save_model_dir: re-exported, its home is models.save)
+from .save import quiet_progress, quiet_transformers, save_model_dir  # noqa: F401  (save_model_dir: re-exported, its home is models.save)
 
 MANIFEST = "manifest.json"
 
@@ -73,20 +72,6 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
             if isinstance(m, M.DLRNet):
                 m.compile_small = True
     return model.to(device).eval()
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers logs only errors inside the block (no load-report tables or advice meant for its own
-    users; weightlock reports what matters as one line)."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 def _tied_key(model, key: str) -> bool:

@@ -1,6 +1,7 @@
 """Saving Hugging Face model directories, atomically (the lowest layer every writer of weights uses)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -66,3 +67,17 @@ def dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen[key] = k
         out[k] = v
     return out
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers logs only errors inside the block (no load-report tables or advice meant for its own
+    users; weightlock reports what matters as one line)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
