@@ -91,7 +91,7 @@ def test_dlr_net_stands_exactly_where_the_feed_forward_was(family):
     assert any(map(is_mlp, before))
     assert all(torch.equal(before[k], after[k]) for k in before if not is_mlp(k)), "non-MLP weights bit-identical"
     assert not [k for k in before if is_mlp(k) and k in after], "every MLP weight is gone"
-    assert sum(p.numel() for n, p in locked.named_parameters() if ".blocks." in n) == sum(
+    assert sum(p.numel() for n, p in locked.named_parameters() if ".blocks." in n or ".sink." in n) == sum(
         s.num_parameters() for s in specs)
 
     orig_layers, locked_layers = M.find_layers(original, adapter), M.find_layers(locked, adapter)
