@@ -168,15 +168,14 @@ def plot(r: dict, path: Path) -> None:
     b.plot(ns, [x["min_top1_agreement"] for x in f], "o-", label="DLR partial lock (no refinement)")
     b.set_xlabel("MLPs locked (least damaging first)")
     b.set_ylabel("top-1 agreement (lower of prose, code)")
-    for key, q in r["quantization"].items():
-        a.axhline(q["worst_ppl_ratio"], ls="--", lw=1, color="gray")
-        a.annotate(key, (ns[-1], q["worst_ppl_ratio"]), fontsize=7, ha="right", va="bottom")
-        b.axhline(q["min_top1_agreement"], ls="--", lw=1, color="gray")
-        b.annotate(key, (ns[0], q["min_top1_agreement"]), fontsize=7, ha="left", va="bottom")
-    a.axhline(1.05, color="red", lw=1)
-    b.axhline(0.90, color="red", lw=1)
-    a.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M: partial locks vs weight quantization (dashed), bars in red — run {r['run']}")
+    for (key, q), ls in zip(r["quantization"].items(), ("--", ":", "-.")):  # in the legend: the lines overlap
+        a.axhline(q["worst_ppl_ratio"], ls=ls, lw=1.2, color="gray", label=f"{key} quantization")
+        b.axhline(q["min_top1_agreement"], ls=ls, lw=1.2, color="gray", label=f"{key} quantization")
+    a.axhline(1.05, color="red", lw=1, label="bar")
+    b.axhline(0.90, color="red", lw=1, label="bar")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M: partial locks vs weight quantization (gray), bars in red — run {r['run']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
