@@ -223,11 +223,10 @@ def test_partial_lock_refinement_ctrl_c_resumes_to_the_identical_release(tiny_mo
     from transformers import AutoModelForCausalLM
 
     from weightlock import load
-    from weightlock.dlr import DLRNet
 
     for m in (load(out), AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)):
-        kinds = [type(layer.mlp).__name__ for layer in m.model.layers]
-        assert kinds[0] != "DLRNet" and isinstance(m.model.layers[1].mlp, DLRNet)
+        kinds = [type(layer.mlp).__name__ for layer in m.model.layers]  # remote code: the release's own class
+        assert kinds == ["LlamaMLP", "DLRNet"] and m.model.layers[1].mlp.spec.sink
         ids = torch.tensor([[1, 2, 3]])
         g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert g.shape == (1, 7)

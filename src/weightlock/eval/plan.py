@@ -149,8 +149,8 @@ class Shape:
 
 def skeleton(cfg, rank: int | None = None, device: str = "meta"):
     """The model of ``cfg`` (on ``device``; meta: no memory, nothing computed) and, with ``rank``, its DLR
-    lock with depths matched to the MLPs (``specs_for``; a rank that cannot match raises). Returns
-    (model, specs or None)."""
+    lock with depths matched to the MLPs (``specs_for``, without the sink component; a rank that cannot
+    match raises). Returns (model, specs or None)."""
     from transformers import AutoModelForCausalLM
 
     from ..dlr.distill import LockConfig, specs_for
@@ -160,7 +160,9 @@ def skeleton(cfg, rank: int | None = None, device: str = "meta"):
         model = AutoModelForCausalLM.from_config(cfg)
         specs = None
         if rank is not None:
-            _, specs, _ = specs_for(model, LockConfig(rank=rank))
+            # the DLR blocks only: a release's sink component (3d + 2 parameters; it saves about d + 3 values a
+            # token, under 1% of a net's d + 2r per block × L blocks) is not in the planner's memory model
+            _, specs, _ = specs_for(model, LockConfig(rank=rank, sink=False))
             apply_dlr(model, [s.__dict__ for s in specs])
     model.train()
     return model, specs
