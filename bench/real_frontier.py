@@ -25,23 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 from weightlock import load  # noqa: E402
 from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.dlr.distill import fidelity_metrics, install_layer  # noqa: E402
+from weightlock.dlr.distill import fidelity_metrics, install_layer, teacher_logprobs  # noqa: E402
 from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, find_layers  # noqa: E402
 from weightlock.io import read_json, write_json  # noqa: E402
 
 SPECS = ("builtin:prose", "builtin:code")
-
-
-def teacher(model, blocks: torch.Tensor) -> tuple[list, float]:
-    logp, nll, n = [], 0.0, 0
-    with torch.no_grad():
-        for i in range(0, blocks.shape[0], 8):
-            x = blocks[i:i + 8]
-            t = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
-            nll -= t.gather(-1, x[:, 1:, None]).sum().item()
-            n += x[:, 1:].numel()
-            logp.append(t.to(torch.bfloat16))
-    return logp, nll / n
 
 
 def evaluate(model, data: dict) -> dict:
@@ -86,11 +74,11 @@ def main() -> None:
     data = {}
     for s in SPECS:
         b = load_blocks(s, "test", tok, 256, args.tokens)
-        data[s] = {"blocks": b, "teacher": teacher(original, b)}
+        data[s] = {"blocks": b, "teacher": teacher_logprobs(original, b)}
     small = {}
     for s in SPECS:
         b = data[s]["blocks"][:args.sensitivity_blocks]
-        small[s] = {"blocks": b, "teacher": teacher(original, b)}
+        small[s] = {"blocks": b, "teacher": teacher_logprobs(original, b)}
 
     def locked_with(ids: list[int]):
         m = load(args.model).eval()

@@ -755,6 +755,20 @@ def fidelity_metrics(model: nn.Module, blocks: torch.Tensor, teacher_logp: list[
             "ppl_ratio": math.exp(nll / count - targets_nll)}
 
 
+@torch.no_grad()
+def teacher_logprobs(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], float]:
+    """The original's next-token log-probabilities on ``blocks`` (bf16, one tensor per batch of ``batch_size``)
+    and its mean NLL there: what :func:`fidelity_metrics` compares a model with."""
+    logp, nll, n = [], 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        x = blocks[i:i + batch_size]
+        t = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
+        nll -= t.gather(-1, x[:, 1:, None]).sum().item()
+        n += x[:, 1:].numel()
+        logp.append(t.to(torch.bfloat16))
+    return logp, nll / n
+
+
 class FidelityHook(Hook):
     """Refinement bookkeeping: every ``every`` steps (and at the start) measure KL, top-1 agreement and the
     perplexity ratio on fixed held-out blocks, record them in the history, and stop the run once the KL
@@ -762,15 +776,7 @@ class FidelityHook(Hook):
 
     def __init__(self, original: nn.Module, blocks: torch.Tensor, every: int, target_kl: float | None) -> None:
         self.blocks, self.every, self.target_kl = blocks, every, target_kl
-        self.teacher, nll, n = [], 0.0, 0
-        with torch.no_grad():
-            for i in range(0, blocks.shape[0], 8):
-                x = blocks[i:i + 8]
-                t = torch.log_softmax(original(input_ids=x).logits[:, :-1].float(), -1)
-                nll -= t.gather(-1, x[:, 1:, None]).sum().item()
-                n += x[:, 1:].numel()
-                self.teacher.append(t.to(torch.bfloat16))
-        self.nll = nll / n
+        self.teacher, self.nll = teacher_logprobs(original, blocks)
         self.records: list[dict] = []
 
     def measure(self, trainer) -> dict:

@@ -37,25 +37,13 @@ def _say(cfg: LockConfig, msg: str) -> None:
         print(f"weightlock lock: {msg}", file=sys.stderr, flush=True)
 
 
-def _ppl(model, blocks, cfg: LockConfig, desc: str, batch_size: int = 16) -> float | None:
-    """Perplexity of a causal LM on ``blocks`` with a progress bar (None for an encoder)."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _ppl(model, blocks, cfg: LockConfig, desc: str) -> float | None:
+    """Perplexity of a causal LM on ``blocks`` with a progress bar labelled ``desc`` (None for an encoder)."""
+    from ..train.loop import evaluate_loss
 
     if not hasattr(model, "lm_head") and "CausalLM" not in type(model).__name__:
         return None
-    model.eval()
-    total = count = 0.0
-    with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not cfg.progress) as bar, torch.no_grad():
-        task = bar.add_task(desc, total=blocks.shape[0])
-        for i in range(0, blocks.shape[0], batch_size):
-            x = blocks[i:i + batch_size]
-            loss = model(input_ids=x, labels=x).loss.item()
-            n = x[:, 1:].numel()
-            total, count = total + loss * n, count + n
-            bar.update(task, completed=min(i + batch_size, blocks.shape[0]))
-    return math.exp(total / count)
+    return math.exp(evaluate_loss(model, blocks, progress=desc if cfg.progress else None))
 
 
 def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig | None = None,
