@@ -108,12 +108,132 @@ def compare(original, locked, batch: tuple[int, int], new_tokens: int, repeats: 
     return res
 
 
+def smollm2_locked(original_dir: str, rank: int):
+    """SmolLM2 with all 30 MLPs replaced by DLR-Nets of the real lock's spec at ``rank`` (equal parameters: depth
+    72 at rank 32, 144 at rank 16; read-out 4; the sink component), random weights — speed does not depend on
+    the values, and a random net exercises every term of the maths the agreement checks compare."""
+    from weightlock.dlr.distill import match_depth
+    from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, apply_dlr, find_layers, mlp_num_parameters
+
+    model = load(original_dir).eval()
+    adapter = adapter_for(model)
+    layers = find_layers(model, adapter)
+    width = model.config.hidden_size
+    depth = match_depth(mlp_num_parameters(layers[0], adapter), width, rank)
+    spec = DLRSpec(width, rank, depth, readout=4.0, sink=True, init_scale=1.0)
+    apply_dlr(model, [spec.__dict__] * len(layers), adapter)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for net in model.modules():
+            if isinstance(net, DLRNet):
+                net.reset_parameters()
+                net.sink.value.normal_(0, 0.01)
+    return model.eval(), depth
+
+
+def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: int, prefill_tokens: int,
+                    new_tokens: int) -> dict:
+    """Prefill (``batch`` × ``prefill_tokens``, one forward) and decode (greedy, KV cache, ``new_tokens`` after a
+    16-token prompt, ``batch`` rows) of the original and the lock on its default path, interleaved, median of
+    ``repeats`` (after one warm-up round)."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(1)
+    vocab = original.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prefill_tokens), generator=g)
+    prompt = torch.randint(0, vocab, (batch, 16), generator=g)
+    models = {"original": original.to(dtype), "locked": locked.to(dtype)}
+    times = {k: {"prefill": [], "decode": []} for k in models}
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(input_ids=ids)
+                t1 = time.perf_counter()
+                m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                t2 = time.perf_counter()
+                if i:
+                    times[name]["prefill"].append(t1 - t0)
+                    times[name]["decode"].append(t2 - t1)
+    med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
+    return {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "batch": batch,
+            "prefill_tokens": prefill_tokens, "decode_new_tokens": new_tokens, "decode_prompt": 16,
+            "repeats": repeats, "median_s": med, "all_s": times,
+            "prefill_ratio": med["locked"]["prefill"] / med["original"]["prefill"],
+            "decode_ratio": med["locked"]["decode"] / med["original"]["decode"],
+            "decode_tokens_per_s": {k: batch * new_tokens / v["decode"] for k, v in med.items()},
+            "prefill_tokens_per_s": {k: batch * prefill_tokens / v["prefill"] for k, v in med.items()}}
+
+
+def path_agreement(locked, dtype) -> dict:
+    """The default path against the reference path (``DLRNet.fast = False``): relative difference of the logits
+    of a decode-sized input (the CPU kernel's path) and of a prefill (the eager fast path), and whether 24
+    greedy tokens with the KV cache are identical."""
+    locked = locked.to(dtype)
+    g = torch.Generator().manual_seed(2)
+    short = torch.randint(0, locked.config.vocab_size, (1, 8), generator=g)
+    long = torch.randint(0, locked.config.vocab_size, (2, 128), generator=g)
+    gen = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    out = {}
+    with torch.no_grad():
+        net = next(m for m in locked.modules() if isinstance(m, DLRNet))
+        out["decode_path"] = net.inference_path(torch.zeros(1, 1, net.spec.width, dtype=dtype))
+        default = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen)]
+        DLRNet.fast = False
+        try:
+            ref = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen)]
+        finally:
+            DLRNet.fast = True
+    out["short_logits_rel_diff"] = ((default[0] - ref[0]).norm() / ref[0].norm()).item()
+    out["prefill_logits_rel_diff"] = ((default[1] - ref[1]).norm() / ref[1].norm()).item()
+    out["greedy_identical"] = bool(torch.equal(default[2], ref[2]))
+    return out
+
+
+def smollm2(args) -> None:
+    """The real LLM: SmolLM2-135M (``make smollm2``) against its rank-32 and rank-16 locks, every setting."""
+    from weightlock.dlr import cpu_kernel
+
+    res = {"command": "python bench/dlr_inference.py --model " + args.model, "device": "cpu",
+           "cpu_kernel": {"available": cpu_kernel.available(), "max_rows": cpu_kernel.MAX_ROWS},
+           "targets": {"32": {"decode": 1.15, "prefill": 1.05}, "16": {"decode": 1.3, "prefill": 1.1}},
+           "settings": []}
+    original = load(args.model).eval()
+    for rank in args.ranks:
+        locked, depth = smollm2_locked(args.model, rank)
+        res[f"agreement_r{rank}"] = {"fp32": path_agreement(locked, torch.float32),
+                                     "bf16": path_agreement(locked, torch.bfloat16)}
+        print(f"rank {rank}: depth {depth}, agreement {res[f'agreement_r{rank}']}", flush=True)
+        for dtype in (torch.float32, torch.bfloat16):
+            for threads in args.threads:
+                for batch in args.batches:
+                    row = {"rank": rank, "depth": depth, **smollm2_setting(
+                        original, locked, dtype, threads, batch, args.repeats, args.prefill_tokens, args.new_tokens)}
+                    target = res["targets"][str(rank)]
+                    row["met"] = {w: row[f"{w}_ratio"] <= target[w] for w in ("decode", "prefill")}
+                    res["settings"].append(row)
+                    print(f"r{rank} {row['dtype']} threads {threads} batch {batch}: decode ×{row['decode_ratio']:.3f} "
+                          f"prefill ×{row['prefill_ratio']:.3f} met {row['met']}", flush=True)
+                    save("dlr_inference_smollm2", res)
+        del locked
+    torch.set_num_threads(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="runs/bench/base-small")
     ap.add_argument("--locked", default="runs/bench/locked-r32")
+    ap.add_argument("--model", default=None, help="a converted SmolLM2 directory (make smollm2): bench the real LLM")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[32, 16])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prefill-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
+    if args.model:
+        smollm2(args)
+        return
     res = {"command": "python bench/dlr_inference.py", "device": DEV}
     if DEV == "cpu":
         for d in (args.base, args.locked):

@@ -43,6 +43,7 @@ def test_fast_path_bf16_within_1e2_of_exact(kw, scale):
 
 def test_fast_path_is_used_only_without_autograd(monkeypatch):
     net = random_net()
+    net.use_cpu_kernel = False  # decode-sized inputs would take the C kernel (tested below)
     calls = []
     monkeypatch.setattr(DLRNet, "forward_fast", lambda self, x: calls.append("fast") or self.forward_reference(x))
     x = torch.randn(2, 48)
@@ -145,3 +146,139 @@ def test_compiled_decode_path_matches_reference_and_falls_back(monkeypatch):
             out = net(x)
         assert rel(out, net.forward_reference(x)) <= 1e-5
         assert M._COMPILED == [None]  # disabled from then on
+
+
+# ---- the fused CPU kernel (weightlock.dlr.cpu_kernel): the default decode path on CPU ----------------------
+
+def _kernel():
+    from weightlock.dlr import cpu_kernel
+
+    if not cpu_kernel.available():
+        pytest.skip("no C compiler: the CPU kernel is unavailable (its fallback is tested below)")
+    return cpu_kernel
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": True}, {"norm": True}, {"norm": True, "bias": True},
+                                {"activation": "relu"}, {"activation": "silu", "bias": True},
+                                {"activation": "tanh", "norm": True}, {"readout": 16.0, "bias": True}])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (16,)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_kernel_matches_reference_fp32(kw, shape, n_threads, threads):
+    """Decode-sized inputs (≤ MAX_ROWS tokens) take the kernel and compute what the reference computes, on one
+    thread and split over two."""
+    _kernel()
+    threads(n_threads)
+    net = random_net(**kw)
+    x = torch.randn(*shape, 48)
+    with torch.no_grad():
+        assert net.inference_path(x) == "kernel"
+        out, ref = net(x), net.forward_reference(x)
+    assert out.shape == x.shape and rel(out, ref) <= 1e-5
+    assert ref.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": True, "readout": 16.0}, {"activation": "silu"}])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_kernel_bf16_rounds_like_the_fast_path(kw, n_threads, threads):
+    """bf16: the kernel keeps the residual state in fp32 and rounds the matmul results to bf16 as the eager fast
+    path does, so it stays within bf16 rounding of the fast path and of the exact fp32 result."""
+    _kernel()
+    threads(n_threads)
+    net = random_net(init_scale=1.0, **kw).to(torch.bfloat16)
+    x = torch.randn(3, 4, 48).bfloat16()
+    with torch.no_grad():
+        assert net.inference_path(x) == "kernel"
+        out, fast = net(x), net.forward_fast(x)
+        exact = random_net(init_scale=1.0, **kw).to(torch.bfloat16).float().forward_reference(x.float())
+    assert out.dtype == torch.bfloat16
+    assert rel(out, fast) <= 1e-2
+    assert rel(out, exact) <= 1e-2
+
+
+def test_cpu_kernel_only_where_it_applies():
+    """Long inputs (prefill), autograd, float64, a per-block norm in bf16 and ``use_cpu_kernel = False`` keep
+    their own paths."""
+    kernel = _kernel()
+    net = random_net(norm=True)
+    small, big = torch.randn(1, 48), torch.randn(kernel.MAX_ROWS + 1, 48)
+    with torch.no_grad():
+        assert net.inference_path(small) == "kernel"
+        assert net.inference_path(big) == "fast"
+        net.use_cpu_kernel = False
+        assert net.inference_path(small) == "fast"
+        net.use_cpu_kernel = True
+        assert net.double().inference_path(small.double()) == "fast"
+        assert net.bfloat16().inference_path(small.bfloat16()) == "fast"  # norm in bf16: eager
+    assert net.float().inference_path(small) == "reference"  # grad mode, trainable parameters
+
+
+def test_cpu_kernel_follows_new_weights():
+    """The kernel reads the parameters' memory through pointer tables built once; new weights (in place or
+    replaced) are what it computes with."""
+    _kernel()
+    net = random_net(bias=True)
+    x = torch.randn(2, 48)
+    with torch.no_grad():
+        net(x)  # builds the tables
+        other = random_net(seed=1, bias=True)
+        net.load_state_dict(other.state_dict())  # in place
+        assert rel(net(x), other.forward_reference(x)) <= 1e-5
+        net.blocks[3].up.weight = torch.nn.Parameter(torch.randn(48, 8))  # replaced
+        net.__dict__.pop("_fast_weights", None)
+        assert rel(net(x), net.forward_reference(x)) <= 1e-5
+        net.blocks[0].down.weight.data = torch.randn(8, 48)  # the first weight replaced: tables rebuilt
+        assert rel(net(x), net.forward_reference(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_kernel_generate_matches_reference(dtype, batch, n_threads, threads):
+    """Greedy generation with the KV cache on the default path (the kernel for every decode step) gives the
+    reference path's tokens; the fp32 logits agree to 1e-5."""
+    _kernel()
+    threads(n_threads)
+    model = tiny_model("llama")
+    apply_dlr(model, [DLRSpec(32, 4, 10, init_scale=1.0, readout=4.0).__dict__] * 2)
+    model = model.eval().to(dtype)
+    prompt = torch.tensor([[1, 5, 9, 3], [2, 2, 7, 8], [4, 1, 1, 6]])[:batch]
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    net = next(m for m in model.modules() if isinstance(m, DLRNet))
+    with torch.no_grad():
+        assert net.inference_path(torch.zeros(batch, 1, 32, dtype=dtype)) == "kernel"
+        logits, tokens = model(prompt).logits.float(), model.generate(prompt, **kw)
+        DLRNet.fast = False
+        try:
+            ref_logits, ref_tokens = model(prompt).logits.float(), model.generate(prompt, **kw)
+        finally:
+            DLRNet.fast = True
+    assert torch.equal(tokens, ref_tokens)
+    assert rel(logits, ref_logits) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_cpu_kernel_without_a_compiler_falls_back_once(monkeypatch, tmp_path):
+    """No C compiler: one warning saying so, then the eager fast path, with the same results."""
+    from weightlock.dlr import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "_STATE", {})
+    monkeypatch.setenv("WEIGHTLOCK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    net = random_net()
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="CPU kernel unavailable"):
+            assert net.inference_path(x) == "fast"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            out = net(x)
+    assert rel(out, net.forward_reference(x)) <= 1e-5
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind

@@ -118,6 +118,10 @@ class DLRNet(nn.Module):
     # ``use_triton = False``, runs the eager fast path. With ``compile_small`` on CUDA, steps of at most
     # COMPILE_MAX_ROWS tokens replay a CUDA graph of that path (one graph per net and input shape).
     use_triton: bool = True
+    # on CPU, inference on at most ``weightlock.dlr.cpu_kernel.MAX_ROWS`` tokens (decoding) runs weightlock's
+    # fused C kernel (one call per net instead of three PyTorch kernels per block) when weightlock is
+    # importable and a C compiler built it; otherwise, or with ``use_cpu_kernel = False``, the eager fast path.
+    use_cpu_kernel: bool = True
 
     def __init__(self, spec: DLRSpec) -> None:
         super().__init__()
@@ -164,11 +168,14 @@ class DLRNet(nn.Module):
                 path = self.inference_path(x)
         if path == "triton":
             return _triton_module().forward(self, x)
+        if path == "kernel":
+            return _cpu_kernel_module().forward(self, x)
         return self.forward_reference(x) if path == "reference" else self.forward_fast(x)
 
     def inference_path(self, x: torch.Tensor) -> str:
         """The path :meth:`forward` takes for ``x``: ``"reference"`` (autograd, hooks, wrapped blocks or
-        ``fast = False``); on CPU ``"compiled"`` (``compile_small``, ≤ COMPILE_MAX_ROWS tokens) or ``"fast"``;
+        ``fast = False``); on CPU ``"compiled"`` (``compile_small``, ≤ COMPILE_MAX_ROWS tokens), ``"kernel"``
+        (weightlock's fused C kernel: a compiler built it, ≤ its MAX_ROWS tokens) or ``"fast"``;
         on CUDA ``"graph"`` (``compile_small``, ≤ COMPILE_MAX_ROWS tokens: a CUDA graph replay of the next
         path), ``"triton"`` (the fused kernel: weightlock and triton importable, net and input supported) or
         ``"fast"``. CPU tensors never take a CUDA path."""
@@ -176,12 +183,20 @@ class DLRNet(nn.Module):
             return "reference"
         small = x.numel() <= self.COMPILE_MAX_ROWS * self.spec.width
         if x.device.type == "cpu":
-            return "compiled" if self.compile_small and small and _compiled_stack() is not None else "fast"
+            if self.compile_small and small and _compiled_stack() is not None:
+                return "compiled"
+            return "kernel" if self._cpu_kernel_ok(x) else "fast"
         if x.device.type != "cuda":
             return "fast"
         if self.compile_small and small and not _GRAPHS_OFF and not torch.cuda.is_current_stream_capturing():
             return "graph"
         return "triton" if self._triton_ok(x) else "fast"
+
+    def _cpu_kernel_ok(self, x: torch.Tensor) -> bool:
+        if not self.use_cpu_kernel:
+            return False
+        mod = _cpu_kernel_module()
+        return mod is not None and mod.supported(self, x)
 
     def _triton_ok(self, x: torch.Tensor) -> bool:
         if not (self.use_triton and x.device.type == "cuda"):
@@ -278,7 +293,7 @@ class DLRNet(nn.Module):
             self.__dict__["_fast_weights"] = cache
         return cache
 
-    _CACHES = ("_fast_weights", "_compile_args", "_triton_stack", "_cuda_graphs")
+    _CACHES = ("_fast_weights", "_compile_args", "_triton_stack", "_cuda_graphs", "_cpu_kernel_args")
 
     def _apply(self, fn, *args, **kwargs):
         for k in self._CACHES:
@@ -381,6 +396,21 @@ def _triton_module():
         except ImportError:
             _TRITON.append(None)
     return _TRITON[0]
+
+
+_CPU_KERNEL: list = []  # [weightlock.dlr.cpu_kernel, or None when weightlock cannot be imported]
+
+
+def _cpu_kernel_module():
+    """weightlock's fused CPU kernel module, imported by name on first use (see :func:`_triton_module`)."""
+    if not _CPU_KERNEL:
+        import importlib
+
+        try:
+            _CPU_KERNEL.append(importlib.import_module("weightlock.dlr.cpu_kernel"))
+        except ImportError:
+            _CPU_KERNEL.append(None)
+    return _CPU_KERNEL[0]
 
 
 def _disable_graphs(err: Exception) -> None:

@@ -1,0 +1,313 @@
+"""A fused C kernel for DLR-Net inference on CPU: one call carries a few tokens through all the blocks of a net.
+
+    z_0 = x;  z_{l+1} = z_l + σ(n_l(z_l)·V_lᵀ + b_l)·U_lᵀ + c_l;  out = s·(z_L − z_0)
+
+Decoding is bound by reading the weights once per token, and a locked MLP has the original's parameters, so
+the physical limit is the original's speed. The eager fast path (:meth:`DLRNet.forward_fast`) pays three
+PyTorch kernel launches per block — 72 blocks × 30 nets per token on SmolLM2 at rank 32 — which is what
+made locked decoding 1.6–1.7× slower. Here one call per net runs every block in plain C: the down pass
+(``h = σ(V·z)``, a dot product per rank row), the up pass (``z += U·h``, a dot product of length r per
+output) and the residual update, with the weights read straight from the parameters' memory (no copy). With
+more than one thread the rows of each pass are split over an OpenMP team (the same libgomp runtime as
+PyTorch's), with one barrier per pass.
+
+It is used for inputs of at most :data:`MAX_ROWS` tokens (decoding steps, short prompts); longer inputs
+(prefill) keep the eager fast path, whose matmuls run on PyTorch's BLAS at full efficiency. fp32 and bf16
+inputs are supported (bf16: weights and matmul inputs in bf16, products accumulated in fp32, the residual
+state kept in fp32 and the down/up results rounded to bf16 as PyTorch's bf16 matmuls do); per-block RMSNorm
+only in fp32.
+
+The C source below is compiled on first use with the system's C compiler (``cc``, or ``$CC``) into
+``$WEIGHTLOCK_CACHE`` (default ``~/.cache/weightlock/kernels``), keyed by a hash of the source, the flags and
+the CPU, and loaded with :mod:`ctypes`; nothing is compiled at install time. Without a compiler (or with
+``WEIGHTLOCK_CPU_KERNEL=0``) :func:`available` is False, one warning says why, and the nets run the eager
+fast path. Imported by name from :mod:`weightlock.dlr.modeling_weightlock_dlr`, so a release loaded without
+weightlock also runs the eager path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+ACTIVATIONS = {"gelu": 0, "relu": 1, "silu": 2, "tanh": 3}
+MAX_ROWS = 16  # tokens per call: above this the eager path's BLAS matmuls are as fast
+NORM_EPS = 1e-6  # DLRBlock's nn.RMSNorm(eps=1e-6)
+_CACHE = "_cpu_kernel_args"  # the instance attribute holding the pointer tables (dropped by DLRNet._apply)
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static inline float act_f(float x, int act) {
+    switch (act) {
+    case 0: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case 1: return x > 0.0f ? x : 0.0f;
+    case 2: return x / (1.0f + expf(-x));
+    default: return tanhf(x);
+    }
+}
+
+static inline float bf16_to_f(uint16_t b) {
+    union { uint32_t u; float f; } v; v.u = ((uint32_t)b) << 16; return v.f;
+}
+
+/* round to nearest even in bf16, kept as a float (NaN stays NaN) */
+static inline float round_bf16(float f) {
+    union { uint32_t u; float f; } v; v.f = f;
+    if ((v.u & 0x7f800000u) == 0x7f800000u) return f;
+    v.u = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) & 0xffff0000u;
+    return v.f;
+}
+
+/* fp32: z (n x d, the residual state, updated in place), h (n x r scratch), zn (n x d scratch, norm only).
+   V[l]: r x d, U[l]: d x r (row-major, nn.Linear weights), bV[l]: r or NULL, bU[l]: d or NULL,
+   nw[l]: d (RMSNorm weight) or NULL. */
+void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
+             const float *const *U, const float *const *bU, const float *const *nw, float *z, float *h,
+             float *zn, int act, int nthreads) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    for (int64_t l = 0; l < L; ++l) {
+        const float *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l], *w = nw[l];
+        const float *src = z;
+        if (w) {
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; ++i) {
+                const float *zi = z + i * d;
+                float ss = 0.0f;
+                #pragma omp simd reduction(+:ss)
+                for (int64_t k = 0; k < d; ++k) ss += zi[k] * zi[k];
+                float inv = 1.0f / sqrtf(ss / (float)d + 1e-6f);
+                float *o = zn + i * d;
+                #pragma omp simd
+                for (int64_t k = 0; k < d; ++k) o[k] = zi[k] * inv * w[k];
+            }
+            src = zn;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < r; ++j) {
+            const float *vj = v + j * d;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *zi = src + i * d;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t k = 0; k < d; ++k) acc += vj[k] * zi[k];
+                if (bv) acc += bv[j];
+                h[i * r + j] = act_f(acc, act);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t k = 0; k < d; ++k) {
+            const float *uk = u + k * r;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *hi = h + i * r;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t j = 0; j < r; ++j) acc += uk[j] * hi[j];
+                float zk = z[i * d + k] + acc;
+                if (bu) zk += bu[k];
+                z[i * d + k] = zk;
+            }
+        }
+    }
+}
+
+/* bf16 weights: z (n x d) the fp32 residual state, zl (n x d scratch) its bf16 rounding as the matmuls see it;
+   h (n x r) scratch. Products accumulate in fp32; the down result, the activation and the up result are
+   rounded to bf16 as PyTorch's bf16 matmuls and activation do. */
+void dlr_bf16(int64_t n, int64_t d, int64_t r, int64_t L, const uint16_t *const *V, const uint16_t *const *bV,
+              const uint16_t *const *U, const uint16_t *const *bU, float *z, float *zl, float *h, int act,
+              int nthreads) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    for (int64_t l = 0; l < L; ++l) {
+        const uint16_t *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l];
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n * d; ++i) zl[i] = round_bf16(z[i]);
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < r; ++j) {
+            const uint16_t *vj = v + j * d;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *zi = zl + i * d;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t k = 0; k < d; ++k) acc += bf16_to_f(vj[k]) * zi[k];
+                if (bv) acc += bf16_to_f(bv[j]);
+                h[i * r + j] = round_bf16(act_f(round_bf16(acc), act));
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t k = 0; k < d; ++k) {
+            const uint16_t *uk = u + k * r;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *hi = h + i * r;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t j = 0; j < r; ++j) acc += bf16_to_f(uk[j]) * hi[j];
+                float zk = z[i * d + k] + round_bf16(acc);
+                if (bu) zk += bf16_to_f(bu[k]);
+                z[i * d + k] = zk;
+            }
+        }
+    }
+}
+"""
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
+_STATE: dict = {}  # "lib": the loaded library, or "error": why it is unavailable
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("WEIGHTLOCK_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "weightlock" / "kernels"
+
+
+def library_path() -> Path:
+    """Where the compiled kernel for this source, these flags and this CPU lives."""
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, _cpu_id(), platform.machine(), sys.platform]).encode())
+    return cache_dir() / f"dlr_cpu_{key.hexdigest()[:16]}.so"
+
+
+def _compile(target: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (cc, gcc or $CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "dlr_cpu.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            raise RuntimeError(f"{cc} failed: {why}")
+        os.replace(out, target)  # atomic: concurrent processes never load a half-written library
+
+
+def _load() -> ctypes.CDLL:
+    path = library_path()
+    if not path.is_file():
+        _compile(path)
+    lib = ctypes.CDLL(str(path))
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.dlr_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    lib.dlr_f32.restype = None
+    lib.dlr_bf16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    lib.dlr_bf16.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (compiling it on the first call). Says once why not."""
+    if "lib" in _STATE:
+        return True
+    if "error" in _STATE:
+        return False
+    if os.environ.get("WEIGHTLOCK_CPU_KERNEL", "1") == "0":
+        _STATE["error"] = "WEIGHTLOCK_CPU_KERNEL=0"
+        return False
+    try:
+        _STATE["lib"] = _load()
+        return True
+    except Exception as e:  # no compiler, a sandbox refusing to load: the eager fast path is exact too
+        _STATE["error"] = f"{type(e).__name__}: {e}"
+        warnings.warn(f"DLR-Net CPU kernel unavailable ({_STATE['error']}); using the eager fast path",
+                      stacklevel=2)
+        return False
+
+
+def disable(reason: str) -> None:
+    """Stop using the kernel in this process (tests, or a caller that wants the eager path)."""
+    _STATE.pop("lib", None)
+    _STATE["error"] = reason
+
+
+def supported(net, x: torch.Tensor) -> bool:
+    """Whether :func:`forward` handles ``net`` on ``x``: CPU, at most MAX_ROWS tokens, fp32 (any options) or
+    bf16 (no per-block norm) with the weights in the input's dtype, and the kernel available."""
+    if x.device.type != "cpu" or x.numel() > MAX_ROWS * net.spec.width or x.numel() == 0:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or net.spec.activation not in ACTIVATIONS:
+        return False
+    if x.dtype == torch.bfloat16 and net.spec.norm:
+        return False
+    w = net.blocks[0].down.weight
+    return w.dtype == x.dtype and w.device.type == "cpu" and available()
+
+
+def _pointer_table(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
+
+
+def _args(net) -> tuple:
+    """The per-block pointer tables of ``net``'s weights, built once (the weights must be contiguous: a
+    non-contiguous one is copied, and the copy kept alive here). Rebuilt when parameters were replaced."""
+    w = net._weights()  # (norm, V, b, U, c) per block; DLRNet drops it when parameters are swapped
+    cached = net.__dict__.get(_CACHE)
+    if cached is not None and cached[0] is w and all(t[1].data_ptr() == p for t, p in zip(w[:1], cached[2])):
+        return cached[1]
+    keep = []
+
+    def c(t):
+        if t is None:
+            return None
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        keep.append(t)
+        return t
+
+    tables = tuple(_pointer_table([c(blk[i]) for blk in w]) for i in (1, 2, 3, 4))
+    norms = _pointer_table([None if blk[0] is None else c(blk[0].weight) for blk in w])
+    args = (tables, norms, keep)
+    net.__dict__[_CACHE] = (w, args, [w[0][1].data_ptr()])
+    return args
+
+
+@torch.no_grad()
+def forward(net, x: torch.Tensor) -> torch.Tensor:
+    """``net``'s DLR output (without the sink) for ``x`` (…, d): the same maths as the eager fast path."""
+    lib = _STATE["lib"]
+    s = net.spec
+    shape = x.shape
+    x2 = x.reshape(-1, s.width)
+    n = x2.shape[0]
+    (vs, bvs, us, bus), norms, _ = _args(net)
+    threads = torch.get_num_threads()
+    h = torch.empty(n, s.rank, dtype=torch.float32)
+    if x.dtype == torch.float32:
+        z = x2.contiguous().clone()
+        zn = torch.empty_like(z) if s.norm else z
+        lib.dlr_f32(n, s.width, s.rank, s.depth, vs, bvs, us, bus, norms, z.data_ptr(), h.data_ptr(),
+                    zn.data_ptr(), ACTIVATIONS[s.activation], threads)
+        out = z.sub_(x2)
+    else:
+        z = x2.float()
+        zl = torch.empty_like(z)
+        lib.dlr_bf16(n, s.width, s.rank, s.depth, vs, bvs, us, bus, z.data_ptr(), zl.data_ptr(), h.data_ptr(),
+                     ACTIVATIONS[s.activation], threads)
+        out = z.sub_(x2.float())
+    if s.readout != 1.0:
+        out.mul_(s.readout)
+    return out.to(x.dtype).view(shape)
