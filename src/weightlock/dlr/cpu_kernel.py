@@ -125,6 +125,181 @@ void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, 
     }
 }
 
+/* ---- prefill (many tokens, fp32): register-tiled AVX-512 products, branch-free vectorized activations ---- */
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+int dlr_has_prefill(void) { return 1; }
+
+/* e^x: Cody-Waite reduction and Cephes' expf polynomial; |rel. error| < 2e-7 on [-87, 88] */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, f), f, f), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);  /* y * 2^n */
+}
+
+/* erf: Abramowitz & Stegun 7.1.26, |abs. error| < 1.5e-7 */
+static inline __m512 erf16(__m512 x) {
+    __m512 a = _mm512_abs_ps(x);
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    __m512 e = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)),
+                                _mm512_set1_ps(1.0f));
+    /* copy the sign of x */
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
+}
+
+static inline __m512 act16(__m512 x, int act) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    if (act == 0)
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x),
+                             _mm512_add_ps(one, erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
+    if (act == 1) return _mm512_max_ps(x, _mm512_setzero_ps());
+    if (act == 2) return _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    __m512 e = exp16(_mm512_mul_ps(x, _mm512_set1_ps(-2.0f)));
+    return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e)), one);
+}
+
+/* the activation over m contiguous values */
+static void act_array(float *h, int64_t m, int act) {
+    int64_t j = 0;
+    for (; j + 16 <= m; j += 16) _mm512_storeu_ps(h + j, act16(_mm512_loadu_ps(h + j), act));
+    if (j < m) {
+        __mmask16 k = (__mmask16)((1u << (m - j)) - 1u);
+        _mm512_mask_storeu_ps(h + j, k, act16(_mm512_maskz_loadu_ps(k, h + j), act));
+    }
+}
+
+/* h[t][c0+c] = z[t] . V[c0+c] for 4 rows t and 4 outputs c (d % 16 == 0) */
+static inline void down_4x4(const float *z, int64_t d, const float *v, float *h, int64_t r, int64_t c0) {
+    __m512 a[4][4];
+    #pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t)
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) a[t][c] = _mm512_setzero_ps();
+    const float *vc = v + c0 * d;
+    for (int64_t k = 0; k < d; k += 16) {
+        __m512 zt[4], vv[4];
+        #pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) zt[t] = _mm512_loadu_ps(z + t * d + k);
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) vv[c] = _mm512_loadu_ps(vc + c * d + k);
+        #pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t)
+            #pragma GCC unroll 4
+            for (int c = 0; c < 4; ++c) a[t][c] = _mm512_fmadd_ps(zt[t], vv[c], a[t][c]);
+    }
+    #pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t)
+        #pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) h[t * r + c0 + c] = _mm512_reduce_add_ps(a[t][c]);
+}
+
+/* z[t][k0 .. k0+32) += sum_j h[t][j] * ut[j][k0 .. k0+32) (+ bu) for ROWS rows */
+#define UP_TILE(ROWS)                                                                                  \
+    static inline void up_##ROWS(float *z, int64_t d, const float *h, int64_t r, const float *ut,       \
+                                 const float *bu, int64_t k0) {                                         \
+        __m512 a[ROWS][2];                                                                              \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
+            a[t][0] = _mm512_loadu_ps(z + t * d + k0);                                                  \
+            a[t][1] = _mm512_loadu_ps(z + t * d + k0 + 16);                                             \
+        }                                                                                               \
+        for (int64_t j = 0; j < r; ++j) {                                                               \
+            __m512 u0 = _mm512_loadu_ps(ut + j * d + k0), u1 = _mm512_loadu_ps(ut + j * d + k0 + 16);   \
+            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                    \
+                __m512 hb = _mm512_set1_ps(h[t * r + j]);                                               \
+                a[t][0] = _mm512_fmadd_ps(hb, u0, a[t][0]);                                             \
+                a[t][1] = _mm512_fmadd_ps(hb, u1, a[t][1]);                                             \
+            }                                                                                           \
+        }                                                                                               \
+        if (bu) {                                                                                       \
+            __m512 b0 = _mm512_loadu_ps(bu + k0), b1 = _mm512_loadu_ps(bu + k0 + 16);                   \
+            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                    \
+                a[t][0] = _mm512_add_ps(a[t][0], b0);                                                   \
+                a[t][1] = _mm512_add_ps(a[t][1], b1);                                                   \
+            }                                                                                           \
+        }                                                                                               \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
+            _mm512_storeu_ps(z + t * d + k0, a[t][0]);                                                  \
+            _mm512_storeu_ps(z + t * d + k0 + 16, a[t][1]);                                             \
+        }                                                                                               \
+    }
+UP_TILE(8)
+UP_TILE(4)
+UP_TILE(2)
+UP_TILE(1)
+
+/* fp32, no per-block norm; d % 32 == 0 and r % 4 == 0. ut: r x d scratch (U of the current block, transposed). */
+void dlr_f32_prefill(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
+                     const float *const *U, const float *const *bU, float *z, float *h, float *ut, int act,
+                     int nthreads) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    for (int64_t l = 0; l < L; ++l) {
+        const float *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l];
+        #pragma omp for schedule(static) nowait
+        for (int64_t k = 0; k < d; ++k) {
+            const float *uk = u + k * r;
+            for (int64_t j = 0; j < r; ++j) ut[j * d + k] = uk[j];
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < n; i0 += 4) {
+            if (i0 + 4 <= n) {
+                for (int64_t c0 = 0; c0 < r; c0 += 4) down_4x4(z + i0 * d, d, v, h + i0 * r, r, c0);
+            } else {
+                for (int64_t i = i0; i < n; ++i)
+                    for (int64_t j = 0; j < r; ++j) {
+                        const float *zi = z + i * d, *vj = v + j * d;
+                        float acc = 0.0f;
+                        #pragma omp simd reduction(+:acc)
+                        for (int64_t k = 0; k < d; ++k) acc += vj[k] * zi[k];
+                        h[i * r + j] = acc;
+                    }
+            }
+            int64_t stop = i0 + 4 < n ? i0 + 4 : n;
+            if (bv)
+                for (int64_t i = i0; i < stop; ++i) {
+                    float *hi = h + i * r;
+                    #pragma omp simd
+                    for (int64_t j = 0; j < r; ++j) hi[j] += bv[j];
+                }
+            act_array(h + i0 * r, (stop - i0) * r, act);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < n; i0 += 8) {
+            int64_t rows = n - i0 < 8 ? n - i0 : 8;
+            float *zi = z + i0 * d;
+            const float *hi = h + i0 * r;
+            for (int64_t k0 = 0; k0 < d; k0 += 32) {
+                if (rows == 8) { up_8(zi, d, hi, r, ut, bu, k0); continue; }
+                int64_t t = 0;
+                if (rows - t >= 4) { up_4(zi + t * d, d, hi + t * r, r, ut, bu, k0); t += 4; }
+                if (rows - t >= 2) { up_2(zi + t * d, d, hi + t * r, r, ut, bu, k0); t += 2; }
+                if (rows - t >= 1) { up_1(zi + t * d, d, hi + t * r, r, ut, bu, k0); }
+            }
+        }
+    }
+}
+#else
+int dlr_has_prefill(void) { return 0; }
+#endif
+
 /* bf16 weights: z (n x d) the fp32 residual state, zl (n x d scratch) its bf16 rounding as the matmuls see it;
    h (n x r) scratch. Products accumulate in fp32; the down result, the activation and the up result are
    rounded to bf16 as PyTorch's bf16 matmuls and activation do. */
@@ -215,6 +390,9 @@ def _load() -> ctypes.CDLL:
     lib.dlr_f32.restype = None
     lib.dlr_bf16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
     lib.dlr_bf16.restype = None
+    lib.dlr_f32_prefill.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    lib.dlr_f32_prefill.restype = None
+    lib.dlr_has_prefill.restype = i32
     return lib
 
 
@@ -243,17 +421,27 @@ def disable(reason: str) -> None:
     _STATE["error"] = reason
 
 
+def _prefill_ok(net, x: torch.Tensor) -> bool:
+    """The register-tiled prefill kernel: AVX-512 (compiled in), fp32, no per-block norm, d % 32 == 0, r % 4 == 0."""
+    s = net.spec
+    return (x.dtype == torch.float32 and not s.norm and s.width % 32 == 0 and s.rank % 4 == 0
+            and bool(_STATE["lib"].dlr_has_prefill()))
+
+
 def supported(net, x: torch.Tensor) -> bool:
-    """Whether :func:`forward` handles ``net`` on ``x``: CPU, at most MAX_ROWS tokens, fp32 (any options) or
-    bf16 (no per-block norm) with the weights in the input's dtype, and the kernel available."""
-    if x.device.type != "cpu" or x.numel() > MAX_ROWS * net.spec.width or x.numel() == 0:
+    """Whether :func:`forward` handles ``net`` on ``x``: CPU, fp32 (any options) or bf16 (no per-block norm) with
+    the weights in the input's dtype, the kernel available, and either at most MAX_ROWS tokens (the decode
+    kernel) or the prefill kernel's conditions (:func:`_prefill_ok`)."""
+    if x.device.type != "cpu" or x.numel() == 0:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or net.spec.activation not in ACTIVATIONS:
         return False
     if x.dtype == torch.bfloat16 and net.spec.norm:
         return False
     w = net.blocks[0].down.weight
-    return w.dtype == x.dtype and w.device.type == "cpu" and available()
+    if not (w.dtype == x.dtype and w.device.type == "cpu" and available()):
+        return False
+    return x.numel() <= MAX_ROWS * net.spec.width or _prefill_ok(net, x)
 
 
 def _pointer_table(tensors) -> ctypes.Array:
@@ -296,7 +484,13 @@ def forward(net, x: torch.Tensor) -> torch.Tensor:
     (vs, bvs, us, bus), norms, _ = _args(net)
     threads = torch.get_num_threads()
     h = torch.empty(n, s.rank, dtype=torch.float32)
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32 and n > MAX_ROWS:
+        z = x2.contiguous().clone()
+        ut = torch.empty(s.rank, s.width, dtype=torch.float32)
+        lib.dlr_f32_prefill(n, s.width, s.rank, s.depth, vs, bvs, us, bus, z.data_ptr(), h.data_ptr(),
+                            ut.data_ptr(), ACTIVATIONS[s.activation], threads)
+        out = z.sub_(x2)
+    elif x.dtype == torch.float32:
         z = x2.contiguous().clone()
         zn = torch.empty_like(z) if s.norm else z
         lib.dlr_f32(n, s.width, s.rank, s.depth, vs, bvs, us, bus, norms, z.data_ptr(), h.data_ptr(),
