@@ -20,9 +20,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, save  # noqa: E402
-from weightlock.io import set_threads_per_process  # noqa: E402
+from weightlock import schema
+from weightlock.experiments.harness import RESULTS, save
+from weightlock.io import set_threads_per_process
 
 STEPS = 40
 ATTACKS = {  # label: (attack, options, learning rates)
@@ -49,8 +49,11 @@ def summarize(label: str, task: str, s: dict) -> dict:
     best, best_ref = s["best"], s["best_reference"]
     runs = [p for p in best["runs"]]
     from weightlock.io import read_json
+    from weightlock.schema import target_run
 
-    locked_runs = [read_json(Path(r) / "result.json") for r in runs]
+    # the attacked model's run as "locked" (attack_run schema 2 records store it under "target")
+    locked_runs = [{**d, "locked": target_run(d, f)} for f in (Path(r) / "result.json" for r in runs)
+                   for d in [read_json(f)]]
     ref_runs = [read_json(Path(r) / "result.json") for r in best_ref["runs"]]
     cost = lambda rs, side, k: statistics.median(r[side]["cost"][k] for r in rs)  # noqa: E731
     row = {"attack": label, "task": task, "best_lr_locked": best["point"]["lr"],
@@ -129,7 +132,7 @@ def main() -> None:
               f"memory×{r['memory_ratio']:.2f} time×{r['step_time_ratio']:.2f}", flush=True)
     plot(rows, RESULTS / "attacks.png")
     save("attacks", {"command": "python bench/attacks.py", "steps": STEPS, "batch": [8, 128], "seeds": list(SEEDS),
-                     "base": args.base, "locked": args.locked, "results": rows})
+                     "base": args.base, "locked": args.locked, "results": rows}, kind=schema.ATTACK_CURVES)
     if not args.no_frontier:
         subprocess.run([sys.executable, str(Path(__file__).with_name("frontier.py")), "--base", args.base,
                         "--locked", args.locked], check=True)

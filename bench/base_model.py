@@ -8,15 +8,13 @@ validation perplexity on code and prose next to a unigram model's on the same sp
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.eval.perplexity import model_perplexity, unigram_perplexity  # noqa: E402
-from weightlock.io import read_json  # noqa: E402
-from weightlock.train.pretrain import default_config, pretrain  # noqa: E402
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.eval.perplexity import model_perplexity, unigram_perplexity
+from weightlock.experiments.harness import save
+from weightlock.io import read_json
+from weightlock.train.pretrain import default_config, pretrain
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ attacker's gain, on the `small` model, for DLR-Lock at two ranks and for PMP.
 
     python bench/cost_to_target.py [--ranks 16 32] [--tasks prose recall] [--steps 200] [--workers 2]
                                    [--regime-ranks 8 64] [--regime-norm-rank 32]
+    python bench/cost_to_target.py --reanalyse | --recount-memory     the recorded JSON again, no attack runs
 
 Models (built here when missing, kept under runs/bench): the dense base (bench/base_model.py), its
 DLR locks at each rank (default lock settings), and a PMP model pretrained with the same settings
@@ -35,6 +36,14 @@ runs count what is kept between checkpoints, not the one unit recomputed in the 
 runs/bench/cost_to_target (re-running skips finished ones; delete a run's directory to redo it). Two workers,
 one thread each. Writes
 bench/results/cost_to_target.json and cost_to_target.png.
+
+``--reanalyse`` analyses the recorded runs again. A row recorded before weightlock counted training memory
+(its run directory gone) gets it counted again without re-running the attack: the run's model is rebuilt
+with random weights (the dense preset; a lock's DLR-Nets from the lock's own specs at its rank, with the
+lock settings the JSON records — before it recorded them, the locks of 2026-11, which had no sink
+component), set up to train by the attack's own ``prepare`` (reverse distillation: its dense student,
+not distilled) and counted with the run's own saved-activation bytes; ``memory_recounted`` in the JSON says
+so. ``--recount-memory`` recounts every row (a recorded count must come out the same).
 """
 from __future__ import annotations
 
@@ -45,10 +54,10 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, attack_job, save  # noqa: E402
-from weightlock.io import set_threads_per_process  # noqa: E402
-from weightlock.tables import fmt  # noqa: E402
+from weightlock import schema
+from weightlock.experiments.harness import RESULTS, attack_job, save
+from weightlock.io import set_threads_per_process
+from weightlock.tables import fmt
 
 BASE = Path("runs/bench/base-small")
 RUNS = Path("runs/bench/cost_to_target")
@@ -158,7 +167,7 @@ def quiet_timings(models: dict, rows: list[dict], repeats: int, steps: int = 10)
             if attack == "reverse-distill":
                 o["distill_steps"] = o.get("distill_steps", 300)
             r = run_attack(models[model], "prose", attack, None, **{**BUDGET, "steps": steps, "score_every": 0,
-                                                                    "patience": 0}, **o)["locked"]
+                                                                    "patience": 0}, **o)["target"]
             seen[key].append((r["cost"]["step_time_s"], r["cost"]["prepare_seconds"],
                               r["cost"]["saved_activation_bytes_per_step"]))
             print(f"timing {model:8s} {attack:16s} {o} step {seen[key][-1][0]:.3f} s", flush=True)
@@ -193,13 +202,110 @@ def row_memory(r: dict) -> dict:
     read from its run directory's result.json when that is still there (rows analysed before weightlock
     counted it), else unknown."""
     from weightlock.eval.cost_to_target import run_training_memory
+    from weightlock.schema import target_run
 
     if r.get("training_memory"):
         return r["training_memory"]
     f = Path(r.get("dir", "")) / "result.json"
     if r.get("dir") and f.is_file():
-        return run_training_memory(json.loads(f.read_text())["locked"], r["options"].get("optimizer"))
+        return run_training_memory(target_run(json.loads(f.read_text())), r["options"].get("optimizer"))
     return {"counted": None, "estimated": None}
+
+
+# the bench's locks as the recorded runs of 2026-11-24 had them: weightlock lock installed no sink component
+# then (LockConfig.sink, on by default since 2026-12-03); a JSON records its locks' settings from then on
+LOCK_SETTINGS_2026_11 = {"sink": False}
+PRESET = "small"  # the base model's preset (bench/base_model.py)
+
+
+def architecture(key: str, preset: str = PRESET, lock_settings: dict | None = None, tokenizer=None):
+    """The model ``key`` of this bench (``original``, ``pmp``, ``dlr-R``, ``dlr-R-norm``) rebuilt with fresh
+    random weights, nothing trained or distilled: the dense ``preset`` model as bench/base_model.py pretrains
+    it (PMP's model has the same architecture), or its DLR lock at rank R (per-block norm for ``-norm``) with
+    the DLR-Nets ``weightlock lock`` installs — the lock's own specs (weightlock.dlr.distill.specs_for: depth
+    matched to the MLP's parameters) for ``LockConfig(rank=R, norm=..., **lock_settings)`` — built the way a
+    release loads (build_locked_model on the config section the release writes)."""
+    from dataclasses import asdict
+
+    from weightlock.data import load_tokenizer
+    from weightlock.dlr import LockConfig, adapter_for
+    from weightlock.dlr.distill import specs_for
+    from weightlock.dlr.modeling_weightlock_dlr import DLR_CONFIG_KEY, build_locked_model
+    from weightlock.train.pretrain import build_model, default_config
+
+    cfg = default_config(preset)
+    model = build_model(cfg, tokenizer or load_tokenizer(None, cfg.vocab_size))
+    if key in ("original", "pmp"):
+        return model
+    if not key.startswith("dlr-"):
+        raise ValueError(f"no architecture for model {key!r} (original, pmp, dlr-R, dlr-R-norm)")
+    lock_cfg = LockConfig(rank=int(key.split("-")[1]), norm=key.endswith("-norm"), progress=False,
+                          **(lock_settings or {}))
+    adapter, specs, _ = specs_for(model, lock_cfg)
+    config = model.config
+    setattr(config, DLR_CONFIG_KEY, {"base_class": type(model).__name__, "adapter": adapter_for(model).to_dict(),
+                                     "layers": [asdict(s) if s is not None else None for s in specs]})
+    return build_locked_model(config)
+
+
+def recount_memory(row: dict, model, tokenizer) -> dict:
+    """A run's training memory counted again without running it (its record predates the count): ``model``,
+    the run's model rebuilt (:func:`architecture`), set up to train as the row's attack sets it up — the
+    attack's own ``prepare`` (LoRA's adapters, the frozen DLR-Nets; reverse distillation's dense student, built
+    without distilling: its architecture does not depend on the distillation) and counter-measures — and counted
+    (weightlock.eval.cost_to_target.counted_training_memory) with the run's own saved-activation bytes."""
+    from weightlock.attacks import apply_checkpointing, make_attack
+    from weightlock.eval.cost_to_target import counted_training_memory
+
+    options = {**BUDGET, **row["options"]}
+    if row["attack"] == "reverse-distill":  # the student, not fitted (a capture of one block stays)
+        options.update(distill_steps=0, distill_tokens=options.get("block_size", 128))
+    atk = make_attack(row["attack"], **options)
+    prepared = atk.prepare(model, tokenizer, {})
+    apply_checkpointing(prepared, atk.cfg.checkpointing)  # changes no parameter; as the run had it
+    return counted_training_memory(prepared, atk.cfg.training.optimizer, row["saved_activation_bytes"])
+
+
+RECOUNT_HOW = "architecture rebuilt, saved-activation bytes from the run"
+
+
+def with_training_memory(rows: list[dict], preset: str = PRESET, lock_settings: dict | None = None,
+                         recount_all: bool = False) -> tuple[list[dict], dict | None]:
+    """The rows, each with its training memory: recorded (in the row, or its run directory's result.json),
+    else counted again from its architecture (:func:`recount_memory`, marked ``"how": "recounted"``);
+    ``recount_all`` recounts every row, and a row with a recorded count must come out the same. Returns the
+    rows and what was recounted (None when nothing was)."""
+    import copy
+    import datetime
+
+    from weightlock.data import load_tokenizer
+    from weightlock.dlr import DLRNet
+    from weightlock.train.pretrain import default_config
+
+    tok = None
+    built: dict[str, object] = {}
+    out, n = [], 0
+    for r in rows:
+        recorded = row_memory(r)
+        if recorded["counted"] is not None and not recount_all:
+            out.append(r)
+            continue
+        tok = tok or load_tokenizer(None, default_config(preset).vocab_size)
+        if r["model"] not in built:
+            built[r["model"]] = architecture(r["model"], preset, lock_settings, tok)
+        m = recount_memory(r, copy.deepcopy(built[r["model"]]), tok)
+        if recorded["counted"] is not None and recorded["counted"] != m["counted"]:
+            raise RuntimeError(f"{r['task']} {r['model']} {r['label']}: recounted {m['counted']} bytes, "
+                               f"the run counted {recorded['counted']}")
+        out.append({**r, "training_memory": {**m, "how": "recounted"}})
+        n += 1
+    if not n:
+        return out, None
+    return out, {"date": datetime.date.today().isoformat(), "how": RECOUNT_HOW, "rows": n, "preset": preset,
+                 "lock_settings": lock_settings or {},
+                 "models": {k: {"parameters": sum(p.numel() for p in m.parameters()),
+                                "dlr_depth": sorted({b.spec.depth for b in m.modules() if isinstance(b, DLRNet)})}
+                            for k, m in built.items()}}
 
 
 def analyse(rows: list[dict], defenses: list[str], tasks) -> list[dict]:
@@ -259,6 +365,23 @@ def analyse(rows: list[dict], defenses: list[str], tasks) -> list[dict]:
     return out
 
 
+def reanalyse(d: dict, tasks, recount_all: bool = False, command: str | None = None) -> dict:
+    """The recorded bench JSON ``d`` analysed again, no training: every row first gets its training memory
+    (:func:`with_training_memory`: a row recorded before weightlock counted it, its run directory gone, is
+    counted again from its rebuilt architecture; ``recount_all``: every row), so that the memory budget is
+    the counted one, then :func:`analyse`. A recount is recorded in ``memory_recounted`` (date, how, the
+    ``command``). Returns the new record."""
+    d = dict(d)
+    # records from before the locks' settings were kept: the locks of 2026-11 (no sink component)
+    d["runs"], recounted = with_training_memory(d["runs"], d.get("preset", PRESET),
+                                                d.get("lock_settings", LOCK_SETTINGS_2026_11), recount_all)
+    if recounted:
+        d["memory_recounted"] = {**recounted, "command": command}
+    wanted = [k for k in d["models"] if k != "original" and k in {a["defense"] for a in d["analysis"]}]
+    d["analysis"] = analyse(d["runs"], wanted, tasks)
+    return d
+
+
 def plot(rows: list[dict], analysis: list[dict], defenses: list[str], tasks, path: Path) -> None:
     import matplotlib
 
@@ -275,11 +398,15 @@ def plot(rows: list[dict], analysis: list[dict], defenses: list[str], tasks, pat
                     if r["task"] != task or r["model"] != model or r["label"].endswith("seed1"):
                         continue
                     c = r["cost_curve"]
+                    mem = row_memory(r)["counted"]  # runs over the counted memory budget: faint, marked
+                    over = a["memory_basis"] == "counted" and mem is not None and mem > a["memory_budget_bytes"]
                     ax.plot([p["seconds"] for p in c], [p["score"] - c[0]["score"] for p in c], style,
-                            label=f"{'original' if model == 'original' else 'lock'}: {r['label']}", lw=1.2)
+                            label=f"{'original' if model == 'original' else 'lock'}: {r['label']}"
+                                  + (" (over memory)" if over else ""), lw=1.2, alpha=0.4 if over else 1.0)
             ax.axhline(a["target_gain"], color="k", lw=0.8, ls=":")
-            m = a["seconds_any_memory"]["multiplier"]
-            ax.set_title(f"{task} · {key}: cost multiplier {m:.2f}× (seconds)", fontsize=9)
+            m, mb = a["seconds_any_memory"]["multiplier"], a["seconds_memory_budget"]["multiplier"]
+            ax.set_title(f"{task} · {key}: cost multiplier {m:.2f}× (seconds); within the original's training "
+                         f"memory {fmt(mb, '.2f')}×", fontsize=8)
             ax.set_xlabel("attacker's cumulative training seconds")
             ax.set_ylabel("gain over the release")
             ax.legend(fontsize=5, ncol=2)
@@ -298,16 +425,20 @@ def main() -> None:
                     help="extra lock ranks for bench/dlr_regime.py (prose; full FT + frozen DLR only)")
     ap.add_argument("--regime-norm-rank", type=int, default=32, help="rank of the per-block-norm lock (0: none)")
     ap.add_argument("--timing-repeats", type=int, default=3, help="quiet timing passes (run on an idle machine)")
-    ap.add_argument("--reanalyse", action="store_true", help="analyse the recorded JSON again, no runs")
+    ap.add_argument("--reanalyse", action="store_true", help="analyse the recorded JSON again, no runs (a row "
+                    "with no training-memory count gets one counted from its rebuilt architecture)")
+    ap.add_argument("--recount-memory", action="store_true",
+                    help="--reanalyse, counting every row's training memory again from its rebuilt architecture "
+                         "and the run's saved-activation bytes (a row's recorded count must come out the same)")
     args = ap.parse_args()
-    if args.reanalyse:  # the recorded runs and timings, analysed again (no training)
-        d = json.loads((RESULTS / "cost_to_target.json").read_text())
-        wanted = [k for k in d["models"] if k != "original" and k in {a["defense"] for a in d["analysis"]}]
-        analysis = analyse(d["runs"], wanted, args.tasks)
-        plot(d["runs"], analysis, wanted, args.tasks, RESULTS / "cost_to_target.png")
-        d["analysis"] = analysis
+    if args.reanalyse or args.recount_memory:  # the recorded runs and timings, analysed again (no training)
+        d = reanalyse(json.loads((RESULTS / "cost_to_target.json").read_text()), args.tasks, args.recount_memory,
+                      "python bench/cost_to_target.py " + " ".join(sys.argv[1:]))
+        wanted = [a["defense"] for a in d["analysis"] if a["task"] == args.tasks[0]]
+        plot(d["runs"], d["analysis"], wanted, args.tasks, RESULTS / "cost_to_target.png")
+        d.setdefault("runs_machine", d.get("machine"))  # where and when the attack runs were recorded
         d.pop("kind", None), d.pop("schema_version", None), d.pop("machine", None)
-        save("cost_to_target", d)
+        save("cost_to_target", d, kind=schema.LOCK_COST)
         return
     if not (BASE / "model.safetensors").exists():
         sys.exit(f"{BASE} not found: run bench/base_model.py first")
@@ -333,14 +464,17 @@ def main() -> None:
               + "  ".join(f"{c} {a[f'{c}_any_memory']['multiplier']:.2f}× "
                           f"(within memory {fmt(a[f'{c}_memory_budget']['multiplier'], '.2f')}×)" for c in COSTS))
     plot(rows, analysis, wanted, args.tasks, RESULTS / "cost_to_target.png")
+    from weightlock.dlr import LockConfig
+
     save("cost_to_target", {"command": "python bench/cost_to_target.py " + " ".join(sys.argv[1:]),
-                            "budget": BUDGET, "learning_rates": LRS, "q": Q, "models": models,
+                            "preset": PRESET, "lock_settings": {"sink": LockConfig().sink}, "budget": BUDGET,
+                            "learning_rates": LRS, "q": Q, "models": models,
                             "analysis": analysis, "runs": rows, "timing_repeats": args.timing_repeats,
                             "quiet_timings": [{"model": k[0], "attack": k[1], "options": dict(k[2]), **v}
                                               for k, v in timings.items()],
                             "step_time_median_s": {
                                 k: statistics.median(r["step_time_s"] for r in rows if r["model"] == k)
-                                for k in models}})
+                                for k in models}}, kind=schema.LOCK_COST)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ one layer, which is how the defaults were chosen.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.dlr import DLRSpec, LockConfig, capture, fit_layer, load, lock  # noqa: E402
-from weightlock.train.pretrain import default_config, pretrain  # noqa: E402
+from weightlock import schema
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.dlr import DLRSpec, LockConfig, capture, fit_layer, load, lock
+from weightlock.experiments.harness import save
+from weightlock.train.pretrain import default_config, pretrain
 
 
 def options_study(base: Path, layer: int = 1) -> list[dict]:
@@ -64,7 +63,7 @@ def main() -> None:
     save("dlr_fidelity", {"command": "python bench/dlr_fidelity.py", "base": str(base),
                           "eval": "validation perplexity, builtin:code, 32,768 tokens",
                           "lock_config": LockConfig().__dict__, "ranks": results,
-                          "options_study": options_study(base)})
+                          "options_study": options_study(base)}, kind=schema.LOCK_FIDELITY)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import llama_shaped_pair, save  # noqa: E402
-from weightlock.dlr import load  # noqa: E402
-from weightlock.dlr.modeling_weightlock_dlr import DLRNet  # noqa: E402
+from weightlock.dlr import load
+from weightlock.dlr.modeling_weightlock_dlr import DLRNet
+from weightlock.experiments.harness import llama_shaped_pair, save
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -134,8 +133,8 @@ def smollm2_locked(original_dir: str, rank: int):
 def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: int, prefill_tokens: int,
                     new_tokens: int) -> dict:
     """Prefill (``batch`` × ``prefill_tokens``, one forward) and decode (greedy, KV cache, ``new_tokens`` after a
-    16-token prompt, ``batch`` rows) of the original and the lock on its default path, interleaved, median of
-    ``repeats`` (after one warm-up round)."""
+    16-token prompt, ``batch`` rows) of the original and the lock on its default path, interleaved (which runs
+    first alternates), median of ``repeats`` (after one warm-up round)."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(1)
     vocab = original.config.vocab_size
@@ -144,8 +143,8 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
     models = {"original": original.to(dtype), "locked": locked.to(dtype)}
     times = {k: {"prefill": [], "decode": []} for k in models}
     with torch.no_grad():
-        for i in range(repeats + 1):
-            for name, m in models.items():
+        for i in range(repeats + 1):  # the order alternates round by round, so that load drift hits both alike
+            for name, m in (models.items() if i % 2 else reversed(models.items())):
                 t0 = time.perf_counter()
                 m(input_ids=ids)
                 t1 = time.perf_counter()

@@ -15,20 +15,18 @@ storage, parameters excluded (weightlock.eval.cost). Writes bench/results/dlr_me
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import llama_shaped_pair, save  # noqa: E402
-from weightlock.dlr import DLRNet, DLRSpec, load  # noqa: E402
-from weightlock.eval.cost import (  # noqa: E402
+from weightlock import schema
+from weightlock.dlr import DLRNet, DLRSpec, load
+from weightlock.eval.cost import (
     depth_linearity,
     dlr_saved_elements_per_token,
     mlp_saved_elements_per_token,
     saved_bytes_of_step,
 )
+from weightlock.experiments.harness import llama_shaped_pair, save
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -105,7 +103,7 @@ def main() -> None:
     res["model_llama_d2048"] = {"layers": 2, "rank": 64, "depth": big_specs[0].depth,
                                 **model_level(big, big_locked, ids, 2048, 8192, big_specs)}
     print(res["model_llama_d2048"], flush=True)
-    save("dlr_memory", res)
+    save("dlr_memory", res, kind=schema.MEMORY_VS_DEPTH)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock.data import load_blocks, load_texts  # noqa: E402
-from weightlock.dlr import LockConfig, load, lock  # noqa: E402
-from weightlock.dlr.distill import refine  # noqa: E402
+from weightlock.data import load_blocks, load_texts
+from weightlock.dlr import LockConfig, load, lock
+from weightlock.dlr.distill import refine
+from weightlock.experiments.harness import save
 
 
 def model_dir() -> Path:

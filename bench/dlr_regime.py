@@ -28,12 +28,11 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import cost_to_target as ctt  # noqa: E402
-from common import RESULTS, save  # noqa: E402
-from weightlock.io import read_json  # noqa: E402
+from weightlock import schema
+from weightlock.experiments.harness import RESULTS, max_gain, save, timing_key
+from weightlock.io import read_json
 
-TASK = ctt.REGIME_TASK
+TASK = "prose"  # the task bench/cost_to_target.py attacks the rank sweep's extra locks on
 
 
 def main() -> None:
@@ -48,14 +47,14 @@ def main() -> None:
     orig = [r for r in d["runs"] if r["model"] == "original" and r["task"] == TASK]
     timings = {(t["model"], t["attack"], tuple(sorted(t["options"].items()))): t for t in d["quiet_timings"]}
     lr = max((r for r in orig if r["attack"] == "full" and "seed" not in r["options"]
-              and "checkpointing" not in r["options"]), key=ctt.max_gain)["options"]["lr"]
+              and "checkpointing" not in r["options"]), key=max_gain)["options"]["lr"]
     variants = [f"dlr-{r}" for r in args.ranks] + ([f"dlr-{args.norm_rank}-norm"] if args.norm_rank else [])
     missing = [v for v in variants if v not in d["models"]]
     if missing:
         sys.exit(f"cost_to_target.json has no runs of {', '.join(missing)}: run bench/cost_to_target.py with "
                  "--ranks/--regime-ranks/--regime-norm-rank covering them")
     quiet = read_json(RESULTS / "dlr_fidelity.json") if (RESULTS / "dlr_fidelity.json").exists() else None
-    results = [summarize(v, d["models"][v], d["runs"], orig, timings, lr, quiet) for v in variants]
+    results = [summarize(v, d["models"][v], d["runs"], orig, timings, lr, quiet, d["q"]) for v in variants]
     for r in results:
         print(f"{r['variant']:12s} depth {r['depth']:3d} ppl×{r['ppl_ratio']:.4f} lock {r['lock_seconds']:5.0f} s "
               f"MLP mem×{r['mlp_memory_multiplier'] or float('nan'):.1f} act×{r['full']['activation_ratio']:.2f} "
@@ -64,11 +63,11 @@ def main() -> None:
     plot(results, RESULTS / "dlr_regime.png")
     save("dlr_regime", {"command": "python bench/dlr_regime.py " + " ".join(sys.argv[1:]), "task": TASK,
                         "source": str(path), "learning_rate_full": lr, "budget": d["budget"], "q": d["q"],
-                        "results": results})
+                        "results": results}, kind=schema.LOCK_REGIME)
 
 
 def summarize(v: str, model_dir: str, runs: list[dict], orig: list[dict], timings: dict, lr: float,
-              quiet: dict | None) -> dict:
+              quiet: dict | None, q: float) -> dict:
     from weightlock.eval.cost_to_target import AttackCurve, lock_cost_multiplier
     from weightlock.eval.plan import plan
 
@@ -80,7 +79,7 @@ def summarize(v: str, model_dir: str, runs: list[dict], orig: list[dict], timing
             and {k: v for k, v in quiet["lock_config"].items() if k not in ("rank", "progress")}
             == {k: v for k, v in lc.items() if k in quiet["lock_config"] and k not in ("rank", "progress")}]
     curves_orig = [AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"]) for r in orig]
-    best_orig = max(ctt.max_gain(r) for r in orig)
+    best_orig = max(max_gain(r) for r in orig)
     out = {"variant": v, "rank": lc["rank"], "norm": lc["norm"], "model": model_dir,
            "depth": read_json(Path(model_dir) / "config.json")["weightlock_dlr"]["layers"][0]["depth"],
            "ppl_ratio": rep["ppl_ratio"], "layer_rel_error": [layer["rel_error"] for layer in rep["layers"]],
@@ -91,8 +90,8 @@ def summarize(v: str, model_dir: str, runs: list[dict], orig: list[dict], timing
         r = next(x for x in runs if x["model"] == v and x["task"] == TASK and x["label"] == lr_label)
         o_key = ("original", attack, tuple(sorted({k: val for k, val in r["options"].items()
                                                    if k not in ("lr", "seed")}.items())))
-        mine, theirs = timings[ctt.timing_key(r)], timings[o_key]
-        entry = {"label": r["label"], "gain": ctt.max_gain(r), "gain_ratio": ctt.max_gain(r) / best_orig,
+        mine, theirs = timings[timing_key(r)], timings[o_key]
+        entry = {"label": r["label"], "gain": max_gain(r), "gain_ratio": max_gain(r) / best_orig,
                  "saved_activation_bytes": mine["saved_activation_bytes"],
                  "activation_ratio": mine["saved_activation_bytes"] / theirs["saved_activation_bytes"],
                  "step_time_s": mine["step_time_s"], "step_time_ratio": mine["step_time_s"] / theirs["step_time_s"],
@@ -100,7 +99,7 @@ def summarize(v: str, model_dir: str, runs: list[dict], orig: list[dict], timing
                  "steps": r["cost_curve"][-1]["step"]}
         for cost in ("seconds", "flops"):
             m = lock_cost_multiplier([AttackCurve(r["label"], r["cost_curve"], r["peak_delta_bytes"])], curves_orig,
-                                     ctt.Q, cost)
+                                     q, cost)
             entry[f"multiplier_{cost}"] = m["multiplier"]
         out[label] = entry
     return out

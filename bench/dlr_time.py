@@ -10,15 +10,12 @@ backward/forward ratio of each and the locked/original ratios.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import llama_shaped_pair, save  # noqa: E402
-from weightlock.dlr import load  # noqa: E402
-from weightlock.eval.cost import time_forward_backward  # noqa: E402
+from weightlock.dlr import load
+from weightlock.eval.cost import time_forward_backward
+from weightlock.experiments.harness import llama_shaped_pair, save
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

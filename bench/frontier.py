@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, save  # noqa: E402
-from weightlock import load  # noqa: E402
-from weightlock.attacks import finetune, make_attack  # noqa: E402
-from weightlock.data import load_tokenizer  # noqa: E402
-from weightlock.errors import WeightlockError  # noqa: E402
-from weightlock.eval.cost import PeakMemory  # noqa: E402
-from weightlock.eval.tasks import get_task  # noqa: E402
+from weightlock import load, schema
+from weightlock.attacks import finetune, make_attack
+from weightlock.data import load_tokenizer
+from weightlock.errors import WeightlockError
+from weightlock.eval.cost import PeakMemory
+from weightlock.eval.tasks import get_task
+from weightlock.experiments.harness import RESULTS, save
 
 STRATEGIES = {
     "none": {},
@@ -86,7 +84,8 @@ def main() -> None:
                      "locked": args.locked, "steps": args.steps, "rows": rows,
                      "figure": f"bench/results/{args.name}.png",
                      # glibc's mmap threshold decides whether freed activations go back to the OS (RSS) at once
-                     "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")})
+                     "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")},
+         kind=schema.MEMORY_TIME_FRONTIER)
 
 
 if __name__ == "__main__":

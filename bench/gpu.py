@@ -5,7 +5,7 @@
 Refuses to run without CUDA (one line on stderr, exit status 2). Writes
 
 - ``bench/results/gpu_llama_d2048.json``: a random Llama-shaped model (d=2048, d_ff=8192, vocab 4,096,
-  ``--layers`` layers, bf16; bench/common.py ``llama_shaped_pair``) and its DLR version at ``--rank``
+  ``--layers`` layers, bf16; ``weightlock.experiments.harness.llama_shaped_pair``) and its DLR version at ``--rank``
   (L=192 blocks per layer at r=64);
 - ``bench/results/gpu_smollm2.json``: the same for SmolLM2-135M (``make smollm2`` converts it to
   ``runs/smollm2``) and a random-weight DLR version of it, when that directory exists;
@@ -36,8 +36,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # peak HBM bandwidth (bytes/s) by a substring of torch.cuda.get_device_name(), most specific first
 PEAK_HBM = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
@@ -256,7 +254,7 @@ def main() -> None:
         sys.exit(2)
     import triton  # noqa: F401  (the fused kernel is what is measured: fail here, not halfway)
 
-    from common import llama_shaped_pair, save
+    from weightlock.experiments.harness import llama_shaped_pair, save
 
     meta = {"command": "python " + " ".join(["bench/gpu.py", *sys.argv[1:]]), "device": torch.cuda.get_device_name(),
             "peak_hbm_bytes_per_s": peak_hbm(), "torch": torch.__version__, "triton": triton.__version__}

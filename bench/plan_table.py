@@ -10,15 +10,12 @@ found by the plan itself), runs the plan and writes bench/results/plan_table.jso
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock.errors import WeightlockError  # noqa: E402
-from weightlock.eval import plan as P  # noqa: E402
+from weightlock.errors import WeightlockError
+from weightlock.eval import plan as P
+from weightlock.experiments.harness import save
 
 MODELS = ["smollm2-135m", "llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b"]
 
@@ -29,10 +26,10 @@ def paper_rank(name: str, dt, b: int, T: int) -> int:
     best = None
     for r in (16, 32, 64, 128, 256, 512, 1024):
         try:
-            _, specs = P.skeleton(P._with_shape(cfg, num_hidden_layers=1), r)
+            _, specs = P.skeleton(P.with_shape(cfg, num_hidden_layers=1), r)
         except WeightlockError:
             continue
-        if P._mlp_multiplier(cfg, r, specs[0].depth, dt, b, T) >= 10:
+        if P.mlp_multiplier(cfg, r, specs[0].depth, dt, b, T) >= 10:
             best = r
     if best is None:
         raise SystemExit(f"{name}: no rank reaches a 10x memory multiplier")
@@ -57,7 +54,8 @@ def main() -> None:
     for name in MODELS:
         for r in sorted({32, paper_rank(name, dt, b, args.seq_len)}):
             p = P.plan(name, rank=r, tokens_per_step=args.tokens, seq_len=args.seq_len, dtype=args.dtype,
-                       scenarios=["full", "ckpt-layer", "ckpt-dlr", "freeze-ffn", "lora-attn"])
+                       scenarios=["full", "ckpt-layer", "ckpt-dlr", "freeze-ffn", "lora-attn"],
+                       keep_freed=True)  # as recorded: priced with glibc keeping freed memory (opt-in, see README)
             plans.append(p)
             print(name, r, f"{p['mlp_memory_multiplier']:.1f}x", flush=True)
     lines = ["| model | rank r, depth L | one DLR-Net / one MLP | full FT activations: original → locked | "

@@ -3,28 +3,25 @@
     python bench/plan_validation.py [--threads 1] [--repeats 5] [--cached]
 
 For three shapes — the small preset (random weights), a 2-layer Llama-shaped slice at d=2048
-(bench/common.py llama_shaped_pair) and SmolLM2-135M's shape (random weights of its public config) — and
+(weightlock.experiments.harness.llama_shaped_pair) and SmolLM2-135M's shape (random weights of its public config) — and
 for the original and its DLR lock, measures one fp32 training step on this CPU: the bytes autograd saves
 (full fine-tuning and frozen MLPs / DLR-Nets), torch's FLOP count (full fine-tuning) and the median time
 of forward + backward (original and locked steps interleaved), and compares each with the plan's
 prediction (same tokens, same dtype, this machine calibrated at the start of the run, at the same thread
-count and under the same load). glibc is told to keep freed memory (P.keep_freed_memory): the steady
-state the plan prices. Writes bench/results/plan_validation.json.
+count and under the same load). glibc is told to keep freed memory (P.keep_freed_memory, the plan's opt-in
+``keep_freed``): the steady state the plan then prices. Writes bench/results/plan_validation.json.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock.eval import plan as P  # noqa: E402
-from weightlock.eval.cost import flop_counter, saved_bytes_of_step  # noqa: E402
+from weightlock.eval import plan as P
+from weightlock.eval.cost import flop_counter, saved_bytes_of_step
+from weightlock.experiments.harness import save
 
 
 def step_times(models: dict, ids, repeats: int) -> dict:
@@ -74,7 +71,7 @@ def measure(cfg, rank, b, T, repeats):
 def compare(name, cfg, rank, b, T, repeats) -> dict:
     t0 = time.perf_counter()
     pred = P.plan(cfg, rank=rank, tokens_per_step=b * T, seq_len=T, dtype="float32",
-                  scenarios=["full", "freeze-ffn"])
+                  scenarios=["full", "freeze-ffn"], keep_freed=True)
     rows = {(r["model"], r["scenario"]): r for r in pred["rows"]}
     meas = measure(cfg, rank, b, T, repeats)
     res = {"name": name, "rank": rank, "depth": pred["depth"], "batch": b, "seq_len": T,
@@ -114,7 +111,7 @@ def main() -> None:
     # the plan prices a steady-state step whose allocator reuses its memory (PyTorch's caching allocator on
     # GPU does); glibc's default gives freed memory back and the next step faults it in again (see README)
     kept = P.keep_freed_memory()
-    cal = P.calibrate("cpu", torch.float32, remeasure=not args.cached)
+    cal = P.calibrate("cpu", torch.float32, remeasure=not args.cached, keep_freed=True)
     from transformers import LlamaConfig
 
     from weightlock.data import builtin_tokenizer

@@ -10,16 +10,14 @@ records IoU with the true mask against the chance level ρ/(2−ρ). Writes benc
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock import load  # noqa: E402
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.pmp import PMPConfig, load_mask, pretrain_pmp  # noqa: E402
-from weightlock.pmp.recover import recover_all  # noqa: E402
-from weightlock.train.pretrain import default_config  # noqa: E402
+from weightlock import load, schema
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.experiments.harness import save
+from weightlock.pmp import PMPConfig, load_mask, pretrain_pmp
+from weightlock.pmp.recover import recover_all
+from weightlock.train.pretrain import default_config
 
 
 def main() -> None:
@@ -44,7 +42,7 @@ def main() -> None:
                          "recovery": recover_all(model, mask, pmp, tok, public)}
         print(variant, rows[variant]["recovery"], flush=True)
     save("pmp_recovery", {"command": "python bench/pmp_recovery.py", "mask_ratio": args.ratio,
-                          "steps": args.steps, "variants": rows})
+                          "steps": args.steps, "variants": rows}, kind=schema.MASK_RECOVERY)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, save  # noqa: E402
-from weightlock.io import set_threads_per_process  # noqa: E402
+from weightlock import schema
+from weightlock.experiments.harness import RESULTS, save
+from weightlock.io import set_threads_per_process
 
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TASKS = ("prose", "recall")
@@ -63,7 +63,7 @@ def attack_job(args) -> dict:
         options["mask"] = mask
     if name == "mask-recover":
         options["mask_ratio"] = ratio  # the attacker knows ρ (published configurations are public)
-    runs = [run_attack(model, task, name, Path(out) / f"lr{lr}", lr=lr, steps=STEPS, batch_size=8, **options)["locked"]
+    runs = [run_attack(model, task, name, Path(out) / f"lr{lr}", lr=lr, steps=STEPS, batch_size=8, **options)["target"]
             for lr in lrs]
     best = max(range(len(lrs)), key=lambda i: runs[i]["gain"])
     return {"method": label, "task": task, "ratio": ratio, "lrs": lrs, "gains": [r["gain"] for r in runs],
@@ -126,7 +126,7 @@ def main() -> None:
                        "pretraining": {str(r): {k: v for k, v in pre[r].items()
                                                 if k in ("val_ppl", "density", "discovery")}
                                        for r in RATIOS},
-                       "dense_gains": dense, "rows": rows})
+                       "dense_gains": dense, "rows": rows}, kind=schema.PMP_GAIN_VS_RATIO)
     for r in rows:
         print(f"ρ={r['ratio']} {r['task']:7s} {r['method']:20s} gain {r['gain']:+.3f} "
               f"(dense full {dense[r['task']]['full']:+.3f})")

@@ -34,9 +34,9 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, attack_job, save  # noqa: E402
-from weightlock.io import set_threads_per_process  # noqa: E402
+from weightlock import schema
+from weightlock.experiments.harness import RESULTS, attack_job, save
+from weightlock.io import set_threads_per_process
 
 ORIGINAL = Path("runs/smollm2")
 RUNS = Path("runs/bench/real_attacks")
@@ -202,7 +202,7 @@ def main() -> None:
             print(f"   {s['model']:8s} {s['label']:28s} step {s['step_time_s']:6.2f} s ({s['step_time_ratio']:.2f}×) "
                   f"activations {s['saved_activation_bytes'] / 2**20:7.0f} MiB ({s['activation_ratio']:.2f}×)")
     d.pop("kind", None), d.pop("schema_version", None), d.pop("machine", None)
-    save(args.out, {**d, "analysis": analysis})
+    save(args.out, {**d, "analysis": analysis}, kind=schema.REAL_ATTACKS)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, save  # noqa: E402
-from weightlock import load  # noqa: E402
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.eval.fidelity import PPL_RATIO_BAR, meets_bars  # noqa: E402
-from weightlock.io import read_json  # noqa: E402
+from weightlock import load, schema
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.eval.fidelity import PPL_RATIO_BAR, meets_bars
+from weightlock.experiments.harness import RESULTS, save
+from weightlock.io import read_json
 
 ALPHAS = [0.02, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3, 0.5, 1.0]
 
@@ -106,7 +105,7 @@ def main() -> None:
                      "model": args.model, "locked": args.locked, "tokens": int(blocks[:, 1:].numel()),
                      "original": base, "layer_rel_error": errors, "all_layers": grid, "single_layer": single,
                      "largest_alpha_meeting_bars": max((g["alpha"] for g in meets), default=None),
-                     "seconds": time.perf_counter() - t0})
+                     "seconds": time.perf_counter() - t0}, kind=schema.ERROR_BUDGET)
     plot(grid, single, RESULTS / f"{args.name}.png")
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock import load  # noqa: E402
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.dlr.distill import fidelity_metrics, install_layer, teacher_logprobs  # noqa: E402
-from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, find_layers  # noqa: E402
-from weightlock.io import read_json, write_json  # noqa: E402
+from weightlock import load
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.dlr.distill import fidelity_metrics, install_layer, teacher_logprobs
+from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, find_layers
+from weightlock.experiments.harness import save
+from weightlock.io import read_json, write_json
 
 SPECS = ("builtin:prose", "builtin:code")
 

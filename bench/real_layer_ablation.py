@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock import load  # noqa: E402
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.dlr import DLRNet, DLRSpec, LockConfig  # noqa: E402
-from weightlock.dlr.distill import capture, fit_module, match_depth, relative_error  # noqa: E402
+from weightlock import load
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.dlr import DLRNet, DLRSpec, LockConfig
+from weightlock.dlr.distill import capture, fit_module, match_depth, relative_error
+from weightlock.experiments.harness import save
 
 VARIANTS = {  # name: (loss, gradient clip, learning rate)
     "energy": ("energy", 0.0, 1e-2),

@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock import load  # noqa: E402
-from weightlock.data import load_blocks, load_tokenizer  # noqa: E402
-from weightlock.dlr import LockConfig, lock  # noqa: E402
-from weightlock.io import read_json, write_json  # noqa: E402
+from weightlock import load, schema
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.dlr import LockConfig, lock
+from weightlock.experiments.harness import save
+from weightlock.io import read_json, write_json
 
 
 def fidelity(model_dir: Path, locked_dir: Path, tokens: int, prompts: int) -> dict:
@@ -203,7 +202,7 @@ def main() -> None:
     errors = [layer["rel_error"] for layer in report["layers"]]
     finite = [e for e in errors if math.isfinite(e)]  # a diverged layer (NaN) makes median and max meaningless
     save(f"real_model_{args.name}", {
-        "command": "python bench/real_model.py " + " ".join(sys.argv[1:]), "model": str(model_dir),
+        "command": "python bench/real_model.py " + " ".join(sys.argv[1:]), "name": args.name, "model": str(model_dir),
         "lock_config": report["lock_config"], "depth": spec["depth"],
         "parameters_before": report["parameters_before"], "parameters_after": report["parameters_after"],
         "lock_seconds": report["seconds"],
@@ -220,7 +219,7 @@ def main() -> None:
         # refinement: teacher forward (2N) + student forward and backward (6N) FLOPs per token, N parameters
         "refine_law": refine_law(report, 8 * report["parameters_after"]),
         "harness": read_json(run / "harness.json") if (run / "harness.json").exists() else None,
-    })
+    }, kind=schema.REAL_LOCK)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-from weightlock.dlr.distill import LockConfig, error_stats, fit_layer, holdout_split  # noqa: E402
-from weightlock.dlr.modeling_weightlock_dlr import DLRSpec  # noqa: E402
-from weightlock.io import read_json  # noqa: E402
+from weightlock.dlr.distill import LockConfig, error_stats, fit_layer, holdout_split
+from weightlock.dlr.modeling_weightlock_dlr import DLRSpec
+from weightlock.experiments.harness import save
+from weightlock.io import read_json
 
 
 def main() -> None:

@@ -210,6 +210,31 @@ def test_tasks_deterministic_and_disjoint():
         get_task("chess")
 
 
+def test_loglik_task_is_the_skill_scored_by_its_answers_likelihood(tiny_model_dir):
+    from weightlock.data import load_tokenizer
+    from weightlock.models.hub import load
+
+    t, base = get_task("recall-loglik"), get_task("recall")
+    assert (t.name, t.kind) == ("recall-loglik", "loglik")
+    assert t.test_pairs() == base.test_pairs() and t.train_texts() == base.train_texts()
+    model_dir, _ = tiny_model_dir
+    model, tok = load(model_dir), load_tokenizer(model_dir)
+    r = t.evaluate(model, tok, max_examples=40)
+    nll, n = 0.0, 0  # one pair at a time, by hand: the completion's tokens given EOS + prompt
+    with torch.no_grad():
+        for p, a in t.test_pairs()[:40]:
+            pi = [tok.eos_token_id] + tok(p, add_special_tokens=False)["input_ids"]
+            ai = tok(a, add_special_tokens=False)["input_ids"]
+            logp = model(torch.tensor([pi + ai])).logits[0, len(pi) - 1:-1].log_softmax(-1)
+            nll -= logp[range(len(ai)), ai].sum().item()
+            n += len(ai)
+    assert r["examples"] == 40 and r["score"] == -r["loss"] and r["loss"] == pytest.approx(nll / n, rel=1e-5)
+    with pytest.raises(WeightlockError, match="prompt/completion task"):
+        get_task("prose-loglik")
+    with pytest.raises(WeightlockError, match="unknown task"):
+        get_task("chess-loglik")
+
+
 def test_jsonl_user_task(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": f"q{i}?", "completion": f" a{i}"}) for i in range(300)))
@@ -226,13 +251,13 @@ def test_run_attack_end_to_end_with_reference(tiny_model_dir, tmp_path):
     r = run_attack(model, "prose", "full", tmp_path / "run", reference=model, steps=4, batch_size=4, block_size=64,
                    train_tokens=20000, score_every=2)
     assert r["gain_ratio"] == pytest.approx(1.0, abs=1e-6), "same model, same seed: the same gain"
-    assert r["locked"]["gain"] > 0, "fine-tuning on prose lowers prose loss"
-    c = r["locked"]["cost"]
+    assert r["target"]["gain"] > 0, "fine-tuning on prose lowers prose loss"
+    c = r["target"]["cost"]
     assert c["saved_activation_bytes_per_step"] > 0 and c["step_time_s"] > 0 and c["flops_estimate"] > 0
     # torch's FLOP counter agrees with 6·N·tokens to within the embedding lookups it does not count
     assert 0.3 < c["flops_counted"] / c["flops_estimate"] < 1.2
-    curve = r["locked"]["score_curve"]
-    assert curve[0] == [0, r["locked"]["before"]["score"]] and curve[-1] == [4, r["locked"]["after"]["score"]]
+    curve = r["target"]["score_curve"]
+    assert curve[0] == [0, r["target"]["before"]["score"]] and curve[-1] == [4, r["target"]["after"]["score"]]
     assert (tmp_path / "run" / "result.json").exists()
     assert [p[0] for p in curve] == [0, 2, 4]
     again = run_attack(model, "prose", "full", tmp_path / "run", reference=model, steps=4)
@@ -247,7 +272,7 @@ def test_attack_cost_curve_and_patience(tiny_model_dir, tmp_path):
     """Every scored point carries its cumulative cost; patience stops a run whose score stops improving."""
     model, _ = tiny_model_dir
     r = run_attack(model, "prose", "full", steps=6, batch_size=4, block_size=64, train_tokens=20000,
-                   score_every=2)["locked"]
+                   score_every=2)["target"]
     curve = r["cost_curve"]
     assert [p["step"] for p in curve] == [0, 2, 4, 6] and not r["stopped_early"]
     assert curve[0] == {"step": 0, "tokens": 0, "seconds": 0.0, "flops": 0.0, "score": r["before"]["score"]}
@@ -259,7 +284,7 @@ def test_attack_cost_curve_and_patience(tiny_model_dir, tmp_path):
     assert curve[-1]["seconds"] == pytest.approx(r["cost"]["train_seconds"] + r["cost"]["prepare_seconds"])
     # lr 1e-9 leaves the score where it is: patience 2 stops after two scores without improvement
     r = run_attack(model, "prose", "full", steps=40, lr=1e-9, batch_size=4, block_size=64, train_tokens=20000,
-                   score_every=2, patience=2, min_delta=1e-3)["locked"]
+                   score_every=2, patience=2, min_delta=1e-3)["target"]
     assert r["stopped_early"] and [p["step"] for p in r["cost_curve"]] == [0, 2, 4]
     with pytest.raises(WeightlockError, match="patience needs a score"):
         make_attack("full", patience=3)
@@ -270,9 +295,9 @@ def test_eval_tokens_bounds_the_score_and_capability_data(tiny_model_dir):
     hold one block."""
     model, _ = tiny_model_dir
     small = run_attack(model, "prose", "full", steps=1, batch_size=2, block_size=64, train_tokens=2000,
-                       eval_tokens=256)["locked"]
+                       eval_tokens=256)["target"]
     assert small["before"]["tokens"] == 256 and small["after"]["tokens"] == 256
-    default = run_attack(model, "prose", "full", steps=1, batch_size=2, block_size=64, train_tokens=2000)["locked"]
+    default = run_attack(model, "prose", "full", steps=1, batch_size=2, block_size=64, train_tokens=2000)["target"]
     assert default["before"]["tokens"] > 256
     with pytest.raises(WeightlockError, match="eval_tokens .* must hold one block of 128 tokens"):
         make_attack("full", eval_tokens=64)
@@ -282,7 +307,7 @@ def test_reverse_distill_curve_starts_with_its_own_cost(tiny_locked_dir):
     """The distillation is part of the attacker's bill: the curve's second point is the distilled dense
     model, at the distillation's time and FLOPs, before any fine-tuning step."""
     r = run_attack(tiny_locked_dir, "prose", "reverse-distill", steps=2, batch_size=4, block_size=64,
-                   train_tokens=20000, score_every=1, distill_steps=5, distill_tokens=2048)["locked"]
+                   train_tokens=20000, score_every=1, distill_steps=5, distill_tokens=2048)["target"]
     c = r["cost_curve"]
     assert [p["step"] for p in c] == [0, 0, 1, 2]
     assert c[1]["seconds"] >= r["reverse_distill"]["seconds"] > 0

@@ -1,5 +1,7 @@
 import json
+import math
 import re
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -55,6 +57,13 @@ def test_demo_quick_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "tiny"
+    # issue 24: `demo --quick` is `run demo-quick` now; the same summary fields as the demo before it
+    # (tests/fixtures/demo_quick_fields.json, from `demo --quick` before the change), every row from a record
+    fields = json.loads((Path(__file__).parent / "fixtures" / "demo_quick_fields.json").read_text())
+    assert set(summary) == set(fields["summary"]) and set(summary["plan"]) == set(fields["plan"])
+    assert all(set(r) == set(fields["row"]) for r in summary["attacks"])
+    assert json.loads((out / "spec.json").read_text())["name"] == "demo-quick"
+    assert len(list((out / "attacks").rglob("record.json"))) == len(summary["attacks"])
     cap = summary["capability"]
     assert set(cap) == {"reference", "dlr", "pmp"} and all(v["code"] > 1 for v in cap.values())
     # the locked model is evaluated with its DLR-Nets (not a plain load with re-initialised MLPs)
@@ -63,7 +72,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert {(r["defense"], r["attack"]) for r in rows} >= {
         ("dlr", "full"), ("dlr", "lora"), ("dlr", "checkpointing"), ("dlr", "reverse-distill"),
         ("pmp", "full"), ("pmp", "lora"), ("pmp", "mask-recover"), ("pmp", "masked (authorized)")}
-    assert {r["task"] for r in rows} == {"prose", "recall"}
+    assert {r["task"] for r in rows} == {"prose", "recall-loglik"}
+    # issue 23: every attack moves every task's score within the quick budget (recall scored by its answers'
+    # likelihood: its greedy exact match stayed 0 → 0 in 6 steps, so every recall gain was 0 and showed n/a)
+    for a in rows:
+        assert math.isfinite(a["gain"]) and a["gain"] != 0 and a["gain_ratio"] is not None, a
+    assert "no measurable reference gain" not in " ".join(summary["verdicts"].values())
     full = next(r for r in rows if r["defense"] == "dlr" and r["attack"] == "full" and r["task"] == "prose")
     assert full["memory_ratio"] > 1.2  # the locked model stores every DLR block's activations
     assert full["peak_delta_bytes"] > 0 and full["peak_ratio"] is not None  # each run's own peak
@@ -74,7 +88,7 @@ def test_demo_quick_end_to_end(tmp_path):
     for a in rows:
         assert a["fits_memory"] == (a["training_memory_bytes"] <= summary["training_memory"]["budget_bytes"][a["task"]])
     pmp = {(r["attack"], r["task"]): r for r in rows if r["defense"] == "pmp"}
-    for task in ("prose", "recall"):
+    for task in ("prose", "recall-loglik"):
         assert pmp["full", task]["training_memory_ratio"] == 1.0 and pmp["full", task]["fits_memory"]
         assert pmp["mask-recover", task]["fits_memory"]
     assert full["fits_memory"] is False

@@ -312,7 +312,7 @@ def test_memory_fit_on_the_tiny_preset_pmp_fits_exactly_dlr_full_does_not(tmp_pa
     kw = dict(steps=1, batch_size=2, block_size=64, train_tokens=2000, eval_tokens=64)
 
     def cost(model, attack, **options):
-        c = run_attack(model, "prose", attack, **kw, **options)["locked"]["cost"]
+        c = run_attack(model, "prose", attack, **kw, **options)["target"]["cost"]
         parts = c["training_memory"]
         assert c["training_memory_bytes"] == sum(parts[k] for k in ("param_bytes", "grad_bytes",
                                                                      "optimizer_state_bytes", "saved_activation_bytes"))
@@ -329,7 +329,7 @@ def test_memory_fit_on_the_tiny_preset_pmp_fits_exactly_dlr_full_does_not(tmp_pa
 
 
 def _record(score_curve_gains, dt, memory, peak, params=1000):
-    """A synthetic attack run record (``run_attack``'s ``locked``) for the demo's rows."""
+    """A synthetic attack run (``run_attack``'s ``target``) for the demo's rows."""
     pts = _pts([0.0, *score_curve_gains], dt=dt)
     return {"before": {"score": 0.0}, "after": {"score": pts[-1]["score"]}, "gain": pts[-1]["score"],
             "capability_ppl_before": 10.0, "capability_ppl_after": 10.0, "parameters": params,
@@ -359,7 +359,13 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
             ("dlr", "lora", "prose"): _record([0.1, 0.1], 1.0, budget * 3, peak=1)}
     references = {("reference", "full"): None, ("pmp", "full"): "full", ("pmp", "lora"): "full",
                   ("dlr", "full"): "full", ("dlr", "checkpointing"): "full", ("dlr", "lora"): "full"}
-    rows = _attack_rows(runs, references, DemoPlan(attack_steps=3))
+    from weightlock.experiments.records import AttackRun
+
+    # the demo's rows read only typed records (one per run; a sweep would give several)
+    records = {k: [AttackRun.from_run(r, attack=k[1], task=k[2], defense=k[0], config={"lr": 1e-3})]
+               for k, r in runs.items()}
+    rows, sweep = _attack_rows(records, references, DemoPlan(attack_steps=3))
+    assert sweep == []
     summary = {"attacks": rows, "training_memory": training_memory_summary(rows)}
     assert summary["training_memory"]["budget_bytes"] == {"prose": budget}
     assert summary["training_memory"]["basis"] == "counted"
@@ -470,3 +476,90 @@ def test_bench_cost_to_target_budget_is_counted_training_memory_not_the_rss_peak
     by = {a["defense"]: a for a in bench.analyse(rows, ["pmp", "dlr"], ["prose"])}
     assert by["pmp"]["memory_basis"] == "unknown" and by["pmp"]["memory_budget_bytes"] is None
     assert by["pmp"]["seconds_memory_budget"]["multiplier"] is None
+
+
+def _bench_cost_to_target():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_cost_to_target", Path(__file__).resolve().parents[1] / "bench" / "cost_to_target.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_recount_is_the_training_memory_a_real_attack_run_counts(tiny_model_dir, tiny_locked_dir):
+    """bench/cost_to_target.py's recount (a row recorded before weightlock counted training memory, its run
+    directory gone): the run's model rebuilt with random weights and nothing distilled, set up by the attack's
+    own preparation, counted with the run's saved-activation bytes — exactly the bytes and parts a real run of
+    the attack records: full fine-tuning and LoRA (every linear map) on the original; on the tiny lock full
+    fine-tuning, LoRA through the DLR factors, frozen DLR-Nets, per-DLR-Net checkpointing and reverse
+    distillation (its dense student). A recorded count that the recount does not reproduce is an error."""
+    from weightlock.attacks import run_attack
+    from weightlock.eval.cost_to_target import run_training_memory
+    from weightlock.schema import target_run
+
+    bench = _bench_cost_to_target()
+    original, _ = tiny_model_dir
+    kw = dict(steps=1, batch_size=2, block_size=64, train_tokens=2000, eval_tokens=64)
+    cases = [("original", original, "full", {}), ("original", original, "lora", {"targets": "all-linear"}),
+             ("dlr-8", tiny_locked_dir, "full", {}), ("dlr-8", tiny_locked_dir, "lora", {"targets": "all-linear"}),
+             ("dlr-8", tiny_locked_dir, "freeze", {"train": "non-mlp"}),
+             ("dlr-8", tiny_locked_dir, "full", {"checkpointing": "dlr"}),
+             ("dlr-8", tiny_locked_dir, "reverse-distill", {"distill_steps": 2, "distill_tokens": 256})]
+    rows, runs = [], []
+    for key, model, attack, options in cases:
+        r = target_run(run_attack(model, "prose", attack, **kw, **options))
+        runs.append(r)
+        # a row as the bench recorded it before the count: the run's saved-activation bytes, no training memory
+        rows.append({"model": key, "task": "prose", "label": f"{attack}-{options}", "attack": attack,
+                     "options": {**kw, **options}, "dir": "gone",
+                     "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"]})
+    # the tiny lock fixture is today's lock at rank 8 (default settings): no lock settings to restore
+    recounted, how = bench.with_training_memory(rows, preset="tiny", lock_settings={})
+    assert how["rows"] == len(cases) and how["how"] == bench.RECOUNT_HOW
+    assert how["models"]["dlr-8"]["parameters"] == runs[2]["parameters"]
+    for row, r in zip(recounted, runs):
+        m, cost = row["training_memory"], r["cost"]
+        assert m["counted"] == cost["training_memory_bytes"], row["label"]
+        assert m["parts"] == cost["training_memory"], row["label"]
+        assert m["estimated"] == run_training_memory(r)["estimated"] and m["how"] == "recounted"
+    counted = {row["label"]: row["training_memory"]["counted"] for row in recounted}
+    assert counted["freeze-{'train': 'non-mlp'}"] < counted["full-{}"]  # the trainable set matters
+    # rows with their runs' own counts: recounting them all reproduces every one; a wrong one is caught
+    measured = [{**row, "training_memory": run_training_memory(r)} for row, r in zip(rows, runs)]
+    again, _ = bench.with_training_memory(measured, preset="tiny", lock_settings={}, recount_all=True)
+    assert [a["training_memory"]["counted"] for a in again] == [r["cost"]["training_memory_bytes"] for r in runs]
+    measured[4] = {**measured[4], "training_memory": {"counted": 1, "estimated": None}}
+    with pytest.raises(RuntimeError, match="recounted"):
+        bench.with_training_memory(measured, preset="tiny", lock_settings={}, recount_all=True)
+
+
+def test_bench_reanalyse_recounts_rows_without_training_memory_instead_of_unknown():
+    """--reanalyse on a JSON whose rows predate the training-memory count (saved-activation bytes only, run
+    directories gone): the rows are counted again from their rebuilt architectures, so the analysis has a
+    counted memory budget and a within-memory multiplier (it used to say "unknown" and n/a); the recount is
+    recorded. The DLR lock's full fine-tune (more saved activations) does not fit; frozen DLR-Nets do."""
+    bench = _bench_cost_to_target()
+
+    def row(model, label, attack, options, scores, dt, saved):
+        return {"model": model, "task": "prose", "label": label, "attack": attack, "options": options,
+                "cost_curve": _pts(scores, dt=dt), "peak_delta_bytes": 1, "saved_activation_bytes": saved,
+                "dir": "runs/bench/gone"}
+
+    rows = [row("original", "full", "full", {}, [0, 0.5, 1.0], 1.0, 10_000),
+            row("dlr-8", "full", "full", {}, [0, 0.5, 1.0], 1.0, 30_000),
+            row("dlr-8", "freeze-dlr", "freeze", {"train": "non-mlp"}, [0, 0.5, 1.0], 3.0, 8_000)]
+    d = {"models": {"original": "runs/bench/base", "dlr-8": "runs/bench/locked-r8"}, "preset": "tiny",
+         "lock_settings": {}, "analysis": [{"task": "prose", "defense": "dlr-8"}], "runs": rows}
+    assert bench.analyse(rows, ["dlr-8"], ["prose"])[0]["memory_basis"] == "unknown"  # the rows alone
+    new = bench.reanalyse(d, ["prose"], command="python bench/cost_to_target.py --reanalyse")
+    a = new["analysis"][0]
+    assert a["memory_basis"] == "counted" and a["memory_budget_bytes"] == new["runs"][0]["training_memory"]["counted"]
+    assert a["seconds_memory_budget"]["locked"]["full"] == "over memory budget"
+    assert a["seconds_memory_budget"]["multiplier"] == pytest.approx(3.0)  # frozen DLR-Nets fit
+    assert a["seconds_any_memory"]["multiplier"] == pytest.approx(1.0)
+    assert new["memory_recounted"]["rows"] == 3 and new["memory_recounted"]["command"].endswith("--reanalyse")
+    assert all(r["training_memory"]["how"] == "recounted" for r in new["runs"])
+    assert "training_memory" not in rows[0]  # the record passed in is left as it was

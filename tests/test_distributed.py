@@ -98,8 +98,8 @@ def test_attack_two_processes_record_the_one_process_result(tiny_model_dir, tmp_
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert (p.stdout + p.stderr).count("best gain") == 1, p.stderr[-3000:]  # one summary line: the main process
-    one = json.loads(next((tmp_path / "one").rglob("result.json")).read_text())["locked"]
-    two = json.loads(next((tmp_path / "two").rglob("result.json")).read_text())["locked"]
+    one = json.loads(next((tmp_path / "one").rglob("result.json")).read_text())["target"]
+    two = json.loads(next((tmp_path / "two").rglob("result.json")).read_text())["target"]
     assert two["cost"]["flops_counted"] == pytest.approx(one["cost"]["flops_counted"], rel=1e-6)
     assert two["cost"]["flops_estimate"] == pytest.approx(one["cost"]["flops_estimate"], rel=1e-6)
     assert [p["tokens"] for p in two["cost_curve"]] == [p["tokens"] for p in one["cost_curve"]]

@@ -30,7 +30,7 @@ def test_locked_full_finetune_peaks_above_the_reference(tiny_model_dir, tiny_loc
     # the locked model runs first: with the process's all-time high the reference would report at least as much
     r = run_attack(tiny_locked_dir, "prose", "full", reference=tiny_model_dir[0], steps=2, batch_size=16,
                    block_size=128, train_tokens=40_000, warmup_steps=1)
-    locked, ref = r["locked"]["cost"], r["reference_run"]["cost"]
+    locked, ref = r["target"]["cost"], r["reference_run"]["cost"]
     assert locked["saved_activation_bytes_per_step"] > 1.3 * ref["saved_activation_bytes_per_step"]
     assert locked["peak_rss_delta_bytes"] > ref["peak_rss_delta_bytes"]
     assert locked["peak_rss_bytes"] > ref["peak_rss_bytes"]
@@ -52,7 +52,7 @@ def test_flops_count_forward_and_backward(locked):
 
 def test_end_to_end_flops_match_the_analytic_estimate(tiny_model_dir):
     r = run_attack(tiny_model_dir[0], "prose", "full", steps=2, batch_size=4, block_size=64, train_tokens=20000)
-    c = r["locked"]["cost"]
+    c = r["target"]["cost"]
     assert 0.8 < c["flops_counted"] / c["flops_estimate"] < 1.2
 
 

@@ -86,7 +86,9 @@ def test_cli_plan_on_config_json(tmp_path, monkeypatch):
     cfg = LlamaConfig(**SHAPES[0][0]).to_dict()
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    monkeypatch.setattr(P, "ELEM_SIZES", (2 ** 12, 2 ** 16))  # a quick calibration
+    monkeypatch.setattr(P.pricer, "ELEM_SIZES", (2 ** 12, 2 ** 16))  # a quick calibration
+    mallopt_calls = []  # the process-wide allocator setting is opt-in: a plain plan never applies it
+    monkeypatch.setattr(P.pricer, "keep_freed_memory", lambda: mallopt_calls.append(1) or True)
     res = CliRunner().invoke(app, ["plan", "--model", str(path), "--rank", "8", "--tokens-per-step", "64",
                                    "--seq-len", "32", "--dtype", "float32", "--json"])
     assert res.exit_code == 0, res.output
@@ -102,6 +104,34 @@ def test_cli_plan_on_config_json(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["plan", "--model", str(path), "--rank", "8", "--tokens-per-step", "64",
                                    "--seq-len", "32", "--dtype", "float32"])
     assert res.exit_code == 0 and "locked" in res.output and "checkpointing per DLR-Net" in res.output
+    assert mallopt_calls == [] and out["calibration"]["keep_freed_memory"] is False
+
+
+def test_meta_forward_overrides_are_scoped_and_library_code_has_no_mock_patch():
+    """The planner's meta-device forward passes swap two functions (transformers' packed-sequence check, torch's
+    attention) for the ``with`` block only, explicitly, restoring them on an error too; no library module
+    patches with unittest.mock."""
+    import importlib
+    from pathlib import Path
+
+    from transformers import masking_utils
+
+    trace = importlib.import_module("weightlock.eval.plan.trace")
+    check, sdpa = masking_utils.find_packed_sequence_indices, torch.nn.functional.scaled_dot_product_attention
+    with pytest.raises(RuntimeError, match="inside"):
+        with trace._meta_safe(), trace._sdpa_as_cpu_flash():
+            assert masking_utils.find_packed_sequence_indices(torch.zeros(1, 3, device="meta")) is None
+            assert torch.nn.functional.scaled_dot_product_attention is not sdpa
+            raise RuntimeError("inside")
+    assert masking_utils.find_packed_sequence_indices is check
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa
+    with pytest.raises(AttributeError, match="no attribute"):
+        with trace._attribute_set(masking_utils, "no_such_function", None):
+            pass
+    src = Path(P.__file__).resolve().parents[2]
+    offenders = [str(f.relative_to(src)) for f in src.rglob("*.py")
+                 if "unittest import mock" in f.read_text() or "mock.patch" in f.read_text()]
+    assert offenders == []
 
 
 def test_replay_signatures_keep_layout_and_shrink_consistently():
@@ -110,22 +140,22 @@ def test_replay_signatures_keep_layout_and_shrink_consistently():
     a = torch.empty(64, 32, device="meta")
     w = torch.empty(48, 32, device="meta").t()  # a transposed weight, as nn.Linear's forward passes it
     mm = torch.ops.aten.mm.default
-    assert P._sig_key((mm, (a, w), {})) != P._sig_key((mm, (a, w.contiguous()), {}))
-    real = P._materialize(w, torch.device("cpu"))
+    assert P.sig_key((mm, (a, w), {})) != P.sig_key((mm, (a, w.contiguous()), {}))
+    real = P.materialize(w, torch.device("cpu"))
     assert real.shape == w.shape and real.stride() == w.stride()
-    big = P._materialize(w, torch.device("cpu"), (32, 24))
+    big = P.materialize(w, torch.device("cpu"), (32, 24))
     assert big.shape == (32, 24) and big.stride() == (1, 32)  # still column-major
-    ex = P._materialize(torch.empty(8, device="meta").expand(4, 8), torch.device("cpu"))
+    ex = P.materialize(torch.empty(8, device="meta").expand(4, 8), torch.device("cpu"))
     assert ex.stride() == (0, 1)
-    args, _, scale = P._shrunk((mm, (a, w), {}), 2 * 64 * 32 * 48 / 4, "mm")
+    args, _, scale = P.shrunk((mm, (a, w), {}), 2 * 64 * 32 * 48 / 4, "mm")
     shapes = [x.shape for x in args]
     assert shapes[0][1] == shapes[1][0] and scale == pytest.approx(2 * 64 * 32 * 48 / (
         2 * shapes[0][0] * shapes[0][1] * shapes[1][1]))
     x = torch.empty(8, 16, 32, device="meta")
-    args, _, scale = P._shrunk((torch.ops.aten.add.Tensor, (x, x), {}), 2 * x.numel() * 4 / 4, "elementwise")
+    args, _, scale = P.shrunk((torch.ops.aten.add.Tensor, (x, x), {}), 2 * x.numel() * 4 / 4, "elementwise")
     assert args[0].shape == args[1].shape == (2, 16, 32) and scale == 4
     # the trace keeps views (a call's cost, no kernel) apart from computing ops
-    ops = P._probe_trace(P._probe_model(width=8, depth=2).to("meta"),
+    ops = P.probe_trace(P.probe_model(width=8, depth=2).to("meta"),
                          torch.empty(2, 8, device="meta", requires_grad=True))
     kinds = {o[0] for o in ops}
     assert {"mm", "elementwise", "view"} <= kinds

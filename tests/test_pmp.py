@@ -144,7 +144,7 @@ def test_pmp_pretraining_release_has_no_secrets(tmp_path, tokenizer):
 
     r = run_attack(release, "prose", "masked", tmp_path / "masked", reference=release, steps=2, batch_size=4,
                    block_size=64, train_tokens=20000, mask=str(private / "mask.safetensors"))
-    assert r["reference_attack"] == "full" and r["locked"]["trainable_parameters"] > 0
+    assert r["reference_attack"] == "full" and r["target"]["trainable_parameters"] > 0
     with pytest.raises(WeightlockError, match="is not the mask of"):  # another run's mask: refused
         run_attack(release, "prose", "masked", steps=1, batch_size=4, block_size=64, train_tokens=20000,
                    mask=str(tmp_path / "other.safetensors"))
@@ -199,7 +199,7 @@ def test_mask_recover_attack_fine_tunes_guessed_entries(tmp_path, tiny_model_dir
     model, _ = tiny_model_dir
     r = run_attack(model, "prose", "mask-recover", tmp_path / "mr", steps=2, batch_size=4, block_size=64,
                    train_tokens=20000, method="magnitude", mask_ratio=0.2)
-    assert r["locked"]["recovered_mask_density"] == pytest.approx(0.2, abs=1e-3)
+    assert r["target"]["recovered_mask_density"] == pytest.approx(0.2, abs=1e-3)
     with pytest.raises(WeightlockError, match="unknown mask-recovery method"):
         run_attack(model, "prose", "mask-recover", method="psychic", steps=1)
 

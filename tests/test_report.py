@@ -1,4 +1,5 @@
 """`weightlock report`: figures and documents from recorded JSON only, local files only, renders headless."""
+import json
 import re
 import shutil
 import subprocess
@@ -7,6 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from weightlock import report as R
+from weightlock import schema
 from weightlock.cli import app
 from weightlock.errors import WeightlockError
 from weightlock.report import FIGURES, build_report, collect
@@ -16,10 +19,41 @@ runner = CliRunner()
 
 
 def test_collect_recognises_every_kind_by_content():
-    found = collect([FIX])
-    assert set(found) == {"demo", "attacks", "memory", "frontier", "pmp_sweep", "recovery", "fidelity", "real_model",
-                          "cost_to_target", "regime", "real_attacks", "error_budget"}
-    assert all(len(v) == (2 if k == "real_model" else 1) for k, v in found.items())  # unrelated.json is ignored
+    skipped = []
+    found = collect([FIX], skipped)
+    assert set(found) == {schema.DEMO, schema.ATTACK_CURVES, schema.MEMORY_VS_DEPTH, schema.MEMORY_TIME_FRONTIER,
+                          schema.PMP_GAIN_VS_RATIO, schema.MASK_RECOVERY, schema.LOCK_FIDELITY, schema.REAL_LOCK,
+                          schema.LOCK_COST, schema.LOCK_REGIME, schema.REAL_ATTACKS, schema.ERROR_BUDGET}
+    assert all(len(v) == (2 if k == schema.REAL_LOCK else 1) for k, v in found.items())
+    assert skipped == []  # unrelated.json is no weightlock record: passed over, not listed
+
+
+def test_a_known_kind_is_read_under_any_file_name_and_an_unknown_kind_is_listed_as_skipped(tmp_path):
+    """The report finds records by their kind (the library's registry of record kinds), not by a bench script's
+    file name: a lock-cost record called anything is drawn, a record of a kind no reader knows is listed."""
+    shutil.copy(FIX / "bench" / "cost_to_target.json", tmp_path / "whatever-i-called-it.json")
+    d = json.loads((FIX / "bench" / "dlr_memory.json").read_text())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.json").write_text(json.dumps(schema.stamp(schema.MEMORY_VS_DEPTH, d)))
+    (tmp_path / "sub" / "new.json").write_text(json.dumps(schema.stamp("bench.something_new", {"x": 1})))
+    skipped = []
+    found = collect([tmp_path], skipped)
+    assert {k: [f.name for f, _ in v] for k, v in found.items()} == {
+        schema.LOCK_COST: ["whatever-i-called-it.json"], schema.MEMORY_VS_DEPTH: ["m.json"]}
+    new = tmp_path / "sub" / "new.json"
+    assert skipped == [f"{new}: record kind 'bench.something_new' is not drawn by this report"]
+    md = build_report([tmp_path], tmp_path / "rep").with_name("README.md").read_text()
+    assert "![Gain vs the attacker's cost, locked vs unlocked](cost_curves.png)" in md
+    assert "## Skipped records" in md and "- " + skipped[0] in md
+
+
+def test_every_kind_the_report_draws_is_a_registered_record_kind():
+    assert set(R.DRAWN) <= set(schema.RECORD_KINDS)
+    assert {name for name, *_ in FIGURES} == set(R.FIGURE_KINDS)
+    assert schema.record_kind({"kind": "bench.real_model_anything", "schema_version": 1}) == schema.REAL_LOCK
+    assert schema.record_kind({"kind": "bench.cost_to_target", "schema_version": 1}) == schema.LOCK_COST
+    with pytest.raises(WeightlockError, match="already registered"):
+        schema.register_kind(schema.RecordKind(schema.LOCK_COST, "a duplicate"))
 
 
 def test_report_from_fixture_json_has_every_figure_and_local_references_only(tmp_path):
@@ -138,8 +172,8 @@ def test_figures_draw_each_series_once_and_no_invented_lines():
     from weightlock import report as R
 
     errs = [0.1, 0.2, 0.3]
-    found = {"fidelity": [(None, {"ranks": [{"rank": 8, "layer_rel_error": errs}]})],
-             "demo": [(None, {"layer_rel_error": list(errs)})]}
+    found = {schema.LOCK_FIDELITY: [(None, {"ranks": [{"rank": 8, "layer_rel_error": errs}]})],
+             schema.DEMO: [(None, {"layer_rel_error": list(errs)})]}
     assert R._layer_errors(found) == [("bench rank 8", errs)]
     fig, ax = plt.subplots()
     rows = [{"ratio": 0.3, "task": "prose", "method": "full", "gain": 0.5},

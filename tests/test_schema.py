@@ -30,7 +30,7 @@ def test_report_dispatches_on_recorded_kind_not_on_fields(tmp_path):
     shutil.copy(FIX / "bench" / "frontier.json", tmp_path / "frontier.json")
     found = collect([tmp_path])
     assert {k: [f.parent.name for f, _ in v] for k, v in found.items()} == {
-        "demo": ["a"], "memory": ["b"], "frontier": [tmp_path.name]}
+        schema.DEMO: ["a"], schema.MEMORY_VS_DEPTH: ["b"], schema.MEMORY_TIME_FRONTIER: [tmp_path.name]}
     index = build_report([tmp_path], tmp_path / "rep")
     assert (index.parent / "curves.png").exists() and (index.parent / "memory_vs_depth.png").exists()
 

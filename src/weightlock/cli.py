@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from . import __version__
 from .attacks import AttackConfig
+from .cli_options import config_options
 from .config import default
 from .dlr.distill import LockConfig
 from .errors import ManifestMismatch, WeightlockError
@@ -49,7 +51,10 @@ _KEPT = {
     "lock_cmd": ("the captured activations, every finished layer and the refinement checkpoint are kept in "
                  "--out/.weightlock-work", "same"),
     "attack": ("every finished run in --out is kept (it is skipped when rerun)", "same"),
+    "defend": ("what the defense keeps in --out is kept (dlr: every finished layer, resumed by the same command; "
+               "pmp: the last checkpoint, continued with --resume)", "same"),
     "demo": ("every finished stage in --out is kept", "same"),
+    "run_cmd": ("every finished stage and attack run in --out is kept (finished runs are skipped)", "same"),
     "report": ("nothing was written", "same"),
 }
 
@@ -118,19 +123,9 @@ def pretrain(
     """Pretrain a Llama-architecture causal LM from scratch."""
     from dataclasses import replace
 
-    from .config import merge
-    from .io import read_json
-    from .train.pretrain import default_config
-
     if method not in ("dense", "pmp"):
         raise WeightlockError(f"unknown method {method!r}; available: dense, pmp")
-    cfg = default_config(preset)
-    if config is not None:
-        override = read_json(config)
-        if not isinstance(override, dict):
-            raise WeightlockError(f"{config}: expected a JSON object of PretrainConfig fields")
-        cfg = PretrainConfig.from_dict(merge(cfg.to_dict(), override))  # deep: {"train": {"lr": ..}} keeps the rest
-    cfg.data = data
+    cfg = _pretrain_config(preset, config, data)
     for name, value in dict(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed).items():
         if value is not None:
             setattr(cfg.train, name, value)
@@ -142,12 +137,16 @@ def pretrain(
                  num_attention_heads=heads)
     if any(v is not None for v in shape.values()):
         cfg.model = replace(cfg.model_config(), **{k: v for k, v in shape.items() if v is not None})
-    if method == "pmp":
-        from .pmp import PMPConfig, pretrain_pmp
+    if method == "pmp":  # the registered defense pmp, as `weightlock defend pmp --set KEY=VALUE`
+        from .io import read_json
+        from .pmp.train import SUMMARY_FILE
 
         pmp = PMPConfig.paper(mask_ratio) if pmp_variant == "paper" else PMPConfig(mask_ratio=mask_ratio,
                                                                                    variant=pmp_variant)
-        r = pretrain_pmp(cfg, pmp, out, overwrite=overwrite, resume=resume)  # resume: the saved settings win
+        build_defense("pmp", pmp, cfg, out, overwrite=overwrite, resume=resume)  # resume: the saved settings win
+        if not (out / SUMMARY_FILE).exists():
+            return  # not the process that writes the outputs
+        r = read_json(out / SUMMARY_FILE)
         console.print(f"[green]saved[/] {r['release']} (publish this) and {r['private']} (keep this secret): "
                       f"mask density {r['density']:.3f}, early-bird after {r['discovery']['steps']} steps, "
                       f"val ppl {r['val_ppl']:.2f}")
@@ -263,65 +262,27 @@ def data_info() -> None:
 
 @app.command("lock")
 @user_errors
+@config_options(LockConfig)
 def lock_cmd(
-    model: Path = typer.Option(..., help="Hugging Face model directory to lock."),
+    model: Path = typer.Option(..., help="Hugging Face model directory (or .gguf file) to lock."),
     out: Path = typer.Option(..., help="Output directory of the locked release."),
-    rank: int = typer.Option(default(LockConfig, "rank"), help="Rank r of every DLR block."),
-    depth: Optional[int] = typer.Option(None, help="Blocks per DLR-Net (default: match the MLP's parameter count)."),
-    data: Optional[str] = typer.Option(None, help="Calibration data (default: the model's training data)."),
-    calib_tokens: int = typer.Option(default(LockConfig, "calib_tokens"), help="Calibration tokens."),
-    steps: int = typer.Option(default(LockConfig, "steps"), help="Distillation steps per layer."),
-    batch_tokens: int = typer.Option(default(LockConfig, "batch_tokens"), help="Tokens per distillation step."),
-    lr: float = typer.Option(default(LockConfig, "lr"), help="Distillation learning rate."),
-    activation: str = typer.Option(default(LockConfig, "activation"), help="gelu, relu, silu or tanh."),
-    norm: bool = typer.Option(default(LockConfig, "norm"), help="Per-block RMSNorm."),
-    init: str = typer.Option(default(LockConfig, "init"),
-                             help="zero (U starts at 0) or mlp (plain MLPs: blocks start as slices of the MLP)."),
-    readout: float = typer.Option(default(LockConfig, "readout"), help="Read-out scale s: DLR(u) = s·(z_L − z_0); "
-                                  "with --init mlp, 16 reaches ~10× lower error (see README)."),
-    mode: str = typer.Option(default(LockConfig, "mode"), help="parallel (layers independent) or sequential."),
-    refine_steps: int = typer.Option(default(LockConfig, "refine_steps"), help="End-to-end refinement steps after "
-                                     "distillation (KL to logits; hidden states for encoders)."),
-    refine_lr: float = typer.Option(default(LockConfig, "refine_lr"), help="Refinement learning rate."),
-    refine_batch: int = typer.Option(default(LockConfig, "refine_batch"), help="Sequences per refinement step."),
-    target_kl: Optional[float] = typer.Option(None, help="Stop refining once the held-out KL to the original is at "
-                                              "most this."),
-    layers: Optional[str] = typer.Option(None, help="Lock only these MLPs: ids and ranges such as 0,3,5-9, or "
-                                         "'auto': the most that keep --max-ppl-ratio (default: all); the release "
-                                         "records which."),
-    max_ppl_ratio: float = typer.Option(default(LockConfig, "max_ppl_ratio"), help="With --layers auto: the "
-                                        "held-out perplexity ratio the chosen layers must keep."),
-    sink: bool = typer.Option(default(LockConfig, "sink"), help="Give every DLR-Net a gated sink component for "
-                              "massive-activation tokens (the attention sink), fitted in closed form."),
+    settings: Optional[dict] = None,  # one option per LockConfig field, its help from the field's metadata
     keep_work: bool = typer.Option(False, help="Keep --out/.weightlock-work (captures and fitted layers) after "
                                    "the release is written."),
-    max_rel_error: str = typer.Option(str(default(LockConfig, "max_rel_error")), help="Fail the lock if a layer's "
-                                      "held-out relative error is above this or not finite (1 = the net outputs "
-                                      "nothing); 'none' accepts any."),
-    loss: str = typer.Option(default(LockConfig, "loss"), help="Distillation loss: energy (‖f−y‖²/‖y‖² over the "
-                             "batch) or row (per token, floored at the median; real LLMs with massive activations)."),
-    grad_clip: float = typer.Option(default(LockConfig, "grad_clip"), help="Clip the distillation gradient "
-                                    "norm (0: off)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     restart: bool = typer.Option(False, help="Discard an interrupted lock's work in --out (made with other "
                                  "settings) instead of resuming it."),
 ) -> None:
-    """Lock a model: distil every MLP into a deep low-rank residual net (DLR-Lock)."""
-    from .dlr import lock
+    """Lock a model: distil every MLP into a deep low-rank residual net (DLR-Lock; the registered defense
+    `dlr`, as `weightlock defend dlr --set KEY=VALUE`)."""
+    from .io import read_json
 
-    try:
-        gate = None if max_rel_error.strip().lower() == "none" else float(max_rel_error)
-    except ValueError:
-        raise WeightlockError(f"--max-rel-error expects a number or 'none', got {max_rel_error!r}") from None
-    cfg = LockConfig(rank=rank, depth=depth, data=data, calib_tokens=calib_tokens, steps=steps,
-                     batch_tokens=batch_tokens, lr=lr, activation=activation, norm=norm, mode=mode, init=init,
-                     readout=readout, refine_steps=refine_steps, refine_lr=refine_lr, max_rel_error=gate,
-                     loss=loss, grad_clip=grad_clip, refine_batch=refine_batch, target_kl=target_kl, layers=layers,
-                     sink=sink, max_ppl_ratio=max_ppl_ratio)
-    r = lock(model, out, cfg, overwrite=overwrite, restart=restart, keep_work=keep_work)
-    if not r:
+    build_defense("dlr", LockConfig(**settings), model, out, overwrite=overwrite, restart=restart,
+                  keep_work=keep_work)
+    if not is_main_process():
         return  # a non-zero rank of a torchrun job
-    t = Table(title=f"DLR-Lock of {model} ({r['family']}), rank {rank}")
+    r = read_json(out / "lock_report.json")
+    t = Table(title=f"DLR-Lock of {model} ({r['family']}), rank {r['lock_config']['rank']}")
     for c in ("layer", "depth", "MLP params", "DLR params", "rel. error (tokens)", "rel. error (energy)",
               "sink error", "seconds"):
         t.add_column(c)
@@ -334,6 +295,93 @@ def lock_cmd(
     if r["ppl_before"] is not None:
         console.print(f"perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f} (ratio {r['ppl_ratio']:.4f}); "
                       f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}; saved {out}")
+
+
+def build_defense(name: str, cfg, source, out: Path, **options) -> Path:
+    """Build the registered defense ``name`` with its config ``cfg`` from ``source`` (a model directory, or a
+    PretrainConfig for a pretraining-time defense) into ``out``: the one path of ``defend``, ``lock`` and
+    ``pretrain --method pmp``. ``options``: the defense's run-time switches (``overwrite``, ``resume``...)."""
+    from .defenses import get_defense
+
+    return get_defense(name)(cfg).build(source, out, **options)
+
+
+@app.command()
+@user_errors
+def defend(
+    name: Optional[str] = typer.Argument(None, help="A registered defense (see --list)."),
+    option: list[str] = typer.Option([], "--set", help="A setting of the defense's config, KEY=VALUE (repeatable; "
+                                     "--list shows them with their defaults and help)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (or .gguf file) to defend, for a defense "
+                                         "applied to a finished model (e.g. dlr)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory of the build (a record of it is written "
+                                       "beside it, OUT.defense.json)."),
+    preset: str = typer.Option(default(PretrainConfig, "preset"), help="A defense applied at pretraining time "
+                               "(e.g. pmp): the model size preset it pretrains."),
+    data: str = typer.Option(default(PretrainConfig, "data"), help="A pretraining-time defense: its pretraining "
+                             "data."),
+    pretrain_config: Optional[Path] = typer.Option(None, help="A pretraining-time defense: JSON file with "
+                                                   "PretrainConfig fields, merged into the preset."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    resume: bool = typer.Option(False, help="Continue an interrupted build (defenses that can, e.g. pmp)."),
+    restart: bool = typer.Option(False, help="Discard an interrupted build's work made with other settings "
+                                 "(defenses that keep work, e.g. dlr)."),
+    keep_work: bool = typer.Option(False, help="Keep the build's work files (defenses that keep work, e.g. dlr)."),
+    list_: bool = typer.Option(False, "--list", help="List the registered defenses and their settings."),
+) -> None:
+    """Apply any registered defense (built-in or plug-in) with its config set by --set KEY=VALUE."""
+    import dataclasses
+
+    from .cli_options import parse_settings, type_label
+    from .defenses import DEFENSES, get_defense
+
+    if list_:
+        for n, cls in DEFENSES.items():
+            when = "at pretraining: --preset, --data" if cls.pretraining else "to a finished model: --model"
+            console.print(f"[bold]{n}[/] ({when}) — {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}",
+                          highlight=False, soft_wrap=True)
+            hints = typing.get_type_hints(cls.Config)
+            for f in dataclasses.fields(cls.Config):
+                d = default(cls.Config, f.name)
+                help_text = f.metadata.get("help", "")
+                console.print(f"    {f.name}: {type_label(hints[f.name])} = {d!r}" + (f" — {help_text}" if help_text
+                              else ""), highlight=False, soft_wrap=True, markup=False)
+        return
+    if name is None or out is None:
+        raise WeightlockError("give a defense NAME and --out (or --list)")
+    cls = get_defense(name)
+    cfg = cls.Config(**parse_settings(cls.Config, option, f"defense {name!r}"))
+    switches = {"overwrite": overwrite, "resume": resume, "restart": restart, "keep_work": keep_work}
+    options = {k: v for k, v in switches.items() if v or (k == "overwrite" and k in cls.build_options)}
+    if cls.pretraining:
+        if model is not None:
+            raise WeightlockError(f"defense {name!r} is applied at pretraining time: it pretrains its own model "
+                                  "(--preset, --data, --pretrain-config), not --model")
+        source = _pretrain_config(preset, pretrain_config, data)
+    elif model is None:
+        raise WeightlockError(f"defense {name!r} is applied to a finished model: give it --model")
+    else:
+        source = model
+    release = build_defense(name, cfg, source, out, **options)
+    if is_main_process():
+        console.print(f"[green]saved[/] {release} ({name}; the build's record: {cls.build_file(out)})",
+                      highlight=False)
+
+
+def _pretrain_config(preset: str, config: Optional[Path], data: str) -> PretrainConfig:
+    """The preset's PretrainConfig, with a JSON file's fields merged in deeply, and ``data``."""
+    from .config import merge
+    from .io import read_json
+    from .train.pretrain import default_config
+
+    cfg = default_config(preset)
+    if config is not None:
+        override = read_json(config)
+        if not isinstance(override, dict):
+            raise WeightlockError(f"{config}: expected a JSON object of PretrainConfig fields")
+        cfg = PretrainConfig.from_dict(merge(cfg.to_dict(), override))  # deep: {"train": {"lr": ..}} keeps the rest
+    cfg.data = data
+    return cfg
 
 
 release_app = typer.Typer(no_args_is_help=True, help="Check a release directory for secret material.")
@@ -472,10 +520,33 @@ def demo(
     defense: list[str] = typer.Option([], help="Run only this registered defense (repeatable; default: every "
                                       "registered defense, e.g. dlr and pmp)."),
 ) -> None:
-    """Run the whole story on the built-in corpus (reuses cached artifacts in --out)."""
-    from .demo import run_demo
+    """Run the whole story on the built-in corpus (reuses cached artifacts in --out): `weightlock run demo`
+    (or `demo-quick` with --quick)."""
+    from .defenses import DEFENSES
+    from .experiments import run_experiment
 
-    run_demo(out, quick=quick, defenses=defense or None)
+    # as the demo always did: every registered defense (plug-ins too) unless --defense names some; the spec
+    # configures the built-ins
+    names = list(defense) or [n for n in DEFENSES if n != "none"]
+    run_experiment("demo-quick" if quick else "demo", out, defenses=names)
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    spec: str = typer.Argument(..., help="An experiment spec (a .yaml or .json file) or a shipped spec's name "
+                               "(demo, demo-quick)."),
+    out: Path = typer.Option(None, help="Where the experiment keeps its models, records and results "
+                             "(default: runs/NAME)."),
+    defense: list[str] = typer.Option([], help="Run only this registered defense (repeatable; default: the spec's)."),
+    report: bool = typer.Option(None, "--report/--no-report", help="Write the HTML/Markdown report (default: "
+                                "the spec's measure.report)."),
+) -> None:
+    """Run an experiment spec (resumable: finished runs in --out are skipped; rerun a killed run to continue)."""
+    from .experiments import load_spec, run_experiment
+
+    s = load_spec(spec)
+    run_experiment(s, out or Path("runs") / s.name, defenses=defense or None, report=report)
 
 
 @app.command()
@@ -557,12 +628,15 @@ def plan(
     seq_len: int = typer.Option(2048, help="Sequence length."),
     dtype: str = typer.Option("bfloat16", help="Activation / parameter dtype: bfloat16, float16, float32."),
     recalibrate: bool = typer.Option(False, help="Re-measure this machine's throughput (else cached)."),
+    keep_freed_memory: bool = typer.Option(False, help="Price steps with glibc keeping the memory it frees (the "
+                                           "steady state of a GPU's caching allocator): a process-wide mallopt, "
+                                           "calibrated and cached apart from the default."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Predict what fine-tuning a model and its DLR lock costs an attacker (memory, FLOPs, time), from its config."""
     from .eval.plan import plan as make_plan
 
-    kw = dict(rank=rank, tokens_per_step=tokens_per_step, seq_len=seq_len, dtype=dtype)
+    kw = dict(rank=rank, tokens_per_step=tokens_per_step, seq_len=seq_len, dtype=dtype, keep_freed=keep_freed_memory)
     if as_json:
         print(json.dumps(make_plan(model, recalibrate=recalibrate, **kw), indent=1))
         return

@@ -55,12 +55,20 @@ def check_types(obj: Any, what: str | None = None) -> None:
         value = getattr(obj, f.name)
         checked = check_value(what, f.name, hints.get(f.name), value, f.metadata.get("label"))
         if checked is not value:
-            setattr(obj, f.name, checked)
+            object.__setattr__(obj, f.name, checked)  # also a frozen config, while it validates itself
 
 
-def choice(default: str, label: str) -> Any:
-    """A ``Literal`` field's default with the name its errors use, e.g. ``unknown LoRA targets 'x' (...)``."""
-    return dataclasses.field(default=default, metadata={"label": label})
+def choice(default: str, label: str, help: str | None = None) -> Any:
+    """A ``Literal`` field's default with the name its errors use, e.g. ``unknown LoRA targets 'x' (...)``,
+    and optionally its help text (``metadata["help"]``, what the command line shows)."""
+    return dataclasses.field(default=default, metadata={"label": label, **({"help": help} if help else {})})
+
+
+def option(default: Any, help: str, label: str | None = None) -> Any:
+    """A config field's default with its help text (``metadata["help"]``): the one place a setting is
+    described; the command line's options are generated from it (:mod:`weightlock.cli_options`). ``label``
+    names a ``Literal`` field in its errors, as :func:`choice` does."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"label": label} if label else {})})
 
 
 def default(cls: type, name: str) -> Any:

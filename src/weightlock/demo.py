@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -61,8 +61,11 @@ class DemoPlan:
 
 
 FULL = DemoPlan()
+# recall scored by its answers' log-likelihood (eval.tasks, kind "loglik"): same skill and data, but in 6 steps
+# the tiny model's greedy answers never become right, so exact match stays 0 → 0 and every recall gain was 0
 QUICK = DemoPlan(preset="tiny", rank=8, lock_steps=150, discovery_steps=15, attack_steps=6, attack_batch=4,
-                 score_every=3, patience=0, reverse_distill_steps=40, memory_depths=(2, 4, 6, 8), max_ppl_tokens=4096)
+                 score_every=3, patience=0, reverse_distill_steps=40, tasks=("prose", "recall-loglik"),
+                 memory_depths=(2, 4, 6, 8), max_ppl_tokens=4096)
 
 
 def select_defenses(names: Sequence | None, plan: DemoPlan) -> list:
@@ -86,15 +89,16 @@ def select_defenses(names: Sequence | None, plan: DemoPlan) -> list:
     return chosen
 
 
-def _reference_plan(reference, chosen: list, plan: DemoPlan) -> list:
-    """The reference attacks on the original that the chosen defenses' attacks are compared with; checks
-    every attack's reference and learning rate before any work."""
+def _reference_plan(reference, chosen: list, plan: DemoPlan, attacks: Mapping | None = None) -> list:
+    """The reference attacks on the original that the chosen defenses' attacks (those labelled in
+    ``attacks`` when given) are compared with; checks every attack's reference and learning rate before any
+    work."""
     from .attacks import ATTACKS
 
     refs = {s.label: s for s in reference.attacks}
     needed = set()
     for d in chosen:
-        for s in d.plan():
+        for s in _planned(d, attacks):
             if s.reference not in refs:
                 raise WeightlockError(f"defense {d.name!r}: attack {s.label!r} is compared with reference "
                                       f"{s.reference!r}; the original's attacks are {', '.join(refs)}")
@@ -112,15 +116,51 @@ def run_demo(out: Path, quick: bool = False, report: bool = True, defenses: Sequ
     """Run (or resume) the demo in ``out``; returns the summary also written to ``out/summary.json``.
 
     ``defenses``: registry names or :class:`weightlock.defenses.Defense` objects (default: every
-    registered defense but ``none``)."""
+    registered defense but ``none``). The same run as ``weightlock run demo`` / ``demo-quick`` (the shipped
+    specs translate to :data:`FULL` / :data:`QUICK`; ``tests/test_experiments.py`` checks it)."""
+    return run_plan(out, QUICK if quick else FULL, defenses, report=report)
+
+
+def _planned(defense, attacks: Mapping | None) -> list:
+    """The attacks of ``defense``'s plan that run: all, or those labelled in ``attacks``."""
+    return [s for s in defense.plan() if attacks is None or s.label in attacks]
+
+
+def _lr_values(v) -> tuple[float, ...]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
+def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report: bool = True, *,
+             base_model: str | Path | None = None, attacks: Mapping[str, tuple] | None = None,
+             seeds: Sequence[int] = (0,), on_record: Callable | None = None) -> dict:
+    """The experiment engine (``weightlock demo`` and ``weightlock run``): run (or resume) ``plan`` in ``out``
+    and return the summary also written to ``out/summary.json``.
+
+    ``defenses``: registry names or :class:`~weightlock.defenses.Defense` objects (default: every registered
+    defense but ``none``); ``base_model``: a model directory to use instead of pretraining the plan's preset;
+    ``attacks``: only these labels of the defenses' plans, each ``label → (learning rates or None, options)``
+    (None: the plan's learning rate of the attack's group; options override the plan's); every attack runs at
+    every learning rate × ``seeds``, the row reporting the attacker's best learning rate (mean gain over seeds).
+    Each run leaves one :class:`~weightlock.experiments.records.AttackRun` (``record.json`` in its directory):
+    a finished run is skipped when its record matches what would run; ``on_record(record)`` is called after
+    each new one. The summary's attack rows read only the records."""
     from .defenses import make_defense
     from .train.pretrain import METRICS_FILE, default_config, pretrain
 
     console = Console()
-    plan = QUICK if quick else FULL
     chosen = select_defenses(defenses, plan)
     reference = make_defense("none")
-    ref_specs = _reference_plan(reference, chosen, plan)
+    ref_specs = _reference_plan(reference, chosen, plan, attacks)
+    seeds = tuple(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise WeightlockError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    if base_model is not None:
+        if not (Path(base_model) / "config.json").is_file():
+            raise WeightlockError(f"{base_model}: not a model directory (no config.json)")
+        pre = [d.name for d in chosen if d.pretraining]
+        if pre:
+            raise WeightlockError(f"{', '.join(pre)} pretrains its own model: it needs the plan's preset, "
+                                  f"not the model {base_model}")
     out = Path(out)
     t0 = time.perf_counter()
     stage_s: dict[str, float] = {}
@@ -135,15 +175,16 @@ def run_demo(out: Path, quick: bool = False, report: bool = True, defenses: Sequ
         stage_s[name] = time.perf_counter() - t
         return True
 
-    base = out / f"base-{plan.preset}"
+    base = out / f"base-{plan.preset}" if base_model is None else Path(base_model)
     work = {d.name: out / f"{d.workdir or d.name}-{plan.preset}" for d in chosen}
     rebuilt: set[str] = set()
 
     def pretrain_base():
         pretrain(default_config(plan.preset), base, overwrite=False, resume=True)
 
-    if stage(f"pretrain the dense {plan.preset} base model on builtin:code",
-             (base / METRICS_FILE).exists() and not (base / "checkpoint").exists(), pretrain_base):
+    if base_model is None and stage(f"pretrain the dense {plan.preset} base model on builtin:code",
+                                    (base / METRICS_FILE).exists() and not (base / "checkpoint").exists(),
+                                    pretrain_base):
         rebuilt.add("reference")
     models = {"reference": Path(reference.apply(base, out / f"reference-{plan.preset}"))}
     # pretraining-time defenses first (pretraining runs, like the base), then those applied to the base
@@ -176,23 +217,29 @@ def run_demo(out: Path, quick: bool = False, report: bool = True, defenses: Sequ
             evaluations.update(d.evaluate(models[d.name], work[d.name], plan))
 
     console.rule("[bold]attacks")
-    specs = [(reference, "reference", s) for s in ref_specs] + [(d, d.name, s) for d in chosen for s in d.plan()]
+    specs = ([(reference, "reference", s) for s in ref_specs]
+             + [(d, d.name, s) for d in chosen for s in _planned(d, attacks)])
     runs = {}
     for task in plan.tasks:
         for defense, key, spec in specs:
-            opts = {**spec.options, **defense.attack_options(spec, work.get(key, models[key]), plan)}
+            lrs, override = (attacks or {}).get(spec.label) or (None, {})
+            opts = {**spec.options, **defense.attack_options(spec, work.get(key, models[key]), plan), **override}
+            points = [(lr, seed) for lr in (lrs or _lr_values(plan.lr[spec.lr])) for seed in seeds]
+            run_dir = out / "attacks" / key / task / spec.label
             console.print(f"{task:7s} {key:9s} {spec.label}")
-            runs[(key, spec.label, task)] = _attack(models[key], task, spec.attack,
-                                                    out / "attacks" / key / task / spec.label,
-                                                    lr=plan.lr[spec.lr], **opts, plan=plan)
+            runs[(key, spec.label, task)] = [
+                _attack(models[key], task, spec, key, run_dir if len(points) == 1 else run_dir / f"lr{lr:g}-seed{seed}",
+                        plan, on_record, lr=lr, seed=seed, **opts) for lr, seed in points]
     references = {(key, spec.label): (None if key == "reference" else spec.reference) for _, key, spec in specs}
-    rows = _attack_rows(runs, references, plan)
+    rows, sweep = _attack_rows(runs, references, plan)
     summary = {
         "kind": schema.DEMO, "schema_version": schema.SCHEMA_VERSION, "weightlock_demo": 1,
         "preset": plan.preset, "plan": _plan_dict(plan), "defenses": [d.record() for d in chosen],
         "models": {k: str(v) for k, v in models.items()}, "capability": capability, **evaluations,
         "attacks": rows, "training_memory": training_memory_summary(rows),
     }
+    if sweep:  # more than one learning rate or seed per attack: every point, and the one the row reports
+        summary["sweep"] = sweep
     for d in chosen:
         summary.update(d.summarize(rows, work[d.name], plan))
     summary["verdicts"] = verdicts(rows, summary, chosen)
@@ -223,56 +270,108 @@ def _capability(model_dir: Path, plan: DemoPlan) -> dict:
             for d in ("code", "prose")}
 
 
-def _attack(model_dir: Path, task: str, attack: str, out: Path, plan: DemoPlan, **options) -> dict:
-    from .attacks import run_attack
+def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: DemoPlan,
+            on_record: Callable | None = None, **options):
+    """One attack run's :class:`~weightlock.experiments.records.AttackRun`: the record in ``out`` when it
+    matches what would run (target, task, every option), else the attack run now (a run left by other
+    settings is discarded first) and its record written."""
+    from .attacks import make_attack, run_attack
+    from .experiments.records import AttackRun
+    from .train.finetune import is_main_process
 
-    return run_attack(model_dir, task, attack, out, steps=plan.attack_steps, batch_size=plan.attack_batch,
-                      score_every=plan.score_every, patience=plan.patience, block_size=plan.block_size,
-                      train_tokens=plan.train_tokens, **options)["locked"]
+    kw = dict(steps=plan.attack_steps, batch_size=plan.attack_batch, score_every=plan.score_every,
+              patience=plan.patience, block_size=plan.block_size, train_tokens=plan.train_tokens, **options)
+    config = _jsonable(make_attack(spec.attack, **kw).cfg.options())
+    record_file = out / "record.json"
+    if record_file.exists() or (out / "result.json").exists():
+        try:
+            old = (AttackRun.from_dict(read_json(record_file), record_file) if record_file.exists()
+                   else AttackRun.from_result(read_json(out / "result.json"), defense=defense, label=spec.label))
+        except (WeightlockError, KeyError, TypeError, ValueError):
+            old = None
+        if (old is not None and _jsonable(old.config) == config and old.target == str(model_dir)
+                and old.task == task and old.attack == spec.label and old.defense == defense):
+            if not record_file.exists() and is_main_process():
+                write_json(record_file, old.to_dict())  # a run killed between its result and its record
+            return old
+        shutil.rmtree(out)  # left by other settings
+    result = run_attack(model_dir, task, spec.attack, out, **kw)
+    record = AttackRun.from_result(result, defense=defense, label=spec.label, source=out / "result.json")
+    if is_main_process():
+        write_json(record_file, record.to_dict())
+    if on_record is not None:
+        on_record(record)
+    return record
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
 
 
 def _ratio(a, b):
     return a / b if b and abs(b) > 1e-12 and a is not None else None
 
 
-def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> list[dict]:
-    """One row per (defense, attack, task): gain, gain ratio and cost multipliers against the reference
-    (``references``: (defense, attack label) → the label of its reference run on the original), and the
-    training memory (counted: :data:`~weightlock.eval.cost.TRAINING_MEMORY`) against the budget, the original's
-    full fine-tune on the same task: ``training_memory_ratio`` (the tables' ``memory ×``) and ``fits_memory``,
-    what the verdict's "within memory" clause uses."""
-    from .eval.cost_to_target import on_one_basis, run_training_memory
+def _best_point(records: list) -> tuple[object, dict, list[dict]]:
+    """The attacker's best of one attack's sweep (``records``: its AttackRuns, every learning rate × seed):
+    the learning rate with the best mean gain over seeds; returns that learning rate's first-seed record
+    (curves and costs), the means over its seeds (scores, gain) and every point's gain."""
+    from .experiments.records import mean_run
 
+    by_lr: dict = {}
+    for r in records:
+        by_lr.setdefault(r.config.get("lr"), []).append(r)
+    means = {lr: mean_run(rs) for lr, rs in by_lr.items()}
+    best = max(by_lr, key=lambda lr: means[lr]["gain"])  # the first such learning rate on a tie
+    points = [{"lr": r.config.get("lr"), "seed": r.seed, "gain": r.gain} for r in records]
+    return by_lr[best][0], means[best], points
+
+
+def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> tuple[list[dict], list[dict]]:
+    """One row per (defense, attack, task), read from the runs' :class:`~weightlock.experiments.records.AttackRun`
+    records only (``runs``: key → the records of every learning rate × seed; the row reports the attacker's best
+    learning rate, its scores and gain averaged over seeds): gain, gain ratio and cost multipliers against the
+    reference (``references``: (defense, attack label) → the label of its reference run on the original), and
+    the training memory (counted: :data:`~weightlock.eval.cost.TRAINING_MEMORY`) against the budget, the
+    original's full fine-tune on the same task: ``training_memory_ratio`` (the tables' ``memory ×``) and
+    ``fits_memory``, what the verdict's "within memory" clause uses. Also returns the sweep (every point of the
+    attacks run at more than one learning rate or seed; empty when none is)."""
+    from .eval.cost_to_target import on_one_basis
+
+    best = {k: _best_point(rs) for k, rs in runs.items()}
+    sweep = [{"defense": k[0], "attack": k[1], "task": k[2], "lr": best[k][0].config.get("lr"), "points": best[k][2]}
+             for k, rs in runs.items() if len(rs) > 1]
     # every run on one basis: counted when all are, else all estimated from older records' parameter counts
-    counts, basis = on_one_basis([run_training_memory(r) for r in runs.values()])
+    counts, basis = on_one_basis([best[k][0].memory() for k in runs])
     memory = dict(zip(runs, counts))
     rows = []
-    for (defense, label, task), r in runs.items():
+    for (defense, label, task) in runs:
+        r, mean = best[(defense, label, task)][:2]
         ref_label = references[(defense, label)]
-        ref = runs[("reference", ref_label or label, task)]
+        ref, ref_mean = best[("reference", ref_label or label, task)][:2]
         # the attacker's time: median step × steps run (robust to one-off first-step costs) + its preparation
-        total, ref_total = (x["cost"]["step_time_s"] * _steps_run(x, plan) + x["cost"]["prepare_seconds"]
-                            for x in (r, ref))
+        total, ref_total = (x.total_seconds(plan.attack_steps) for x in (r, ref))
         rows.append({
             "defense": defense, "attack": label, "task": task, "reference_attack": ref_label,
-            "score_before": r["before"]["score"], "score_after": r["after"]["score"], "gain": r["gain"],
-            "reference_gain": ref["gain"],
-            "gain_ratio": _ratio(r["gain"], ref["gain"]) if defense != "reference" else 1.0,
-            "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
-            "step_time_s": r["cost"]["step_time_s"], "total_seconds": total,
-            "memory_ratio": _ratio(r["cost"]["saved_activation_bytes_per_step"],
-                                   ref["cost"]["saved_activation_bytes_per_step"]),
-            "time_ratio": _ratio(total, ref_total), "peak_rss_bytes": r["cost"]["peak_rss_bytes"],
+            "score_before": mean["score_before"], "score_after": mean["score_after"], "gain": mean["gain"],
+            "reference_gain": ref_mean["gain"],
+            "gain_ratio": _ratio(mean["gain"], ref_mean["gain"]) if defense != "reference" else 1.0,
+            "saved_activation_bytes": r.saved_activation_bytes,
+            "step_time_s": r.step_time_s, "total_seconds": total,
+            "memory_ratio": _ratio(r.saved_activation_bytes, ref.saved_activation_bytes),
+            "time_ratio": _ratio(total, ref_total), "peak_rss_bytes": r.peak_rss_bytes,
             # the run's own measured peak RSS growth: a measurement, reported; the budget is training memory
-            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),
-            "peak_ratio": _ratio(r["cost"].get("peak_rss_delta_bytes"), ref["cost"].get("peak_rss_delta_bytes")),
-            "capability_ppl_before": r["capability_ppl_before"], "capability_ppl_after": r["capability_ppl_after"],
-            "curve": r["score_curve"], "reference_curve": ref["score_curve"],
-            "cost_curve": r.get("cost_curve"), "reference_cost_curve": ref.get("cost_curve"),
-            "recovered_mask_density": r.get("recovered_mask_density"),
+            "peak_delta_bytes": r.peak_rss_delta_bytes,
+            "peak_ratio": _ratio(r.peak_rss_delta_bytes, ref.peak_rss_delta_bytes),
+            "capability_ppl_before": r.capability_ppl_before, "capability_ppl_after": r.capability_ppl_after,
+            "curve": r.score_curve, "reference_curve": ref.score_curve,
+            "cost_curve": r.cost_curve(), "reference_cost_curve": ref.cost_curve(),
+            "recovered_mask_density": r.extra.get("recovered_mask_density"),
             **_memory_fields(memory[(defense, label, task)], memory.get(("reference", "full", task)), basis),
         })
-    return rows
+    return rows, sweep
 
 
 def _memory_fields(mine: int | None, budget: int | None, basis: str) -> dict:
@@ -295,11 +394,6 @@ def training_memory_summary(rows: list[dict]) -> dict:
             "budget_bytes": {r["task"]: r["memory_budget_bytes"] for r in rows},
             "measured_peaks": "peak_rss_bytes / peak_delta_bytes / peak_ratio are each run's measured RSS "
                               "(allocator-dependent): reported, never the budget"}
-
-
-def _steps_run(r: dict, plan: DemoPlan) -> int:
-    """Steps an attack ran (fewer than the plan's when patience stopped it; older results: the plan's)."""
-    return r["cost_curve"][-1]["step"] if r.get("cost_curve") else plan.attack_steps
 
 
 def verdicts(rows: list[dict], summary: dict, defenses: Sequence) -> dict[str, str]:
@@ -391,7 +485,7 @@ def _registered(summary: dict) -> list:
 
     out = []
     for rec in defenses_of(summary):
-        cls = DEFENSES.get(rec["name"])
+        cls = DEFENSES.get(rec["name"], None)
         if cls is None:
             continue
         for make in (lambda: cls(cls.Config(**rec.get("config", {}))), cls):  # noqa: B023  (called within this iteration)

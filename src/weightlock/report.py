@@ -1,10 +1,12 @@
 """``weightlock report RUNDIR...``: an HTML + Markdown report with figures, from recorded JSON only.
 
-Any mix of inputs works: a demo directory (``summary.json``), ``bench/results`` (attacks, memory,
-frontier, PMP sweep, mask recovery, fidelity), attack run directories (``result.json``) and locked
-releases (``lock_report.json``). Each JSON file is recognised by its recorded ``kind`` (see
-``weightlock.schema``), or by its content if it was written before results carried one; figures whose
-data is absent are listed as missing. The HTML needs no network: images are local PNGs next to it.
+Any mix of inputs works: a demo directory (``summary.json``), ``bench/results``, attack run directories
+(``result.json``), locked releases (``lock_report.json``), any folder of records. Each JSON file is read by
+its record kind, whatever it is called: its recorded ``kind`` resolved through the library's registry of
+record kinds (:data:`weightlock.schema.RECORD_KINDS`; the kinds records carried before are aliases), or, for a
+file written before results carried a kind, its fields. :data:`DRAWN` says what the report draws from each
+kind (:data:`FIGURE_KINDS`, :data:`TABLES`); a record of another kind is listed as skipped, figures whose data
+is absent are listed as missing. The HTML needs no network: images are local PNGs next to it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from . import schema
 from .errors import WeightlockError
@@ -25,51 +27,11 @@ MAX_JSON_BYTES = 50 * 2**20
 SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
 
 
-# recorded kind (weightlock.schema) → what the report draws from it; other kinds are not drawn
-KINDS = {schema.DEMO: "demo", schema.ATTACK_RUN: "attack_run", schema.LOCK_REPORT: "lock_report",
-         schema.bench_kind("attacks"): "attacks", schema.bench_kind("dlr_memory"): "memory",
-         schema.bench_kind("frontier"): "frontier", schema.bench_kind("pmp_sweep"): "pmp_sweep",
-         schema.bench_kind("pmp_recovery"): "recovery", schema.bench_kind("dlr_fidelity"): "fidelity",
-         schema.bench_kind("cost_to_target"): "cost_to_target", schema.bench_kind("dlr_regime"): "regime",
-         schema.bench_kind("real_attacks"): "real_attacks", schema.bench_kind("real_error_budget"): "error_budget"}
-REAL_MODEL_PREFIX = schema.bench_kind("real_model")  # bench/real_model.py --name NAME: bench.real_model_NAME
-
-
-def _kind(d: Any, source: object = "result") -> str | None:
-    """What the report draws from ``d``: by its recorded ``kind``, or, for files written before results
-    carried one, guessed from its fields."""
-    recorded = schema.kind_of(d, source)
-    if recorded is not None:
-        return "real_model" if recorded.startswith(REAL_MODEL_PREFIX) else KINDS.get(recorded)
-    return _guess_kind(d)
-
-
-def _guess_kind(d: Any) -> str | None:
-    if not isinstance(d, dict):
-        return None
-    if "weightlock_demo" in d:
-        return "demo"
-    if isinstance(d.get("results"), list) and d["results"] and "score_curves" in d["results"][0]:
-        return "attacks"
-    if isinstance(d.get("locked"), dict) and "score_curve" in d["locked"]:
-        return "attack_run"
-    if "depth_linearity" in d:
-        return "memory"
-    if isinstance(d.get("rows"), list) and d["rows"] and "strategy" in d["rows"][0]:
-        return "frontier"
-    if "dense_gains" in d and isinstance(d.get("rows"), list):
-        return "pmp_sweep"
-    if isinstance(d.get("variants"), dict) and any("recovery" in v for v in d["variants"].values()):
-        return "recovery"
-    if isinstance(d.get("ranks"), list) and d["ranks"] and "layer_rel_error" in d["ranks"][0]:
-        return "fidelity"
-    if isinstance(d.get("layers"), list) and d["layers"] and "rel_error" in d["layers"][0] and "base_model" in d:
-        return "lock_report"
-    return None
-
-
-def collect(paths: list[str | Path]) -> dict[str, list[tuple[Path, dict]]]:
-    """Every recognised JSON file under ``paths`` (files or directories), grouped by kind."""
+def collect(paths: list[str | Path], skipped: list[str] | None = None) -> dict[str, list[tuple[Path, dict]]]:
+    """Every record under ``paths`` (files or directories) of a kind this report draws, grouped by its record
+    kind (:func:`weightlock.schema.record_kind`: the recorded ``kind``, whatever the file is called, or the
+    fields of a file from before results carried one). A record of a kind the report does not draw adds one
+    line to ``skipped``; JSON that is no weightlock record is passed over."""
     found: dict[str, list[tuple[Path, dict]]] = {}
     files: list[Path] = []
     for p in map(Path, paths):
@@ -87,9 +49,11 @@ def collect(paths: list[str | Path]) -> dict[str, list[tuple[Path, dict]]]:
             data = read_json(f)
         except (WeightlockError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        kind = _kind(data, f)
-        if kind:
+        kind = schema.record_kind(data, f)
+        if kind in DRAWN:
             found.setdefault(kind, []).append((f, data))
+        elif skipped is not None and (kind or schema.kind_of(data, f)):
+            skipped.append(f"{f}: record kind {kind or schema.kind_of(data, f)!r} is not drawn by this report")
     return found
 
 
@@ -98,19 +62,20 @@ def collect(paths: list[str | Path]) -> dict[str, list[tuple[Path, dict]]]:
 def _curves(found) -> list[dict]:
     """[{title, locked: [[step, score]], reference: [[step, score]] | None, task}]"""
     out = []
-    for _, d in found.get("demo", []):
+    for _, d in found.get(schema.DEMO, []):
         labels = {x["name"]: x["label"] for x in defenses_of(d)}
         for r in d["attacks"]:
             if r["defense"] != "reference":
                 out.append({"title": f"{r['defense']}: {r['attack']}", "task": r["task"], "locked": r["curve"],
                             "reference": r["reference_curve"], "label": labels.get(r["defense"], r["defense"])})
-    for _, d in found.get("attacks", []):
+    for _, d in found.get(schema.ATTACK_CURVES, []):
         for r in d["results"]:
             c = r["score_curves"]
             out.append({"title": f"bench: {r['attack']}", "task": r["task"], "locked": _mean_curve(c["locked"]),
                         "reference": _mean_curve(c["reference"]), "label": "locked (mean of seeds)"})
-    for f, d in found.get("attack_run", []):
-        out.append({"title": f"{f.parent.name}: {d['attack']}", "task": d["task"], "locked": d["locked"]["score_curve"],
+    for f, d in found.get(schema.ATTACK_RUN, []):
+        out.append({"title": f"{f.parent.name}: {d['attack']}", "task": d["task"],
+                    "locked": schema.target_run(d, f)["score_curve"],  # "target" (schema 2) or "locked" (before)
                     "reference": (d.get("reference_run") or {}).get("score_curve"), "label": "attacked model"})
     return [c for c in out if len(c["locked"]) >= 2]
 
@@ -124,42 +89,44 @@ def _mean_curve(curves: list[list]) -> list[list]:
 
 def _memory(found) -> list[tuple[str, dict]]:
     out = [(f"bench (d={d['depth_linearity']['d']}, r={d['depth_linearity']['rank']})", d["depth_linearity"])
-           for _, d in found.get("memory", [])]
+           for _, d in found.get(schema.MEMORY_VS_DEPTH, [])]
     out += [(f"demo (d={d['memory_vs_depth']['d']}, r={d['memory_vs_depth']['rank']})", d["memory_vs_depth"])
-            for _, d in found.get("demo", []) if d.get("memory_vs_depth")]
+            for _, d in found.get(schema.DEMO, []) if d.get("memory_vs_depth")]
     return out
 
 
 def _frontier(found) -> list[tuple[str, list[dict]]]:
-    out = [("bench", [r for r in d["rows"] if "skipped" not in r]) for _, d in found.get("frontier", [])]
-    out += [("demo", d["frontier"]) for _, d in found.get("demo", []) if d.get("frontier")]
+    out = [("bench", [r for r in d["rows"] if "skipped" not in r])
+           for _, d in found.get(schema.MEMORY_TIME_FRONTIER, [])]
+    out += [("demo", d["frontier"]) for _, d in found.get(schema.DEMO, []) if d.get("frontier")]
     return out
 
 
 def _gain_vs_ratio(found) -> list[tuple[str, list[dict]]]:
     out = []
-    for _, d in found.get("pmp_sweep", []):
+    for _, d in found.get(schema.PMP_GAIN_VS_RATIO, []):
         rows = [dict(r) for r in d["rows"]]
         for task, gains in d["dense_gains"].items():
             rows += [{"ratio": 1.0, "task": task, "method": m, "gain": g} for m, g in gains.items()]
         out.append(("bench", rows))
-    out += [("demo", d["pmp_gain_vs_ratio"]) for _, d in found.get("demo", []) if d.get("pmp_gain_vs_ratio")]
+    out += [("demo", d["pmp_gain_vs_ratio"]) for _, d in found.get(schema.DEMO, []) if d.get("pmp_gain_vs_ratio")]
     return out
 
 
 def _recovery(found) -> list[tuple[str, dict]]:
     out = [(f"{name} (bench, ρ={v['recovery']['mask_ratio']})", v["recovery"])
-           for _, d in found.get("recovery", []) for name, v in d["variants"].items()]
+           for _, d in found.get(schema.MASK_RECOVERY, []) for name, v in d["variants"].items()]
     out += [(f"hardened (demo, ρ={d['mask_recovery']['mask_ratio']})", d["mask_recovery"])
-            for _, d in found.get("demo", []) if d.get("mask_recovery")]
+            for _, d in found.get(schema.DEMO, []) if d.get("mask_recovery")]
     return out
 
 
 def _layer_errors(found) -> list[tuple[str, list[float]]]:
-    out = [(f"bench rank {r['rank']}", r["layer_rel_error"]) for _, d in found.get("fidelity", []) for r in d["ranks"]]
+    out = [(f"bench rank {r['rank']}", r["layer_rel_error"])
+           for _, d in found.get(schema.LOCK_FIDELITY, []) for r in d["ranks"]]
     out += [(f"{f.parent.name} (rank {d['layers'][0]['spec']['rank']})", [l["rel_error"] for l in d["layers"]])
-            for f, d in found.get("lock_report", [])]
-    out += [("demo", d["layer_rel_error"]) for _, d in found.get("demo", []) if d.get("layer_rel_error")]
+            for f, d in found.get(schema.LOCK_REPORT, [])]
+    out += [("demo", d["layer_rel_error"]) for _, d in found.get(schema.DEMO, []) if d.get("layer_rel_error")]
     seen, unique = set(), []  # one release found twice (its report and a bench copy) is drawn once
     for name, errs in out:
         key = tuple(round(e, 12) if e == e else None for e in errs)
@@ -261,7 +228,7 @@ def _draw_layer_errors(ax, items) -> None:
 def _cost_panels(found) -> list:
     """[(task, defense, target gain, [(label, is_lock, [(seconds, gain)])])] from cost_to_target results."""
     out = []
-    for _, d in found.get("cost_to_target", []):
+    for _, d in found.get(schema.LOCK_COST, []):
         for a in d["analysis"]:
             lines = []
             for r in d["runs"]:
@@ -293,7 +260,7 @@ def _draw_cost(ax, item) -> None:
 def _real_attack_panels(found) -> list:
     """[(task, defense, level target, [(label, is_lock, [(seconds, score)])])] from bench/real_attacks.py."""
     out = []
-    for _, d in found.get("real_attacks", []):
+    for _, d in found.get(schema.REAL_ATTACKS, []):
         for a in d["analysis"]:
             lines = [(r["label"], r["model"] != "original", [(p["seconds"], p["score"]) for p in r["cost_curve"]])
                      for r in d["runs"] if r["task"] == a["task"] and r["model"] in ("original", a["defense"])]
@@ -311,7 +278,7 @@ def _draw_real_attack(ax, item) -> None:
 
 
 def _budget_panels(found) -> list:
-    return [d for _, d in found.get("error_budget", [])]
+    return [d for _, d in found.get(schema.ERROR_BUDGET, [])]
 
 
 def _draw_budget(ax, d) -> None:
@@ -380,6 +347,19 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
      "calibration activations (captured from the original model), after module-wise distillation."),
 ]
 
+# the record kinds each figure is drawn from (weightlock.schema.RECORD_KINDS)
+FIGURE_KINDS: dict[str, tuple[str, ...]] = {
+    "cost_curves.png": (schema.LOCK_COST,),
+    "real_attacks.png": (schema.REAL_ATTACKS,),
+    "error_budget.png": (schema.ERROR_BUDGET,),
+    "curves.png": (schema.DEMO, schema.ATTACK_CURVES, schema.ATTACK_RUN),
+    "memory_vs_depth.png": (schema.MEMORY_VS_DEPTH, schema.DEMO),
+    "frontier.png": (schema.MEMORY_TIME_FRONTIER, schema.DEMO),
+    "gain_vs_ratio.png": (schema.PMP_GAIN_VS_RATIO, schema.DEMO),
+    "mask_recovery.png": (schema.MASK_RECOVERY, schema.DEMO),
+    "layer_error.png": (schema.LOCK_FIDELITY, schema.LOCK_REPORT, schema.DEMO),
+}
+
 
 # ---- documents ---------------------------------------------------------------------------------
 
@@ -393,11 +373,12 @@ def _x(v, spec: str = ".2f") -> str:
 def _real_model_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     """The real LLM first: fidelity against the bars, lock time and speed of every recorded lock."""
     rows = []
-    for f, d in sorted(found.get("real_model", []), key=lambda x: str(x[0])):
-        fid, speed, lc = d["fidelity"], d.get("speed", {}), d["lock_config"]
+    for f, d in sorted(found.get(schema.REAL_LOCK, []), key=lambda x: str(x[0])):
+        fid, speed, lc = d["fidelity"], d.get("speed") or {}, d["lock_config"]  # speed: null when not measured
         prose, code = fid.get("builtin:prose", {}), fid.get("builtin:code", {})
         ok = all(meets_bars(x.get("ppl_ratio", math.inf), x.get("top1_agreement", 0)) for x in (prose, code))
-        rows.append([f.stem.removeprefix("real_model_"), f"{lc['rank']} / {d['depth']}",
+        name = d.get("name") or f.stem.removeprefix("real_model_")  # older records: named by their file only
+        rows.append([name, f"{lc['rank']} / {d['depth']}",
                      f"{d['lock_seconds'] / 60:.0f}",
                      f"{d['layer_rel_error_median']:.2f} / " + (
                          f"{d['layer_rel_error_max']:.2f}" if not d.get("layers_not_finite")
@@ -417,7 +398,7 @@ def _real_model_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
 def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     """The red team on the real LLM: the verdict per task, then every attack's cost per step."""
     tables = []
-    for _, d in found.get("real_attacks", []):
+    for _, d in found.get(schema.REAL_ATTACKS, []):
         rows, steps = [], []
         for a in d["analysis"]:
             spread = a.get("seed_spread")
@@ -443,7 +424,7 @@ def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
                        "fine-tune",
                        ["task", "model", "attack", "best score", "best gain", "steps", "step time",
                         "activation memory", "peak growth MiB"], steps))
-    for _, d in found.get("error_budget", []):
+    for _, d in found.get(schema.ERROR_BUDGET, []):
         rows = [[fmt(g["alpha"], ".2f"), fmt(g["layer_rel_error_median"], ".4f"), fmt(g["ppl_ratio"], ".4g"),
                  fmt(g["top1_agreement"], ".3f"),
                  "meets" if meets_bars(g["ppl_ratio"], g["top1_agreement"]) else "MISSES"]
@@ -467,7 +448,7 @@ def _within_memory(a: dict) -> str:
 
 def _cost_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
-    for _, d in found.get("cost_to_target", []):
+    for _, d in found.get(schema.LOCK_COST, []):
         rows = []
         for a in d["analysis"]:
             sec = a["seconds_any_memory"]
@@ -483,7 +464,7 @@ def _cost_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
                         "time ×", "FLOPs ×", "tokens ×", "time × within training memory",
                         "cheapest attack on the lock"],
                        rows))
-    for _, d in found.get("regime", []):
+    for _, d in found.get(schema.LOCK_REGIME, []):
         rows = [[r["variant"], str(r["depth"]), f"{r['ppl_ratio']:.4f}", f"{r['lock_seconds']:.0f}",
                  _x(r.get("mlp_memory_multiplier"), ".1f"), _x(r["full"]["activation_ratio"]),
                  _x(r["freeze"]["activation_ratio"]), _x(r["full"]["step_time_ratio"]),
@@ -503,7 +484,7 @@ OLD_DEMO_MEMORY = (" (recorded before weightlock counted training memory: a \"wi
 
 def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
-    for f, d in found.get("demo", []):
+    for f, d in found.get(schema.DEMO, []):
         tables.append((f"Capability ({f.parent}, {d['preset']} preset): validation perplexity",
                        CAPABILITY_HEAD, capability_rows(d)))
         tables.append(("Attacks (gain ratio = gain on the lock / same attack's gain on the original; "
@@ -513,6 +494,32 @@ def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
+# the tables, in the report's order, each with the record kinds it reads
+TABLES: list[tuple[Callable, tuple[str, ...], str]] = [
+    (_real_model_tables, (schema.REAL_LOCK,), "real-LLM fidelity, lock time and speed"),
+    (_real_attack_tables, (schema.REAL_ATTACKS, schema.ERROR_BUDGET), "real-LLM red team and error budget"),
+    (_cost_tables, (schema.LOCK_COST, schema.LOCK_REGIME), "lock cost multiplier and rank regime"),
+    (_demo_tables, (schema.DEMO,), "demo capability, attacks and verdicts"),
+]
+
+
+def _drawn() -> dict[str, list[str]]:
+    """Record kind → what the report draws from it (figure files and tables); every kind is a registered one."""
+    out: dict[str, list[str]] = {}
+    for name, kinds in FIGURE_KINDS.items():
+        for k in kinds:
+            out.setdefault(k, []).append(name)
+    for _, kinds, what in TABLES:
+        for k in kinds:
+            out.setdefault(k, []).append(f"table: {what}")
+    unknown = sorted(set(out) - set(schema.RECORD_KINDS))
+    if unknown:
+        raise WeightlockError(f"the report reads unregistered record kinds: {', '.join(unknown)}")
+    return out
+
+
+DRAWN = _drawn()
+
 _IMG_CHECK = ("window.addEventListener('load',function(){var i=Array.prototype.slice.call(document.images);"
               "document.body.setAttribute('data-images-total',i.length);document.body.setAttribute("
               "'data-images-loaded',i.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);});")
@@ -520,7 +527,8 @@ _IMG_CHECK = ("window.addEventListener('load',function(){var i=Array.prototype.s
 
 def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
     """Write ``out/index.html``, ``out/README.md`` and the PNG figures; returns the index path."""
-    found = collect(paths)
+    skipped: list[str] = []
+    found = collect(paths, skipped)
     if not found:
         raise WeightlockError(f"no weightlock results (JSON) found under {', '.join(map(str, paths))}")
     out = Path(out)
@@ -537,7 +545,7 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
             figures.append((name, title, caption))
         else:
             missing.append(title)
-    tables = _real_model_tables(found) + _real_attack_tables(found) + _cost_tables(found) + _demo_tables(found)
+    tables = [t for build, _, _ in TABLES for t in build(found)]
     sources = [str(f) for items in found.values() for f, _ in items]
     dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
 
@@ -563,6 +571,11 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
                     + "</ul>")
     md += ["## Sources", ""] + [f"- `{s}`" for s in sources]
     body.append("<h2>Sources</h2><ul>" + "".join(f"<li><code>{html.escape(s)}</code></li>" for s in sources) + "</ul>")
+    if skipped:
+        note = f"Records found but not drawn: this report draws the record kinds {', '.join(sorted(DRAWN))}."
+        md += ["", "## Skipped records", "", note, ""] + [f"- {line}" for line in skipped]
+        body.append(f"<h2>Skipped records</h2><p>{html.escape(note)}</p><ul>"
+                    + "".join(f"<li>{html.escape(line)}</li>" for line in skipped) + "</ul>")
     page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>weightlock report</title><style>"
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
             "img{max-width:100%;border:1px solid #ddd}figcaption{color:#555;font-size:.9em;margin-top:.4em}"

@@ -1,23 +1,22 @@
-"""The attack registry: attacks register themselves by name; :func:`make_attack` builds one from flat options."""
+"""The attack registry: attacks register themselves by name; :func:`make_attack` builds one from flat options.
+
+``ATTACKS`` is a :class:`weightlock.registry.Registry` of :class:`~weightlock.attacks.base.Attack` subclasses;
+third-party attacks register through the entry-point group ``weightlock.attacks``."""
 from __future__ import annotations
 
 from typing import Any
 
 from ..errors import WeightlockError
+from ..registry import Registry
 from .base import Attack
 
-ATTACKS: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack", Attack, group="weightlock.attacks")
 
 
 def register(name: str):
-    """Class decorator: register an :class:`~weightlock.attacks.base.Attack` subclass under ``name``."""
-
-    def deco(cls):
-        cls.name = name
-        ATTACKS[name] = cls
-        return cls
-
-    return deco
+    """Class decorator: register an :class:`~weightlock.attacks.base.Attack` subclass under ``name`` (a taken
+    name or another base class is an error)."""
+    return ATTACKS.register(name)
 
 
 def attack_options(name: str) -> dict[str, Any]:
@@ -40,6 +39,4 @@ def make_attack(name: str, **options) -> Attack:
 
 
 def _attack_class(name: str) -> type[Attack]:
-    if name not in ATTACKS:
-        raise WeightlockError(f"unknown attack {name!r}; available: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[name]
+    return ATTACKS.get(name)

@@ -15,7 +15,7 @@ import torch
 from ..errors import WeightlockError
 from ..eval.cost import PeakMemory, analytic_train_flops, training_memory
 from ..io import check_out_dir, read_json, write_json
-from ..schema import ATTACK_RUN, SCHEMA_VERSION
+from ..schema import ATTACK_RUN, schema_version
 from ..train.finetune import finetune, is_main_process
 from .base import Attack
 from .registry import attack_options, make_attack
@@ -33,13 +33,15 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
     task_obj = get_task(task)
     out = check_out_dir(out, attack_inputs(model_dir, reference, task)) if out else None  # before any work
     if out and (out / "result.json").exists():
-        return read_json(out / "result.json")
+        return with_target(read_json(out / "result.json"))
     if reference is not None and not Path(reference).is_dir():
         raise WeightlockError(f"{reference}: reference model directory not found")
     config = {"model": str(model_dir), "reference": str(reference) if reference else None, "task": task,
               "attack": attack, "options": atk.cfg.options()}
-    result = {"kind": ATTACK_RUN, "schema_version": SCHEMA_VERSION, **config,
-              "locked": attack_one(model_dir, task_obj, atk, eval_data)}
+    # "target": the attacked model's run, locked or not (before attack_run schema 2: "locked"; see
+    # weightlock.schema.target_run, which reads both)
+    result = {"kind": ATTACK_RUN, "schema_version": schema_version(ATTACK_RUN), **config,
+              "target": attack_one(model_dir, task_obj, atk, eval_data)}
     if reference is not None:
         ref_name = atk.reference_attack or attack
         ref_options = attack_options(ref_name)
@@ -47,10 +49,18 @@ def run_attack(model_dir: str | Path, task: str, attack: str, out: str | Path | 
         result["reference_run"] = attack_one(reference, task_obj, make_attack(
             ref_name, **{k: v for k, v in options.items() if k in ref_options}), eval_data)
         ref_gain = result["reference_run"]["gain"]
-        result["gain_ratio"] = result["locked"]["gain"] / ref_gain if abs(ref_gain) > 1e-12 else None
+        result["gain_ratio"] = result["target"]["gain"] / ref_gain if abs(ref_gain) > 1e-12 else None
     if out and is_main_process():  # a data-parallel run (torchrun): every process has the same result
         write_json(out / "config.json", config)
         write_json(out / "result.json", result)
+    return result
+
+
+def with_target(result: dict) -> dict:
+    """An attack result as this weightlock writes it: a record from before schema 2 (the attacked model's run
+    under ``"locked"``) gets it under ``"target"`` too (the file is not changed)."""
+    if "target" not in result and isinstance(result.get("locked"), dict):
+        result = {**result, "target": result["locked"]}
     return result
 
 

@@ -81,7 +81,7 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
         tag = "_".join(f"{k}-{v}" for k, v in point.items()) or "default"
         runs = [run_attack(model_dir, task, attack, out / tag / f"seed{s}", reference=reference,
                            **{**options, **point, "seed": s}) for s in seeds]
-        gains = [r["locked"]["gain"] for r in runs]
+        gains = [r["target"]["gain"] for r in runs]
         row = {"point": point, "seeds": list(seeds), "gain_mean": statistics.mean(gains),
                "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
                "runs": [str(out / tag / f"seed{s}") for s in seeds]}
@@ -89,7 +89,7 @@ def run_suite(model_dir, task: str, attack: str, out, reference=None, seeds=(0,)
             ref = [r["reference_run"]["gain"] for r in runs]
             row.update(reference_gain_mean=statistics.mean(ref),
                        reference_gain_std=statistics.stdev(ref) if len(ref) > 1 else 0.0)
-        row["cost"] = {k: statistics.mean(r["locked"]["cost"][k] for r in runs)
+        row["cost"] = {k: statistics.mean(r["target"]["cost"][k] for r in runs)
                        for k in ("saved_activation_bytes_per_step", "step_time_s", "peak_rss_bytes")}
         rows.append(row)
     best = max(rows, key=lambda r: r["gain_mean"])

@@ -8,7 +8,11 @@ for a post-hoc defense, a :class:`~weightlock.train.pretrain.PretrainConfig` for
 one), the attacks that make sense against it with their reference attack on the original, an optional
 authorized fine-tuning (the owner's yardstick) and optional extra evaluations. Built in: ``none`` (the
 unlocked original), ``dlr`` (DLR-Lock) and ``pmp`` (private-mask pretraining). ``weightlock demo``
-builds, evaluates and attacks every registered defense (or those named with ``--defense``)::
+builds, evaluates and attacks every registered defense (or those named with ``--defense``);
+``weightlock defend NAME --set KEY=VALUE`` builds any one of them (``lock`` and ``pretrain --method pmp``
+are that path for ``dlr`` and ``pmp``). ``DEFENSES`` is a :class:`weightlock.registry.Registry`: a name
+registered twice is an error, and installed packages add defenses through the entry-point group
+``weightlock.defenses``::
 
     from dataclasses import dataclass
     from weightlock.defenses import AttackSpec, Defense, DefenseConfig, register_defense

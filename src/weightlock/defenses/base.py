@@ -11,32 +11,19 @@ from typing import Any, ClassVar
 from ..config import check_types
 from ..errors import WeightlockError
 from ..io import read_json, write_json
+from ..registry import Registry
 from ..schema import DEFENSE_BUILD, stamp
-
-DEFENSES: dict[str, type["Defense"]] = {}
 
 
 def register_defense(name: str):
-    """Class decorator: register a :class:`Defense` subclass under ``name`` (replacing one of that name)."""
-    if not isinstance(name, str) or not name or "/" in name or name == "reference":
-        raise WeightlockError(f"a defense name must be a non-empty string without '/' (not 'reference'), "
-                              f"got {name!r}")
-
-    def deco(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Defense)):
-            raise WeightlockError(f"register_defense({name!r}) decorates a Defense subclass, got {cls!r}")
-        cls.name = name
-        DEFENSES[name] = cls
-        return cls
-
-    return deco
+    """Class decorator: register a :class:`Defense` subclass under ``name`` (a taken name is an error; so is
+    ``reference``, the name the harness gives the original's attack runs)."""
+    return DEFENSES.register(name)
 
 
 def get_defense(name: str) -> type["Defense"]:
     """The registered defense class called ``name``."""
-    if name not in DEFENSES:
-        raise WeightlockError(f"unknown defense {name!r}; available: {', '.join(DEFENSES)}")
-    return DEFENSES[name]
+    return DEFENSES.get(name)
 
 
 def make_defense(name: str, **options) -> "Defense":
@@ -81,8 +68,11 @@ class Defense:
     """A defense: a typed config (``Config``, validated) plus what the harness needs to run it.
 
     * ``apply(source, out) -> release dir`` builds the release. A post-hoc defense (``pretraining =
-      False``) takes a model directory; a pretraining-time one (``pretraining = True``) takes a
-      :class:`weightlock.train.pretrain.PretrainConfig` and pretrains its own model.
+      False``) takes a model directory (or a ``.gguf`` file); a pretraining-time one (``pretraining = True``)
+      takes a :class:`weightlock.train.pretrain.PretrainConfig` and pretrains its own model. Run-time
+      switches that are not part of the release's settings (``overwrite``, ``resume``...) are the keyword
+      arguments of ``apply`` named in ``build_options``; :meth:`build` (what ``weightlock defend``,
+      ``lock`` and ``pretrain --method pmp`` call) passes them on and refuses others.
     * ``attacks``: the attacks that make sense against it, each with its reference attack on the original;
       ``authorized``: the owner's own fine-tuning (the yardstick a defense that allows one is measured
       by; not counted as an attack).
@@ -96,6 +86,7 @@ class Defense:
     Config: ClassVar[type] = DefenseConfig
     pretraining: ClassVar[bool] = False
     workdir: ClassVar[str | None] = None  # the harness's directory name for its build; default: the name
+    build_options: ClassVar[tuple[str, ...]] = ()  # keyword arguments of apply() besides source and out
     attacks: ClassVar[tuple[AttackSpec, ...]] = (
         AttackSpec("full", "full", {}, "full", "full"),
         AttackSpec("lora", "lora", {"targets": "attention"}, "lora", "lora"),
@@ -133,8 +124,9 @@ class Defense:
                 "pretraining": self.pretraining, "config": _jsonable(dataclasses.asdict(self.cfg))}
 
     # ---- building the release ---------------------------------------------------------------------
-    def apply(self, source, out: Path) -> Path:
-        """Build the release into ``out`` from ``source``; return the release directory."""
+    def apply(self, source, out: Path, **options) -> Path:
+        """Build the release into ``out`` from ``source``; return the release directory. ``options``: the
+        run-time switches named in ``build_options``."""
         raise NotImplementedError(f"defense {self.name!r} does not implement apply()")
 
     def check_source(self, source) -> None:
@@ -145,15 +137,31 @@ class Defense:
             if not isinstance(source, PretrainConfig):
                 raise WeightlockError(f"defense {self.name!r} is applied at pretraining time: its source is a "
                                       f"PretrainConfig, got {type(source).__name__}")
-        elif not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
-            raise WeightlockError(f"defense {self.name!r} is applied to a finished model: its source is a model "
-                                  f"directory, got {source!r}")
+        else:
+            what = (f"defense {self.name!r} is applied to a finished model: its source is a model directory "
+                    "or a .gguf file")
+            if not isinstance(source, (str, os.PathLike)):
+                raise WeightlockError(f"{what}, got {source!r}")
+            p = Path(source)
+            if not p.exists():
+                raise WeightlockError(f"{p}: model directory not found ({what})")
+            if not (p.is_dir() or p.suffix.lower() == ".gguf"):
+                raise WeightlockError(f"{what}, got the file {p}")
 
-    def build(self, source, out: str | os.PathLike) -> Path:
-        """:meth:`apply`, then record the finished build beside ``out`` (what :meth:`release` reads)."""
+    def build(self, source, out: str | os.PathLike, **options) -> Path:
+        """:meth:`apply` (with the run-time ``options`` named in ``build_options``), then record the finished
+        build beside ``out`` (what :meth:`release` reads; the main process of a distributed run only)."""
+        bad = set(options) - set(self.build_options)
+        if bad:
+            raise WeightlockError(f"defense {self.name!r} has no build option(s) {', '.join(sorted(bad))}; "
+                                  f"it takes: {', '.join(self.build_options) or 'none'}")
         self.check_source(source)
         out = Path(out)
-        release = Path(self.apply(source, out))
+        release = Path(self.apply(source, out, **options))
+        from ..train.finetune import is_main_process
+
+        if not is_main_process():
+            return release
         if not release.is_dir():
             raise WeightlockError(f"defense {self.name!r}: apply() returned {release}, not a directory")
         write_json(self.build_file(out), stamp(DEFENSE_BUILD, {
@@ -204,6 +212,9 @@ class Defense:
     def summary_lines(self, summary: dict) -> list[str]:
         """Extra lines of the terminal summary (before the verdicts)."""
         return []
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense", Defense, group="weightlock.defenses", reserved=("reference",))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -31,15 +31,16 @@ class NoDefense(Defense):
     description = "the unlocked original (no defense): the reference every attack is compared with"
     Config = NoneConfig
     attacks = (FULL, LORA, AttackSpec("checkpointing", "full", {"checkpointing": "layer"}, "full", "checkpointing"))
+    build_options = ("overwrite",)
 
     @property
     def label(self) -> str:
         return REFERENCE_LABEL
 
-    def apply(self, source, out: Path) -> Path:
+    def apply(self, source, out: Path, overwrite: bool = True) -> Path:
         if not self.cfg.copy:
             return Path(source)
-        out = prepare_out_dir(out, overwrite=True, inputs=(source,))
+        out = prepare_out_dir(out, overwrite=overwrite, inputs=(source,))
         for f in sorted(Path(source).iterdir()):
             if f.is_file():
                 shutil.copy2(f, out / f.name)
@@ -58,6 +59,7 @@ class DLRLockDefense(Defense):
                AttackSpec("checkpointing", "full", {"checkpointing": "dlr"}, "full", "checkpointing"),
                AttackSpec("reverse-distill", "reverse-distill", {}, "full", "full"))
     evaluations = ("memory_vs_depth",)
+    build_options = ("overwrite", "restart", "keep_work")  # as ``weightlock lock``'s flags
 
     @property
     def label(self) -> str:
@@ -66,10 +68,10 @@ class DLRLockDefense(Defense):
     def build_title(self) -> str:
         return f"lock the base model with DLR-Lock (rank {self.cfg.rank})"
 
-    def apply(self, source, out: Path) -> Path:
+    def apply(self, source, out: Path, overwrite: bool = True, restart: bool = False, keep_work: bool = False) -> Path:
         from ..dlr.lock import lock
 
-        lock(source, out, self.cfg, overwrite=True)
+        lock(source, out, self.cfg, overwrite=overwrite, restart=restart, keep_work=keep_work)
         return Path(out)
 
     def finished(self, out: Path) -> Path | None:
@@ -121,6 +123,7 @@ class PMPDefense(Defense):
     attacks = (FULL, LORA, AttackSpec("mask-recover", "mask-recover", {"method": "spectral"}, "masked", "full"))
     authorized = AttackSpec("masked (authorized)", "masked", {}, "masked", "full")
     evaluations = ("mask_recovery",)
+    build_options = ("overwrite", "resume")  # as ``weightlock pretrain``'s flags
 
     @property
     def label(self) -> str:
@@ -129,10 +132,10 @@ class PMPDefense(Defense):
     def build_title(self) -> str:
         return f"pretrain a PMP model ({self.cfg.variant}, ρ={self.cfg.mask_ratio}), same settings"
 
-    def apply(self, source, out: Path) -> Path:
+    def apply(self, source, out: Path, overwrite: bool = True, resume: bool = False) -> Path:
         from ..pmp.train import pretrain_pmp
 
-        pretrain_pmp(source, self.cfg, out, overwrite=True)
+        pretrain_pmp(source, self.cfg, out, overwrite=overwrite, resume=resume)
         return Path(out) / "release"
 
     def finished(self, out: Path) -> Path | None:

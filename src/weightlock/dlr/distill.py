@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from ..config import check_types, choice
+from ..config import check_types, option
 from ..errors import WeightlockError
 from ..io import atomic_path, dist_or_none, read_json, write_json
 from ..train.loop import Hook
@@ -34,54 +34,63 @@ from .modeling_weightlock_dlr import (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LockConfig:
     """Settings of ``weightlock lock`` (the DLR-Net shape, calibration data and distillation).
 
-    Validated at construction; code that changes a field afterwards calls :meth:`validate` again (``lock``
-    and ``distill_model`` do, before any work)."""
+    Validated at construction and frozen: derive a changed config with ``dataclasses.replace(cfg, ...)``
+    (validated again). Each field's help text (``metadata["help"]``) is what ``weightlock lock --help`` shows."""
 
-    rank: int = 32
-    depth: int | None = None  # None: chosen so the DLR-Net has the MLP's parameter count (±2%)
-    activation: Literal["gelu", "relu", "silu", "tanh"] = choice("gelu", "activation")
-    norm: bool = False
-    bias: bool = False
-    init_scale: float = 0.0
-    # zero (U = 0) | mlp (plain MLPs: block l starts as a slice of the MLP's hidden units)
-    init: Literal["zero", "mlp"] = choice("zero", "init")
-    # DLR(u) = readout·(z_L − z_0): s > 1 shrinks the drift of the residual state z by s (a real LLM's MLP
-    # output is 7–20× its input in norm, so at s = 1 later blocks see mostly the partial output, not the input)
-    readout: float = 1.0
-    # an explicit gated component for massive-activation tokens (the attention sink), fitted in closed form
-    sink: bool = True
-    outlier_factor: float = 10.0  # a token whose MLP output norm is above this × the median is an outlier
-    # which MLPs to lock: None = all; "0,3,5-9" (ranges inclusive); "auto" = as many as fit max_ppl_ratio
-    layers: str | None = None
-    max_ppl_ratio: float = 1.05  # layers="auto": the held-out perplexity ratio the chosen layers must keep
-    data: str | None = None  # calibration text; None: the model's own training data, else builtin:code+prose
-    calib_tokens: int = 131_072
-    block_size: int = 128
-    steps: int = 600
-    batch_tokens: int = 1024
-    lr: float = 1e-2
-    holdout: float = 0.1
-    seed: int = 0
-    # parallel: all layers on the original's activations | sequential
-    mode: Literal["parallel", "sequential"] = choice("parallel", "mode")
-    refine_steps: int = 0  # optional end-to-end refinement toward the original's logits (KL) / hidden states
-    refine_lr: float = 3e-4
-    refine_batch: int = 8  # sequences (of block_size tokens) per refinement step
-    refine_eval_every: int = 25  # steps between fidelity measurements (KL, top-1, ppl ratio) on held-out text
-    refine_checkpoint_every: int = 25  # steps between refinement checkpoints (a killed run resumes from one)
-    target_kl: float | None = None  # stop refining once the held-out KL to the original is at most this
-    # quality gate: a layer whose held-out relative error is above this (or not finite) fails the lock;
-    # 1.0 is what a net that outputs nothing scores. None: no gate
-    max_rel_error: float | None = 0.5
-    # energy: ‖f(x) − y‖² / ‖y‖² over the batch | row: each token's error relative to its own output energy
-    # (floored at the batch median), so a few tokens with massive activations do not dominate (real LLMs)
-    loss: Literal["energy", "row"] = choice("energy", "distillation loss")
-    grad_clip: float = 0.0  # clip the distillation gradient norm (0: off); deep nets on real LLMs diverge without
-    progress: bool = True
+    rank: int = option(32, "Rank r of every DLR block.")
+    depth: int | None = option(None, "Blocks per DLR-Net (default: match the MLP's parameter count, ±2%).")
+    activation: Literal["gelu", "relu", "silu", "tanh"] = option("gelu", "Block activation σ: gelu, relu, silu "
+                                                                "or tanh.", label="activation")
+    norm: bool = option(False, "Per-block RMSNorm.")
+    bias: bool = option(False, "Biases in the DLR blocks.")
+    init_scale: float = option(0.0, "Scale of U's random initialization (0: U starts at zero).")
+    init: Literal["zero", "mlp"] = option("zero", "zero (U starts at 0) or mlp (plain MLPs: block l starts as a "
+                                          "slice of the MLP's hidden units).", label="init")
+    # s > 1 shrinks the drift of the residual state z by s (a real LLM's MLP output is 7–20× its input in norm,
+    # so at s = 1 later blocks see mostly the partial output, not the input)
+    readout: float = option(1.0, "Read-out scale s: DLR(u) = s·(z_L − z_0); with --init mlp, 16 reaches ~10× "
+                            "lower error (see README).")
+    sink: bool = option(True, "Give every DLR-Net a gated sink component for massive-activation tokens (the "
+                        "attention sink), fitted in closed form.")
+    outlier_factor: float = option(10.0, "A token whose MLP output norm is above this × the median is an "
+                                   "outlier (the sink component's tokens).")
+    layers: str | None = option(None, "Lock only these MLPs: ids and ranges such as 0,3,5-9, or 'auto': the most "
+                                "that keep --max-ppl-ratio (default: all); the release records which.")
+    max_ppl_ratio: float = option(1.05, "With --layers auto: the held-out perplexity ratio the chosen layers "
+                                  "must keep.")
+    data: str | None = option(None, "Calibration data (default: the model's training data, else "
+                              "builtin:code+prose).")
+    calib_tokens: int = option(131_072, "Calibration tokens.")
+    block_size: int = option(128, "Tokens per calibration sequence (at most the model's context).")
+    steps: int = option(600, "Distillation steps per layer.")
+    batch_tokens: int = option(1024, "Tokens per distillation step.")
+    lr: float = option(1e-2, "Distillation learning rate.")
+    holdout: float = option(0.1, "Fraction of the captured tokens held out to measure each layer's error.")
+    seed: int = option(0, "Random seed of the initialization and the batches.")
+    mode: Literal["parallel", "sequential"] = option("parallel", "parallel (every layer on the original's "
+                                                     "activations) or sequential (on the locked ones).",
+                                                     label="mode")
+    refine_steps: int = option(0, "End-to-end refinement steps after distillation (KL to logits; hidden states "
+                               "for encoders).")
+    refine_lr: float = option(3e-4, "Refinement learning rate.")
+    refine_batch: int = option(8, "Sequences (of block_size tokens) per refinement step.")
+    refine_eval_every: int = option(25, "Refinement steps between fidelity measurements (KL, top-1, perplexity "
+                                    "ratio) on held-out text.")
+    refine_checkpoint_every: int = option(25, "Refinement steps between checkpoints (a killed run resumes from "
+                                          "one).")
+    target_kl: float | None = option(None, "Stop refining once the held-out KL to the original is at most this.")
+    max_rel_error: float | None = option(0.5, "Fail the lock if a layer's held-out relative error is above this "
+                                         "or not finite (1 = the net outputs nothing); 'none' accepts any.")
+    loss: Literal["energy", "row"] = option("energy", "Distillation loss: energy (‖f−y‖²/‖y‖² over the batch) or "
+                                            "row (per token, floored at the median; real LLMs with massive "
+                                            "activations).", label="distillation loss")
+    grad_clip: float = option(0.0, "Clip the distillation gradient norm (0: off); deep nets on real LLMs diverge "
+                              "without.")
+    progress: bool = option(True, "Progress bars and status lines on stderr.")
 
     def __post_init__(self) -> None:
         self.validate()

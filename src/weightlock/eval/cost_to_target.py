@@ -99,6 +99,22 @@ def run_training_memory(run: dict, optimizer: str | None = None) -> dict:
     return {"counted": cost.get("training_memory_bytes"), "estimated": estimated}
 
 
+def counted_training_memory(model, optimizer: str = "adamw", saved_activation_bytes: int | None = None) -> dict:
+    """The training memory of ``model`` as it is set up to train (its parameters' ``requires_grad``), in
+    :func:`run_training_memory`'s shape (``counted``, ``estimated``) plus its ``parts``
+    (:func:`~weightlock.eval.cost.training_memory`): exactly what an attack run records for a model with this
+    architecture and trainable set and these saved-activation bytes (the run's own, e.g. from a record made
+    before weightlock counted the rest) — a run counted again without running it."""
+    from .cost import training_memory
+
+    parts = training_memory(model, optimizer, saved_activation_bytes)
+    total = parts.pop("training_memory_bytes")
+    record = {"parameters": parts["parameters"], "trainable_parameters": parts["trainable_parameters"],
+              "cost": {"training_memory_bytes": total, "training_memory": parts,
+                       "saved_activation_bytes_per_step": saved_activation_bytes}}
+    return {**run_training_memory(record, optimizer), "parts": parts}
+
+
 def on_one_basis(memories: Sequence[dict]) -> tuple[list[int | None], str]:
     """Comparable training memories of runs (each a :func:`run_training_memory`): the counted bytes when
     every run has them (``"counted"``), else every run's estimate (``"estimated"``; ``"unknown"`` when no run
@@ -203,10 +219,11 @@ def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurv
     return line
 
 
-def load_attack_curves(paths: Sequence, side: str = "locked") -> list[AttackCurve]:
-    """The cost curves of the attack runs (``result.json`` of :func:`~weightlock.attacks.run_attack`) in
-    ``paths`` (run directories, directories holding them, or result files): ``side="locked"`` reads the
-    attacked model's run, ``"reference"`` the unlocked reference run recorded beside it (``--reference``).
+def load_attack_curves(paths: Sequence, side: str = "target") -> list[AttackCurve]:
+    """The cost curves of the attack runs (``result.json`` of :func:`~weightlock.attacks.run_attack`, read as
+    :class:`~weightlock.experiments.records.AttackRun` records) in ``paths`` (run directories, directories
+    holding them, or result files): ``side="target"`` (or ``"locked"``) reads the attacked model's run,
+    ``"reference"`` the unlocked reference run recorded beside it (``--reference``).
     Each curve is named by its run directory; ``memory_bytes`` is the run's counted training memory (else
     its estimate: call :func:`put_on_one_basis` on every set compared), ``peak_bytes`` its measured peak
     growth (reported only)."""
@@ -223,24 +240,25 @@ def load_attack_curves(paths: Sequence, side: str = "locked") -> list[AttackCurv
             files += sorted(p.rglob("result.json"))
         else:
             raise WeightlockError(f"{p}: no such file or directory")
+    from ..experiments.records import AttackRun
+
+    target = side in ("target", "locked")  # "locked": the attacked model's run, as records before schema 2 call it
     curves = []
     for f in files:
         d = read_json(f)
-        if kind_of(d, f) != ATTACK_RUN:
+        if kind_of(d, f) != ATTACK_RUN or (not target and d.get("reference_run") is None):
             continue
-        run = d["locked"] if side == "locked" else d.get("reference_run")
-        if run is None:
-            continue
-        if not run.get("cost_curve"):
+        run = AttackRun.from_result(d, "target" if target else "reference", source=f)  # the typed record
+        if not run.has_costs:
             raise WeightlockError(f"{f}: no cost curve (recorded before weightlock kept one); run the attack again "
                                   "with score_every=N")
         name = d.get("attack", "attack") + f" ({f.parent})"
-        memory = run_training_memory(run, d.get("options", {}).get("optimizer"))
-        curves.append(AttackCurve(name, run["cost_curve"], run["cost"].get("peak_rss_delta_bytes"),
+        memory = run.memory(d.get("options", {}).get("optimizer"))
+        curves.append(AttackCurve(name, run.cost_curve(), run.peak_rss_delta_bytes,
                                   {"attack": d.get("attack"), "options": d.get("options", {}), "memory": memory},
                                   memory["counted"] if memory["counted"] is not None else memory["estimated"]))
     if not curves:
-        raise WeightlockError(f"no attack runs{' with a reference run' if side != 'locked' else ''} under "
+        raise WeightlockError(f"no attack runs{' with a reference run' if not target else ''} under "
                               + ", ".join(map(str, paths)))
     return curves
 

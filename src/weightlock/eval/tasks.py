@@ -3,7 +3,13 @@
 Every task has training blocks and a score where higher is better:
 * ``ppl`` tasks score ``-loss`` (negative mean next-token NLL, nats) on held-out text, so a gain is
   the drop in loss; the perplexity is reported beside it;
-* ``exact`` tasks score exact-match accuracy of greedy completions on a held-out problem set.
+* ``exact`` tasks score exact-match accuracy of greedy completions on a held-out problem set;
+* ``loglik`` tasks are an ``exact`` task scored by its answers' likelihood instead: ``-loss``, the
+  negative mean NLL (nats) of the expected completion's tokens given the prompt (teacher-forced), on the
+  same held-out problems. Same skill, same training data; a continuous score that moves with every
+  step, where exact match stays at 0 until the greedy answer is right (a tiny model needs 100+ steps just
+  to answer in the format). Name: the skill + ``-loglik`` (``recall-loglik``, ``addition-loglik``, a
+  ``.jsonl`` task's path + ``-loglik``); ``demo --quick`` runs ``recall-loglik``.
 
 Built-in tasks: ``prose`` (adapt to builtin:prose), ``tests`` (adapt to the stdlib test suites),
 ``addition`` (``a+b=`` with up to 3 digits), ``reverse`` (reverse a 3–6 letter string), ``recall``
@@ -18,25 +24,27 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import WeightlockError
+from ..registry import Registry
 
 
 @dataclass
 class Task:
-    """A fine-tuning target: texts to train on and a test, ``ppl`` (held-out perplexity; score = −loss) or
-    ``exact`` (exact-match accuracy on prompt → completion pairs; score = accuracy). Higher is better."""
+    """A fine-tuning target: texts to train on and a test, ``ppl`` (held-out perplexity; score = −loss),
+    ``exact`` (exact-match accuracy on prompt → completion pairs; score = accuracy) or ``loglik`` (the same
+    pairs; score = −mean NLL of the completions' tokens). Higher is better."""
 
     name: str
-    kind: str  # "ppl" | "exact"
+    kind: str  # "ppl" | "exact" | "loglik"
     train_texts: Callable[[], list[str]]
     test_texts: Callable[[], list[str]] | None = None  # ppl tasks
-    test_pairs: Callable[[], list[tuple[str, str]]] | None = None  # exact tasks
+    test_pairs: Callable[[], list[tuple[str, str]]] | None = None  # exact and loglik tasks
 
     def train_blocks(self, tokenizer, block_size: int, max_tokens: int | None = None) -> torch.Tensor:
         """The training texts packed into token blocks (at most ``max_tokens``)."""
@@ -49,8 +57,8 @@ class Task:
 
     def evaluate(self, model, tokenizer, block_size: int = 128, max_tokens: int = 16384,
                  max_examples: int = 200) -> dict:
-        """Score ``model`` on the task's test data: ``score`` plus the loss and perplexity (``ppl``) or the
-        accuracy and number of examples (``exact``)."""
+        """Score ``model`` on the task's test data: ``score`` plus the loss and perplexity (``ppl``), the
+        accuracy (``exact``) or the completions' mean NLL (``loglik``), and the number of examples."""
         if self.kind == "ppl":
             from ..data.packing import pack_texts
             from ..train.loop import evaluate_loss
@@ -59,6 +67,9 @@ class Task:
             loss = evaluate_loss(model, blocks)
             return {"score": -loss, "loss": loss, "perplexity": math.exp(loss), "tokens": int(blocks.numel())}
         pairs = self.test_pairs()[:max_examples]
+        if self.kind == "loglik":
+            loss = completion_loss(model, tokenizer, pairs)
+            return {"score": -loss, "loss": loss, "examples": len(pairs)}
         acc = exact_match(model, tokenizer, pairs)
         return {"score": acc, "accuracy": acc, "examples": len(pairs)}
 
@@ -89,6 +100,31 @@ def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch: int = 32)
                 hits += tokenizer.decode(row, skip_special_tokens=True).startswith(answer)
     model.train(was)
     return hits / max(1, len(pairs))
+
+
+@torch.no_grad()
+def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], batch: int = 32) -> float:
+    """Mean NLL (nats per token) of each expected completion's tokens given its prompt, teacher-forced,
+    over every completion token of ``pairs``; the prompt is encoded as :func:`exact_match` does (EOS first)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    groups: dict[tuple[int, int], list[list[int]]] = {}
+    for prompt, answer in pairs:
+        ids = [eos] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        groups.setdefault((len(ids), len(ans)), []).append(ids + ans)
+    total, tokens = 0.0, 0
+    for (n_prompt, n_ans), rows in groups.items():
+        for i in range(0, len(rows), batch):
+            ids = torch.tensor(rows[i:i + batch], device=device)
+            logits = model(ids, attention_mask=torch.ones_like(ids)).logits[:, n_prompt - 1:-1].float()
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       ids[:, n_prompt:].reshape(-1), reduction="sum").item()
+            tokens += ids.shape[0] * n_ans
+    model.train(was)
+    return total / max(1, tokens)
 
 
 def _hash_split(prompt: str) -> str:
@@ -143,23 +179,38 @@ def _domain_task(name: str, spec: str) -> Task:
                 test_texts=lambda: load_texts(spec, "test"))
 
 
-TASKS: dict[str, Callable[[], Task]] = {
-    "prose": lambda: _domain_task("prose", "builtin:prose"),
-    "tests": lambda: _domain_task("tests", "builtin:tests"),
-    "addition": lambda: _skill_task("addition", _addition),
-    "reverse": lambda: _skill_task("reverse", _reverse),
-    "recall": lambda: _skill_task("recall", _recall),  # in-context key–value recall
-}
+# task factories (zero-argument callables returning a Task); third-party tasks register through the
+# entry-point group ``weightlock.tasks`` or with ``@TASKS.register("name")`` on a factory
+TASKS: Registry[Callable[[], Task]] = Registry("task", Callable, group="weightlock.tasks", instances=True)
+TASKS.register("prose", lambda: _domain_task("prose", "builtin:prose"))
+TASKS.register("tests", lambda: _domain_task("tests", "builtin:tests"))
+TASKS.register("addition", lambda: _skill_task("addition", _addition))
+TASKS.register("reverse", lambda: _skill_task("reverse", _reverse))
+TASKS.register("recall", lambda: _skill_task("recall", _recall))  # in-context key–value recall
+
+
+LOGLIK = "-loglik"  # a prompt/completion task + this suffix: scored by its completions' likelihood
 
 
 def get_task(name: str) -> Task:
-    """A built-in task by name, or a user task from a ``.jsonl`` path."""
+    """A built-in task by name, or a user task from a ``.jsonl`` path; either + ``-loglik``: that
+    prompt/completion task scored by its completions' mean NLL (kind ``loglik``) instead of exact match."""
     if name in TASKS:
-        return TASKS[name]()
+        task = TASKS[name]()
+        if not isinstance(task, Task):
+            raise WeightlockError(f"task {name!r}: its factory returned {type(task).__name__}, not a Task")
+        return task
+    if name.endswith(LOGLIK) and len(name) > len(LOGLIK):
+        base = get_task(name[:-len(LOGLIK)])
+        if base.kind != "exact":
+            raise WeightlockError(f"task {name!r}: {LOGLIK} scores a prompt/completion task; "
+                                  f"{base.name!r} is a {base.kind} task")
+        return replace(base, name=name, kind="loglik")
     p = Path(name)
     if p.suffix == ".jsonl":
         return _jsonl_task(p)
-    raise WeightlockError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} or give a .jsonl file")
+    raise WeightlockError(f"unknown task {name!r}; choose one of {', '.join(TASKS)} or give a .jsonl file "
+                          f"(a skill or .jsonl task + {LOGLIK!r}: scored by its answers' likelihood)")
 
 
 def _jsonl_task(path: Path) -> Task:

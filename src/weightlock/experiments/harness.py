@@ -1,0 +1,101 @@
+"""The harness the scripts under ``bench/`` share: where their results go and what machine produced them
+(:func:`save`), one attack run reduced to a result row (:func:`attack_job`, :func:`timing_key`,
+:func:`max_gain`), and the Llama-shaped model pair the memory and timing meters measure
+(:func:`llama_shaped_pair`).
+
+A bench script imports only from ``weightlock`` (no ``sys.path`` edits) and stays runnable as
+``python bench/NAME.py`` from the repository root.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .. import schema
+
+RESULTS_ENV = "WEIGHTLOCK_BENCH_RESULTS"
+
+
+def results_dir() -> Path:
+    """Where bench results go: ``$WEIGHTLOCK_BENCH_RESULTS`` when set; else ``results/`` beside the running
+    script when that script lives in a folder named ``bench`` (``python bench/x.py`` from anywhere); else
+    ``bench/results`` under the current directory."""
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main and Path(main).resolve().parent.name == "bench":
+        return Path(main).resolve().parent / "results"
+    return Path.cwd() / "bench" / "results"
+
+
+RESULTS = results_dir()
+
+
+def save(name: str, result: dict, kind: str | None = None) -> Path:
+    """Write ``result`` to ``RESULTS/NAME.json`` with the machine, its record ``kind`` (one of
+    :data:`weightlock.schema.RECORD_KINDS` for a record the report draws; default: the kind ``result`` carries,
+    else ``bench.NAME``, a record no reader draws) and the schema version. A result read back and saved again
+    (a re-analysis) keeps the machine that measured it."""
+    from ..io import machine_info, write_json
+
+    path = RESULTS / f"{name}.json"
+    record = {"kind": schema.bench_kind(name), "schema_version": schema.SCHEMA_VERSION, "machine": machine_info(),
+              **result}
+    if kind is not None:
+        record["kind"] = kind
+    write_json(path, record)
+    print(f"wrote {path}")
+    return path
+
+
+def attack_job(root: Path, budget: dict, job: tuple) -> dict:
+    """One attack run under ``root/TASK/MODEL/LABEL`` (skipped when finished there) with the shared ``budget``
+    options, overridden by the job's; ``job`` = (model key, model dir, task, label, attack, options).
+    Returns its row: gain, curve and costs."""
+    from ..attacks import run_attack
+    from ..eval.cost_to_target import run_training_memory
+
+    key, model, task, label, attack, options = job
+    out = Path(root) / task / key / label
+    r = schema.target_run(run_attack(model, task, attack, out, **{**budget, **options}), out)  # a job's options win
+    print(f"{task:7s} {key:8s} {label:28s} gain {r['gain']:+.4f} steps {r['cost_curve'][-1]['step']:3d} "
+          f"{r['cost_curve'][-1]['seconds']:6.0f} s", flush=True)
+    return {"model": key, "task": task, "label": label, "attack": attack, "options": options, "dir": str(out),
+            **{k: r[k] for k in ("gain", "before", "after", "cost_curve", "stopped_early", "capability_ppl_after")},
+            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),  # measured: reported, never a budget
+            # counted (parameters + gradients + optimizer state + saved activations): the memory budget's measure
+            "training_memory": run_training_memory(r, {**budget, **options}.get("optimizer")),
+            "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
+            "step_time_s": r["cost"]["step_time_s"], "prepare_seconds": r["cost"]["prepare_seconds"]}
+
+
+def timing_key(row: dict) -> tuple:
+    """What an attack row's step time depends on: the model, the attack and its options except rate and seed."""
+    opts = {k: v for k, v in row["options"].items() if k not in ("lr", "seed")}
+    return (row["model"], row["attack"], tuple(sorted(opts.items())))
+
+
+def max_gain(row: dict) -> float:
+    """An attack row's best gain over its release (:func:`weightlock.eval.cost_to_target.best_gain` of its curve)."""
+    from ..eval.cost_to_target import best_gain
+
+    return best_gain(row["cost_curve"])
+
+
+def llama_shaped_pair(layers: int = 2, rank: int = 64):
+    """A random Llama-shaped model at a real width (d=2048, d_ff=8192, vocab 4,096) and its DLR version
+    at ``rank`` (random DLR weights: enough for memory and time). Returns (original, locked, specs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..dlr import LockConfig, apply_dlr
+    from ..dlr.distill import specs_for
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=16,
+                      num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512)
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(cfg)
+    _, specs, _ = specs_for(original, LockConfig(rank=rank))
+    locked = apply_dlr(LlamaForCausalLM(cfg), [s.__dict__ for s in specs])
+    return original, locked, specs

@@ -1,0 +1,230 @@
+"""Experiments as data (issue 24): specs that validate themselves and are frozen, typed AttackRun records
+(read back across schema versions), and the runner: a tiny spec end to end, killed after its first attack
+run and resumed."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from weightlock.errors import WeightlockError
+from weightlock.experiments import AttackRun, CostPoint, ExperimentSpec, load_spec, run_experiment, shipped_specs
+
+FIELDS = Path(__file__).parent / "fixtures" / "demo_quick_fields.json"
+
+
+def test_shipped_specs_are_the_demo_plans():
+    """`weightlock demo [--quick]` runs the shipped specs: they translate to exactly the demo's plans."""
+    from weightlock.demo import FULL, QUICK
+    from weightlock.experiments.runner import plan_of
+
+    assert {"demo", "demo-quick"} <= set(shipped_specs())
+    assert plan_of(load_spec("demo-quick")) == QUICK and plan_of(load_spec("demo")) == FULL
+    for name in ("demo", "demo-quick"):
+        spec = load_spec(name)
+        assert [e.name for e in spec.defenses] == ["dlr", "pmp"] and spec.attacks is None and spec.seeds == (0,)
+
+
+BASE = {"name": "x", "models": [{"preset": "tiny"}], "defenses": {"dlr": {"rank": 4}}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budgte": {}}, "unknown key 'budgte' in the spec; valid keys: name, description, models, defenses, attacks"),
+    ({"budget": {"step": 3}}, "unknown key 'step' in budget; valid keys: steps, batch, score_every, patience"),
+    ({"models": [{"preset": "tiny", "size": 3}]}, "unknown key 'size' in models[0]; valid keys: preset, path, name"),
+    ({"attacks": {"full": {"lrs": [1]}}}, "unknown key 'lrs' in attacks.full; valid keys: lr, options"),
+    ({"learning_rates": {"fast": 1e-3}}, "unknown key 'fast' in learning_rates; valid keys: full, lora, masked"),
+    ({"measure": {"reprot": False}}, "unknown key 'reprot' in measure; valid keys: capability_tokens"),
+    ({"defenses": {"dlr": {"rnak": 4}}}, "defenses.dlr: "),
+    ({"defenses": {"nope": {}}}, "defenses.nope: unknown defense 'nope'"),
+    ({"attacks": {"offload": {}}}, "unknown attack 'offload' in attacks; the defenses' attacks: full, lora"),
+    ({"attacks": {"full": {"options": {"rnak": 2}}}}, "attacks.full: "),
+    ({"attacks": {"full": {"lr": [1e-3, -1]}}}, "attacks.full.lr must be positive numbers"),
+    ({"tasks": ["nope"]}, "tasks: unknown task 'nope'"),
+    ({"models": [{"preset": "huge"}]}, "models[0].preset: unknown preset 'huge'"),
+    ({"budget": {"steps": 0}}, "budget.steps must be an integer ≥ 1, got 0"),
+    ({"seeds": [0, 0]}, "a seed is named twice"),
+    ({"models": [{"path": "/m"}], "defenses": ["pmp"]}, "pmp pretrains its own model"),
+    ({"name": ""}, "the spec needs a name"),
+])
+def test_spec_refuses_bad_input_with_one_line(change, message):
+    with pytest.raises(WeightlockError) as e:
+        ExperimentSpec.from_dict({**BASE, **change}, source="s.yaml")
+    text = str(e.value)
+    assert text.startswith("s.yaml: ") and message in text and "\n" not in text, text
+
+
+def test_spec_is_frozen_and_round_trips(tmp_path):
+    spec = load_spec("demo-quick")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.budget.steps = 1
+    with pytest.raises(TypeError):
+        spec.defenses[0].config["rank"] = 1
+    assert ExperimentSpec.from_dict(spec.to_dict()) == spec
+    (tmp_path / "s.json").write_text(json.dumps(spec.to_dict()))
+    assert load_spec(tmp_path / "s.json") == spec
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(WeightlockError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: demo, demo-quick"):
+        load_spec("no-such-spec")
+    # a sweep: per attack label, else the plan's group; the YAML spelling 1e-3 (a string to YAML) is a number
+    s = ExperimentSpec.from_dict({**BASE, "attacks": {"full": {"lr": ["1e-3", 3e-3]}, "lora": {}}})
+    assert s.lrs("full", "full") == (1e-3, 3e-3) and s.lrs("lora", "lora") == (1e-2,)
+    assert s.with_defenses(["none"]).attacks.keys() == {"full", "lora"}
+
+
+def _run(scores=(0.5, 0.6, 0.8)):
+    curve = [{"step": 2 * i, "tokens": 256 * i, "seconds": 1.5 * i, "flops": 1e9 * i, "score": s}
+             for i, s in enumerate(scores)]
+    return {"model": "m", "before": {"score": scores[0]}, "after": {"score": scores[-1]}, "gain": 0.3,
+            "cost_curve": curve, "score_curve": [[p["step"], p["score"]] for p in curve], "parameters": 10,
+            "trainable_parameters": 10, "tokens": 512, "stopped_early": False, "capability_ppl_before": 5.0,
+            "capability_ppl_after": 5.5, "capability_data": "builtin:code", "loss_curve": [1.0, 0.5],
+            "cost": {"saved_activation_bytes_per_step": 100, "training_memory_bytes": 400, "step_time_s": 0.75,
+                     "prepare_seconds": 0.0, "train_seconds": 3.0, "peak_rss_bytes": 1000,
+                     "peak_rss_delta_bytes": 10, "flops_estimate": 2e9, "flops_counted": 1.9e9}}
+
+
+def test_attack_run_records_round_trip_and_read_old_locked_results(tmp_path):
+    from weightlock.attacks.run import with_target
+    from weightlock.eval.cost_to_target import load_attack_curves
+
+    result = {"kind": "attack_run", "schema_version": 2, "model": "m", "reference": None, "task": "prose",
+              "attack": "full", "options": {"lr": 1e-3, "seed": 0, "optimizer": "adamw"}, "target": _run()}
+    rec = AttackRun.from_result(result, defense="dlr", label="full")
+    assert (rec.target, rec.defense, rec.attack, rec.attack_name, rec.task, rec.seed) == ("m", "dlr", "full", "full",
+                                                                                           "prose", 0)
+    assert rec.curve[1] == CostPoint(2, 256, 1.5, 1e9, 0.6) and rec.steps == 4 and rec.gain == 0.3
+    assert rec.total_seconds() == 0.75 * 4 and rec.memory()["counted"] == 400 and rec.flops_counted == 1.9e9
+    assert rec.score_curve == [[0, 0.5], [2, 0.6], [4, 0.8]] and rec.cost_curve() == result["target"]["cost_curve"]
+    d = json.loads(json.dumps(rec.to_dict()))
+    assert d["kind"] == "attack_record" and d["schema_version"] == 1 and AttackRun.from_dict(d) == rec
+    with pytest.raises(WeightlockError, match="upgrade weightlock"):
+        AttackRun.from_dict({**d, "schema_version": 99})
+    # before attack_run schema 2 the attacked model's run was stored under "locked" (the unlocked original's
+    # too): such records are still read, by the records, by run_attack (reused runs) and by the cost multiplier
+    old = {**{k: v for k, v in result.items() if k != "target"}, "schema_version": 1, "locked": _run()}
+    assert AttackRun.from_result(old, defense="dlr", label="full") == rec
+    assert with_target(old)["target"] == old["locked"] and "target" not in old
+    for name, r in (("new", result), ("old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(r))
+    curves = load_attack_curves([tmp_path / "new", tmp_path / "old"])
+    assert [c.curve for c in curves] == [rec.cost_curve()] * 2 and [c.memory_bytes for c in curves] == [400, 400]
+    with pytest.raises(WeightlockError, match="neither 'target' nor 'locked'"):
+        AttackRun.from_result({"kind": "attack_run", "schema_version": 2, "attack": "full"})
+
+
+TINY_SPEC = """\
+name: tiny-resume
+description: one defense, one attack at two learning rates, a few steps
+models:
+  - {{preset: tiny, path: {model}}}
+defenses:
+  none: {{}}
+attacks:
+  full: {{lr: [1.0e-3, 3.0e-3]}}
+tasks: [prose]
+seeds: [0]
+budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
+measure: {{capability_tokens: 1024, memory_depths: [2, 4], report: false}}
+"""
+
+
+class Killed(Exception):
+    pass
+
+
+def _records(out: Path) -> dict:
+    return {str(f.parent.relative_to(out / "attacks")): AttackRun.from_dict(json.loads(f.read_text()))
+            for f in sorted((out / "attacks").rglob("record.json"))}
+
+
+def _deterministic(r: AttackRun) -> tuple:
+    """What two runs of the same attack share (not the time or the measured memory)."""
+    return (r.defense, r.attack, r.task, r.config, r.seed, [(p.step, p.tokens, p.score) for p in r.curve],
+            r.score_before, r.score_after, r.gain, r.training_memory_bytes, r.saved_activation_bytes,
+            r.flops_estimate, r.capability_ppl_after)
+
+
+@pytest.mark.slow
+def test_tiny_spec_end_to_end_killed_and_resumed(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from weightlock.cli import app
+
+    model, _ = tiny_model_dir
+    spec_file = tmp_path / "tiny.yaml"
+    spec_file.write_text(TINY_SPEC.format(model=model))
+
+    # uninterrupted, through the command line
+    r = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "whole")])
+    assert r.exit_code == 0, r.output
+    whole = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert json.loads((tmp_path / "whole" / "spec.json").read_text())["name"] == "tiny-resume"
+
+    # killed after its first finished attack run
+    out, seen = tmp_path / "killed", []
+
+    def kill(record):
+        seen.append(record)
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_experiment(spec_file, out, on_record=kill)
+    first = _records(out)
+    assert len(first) == 1 and not (out / "summary.json").exists()
+    (done,) = first
+    mtime = (out / "attacks" / done / "record.json").stat().st_mtime_ns
+    resumed: list = []
+    summary = run_experiment(spec_file, out, on_record=resumed.append)["tiny"]
+    records = _records(out)
+    (killed,) = seen
+    assert len(resumed) == 3  # the finished run is skipped
+    assert (killed.defense, killed.config["lr"]) not in {(r.defense, r.config["lr"]) for r in resumed}
+    assert (out / "attacks" / done / "record.json").stat().st_mtime_ns == mtime
+    assert records[done] == first[done]
+    # 2 models (the reference and the defense's release, here the same directory) × 2 learning rates
+    assert sorted(records) == sorted(_records(tmp_path / "whole")) == [
+        f"{k}/prose/full/lr{lr}-seed0" for k in ("none", "reference") for lr in ("0.001", "0.003")]
+    for k, rec in _records(tmp_path / "whole").items():
+        assert _deterministic(records[k]) == _deterministic(rec), k
+    # the summary reads the records: the attacker's best learning rate, every point in the sweep
+    rows = {(x["defense"], x["attack"]): x for x in summary["attacks"]}
+    assert set(rows) == {("reference", "full"), ("none", "full")}
+    for (defense, _), row in rows.items():
+        recs = [v for k, v in records.items() if k.startswith(defense + "/")]
+        assert row["gain"] == max(x.gain for x in recs) and row["cost_curve"] is not None
+    assert [[p["gain"] for p in s["points"]] for s in summary["sweep"]] == \
+        [[p["gain"] for p in s["points"]] for s in whole["sweep"]]
+    assert [r["gain"] for r in summary["attacks"]] == [r["gain"] for r in whole["attacks"]]
+    # the same fields as the demo's summary and rows (the demo's defense-specific keys aside; "sweep": >1 point)
+    fields = json.loads(FIELDS.read_text())
+    assert set(summary) - {"sweep"} == set(fields["summary"]) - set(fields["defense_keys"])
+    assert all(set(x) == set(fields["row"]) for x in summary["attacks"])
+    # a second run skips everything
+    again: list = []
+    assert run_experiment(spec_file, out, on_record=again.append)["tiny"]["attacks"] == summary["attacks"]
+    assert again == []
+    # another setting of a finished run is run again (its old run discarded), the rest is kept
+    spec = load_spec(spec_file)
+    changed = dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, steps=1))
+    run_experiment(changed, out, on_record=again.append)
+    assert len(again) == 4 and all(r.steps == 1 for r in _records(out).values())
+
+
+def test_readme_example_spec_is_valid():
+    """The README's complete example is a spec that loads (every key and value checked)."""
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Experiments as specs", 1)[1]
+    text = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    spec = ExperimentSpec.from_dict(yaml.safe_load(text), source="README")
+    assert spec.name == "lock-vs-lora" and spec.lrs("lora", "lora") == (3e-3, 1e-2, 3e-2) and spec.seeds == (0, 1)
+    assert spec.lrs("full", "full") == (2e-3,) and dict(spec.attacks["lora"].options) == {"r": 16}
