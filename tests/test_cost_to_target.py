@@ -125,7 +125,7 @@ def test_multiplier_note_states_time_flops_and_memory():
             AttackCurve("checkpointing", _pts([0, 0.5, 1.0], dt=4.0, fl=30.0), memory_bytes=90)]
     note = multiplier_note(lock, orig, memory_budget=100)
     # target 0.9 is reached at 1.8 steps: 1.8 s on the original, 5.4 s on the lock, 7.2 s within the budget
-    assert note == ("reaching 90% of the unlocked gain costs 3.00× the time (full), 2.00× the FLOPs, "
+    assert note == ("reaching 90% of the best unlocked gain costs 3.00× the time (full), 2.00× the FLOPs, "
                     "4.00× the time within the unlocked full fine-tune's training memory (checkpointing)")
     # records without a count: said so, never a guess
     unknown = multiplier_note(lock, orig, memory_budget=None, memory_basis="unknown")
@@ -151,9 +151,30 @@ def test_demo_verdict_carries_the_cost_multiplier():
             row("dlr", "full", 1.0, _pts([0, 0.5, 1.0], dt=2.0), 250, 1),
             row("dlr", "lora", 0.2, _pts([0, 0.1, 0.2]), 80, 10**12)]
     line = verdicts(rows, {}, [make_defense("dlr")])["DLR-Lock"]
-    assert "prose: best attack full gets 100% of the unlocked gain (reaching 90% of the unlocked gain costs " \
-           "2.00× the time (full), 1.00× the FLOPs, never within the unlocked full fine-tune's training memory)" \
-           in line
+    assert "prose: best attack full gets 100% of what it gains on the unlocked model (reaching 90% of the best " \
+           "unlocked gain costs 2.00× the time (full), 1.00× the FLOPs, never within the unlocked full fine-tune's " \
+           "training memory)" in line
+
+
+def test_demo_verdict_names_which_unlocked_gain_each_figure_compares_with():
+    """Regression (the full demo of 2026-12-03, PMP on recall): "best attack lora gets 117% of the unlocked
+    gain" beside "no attack on the lock reaches 90% of the unlocked gain" — the first compared LoRA with LoRA on
+    the original (a weak attack there), the second with the original's best attack (full fine-tuning). Each
+    figure now says which gain it is a share of."""
+    from weightlock.defenses import make_defense
+    from weightlock.demo import _memory_fields, verdicts
+
+    def row(defense, attack, gain_ratio, curve):
+        return {"defense": defense, "attack": attack, "task": "recall", "gain_ratio": gain_ratio,
+                "cost_curve": curve, "peak_delta_bytes": 1, "memory_ratio": None,
+                **_memory_fields(100, 100, "counted")}
+
+    rows = [row("reference", "full", 1.0, _pts([0, 0.5, 1.0])), row("reference", "lora", 1.0, _pts([0, 0.05, 0.1])),
+            row("pmp", "full", 0.2, _pts([0, 0.1, 0.2])), row("pmp", "lora", 1.17, _pts([0, 0.06, 0.12]))]
+    line = verdicts(rows, {}, [make_defense("pmp")])["PMP"]
+    assert "best attack lora gets 117% of what it gains on the unlocked model" in line
+    assert "no attack on the lock reaches 90% of the best unlocked gain (any attack)" in line
+    assert "of the unlocked gain" not in line
 
 
 def _run_file(path, attack, curve, memory, options=None, reference=None, peak=1):

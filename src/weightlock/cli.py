@@ -464,7 +464,9 @@ def finetune(
 def attack(
     model: Optional[Path] = typer.Option(None, help="Model directory to attack (locked or not)."),
     reference: Optional[Path] = typer.Option(None, help="Unlocked reference model (for the gain ratio)."),
-    task: str = typer.Option("prose", help="prose, tests, addition, reverse, or a .jsonl file."),
+    task: str = typer.Option("prose", help="prose, tests, addition, reverse, recall, or a .jsonl file; a "
+                             "prompt/completion task + '-loglik' (e.g. recall-loglik) is scored by its answers' "
+                             "likelihood instead of exact match."),
     name: str = typer.Option("full", "--attack", help="Attack name (see --list)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (JSON results; finished runs are skipped)."),
     option: list[str] = typer.Option([], "--set", help="Attack option KEY=VALUE (repeatable)."),

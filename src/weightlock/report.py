@@ -166,7 +166,9 @@ def _draw_curve(ax, c: dict) -> None:
         ax.plot(*zip(*c["reference"]), "s--", label="unlocked original")
     ax.set_title(f"{c['title']} · {c['task']}", fontsize=9)
     ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("−held-out loss" if c["task"] in ("prose", "tests", "code") else "task score")
+    task = c["task"]
+    ax.set_ylabel("−held-out loss" if task in ("prose", "tests", "code") else
+                  "−answer loss (nats/token)" if task.endswith("-loglik") else "exact-match accuracy")
 
 
 def _draw_memory(ax, item) -> None:
@@ -319,7 +321,8 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
      "top-1 next-token agreement and perplexity ratio on held-out prose against the median per-layer relative "
      "error; dotted lines are the bars (top-1 ≥ 0.95, ppl ratio ≤ 1.05)."),
     ("curves.png", "Fine-tuning curves, locked vs unlocked", lambda f: _curves(f)[:16], _draw_curve, (4, 3), 4,
-     "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match accuracy) "
+     "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match accuracy, "
+     "or for a -loglik task the negative loss of the expected answer) "
      "measured every few steps while each attack fine-tunes the locked model (solid) and the same attack, same "
      "budget, fine-tunes the unlocked original (dashed). A lock holds where the solid curve stays flat while the "
      "dashed one rises."),
@@ -334,7 +337,8 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
      "What it costs an attacker to fit the locked model into a memory budget."),
     ("gain_vs_ratio.png", "Gain vs PMP mask ratio", _gain_panels, _draw_gain, (5, 3.8), None,
      "Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match accuracy "
-     "gained) of unauthorized full fine-tuning, LoRA and mask recovery + masked fine-tuning, and of the owner's "
+     "gained, or for a -loglik task the drop in the answer's loss) of unauthorized full fine-tuning, LoRA and mask "
+     "recovery + masked fine-tuning, and of the owner's "
      "authorized masked fine-tuning, at the best of the learning rates tried. ρ = 1 is the dense model."),
     ("mask_recovery.png", "Mask-recovery IoU vs chance", _recovery, _draw_recovery, (5.5, 3.8), None,
      "PMP mask recovery: IoU between the mask each attack guesses from the released dense weights (|w| "

@@ -41,6 +41,7 @@ import torch
 
 ACTIVATIONS = {"gelu": 0, "relu": 1, "silu": 2, "tanh": 3}
 MAX_ROWS = 16  # tokens per call: above this the eager path's BLAS matmuls are as fast
+PREFILL_CHUNK = 256  # rows a prefill chunk carries through all blocks (its state, 256·d·4 bytes, stays in L2)
 NORM_EPS = 1e-6  # DLRBlock's nn.RMSNorm(eps=1e-6)
 _CACHE = "_cpu_kernel_args"  # the instance attribute holding the pointer tables (dropped by DLRNet._apply)
 
@@ -246,19 +247,11 @@ UP_TILE(4)
 UP_TILE(2)
 UP_TILE(1)
 
-/* fp32, no per-block norm; d % 32 == 0 and r % 4 == 0. ut: r x d scratch (U of the current block, transposed). */
-void dlr_f32_prefill(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
-                     const float *const *U, const float *const *bU, float *z, float *h, float *ut, int act,
-                     int nthreads) {
-    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+/* one chunk of rows (z, h: its rows) through every block; ut: the transposed U of every block (L x r x d) */
+static void prefill_chunk(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
+                          const float *const *bU, const float *ut_all, float *z, float *h, int act) {
     for (int64_t l = 0; l < L; ++l) {
-        const float *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l];
-        #pragma omp for schedule(static) nowait
-        for (int64_t k = 0; k < d; ++k) {
-            const float *uk = u + k * r;
-            for (int64_t j = 0; j < r; ++j) ut[j * d + k] = uk[j];
-        }
-        #pragma omp for schedule(static)
+        const float *v = V[l], *bv = bV[l], *bu = bU[l], *ut = ut_all + l * r * d;
         for (int64_t i0 = 0; i0 < n; i0 += 4) {
             if (i0 + 4 <= n) {
                 for (int64_t c0 = 0; c0 < r; c0 += 4) down_4x4(z + i0 * d, d, v, h + i0 * r, r, c0);
@@ -272,16 +265,14 @@ void dlr_f32_prefill(int64_t n, int64_t d, int64_t r, int64_t L, const float *co
                         h[i * r + j] = acc;
                     }
             }
-            int64_t stop = i0 + 4 < n ? i0 + 4 : n;
-            if (bv)
-                for (int64_t i = i0; i < stop; ++i) {
-                    float *hi = h + i * r;
-                    #pragma omp simd
-                    for (int64_t j = 0; j < r; ++j) hi[j] += bv[j];
-                }
-            act_array(h + i0 * r, (stop - i0) * r, act);
         }
-        #pragma omp for schedule(static)
+        if (bv)
+            for (int64_t i = 0; i < n; ++i) {
+                float *hi = h + i * r;
+                #pragma omp simd
+                for (int64_t j = 0; j < r; ++j) hi[j] += bv[j];
+            }
+        act_array(h, n * r, act);
         for (int64_t i0 = 0; i0 < n; i0 += 8) {
             int64_t rows = n - i0 < 8 ? n - i0 : 8;
             float *zi = z + i0 * d;
@@ -294,6 +285,29 @@ void dlr_f32_prefill(int64_t n, int64_t d, int64_t r, int64_t L, const float *co
                 if (rows - t >= 1) { up_1(zi + t * d, d, hi + t * r, r, ut, bu, k0); }
             }
         }
+    }
+}
+
+/* fp32, no per-block norm; d % 32 == 0 and r % 4 == 0. h: n x r scratch; ut: L x r x d scratch (every block's U
+   transposed, packed once per call). The rows go through all blocks in chunks of at most `chunk` rows, so a
+   chunk's residual state stays in the core's L2 cache while the weights stream from L3; threads take whole
+   chunks (no barrier between blocks). */
+void dlr_f32_prefill(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
+                     const float *const *U, const float *const *bU, float *z, float *h, float *ut, int act,
+                     int nthreads, int64_t chunk) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t l = 0; l < L; ++l) {
+        const float *u = U[l];
+        float *t = ut + l * r * d;
+        for (int64_t k = 0; k < d; ++k) {
+            const float *uk = u + k * r;
+            for (int64_t j = 0; j < r; ++j) t[j * d + k] = uk[j];
+        }
+    }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        int64_t rows = n - c0 < chunk ? n - c0 : chunk;
+        prefill_chunk(rows, d, r, L, V, bV, bU, ut, z + c0 * d, h + c0 * r, act);
     }
 }
 #else
@@ -390,7 +404,7 @@ def _load() -> ctypes.CDLL:
     lib.dlr_f32.restype = None
     lib.dlr_bf16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
     lib.dlr_bf16.restype = None
-    lib.dlr_f32_prefill.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    lib.dlr_f32_prefill.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i64]
     lib.dlr_f32_prefill.restype = None
     lib.dlr_has_prefill.restype = i32
     return lib
@@ -486,9 +500,10 @@ def forward(net, x: torch.Tensor) -> torch.Tensor:
     h = torch.empty(n, s.rank, dtype=torch.float32)
     if x.dtype == torch.float32 and n > MAX_ROWS:
         z = x2.contiguous().clone()
-        ut = torch.empty(s.rank, s.width, dtype=torch.float32)
+        ut = torch.empty(s.depth, s.rank, s.width, dtype=torch.float32)
+        chunk = min(PREFILL_CHUNK, -(-n // threads))
         lib.dlr_f32_prefill(n, s.width, s.rank, s.depth, vs, bvs, us, bus, z.data_ptr(), h.data_ptr(),
-                            ut.data_ptr(), ACTIVATIONS[s.activation], threads)
+                            ut.data_ptr(), ACTIVATIONS[s.activation], threads, chunk)
         out = z.sub_(x2)
     elif x.dtype == torch.float32:
         z = x2.contiguous().clone()

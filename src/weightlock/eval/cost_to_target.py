@@ -193,9 +193,10 @@ def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurv
     except WeightlockError as e:
         return f"no cost multiplier ({e})"
     if math.isinf(sec["multiplier"]):
-        return f"no attack on the lock reaches {q:.0%} of the unlocked gain within its budget (cost multiplier ∞)"
+        return (f"no attack on the lock reaches {q:.0%} of the best unlocked gain (any attack) within its budget "
+                f"(cost multiplier ∞)")
     best = min((k for k, v in sec["locked"].items() if isinstance(v, float)), key=lambda k: sec["locked"][k])
-    line = f"reaching {q:.0%} of the unlocked gain costs {sec['multiplier']:.2f}× the time ({best})"
+    line = f"reaching {q:.0%} of the best unlocked gain costs {sec['multiplier']:.2f}× the time ({best})"
     if all(a.curve[-1].get("flops") is not None for a in (*locked, *original)):
         line += f", {lock_cost_multiplier(locked, original, q, 'flops')['multiplier']:.2f}× the FLOPs"
     if memory_basis == "unknown" or (memory_budget is None and memory_basis != "counted"):
