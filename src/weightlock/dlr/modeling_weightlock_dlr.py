@@ -384,33 +384,31 @@ _TRITON: list = []  # [weightlock.dlr.triton_dlr, or None when weightlock or tri
 _GRAPHS_OFF: list = []  # [the error] once CUDA-graph capture failed
 
 
-def _triton_module():
-    """weightlock's fused kernel module, imported on first use. By name, not by an import statement: this file
-    is shipped in releases that must load without weightlock (and without triton), which then use the eager
-    fast path."""
-    if not _TRITON:
+def _optional_module(cache: list, name: str):
+    """weightlock's kernel module ``name``, imported on first use (``cache`` keeps it, or None when it cannot be
+    imported). By name, not by an import statement: this file is shipped in releases that must load without
+    weightlock (and without triton), which then use the eager fast path."""
+    if not cache:
         import importlib
 
         try:
-            _TRITON.append(importlib.import_module("weightlock.dlr.triton_dlr"))
+            cache.append(importlib.import_module(name))
         except ImportError:
-            _TRITON.append(None)
-    return _TRITON[0]
+            cache.append(None)
+    return cache[0]
+
+
+def _triton_module():
+    """weightlock's fused CUDA kernel module (:func:`_optional_module`)."""
+    return _optional_module(_TRITON, "weightlock.dlr.triton_dlr")
 
 
 _CPU_KERNEL: list = []  # [weightlock.dlr.cpu_kernel, or None when weightlock cannot be imported]
 
 
 def _cpu_kernel_module():
-    """weightlock's fused CPU kernel module, imported by name on first use (see :func:`_triton_module`)."""
-    if not _CPU_KERNEL:
-        import importlib
-
-        try:
-            _CPU_KERNEL.append(importlib.import_module("weightlock.dlr.cpu_kernel"))
-        except ImportError:
-            _CPU_KERNEL.append(None)
-    return _CPU_KERNEL[0]
+    """weightlock's fused CPU kernel module (:func:`_optional_module`)."""
+    return _optional_module(_CPU_KERNEL, "weightlock.dlr.cpu_kernel")
 
 
 def _disable_graphs(err: Exception) -> None:
