@@ -122,11 +122,11 @@ TINY_SPEC = """\
 name: tiny-resume
 description: one defense, one attack at two learning rates, a few steps
 models:
-  - {{preset: tiny, path: {model}}}
+  - {{preset: tiny, path: {model}, name: tiny}}
 defenses:
   none: {{}}
 attacks:
-  full: {{lr: [1.0e-3, 3.0e-3]}}
+  full: {{lr: [1.0e-3, 3.0e-3], options: {{eval_tokens: 2048}}}}
 tasks: [prose]
 seeds: [0]
 budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
@@ -209,11 +209,19 @@ def test_tiny_spec_end_to_end_killed_and_resumed(tmp_path, tiny_model_dir):
     again: list = []
     assert run_experiment(spec_file, out, on_record=again.append)["tiny"]["attacks"] == summary["attacks"]
     assert again == []
-    # another setting of a finished run is run again (its old run discarded), the rest is kept
+    # another sweep: the runs it shares with the finished one are kept, the new learning rate runs
+    spec_file.write_text(TINY_SPEC.format(model=model).replace("3.0e-3]", "1.0e-2]"))
+    summary = run_experiment(spec_file, out, on_record=again.append)["tiny"]
+    assert sorted((r.defense, r.config["lr"]) for r in again) == [("none", 1e-2), ("reference", 1e-2)]
+    assert [p["lr"] for p in summary["sweep"][0]["points"]] == [1e-3, 1e-2]
+    # another setting of a finished run (here the budget) runs it again, its old run discarded
     spec = load_spec(spec_file)
-    changed = dataclasses.replace(spec, budget=dataclasses.replace(spec.budget, steps=1))
+    changed = dataclasses.replace(spec, attacks={"full": dataclasses.replace(spec.attacks["full"], lr=(1e-3,))},
+                                  budget=dataclasses.replace(spec.budget, steps=1))
+    again.clear()
     run_experiment(changed, out, on_record=again.append)
-    assert len(again) == 4 and all(r.steps == 1 for r in _records(out).values())
+    assert len(again) == 2 and all(r.steps == 1 for r in again)
+    assert all(r.steps == 1 for k, r in _records(out).items() if "seed" not in k)
 
 
 def test_readme_example_spec_is_valid():

@@ -165,9 +165,8 @@ class AttackRun:
                  "cost_curve", "stopped_early", "cost"}
         extra = {k: v for k, v in run.items() if k not in known}
         extra.update(before=run.get("before"), after=run.get("after"), loss_curve=run.get("loss_curve"))
-        if not curve and not (run.get("before") and run.get("after")):
-            raise WeightlockError("an attack run records neither its scores before and after nor a curve")
-        # a minimal record (a curve only) reads its scores off the curve
+        # a minimal record (a curve only) reads its scores off the curve (NaN: neither; readers that need a
+        # curve say so, e.g. the cost multiplier)
         before = float((run.get("before") or {}).get("score", curve[0].score if curve else math.nan))
         after = float((run.get("after") or {}).get("score", curve[-1].score if curve else math.nan))
         return cls(
