@@ -166,6 +166,24 @@ def test_entry_point_plugin_shows_up_in_attack_list(tmp_path):
     assert "twice" in r.stdout + r.stderr and "a plug-in defense (entry point)" in r.stdout + r.stderr
 
 
+def test_entry_point_plugin_shows_up_in_weightlock_run(tmp_path):
+    """The same plug-ins are what ``weightlock run`` can name: listed by ``run --list``, and a spec that names
+    the plug-in defense validates (``--check``) — a name no registry knows is refused with one line."""
+    site = _plugin_path(tmp_path)
+    r = _cli(site, "run", "--list")
+    assert r.returncode == 0, r.stderr
+    assert "twice" in r.stdout and "a plug-in defense (entry point)" in r.stdout
+    assert "noisy" in r.stdout and "Adds noise before fine-tuning" in r.stdout
+    assert "demo-quick" in r.stdout and "recall" in r.stdout
+    spec = tmp_path / "plug.yaml"
+    spec.write_text("name: plug\nmodels: [{preset: tiny}]\ndefenses: {twice: {}}\ntasks: [prose]\n")
+    r = _cli(site, "run", str(spec), "--check")
+    assert r.returncode == 0, r.stderr
+    assert '"twice"' in r.stdout
+    r = _cli(tmp_path / "empty", "run", str(spec), "--check")  # without the plug-in installed
+    assert r.returncode != 0 and "twice" in r.stderr and r.stderr.count("\n") <= 3
+
+
 def test_registries_load_entry_points_lazily_once(tmp_path, monkeypatch):
     full = ATTACKS["full"]  # the global registry has read its entry points before the plug-in is on the path
     site = _plugin_path(tmp_path)

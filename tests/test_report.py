@@ -36,6 +36,9 @@ def test_a_known_kind_is_read_under_any_file_name_and_an_unknown_kind_is_listed_
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "m.json").write_text(json.dumps(schema.stamp(schema.MEMORY_VS_DEPTH, d)))
     (tmp_path / "sub" / "new.json").write_text(json.dumps(schema.stamp("bench.something_new", {"x": 1})))
+    # an experiment directory's parts (a run's typed record, the resolved spec) are neither drawn nor "skipped"
+    (tmp_path / "sub" / "record.json").write_text(json.dumps(schema.stamp(schema.ATTACK_RECORD, {"x": 1})))
+    (tmp_path / "sub" / "spec.json").write_text(json.dumps(schema.stamp(schema.EXPERIMENT_SPEC, {"x": 1})))
     skipped = []
     found = collect([tmp_path], skipped)
     assert {k: [f.name for f, _ in v] for k, v in found.items()} == {

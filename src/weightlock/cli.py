@@ -536,18 +536,40 @@ def demo(
 @app.command("run")
 @user_errors
 def run_cmd(
-    spec: str = typer.Argument(..., help="An experiment spec (a .yaml or .json file) or a shipped spec's name "
-                               "(demo, demo-quick)."),
+    spec: Optional[str] = typer.Argument(None, help="An experiment spec (a .yaml or .json file) or a shipped spec's "
+                                         "name (demo, demo-quick)."),
     out: Path = typer.Option(None, help="Where the experiment keeps its models, records and results "
                              "(default: runs/NAME)."),
     defense: list[str] = typer.Option([], help="Run only this registered defense (repeatable; default: the spec's)."),
     report: bool = typer.Option(None, "--report/--no-report", help="Write the HTML/Markdown report (default: "
                                 "the spec's measure.report)."),
+    list_: bool = typer.Option(False, "--list", help="List the shipped specs and everything a spec can name: the "
+                               "registered defenses, attacks and tasks (plug-ins included), then exit."),
+    check: bool = typer.Option(False, "--check", help="Validate the spec and print what it would run, then exit."),
 ) -> None:
     """Run an experiment spec (resumable: finished runs in --out are skipped; rerun a killed run to continue)."""
     from .experiments import load_spec, run_experiment
 
+    if list_:
+        from .attacks import ATTACKS
+        from .defenses import DEFENSES
+        from .eval.tasks import TASKS
+        from .experiments.spec import shipped_specs
+
+        print("shipped specs: " + ", ".join(shipped_specs()))
+        for title, reg in (("defenses", DEFENSES), ("attacks", ATTACKS)):
+            print(f"{title}:")
+            for name, obj in reg.items():
+                doc = getattr(obj, "description", None) or (obj.__doc__ or "").strip().split("\n")[0]
+                print(f"  {name:18s} {doc}")
+        print("tasks: " + ", ".join(TASKS.names()) + " (a prompt/completion task + -loglik: scored by likelihood)")
+        return
+    if spec is None:
+        raise WeightlockError("name a spec (a .yaml/.json file or a shipped spec), or pass --list")
     s = load_spec(spec)
+    if check:
+        print(json.dumps(s.to_dict(), indent=1, default=str))
+        return
     run_experiment(s, out or Path("runs") / s.name, defenses=defense or None, report=report)
 
 

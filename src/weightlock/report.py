@@ -52,6 +52,8 @@ def collect(paths: list[str | Path], skipped: list[str] | None = None) -> dict[s
         kind = schema.record_kind(data, f)
         if kind in DRAWN:
             found.setdefault(kind, []).append((f, data))
+        elif (kind or schema.kind_of(data, f)) in PARTS:  # drawn through the summary they belong to
+            continue
         elif skipped is not None and (kind or schema.kind_of(data, f)):
             skipped.append(f"{f}: record kind {kind or schema.kind_of(data, f)!r} is not drawn by this report")
     return found
@@ -523,6 +525,9 @@ def _drawn() -> dict[str, list[str]]:
 
 
 DRAWN = _drawn()
+# the parts of an experiment directory that its summary already carries: one typed record per attack run and the
+# resolved spec (weightlock run) — neither drawn on its own nor "skipped"
+PARTS = frozenset({schema.ATTACK_RECORD, schema.EXPERIMENT_SPEC})
 
 _IMG_CHECK = ("window.addEventListener('load',function(){var i=Array.prototype.slice.call(document.images);"
               "document.body.setAttribute('data-images-total',i.length);document.body.setAttribute("
