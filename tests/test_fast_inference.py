@@ -286,21 +286,25 @@ def test_cpu_kernel_without_a_compiler_falls_back_once(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("kw", [{}, {"bias": True}, {"activation": "relu"}, {"activation": "silu", "bias": True},
                                 {"activation": "tanh", "readout": 4.0}])
-@pytest.mark.parametrize("rows", [17, 22, 64])
+@pytest.mark.parametrize("rows", [17, 22, 300])
+@pytest.mark.parametrize("rank", [16, 32])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_cpu_prefill_kernel_matches_reference(kw, rows, n_threads, threads):
-    """Prefill-sized fp32 inputs (more than MAX_ROWS tokens; width a multiple of 32, no per-block norm) take the
-    register-tiled kernel with vectorized activations (erf and exp approximated to ~2e-7): within 1e-5 of the
-    reference, row counts that fill no tile exactly included. With a norm they keep the eager fast path."""
+def test_cpu_prefill_kernel_matches_reference(kw, rows, rank, n_threads, threads):
+    """Prefill-sized fp32 inputs (more than MAX_ROWS tokens; width a multiple of 32, rank of 16, no per-block
+    norm) take the register-tiled kernel with vectorized activations (erf and exp approximated to ~2e-7): within
+    1e-5 of the reference, for both down-pass tilings (dot tiles at rank 16, broadcast tiles on the transposed V
+    at rank 32), row counts that fill no tile exactly and several chunks (300 rows over 2 threads) included.
+    With a norm, or a rank that is no multiple of 16, they keep the eager fast path."""
     kernel = _kernel()
     if not kernel._STATE["lib"].dlr_has_prefill():
         pytest.skip("the prefill kernel needs AVX-512")
     threads(n_threads)
-    net = random_net(width=64, rank=8, init_scale=1.0, **kw)
+    net = random_net(width=64, rank=rank, init_scale=1.0, **kw)
     x = torch.randn(rows, 64)
     with torch.no_grad():
         assert net.inference_path(x) == "kernel"
         out, ref = net(x), net.forward_reference(x)
     assert rel(out, ref) <= 1e-5 and ref.abs().max() > 0.1
     with torch.no_grad():
-        assert random_net(width=64, rank=8, norm=True).inference_path(x) == "fast"
+        assert random_net(width=64, rank=rank, norm=True).inference_path(x) == "fast"
+        assert random_net(width=64, rank=8).inference_path(x) == "fast"

@@ -11,8 +11,12 @@ output) and the residual update, with the weights read straight from the paramet
 more than one thread the rows of each pass are split over an OpenMP team (the same libgomp runtime as
 PyTorch's), with one barrier per pass.
 
-It is used for inputs of at most :data:`MAX_ROWS` tokens (decoding steps, short prompts); longer inputs
-(prefill) keep the eager fast path, whose matmuls run on PyTorch's BLAS at full efficiency. fp32 and bf16
+Inputs of at most :data:`MAX_ROWS` tokens (decoding steps) take that kernel. Longer inputs (prefill) take a
+register-tiled AVX-512 kernel (fp32, no per-block norm, d % 32 == 0, r % 16 == 0; others keep the eager fast
+path): every block's U — and, for r % 32 == 0, its V — is transposed once per call (16 × 16 tiles in
+registers), so both products are broadcast-FMA tiles of 8 rows × 32 columns with no horizontal sums; the rows
+go through all the blocks in chunks of :data:`PREFILL_CHUNK` that stay in L2 (threads take whole chunks), and
+the activation is vectorized (erf after Abramowitz & Stegun 7.1.26 and a Cephes exp, within 2e-7). fp32 and bf16
 inputs are supported (bf16: weights and matmul inputs in bf16, products accumulated in fp32, the residual
 state kept in fp32 and the down/up results rounded to bf16 as PyTorch's bf16 matmuls do); per-block RMSNorm
 only in fp32.
@@ -247,11 +251,87 @@ UP_TILE(4)
 UP_TILE(2)
 UP_TILE(1)
 
+/* h[t][c0 .. c0+32) = sum_k z[t][k] * vt[k][c0 .. c0+32) for ROWS rows (vt: V transposed, d x r) */
+#define DOWN_TILE(ROWS)                                                                                \
+    static inline void down_##ROWS(const float *z, int64_t d, float *h, int64_t r, const float *vt,     \
+                                   int64_t c0) {                                                        \
+        __m512 a[ROWS][2];                                                                              \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
+            a[t][0] = _mm512_setzero_ps();                                                              \
+            a[t][1] = _mm512_setzero_ps();                                                              \
+        }                                                                                               \
+        for (int64_t k = 0; k < d; ++k) {                                                               \
+            __m512 v0 = _mm512_loadu_ps(vt + k * r + c0), v1 = _mm512_loadu_ps(vt + k * r + c0 + 16);   \
+            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                    \
+                __m512 zb = _mm512_set1_ps(z[t * d + k]);                                               \
+                a[t][0] = _mm512_fmadd_ps(zb, v0, a[t][0]);                                             \
+                a[t][1] = _mm512_fmadd_ps(zb, v1, a[t][1]);                                             \
+            }                                                                                           \
+        }                                                                                               \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
+            _mm512_storeu_ps(h + t * r + c0, a[t][0]);                                                  \
+            _mm512_storeu_ps(h + t * r + c0 + 16, a[t][1]);                                             \
+        }                                                                                               \
+    }
+DOWN_TILE(8)
+DOWN_TILE(4)
+DOWN_TILE(2)
+DOWN_TILE(1)
+
+/* dst (16 x 16, row stride ds) = the transpose of src (16 x 16, row stride ss), in registers */
+static inline void transpose16(const float *src, int64_t ss, float *dst, int64_t ds) {
+    __m512 a[16], b[16];
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_ps(src + i * ss);
+    for (int i = 0; i < 16; i += 2) {
+        b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+        b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        a[i] = _mm512_shuffle_ps(b[i], b[i + 2], 0x44);
+        a[i + 1] = _mm512_shuffle_ps(b[i], b[i + 2], 0xEE);
+        a[i + 2] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0x44);
+        a[i + 3] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        b[i] = _mm512_shuffle_f32x4(a[i], a[i + 4], 0x88);
+        b[i + 4] = _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD);
+        b[i + 8] = _mm512_shuffle_f32x4(a[i + 8], a[i + 12], 0x88);
+        b[i + 12] = _mm512_shuffle_f32x4(a[i + 8], a[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 8; ++i) {
+        a[i] = _mm512_shuffle_f32x4(b[i], b[i + 8], 0x88);
+        a[i + 8] = _mm512_shuffle_f32x4(b[i], b[i + 8], 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ds, a[i]);
+}
+
+/* dst (cols x rows) = src (rows x cols)ᵀ, both row-major; rows % 16 == 0 and cols % 16 == 0 */
+static void transpose(const float *src, int64_t rows, int64_t cols, float *dst) {
+    for (int64_t i = 0; i < rows; i += 16)
+        for (int64_t j = 0; j < cols; j += 16) transpose16(src + i * cols + j, cols, dst + j * rows + i, rows);
+}
+
 /* one chunk of rows (z, h: its rows) through every block; ut: the transposed U of every block (L x r x d) */
 static void prefill_chunk(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
-                          const float *const *bU, const float *ut_all, float *z, float *h, int act) {
+                          const float *const *bU, const float *ut_all, const float *vt_all, float *z, float *h,
+                          int act) {
     for (int64_t l = 0; l < L; ++l) {
         const float *v = V[l], *bv = bV[l], *bu = bU[l], *ut = ut_all + l * r * d;
+        if (vt_all) {  /* r % 32 == 0: broadcast tiles on V transposed, no horizontal sums */
+            const float *vt = vt_all + l * r * d;
+            for (int64_t i0 = 0; i0 < n; i0 += 8) {
+                int64_t rows = n - i0 < 8 ? n - i0 : 8;
+                const float *zi = z + i0 * d;
+                float *hi = h + i0 * r;
+                for (int64_t c0 = 0; c0 < r; c0 += 32) {
+                    if (rows == 8) { down_8(zi, d, hi, r, vt, c0); continue; }
+                    int64_t t = 0;
+                    if (rows - t >= 4) { down_4(zi + t * d, d, hi + t * r, r, vt, c0); t += 4; }
+                    if (rows - t >= 2) { down_2(zi + t * d, d, hi + t * r, r, vt, c0); t += 2; }
+                    if (rows - t >= 1) { down_1(zi + t * d, d, hi + t * r, r, vt, c0); }
+                }
+            }
+        } else
         for (int64_t i0 = 0; i0 < n; i0 += 4) {
             if (i0 + 4 <= n) {
                 for (int64_t c0 = 0; c0 < r; c0 += 4) down_4x4(z + i0 * d, d, v, h + i0 * r, r, c0);
@@ -288,26 +368,24 @@ static void prefill_chunk(int64_t n, int64_t d, int64_t r, int64_t L, const floa
     }
 }
 
-/* fp32, no per-block norm; d % 32 == 0 and r % 4 == 0. h: n x r scratch; ut: L x r x d scratch (every block's U
-   transposed, packed once per call). The rows go through all blocks in chunks of at most `chunk` rows, so a
-   chunk's residual state stays in the core's L2 cache while the weights stream from L3; threads take whole
-   chunks (no barrier between blocks). */
+/* fp32, no per-block norm; d % 32 == 0 and r % 16 == 0. h: n x r scratch; ut: 2 x L x r x d scratch (every
+   block's U, and for r % 32 == 0 its V, transposed once per call, 16 x 16 tiles in registers). The rows go
+   through all blocks in chunks of at most `chunk` rows, so a chunk's residual state stays in the core's L2 cache
+   while the weights stream from L3; threads take whole chunks (no barrier between blocks). */
 void dlr_f32_prefill(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
                      const float *const *U, const float *const *bU, float *z, float *h, float *ut, int act,
                      int nthreads, int64_t chunk) {
+    /* every block's U (d x r) transposed into ut, and with r % 32 == 0 its V (r x d) into vt = ut + L*r*d */
+    float *vt = r % 32 == 0 ? ut + L * r * d : NULL;
     #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t l = 0; l < L; ++l) {
-        const float *u = U[l];
-        float *t = ut + l * r * d;
-        for (int64_t k = 0; k < d; ++k) {
-            const float *uk = u + k * r;
-            for (int64_t j = 0; j < r; ++j) t[j * d + k] = uk[j];
-        }
+        transpose(U[l], d, r, ut + l * r * d);
+        if (vt) transpose(V[l], r, d, vt + l * r * d);
     }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         int64_t rows = n - c0 < chunk ? n - c0 : chunk;
-        prefill_chunk(rows, d, r, L, V, bV, bU, ut, z + c0 * d, h + c0 * r, act);
+        prefill_chunk(rows, d, r, L, V, bV, bU, ut, vt, z + c0 * d, h + c0 * r, act);
     }
 }
 #else
@@ -436,9 +514,9 @@ def disable(reason: str) -> None:
 
 
 def _prefill_ok(net, x: torch.Tensor) -> bool:
-    """The register-tiled prefill kernel: AVX-512 (compiled in), fp32, no per-block norm, d % 32 == 0, r % 4 == 0."""
+    """The register-tiled prefill kernel: AVX-512 (compiled in), fp32, no per-block norm, d % 32 == 0, r % 16 == 0."""
     s = net.spec
-    return (x.dtype == torch.float32 and not s.norm and s.width % 32 == 0 and s.rank % 4 == 0
+    return (x.dtype == torch.float32 and not s.norm and s.width % 32 == 0 and s.rank % 16 == 0
             and bool(_STATE["lib"].dlr_has_prefill()))
 
 
@@ -500,7 +578,7 @@ def forward(net, x: torch.Tensor) -> torch.Tensor:
     h = torch.empty(n, s.rank, dtype=torch.float32)
     if x.dtype == torch.float32 and n > MAX_ROWS:
         z = x2.contiguous().clone()
-        ut = torch.empty(s.depth, s.rank, s.width, dtype=torch.float32)
+        ut = torch.empty(2, s.depth, s.rank, s.width, dtype=torch.float32)
         chunk = min(PREFILL_CHUNK, -(-n // threads))
         lib.dlr_f32_prefill(n, s.width, s.rank, s.depth, vs, bvs, us, bus, z.data_ptr(), h.data_ptr(),
                             ut.data_ptr(), ACTIVATIONS[s.activation], threads, chunk)
