@@ -380,7 +380,7 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
             ("dlr", "lora", "prose"): _record([0.1, 0.1], 1.0, budget * 3, peak=1)}
     references = {("reference", "full"): None, ("pmp", "full"): "full", ("pmp", "lora"): "full",
                   ("dlr", "full"): "full", ("dlr", "checkpointing"): "full", ("dlr", "lora"): "full"}
-    from weightlock.experiments.records import AttackRun
+    from weightlock.eval.records import AttackRun
 
     # the demo's rows read only typed records (one per run; a sweep would give several)
     records = {k: [AttackRun.from_run(r, attack=k[1], task=k[2], defense=k[0], config={"lr": 1e-3})]

@@ -141,7 +141,7 @@ def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report
     ``attacks``: only these labels of the defenses' plans, each ``label → (learning rates or None, options)``
     (None: the plan's learning rate of the attack's group; options override the plan's); every attack runs at
     every learning rate × ``seeds``, the row reporting the attacker's best learning rate (mean gain over seeds).
-    Each run leaves one :class:`~weightlock.experiments.records.AttackRun` (``record.json`` in its directory):
+    Each run leaves one :class:`~weightlock.eval.records.AttackRun` (``record.json`` in its directory):
     a finished run is skipped when its record matches what would run; ``on_record(record)`` is called after
     each new one. The summary's attack rows read only the records."""
     from .defenses import make_defense
@@ -272,11 +272,11 @@ def _capability(model_dir: Path, plan: DemoPlan) -> dict:
 
 def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: DemoPlan,
             on_record: Callable | None = None, **options):
-    """One attack run's :class:`~weightlock.experiments.records.AttackRun`: the record in ``out`` when it
+    """One attack run's :class:`~weightlock.eval.records.AttackRun`: the record in ``out`` when it
     matches what would run (target, task, every option), else the attack run now (a run left by other
     settings is discarded first) and its record written."""
     from .attacks import make_attack, run_attack
-    from .experiments.records import AttackRun
+    from .eval.records import AttackRun
     from .train.finetune import is_main_process
 
     kw = dict(steps=plan.attack_steps, batch_size=plan.attack_batch, score_every=plan.score_every,
@@ -318,7 +318,7 @@ def _best_point(records: list) -> tuple[object, dict, list[dict]]:
     """The attacker's best of one attack's sweep (``records``: its AttackRuns, every learning rate × seed):
     the learning rate with the best mean gain over seeds; returns that learning rate's first-seed record
     (curves and costs), the means over its seeds (scores, gain) and every point's gain."""
-    from .experiments.records import mean_run
+    from .eval.records import mean_run
 
     by_lr: dict = {}
     for r in records:
@@ -330,7 +330,7 @@ def _best_point(records: list) -> tuple[object, dict, list[dict]]:
 
 
 def _attack_rows(runs: dict, references: dict, plan: DemoPlan) -> tuple[list[dict], list[dict]]:
-    """One row per (defense, attack, task), read from the runs' :class:`~weightlock.experiments.records.AttackRun`
+    """One row per (defense, attack, task), read from the runs' :class:`~weightlock.eval.records.AttackRun`
     records only (``runs``: key → the records of every learning rate × seed; the row reports the attacker's best
     learning rate, its scores and gain averaged over seeds): gain, gain ratio and cost multipliers against the
     reference (``references``: (defense, attack label) → the label of its reference run on the original), and

@@ -23,7 +23,7 @@ ATTACK_SUITE = "attack_suite"  # run_suite: summary.json
 LOCK_REPORT = "lock_report"  # weightlock lock: lock_report.json in the release
 PMP_RUN = "pmp_run"  # PMP pretraining: pmp_run.json
 DEFENSE_BUILD = "defense_build"  # a defense's finished build (weightlock.defenses)
-ATTACK_RECORD = "attack_record"  # one typed AttackRun record (weightlock.experiments.records): record.json
+ATTACK_RECORD = "attack_record"  # one typed AttackRun record (weightlock.eval.records): record.json
 EXPERIMENT_SPEC = "experiment_spec"  # the resolved spec an experiment ran (weightlock run): spec.json
 BENCH_PREFIX = "bench."
 # records of measurements, named for what they hold (written by the scripts in bench/; drawn by the report)

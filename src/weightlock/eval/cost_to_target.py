@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import WeightlockError
+from .records import AttackRun, run_training_memory
 
 COSTS = ("step", "tokens", "seconds", "flops")
 
@@ -81,22 +82,6 @@ MEMORY_BASIS = {
     "unknown": "no training-memory count (runs recorded before weightlock counted it, without parameter "
                "counts): run the attacks again",
 }
-
-
-def run_training_memory(run: dict, optimizer: str | None = None) -> dict:
-    """The training memory of one attack run record (``result.json``'s ``locked`` or ``reference_run``):
-    ``counted`` (the record's exact ``cost["training_memory_bytes"]``, None in records from before weightlock
-    counted it) and ``estimated`` from its parameter counts and saved-activation bytes, as weightlock's attacks
-    train (float32 parameters; ``optimizer``, default the record's or AdamW, 8 bytes of state per trainable
-    parameter; SGD 4; the per-tensor step counters, which older records cannot tell, not counted); None
-    when the record lacks what it needs."""
-    cost = run.get("cost") or {}
-    opt = optimizer or (cost.get("training_memory") or {}).get("optimizer") or "adamw"
-    per = {"adamw": 8, "sgd": 4}.get(opt)
-    n, t = run.get("parameters"), run.get("trainable_parameters")
-    saved = cost.get("saved_activation_bytes_per_step")
-    estimated = None if None in (n, t, saved, per) else 4 * n + (4 + per) * t + saved
-    return {"counted": cost.get("training_memory_bytes"), "estimated": estimated}
 
 
 def counted_training_memory(model, optimizer: str = "adamw", saved_activation_bytes: int | None = None) -> dict:
@@ -222,7 +207,7 @@ def multiplier_note(locked: Sequence[AttackCurve], original: Sequence[AttackCurv
 
 def load_attack_curves(paths: Sequence, side: str = "target") -> list[AttackCurve]:
     """The cost curves of the attack runs (``result.json`` of :func:`~weightlock.attacks.run_attack`, read as
-    :class:`~weightlock.experiments.records.AttackRun` records) in ``paths`` (run directories, directories
+    :class:`~weightlock.eval.records.AttackRun` records) in ``paths`` (run directories, directories
     holding them, or result files): ``side="target"`` (or ``"locked"``) reads the attacked model's run,
     ``"reference"`` the unlocked reference run recorded beside it (``--reference``).
     Each curve is named by its run directory; ``memory_bytes`` is the run's counted training memory (else
@@ -241,7 +226,6 @@ def load_attack_curves(paths: Sequence, side: str = "target") -> list[AttackCurv
             files += sorted(p.rglob("result.json"))
         else:
             raise WeightlockError(f"{p}: no such file or directory")
-    from ..experiments.records import AttackRun
 
     target = side in ("target", "locked")  # "locked": the attacked model's run, as records before schema 2 call it
     curves = []

@@ -4,7 +4,7 @@ and the harness the scripts under ``bench/`` share (:mod:`weightlock.experiments
 
 Importing this package is light (no torch): the runner is imported when called.
 """
-from .records import AttackRun, CostPoint
+from ..eval.records import AttackRun, CostPoint
 from .spec import ExperimentSpec, load_spec, shipped_specs
 
 

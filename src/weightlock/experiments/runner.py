@@ -4,7 +4,7 @@ demo's engine (:func:`weightlock.demo.run_plan`), resumably.
 The spec translates into the engine's :class:`~weightlock.demo.DemoPlan` (sizes, budget, learning rates,
 tasks, what to measure), the configured defenses, the attack selection with its sweeps and the seeds. Each
 model runs in ``DIR`` (or ``DIR/NAME`` when the spec has several); every stage and every attack run that
-finished there is reused (an attack run's ``record.json`` is its :class:`~weightlock.experiments.records.AttackRun`),
+finished there is reused (an attack run's ``record.json`` is its :class:`~weightlock.eval.records.AttackRun`),
 so a killed run continues where it stopped when run again. ``DIR/spec.json`` keeps the resolved spec.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from ..io import check_out_dir, write_json
 from ..schema import EXPERIMENT_SPEC, stamp
-from .spec import ExperimentSpec, ModelSpec, _thaw, load_spec
+from .spec import ExperimentSpec, ModelSpec, load_spec, thaw
 
 
 def plan_of(spec: ExperimentSpec, model: ModelSpec | None = None):
@@ -42,7 +42,7 @@ def run_experiment(spec: ExperimentSpec | str | Path, out: str | Path, *, defens
     """Run (or resume) ``spec`` (a spec, a spec file or a shipped spec's name) in ``out``; returns each model's
     summary by model name. ``defenses``: run only these (a registered defense the spec does not configure
     runs with its config's defaults); ``report``: override the spec's ``measure.report``; ``on_record`` is
-    called with every new :class:`~weightlock.experiments.records.AttackRun`."""
+    called with every new :class:`~weightlock.eval.records.AttackRun`."""
     from ..demo import run_plan
 
     if not isinstance(spec, ExperimentSpec):
@@ -53,7 +53,7 @@ def run_experiment(spec: ExperimentSpec | str | Path, out: str | Path, *, defens
     out = check_out_dir(out)  # before any work
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "spec.json", stamp(EXPERIMENT_SPEC, spec.to_dict()))
-    attacks = None if spec.attacks is None else {k: (a.lr, _thaw(a.options)) for k, a in spec.attacks.items()}
+    attacks = None if spec.attacks is None else {k: (a.lr, thaw(a.options)) for k, a in spec.attacks.items()}
     summaries = {}
     for m in spec.models:
         where = out if len(spec.models) == 1 else out / m.label

@@ -80,11 +80,11 @@ def _freeze(obj: Any) -> Any:
     return obj
 
 
-def _thaw(obj: Any) -> Any:
+def thaw(obj: Any) -> Any:
     if isinstance(obj, Mapping):
-        return {k: _thaw(v) for k, v in obj.items()}
+        return {k: thaw(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_thaw(v) for v in obj]
+        return [thaw(v) for v in obj]
     return obj
 
 
@@ -132,7 +132,7 @@ class DefenseEntry:
         """The configured :class:`~weightlock.defenses.Defense` (validated)."""
         from ..defenses import make_defense
 
-        return make_defense(self.name, **_thaw(self.config))
+        return make_defense(self.name, **thaw(self.config))
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ class ExperimentSpec:
                 from ..attacks import make_attack
 
                 try:
-                    make_attack(planned[label].attack, **{**planned[label].options, **_thaw(entry.options)})
+                    make_attack(planned[label].attack, **{**planned[label].options, **thaw(entry.options)})
                 except WeightlockError as err:
                     raise WeightlockError(f"{source}: attacks.{label}: {err}") from None
 
@@ -371,14 +371,14 @@ class ExperimentSpec:
         """The spec as plain data (what :meth:`from_dict` reads back to an equal spec)."""
         d = {"name": self.name, "description": self.description,
              "models": [{k: v for k, v in dataclasses.asdict(m).items() if v is not None} for m in self.models],
-             "defenses": {e.name: _thaw(e.config) for e in self.defenses},
+             "defenses": {e.name: thaw(e.config) for e in self.defenses},
              "learning_rates": {k: list(v) for k, v in self.learning_rates.items()},
              "tasks": list(self.tasks), "seeds": list(self.seeds),
              "budget": dataclasses.asdict(self.budget),
              "measure": {**dataclasses.asdict(self.measure), "memory_depths": list(self.measure.memory_depths)}}
         if self.attacks is not None:
             d["attacks"] = {k: {**({"lr": list(a.lr)} if a.lr is not None else {}),
-                                **({"options": _thaw(a.options)} if a.options else {})}
+                                **({"options": thaw(a.options)} if a.options else {})}
                             for k, a in self.attacks.items()}
         return d
 

@@ -120,8 +120,6 @@ class AttackRun:
         """Training memory, ``counted`` (this record's exact count, None in records from before weightlock
         counted it) and ``estimated`` from the parameter counts (see
         :func:`weightlock.eval.cost_to_target.run_training_memory`; ``optimizer`` default: the run's)."""
-        from ..eval.cost_to_target import run_training_memory
-
         return run_training_memory({"cost": self.cost, "parameters": self.parameters,
                                     "trainable_parameters": self.trainable_parameters},
                                    optimizer or self.config.get("optimizer"))
@@ -217,3 +215,19 @@ def _jsonable(obj: Any) -> Any:
 
 
 __all__ = ["AttackRun", "CostPoint", "RECORD_VERSION", "mean_run"]
+
+
+def run_training_memory(run: dict, optimizer: str | None = None) -> dict:
+    """The training memory of one attack run record (``result.json``'s ``locked`` or ``reference_run``):
+    ``counted`` (the record's exact ``cost["training_memory_bytes"]``, None in records from before weightlock
+    counted it) and ``estimated`` from its parameter counts and saved-activation bytes, as weightlock's attacks
+    train (float32 parameters; ``optimizer``, default the record's or AdamW, 8 bytes of state per trainable
+    parameter; SGD 4; the per-tensor step counters, which older records cannot tell, not counted); None
+    when the record lacks what it needs."""
+    cost = run.get("cost") or {}
+    opt = optimizer or (cost.get("training_memory") or {}).get("optimizer") or "adamw"
+    per = {"adamw": 8, "sgd": 4}.get(opt)
+    n, t = run.get("parameters"), run.get("trainable_parameters")
+    saved = cost.get("saved_activation_bytes_per_step")
+    estimated = None if None in (n, t, saved, per) else 4 * n + (4 + per) * t + saved
+    return {"counted": cost.get("training_memory_bytes"), "estimated": estimated}
