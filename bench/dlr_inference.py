@@ -191,23 +191,41 @@ def path_agreement(locked, dtype) -> dict:
 
 def smollm2(args) -> None:
     """The real LLM: SmolLM2-135M (``make smollm2``) against its rank-32 and rank-16 locks, every setting."""
+    import json
+    import os
+
     from weightlock.dlr import cpu_kernel
+    from weightlock.experiments.harness import RESULTS
 
     res = {"command": "python bench/dlr_inference.py --model " + args.model, "device": "cpu",
            "cpu_kernel": {"available": cpu_kernel.available(), "max_rows": cpu_kernel.MAX_ROWS},
            "targets": {"32": {"decode": 1.15, "prefill": 1.05}, "16": {"decode": 1.3, "prefill": 1.1}},
            "settings": []}
+    done = set()
+    path = RESULTS / "dlr_inference_smollm2.json"
+    if args.resume and path.is_file():  # keep the settings measured before; measure the others
+        old = json.loads(path.read_text())
+        res["settings"] = old.get("settings", [])
+        res.update({k: v for k, v in old.items() if k.startswith("agreement_")})
+        done = {(s["rank"], s["dtype"], s["threads"], s["batch"]) for s in res["settings"]}
     original = load(args.model).eval()
     for rank in args.ranks:
         locked, depth = smollm2_locked(args.model, rank)
-        res[f"agreement_r{rank}"] = {"fp32": path_agreement(locked, torch.float32),
-                                     "bf16": path_agreement(locked, torch.bfloat16)}
+        if f"agreement_r{rank}" not in res:
+            res[f"agreement_r{rank}"] = {"fp32": path_agreement(locked, torch.float32),
+                                         "bf16": path_agreement(locked, torch.bfloat16)}
         print(f"rank {rank}: depth {depth}, agreement {res[f'agreement_r{rank}']}", flush=True)
         for dtype in (torch.float32, torch.bfloat16):
             for threads in args.threads:
                 for batch in args.batches:
+                    if (rank, str(dtype).removeprefix("torch."), threads, batch) in done:
+                        continue
+                    load_before = os.getloadavg()[0]
                     row = {"rank": rank, "depth": depth, **smollm2_setting(
                         original, locked, dtype, threads, batch, args.repeats, args.prefill_tokens, args.new_tokens)}
+                    # the machine's 1-minute load average before and after: a setting measured beside other work
+                    # (load well above its own threads) is marked by it
+                    row["load_average"] = [load_before, os.getloadavg()[0]]
                     target = res["targets"][str(rank)]
                     row["met"] = {w: row[f"{w}_ratio"] <= target[w] for w in ("decode", "prefill")}
                     res["settings"].append(row)
@@ -229,6 +247,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--resume", action="store_true", help="--model: keep the settings already in "
+                    "bench/results/dlr_inference_smollm2.json and measure only the others")
     args = ap.parse_args()
     if args.model:
         smollm2(args)
