@@ -94,7 +94,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert full["fits_memory"] is False
     # a verdict's cheapest attack that fits (memory × ≤ 1.00) is also its cheapest within memory: never "never"
     for name, defense in (("DLR-Lock", "dlr"), ("PMP", "pmp")):
-        for task, m, attack in re.findall(r"(\w+): best attack [^;]*?costs ([\d.]+)× the time \(([^)]+)\)",
+        for task, m, attack in re.findall(r"([\w-]+): best attack [^;]*?costs ([\d.]+)× the time \(([^)]+)\)",
                                            summary["verdicts"][name]):
             hit = next(a for a in rows if (a["defense"], a["attack"], a["task"]) == (defense, attack, task))
             if hit["fits_memory"]:
