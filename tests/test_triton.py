@@ -69,6 +69,7 @@ def test_cpu_never_takes_a_cuda_path_nor_imports_the_kernel(monkeypatch):
     monkeypatch.setattr(M, "_compiled_stack", lambda: None)  # no compilation here: the choice is what counts
     net = random_net(48, 8, 4)
     net.compile_small = True
+    net.use_cpu_kernel = False  # the CPU C kernel is a CPU path too (tests/test_fast_inference.py); not this test's
     with torch.no_grad():
         for rows in (1, DLRNet.COMPILE_MAX_ROWS, DLRNet.COMPILE_MAX_ROWS + 1, 100):
             x = torch.randn(rows, 48)
