@@ -5,13 +5,14 @@
 
 Runs the demo as a user would (the CLI, in a subprocess) into a fresh directory, so no cached stage is
 reused, and writes bench/results/demo_timing_{quick,full}.json: wall seconds, the demo's own per-stage
-seconds, peak resident memory, the verdicts, and whether the budget was met. Keep the machine otherwise
-idle while it runs.
+seconds, peak resident memory, the load averages around the run, the verdicts, and whether the budget
+was met. Keep the machine otherwise idle while it runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="weightlock-demo-")) / "demo"
     cmd = [sys.executable, "-m", "weightlock.cli", "demo", "--out", str(out)] + (["--quick"] if args.quick else [])
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -38,7 +40,10 @@ def main() -> None:
     summary = json.loads((out / "summary.json").read_text())
     budget = 180 if args.quick else 1200
     res = {"command": " ".join(["python bench/demo_timing.py", *sys.argv[1:]]), "preset": summary["preset"],
-           "wall_seconds": wall, "budget_seconds": budget, "within_budget": wall <= budget,
+           "wall_seconds": wall,
+           # 1/5/15-minute load averages before and after: a run beside other work is an upper bound
+           "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+           "budget_seconds": budget, "within_budget": wall <= budget,
            "demo_seconds": summary["seconds"],
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
            "report_files": sorted(p.name for p in (out / "report").iterdir()), "verdicts": summary["verdicts"]}
