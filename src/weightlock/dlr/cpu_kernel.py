@@ -217,66 +217,53 @@ static inline void down_4x4(const float *z, int64_t d, const float *v, float *h,
         for (int c = 0; c < 4; ++c) h[t * r + c0 + c] = _mm512_reduce_add_ps(a[t][c]);
 }
 
-/* z[t][k0 .. k0+32) += sum_j h[t][j] * ut[j][k0 .. k0+32) (+ bu) for ROWS rows */
-#define UP_TILE(ROWS)                                                                                  \
-    static inline void up_##ROWS(float *z, int64_t d, const float *h, int64_t r, const float *ut,       \
-                                 const float *bu, int64_t k0) {                                         \
+/* y[t][c0 .. c0+32) = (acc ? y[t][c0 ..] : 0) + sum_k x[t][k] * b[k][c0 .. c0+32) (+ bias[c0 ..]) for ROWS rows;
+   x: ROWS x K, b: K x n, y: ROWS x n, all row-major. Broadcast tiles: one x value times two rows of b. */
+#define TILE(ROWS)                                                                                     \
+    static inline void tile_##ROWS(const float *x, int64_t K, const float *b, int64_t n, float *y,      \
+                                   int64_t c0, int acc, const float *bias) {                            \
         __m512 a[ROWS][2];                                                                              \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
-            a[t][0] = _mm512_loadu_ps(z + t * d + k0);                                                  \
-            a[t][1] = _mm512_loadu_ps(z + t * d + k0 + 16);                                             \
+            a[t][0] = acc ? _mm512_loadu_ps(y + t * n + c0) : _mm512_setzero_ps();                      \
+            a[t][1] = acc ? _mm512_loadu_ps(y + t * n + c0 + 16) : _mm512_setzero_ps();                 \
         }                                                                                               \
-        for (int64_t j = 0; j < r; ++j) {                                                               \
-            __m512 u0 = _mm512_loadu_ps(ut + j * d + k0), u1 = _mm512_loadu_ps(ut + j * d + k0 + 16);   \
+        for (int64_t k = 0; k < K; ++k) {                                                               \
+            __m512 b0 = _mm512_loadu_ps(b + k * n + c0), b1 = _mm512_loadu_ps(b + k * n + c0 + 16);     \
             _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                    \
-                __m512 hb = _mm512_set1_ps(h[t * r + j]);                                               \
-                a[t][0] = _mm512_fmadd_ps(hb, u0, a[t][0]);                                             \
-                a[t][1] = _mm512_fmadd_ps(hb, u1, a[t][1]);                                             \
+                __m512 xb = _mm512_set1_ps(x[t * K + k]);                                               \
+                a[t][0] = _mm512_fmadd_ps(xb, b0, a[t][0]);                                             \
+                a[t][1] = _mm512_fmadd_ps(xb, b1, a[t][1]);                                             \
             }                                                                                           \
         }                                                                                               \
-        if (bu) {                                                                                       \
-            __m512 b0 = _mm512_loadu_ps(bu + k0), b1 = _mm512_loadu_ps(bu + k0 + 16);                   \
+        if (bias) {                                                                                     \
+            __m512 c0v = _mm512_loadu_ps(bias + c0), c1v = _mm512_loadu_ps(bias + c0 + 16);             \
             _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                    \
-                a[t][0] = _mm512_add_ps(a[t][0], b0);                                                   \
-                a[t][1] = _mm512_add_ps(a[t][1], b1);                                                   \
+                a[t][0] = _mm512_add_ps(a[t][0], c0v);                                                  \
+                a[t][1] = _mm512_add_ps(a[t][1], c1v);                                                  \
             }                                                                                           \
         }                                                                                               \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
-            _mm512_storeu_ps(z + t * d + k0, a[t][0]);                                                  \
-            _mm512_storeu_ps(z + t * d + k0 + 16, a[t][1]);                                             \
+            _mm512_storeu_ps(y + t * n + c0, a[t][0]);                                                  \
+            _mm512_storeu_ps(y + t * n + c0 + 16, a[t][1]);                                             \
         }                                                                                               \
     }
-UP_TILE(8)
-UP_TILE(4)
-UP_TILE(2)
-UP_TILE(1)
+TILE(8)
+TILE(4)
+TILE(2)
+TILE(1)
 
-/* h[t][c0 .. c0+32) = sum_k z[t][k] * vt[k][c0 .. c0+32) for ROWS rows (vt: V transposed, d x r) */
-#define DOWN_TILE(ROWS)                                                                                \
-    static inline void down_##ROWS(const float *z, int64_t d, float *h, int64_t r, const float *vt,     \
-                                   int64_t c0) {                                                        \
-        __m512 a[ROWS][2];                                                                              \
-        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
-            a[t][0] = _mm512_setzero_ps();                                                              \
-            a[t][1] = _mm512_setzero_ps();                                                              \
-        }                                                                                               \
-        for (int64_t k = 0; k < d; ++k) {                                                               \
-            __m512 v0 = _mm512_loadu_ps(vt + k * r + c0), v1 = _mm512_loadu_ps(vt + k * r + c0 + 16);   \
-            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                    \
-                __m512 zb = _mm512_set1_ps(z[t * d + k]);                                               \
-                a[t][0] = _mm512_fmadd_ps(zb, v0, a[t][0]);                                             \
-                a[t][1] = _mm512_fmadd_ps(zb, v1, a[t][1]);                                             \
-            }                                                                                           \
-        }                                                                                               \
-        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                        \
-            _mm512_storeu_ps(h + t * r + c0, a[t][0]);                                                  \
-            _mm512_storeu_ps(h + t * r + c0 + 16, a[t][1]);                                             \
-        }                                                                                               \
+/* y (rows x n) (+)= x (rows x K) b (K x n) (+ bias), rows <= 8, n % 32 == 0: in 32-column tiles of 8, 4, 2, 1 rows.
+   The down-projection is h = z vt (acc = 0, no bias here), the up-projection z += act(h) ut + bu. */
+static inline void tiles(int64_t rows, const float *x, int64_t K, const float *b, int64_t n, float *y, int acc,
+                         const float *bias) {
+    for (int64_t c0 = 0; c0 < n; c0 += 32) {
+        if (rows == 8) { tile_8(x, K, b, n, y, c0, acc, bias); continue; }
+        int64_t t = 0;
+        if (rows - t >= 4) { tile_4(x + t * K, K, b, n, y + t * n, c0, acc, bias); t += 4; }
+        if (rows - t >= 2) { tile_2(x + t * K, K, b, n, y + t * n, c0, acc, bias); t += 2; }
+        if (rows - t >= 1) { tile_1(x + t * K, K, b, n, y + t * n, c0, acc, bias); }
     }
-DOWN_TILE(8)
-DOWN_TILE(4)
-DOWN_TILE(2)
-DOWN_TILE(1)
+}
 
 /* dst (16 x 16, row stride ds) = the transpose of src (16 x 16, row stride ss), in registers */
 static inline void transpose16(const float *src, int64_t ss, float *dst, int64_t ds) {
@@ -319,18 +306,8 @@ static void prefill_chunk(int64_t n, int64_t d, int64_t r, int64_t L, const floa
         const float *v = V[l], *bv = bV[l], *bu = bU[l], *ut = ut_all + l * r * d;
         if (vt_all) {  /* r % 32 == 0: broadcast tiles on V transposed, no horizontal sums */
             const float *vt = vt_all + l * r * d;
-            for (int64_t i0 = 0; i0 < n; i0 += 8) {
-                int64_t rows = n - i0 < 8 ? n - i0 : 8;
-                const float *zi = z + i0 * d;
-                float *hi = h + i0 * r;
-                for (int64_t c0 = 0; c0 < r; c0 += 32) {
-                    if (rows == 8) { down_8(zi, d, hi, r, vt, c0); continue; }
-                    int64_t t = 0;
-                    if (rows - t >= 4) { down_4(zi + t * d, d, hi + t * r, r, vt, c0); t += 4; }
-                    if (rows - t >= 2) { down_2(zi + t * d, d, hi + t * r, r, vt, c0); t += 2; }
-                    if (rows - t >= 1) { down_1(zi + t * d, d, hi + t * r, r, vt, c0); }
-                }
-            }
+            for (int64_t i0 = 0; i0 < n; i0 += 8)
+                tiles(n - i0 < 8 ? n - i0 : 8, z + i0 * d, d, vt, r, h + i0 * r, 0, NULL);
         } else
         for (int64_t i0 = 0; i0 < n; i0 += 4) {
             if (i0 + 4 <= n) {
@@ -353,18 +330,8 @@ static void prefill_chunk(int64_t n, int64_t d, int64_t r, int64_t L, const floa
                 for (int64_t j = 0; j < r; ++j) hi[j] += bv[j];
             }
         act_array(h, n * r, act);
-        for (int64_t i0 = 0; i0 < n; i0 += 8) {
-            int64_t rows = n - i0 < 8 ? n - i0 : 8;
-            float *zi = z + i0 * d;
-            const float *hi = h + i0 * r;
-            for (int64_t k0 = 0; k0 < d; k0 += 32) {
-                if (rows == 8) { up_8(zi, d, hi, r, ut, bu, k0); continue; }
-                int64_t t = 0;
-                if (rows - t >= 4) { up_4(zi + t * d, d, hi + t * r, r, ut, bu, k0); t += 4; }
-                if (rows - t >= 2) { up_2(zi + t * d, d, hi + t * r, r, ut, bu, k0); t += 2; }
-                if (rows - t >= 1) { up_1(zi + t * d, d, hi + t * r, r, ut, bu, k0); }
-            }
-        }
+        for (int64_t i0 = 0; i0 < n; i0 += 8)
+            tiles(n - i0 < 8 ? n - i0 : 8, h + i0 * r, r, ut, d, z + i0 * d, 1, bu);
     }
 }
 
