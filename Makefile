@@ -31,8 +31,8 @@ test-triton: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_triton.py
 
 # `make bench`: the cheap meter and timing benchmarks, run for real (no placeholder). Each writes
-# bench/results/NAME.json (WEIGHTLOCK_BENCH_RESULTS=DIR writes there instead). On 2 idle CPU cores (estimated
-# from the recorded runs: pretraining 204 s, plan_validation's cases 13 + 85 + 100 s; not yet timed as a whole):
+# bench/results/NAME.json (WEIGHTLOCK_BENCH_RESULTS=DIR writes there instead). On 2 idle CPU cores the whole
+# target took 12 min 40 s from a cold start (2026-12-03, runs/bench absent, rc 0); the parts, estimated:
 #   bench/dlr_memory.py       the saved-activation meter against the analytic bytes: MLP vs DLR-Net at two
 #                             widths, linearity in depth, one training step of the small model and of a
 #                             d=2048 Llama-shaped slice, locked vs original                        ~2 min
