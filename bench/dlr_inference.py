@@ -19,6 +19,8 @@ prefill of 8 × 1024 tokens.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
@@ -28,7 +30,7 @@ import torch
 
 from weightlock.dlr import load
 from weightlock.dlr.modeling_weightlock_dlr import DLRNet
-from weightlock.experiments.harness import llama_shaped_pair, save
+from weightlock.experiments.harness import RESULTS, llama_shaped_pair, save
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -191,11 +193,7 @@ def path_agreement(locked, dtype) -> dict:
 
 def smollm2(args) -> None:
     """The real LLM: SmolLM2-135M (``make smollm2``) against its rank-32 and rank-16 locks, every setting."""
-    import json
-    import os
-
     from weightlock.dlr import cpu_kernel
-    from weightlock.experiments.harness import RESULTS
 
     res = {"command": "python bench/dlr_inference.py --model " + args.model, "device": "cpu",
            "cpu_kernel": {"available": cpu_kernel.available(), "max_rows": cpu_kernel.MAX_ROWS},
