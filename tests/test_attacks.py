@@ -132,20 +132,22 @@ def test_reverse_distill_restores_dense_architecture(tokenizer):
     assert torch.equal(dense.model.layers[0].self_attn.q_proj.weight, locked.model.layers[0].self_attn.q_proj.weight)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bert"])
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama", "gemma"])
 def test_reverse_distill_readback_recovers_an_mlp_init_release_without_training(family, tokenizer):
     """A release locked with --init mlp keeps the original MLPs in its weights: reading them back (no
-    distillation step) gives a dense model equal to the original, and close to the locked model."""
+    distillation step) gives a dense model equal to the original, and close to the locked model — plain
+    blocks from a plain MLP, gated blocks from a gated one (SwiGLU, GeGLU)."""
     from weightlock.attacks import reverse_distill
-    from weightlock.dlr.distill import mlp_slice_init, plain_mlp_weights
+    from weightlock.dlr.distill import mlp_init
     from weightlock.dlr.modeling_weightlock_dlr import adapter_for, find_layers, get_path
 
     original, locked = tiny_model(family), tiny_model(family)
     adapter = adapter_for(original)
-    _, specs, _ = specs_for(original, LockConfig(rank=8, depth=8, init="mlp", readout=16.0))
+    _, specs, _ = specs_for(original, LockConfig(rank=8, depth=8, init="mlp", readout=16.0,
+                                                 block="gated" if adapter.gated else "plain"))
     apply_dlr(locked, [s.__dict__ for s in specs])
     for orig, lay in zip(find_layers(original, adapter), find_layers(locked, adapter)):
-        mlp_slice_init(plain_mlp_weights(orig, adapter))(get_path(lay, adapter.mlp))
+        mlp_init(orig, adapter)(get_path(lay, adapter.mlp))
     locked.config.weightlock_dlr = {"base_class": type(original).__name__, "layers": []}
     cfg = ReverseDistillConfig.from_options(init="readback", distill_steps=0, block_size=16, distill_tokens=2048,
                                             progress=False)
@@ -155,7 +157,7 @@ def test_reverse_distill_readback_recovers_an_mlp_init_release_without_training(
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         a, b = original.eval()(input_ids=ids), dense.eval()(input_ids=ids)
-    key = "logits" if family == "gpt2" else "last_hidden_state"
+    key = "last_hidden_state" if family == "bert" else "logits"
     assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-4)
     with pytest.raises(WeightlockError, match="init"):
         reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig.from_options(init="guess", progress=False))

@@ -46,7 +46,7 @@ def test_check_types_understands_literal_nested_configs_and_optionals():
 @pytest.mark.parametrize("build,msg", [
     (lambda: TrainConfig(optimizer="lion"), r"unknown optimizer 'lion' \(adamw, sgd, adafactor\)"),
     (lambda: TrainConfig(warmup_steps=-1), "warmup_steps"),
-    (lambda: LockConfig(activation="swish"), r"unknown activation 'swish' \(gelu, relu, silu, tanh\)"),
+    (lambda: LockConfig(activation="swish"), r"unknown activation 'swish' \(auto, gelu, relu, silu, tanh, gelu_tanh\)"),
     (lambda: LockConfig(mode="lazy"), "unknown mode 'lazy'"),
     (lambda: LockConfig(rank="8"), "option 'rank' expects int"),
     (lambda: LockConfig(max_rel_error=0.0), "max_rel_error must be positive"),

@@ -295,6 +295,14 @@ def lock_cmd(
     if r["ppl_before"] is not None:
         console.print(f"perplexity {r['ppl_before']:.3f} -> {r['ppl_after']:.3f} (ratio {r['ppl_ratio']:.4f}); "
                       f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}; saved {out}")
+    rb = r.get("readback")
+    if rb:
+        console.print(f"read-back (the blocks laid side by side as a dense MLP, what an attacker reads off the "
+                      f"release): perplexity ratio {rb['ppl_ratio']:.4f}")
+        for spec, row in (rb.get("by_data") or {}).items():
+            console.print("  " + spec + ": " + "; ".join(
+                f"{n} ppl ×{m['ppl_ratio']:.4f}, top-1 {m['top1_agreement']:.3f}, KL {m['kl']:.4f}"
+                for n, m in row.items()))
 
 
 def build_defense(name: str, cfg, source, out: Path, **options) -> Path:

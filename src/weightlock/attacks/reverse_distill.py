@@ -20,7 +20,7 @@ DISTILL_BATCH_TOKENS = 1024  # captured (input, output) pairs per distillation s
 class ReverseDistillConfig(AttackConfig):
     """How the dense MLPs start and are distilled before the full fine-tuning."""
 
-    # random | readback (plain MLPs: start from the stacked V_l, s·U_l of each DLR-Net)
+    # random | readback (start from each DLR-Net's blocks laid side by side: the stacked V_l, G_l, s·U_l)
     init: Literal["random", "readback"] = choice("random", "reverse-distill init")
     distill_steps: int = 600  # 0 with init=readback: no distillation at all
     distill_tokens: int = 65_536
@@ -107,7 +107,7 @@ def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Mod
     import transformers
 
     from ..data import load_blocks
-    from ..dlr.distill import capture, dlr_readback, fit_module, relative_error, set_plain_mlp_weights
+    from ..dlr.distill import capture, fit_module, relative_error, write_readback
     from ..dlr.modeling_weightlock_dlr import DLR_CONFIG_KEY, adapter_for, find_layers, get_path
 
     info = getattr(model.config, DLR_CONFIG_KEY)
@@ -124,7 +124,7 @@ def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Mod
             own[n].data.copy_(p.data)
     if cfg.init == "readback":
         for locked, layer in zip(locked_layers, dense_layers):
-            set_plain_mlp_weights(layer, adapter, dlr_readback(get_path(locked, adapter.mlp)))
+            write_readback(layer, adapter, get_path(locked, adapter.mlp))
     blocks = load_blocks("builtin:code+prose", "train", tokenizer, cfg.block_size, cfg.distill_tokens)
     caps = capture(model, blocks, list(range(len(locked_layers))))
     errors = []

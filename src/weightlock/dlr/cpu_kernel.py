@@ -495,6 +495,8 @@ def supported(net, x: torch.Tensor) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or net.spec.activation not in ACTIVATIONS:
         return False
+    if getattr(net.spec, "form", "plain") != "plain":  # the gated form runs the eager fast path
+        return False
     if x.dtype == torch.bfloat16 and net.spec.norm:
         return False
     w = net.blocks[0].down.weight
@@ -510,7 +512,7 @@ def _pointer_table(tensors) -> ctypes.Array:
 def _args(net) -> tuple:
     """The per-block pointer tables of ``net``'s weights, built once (the weights must be contiguous: a
     non-contiguous one is copied, and the copy kept alive here). Rebuilt when parameters were replaced."""
-    w = net._weights()  # (norm, V, b, U, c) per block; DLRNet drops it when parameters are swapped
+    w = net._weights()  # (norm, V, b, U, c, G, g) per block; DLRNet drops it when parameters are swapped
     cached = net.__dict__.get(_CACHE)
     if cached is not None and cached[0] is w and all(t[1].data_ptr() == p for t, p in zip(w[:1], cached[2])):
         return cached[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -29,6 +29,9 @@ from .modeling_weightlock_dlr import (
     get_path,
     mlp_modules,
     mlp_num_parameters,
+    readback_forward,
+    readback_net,
+    readback_weights,
     replace_mlp,
     sink_parameters,
 )
@@ -43,17 +46,32 @@ class LockConfig:
 
     rank: int = option(32, "Rank r of every DLR block.")
     depth: int | None = option(None, "Blocks per DLR-Net (default: match the MLP's parameter count, ±2%).")
-    activation: Literal["gelu", "relu", "silu", "tanh"] = option("gelu", "Block activation σ: gelu, relu, silu "
-                                                                "or tanh.", label="activation")
+    activation: Literal["auto", "gelu", "relu", "silu", "tanh", "gelu_tanh"] = option(
+        "auto", "Block activation σ: auto (the MLP's own with --init mlp, else gelu), gelu, relu, silu, tanh or "
+        "gelu_tanh.", label="activation")
+    block: Literal["plain", "gated"] = option("plain", "Block form: plain U·σ(V·z), or gated U·(σ(G·z) ⊙ V·z) "
+                                              "(the SwiGLU/GeGLU MLP's own form, 3·d·r parameters a block).",
+                                              label="block form")
     norm: bool = option(False, "Per-block RMSNorm.")
     bias: bool = option(False, "Biases in the DLR blocks.")
     init_scale: float = option(0.0, "Scale of U's random initialization (0: U starts at zero).")
-    init: Literal["zero", "mlp"] = option("zero", "zero (U starts at 0) or mlp (plain MLPs: block l starts as a "
-                                          "slice of the MLP's hidden units).", label="init")
+    init: Literal["zero", "mlp"] = option("zero", "zero (U starts at 0) or mlp (block l starts as the l-th slice "
+                                          "of the MLP's hidden units, U divided by --readout: the structured "
+                                          "start; --block gated for a gated MLP; no sink, the start carries it).",
+                                          label="init")
     # s > 1 shrinks the drift of the residual state z by s (a real LLM's MLP output is 7–20× its input in norm,
     # so at s = 1 later blocks see mostly the partial output, not the input)
     readout: float = option(1.0, "Read-out scale s: DLR(u) = s·(z_L − z_0); with --init mlp, 16 reaches ~10× "
                             "lower error (see README).")
+    anneal_to: float | None = option(None, "With --init mlp: lower the read-out from --readout to this value, "
+                                     "halving it stage by stage (U doubled, so the function is kept up to the "
+                                     "state's drift), each stage repaired by --steps distillation steps; the "
+                                     "release has the last read-out. Opens the gap between the lock and its "
+                                     "read-back.")
+    readback_penalty: float = option(0.0, "Weight λ of a term that pushes the read-back away: λ·max(0, τ − "
+                                     "read-back loss), τ = --readback-target (0: off).")
+    readback_target: float = option(1.0, "τ: the read-back loss (1 = the read-back outputs nothing useful) the "
+                                    "penalty pushes towards.")
     sink: bool = option(True, "Give every DLR-Net a gated sink component for massive-activation tokens (the "
                         "attention sink), fitted in closed form.")
     outlier_factor: float = option(10.0, "A token whose MLP output norm is above this × the median is an "
@@ -66,7 +84,7 @@ class LockConfig:
                               "builtin:code+prose).")
     calib_tokens: int = option(131_072, "Calibration tokens.")
     block_size: int = option(128, "Tokens per calibration sequence (at most the model's context).")
-    steps: int = option(600, "Distillation steps per layer.")
+    steps: int = option(600, "Distillation steps per layer (0 with --init mlp: the structured start as it is).")
     batch_tokens: int = option(1024, "Tokens per distillation step.")
     lr: float = option(1e-2, "Distillation learning rate.")
     holdout: float = option(0.1, "Fraction of the captured tokens held out to measure each layer's error.")
@@ -90,6 +108,10 @@ class LockConfig:
                                             "activations).", label="distillation loss")
     grad_clip: float = option(0.0, "Clip the distillation gradient norm (0: off); deep nets on real LLMs diverge "
                               "without.")
+    eval_data: str | None = option("builtin:prose,builtin:code", "Comma-separated data specs on whose test split the "
+                                   "release's fidelity (perplexity ratio, top-1 agreement, KL) and its read-back's "
+                                   "are measured and recorded ('none': skip; causal LMs only).")
+    eval_tokens: int = option(4096, "Held-out tokens per --eval-data spec.")
     progress: bool = option(True, "Progress bars and status lines on stderr.")
 
     def __post_init__(self) -> None:
@@ -106,14 +128,22 @@ class LockConfig:
             raise WeightlockError(f"readout must be positive, got {self.readout}")
         if not 0 < self.holdout < 0.5:
             raise WeightlockError("holdout must be in (0, 0.5)")
-        if self.steps < 1 or self.batch_tokens < 1 or self.calib_tokens < self.block_size:
-            raise WeightlockError("steps, batch_tokens must be ≥ 1 and calib_tokens ≥ block_size")
+        least = 0 if self.init == "mlp" else 1
+        if self.steps < least or self.batch_tokens < 1 or self.calib_tokens < self.block_size:
+            raise WeightlockError("steps (≥ 0 with init mlp), batch_tokens must be ≥ 1 and calib_tokens ≥ block_size")
         if self.refine_batch < 1 or self.refine_eval_every < 1 or self.refine_checkpoint_every < 1:
             raise WeightlockError("refine_batch, refine_eval_every and refine_checkpoint_every must be ≥ 1")
         if self.target_kl is not None and not self.target_kl >= 0:
             raise WeightlockError(f"target_kl must be ≥ 0, got {self.target_kl}")
         if self.block_size < 2 or self.refine_steps < 0 or self.init_scale < 0:
             raise WeightlockError("block_size must be ≥ 2, refine_steps and init_scale ≥ 0")
+        if self.anneal_to is not None and not (self.init == "mlp" and 0 < self.anneal_to <= self.readout):
+            raise WeightlockError(f"anneal_to needs --init mlp and a value in (0, readout={self.readout:g}], "
+                                  f"got {self.anneal_to}")
+        if self.readback_penalty < 0 or not self.readback_target > 0:
+            raise WeightlockError("readback_penalty must be ≥ 0 and readback_target positive")
+        if self.eval_tokens < 2:
+            raise WeightlockError(f"eval_tokens must be at least 2, got {self.eval_tokens}")
         if self.grad_clip < 0:
             raise WeightlockError(f"grad_clip must be ≥ 0, got {self.grad_clip}")
         if not self.lr > 0 or not self.refine_lr > 0:
@@ -151,17 +181,17 @@ def parse_layers(spec: str | None, n: int | None) -> list[int] | None:
     return sorted(set(ids))
 
 
-def block_parameters(width: int, rank: int, norm: bool, bias: bool) -> int:
-    """Parameters of one DLR block of this width and rank."""
-    return DLRSpec(width, rank, 1, norm=norm, bias=bias).num_parameters()
+def block_parameters(width: int, rank: int, norm: bool, bias: bool, form: str = "plain") -> int:
+    """Parameters of one DLR block of this width, rank and form."""
+    return DLRSpec(width, rank, 1, norm=norm, bias=bias, form=form).num_parameters()
 
 
 def match_depth(mlp_params: int, width: int, rank: int, norm: bool = False, bias: bool = False,
-                tolerance: float = 0.02) -> int:
+                tolerance: float = 0.02, form: str = "plain") -> int:
     """The depth whose DLR-Net parameter count is closest to ``mlp_params`` (must be within ``tolerance``)."""
     if not 1 <= rank <= width:
         raise WeightlockError(f"rank {rank} must be between 1 and the model width {width}")
-    per = block_parameters(width, rank, norm, bias)
+    per = block_parameters(width, rank, norm, bias, form)
     depth = max(1, round(mlp_params / per))
     err = abs(depth * per - mlp_params) / mlp_params
     if err > tolerance:
@@ -188,9 +218,15 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
     width = model.config.hidden_size
     if not 1 <= cfg.rank <= width:
         raise WeightlockError(f"rank {cfg.rank} must be between 1 and the model width {width}")
-    if cfg.init == "mlp" and adapter.gated:
-        raise WeightlockError(f"init 'mlp' needs a plain two-matrix MLP; {adapter.family} has a gated MLP")
-    bias = cfg.bias or cfg.init == "mlp"
+    if cfg.init == "mlp" and adapter.gated != (cfg.block == "gated"):
+        kind, want = ("a gated", "gated") if adapter.gated else ("a plain two-matrix", "plain")
+        raise WeightlockError(f"init 'mlp' starts the blocks from the MLP's hidden units: {adapter.family} has "
+                              f"{kind} MLP, so it needs --block {want}")
+    bias = cfg.bias or (cfg.init == "mlp" and not adapter.gated)
+    if cfg.init == "mlp" and adapter.gated and _gated_has_bias(layers[0], adapter):
+        bias = True
+    activation = resolve_activation(model, cfg)
+    sink = cfg.sink and cfg.init != "mlp"  # the structured start reproduces the sink token itself
     chosen = parse_layers(cfg.layers, len(layers))
     specs, sizes = [], []
     for k, layer in enumerate(layers):
@@ -201,13 +237,38 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
                                   "is it already locked?") from None
         if n == 0:
             raise WeightlockError(f"{type(model).__name__}: MLP without parameters, nothing to lock")
-        extra = sink_parameters(width) if cfg.sink else 0
-        depth = cfg.depth or match_depth(n - extra, width, cfg.rank, cfg.norm, bias)
+        extra = sink_parameters(width) if sink else 0
+        depth = cfg.depth or match_depth(n - extra, width, cfg.rank, cfg.norm, bias, form=cfg.block)
         locked = chosen is None or k in chosen
-        specs.append(DLRSpec(width, cfg.rank, depth, cfg.activation, cfg.norm, bias, cfg.init_scale, cfg.readout,
-                             cfg.sink) if locked else None)
+        readout = cfg.anneal_to or cfg.readout  # the release's read-out: where an annealed fit ends
+        specs.append(DLRSpec(width, cfg.rank, depth, activation, cfg.norm, bias, cfg.init_scale, readout,
+                             sink, cfg.block) if locked else None)
         sizes.append(n)
     return adapter, specs, sizes
+
+
+# the activations of transformers' ACT2FN names that a DLR block has
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "tanh": "tanh",
+                   "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def resolve_activation(model: nn.Module, cfg: LockConfig) -> str:
+    """The blocks' activation: ``cfg.activation``, or with ``auto`` the MLP's own (its config's ``hidden_act``
+    / ``hidden_activation`` / ``activation_function``) under ``init="mlp"`` and gelu otherwise. A structured
+    start with another activation than the MLP's is refused (it would not start at the MLP)."""
+    c = model.config
+    own = next((getattr(c, a) for a in ("hidden_activation", "hidden_act", "activation_function")
+                if isinstance(getattr(c, a, None), str)), None)
+    mapped = _HF_ACTIVATIONS.get(own) if own else None
+    if cfg.init != "mlp":
+        return "gelu" if cfg.activation == "auto" else cfg.activation
+    if mapped is None:
+        raise WeightlockError(f"init 'mlp': the MLP's activation {own!r} is not one a DLR block has "
+                              f"({', '.join(sorted(set(_HF_ACTIVATIONS.values())))})")
+    if cfg.activation not in ("auto", mapped):
+        raise WeightlockError(f"init 'mlp' needs the MLP's own activation ({mapped}), got --activation "
+                              f"{cfg.activation}; leave it at auto")
+    return mapped
 
 
 def _refuse_mixture_of_experts(model: nn.Module) -> None:
@@ -453,46 +514,114 @@ def set_plain_mlp_weights(layer: nn.Module, adapter: ArchAdapter, weights: tuple
             m.bias[: b.shape[0]].copy_(b)
 
 
+def gated_mlp_maps(layer: nn.Module, adapter: ArchAdapter) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(gate, up, down) linear maps of a gated MLP (``gate_proj``/``up_proj``/``down_proj``, as in Llama,
+    Mistral, Qwen, Gemma, OLMo); phi3's fused ``gate_up_proj`` is refused with a clear error."""
+    mlp = get_path(layer, adapter.mlp)
+    names = ("gate_proj", "up_proj", "down_proj")
+    if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in names):
+        raise WeightlockError(f"{adapter.family}: the structured start needs a gated MLP with gate_proj, up_proj "
+                              f"and down_proj linear maps; {type(mlp).__name__} has "
+                              f"{[n for n, _ in mlp.named_children()]}")
+    return tuple(getattr(mlp, n) for n in names)
+
+
+def _gated_has_bias(layer: nn.Module, adapter: ArchAdapter) -> bool:
+    return any(m.bias is not None for m in gated_mlp_maps(layer, adapter))
+
+
+def gated_mlp_weights(layer: nn.Module, adapter: ArchAdapter) -> tuple[torch.Tensor, ...]:
+    """(G [d_ff, d], bg, W [d_ff, d], bw, D [d, d_ff], bd) of a gated MLP ``D·(σ(G·x + bg) ⊙ (W·x + bw)) + bd``
+    (zero biases where the MLP has none)."""
+    out = []
+    for m in gated_mlp_maps(layer, adapter):
+        w = m.weight.detach().float()
+        out += [w, m.bias.detach().float() if m.bias is not None else torch.zeros(w.shape[0])]
+    return tuple(out)
+
+
+@torch.no_grad()
 def dlr_readback(net: DLRNet) -> tuple[torch.Tensor, ...]:
-    """The dense MLP (W1, b1, W2, b2) a DLR-Net would be if its residual state did not drift: the stacked
-    V_l and s·U_l. For an untrained ``init=mlp`` net these are the MLP's own weights; training moves them
-    little (MiniLM, s = 16: the read-back MLP is within 0.1–0.3% of the original)."""
-    bl, s = net.blocks, net.spec.readout
-    w1, w2 = torch.cat([b.down.weight for b in bl]), s * torch.cat([b.up.weight for b in bl], 1)
-    b1 = torch.cat([b.down.bias for b in bl]) if net.spec.bias else torch.zeros(w1.shape[0])
-    b2 = s * sum(b.up.bias for b in bl) if net.spec.bias else torch.zeros(w2.shape[0])
-    return tuple(t.detach().float() for t in (w1, b1, w2, b2))
+    """The dense MLP a DLR-Net would be if its residual state did not drift (:func:`readback_weights`), as a
+    plain MLP's (W1, b1, W2, b2) or a gated MLP's (G, bg, W, bw, D, bd), zero biases where the net has none.
+    For an untrained ``init=mlp`` net these are the MLP's own weights; training moves them little
+    (MiniLM, s = 16: the read-back MLP is within 0.1–0.3% of the original)."""
+    w = readback_weights(net)
+    names = ("gate", "down", "up") if net.spec.form == "gated" else ("down", "up")
+    out = []
+    for n in names:
+        out += [w[n], w[n + "_b"] if w[n + "_b"] is not None else torch.zeros(w[n].shape[0])]
+    return tuple(t.detach().float() for t in out)
+
+
+@torch.no_grad()
+def write_readback(layer: nn.Module, adapter: ArchAdapter, net: DLRNet) -> None:
+    """Write ``net``'s read-back into ``layer``'s own dense MLP (what an attacker does with a release): the
+    gated form into a gated MLP's gate/up/down maps, the plain form into a plain MLP's two maps. A net with
+    per-block norms or a sink has no such dense form and is refused."""
+    if net.spec.norm or net.spec.sink:
+        raise WeightlockError("a DLR-Net with per-block norms or a sink has no dense MLP of the family's form to "
+                              "read back into; start the attack from a random dense MLP instead")
+    weights = dlr_readback(net)
+    if (net.spec.form == "gated") != adapter.gated:
+        raise WeightlockError(f"{net.spec.form} DLR blocks do not read back into {adapter.family}'s "
+                              f"{'gated' if adapter.gated else 'plain'} MLP")
+    if not adapter.gated:
+        return set_plain_mlp_weights(layer, adapter, weights)
+    for m, w, b in zip(gated_mlp_maps(layer, adapter), weights[0::2], weights[1::2]):
+        if m.weight.shape != w.shape:
+            raise WeightlockError(f"read-back {tuple(w.shape)} does not fit the MLP's {tuple(m.weight.shape)}")
+        m.weight.copy_(w)
+        if m.bias is not None:
+            m.bias.copy_(b)
 
 
 def mlp_slice_init(weights: tuple[torch.Tensor, ...]) -> Callable[[DLRNet], None]:
     """Initialise block l with the l-th slice of the MLP's hidden units (most important first); the
     up-projections are divided by the net's read-out scale s, so the residual state drifts s times less
-    between blocks and the net starts closer to the MLP as s grows."""
-    w1, b1, w2, b2 = weights
+    between blocks and the net starts closer to the MLP as s grows. ``weights``: a plain MLP's
+    (W1, b1, W2, b2) (:func:`plain_mlp_weights`) for plain blocks, a gated MLP's (G, bg, W, bw, D, bd)
+    (:func:`gated_mlp_weights`) for gated blocks."""
+    gated = len(weights) == 6
+    ins, w2, b2 = weights[:-2], weights[-2], weights[-1]  # ins: (W1, b1) or (G, bg, W, bw)
 
     @torch.no_grad()
     def init(net: DLRNet) -> None:
         r, blocks, s = net.spec.rank, net.blocks, net.spec.readout
-        order = (w2.norm(dim=0) * w1.norm(dim=1)).argsort(descending=True)
+        if gated != (net.spec.form == "gated"):
+            raise WeightlockError(f"a {'gated' if gated else 'plain'} MLP cannot start {net.spec.form} blocks")
+        size = w2.norm(dim=0) * ins[0].norm(dim=1) * (ins[2].norm(dim=1) if gated else 1)
+        order = size.argsort(descending=True)
         for l, b in enumerate(blocks):
             idx = order[l * r:(l + 1) * r]
             if idx.numel() < r:
                 break  # more blocks than hidden units: the rest keep their default init
-            b.down.weight.copy_(w1[idx])
+            maps = ((b.gate, ins[0], ins[1]), (b.down, ins[2], ins[3])) if gated else ((b.down, ins[0], ins[1]),)
+            for m, w, bias in maps:
+                m.weight.copy_(w[idx])
+                if m.bias is not None:
+                    m.bias.copy_(bias[idx])
             b.up.weight.copy_(w2[:, idx] / s)
-            if b.down.bias is not None:
-                b.down.bias.copy_(b1[idx])
+            if b.up.bias is not None:
                 b.up.bias.copy_(b2 / (len(blocks) * s))
 
     return init
 
 
+def mlp_init(layer: nn.Module, adapter: ArchAdapter) -> Callable[[DLRNet], None]:
+    """The structured start of ``layer``'s MLP (:func:`mlp_slice_init` of its gated or plain weights)."""
+    return mlp_slice_init(gated_mlp_weights(layer, adapter) if adapter.gated else plain_mlp_weights(layer, adapter))
+
+
 def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, desc: str = "layer",
               device: torch.device | str = "cpu", init: Callable[[DLRNet], None] | None = None,
-              block: int | None = None) -> tuple[DLRNet, dict]:
+              block: int | None = None,
+              on_stage: Callable[[DLRNet, dict], None] | None = None) -> tuple[DLRNet, dict]:
     """Train a DLR-Net on (x, y) pairs (rows of ``block``-token blocks, split into train and held-out by
     block) with the normalised regression loss; with a sink, the sink is fitted first in closed form on the
-    training rows and the blocks fit what it leaves. Returns the net and its stats."""
+    training rows and the blocks fit what it leaves. With ``cfg.anneal_to`` the read-out is lowered stage by
+    stage (:func:`anneal_readouts`), each stage repaired by ``cfg.steps`` steps; ``on_stage(net, stage)`` is
+    called after each. Returns the net and its stats."""
     split = holdout_split(x.shape[0], cfg.holdout, cfg.seed, block)
     sink_state, sink_stats = None, {}
     if spec.sink:
@@ -500,8 +629,10 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
         sink_stats = fit_sink(probe.sink, x[split[1]].float(), y[split[1]].float(), cfg.outlier_factor)
         sink_state = {k: v.clone() for k, v in probe.sink.state_dict().items()}
 
+    readouts = anneal_readouts(cfg.readout, cfg.anneal_to) if cfg.init == "mlp" else [spec.readout]
+
     def make() -> DLRNet:
-        net = DLRNet(spec)
+        net = DLRNet(replace(spec, readout=readouts[0]))
         if init is not None:
             init(net)
         if sink_state is not None:
@@ -512,10 +643,25 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
     # init=mlp starts at the MLP with U/s: Adam's step (≈ lr per weight, whatever its scale) is divided by s too,
     # or the first steps would undo the start (MiniLM, s = 16: error 0.0011 after 300 steps). From a zero start
     # the read-out only shrinks the drift, and the full rate fits faster (SmolLM2 layer 5: 0.220 vs 0.270 at s=1)
-    lr = cfg.lr / spec.readout if cfg.init == "mlp" else cfg.lr
-    net, stats = fit_module(make, x, y, steps=cfg.steps, lr=lr, batch_tokens=cfg.batch_tokens, seed=cfg.seed,
-                            holdout=cfg.holdout, progress=cfg.progress, desc=desc, device=device, loss=cfg.loss,
-                            grad_clip=cfg.grad_clip, split=split, outlier_factor=cfg.outlier_factor)
+    extra = readback_term(cfg) if cfg.readback_penalty > 0 else None
+    fit = dict(steps=cfg.steps, batch_tokens=cfg.batch_tokens, seed=cfg.seed, holdout=cfg.holdout, device=device,
+               progress=cfg.progress, loss=cfg.loss, grad_clip=cfg.grad_clip, split=split,
+               outlier_factor=cfg.outlier_factor, extra_loss=extra)
+    stages, net, stats = [], None, {}
+    for s in readouts:
+        prev = net
+        start = make if prev is None else (lambda: rescaled(prev, s))  # noqa: B023 (called at once)
+        lr = cfg.lr / s if cfg.init == "mlp" else cfg.lr
+        net, stats = fit_module(start, x, y, lr=lr, desc=desc if s == spec.readout else f"{desc} s={s:g}", **fit)
+        if cfg.anneal_to is not None:
+            rb = error_stats(readback_net(net), x[split[0]].float(), y[split[0]].float())
+            stages.append({"readout": s, **{k: stats[k] for k in ("rel_error", "rel_error_tokens", "seconds")},
+                           "readback_rel_error_tokens": rb["rel_error_tokens"]})
+            if on_stage is not None:
+                on_stage(net, stages[-1])
+    if stages:
+        stats["stages"] = stages
+        stats["seconds"] = sum(st["seconds"] for st in stages)
     net.requires_grad_(True)
     if sink_stats.get("sink"):  # the sink takes what the blocks leave on the outliers; re-measure
         xt, yt = x[split[1]].float(), y[split[1]].float()
@@ -524,9 +670,49 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
         fit_sink(net.sink, xt, yt, cfg.outlier_factor, target=rest)
         xh, yh = x[split[0]].float(), y[split[0]].float()
         stats.update(error_stats(net, xh, yh, outlier_rows(yh, cfg.outlier_factor)))
+    # what an attacker reads off the net by laying its blocks side by side, against the MLP
+    xh, yh = x[split[0]].float(), y[split[0]].float()
+    rb = error_stats(readback_net(net), xh, yh, outlier_rows(yh, cfg.outlier_factor))
+    stats["readback"] = {k: rb[k] for k in ("rel_error", "rel_error_tokens", "outlier_rel_error")}
     stats["spec"] = asdict(spec)
     stats["sink"] = sink_stats
     return net, stats
+
+
+def anneal_readouts(start: float, end: float | None) -> list[float]:
+    """The read-outs of an annealed fit: ``start``, halved stage by stage down to ``end`` (the last stage is
+    ``end`` itself); ``[start]`` without ``end``."""
+    out = [start]
+    while end is not None and out[-1] > end:
+        out.append(max(out[-1] / 2, end))
+    return out
+
+
+@torch.no_grad()
+def rescaled(net: DLRNet, readout: float) -> DLRNet:
+    """A copy of ``net`` with read-out ``readout`` and every U (and up-bias) multiplied by the old read-out over
+    the new: the same read-back, so the same function up to the residual state's drift (which grows by
+    that factor)."""
+    out = DLRNet(replace(net.spec, readout=readout))
+    out.load_state_dict(net.state_dict())
+    f = net.spec.readout / readout
+    for b in out.blocks:
+        b.up.weight.mul_(f)
+        if b.up.bias is not None:
+            b.up.bias.mul_(f)
+    if net.spec.sink:
+        out.sink.requires_grad_(net.sink.value.requires_grad)
+    return out
+
+
+def readback_term(cfg: LockConfig) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``λ·max(0, τ − loss(read-back(x), y))``: an extra distillation loss that pushes the net's read-back
+    (:func:`readback_forward`) away from the MLP until its loss reaches τ."""
+    def term(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        rb = distill_loss(readback_forward(net, xb), yb, cfg.loss)
+        return cfg.readback_penalty * (cfg.readback_target - rb).clamp_min(0)
+
+    return term
 
 
 def holdout_split(n: int, holdout: float, seed: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -563,11 +749,16 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
                batch_tokens: int, seed: int = 0, holdout: float = 0.1, progress: bool = True,
                desc: str = "fit", device: torch.device | str = "cpu", loss: str = "energy",
                grad_clip: float = 0.0, split: tuple[torch.Tensor, torch.Tensor] | None = None,
-               outlier_factor: float = 10.0) -> tuple[nn.Module, dict]:
+               outlier_factor: float = 10.0,
+               extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+               until: float | None = None) -> tuple[nn.Module, dict]:
     """Fit ``make()`` (built after seeding) to map x → y with Adam and a warm-up + cosine schedule,
-    minimising ``loss`` (see :func:`distill_loss`), the gradient norm clipped to ``grad_clip`` (0: off);
+    minimising ``loss`` (see :func:`distill_loss`) plus ``extra_loss(net, x, y)`` if given, the gradient norm
+    clipped to ``grad_clip`` (0: off);
     errors (:func:`error_stats`) are measured on a held-out ``holdout`` fraction of the rows, or on
-    ``split = (held-out rows, training rows)`` (see :func:`holdout_split`).
+    ``split = (held-out rows, training rows)`` (see :func:`holdout_split`). ``until``: stop as soon as the
+    held-out token-weighted error (``rel_error_tokens``, checked every ``GUARD_EVERY`` steps) is at most this;
+    ``stats["reached_at_step"]`` says when (None: not within ``steps``).
 
     Divergence guard: when the batch loss is not finite or exceeds ``GUARD_FACTOR`` × the best so far, the
     net goes back to its last healthy snapshot (taken every ``GUARD_EVERY`` steps while the loss is within
@@ -586,11 +777,12 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     net = make().to(device)
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))))
     err0 = relative_error(net, xh, yh)
     t0 = time.perf_counter()
     bs = min(batch_tokens, train.numel())
     good, best, restarts, stopped = _snapshot(net), math.inf, 0, None
+    reached = 0 if until is not None and error_stats(net, xh, yh)["rel_error_tokens"] <= until else None
 
     def restart() -> None:  # back to the snapshot, fresh Adam moments, half the rate from this step on
         net.load_state_dict(good)
@@ -602,10 +794,16 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     with Progress(TextColumn(f"[bold]{desc}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[info]}"), disable=not progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
-        for step in range(steps):
+        for step in range(steps if reached is None else 0):
+            if until is not None and step and step % GUARD_EVERY == 0:
+                if error_stats(net, xh, yh)["rel_error_tokens"] <= until:
+                    reached = step
+                    break
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
             xb, yb = x[idx].float().to(device), y[idx].float().to(device)
             value = distill_loss(net(xb), yb, loss)
+            if extra_loss is not None:
+                value = value + extra_loss(net, xb, yb)
             opt.zero_grad(set_to_none=True)
             v = value.item()
             if not math.isfinite(v) or v > GUARD_FACTOR * best:  # diverging
@@ -633,10 +831,12 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
         if math.isfinite(err) and err < relative_error(net, xh, yh):
             net.load_state_dict(final)  # the fit after the restarts is better than the last snapshot
     held = error_stats(net, xh, yh, flags)
-    stats = {"restarts": restarts, "stopped_at_step": stopped,
+    if until is not None and reached is None and held["rel_error_tokens"] <= until:
+        reached = steps
+    stats = {"restarts": restarts, "stopped_at_step": stopped, "reached_at_step": reached,
              "rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
              **held, "tokens": x.shape[0], "held_out_tokens": n_hold, "steps": steps, "seconds": dt,
-             "tokens_per_s": (stopped or steps) * bs / dt}
+             "tokens_per_s": (stopped or reached or steps) * bs / dt if dt > 0 else 0.0}
     return net.cpu() if str(device) != "cpu" else net, stats
 
 
@@ -690,7 +890,7 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
         else:
             cap = load_file(str(work / f"capture_{k}.safetensors"))
             x, y = cap["x"], cap["y"]
-        init = mlp_slice_init(plain_mlp_weights(layers[k], adapter)) if cfg.init == "mlp" else None
+        init = mlp_init(layers[k], adapter) if cfg.init == "mlp" else None
         net, stats = fit_layer(x, y, specs[k], cfg, desc=f"layer {k} ({i + 1}/{len(locked)})", device=device,
                                init=init, block=blocks.shape[1])
         stats["layer"], stats["process"] = k, rank
@@ -730,6 +930,19 @@ def gate_error(stats: dict) -> float:
         return stats["rel_error"]
     out = stats.get("outlier_rel_error")
     return max(stats["rel_error_tokens"], out ** 2 if out is not None else 0.0)
+
+
+def readback_model(model: nn.Module) -> nn.Module:
+    """A copy of the locked ``model`` in which every DLR-Net is replaced by its read-back (:func:`readback_net`):
+    the dense model an attacker gets by laying each net's blocks side by side."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, DLRNet):
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, attr, readback_net(mod))
+    return out
 
 
 def install_layer(layer: nn.Module, adapter: ArchAdapter, spec: DLRSpec, path: Path, device) -> None:

@@ -16,7 +16,7 @@ from ..models.hub import load
 from ..schema import LOCK_REPORT, SCHEMA_VERSION
 from ..version import __version__
 from . import modeling_weightlock_dlr as M
-from .distill import LockConfig, distill_model, refine, specs_for
+from .distill import LockConfig, distill_model, readback_model, refine, specs_for
 
 WORK = ".weightlock-work"
 MODELING_FILE = "modeling_weightlock_dlr.py"
@@ -116,6 +116,15 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
         _say(cfg, f"end-to-end refinement, {cfg.refine_steps} steps (checkpoints in {ckpt})")
         refine_history = refine(locked, original, calib, cfg, val=val[:REFINE_VAL_BLOCKS], checkpoint_dir=ckpt)
     ppl_after = _ppl(locked, val, cfg, "locked perplexity")
+    readback = None
+    if ppl_before is not None:
+        rb = readback_model(locked)
+        ppl_rb = _ppl(rb, val, cfg, "read-back perplexity")
+        readback = {"ppl": ppl_rb, "ppl_ratio": ppl_rb / ppl_before,
+                    "layer_rel_error_tokens": [st.get("readback", {}).get("rel_error_tokens") for st in layer_stats]}
+        eval_block = min(256, getattr(original.config, "max_position_embeddings", 256))
+        readback["by_data"] = fidelity(original, {"lock": locked, "readback": rb}, tok, cfg, eval_block)
+        del rb
     params_after = sum(p.numel() for p in locked.parameters())
     report = {
         "kind": LOCK_REPORT, "schema_version": SCHEMA_VERSION, "base_model": str(model_dir), "family": adapter.family,
@@ -124,7 +133,7 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
         "lock_config": asdict(cfg), "parameters_before": params_before, "parameters_after": params_after,
         "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs if s is not None],
         "ppl_before": ppl_before, "ppl_after": ppl_after,
-        "ppl_ratio": ppl_after / ppl_before if ppl_before else None,
+        "ppl_ratio": ppl_after / ppl_before if ppl_before else None, "readback": readback,
         "locked_layers": [k for k, sp in enumerate(specs) if sp is not None], "auto_layers": auto,
         "layers": layer_stats, "refine": refine_history[-1] if refine_history else None,
         "seconds": time.perf_counter() - t0, "weightlock_version": __version__,
@@ -133,6 +142,23 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def fidelity(original, models: dict, tok, cfg: LockConfig, block: int) -> dict:
+    """Per ``cfg.eval_data`` spec (its test split, ``cfg.eval_tokens`` tokens in blocks of ``block``): the
+    perplexity ratio, top-1 agreement and KL of each of ``models`` (name → model) against ``original``."""
+    from ..data import load_blocks
+    from .distill import fidelity_metrics, teacher_logprobs
+
+    out = {}
+    for spec in [d.strip() for d in (cfg.eval_data or "").split(",") if d.strip() and d.strip() != "none"]:
+        blocks = load_blocks(spec, "test", tok, block, cfg.eval_tokens, specials=True)
+        teacher = teacher_logprobs(original, blocks)
+        out[spec] = {name: fidelity_metrics(m, blocks, *teacher) for name, m in models.items()}
+        _say(cfg, f"fidelity on {spec}: " + "; ".join(
+            f"{n} ppl ×{r['ppl_ratio']:.4f}, top-1 {r['top1_agreement']:.3f}, KL {r['kl']:.4f}"
+            for n, r in out[spec].items()))
+    return out
 
 
 def _choose_layers(original, locked, stats: list[dict], val, cfg: LockConfig) -> dict:
@@ -178,7 +204,7 @@ _BUSY = "pass --overwrite to replace it (an interrupted lock into it resumes by 
 # settings that do not change what the work directory holds (captures and distilled layers)
 _NOT_IN_WORK = {"progress", "refine_steps", "refine_lr", "refine_batch", "max_rel_error", "refine_eval_every",
                 "refine_checkpoint_every",
-                "target_kl", "max_ppl_ratio"}
+                "target_kl", "max_ppl_ratio", "eval_data", "eval_tokens"}
 
 
 def _refine_dir(cfg: LockConfig) -> str:
@@ -237,5 +263,7 @@ def _write_release(model, tokenizer, out: Path, specs: list, report: dict) -> No
         "fidelity": {"ppl_before": report["ppl_before"], "ppl_after": report["ppl_after"],
                      "ppl_ratio": report["ppl_ratio"],
                      "locked_layers": [k for k, s in enumerate(specs) if s is not None],
-                     "layer_rel_error": [s["rel_error"] for s in report["layers"]]},
+                     "layer_rel_error": [s["rel_error"] for s in report["layers"]],
+                     "readback_ppl_ratio": (report.get("readback") or {}).get("ppl_ratio"),
+                     "by_data": (report.get("readback") or {}).get("by_data")},
     })

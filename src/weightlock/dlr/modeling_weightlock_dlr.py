@@ -7,8 +7,16 @@ trust_remote_code=True)`` works without weightlock installed and the two can nev
 A DLR-Net replaces an MLP whose output is added to the residual stream::
 
     z_0 = u
-    z_{l+1} = z_l + U_l · σ(V_l · n_l(z_l))        V_l: r×d, U_l: d×r, n_l optional RMSNorm
-    DLR(u)  = s · (z_L − z_0)  [+ sink(u)]            s: a fixed read-out scale (default 1)
+    z_{l+1} = z_l + U_l · σ(V_l · n_l(z_l))                    form "plain": V_l: r×d, U_l: d×r, n_l optional RMSNorm
+    z_{l+1} = z_l + U_l · (σ(G_l · n_l(z_l)) ⊙ V_l · n_l(z_l))   form "gated" (SwiGLU/GeGLU): G_l: r×d as well
+    DLR(u)  = s · (z_L − z_0)  [+ sink(u)]                        s: a fixed read-out scale (default 1)
+
+The residual state z is kept in fp32 when the input is bf16/fp16 (the matmuls stay in the input's dtype):
+with a large read-out s every block adds ~1/s of the output, which a 16-bit state would round away.
+
+Laid side by side, the blocks of a net are one wide block of rank r·L (:func:`readback_net`): the dense MLP
+an attacker reads off a release. Started from the MLP's own hidden units (weightlock's ``init="mlp"``), a net
+at large s *is* that MLP up to the drift of z — faithful, and readable.
 
 Real LLMs have a few "massive activation" tokens (the attention sink at position 0): some MLPs write a
 vector of norm ~10⁴ there, always in one direction, against ~30 for ordinary tokens. A deep net never
@@ -28,9 +36,13 @@ import torch
 from torch import nn
 
 DLR_CONFIG_KEY = "weightlock_dlr"
-_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh,
+                "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
 _INPLACE = {"gelu": torch._C._nn.gelu_, "relu": torch.relu_,
-            "silu": lambda h: torch.nn.functional.silu(h, inplace=True), "tanh": torch.tanh_}
+            "silu": lambda h: torch.nn.functional.silu(h, inplace=True), "tanh": torch.tanh_,
+            "gelu_tanh": lambda h: torch._C._nn.gelu_(h, approximate="tanh")}
+FORMS = ("plain", "gated")
+_LOW = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -46,15 +58,20 @@ class DLRSpec:
     init_scale: float = 0.0  # std of U at init relative to 1/sqrt(r·L); 0 = U starts at zero
     readout: float = 1.0  # DLR(u) = readout · (z_L − z_0): a fixed scale, not a parameter
     sink: bool = False  # an explicit gated component for massive-activation tokens (see the module docstring)
+    form: str = "plain"  # "plain": U·σ(V·z); "gated": U·(σ(G·z) ⊙ V·z), the SwiGLU/GeGLU MLP's own form
 
     def __post_init__(self) -> None:
         if not self.readout > 0:
             raise ValueError(f"readout must be positive, got {self.readout}")
+        if self.form not in FORMS:
+            raise ValueError(f"unknown block form {self.form!r}; choose from {FORMS}")
 
     def num_parameters(self) -> int:
-        """Parameters of a DLR-Net of this spec (down and up projections, optional norms and biases)."""
-        per_block = 2 * self.width * self.rank + (self.width if self.norm else 0)
-        per_block += (self.rank + self.width) if self.bias else 0
+        """Parameters of a DLR-Net of this spec (down, up and — gated — gate projections, optional norms
+        and biases)."""
+        gated = self.form == "gated"
+        per_block = (3 if gated else 2) * self.width * self.rank + (self.width if self.norm else 0)
+        per_block += ((2 if gated else 1) * self.rank + self.width) if self.bias else 0
         return per_block * self.depth + (sink_parameters(self.width) if self.sink else 0)
 
 
@@ -86,17 +103,24 @@ class DLRSink(nn.Module):
 
 
 class DLRBlock(nn.Module):
-    """One residual block of a DLR-Net: ``z + up(act(down(norm(z))))``, a rank-``r`` bottleneck."""
+    """One residual block of a DLR-Net, a rank-``r`` bottleneck: ``z + up(act(down(norm(z))))``, or in the
+    gated form ``z + up(act(gate(norm(z))) * down(norm(z)))``. A state ``z`` in a wider dtype than the
+    weights (the fp32 state of a 16-bit net) is read in the weights' dtype and the sum stays wide."""
 
     def __init__(self, spec: DLRSpec) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(spec.width, eps=1e-6) if spec.norm else nn.Identity()
         self.down = nn.Linear(spec.width, spec.rank, bias=spec.bias)
+        if spec.form == "gated":
+            self.gate = nn.Linear(spec.width, spec.rank, bias=spec.bias)
         self.act = _ACTIVATIONS[spec.activation]()
         self.up = nn.Linear(spec.rank, spec.width, bias=spec.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z + self.up(self.act(self.down(self.norm(z))))
+        w = self.up.weight.dtype
+        n = self.norm(z if z.dtype == w else z.to(w))
+        h = self.act(self.gate(n)) * self.down(n) if hasattr(self, "gate") else self.act(self.down(n))
+        return z + self.up(h)
 
 
 class DLRNet(nn.Module):
@@ -127,10 +151,13 @@ class DLRNet(nn.Module):
         super().__init__()
         if spec.activation not in _ACTIVATIONS:
             raise ValueError(f"unknown activation {spec.activation!r}; choose from {sorted(_ACTIVATIONS)}")
-        if not 1 <= spec.rank <= spec.width:
+        if not 1 <= spec.rank <= spec.width and not (spec.depth == 1 and spec.rank >= 1):
+            # one block may be wider than the model: a dense MLP (a net's read-back, :func:`readback_net`)
             raise ValueError(f"rank {spec.rank} must be between 1 and the width {spec.width}")
         if spec.depth < 1:
             raise ValueError(f"depth must be at least 1, got {spec.depth}")
+        if spec.form not in FORMS:
+            raise ValueError(f"unknown block form {spec.form!r}; choose from {FORMS}")
         self.spec = spec
         self.blocks = nn.ModuleList(DLRBlock(spec) for _ in range(spec.depth))
         if spec.sink:
@@ -143,10 +170,12 @@ class DLRNet(nn.Module):
         (zero with the default ``init_scale=0``: a fresh net adds nothing), biases zero."""
         s = self.spec
         for b in self.blocks:
-            nn.init.normal_(b.down.weight, std=1.0 / math.sqrt(s.width))
+            for m in (b.down, b.gate) if s.form == "gated" else (b.down,):
+                nn.init.normal_(m.weight, std=1.0 / math.sqrt(s.width))
+                if s.bias:
+                    nn.init.zeros_(m.bias)
             nn.init.normal_(b.up.weight, std=s.init_scale / math.sqrt(s.rank * s.depth))
             if s.bias:
-                nn.init.zeros_(b.down.bias)
                 nn.init.zeros_(b.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,12 +212,13 @@ class DLRNet(nn.Module):
             return "reference"
         small = x.numel() <= self.COMPILE_MAX_ROWS * self.spec.width
         if x.device.type == "cpu":
-            if self.compile_small and small and _compiled_stack() is not None:
+            if self.compile_small and small and self.spec.form == "plain" and _compiled_stack() is not None:
                 return "compiled"
             return "kernel" if self._cpu_kernel_ok(x) else "fast"
         if x.device.type != "cuda":
             return "fast"
-        if self.compile_small and small and not _GRAPHS_OFF and not torch.cuda.is_current_stream_capturing():
+        if (self.compile_small and small and self.spec.form == "plain" and not _GRAPHS_OFF
+                and not torch.cuda.is_current_stream_capturing()):
             return "graph"
         return "triton" if self._triton_ok(x) else "fast"
 
@@ -256,17 +286,19 @@ class DLRNet(nn.Module):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain PyTorch path: one module call per block. Training always runs this path, so the
-        backward pass stores every block's activations (the lock's memory cost)."""
+        backward pass stores every block's activations (the lock's memory cost). A 16-bit input runs
+        with an fp32 state (see :class:`DLRBlock`)."""
         k = self.checkpoint_blocks
+        z0 = x.float() if x.dtype in _LOW else x
         if k and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            z = x
+            z = z0
             for i in range(0, len(self.blocks), k):
                 z = checkpoint(self._run_blocks, z, i, i + k, use_reentrant=False)
         else:
-            z = self._run_blocks(x, 0, len(self.blocks))
-        return self._read_out(z - x)
+            z = self._run_blocks(z0, 0, len(self.blocks))
+        return self._read_out(z - z0).to(x.dtype)
 
     def _run_blocks(self, z: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         for block in self.blocks[start:stop]:
@@ -283,13 +315,15 @@ class DLRNet(nn.Module):
                 and not b.down._forward_hooks and not b.up._forward_hooks and not b._forward_pre_hooks)
 
     def _weights(self) -> list[tuple]:
-        """(norm, V, b, U, c) per block, collected once: reading them through the module tree costs more
+        """(norm, V, b, U, c, G, g) per block (G, g: the gated form's gate weight and bias, else None),
+        collected once: reading them through the module tree costs more
         than a decode step's matmuls. Dropped whenever parameters may have been swapped (``to``, ``cuda``,
         ``half``, ``load_state_dict``) and checked against the first block's current weight."""
         cache = self.__dict__.get("_fast_weights")
         if cache is None or cache[0][1] is not self.blocks[0].down.weight:
-            cache = [(b.norm if self.spec.norm else None, b.down.weight, b.down.bias, b.up.weight, b.up.bias)
-                     for b in self.blocks]
+            gated = self.spec.form == "gated"
+            cache = [(b.norm if self.spec.norm else None, b.down.weight, b.down.bias, b.up.weight, b.up.bias,
+                      b.gate.weight if gated else None, b.gate.bias if gated else None) for b in self.blocks]
             self.__dict__["_fast_weights"] = cache
         return cache
 
@@ -323,15 +357,20 @@ class DLRNet(nn.Module):
         zl = x2.clone() if low else z  # the state as the matmuls see it
         upd = torch.empty_like(x2) if low else None
         h = x2.new_empty(x2.shape[0], self.spec.rank)
+        hg = x2.new_empty(x2.shape[0], self.spec.rank) if self.spec.form == "gated" else None
         act = _INPLACE[self.spec.activation]
         mm, addmm = torch.mm, torch.addmm
-        for norm, v, b, u, c in self._weights():
+        for norm, v, b, u, c, g, gb in self._weights():
             n = zl if norm is None else norm(zl)
-            if b is None:
-                mm(n, v.t(), out=h)
+            for w, bias, out in ((v, b, h), (g, gb, hg)) if g is not None else ((v, b, h),):
+                if bias is None:
+                    mm(n, w.t(), out=out)
+                else:
+                    addmm(bias, n, w.t(), out=out)
+            if g is None:
+                act(h)
             else:
-                addmm(b, n, v.t(), out=h)
-            act(h)
+                h.mul_(act(hg))
             if low:
                 mm(h, u.t(), out=upd)
                 z.add_(upd)
@@ -348,12 +387,61 @@ class DLRNet(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         out = f"width={s.width}, rank={s.rank}, depth={s.depth}, activation={s.activation}, norm={s.norm}"
+        out += f", form={s.form}" if s.form != "plain" else ""
         return out + (f", readout={s.readout:g}" if s.readout != 1.0 else "")
+
+
+def readback_weights(net: DLRNet) -> dict:
+    """The weights of ``net``'s read-back (:func:`readback_net`) as tensors built from its parameters (autograd
+    follows them: a loss on the read-back trains the net): ``down``, ``gate`` (gated form) and ``up`` with
+    their biases (None without), per-block norm gains folded into the rows of ``down`` and ``gate``."""
+    s, bl = net.spec, net.blocks
+    gain = (lambda b: b.norm.weight) if s.norm else (lambda b: 1.0)  # V·n(z) = (V·diag(g))·(z/rms(z))
+    out = {}
+    for name in ("down", "gate") if s.form == "gated" else ("down",):
+        out[name] = torch.cat([getattr(b, name).weight * gain(b) for b in bl])
+        out[name + "_b"] = torch.cat([getattr(b, name).bias for b in bl]) if s.bias else None
+    out["up"] = s.readout * torch.cat([b.up.weight for b in bl], 1)
+    out["up_b"] = s.readout * sum(b.up.bias for b in bl) if s.bias else None
+    return out
+
+
+def readback_forward(net: DLRNet, x: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+    """``readback_net(net)(x)`` computed from ``net``'s parameters directly (differentiable, no copy)."""
+    s, f = net.spec, nn.functional
+    w = weights or readback_weights(net)
+    n = f.rms_norm(x, (x.shape[-1],), None, 1e-6) if s.norm else x
+    act = _ACTIVATIONS[s.activation]()
+    h = f.linear(n, w["down"], w["down_b"])
+    h = act(f.linear(n, w["gate"], w["gate_b"])) * h if s.form == "gated" else act(h)
+    out = f.linear(h, w["up"], w["up_b"])
+    return out + net.sink(x) if s.sink else out
+
+
+@torch.no_grad()
+def readback_net(net: DLRNet) -> DLRNet:
+    """The dense MLP an attacker reads off ``net`` by laying its blocks side by side: one block of rank r·L
+    (the stacked V_l, G_l and s·U_l, per-block norm gains folded into V_l and G_l, biases summed), read-out
+    1, the same sink. It equals ``net`` exactly when the residual state does not drift (s → ∞); for a net
+    started from an MLP's hidden units (``init="mlp"``) and not trained, it *is* that MLP."""
+    s = net.spec
+    spec = DLRSpec(s.width, s.rank * s.depth, 1, s.activation, s.norm, s.bias, 0.0, 1.0, s.sink, s.form)
+    out = DLRNet(spec).to(dtype=net.blocks[0].up.weight.dtype)
+    wide = out.blocks[0]
+    for name, t in readback_weights(net).items():
+        if t is not None:
+            getattr(wide, name.removesuffix("_b")).get_parameter("bias" if name.endswith("_b") else "weight").copy_(t)
+    if s.norm:
+        wide.norm.weight.fill_(1.0)
+    if s.sink:
+        out.sink.load_state_dict(net.sink.state_dict())
+    return out
 
 
 def _stack(x, norms, vs, bs, us, cs, activation: str):
     """z ← z + U·σ(V·n(z)) over all blocks, the state in fp32, matmuls in the input dtype; returns z_L − z_0."""
-    act = {"gelu": nn.functional.gelu, "relu": torch.relu, "silu": nn.functional.silu, "tanh": torch.tanh}[activation]
+    act = {"gelu": nn.functional.gelu, "relu": torch.relu, "silu": nn.functional.silu, "tanh": torch.tanh,
+           "gelu_tanh": lambda h: nn.functional.gelu(h, approximate="tanh")}[activation]
     z = x.float()
     for n, v, b, u, c in zip(norms, vs, bs, us, cs):
         zl = z.to(x.dtype)

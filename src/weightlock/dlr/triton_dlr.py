@@ -165,6 +165,8 @@ def supported(net, x: torch.Tensor) -> bool:
     spec = net.spec
     if x.dtype not in DTYPES or x.numel() == 0 or spec.activation not in ACTIVATIONS or spec.rank > MAX_RANK:
         return False
+    if getattr(spec, "form", "plain") != "plain":  # the gated form runs the eager fast path
+        return False
     b = net.blocks[0]
     if spec.norm and not (isinstance(b.norm, torch.nn.RMSNorm) and b.norm.eps == NORM_EPS
                           and b.norm.weight is not None):

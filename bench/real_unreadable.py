@@ -1,0 +1,395 @@
+"""Benchmark: the price of unreadability on SmolLM2-135M — faithful-and-readable vs unreadable-and-unfaithful.
+
+    python bench/real_unreadable.py                       # every recipe, resumable (kill it and run it again)
+    python bench/real_unreadable.py --recipes structured  # one recipe
+
+A DLR-Net's blocks laid side by side are one dense MLP (its *read-back*, what an attacker reads off a release
+in seconds). For each recipe and each of its points, this records:
+
+* the lock's fidelity (perplexity ratio, top-1 agreement, KL to the original on the test split of
+  builtin:prose and builtin:code) and its per-layer token-weighted error against the MLP;
+* the read-back's fidelity (the same, for the model with every net replaced by its read-back);
+* reverse distillation from the read-back: the read-back MLP trained on the lock's own input/output pairs
+  (what an attacker can capture) until its error against the lock is at most the lock's own error against
+  the original MLP — steps, seconds and FLOPs, against the owner's;
+* the owner's compute (seconds of fitting).
+
+Recipes (``--recipes``):
+
+* ``structured``: every MLP replaced by gated blocks started from its own hidden units (``weightlock lock
+  --block gated --init mlp --steps 0``) at read-outs s = 4096 … 4; no training.
+* ``anneal``: on ``--layers``, the structured start at s = ``--start`` lowered by halves to ``--end``, each
+  stage repaired by ``--steps`` distillation steps (``--anneal-to``); a point per stage.
+* ``penalty``: the same with a term that pushes the read-back away (``--readback-penalty``).
+* ``random``: on ``--layers``, gated blocks from a random start (U = 0), distilled in segments of
+  ``--random-steps`` steps; a point per segment.
+
+Continuation and random points lock only ``--layers`` (the other MLPs stay the original's): the model-level
+figures are those layers' cost, said as such. Writes bench/results/real_unreadable.json and .png; every fitted
+net and every measured point is cached under ``--out``, so a killed run resumes where it was.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from weightlock import load
+from weightlock.data import load_blocks, load_tokenizer
+from weightlock.dlr.distill import (
+    LockConfig,
+    capture,
+    error_stats,
+    fidelity_metrics,
+    fit_layer,
+    fit_module,
+    holdout_split,
+    mlp_init,
+    readback_model,
+    specs_for,
+    teacher_logprobs,
+)
+from weightlock.dlr.modeling_weightlock_dlr import DLRNet, find_layers, readback_net, replace_mlp
+from weightlock.experiments.harness import RESULTS, save
+from weightlock.io import read_json, write_json
+
+SPECS = ("builtin:prose", "builtin:code")
+
+
+def evaluate(model, data: dict) -> dict:
+    out = {s: fidelity_metrics(model, data[s]["blocks"], *data[s]["teacher"]) for s in SPECS}
+    out["worst_ppl_ratio"] = max(out[s]["ppl_ratio"] for s in SPECS)
+    out["min_top1_agreement"] = min(out[s]["top1_agreement"] for s in SPECS)
+    return out
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.root = args, Path(args.out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.original = load(args.model).eval()
+        self.tok = load_tokenizer(args.model)
+        self.adapter, self.specs, _ = specs_for(self.original, self.cfg())
+        self.layers = find_layers(self.original, self.adapter)
+        self.data = {}
+        for s in SPECS:
+            b = load_blocks(s, "test", self.tok, 256, args.eval_tokens)
+            self.data[s] = {"blocks": b, "teacher": teacher_logprobs(self.original, b)}
+        self.points = read_json(self.root / "points.json") if (self.root / "points.json").exists() else {}
+        self._caps = {}
+
+    def cfg(self, **kw) -> LockConfig:
+        a = self.args
+        base = dict(rank=a.rank, block="gated", init="mlp", steps=0, sink=False, progress=False, batch_tokens=a.batch,
+                    loss="row", grad_clip=1.0, max_rel_error=None, lr=a.lr)
+        return LockConfig(**{**base, **kw})
+
+    def capture(self, k: int):
+        """Layer k's (input, output) pairs on builtin:code+prose (train split), cached on disk."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.root / f"capture_{k}.safetensors"
+        if k not in self._caps:
+            if not path.exists():
+                blocks = load_blocks("builtin:code+prose", "train", self.tok, 128, self.args.calib_tokens,
+                                     specials=True)
+                for j, (x, y) in capture(self.original, blocks, self.chosen()).items():
+                    save_file({"x": x.contiguous(), "y": y.contiguous()}, str(self.root / f"capture_{j}.safetensors"))
+            t = load_file(str(path))
+            self._caps[k] = (t["x"], t["y"])
+        return self._caps[k]
+
+    def chosen(self) -> list[int]:
+        return [int(k) for k in self.args.layers.split(",")]
+
+    def record(self, key: str, point: dict) -> None:
+        self.points[key] = point
+        write_json(self.root / "points.json", self.points)
+        lock, rb = point["lock"], point["readback"]
+        rd = point.get("reverse", {})
+        print(f"{key}: lock ppl x{lock['worst_ppl_ratio']:.4f} top-1 {lock['min_top1_agreement']:.3f} | read-back "
+              f"ppl x{rb['worst_ppl_ratio']:.4g} top-1 {rb['min_top1_agreement']:.3f} | "
+              f"owner {point['owner_seconds']:.0f} s"
+              + (f" | reverse {rd['seconds']:.0f} s (reached: {rd['reached']})" if rd else ""), flush=True)
+
+    def model_with(self, nets: dict[int, DLRNet]):
+        m = copy.deepcopy(self.original)
+        layers = find_layers(m, self.adapter)
+        for k, net in nets.items():
+            replace_mlp(layers[k], self.adapter, net)
+        return m
+
+    def measure(self, nets: dict[int, DLRNet], owner_seconds: float, extra: dict, reverse: bool,
+                readback: dict | None = None) -> dict:
+        """A point: the lock's and its read-back's fidelity (``readback``: already measured on the same
+        read-back weights), and with ``reverse`` the attacker's reverse distillation."""
+        m = self.model_with(nets)
+        point = {"layers": sorted(nets), "owner_seconds": owner_seconds, **extra, "lock": evaluate(m, self.data),
+                 "readback": readback or evaluate(readback_model(m), self.data)}
+        if reverse:
+            point["reverse"] = self.reverse(nets)
+        return point
+
+    def reverse(self, nets: dict[int, DLRNet]) -> dict:
+        """The attacker: each read-back MLP distilled on the lock's own (input, output) pairs until its held-out
+        token-weighted error against the lock is at most the lock's against the original MLP (capped at
+        ``--reverse-cap`` steps); a read-back already that close costs nothing."""
+        a = self.args
+        per, secs, reached, flops = [], 0.0, True, 0.0
+        for k, net in nets.items():
+            x, y = self.capture(k)
+            hold, train = holdout_split(x.shape[0], 0.1, 0, 128)
+            with torch.no_grad():
+                xf = x.float()
+                target = torch.cat([net(xf[i:i + 4096]) for i in range(0, len(xf), 4096)])
+            own = error_stats(net, xf[hold], y[hold].float())["rel_error_tokens"]
+            student = readback_net(net)
+            t0 = time.perf_counter()
+            _, st = fit_module(lambda s=student: s, xf, target, steps=a.reverse_cap, lr=a.reverse_lr,
+                               batch_tokens=a.batch, progress=False, loss="row", grad_clip=1.0,
+                               split=(hold, train), until=own)
+            dt = time.perf_counter() - t0
+            n = st["reached_at_step"] if st["reached_at_step"] is not None else a.reverse_cap
+            # the attacker's pass over the lock to capture its pairs (2 FLOPs a weight a token) + 6 a weight a
+            # token for each distillation step of the dense MLP
+            flops += 2.0 * net.spec.num_parameters() * x.shape[0] + 6.0 * student.spec.num_parameters() * a.batch * n
+            secs += dt
+            reached &= st["reached_at_step"] is not None
+            per.append({"layer": k, "lock_rel_error_tokens": own, "steps": n, "seconds": dt,
+                        "reached": st["reached_at_step"] is not None,
+                        "readback_vs_lock_start": st["rel_error_init"], "readback_vs_lock_end": st["rel_error_tokens"]})
+        return {"seconds": secs, "flops": flops, "reached": reached, "per_layer": per}
+
+    # ---- recipes ----------------------------------------------------------------------------------------
+
+    def structured(self) -> None:
+        first = None
+        for s in [float(v) for v in self.args.readouts.split(",")]:
+            key = f"structured/s={s:g}"
+            t0 = time.perf_counter()
+            nets = {}
+            for k, spec in enumerate(self.specs):
+                net = DLRNet(replace(spec, readout=s))
+                mlp_init(self.layers[k], self.adapter)(net)
+                nets[k] = net
+            owner = time.perf_counter() - t0
+            if first is None:
+                first = (key, nets)
+            if key in self.points:
+                continue
+            # the read-back does not depend on s (s·U/s): measured once, reused where the weights are equal
+            same = first[0] in self.points and all(
+                torch.allclose(a, b, rtol=1e-6, atol=0) for k in nets for a, b in
+                zip(_rb(nets[k]), _rb(first[1][k])))
+            # all 30 MLPs; the read-back is the original itself, so reverse distillation costs nothing
+            self.record(key, self.measure(nets, owner, {"recipe": "structured", "readout": s, "locked": "all",
+                                                        "readback_reused_from": first[0] if same else None},
+                                          reverse=False, readback=self.points[first[0]]["readback"] if same else None))
+
+    def continuation(self, name: str, penalty: float) -> None:
+        a = self.args
+        cfg = self.cfg(readout=a.start, anneal_to=a.end, steps=a.steps, readback_penalty=penalty)
+        stages = [s for s in _halves(a.start, a.end)]
+        done = lambda k, s: (self.root / name / f"layer_{k}_s{s:g}.safetensors").exists()  # noqa: E731
+        for k in self.chosen():
+            if all(done(k, s) for s in stages):
+                continue
+            x, y = self.capture(k)
+            (self.root / name).mkdir(exist_ok=True)
+            log = []
+
+            def save_stage(net, stage, k=k, log=log):
+                from safetensors.torch import save_file
+
+                log.append(stage)
+                save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()},
+                          str(self.root / name / f"layer_{k}_s{stage['readout']:g}.safetensors"))
+                write_json(self.root / name / f"layer_{k}.json", {"stages": log})
+
+            fit_layer(x, y, self.specs[k], cfg, desc=f"{name} layer {k}", init=mlp_init(self.layers[k], self.adapter),
+                      block=128, on_stage=save_stage)
+            print(f"{name} layer {k}: " + ", ".join(f"s={st['readout']:g} lock {st['rel_error_tokens']:.4f} "
+                                                     f"read-back {st['readback_rel_error_tokens']:.4f}" for st in log),
+                  flush=True)
+        self._points_from_stages(name, stages, {"readback_penalty": penalty, "steps_per_stage": a.steps})
+
+    def _points_from_stages(self, name: str, stages: list, extra: dict) -> None:
+        from safetensors.torch import load_file
+
+        logs = {k: read_json(self.root / name / f"layer_{k}.json")["stages"] for k in self.chosen()}
+        for i, s in enumerate(stages):
+            key = f"{name}/s={s:g}"
+            if key in self.points:
+                continue
+            nets = {}
+            for k in self.chosen():
+                net = DLRNet(replace(self.specs[k], readout=float(s)))
+                net.load_state_dict(load_file(str(self.root / name / f"layer_{k}_s{s:g}.safetensors")))
+                nets[k] = net
+            owner = sum(st["seconds"] for k in self.chosen() for st in logs[k][:i + 1])
+            layer_err = {k: {"lock": logs[k][i]["rel_error_tokens"],
+                             "readback": logs[k][i]["readback_rel_error_tokens"]} for k in self.chosen()}
+            self.record(key, self.measure(nets, owner, {"recipe": name, "readout": s, "layer_errors": layer_err,
+                                                        **extra}, reverse=True))
+
+    def random(self) -> None:
+        """Zero-start gated nets (read-out 4) distilled in segments; a point after each segment."""
+        from safetensors.torch import load_file, save_file
+
+        a = self.args
+        cfg = self.cfg(init="zero", readout=4.0, steps=a.random_steps, lr=3e-3, activation="silu")
+        for seg in range(1, a.random_segments + 1):
+            key = f"random/steps={seg * a.random_steps}"
+            nets, owner, errs = {}, 0.0, {}
+            for k in self.chosen():
+                path = self.root / "random" / f"layer_{k}_seg{seg}.safetensors"
+                meta = self.root / "random" / f"layer_{k}_seg{seg}.json"
+                spec = replace(self.specs[k], readout=4.0)
+                if not meta.exists():
+                    (self.root / "random").mkdir(exist_ok=True)
+                    x, y = self.capture(k)
+                    prev = self.root / "random" / f"layer_{k}_seg{seg - 1}.safetensors"
+
+                    def make(spec=spec, prev=prev, seg=seg):
+                        net = DLRNet(spec)
+                        if seg > 1:
+                            net.load_state_dict(load_file(str(prev)))
+                        return net
+
+                    split = holdout_split(x.shape[0], 0.1, 0, 128)
+                    net, st = fit_module(make, x, y, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens,
+                                         progress=False, loss="row", grad_clip=1.0, split=split,
+                                         desc=f"random layer {k}")
+                    rb = error_stats(readback_net(net), x[split[0]].float(), y[split[0]].float())
+                    save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(path))
+                    write_json(meta, {"seconds": st["seconds"], "rel_error_tokens": st["rel_error_tokens"],
+                                      "readback_rel_error_tokens": rb["rel_error_tokens"]})
+                    print(f"random layer {k} segment {seg}: lock {st['rel_error_tokens']:.4f} read-back "
+                          f"{rb['rel_error_tokens']:.4g}", flush=True)
+                m = read_json(meta)
+                net = DLRNet(spec)
+                net.load_state_dict(load_file(str(path)))
+                nets[k] = net
+                owner += sum(read_json(self.root / "random" / f"layer_{k}_seg{j}.json")["seconds"]
+                             for j in range(1, seg + 1))
+                errs[k] = {"lock": m["rel_error_tokens"], "readback": m["readback_rel_error_tokens"]}
+            if key not in self.points:
+                self.record(key, self.measure(nets, owner, {"recipe": "random", "steps": seg * a.random_steps,
+                                                            "layer_errors": errs}, reverse=True))
+
+
+def _rb(net: DLRNet) -> list[torch.Tensor]:
+    from weightlock.dlr.modeling_weightlock_dlr import readback_weights
+
+    with torch.no_grad():
+        return [t for t in readback_weights(net).values() if t is not None]
+
+
+def _halves(start: float, end: float) -> list[float]:
+    from weightlock.dlr.distill import anneal_readouts
+
+    return anneal_readouts(start, end)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = {"structured": "o", "anneal": "s", "penalty": "^", "random": "x"}
+    for recipe, mk in markers.items():
+        pts = [p for p in result["points"].values() if p["recipe"] == recipe]
+        if not pts:
+            continue
+        lx = [p["lock"]["worst_ppl_ratio"] for p in pts]
+        rx = [p["readback"]["worst_ppl_ratio"] for p in pts]
+        where = "all 30 MLPs" if recipe == "structured" else "layers " + result["layers"]
+        a.plot(lx, rx, mk + "-", label=f"{recipe} ({where})")
+        rev = [p.get("reverse", {}).get("seconds", 0.0) / max(p["owner_seconds"], 1e-9) for p in pts]
+        b.plot(lx, [max(r, 1e-3) for r in rev], mk + "-", label=recipe)
+    a.axvline(1.05, color="red", lw=1)
+    a.axhline(2.0, color="red", lw=1, ls=":")
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel("lock: perplexity ratio (worse of prose, code)")
+    a.set_ylabel("read-back: perplexity ratio")
+    a.set_title("faithful (left of red) and unreadable (above dotted)?")
+    a.legend(fontsize=7)
+    b.axhline(1.0, color="red", lw=1)
+    b.set_xscale("log")
+    b.set_yscale("log")
+    b.set_xlabel("lock: perplexity ratio (worse of prose, code)")
+    b.set_ylabel("reverse distillation seconds / owner seconds")
+    b.set_title("attacker's cost to undo, relative to the owner's")
+    b.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M: the price of unreadability (aim: x <= 1.05, read-back >= x2, reverse >= owner)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="runs/smollm2")
+    ap.add_argument("--out", default="runs/unreadable")
+    ap.add_argument("--recipes", default="structured,anneal,penalty,random")
+    ap.add_argument("--layers", default="0,10,20", help="layers the continuation and random recipes lock")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--readouts", default="4096,1024,256,64,16", help="read-outs of the structured recipe")
+    ap.add_argument("--start", type=float, default=1024.0, help="the continuation's first read-out")
+    ap.add_argument("--end", type=float, default=8.0, help="the continuation's last read-out")
+    ap.add_argument("--steps", type=int, default=100, help="repair steps per continuation stage")
+    ap.add_argument("--penalty", type=float, default=0.3, help="read-back penalty λ of the penalty recipe")
+    ap.add_argument("--lr", type=float, default=1e-2, help="distillation rate (divided by s for the structured start)")
+    ap.add_argument("--batch", type=int, default=512, help="tokens per step")
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain")
+    ap.add_argument("--random-steps", type=int, default=200)
+    ap.add_argument("--random-segments", type=int, default=3)
+    ap.add_argument("--reverse-cap", type=int, default=1000, help="most reverse-distillation steps per layer")
+    ap.add_argument("--reverse-lr", type=float, default=1e-4)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bench = Bench(args)
+    recipes = args.recipes.split(",")
+    for r in recipes:
+        if r == "structured":
+            bench.structured()
+        elif r in ("anneal", "penalty"):
+            bench.continuation(r, 0.0 if r == "anneal" else args.penalty)
+        elif r == "random":
+            bench.random()
+        else:
+            raise SystemExit(f"unknown recipe {r!r} (structured, anneal, penalty, random)")
+    result = {"command": "python bench/real_unreadable.py " + " ".join(sys.argv[1:]), "model": args.model,
+              "layers": args.layers, "settings": vars(args), "lock_config": asdict(bench.cfg()),
+              "points": bench.points, "aim": {"max_ppl_ratio": 1.05, "min_readback_ppl_ratio": 2.0,
+                                               "min_reverse_over_owner": 1.0}}
+    result["best"] = best_point(bench.points)
+    save("real_unreadable", result)
+    plot(result, RESULTS / "real_unreadable.png")
+
+
+def best_point(points: dict) -> dict | None:
+    """The faithful point (ppl ratio ≤ 1.05) whose read-back is worst; None when no point is faithful."""
+    faithful = {k: p for k, p in points.items() if p["lock"]["worst_ppl_ratio"] <= 1.05}
+    if not faithful:
+        return None
+    k = max(faithful, key=lambda k: faithful[k]["readback"]["worst_ppl_ratio"])
+    p = faithful[k]
+    rev = p.get("reverse", {})
+    return {"point": k, "lock_ppl_ratio": p["lock"]["worst_ppl_ratio"],
+            "readback_ppl_ratio": p["readback"]["worst_ppl_ratio"],
+            "reverse_over_owner": (rev.get("seconds", 0.0) / p["owner_seconds"]) if p["owner_seconds"] else math.inf,
+            "meets_aim": p["readback"]["worst_ppl_ratio"] >= 2.0 and rev.get("seconds", 0.0) >= p["owner_seconds"]}
+
+
+if __name__ == "__main__":
+    main()
