@@ -168,6 +168,33 @@ class Bench:
 
     # ---- recipes ----------------------------------------------------------------------------------------
 
+    def attribution(self) -> None:
+        """Each ``--layers`` layer's last random-start net swapped in alone: its KL by position and by input
+        token on prose and code (why layer 0 costs more than its error predicts)."""
+        from safetensors.torch import load_file
+
+        seg = self.args.random_segments
+        for k in self.chosen():
+            key = f"attribution/layer={k}"
+            path = self.root / "random" / f"layer_{k}_seg{seg}.safetensors"
+            if key in self.points or not path.exists():
+                continue
+            net = DLRNet(replace(self.specs[k], readout=4.0))
+            net.load_state_dict(load_file(str(path)))
+            m = self.model_with({k: net})
+            meta = read_json(self.root / "random" / f"layer_{k}_seg{seg}.json")
+            self.points[key] = {"recipe": "attribution", "layer": k, "steps": seg * self.args.random_steps,
+                                "rel_error_tokens": meta["rel_error_tokens"],
+                                **{sp: {**attribute(kl_map(m, d["blocks"], d["teacher"][0]), d["blocks"], self.tok),
+                                        "ppl_ratio": fidelity_metrics(m, d["blocks"], *d["teacher"])["ppl_ratio"]}
+                                   for sp, d in self.data.items()}}
+            write_json(self.root / "points.json", self.points)
+            p = self.points[key]
+            print(f"{key}: error {p['rel_error_tokens']:.4f}; " + "; ".join(
+                f"{sp}: ppl x{p[sp]['ppl_ratio']:.3f}, position 0 {p[sp]['position_share']['0']:.0%} of the KL, "
+                f"top token {p[sp]['top_tokens'][0]['token']!r} {p[sp]['top_tokens'][0]['share']:.0%}"
+                for sp in SPECS), flush=True)
+
     def structured(self) -> None:
         first = None
         for s in [float(v) for v in self.args.readouts.split(",")]:
@@ -284,6 +311,35 @@ class Bench:
                                                             "layer_errors": errs}, reverse=True))
 
 
+@torch.no_grad()
+def kl_map(model, blocks: torch.Tensor, teacher: list[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """KL(original ‖ model) of every predicted token, [sequences, positions] (the teacher's log-probabilities
+    per batch of ``batch_size``, as :func:`teacher_logprobs` gives them)."""
+    out = []
+    for i, t in zip(range(0, blocks.shape[0], batch_size), teacher):
+        s = torch.log_softmax(model(input_ids=blocks[i:i + batch_size]).logits[:, :-1].float(), -1)
+        t = t.float()
+        out.append((t.exp() * (t - s)).sum(-1))
+    return torch.cat(out)
+
+
+def attribute(kl: torch.Tensor, blocks: torch.Tensor, tok, top: int = 8) -> dict:
+    """Where a lock's KL sits: the share at each of the first positions and in the rest, and the input tokens
+    (the token *at* the position, which the prediction follows) with the largest shares of the total."""
+    total = kl.sum().item()
+    pos = kl.mean(0)
+    ids = blocks[:, :-1].reshape(-1)
+    per_tok = torch.zeros(int(ids.max()) + 1).index_add_(0, ids, kl.reshape(-1))
+    count = torch.bincount(ids, minlength=per_tok.numel())
+    best = per_tok.argsort(descending=True)[:top]
+    return {"mean_kl": kl.mean().item(), "position_share": {str(p): kl[:, p].sum().item() / total for p in range(4)},
+            "rest_share": kl[:, 4:].sum().item() / total, "mean_kl_by_position_first8": pos[:8].tolist(),
+            "mean_kl_after_position_4": kl[:, 4:].mean().item(),
+            "top_tokens": [{"token": tok.decode([int(i)]), "share": per_tok[i].item() / total,
+                            "count": int(count[i]), "mean_kl": per_tok[i].item() / max(int(count[i]), 1)}
+                           for i in best]}
+
+
 def _rb(net: DLRNet) -> list[torch.Tensor]:
     from weightlock.dlr.modeling_weightlock_dlr import readback_weights
 
@@ -305,6 +361,7 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     markers = {"structured": "o", "anneal": "s", "penalty": "^", "random": "x"}
+    result = {**result, "points": {k: p for k, p in result["points"].items() if p["recipe"] in markers}}
     for recipe, mk in markers.items():
         pts = [p for p in result["points"].values() if p["recipe"] == recipe]
         if not pts:
@@ -366,8 +423,10 @@ def main() -> None:
             bench.continuation(r, 0.0 if r == "anneal" else args.penalty)
         elif r == "random":
             bench.random()
+        elif r == "attribution":
+            bench.attribution()
         else:
-            raise SystemExit(f"unknown recipe {r!r} (structured, anneal, penalty, random)")
+            raise SystemExit(f"unknown recipe {r!r} (structured, anneal, penalty, random, attribution)")
     result = {"command": "python bench/real_unreadable.py " + " ".join(sys.argv[1:]), "model": args.model,
               "layers": args.layers, "settings": vars(args), "lock_config": asdict(bench.cfg()),
               "points": bench.points, "aim": {"max_ppl_ratio": 1.05, "min_readback_ppl_ratio": 2.0,
@@ -379,7 +438,7 @@ def main() -> None:
 
 def best_point(points: dict) -> dict | None:
     """The faithful point (ppl ratio ≤ 1.05) whose read-back is worst; None when no point is faithful."""
-    faithful = {k: p for k, p in points.items() if p["lock"]["worst_ppl_ratio"] <= 1.05}
+    faithful = {k: p for k, p in points.items() if "lock" in p and p["lock"]["worst_ppl_ratio"] <= 1.05}
     if not faithful:
         return None
     k = max(faithful, key=lambda k: faithful[k]["readback"]["worst_ppl_ratio"])
