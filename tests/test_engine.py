@@ -1,0 +1,102 @@
+"""The stacked engine: every layer's DLR-Net fitted at once equals the per-layer fits, and resumes after a kill."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from weightlock.dlr.distill import capture, fit_module, holdout_split
+from weightlock.dlr.engine import StackedNets, fit_stacked
+from weightlock.dlr.modeling_weightlock_dlr import DLRNet, DLRSpec
+from weightlock.errors import WeightlockError
+
+SPEC = DLRSpec(32, 8, 4, activation="silu", init_scale=0.5, readout=2.0, form="gated")
+
+
+def _captures(n_layers=3, tokens=512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                m.weight.normal_(0, 1.0 / m.weight.shape[1] ** 0.5)
+    blocks = torch.randint(0, 64, (tokens // 32, 32))
+    caps = capture(model, blocks, list(range(n_layers)), dtype=torch.float32)
+    return [caps[k][0] for k in range(n_layers)], [caps[k][1] for k in range(n_layers)]
+
+
+def test_stacked_forward_is_every_net():
+    torch.manual_seed(0)
+    nets = [DLRNet(SPEC) for _ in range(3)]
+    x = torch.randn(3, 10, 32)
+    stacked = StackedNets(nets)
+    want = torch.stack([n(x[i]) for i, n in enumerate(nets)])
+    assert torch.allclose(stacked(x), want, atol=1e-5)
+    back = stacked.unstack()
+    assert all(torch.equal(a.blocks[1].gate.weight, b.blocks[1].gate.weight) for a, b in zip(nets, back))
+    with pytest.raises(WeightlockError, match="one spec without per-block norms, biases or sink"):
+        StackedNets([DLRNet(DLRSpec(32, 8, 4, sink=True))])
+
+
+def test_stacked_fit_matches_the_per_layer_fits():
+    """Same starts, same batches, same schedule and per-layer clipping: the stacked fit's nets equal what
+    fit_module gives layer by layer (fp32)."""
+    xs, ys = _captures()
+    split = holdout_split(xs[0].shape[0], 0.1, 0, 32)
+    make = lambda k: DLRNet(SPEC)  # noqa: E731
+    kw = dict(steps=40, lr=3e-3, batch_tokens=64, loss="row", grad_clip=0.5)
+    nets, stats = fit_stacked(make, [0, 1, 2], xs, ys, split=split, **kw)
+    for k in range(3):
+        ref, st = fit_module(lambda: DLRNet(SPEC), xs[k], ys[k], progress=False, split=split, **kw)
+        assert st["restarts"] == 0
+        for a, b in zip(ref.parameters(), nets[k].parameters()):
+            assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+        assert stats["layers"][k]["rel_error_tokens"] == pytest.approx(st["rel_error_tokens"], rel=1e-3)
+        assert st["rel_error_tokens"] < st["rel_error_init"]
+
+
+_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_engine import _captures, SPEC
+from weightlock.dlr.distill import holdout_split
+from weightlock.dlr.engine import fit_stacked
+from weightlock.dlr.modeling_weightlock_dlr import DLRNet
+xs, ys = _captures()
+split = holdout_split(xs[0].shape[0], 0.1, 0, 32)
+nets, _ = fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, steps={steps}, lr=3e-3, batch_tokens=64,
+                      split=split, checkpoint={ckpt!r}, checkpoint_every=5)
+torch.save([n.state_dict() for n in nets], {out!r})
+"""
+
+
+def test_stacked_fit_resumes_after_a_kill(tmp_path):
+    """Killed mid-fit, the stacked fit resumes from its last checkpoint and ends where an uninterrupted fit ends."""
+    steps = 400
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "nets.pt"
+    script = _SCRIPT.format(tests=os.path.dirname(__file__), steps=steps, ckpt=str(ckpt), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 600
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not out.exists(), "killed after its first checkpoint, before the end"
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < killed_at < steps
+    xs, ys = _captures()
+    split = holdout_split(xs[0].shape[0], 0.1, 0, 32)
+    kw = dict(steps=steps, lr=3e-3, batch_tokens=64, split=split)
+    resumed, st = fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, checkpoint=ckpt, **kw)
+    assert st["steps_run"] == steps - killed_at
+    whole, _ = fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, **kw)
+    for a, b in zip(resumed, whole):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
