@@ -27,9 +27,9 @@ def test_fast_path_matches_reference_fp32(kw, shape):
 @pytest.mark.parametrize("kw", [{}, {"norm": True, "bias": True}, {"readout": 16.0}])
 @pytest.mark.parametrize("scale", [0.3, 1.0])
 def test_fast_path_bf16_within_1e2_of_exact(kw, scale):
-    """bf16: the fast path keeps the residual state in fp32, so it is within 1e-2 of the exact (fp32)
-    result of the same bf16 weights and closer to it than the bf16 reference path, which loses 1–3% to
-    cancellation in z_L − z_0."""
+    """bf16: both paths keep the residual state in fp32, so each is within 1e-2 of the exact (fp32) result of
+    the same bf16 weights (a bf16 state loses 1–3% to cancellation in z_L − z_0: tests/test_gated.py), and
+    the two agree to within bf16 matmul rounding."""
     net = random_net(init_scale=scale, **kw).to(torch.bfloat16)
     x = torch.randn(4, 9, 48).bfloat16()
     with torch.no_grad():
@@ -37,8 +37,8 @@ def test_fast_path_bf16_within_1e2_of_exact(kw, scale):
         net.to(torch.bfloat16)
         ref, fast = net.forward_reference(x), net.forward_fast(x)
     assert fast.dtype == torch.bfloat16
-    assert rel(fast, exact) <= 1e-2
-    assert rel(fast, exact) < rel(ref, exact)
+    assert rel(fast, exact) <= 1e-2 and rel(ref, exact) <= 1e-2
+    assert rel(fast, ref) <= 1e-2
 
 
 def test_fast_path_is_used_only_without_autograd(monkeypatch):
