@@ -73,13 +73,14 @@ class Bench:
     def __init__(self, args):
         self.args, self.root = args, Path(args.out)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.original = load(args.model).eval()
+        self.device = torch.device(args.device)
+        self.original = load(args.model).eval().to(self.device)
         self.tok = load_tokenizer(args.model)
         self.adapter, self.specs, _ = specs_for(self.original, self.cfg())
         self.layers = find_layers(self.original, self.adapter)
         self.data = {}
         for s in SPECS:
-            b = load_blocks(s, "test", self.tok, 256, args.eval_tokens)
+            b = load_blocks(s, "test", self.tok, 256, args.eval_tokens).to(self.device)
             self.data[s] = {"blocks": b, "teacher": teacher_logprobs(self.original, b)}
         self.points = read_json(self.root / "points.json") if (self.root / "points.json").exists() else {}
         self._caps = {}
@@ -122,7 +123,7 @@ class Bench:
         m = copy.deepcopy(self.original)
         layers = find_layers(m, self.adapter)
         for k, net in nets.items():
-            replace_mlp(layers[k], self.adapter, net)
+            replace_mlp(layers[k], self.adapter, net.to(self.device))
         return m
 
     def measure(self, nets: dict[int, DLRNet], owner_seconds: float, extra: dict, reverse: bool,
@@ -143,7 +144,8 @@ class Bench:
         a = self.args
         per, secs, reached, flops = [], 0.0, True, 0.0
         for k, net in nets.items():
-            x, y = self.capture(k)
+            x, y = (t.to(self.device) for t in self.capture(k))
+            net = net.to(self.device)
             hold, train = holdout_split(x.shape[0], 0.1, 0, 128)
             with torch.no_grad():
                 xf = x.float()
@@ -153,7 +155,7 @@ class Bench:
             t0 = time.perf_counter()
             _, st = fit_module(lambda s=student: s, xf, target, steps=a.reverse_cap, lr=a.reverse_lr,
                                batch_tokens=a.batch, progress=False, loss="row", grad_clip=1.0,
-                               split=(hold, train), until=own)
+                               split=(hold, train), until=own, device=self.device)
             dt = time.perf_counter() - t0
             n = st["reached_at_step"] if st["reached_at_step"] is not None else a.reverse_cap
             # the attacker's pass over the lock to capture its pairs (2 FLOPs a weight a token) + 6 a weight a
@@ -163,7 +165,8 @@ class Bench:
             reached &= st["reached_at_step"] is not None
             per.append({"layer": k, "lock_rel_error_tokens": own, "steps": n, "seconds": dt,
                         "reached": st["reached_at_step"] is not None,
-                        "readback_vs_lock_start": st["rel_error_init"], "readback_vs_lock_end": st["rel_error_tokens"]})
+                        "readback_vs_lock_energy_start": st["rel_error_init"],
+                        "readback_vs_lock_end": st["rel_error_tokens"]})
         return {"seconds": secs, "flops": flops, "reached": reached, "per_layer": per}
 
     # ---- recipes ----------------------------------------------------------------------------------------
@@ -235,12 +238,12 @@ class Bench:
                 from safetensors.torch import save_file
 
                 log.append(stage)
-                save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()},
+                save_file({n: p.detach().cpu().contiguous() for n, p in net.state_dict().items()},
                           str(self.root / name / f"layer_{k}_s{stage['readout']:g}.safetensors"))
                 write_json(self.root / name / f"layer_{k}.json", {"stages": log})
 
             fit_layer(x, y, self.specs[k], cfg, desc=f"{name} layer {k}", init=mlp_init(self.layers[k], self.adapter),
-                      block=128, on_stage=save_stage)
+                      block=128, on_stage=save_stage, device=self.device)
             print(f"{name} layer {k}: " + ", ".join(f"s={st['readout']:g} lock {st['rel_error_tokens']:.4f} "
                                                      f"read-back {st['readback_rel_error_tokens']:.4f}" for st in log),
                   flush=True)
@@ -291,10 +294,10 @@ class Bench:
 
                     split = holdout_split(x.shape[0], 0.1, 0, 128)
                     net, st = fit_module(make, x, y, steps=cfg.steps, lr=cfg.lr, batch_tokens=cfg.batch_tokens,
-                                         progress=False, loss="row", grad_clip=1.0, split=split,
+                                         progress=False, loss="row", grad_clip=1.0, split=split, device=self.device,
                                          desc=f"random layer {k}")
                     rb = error_stats(readback_net(net), x[split[0]].float(), y[split[0]].float())
-                    save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(path))
+                    save_file({n: p.detach().cpu().contiguous() for n, p in net.state_dict().items()}, str(path))
                     write_json(meta, {"seconds": st["seconds"], "rel_error_tokens": st["rel_error_tokens"],
                                       "readback_rel_error_tokens": rb["rel_error_tokens"]})
                     print(f"random layer {k} segment {seg}: lock {st['rel_error_tokens']:.4f} read-back "
@@ -412,6 +415,8 @@ def main() -> None:
     ap.add_argument("--random-segments", type=int, default=3)
     ap.add_argument("--reverse-cap", type=int, default=1000, help="most reverse-distillation steps per layer")
     ap.add_argument("--reverse-lr", type=float, default=1e-4)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the device script runs it there)")
+    ap.add_argument("--name", default="real_unreadable", help="results file name under bench/results")
     args = ap.parse_args()
     torch.manual_seed(0)
     bench = Bench(args)
@@ -432,8 +437,8 @@ def main() -> None:
               "points": bench.points, "aim": {"max_ppl_ratio": 1.05, "min_readback_ppl_ratio": 2.0,
                                                "min_reverse_over_owner": 1.0}}
     result["best"] = best_point(bench.points)
-    save("real_unreadable", result)
-    plot(result, RESULTS / "real_unreadable.png")
+    save(args.name, result)
+    plot(result, RESULTS / f"{args.name}.png")
 
 
 def best_point(points: dict) -> dict | None:

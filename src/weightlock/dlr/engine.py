@@ -124,7 +124,7 @@ def fit_stacked(make: Callable[[int], DLRNet], layers: list[int], xs: list[torch
         for step in range(start, steps):
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
             xb, yb = x_all[:, idx].float(), y_all[:, idx].float()
-            with torch.autocast("cpu", torch.bfloat16, enabled=bf16 and xb.device.type == "cpu"):
+            with torch.autocast(xb.device.type, torch.bfloat16, enabled=bf16):
                 out = stacked(xb)
             value = sum(distill_loss(out[i].float(), yb[i], loss) for i in range(len(layers)))
             opt.zero_grad(set_to_none=True)
