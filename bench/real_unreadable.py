@@ -171,6 +171,28 @@ class Bench:
 
     # ---- recipes ----------------------------------------------------------------------------------------
 
+    def layer_errors(self) -> None:
+        """The structured start of every layer alone at each read-out of ``--readouts``: its token-weighted error
+        against the MLP on ``--layer-tokens`` captured tokens (which layers limit how low s can go), in
+        ``layer_errors.json`` beside the points."""
+        path = self.root / "layer_errors.json"
+        done = read_json(path) if path.exists() else {}
+        blocks = load_blocks("builtin:code+prose", "validation", self.tok, 128, self.args.layer_tokens,
+                             specials=True).to(self.device)
+        todo = [k for k in range(len(self.layers)) if str(k) not in done]
+        caps = capture(self.original, blocks, todo, dtype=torch.float32) if todo else {}
+        for k in todo:
+            x, y = caps[k]
+            row = {}
+            for s in [float(v) for v in self.args.readouts.split(",")]:
+                net = DLRNet(replace(self.specs[k], readout=s)).to(self.device)
+                mlp_init(self.layers[k], self.adapter)(net)
+                e = error_stats(net, x.to(self.device), y.to(self.device))
+                row[f"{s:g}"] = {"rel_error_tokens": e["rel_error_tokens"], "rel_error": e["rel_error"]}
+            done[str(k)] = row
+            write_json(path, done)
+            print(f"layer {k}: " + ", ".join(f"s={s} {r['rel_error_tokens']:.2g}" for s, r in row.items()), flush=True)
+
     def attribution(self) -> None:
         """Each ``--layers`` layer's last random-start net swapped in alone: its KL by position and by input
         token on prose and code (why layer 0 costs more than its error predicts)."""
@@ -411,6 +433,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512, help="tokens per step")
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain")
+    ap.add_argument("--layer-tokens", type=int, default=4096, help="captured tokens per layer for layer_errors")
     ap.add_argument("--random-steps", type=int, default=200)
     ap.add_argument("--random-segments", type=int, default=3)
     ap.add_argument("--reverse-cap", type=int, default=1000, help="most reverse-distillation steps per layer")
@@ -430,13 +453,17 @@ def main() -> None:
             bench.random()
         elif r == "attribution":
             bench.attribution()
+        elif r == "layer_errors":
+            bench.layer_errors()
         else:
-            raise SystemExit(f"unknown recipe {r!r} (structured, anneal, penalty, random, attribution)")
+            raise SystemExit(f"unknown recipe {r!r} (structured, anneal, penalty, random, attribution, layer_errors)")
     result = {"command": "python bench/real_unreadable.py " + " ".join(sys.argv[1:]), "model": args.model,
               "layers": args.layers, "settings": vars(args), "lock_config": asdict(bench.cfg()),
               "points": bench.points, "aim": {"max_ppl_ratio": 1.05, "min_readback_ppl_ratio": 2.0,
                                                "min_reverse_over_owner": 1.0}}
     result["best"] = best_point(bench.points)
+    errors = bench.root / "layer_errors.json"
+    result["structured_layer_errors"] = read_json(errors) if errors.exists() else None
     save(args.name, result)
     plot(result, RESULTS / f"{args.name}.png")
 
