@@ -264,11 +264,9 @@ def test_pmp_pretraining_resumes_bit_identically(tmp_path, tokenizer, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def pmp_run(tmp_path_factory, tokenizer):
-    """A small PMP run made by the pipeline: (release, private)."""
-    run = tmp_path_factory.mktemp("pmprun") / "run"
-    pretrain_pmp(tiny_config(max_steps=3, train_tokens=30_000), PMPConfig(mask_ratio=0.3, discovery_max_steps=3), run)
-    return run / "release", run / "private"
+def pmp_run(pmp_kit):
+    """A small PMP run made by the pipeline: (release, private) (built once per session, see conftest)."""
+    return pmp_kit["release"], pmp_kit["private"]
 
 
 def _plant(tmp_path, release, name, write, prefix="leaky-"):
