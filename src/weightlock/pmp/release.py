@@ -26,7 +26,7 @@ from .mask import Mask, commitment, load_mask
 
 SECRET_KEYS = ("init_seed", "salt", "mask", "private")
 RULES_WITHOUT_PRIVATE = (  # what `release check` applies when it does not know the secrets
-    "every file not listed in manifest.json (and every listed file whose SHA-256 differs)",
+    "every file that manifest.json does not list, and every listed file whose SHA-256 differs",
     "a PMP release's listed files held to what they may hold (model.safetensors: exactly the parameters config.json "
     "declares; config, generation config, tokenizer files, model card and manifest: known fields only)",
     "archives (zip, tar, gz, bz2, xz, nested) opened in memory and scanned",
