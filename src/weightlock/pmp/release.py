@@ -288,7 +288,7 @@ class _Scanner:
                        " (never loaded here: pickles run code when loaded and can hide anything; ship safetensors)")
             out += self.raw(buf, "its bytes")
         else:
-            if suffix == ".json":
+            if suffix == ".json" or kind == "json":
                 out += self.json(buf)
             elif suffix in TEXT_SUFFIXES and buf.find(b"init_seed") >= 0:
                 out.append("mentions init_seed")
@@ -795,7 +795,9 @@ def _sniff(buf, suffix: str) -> str:
         return "tar"
     if _pickle_magic(head) or suffix in PICKLE_SUFFIXES:
         return "pickle"
-    return "text" if suffix in TEXT_SUFFIXES else "data"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    return "json" if bytes(buf[:64]).lstrip()[:1] in (b"{", b"[") else "data"
 
 
 def _describe(kind: str, suffix: str, weighty: int) -> str:
@@ -803,8 +805,8 @@ def _describe(kind: str, suffix: str, weighty: int) -> str:
     if weighty:
         return f"a tensor file holding {weighty} tensor(s) with the size of a weight matrix: {WEIGHT_COPY}"
     return {"safetensors": "a tensor file (safetensors)", "npy": "a NumPy array", "pickle": "a pickle (or opaque "
-            "binary) file", "text": f"a text file ({suffix})", "data": "a binary or unknown file"}.get(
-        kind, f"an archive ({kind})")
+            "binary) file", "text": f"a text file ({suffix})", "json": "a JSON file",
+            "data": "a binary or unknown file"}.get(kind, f"an archive ({kind})")
 
 
 def _safetensors_like(buf) -> bool:
