@@ -217,7 +217,7 @@ class _Scanner:
                 shape = info.get("shape") if isinstance(info, dict) else None
                 if isinstance(shape, list) and len(shape) >= 2 and all(isinstance(x, int) for x in shape):
                     self.numels.setdefault(int(np.prod(shape)), k)
-        self.counts = {label: int(m.sum()) for label, m in self.targets}  # selected positions per mask entry
+        self._counts: dict[str, int] = {}  # selected positions per mask target (computed when first needed)
         self._positions: dict[tuple[str, bool], np.ndarray] = {}
         self.groups = self._mask_groups() if secrets.mask else {}
         self.what = ""  # what the last file scanned is (for the allow-list's report of an unlisted file)
@@ -440,8 +440,6 @@ class _Scanner:
         C = torch.stack([fn(sample) for _, fn in views])  # views x K
         best = None
         for label, m, ms, ref, pub in g["targets"]:
-            if min(self.counts[label], m.numel() - self.counts[label]) < 16:
-                continue
             rows = [(how, C[i], fn) for i, (how, fn) in enumerate(views)]
             if pub is not None:
                 sign = torch.signbit(pub.float())
@@ -453,7 +451,10 @@ class _Scanner:
                                  lambda x, ref=ref: _differs(x, self._public(ref))))
             r1, r0 = _recalls(torch.stack([r[1] for r in rows]), ms)
             lo, hi = torch.minimum(r1, r0), torch.maximum(r1, r0)
-            for vi in torch.nonzero((lo >= _AGREE) | (hi <= 1 - _AGREE)).reshape(-1).tolist():
+            hits = torch.nonzero((lo >= _AGREE) | (hi <= 1 - _AGREE)).reshape(-1).tolist()
+            if hits and min(self.count(label, m), m.numel() - self.count(label, m)) < 16:
+                continue
+            for vi in hits:
                 bits = rows[vi][2](flat)
                 for comp in (False, True):
                     a1, a0 = (float(x) for x in _recalls(~bits if comp else bits, m))
@@ -492,7 +493,7 @@ class _Scanner:
             for label, m in self.targets:
                 if only not in (None, label):
                     continue
-                for comp, k in ((False, self.counts[label]), (True, m.numel() - self.counts[label])):
+                for comp, k in ((False, self.count(label, m)), (True, m.numel() - self.count(label, m))):
                     if k < 16 or not 0.9 * k <= u.size <= k / 0.9 or u[0] < 0 or u[-1] >= m.numel():
                         continue
                     hit = int(np.isin(u, self._selected(label, m, comp), assume_unique=True).sum())
@@ -500,7 +501,7 @@ class _Scanner:
                         return (f"lists the {'unselected' if comp else 'selected'} positions of {label} ({how}; "
                                 f"{hit} of its {k})")
         for n, m in sorted(self.s.mask.items()):
-            if m.ndim == 2 and flat.size == self.counts[f"the private mask of {n!r}"]:
+            if m.ndim == 2 and flat.size == self.count(f"the private mask of {n!r}", m):
                 nz = np.nonzero(m.numpy())
                 for d, dim in ((0, "row"), (1, "column")):
                     agree = float((flat == nz[d]).mean())
@@ -508,6 +509,12 @@ class _Scanner:
                         return (f"lists the {dim} indices of the selected positions of the private mask of {n!r} "
                                 f"(numpy.nonzero order; {agree:.1%} agree)")
         return None
+
+    def count(self, label: str, m: torch.Tensor) -> int:
+        """The number of positions mask target ``label`` (``m``) selects."""
+        if label not in self._counts:
+            self._counts[label] = int(m.sum())
+        return self._counts[label]
 
     def _selected(self, label: str, m: torch.Tensor, comp: bool) -> np.ndarray:
         key = (label, comp)
@@ -968,7 +975,11 @@ def _flatten_numbers(obj) -> list | None:
 
 
 def _all_keys(obj) -> set[str]:
+    """Every key of a JSON object's dicts, except those of vocabularies (≥ 64 keys, every value an integer id:
+    SmolLM2's tokenizer has the token "salt")."""
     if isinstance(obj, dict):
+        if len(obj) >= MIN_MASK_NUMEL and all(type(v) is int for v in obj.values()):
+            return set()
         return set(obj) | {k for v in obj.values() for k in _all_keys(v)}
     if isinstance(obj, list):
         return {k for v in obj for k in _all_keys(v)}
