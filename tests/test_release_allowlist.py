@@ -353,3 +353,14 @@ def test_prepare_refuses_what_it_must(tmp_path, kit):
                                               r"declare \('scale'\).*nothing was written"):
         write_upload_folder(extra, tmp_path / "u3")
     assert not any((tmp_path / f"u{i}").exists() for i in (1, 2, 3))
+
+
+def test_vocabulary_keys_are_not_secret_fields(tmp_path):
+    """SmolLM2's tokenizer has the token "salt": a vocabulary (token -> id) is not a JSON field; a field is."""
+    d = tmp_path / "rel"
+    d.mkdir()
+    vocab = {f"tok{i}": i for i in range(100)} | {"salt": 100, "init_seed": 101}
+    (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    assert check_release(d, manifest=False) == []
+    (d / "notes.json").write_text(json.dumps({"run": {"salt": "00ff"}}))
+    assert check_release(d, manifest=False) == ["notes.json: JSON field(s) salt"]
