@@ -100,8 +100,7 @@ def main() -> None:
     ap.add_argument("--model", default="runs/smollm2", help="the converted SmolLM2-135M (a random stand-in if missing)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     args = ap.parse_args()
-    from weightlock.pmp import check_release
-    from weightlock.pmp.allowlist import write_upload_folder
+    from weightlock.pmp import check_release, write_upload_folder
 
     model = Path(args.model) if Path(args.model, "model.safetensors").exists() else None
     work = Path(args.work or tempfile.mkdtemp(prefix="release-check-scan-"))

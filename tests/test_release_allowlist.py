@@ -314,7 +314,7 @@ def test_prepare_refuses_what_it_must(tmp_path, kit):
     what it writes is replaced; an output inside the input, a source that is not an unchanged PMP release, or
     one whose weights hold more than the config declares, is refused with one line and nothing written."""
     from weightlock.io import write_manifest
-    from weightlock.pmp.allowlist import write_upload_folder
+    from weightlock.pmp import write_upload_folder
 
     release = kit["release"]
     out = tmp_path / "upload"

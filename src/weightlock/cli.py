@@ -424,7 +424,7 @@ def release_prepare(source: Path = typer.Argument(..., help="A PMP release (or t
                                                            "into place.")) -> None:
     """Write an upload-ready folder for a PMP model: exactly the files a release may hold (weights, config,
     tokenizer), a model card without secrets and the manifest; upload that folder, nothing else."""
-    from .pmp.allowlist import write_upload_folder
+    from .pmp import write_upload_folder
 
     r = write_upload_folder(source, out, private=private)
     console.print(f"[green]wrote[/] {r['out']} (upload this folder): {', '.join(r['files'])}", highlight=False,

@@ -4,7 +4,7 @@ A release is written by weightlock, and its ``manifest.json`` lists every file w
 the directory is refused, whatever its encoding (a second copy of the weights, optimizer state, an archive, ...).
 The files a PMP release may list are checked strictly: ``model.safetensors`` holds exactly the parameters its
 ``config.json`` declares, with their shapes and dtype, and the JSON files and the model card known fields only.
-:func:`write_upload_folder` writes exactly those files, a model card and the manifest into a folder of their own.
+:func:`weightlock.pmp.upload.write_upload_folder` writes exactly those files into a folder of their own.
 """
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import functools
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
-from ..errors import WeightlockError
-from ..io import MANIFEST, check_out_dir, read_json, staged_out_dir, write_manifest, write_text
+from ..io import MANIFEST, read_json
+from .fileformats import st_file_header
 
 PMP_KIND = "weightlock-pmp"
 MODEL_FILE = "model.safetensors"
@@ -106,8 +105,6 @@ def strict_problems(release: Path, manifest: dict) -> list[str]:
 def model_problems(release: Path, config_text: str | None) -> list[str]:
     """How ``model.safetensors`` differs from exactly the parameters ``config.json`` declares (names, shapes,
     dtype; tied weights once), and metadata beyond its format."""
-    from .release import _st_file_header
-
     if config_text is None:
         return ["config.json: missing, so the parameters model.safetensors must hold are unknown"]
     try:
@@ -116,12 +113,12 @@ def model_problems(release: Path, config_text: str | None) -> list[str]:
         return [f"config.json: does not declare a model transformers can build ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:200] if str(e) else ''})"]
     try:
-        header, meta = _st_file_header(release / MODEL_FILE)
+        header, meta = st_file_header(release / MODEL_FILE)
     except (ValueError, OSError) as e:
         return [f"{MODEL_FILE}: unreadable ({e})"]
     out = []
     if set(meta) - {"format"}:
-        out.append(f"{MODEL_FILE}: metadata field(s) {_names(sorted(set(meta) - {'format'}))}: a release's weights "
+        out.append(f"{MODEL_FILE}: metadata field(s) {shown(sorted(set(meta) - {'format'}))}: a release's weights "
                    "carry only their format")
     got, extra = {}, []
     for k, info in header.items():
@@ -131,11 +128,11 @@ def model_problems(release: Path, config_text: str | None) -> list[str]:
         else:
             extra.append(k)
     if extra:
-        out.append(f"{MODEL_FILE}: holds {len(extra)} tensor(s) that config.json does not declare ({_names(extra)}): "
+        out.append(f"{MODEL_FILE}: holds {len(extra)} tensor(s) that config.json does not declare ({shown(extra)}): "
                    "a release's weights are exactly the model's parameters")
     missing = [c for c in params if c not in got]
     if missing:
-        out.append(f"{MODEL_FILE}: lacks {len(missing)} parameter(s) that config.json declares ({_names(missing)})")
+        out.append(f"{MODEL_FILE}: lacks {len(missing)} parameter(s) that config.json declares ({shown(missing)})")
     wrong = [f"{k} has shape {info.get('shape')}, not {list(params[c])}" for c, (k, info) in got.items()
              if tuple(info.get("shape") or ()) != params[c]]
     if wrong:
@@ -186,7 +183,7 @@ def _generation_fields() -> frozenset[str]:
 
 def _unknown(name: str, obj: dict, known, what: str) -> list[str]:
     extra = sorted(set(obj) - set(known))
-    return [f"{name}: unknown field(s) {_names(extra)}: {what} holds only known fields"] if extra else []
+    return [f"{name}: unknown field(s) {shown(extra)}: {what} holds only known fields"] if extra else []
 
 
 def _card_problems(text: str) -> list[str]:
@@ -200,97 +197,6 @@ def _card_problems(text: str) -> list[str]:
     return _unknown(CARD, dict.fromkeys(keys), CARD_FIELDS, "a model card's front matter")
 
 
-def _names(names: list[str], k: int = 3) -> str:
+def shown(names: list[str], k: int = 3) -> str:
+    """The first ``k`` names, quoted, and how many more."""
     return ", ".join(repr(n) for n in names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
-
-
-# ---- the upload folder ---------------------------------------------------------------------------------
-def write_upload_folder(source: str | os.PathLike, out: str | os.PathLike,
-                        private: str | os.PathLike | None = None) -> dict:
-    """Write ``out``, ready to upload: exactly the files a PMP release may hold (weights, config, generation
-    config, tokenizer files) copied from ``source`` (a PMP release, or the run directory holding ``release/``),
-    a model card without secrets and the manifest; returns {"out", "files", "left_out"}.
-
-    ``source`` must be an unchanged PMP release whose listed files pass :func:`strict_problems`; nothing in it
-    is changed. ``out`` must be new, empty, or hold only files this function writes (a folder it wrote
-    before): anything else there is refused, so a folder with other files is never uploaded by mistake. The
-    folder is written beside ``out`` and moved into place only once ``release check`` (with ``private``, the
-    run's private directory, when given) finds it clean; on any error ``out`` is left as it was.
-    """
-    from .. import __version__
-    from .release import _entries, check_release, manifest_problems
-
-    source, out = Path(source), Path(out)
-    release = source / "release" if (source / "release" / MANIFEST).is_file() else source
-    if not (release / MANIFEST).is_file():
-        raise WeightlockError(f"{source}: no {MANIFEST}: not a release written by `weightlock pretrain --method pmp` "
-                              "(or its run directory)")
-    manifest = read_json(release / MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("kind") != PMP_KIND or not manifest.get("mask_commitment"):
-        raise WeightlockError(f"{release}: not a PMP release ({MANIFEST} has no kind {PMP_KIND!r} with a mask "
-                              "commitment)")
-    problems = manifest_problems(release) + strict_problems(release, manifest)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise WeightlockError(f"{release}/{problems[0]}{more}; nothing was written")
-    listed = manifest["files"]
-    names = [n for n in UPLOAD_FILES if n in listed and n != CARD]
-    check_out_dir(out, inputs=(release, private))
-    if out.is_dir():
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                         if p.name not in (*UPLOAD_FILES, MANIFEST) or p.is_symlink() or not p.is_file())
-        if foreign:
-            raise WeightlockError(f"{out}: holds {_names(foreign)}, which `release prepare` does not write; an upload "
-                                  "folder holds the release's files and nothing else (choose a new or empty folder; "
-                                  "nothing was written)")
-    with staged_out_dir(out, overwrite=True, inputs=(release, private)) as tmp:
-        for n in names:
-            shutil.copyfile(release / n, tmp / n)
-        write_text(tmp / CARD, model_card(release, manifest))
-        fields = {k: manifest[k] for k in ("pmp",) if k in manifest}
-        files = write_manifest(tmp, kind=PMP_KIND, mask_commitment=manifest["mask_commitment"],
-                               weightlock_version=__version__, **fields)
-        changed = [n for n in names if files[n] != listed[n]]
-        if changed:
-            raise WeightlockError(f"{release / changed[0]}: changed while it was copied; nothing was written")
-        findings = check_release(tmp, private)
-        if findings:
-            raise WeightlockError(f"the upload folder would not pass `release check`: {findings[0]}; nothing was "
-                                  "written")
-    left_out = [rel for rel, _ in _entries(release) if rel not in names and rel != MANIFEST]
-    return {"out": str(out), "files": sorted([*names, CARD, MANIFEST]), "left_out": left_out}
-
-
-def model_card(release: Path, manifest: dict) -> str:
-    """A model card for a PMP release: what it is and its public facts (mask ratio, commitment, size, the
-    validation perplexity at release); never the mask, the seed or the salt."""
-    from .release import _st_file_header
-
-    config = read_json(release / "config.json")
-    header, _ = _st_file_header(release / MODEL_FILE)
-    n = sum(int(_prod(v.get("shape") or [])) for v in header.values())
-    pmp = manifest.get("pmp") or {}
-    arch = ", ".join(config.get("architectures") or [str(config.get("model_type"))])
-    lines = ["---", "library_name: transformers", "tags:", "- weightlock", "- pmp", "---", "",
-             f"# {arch} pretrained with private-mask pretraining (PMP)", "",
-             f"A causal language model ({arch}, {n:,} parameters) pretrained by "
-             "weightlock with private-mask pretraining: only a secret sparse subset of its "
-             f"weights (mask ratio {pmp.get('mask_ratio', '?')}, {pmp.get('variant', '?')} variant) was trained, the "
-             "rest keeps its initial values. The mask stays with the owner.", "",
-             f"* Mask commitment (salted SHA-256 of the private mask): `{manifest['mask_commitment']}`; the owner "
-             "shows a mask is this model's with `weightlock pmp verify`."]
-    metrics = release / "metrics.json"
-    if "metrics.json" in (manifest.get("files") or {}) and metrics.is_file():
-        ppl = read_json(metrics).get("val_ppl")
-        if isinstance(ppl, (int, float)):
-            lines.append(f"* Validation perplexity at release: {ppl:.2f}.")
-    lines += [f"* Every file is listed with its SHA-256 in `{MANIFEST}`; `weightlock release check .` checks them.",
-              "", "Load it with `transformers.AutoModelForCausalLM.from_pretrained` or `weightlock.load`.", ""]
-    return "\n".join(lines)
-
-
-def _prod(shape: list) -> int:
-    out = 1
-    for x in shape:
-        out *= int(x)
-    return out

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import base64
-import bz2
-import gzip
 import io
 import json
 import lzma
@@ -22,6 +20,8 @@ import torch
 
 from ..errors import WeightlockError
 from ..io import read_json
+from .allowlist import MODEL_FILE, allowlist_problems
+from .fileformats import archive_members, npy_array, safetensors_like, st_file_header, st_header, st_tensor
 from .mask import Mask, commitment, load_mask
 
 SECRET_KEYS = ("init_seed", "salt", "mask", "private")
@@ -50,8 +50,6 @@ _ARCHIVE_DEPTH = 4  # archives inside archives are opened this deep (deeper ones
 _MEMBER_MAX = 1 << 30  # bytes of one archive member read into memory at most (decompressed)
 _ARCHIVE_TOTAL = 4 << 30  # bytes decompressed from one file's archives in all (zip bombs)
 _MEMBERS_MAX = 100_000  # members of one archive looked at
-_ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-              "I8": "i1", "U8": "u1", "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8"}
 
 
 @dataclass
@@ -120,8 +118,6 @@ def release_findings(directory: str | os.PathLike, private: str | os.PathLike | 
                      manifest: bool = True) -> list[tuple[str, str]]:
     """:func:`check_release`'s findings, each as (kind, line): kind ``changed`` (a listed file whose SHA-256
     differs, or is missing), ``not allowed`` (the allow-list) or ``secret`` (found by content)."""
-    from .allowlist import MODEL_FILE, allowlist_problems
-
     d = Path(directory)
     if not d.is_dir():
         raise WeightlockError(f"{d}: directory not found")
@@ -134,7 +130,7 @@ def release_findings(directory: str | os.PathLike, private: str | os.PathLike | 
         out += [("changed", f) for f in manifest_problems(d)]
         listed, problems = allowlist_problems(d)
         out += [("not allowed", f) for f in problems]
-    for rel, p in _entries(d):
+    for rel, p in release_entries(d):
         if p.is_symlink() or not p.is_file():
             out.append(("not allowed", f"{rel}: {'a symbolic link' if p.is_symlink() else 'not a regular file'} "
                                        "(a release holds plain files only; not followed)"))
@@ -146,7 +142,7 @@ def release_findings(directory: str | os.PathLike, private: str | os.PathLike | 
     return out
 
 
-def _entries(d: Path) -> list[tuple[str, Path]]:
+def release_entries(d: Path) -> list[tuple[str, Path]]:
     """Every file under ``d`` (and every symbolic link, never followed), as (relative POSIX path, path), sorted."""
     out = []
     for root, dirs, files in os.walk(d):
@@ -210,7 +206,7 @@ class _Scanner:
         self.numels: dict[int, str] = {}  # sizes of the released weight matrices -> a parameter of that size
         if self.model_file is not None:
             try:
-                header, _ = _st_file_header(self.model_file)
+                header, _ = st_file_header(self.model_file)
             except ValueError:
                 header = {}
             for k, info in header.items():
@@ -301,7 +297,7 @@ class _Scanner:
     # ---- containers of tensors ---------------------------------------------------------------
     def safetensors(self, buf, model: bool = False) -> list[str]:
         try:
-            header, meta, start = _st_header(buf)
+            header, meta, start = st_header(buf)
         except ValueError as e:
             return [f"unreadable safetensors ({e})"]
         out = []
@@ -313,7 +309,7 @@ class _Scanner:
         weighty = []
         for k, info in header.items():
             try:
-                t = _st_tensor(buf, info, start)
+                t = st_tensor(buf, info, start)
             except ValueError as e:
                 out.append(f"tensor {k!r} unreadable ({e})")
                 continue
@@ -333,7 +329,7 @@ class _Scanner:
 
     def npy(self, buf) -> list[str]:
         try:
-            arr = _npy_array(buf)
+            arr = npy_array(buf)
         except ValueError as e:
             if "pickle" in str(e).lower():
                 return ["a .npy of Python objects (a pickle; not loaded)"]
@@ -348,7 +344,8 @@ class _Scanner:
             return [f"a {kind} archive nested {depth} deep: not opened (refused)"]
         out = []
         try:
-            for member, data in _members(kind, name, fh, lambda: max(0, min(_MEMBER_MAX, self.budget))):
+            for member, data in archive_members(kind, name, fh, lambda: max(0, min(_MEMBER_MAX, self.budget)),
+                                               _MEMBERS_MAX):
                 if isinstance(data, str):
                     out.append(f"member {member!r}: {data}")
                     continue
@@ -790,7 +787,7 @@ def _name_rule(name: str) -> list[str]:
 def _sniff(buf, suffix: str) -> str:
     """What the bytes are, by their magic numbers first (a renamed file is still what it is), then by suffix."""
     head = bytes(buf[:8])
-    if suffix == ".safetensors" or _safetensors_like(buf):
+    if suffix == ".safetensors" or safetensors_like(buf):
         return "safetensors"
     if head.startswith(b"\x93NUMPY") or suffix == ".npy":
         return "npy"
@@ -810,139 +807,11 @@ def _sniff(buf, suffix: str) -> str:
 def _describe(kind: str, suffix: str, weighty: int) -> str:
     """What a file is, for the report of a file the manifest does not list."""
     if weighty:
-        return f"a tensor file holding {weighty} tensor(s) with the size of a weight matrix: {WEIGHT_COPY}"
+        what = f"an archive ({kind})" if kind in ("zip", "tar", "gzip", "bzip2", "xz") else "a tensor file"
+        return f"{what} holding {weighty} tensor(s) with the size of a weight matrix: {WEIGHT_COPY}"
     return {"safetensors": "a tensor file (safetensors)", "npy": "a NumPy array", "pickle": "a pickle (or opaque "
             "binary) file", "text": f"a text file ({suffix})", "json": "a JSON file",
             "data": "a binary or unknown file"}.get(kind, f"an archive ({kind})")
-
-
-def _safetensors_like(buf) -> bool:
-    n = int.from_bytes(bytes(buf[:8]), "little") if len(buf) >= 10 else 0
-    return 2 <= n <= len(buf) - 8 and bytes(buf[8:9]) == b"{"
-
-
-def _st_header(buf) -> tuple[dict, dict, int]:
-    """A safetensors file's tensors (name -> dtype, shape, data_offsets), its metadata and where its data
-    starts; ValueError when the header is not one."""
-    if len(buf) < 8:
-        raise ValueError("too short")
-    n = int.from_bytes(bytes(buf[:8]), "little")
-    if n > min(len(buf) - 8, 100 << 20):
-        raise ValueError("header larger than the file")
-    try:
-        header = json.loads(bytes(buf[8:8 + n]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in header.values()):
-        raise ValueError("malformed header")
-    return header, meta, 8 + n
-
-
-def _st_file_header(path: Path) -> tuple[dict, dict]:
-    """The tensors and metadata of a safetensors file, reading its header only."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if not 0 < n <= min(path.stat().st_size - 8, 100 << 20):
-            raise ValueError("not a safetensors file")
-        header, meta, _ = _st_header(head + f.read(n))
-    return header, meta
-
-
-def _st_tensor(buf, info: dict, start: int) -> torch.Tensor:
-    """One tensor of a safetensors buffer, copied out of it (bfloat16 kept; unsigned widened to signed)."""
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in _ST_DTYPES:
-        raise ValueError(f"dtype {dtype}")
-    if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape) and
-            isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets)):
-        raise ValueError("malformed entry")
-    np_dtype = np.dtype(_ST_DTYPES[dtype])
-    count = int(np.prod(shape)) if shape else 1
-    b, e = offsets
-    if not 0 <= b <= e <= len(buf) - start or e - b != count * np_dtype.itemsize:
-        raise ValueError("data outside the file")
-    a = np.frombuffer(buf, dtype=np_dtype, count=count, offset=start + b).copy()
-    if dtype == "BF16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).reshape(shape)
-    if dtype in ("U16", "U32", "U64"):
-        a = a.astype(np.int64) if dtype != "U64" else a.view(np.int64)
-    return torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=False)).reshape(shape)
-
-
-def _npy_array(buf) -> np.ndarray:
-    """The array of a ``.npy`` buffer, without copying it or loading pickles; ValueError when it is not one."""
-    f = io.BytesIO(bytes(buf[:1 << 16]))
-    try:
-        version = np.lib.format.read_magic(f)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read is None:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, fortran, dtype = read(f)
-    except (ValueError, SyntaxError, EOFError) as e:
-        raise ValueError(str(e) or type(e).__name__) from None
-    if dtype.hasobject:
-        raise ValueError("Python objects: a pickle")
-    count = int(np.prod(shape)) if shape else 1
-    if f.tell() + count * dtype.itemsize > len(buf):
-        raise ValueError("truncated")
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=f.tell()).reshape(shape, order="F" if fortran else "C")
-
-
-def _members(kind: str, name: str, fh, limit) -> Iterator[tuple[str, bytes | str]]:
-    """(name, bytes) of every member of an archive or compressed stream read from ``fh``, or (name, why it
-    is not read). ``limit()``: how many decompressed bytes a member may have; nothing touches the disk."""
-    if kind == "zip":
-        with zipfile.ZipFile(fh) as z:
-            for i, info in enumerate(z.infolist()):
-                if i == _MEMBERS_MAX:
-                    yield "...", f"more than {_MEMBERS_MAX} members: the rest not checked"
-                    return
-                if info.is_dir():
-                    continue
-                if _unsafe_member(info.filename):
-                    yield info.filename, "its path leaves the archive (absolute or '..')"
-                if info.flag_bits & 0x1:
-                    yield info.filename, "encrypted: cannot be checked"
-                    continue
-                with z.open(info) as f:
-                    yield info.filename, _read_capped(f, limit())
-    elif kind == "tar":
-        with tarfile.open(fileobj=fh, mode="r:") as tf:
-            for i, m in enumerate(tf):
-                if i == _MEMBERS_MAX:
-                    yield "...", f"more than {_MEMBERS_MAX} members: the rest not checked"
-                    return
-                if _unsafe_member(m.name):
-                    yield m.name, "its path leaves the archive (absolute or '..')"
-                if m.isfile():
-                    yield m.name, _read_capped(tf.extractfile(m), limit())
-                elif not m.isdir():
-                    yield m.name, "a link or special file inside an archive"
-    else:
-        base = PurePosixPath(name).name
-        inner = {".gz": "", ".tgz": ".tar", ".bz2": "", ".tbz2": ".tar", ".xz": "", ".txz": ".tar"}
-        suffix = PurePosixPath(base).suffix.lower()
-        inner_name = base[:-len(suffix)] + inner[suffix] if suffix in inner else base + " (decompressed)"
-        opener = {"gzip": lambda: gzip.GzipFile(fileobj=fh), "bzip2": lambda: bz2.BZ2File(fh),
-                  "xz": lambda: lzma.LZMAFile(fh)}[kind]
-        with opener() as f:
-            yield inner_name, _read_capped(f, limit())
-
-
-def _read_capped(f, limit: int) -> bytes | str:
-    data = f.read(limit + 1)
-    if len(data) > limit:
-        return f"not checked: more than {limit:,} bytes once decompressed (a zip bomb?)"
-    return data
-
-
-def _unsafe_member(name: str) -> bool:
-    p = PurePosixPath(name.replace("\\", "/"))
-    return p.is_absolute() or ".." in p.parts
 
 
 def _number_lists(obj, path: str) -> Iterator[tuple[str, list, list]]:
@@ -994,7 +863,10 @@ def manifest_problems(release: str | os.PathLike) -> list[str]:
     release = Path(release)
     if not (release / "manifest.json").is_file():
         return []
-    files = read_json(release / "manifest.json").get("files") or {}
+    manifest = read_json(release / "manifest.json")
+    files = (manifest.get("files") if isinstance(manifest, dict) else None) or {}
+    if not isinstance(files, dict):
+        return ["manifest.json: its files are not a JSON object of name -> SHA-256"]
     out = []
     for name, digest in sorted(files.items()):
         f = release / name
