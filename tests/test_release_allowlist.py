@@ -341,6 +341,8 @@ def test_prepare_refuses_what_it_must(tmp_path, kit):
     assert not (release / "upload").exists()
     with pytest.raises(WeightlockError, match="no manifest.json"):
         write_upload_folder(tmp_path, tmp_path / "u1")
+    with pytest.raises(WeightlockError, match="no mask.safetensors or secrets.json here"):
+        write_upload_folder(release, tmp_path / "u1", private=tmp_path)
     changed = _copy(tmp_path, release, "changed")
     (changed / "config.json").write_text((changed / "config.json").read_text().replace("64", "65", 1))
     with pytest.raises(WeightlockError, match="config.json: SHA-256 does not match"):

@@ -11,7 +11,7 @@ from ..errors import WeightlockError
 from ..io import MANIFEST, check_out_dir, read_json, staged_out_dir, write_manifest, write_text
 from .allowlist import CARD, MODEL_FILE, PMP_KIND, UPLOAD_FILES, shown, strict_problems
 from .fileformats import st_file_header
-from .release import check_release, manifest_problems, release_entries
+from .release import check_release, load_private, manifest_problems, release_entries
 
 
 def write_upload_folder(source: str | os.PathLike, out: str | os.PathLike,
@@ -29,6 +29,7 @@ def write_upload_folder(source: str | os.PathLike, out: str | os.PathLike,
     from .. import __version__
 
     source, out = Path(source), Path(out)
+    secrets = load_private(private) if private is not None else None  # a bad --private fails before any work
     release = source / "release" if (source / "release" / MANIFEST).is_file() else source
     if not (release / MANIFEST).is_file():
         raise WeightlockError(f"{source}: no {MANIFEST}: not a release written by `weightlock pretrain --method pmp` "
@@ -61,7 +62,7 @@ def write_upload_folder(source: str | os.PathLike, out: str | os.PathLike,
         changed = [n for n in names if files[n] != listed[n]]
         if changed:
             raise WeightlockError(f"{release / changed[0]}: changed while it was copied; nothing was written")
-        findings = check_release(tmp, private)
+        findings = check_release(tmp, secrets)
         if findings:
             raise WeightlockError(f"the upload folder would not pass `release check`: {findings[0]}; nothing was "
                                   "written")
