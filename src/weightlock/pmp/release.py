@@ -215,6 +215,7 @@ class _Scanner:
                     self.numels.setdefault(int(np.prod(shape)), k)
         self._counts: dict[str, int] = {}  # selected positions per mask target (computed when first needed)
         self._positions: dict[tuple[str, bool], np.ndarray] = {}
+        self._last: tuple[str, torch.Tensor] | None = None  # the released weight read last (see _public)
         self.groups = self._mask_groups() if secrets.mask else {}
         self.what = ""  # what the last file scanned is (for the allow-list's report of an unlisted file)
         self.weighty = 0  # weight-sized tensors in the last file scanned
@@ -249,11 +250,14 @@ class _Scanner:
         return groups
 
     def _public(self, ref: tuple[str, bool]) -> torch.Tensor:
-        """The released weight ``ref`` names, flattened in the order of its mask target (transposed or not)."""
+        """The released weight ``ref`` names, flattened in the order of its mask target (transposed or not);
+        the last one read is kept (an entry's plain and transposed targets come one after the other)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.model_file), "pt") as sf:
-            w = sf.get_tensor(ref[0])
+        if self._last is None or self._last[0] != ref[0]:
+            with safe_open(str(self.model_file), "pt") as sf:
+                self._last = (ref[0], sf.get_tensor(ref[0]))
+        w = self._last[1]
         return (w.t() if ref[1] else w).reshape(-1)
 
     def file(self, p: Path, model: bool = False) -> list[str]:
