@@ -1,4 +1,4 @@
-"""What a PMP release may hold: the allow-list `release check` holds a release to, and the upload folder.
+"""What a PMP release may hold: the allow-list `release check` holds a release to.
 
 A release is written by weightlock, and its ``manifest.json`` lists every file with its SHA-256; anything else in
 the directory is refused, whatever its encoding (a second copy of the weights, optimizer state, an archive, ...).
