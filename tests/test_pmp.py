@@ -264,11 +264,9 @@ def test_pmp_pretraining_resumes_bit_identically(tmp_path, tokenizer, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def pmp_run(tmp_path_factory, tokenizer):
-    """A small PMP run made by the pipeline: (release, private)."""
-    run = tmp_path_factory.mktemp("pmprun") / "run"
-    pretrain_pmp(tiny_config(max_steps=3, train_tokens=30_000), PMPConfig(mask_ratio=0.3, discovery_max_steps=3), run)
-    return run / "release", run / "private"
+def pmp_run(pmp_kit):
+    """A small PMP run made by the pipeline: (release, private) (built once per session, see conftest)."""
+    return pmp_kit["release"], pmp_kit["private"]
 
 
 def _plant(tmp_path, release, name, write, prefix="leaky-"):
@@ -299,7 +297,7 @@ def test_release_check_finds_secrets_by_content(tmp_path, pmp_run):
         save_file({**state, **tensors}, str(f), metadata={"format": "pt"})
 
     packed = b"".join(np.packbits(mask[n].reshape(-1).numpy()).tobytes() for n in sorted(mask))  # pack()'s bits
-    planted = {  # file -> (writer, found without the private directory too)
+    planted = {  # file -> (writer, found by content without the private directory too)
         "model.safetensors": (lambda f: into_model(f, {"model.layers.0.mlp.gate_proj.scale": m.half()}), True),
         "extra.safetensors": (lambda f: save_file({"w": m.to(torch.int8) * 3}, str(f)), True),
         "stats.npy": (lambda f: np.save(f, m.numpy().astype(np.float32)), True),
@@ -318,7 +316,9 @@ def test_release_check_finds_secrets_by_content(tmp_path, pmp_run):
         found = check_release(leaky, private=private)
         assert [f for f in found if not f.startswith(fname + ":")] == [], found
         assert found, f"{fname} not detected"
-        assert (check_release(leaky) != []) == without_private, (fname, check_release(leaky))
+        assert (check_release(leaky, manifest=False) != []) == without_private, (fname, check_release(leaky))
+        plain = check_release(leaky)  # without the secrets the allow-list reports every planted file anyway
+        assert plain and all(f.startswith(fname + ":") for f in plain), plain
         if fname in ("model.safetensors", "extra.safetensors", "stats.npy", "table.dat"):
             assert any("reproduces the private mask of" in f for f in found), found
         res = runner.invoke(app, ["release", "check", str(leaky), "--private", str(private)])
@@ -445,7 +445,10 @@ VARIANTS = ["bool-safetensors", "float01-npy", "packed-raw-dat", "json-01-list",
             "sign-pattern-xor-public", "zero-one-plus-noise", "int8-bit0", "int8-bit1", "stray-half",
             "packed-as-float32", "packed-as-float32-scaled", "mantissa-low-bits", "seed-hex", "seed-two-halves",
             "seed-raw-bytes", "seed-float-string", "salt-base64", "packed-base64-json"]
-CAUGHT_WITHOUT_PRIVATE = {"bool-safetensors", "float01-npy", "json-01-list"}  # two values: by content alone
+CAUGHT_WITHOUT_PRIVATE = {  # by content alone: two values, or a tensor with the size of a weight matrix (not in the
+    "bool-safetensors", "float01-npy", "json-01-list", "sign-pattern", "sign-pattern-flat",  # model file)
+    "sign-pattern-npy", "sign-pattern-complement", "sign-pattern-xor-public", "zero-one-plus-noise", "int8-bit0",
+    "int8-bit1", "stray-half"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -460,6 +463,8 @@ def test_release_check_private_finds_hidden_secrets(tmp_path, leak_kit, variant)
     assert all(f.startswith(fname + ":") for f in found), found
     assert str(SEED) not in " ".join(found) and leak_kit[4].hex() not in " ".join(found)  # never print secrets
     assert (check_release(leaky, manifest=False) != []) == (variant in CAUGHT_WITHOUT_PRIVATE), check_release(leaky)
+    plain = check_release(leaky)  # the allow-list: not in the manifest, or not the file the manifest lists
+    assert plain and all(f.startswith(fname + ":") for f in plain), plain
 
 
 def test_release_check_private_has_no_false_positives(tmp_path, leak_kit):
@@ -480,7 +485,14 @@ def test_release_check_private_has_no_false_positives(tmp_path, leak_kit):
                                      .tobytes())
     (clean / "run.json").write_text(json.dumps({"lr": 0.001, "big": 1.2345678901234567e18, "seed": 12345,
                                                 "ids": [17, 4242424242]}))
-    assert check_release(clean, private=priv) == []
+    assert check_release(clean, private=priv, manifest=False) == []
+    assert check_release(clean, private=priv) == [  # the allow-list refuses them all the same
+        "blob.dat: not listed in manifest.json: a binary or unknown file",
+        "extra.safetensors: not listed in manifest.json: a tensor file holding 5 tensor(s) with the size of a "
+        "weight matrix: a second copy of weights, optimizer state, gradients or a delta — these reveal the mask",
+        "run.json: not listed in manifest.json: a text file (.json)",
+        "stats.npy: not listed in manifest.json: a tensor file holding 1 tensor(s) with the size of a weight "
+        "matrix: a second copy of weights, optimizer state, gradients or a delta — these reveal the mask"]
 
 
 def test_release_check_without_private_lists_its_rules(pmp_run):
@@ -520,7 +532,9 @@ def test_release_check_and_pmp_verify_refuse_a_changed_file(tmp_path, pmp_run):
     manifest = json.loads((changed / "manifest.json").read_text())
     manifest["files"] = {"../secrets.json": "0" * 64}  # a manifest never makes the check read outside the release
     (changed / "manifest.json").write_text(json.dumps(manifest))
-    assert check_release(changed) == ["../secrets.json: listed in manifest.json but outside the release directory"]
+    found = check_release(changed)
+    assert "../secrets.json: listed in manifest.json but outside the release directory" in found, found
+    assert not any("SHA-256" in f for f in found), found  # nothing outside the release was read
 
 
 def test_pmp_private_files_are_0600(tmp_path, tokenizer):

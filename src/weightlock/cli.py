@@ -392,7 +392,8 @@ def _pretrain_config(preset: str, config: Optional[Path], data: str) -> Pretrain
     return cfg
 
 
-release_app = typer.Typer(no_args_is_help=True, help="Check a release directory for secret material.")
+release_app = typer.Typer(no_args_is_help=True, help="Check a release directory for secret material; write the "
+                          "folder to upload.")
 pmp_app = typer.Typer(no_args_is_help=True, help="PMP utilities (mask commitment).")
 app.add_typer(release_app, name="release")
 app.add_typer(pmp_app, name="pmp")
@@ -403,24 +404,42 @@ app.add_typer(pmp_app, name="pmp")
 def release_check(directory: Path = typer.Argument(..., help="Directory to scan."),
                   private: Optional[Path] = typer.Option(None, help="The run's private directory (or mask file): "
                                                          "also find its mask, seed and salt by content.")) -> None:
-    """Fail (exit 1) if a directory holds secret material (masks by name or content, init seeds, salts, pickles)
-    or a file that does not match the SHA-256 in its manifest.json."""
-    from .pmp import check_release, manifest_problems
-    from .pmp.release import RULES_WITHOUT_PRIVATE
+    """Fail (exit 1) if a directory holds anything its manifest.json does not list, a listed file that changed or
+    holds more than a release may, or secret material (masks, index lists, copies of the weights, optimizer
+    state, archives, init seeds, salts, pickles), found by content."""
+    from .pmp.release import RULES_WITHOUT_PRIVATE, release_findings
 
     if private is None:
         console.print("without --private only these rules apply: " + "; ".join(RULES_WITHOUT_PRIVATE) + ". The mask "
                       "hidden in signs, low bits, noise or encodings and the seed or salt under another name need "
                       "--private PRIVDIR.", highlight=False, soft_wrap=True)
-    changed = manifest_problems(directory) if directory.is_dir() else []
-    for f in changed:
-        console.print(f"[red]changed:[/] {directory / f}", highlight=False, soft_wrap=True)
-    findings = check_release(directory, private=private, manifest=False)
-    for f in findings:
-        console.print(f"[red]secret:[/] {f}", highlight=False, soft_wrap=True)
-    if findings or changed:
+    findings = release_findings(directory, private=private)
+    for kind, f in findings:
+        where = f"{directory / f}" if kind == "changed" else f
+        console.print(f"[red]{kind}:[/] {where}", highlight=False, soft_wrap=True)
+    if findings:
         raise typer.Exit(1)
     console.print(f"[green]clean:[/] no secret material found in {directory}")
+
+
+@release_app.command("prepare")
+@user_errors
+def release_prepare(source: Path = typer.Argument(..., help="A PMP release (or the run directory holding it)."),
+                    out: Path = typer.Option(..., "--out", help="The upload folder: new, empty, or one this command "
+                                             "wrote before."),
+                    private: Optional[Path] = typer.Option(None, help="The run's private directory: check the folder "
+                                                           "for its mask, seed and salt too before it is moved "
+                                                           "into place.")) -> None:
+    """Write an upload-ready folder for a PMP model: exactly the files a release may hold (weights, config,
+    tokenizer), a model card without secrets and the manifest; upload that folder, nothing else."""
+    from .pmp import write_upload_folder
+
+    r = write_upload_folder(source, out, private=private)
+    console.print(f"[green]wrote[/] {r['out']} (upload this folder): {', '.join(r['files'])}", highlight=False,
+                  soft_wrap=True)
+    if r["left_out"]:
+        console.print(f"left out (not part of an upload): {', '.join(r['left_out'])}", highlight=False,
+                      soft_wrap=True)
 
 
 @pmp_app.command("verify")

@@ -80,6 +80,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+MANIFEST = "manifest.json"
+
+
+def write_manifest(directory: str | os.PathLike, **fields: Any) -> dict[str, str]:
+    """Write ``directory/manifest.json``: ``fields`` and, under ``files``, the SHA-256 of every other file
+    directly in ``directory`` (what a release's readers verify); returns that file list."""
+    d = Path(directory)
+    files = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST}
+    write_json(d / MANIFEST, {**fields, "files": files})
+    return files
+
+
 def check_out_dir(out: str | os.PathLike, inputs: tuple = (), non_empty_ok: bool = True,
                   hint: str = "pass --overwrite to replace it") -> Path:
     """Refuse, before any work, an output directory that cannot be written or that is, contains or lies

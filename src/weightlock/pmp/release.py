@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import lzma
 import mmap
 import os
 import re
+import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
@@ -16,14 +20,23 @@ import torch
 
 from ..errors import WeightlockError
 from ..io import read_json
+from .allowlist import MODEL_FILE, allowlist_problems
+from .fileformats import archive_members, npy_array, safetensors_like, st_file_header, st_header, st_tensor
 from .mask import Mask, commitment, load_mask
 
 SECRET_KEYS = ("init_seed", "salt", "mask", "private")
 RULES_WITHOUT_PRIVATE = (  # what `release check` applies when it does not know the secrets
+    "every file that manifest.json does not list, and every listed file whose SHA-256 differs",
+    "a PMP release's listed files held to what they may hold (model.safetensors: exactly the parameters config.json "
+    "declares; config, generation config, tokenizer files, model card and manifest: known fields only)",
+    "archives (zip, tar, gz, bz2, xz, nested) opened in memory and scanned",
+    "tensors and arrays outside model.safetensors with the size of a weight matrix (copies of weights, optimizer "
+    "state, gradients, deltas)", "sorted integer lists of >= 64 positions (index lists)",
     "file names like mask/secret/private/init_seed", "safetensors with mask metadata or uint8/bool tensors",
     "tensors, .npy/.npz arrays, raw buffers and JSON number lists of >= 64 entries holding exactly two values",
     "pickles (reported, never loaded)", "JSON fields init_seed/salt/mask_salt/private_mask",
-    "init_seed mentioned in text files", "file SHA-256s against manifest.json")
+    "init_seed mentioned in text files")
+WEIGHT_COPY = ("a second copy of weights, optimizer state, gradients or a delta — these reveal the mask")
 MIN_MASK_NUMEL = 64  # smaller two-valued tensors are too small to matter (and legitimate ones exist)
 MASK_IOU = 0.9  # a binary tensor this close to the private mask (or its complement) reproduces it
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -33,6 +46,10 @@ _SAMPLE = 512  # entries of a tensor compared with each mask entry of its size b
 _AGREE = 0.8  # sampled agreement (or disagreement) with a mask entry that triggers the full IoU
 _FLOAT_TOKEN = re.compile(rb"[-+]?\d[\d.]{9,}(?:[eE][-+]?\d{1,3})?")
 _TEXT_SCAN_MAX = 16 << 20  # files up to this size (and every text file) are searched for the seed as a float
+_ARCHIVE_DEPTH = 4  # archives inside archives are opened this deep (deeper ones are reported, not opened)
+_MEMBER_MAX = 1 << 30  # bytes of one archive member read into memory at most (decompressed)
+_ARCHIVE_TOTAL = 4 << 30  # bytes decompressed from one file's archives in all (zip bombs)
+_MEMBERS_MAX = 100_000  # members of one archive looked at
 
 
 @dataclass
@@ -65,36 +82,74 @@ def load_private(path: str | os.PathLike) -> PrivateSecrets:
 
 def check_release(directory: str | os.PathLike, private: str | os.PathLike | PrivateSecrets | None = None,
                   manifest: bool = True) -> list[str]:
-    """Findings of secret material in ``directory``, one line each, starting with the file (empty list: clean).
+    """Findings in ``directory``, one line each, starting with the file (empty list: clean).
 
-    Without the secrets, by name and by content: files named like masks or secrets; safetensors with mask
-    metadata or uint8/bool tensors; any tensor (safetensors, ``.npy``/``.npz``, read without pickle) or raw
-    buffer of ≥ 64 entries that holds exactly two distinct values, whatever its dtype (a mask stored as
-    float, int8, ...: real weights never do); JSON number lists of two values; pickles (``.pt``, ``.bin``,
-    ... or by their magic bytes: reported, never loaded); JSON fields ``init_seed``/``salt``.
-    With ``private`` (a PMP run's private directory, a mask file or :class:`PrivateSecrets`) also, by
-    searching for the secrets themselves: any tensor, array, raw buffer or JSON number list of a mask entry's
-    size (flattened or transposed) one of whose bit views reproduces the entry or its complement (IoU ≥ 0.9):
-    its sign bits, the sign bits XOR the public weights' sign bits, a threshold halfway between its smallest
-    and largest value (0/1 plus noise or stray values), bit 0 or 1 of a float's stored bits (the low
-    mantissa), bits 0–7 of integers; the mask's packed bits (``numpy.packbits`` either bit order, mask or
-    complement) raw, hex or base64 inside any file's bytes, or as the values of a tensor of bytes (also
-    scaled by 1/255 or 1/256, e.g. stored as float32); the salt raw, hex, base64 or base32; the init seed as
-    a decimal number, in hex, as 8 raw bytes, as two 32-bit halves (decimal numbers or tensor entries) or
-    as a float string. ``manifest``: first check every file listed in ``manifest.json`` against its SHA-256
-    (see :func:`manifest_problems`).
+    ``manifest``: first the allow-list (see :func:`weightlock.pmp.allowlist.allowlist_problems`): every file
+    listed in ``manifest.json`` must match its SHA-256 (see :func:`manifest_problems`), every other file is
+    reported, saying what it is, and a PMP release's listed files hold only what they may (its weights exactly
+    the parameters its config declares, its JSON files known fields). Then every file, listed or not, by
+    content, opening archives (zip, tar, gz, bz2, xz, nested; in memory, size- and depth-capped):
+
+    Without the secrets: files named like masks or secrets; safetensors with mask metadata or uint8/bool
+    tensors; any tensor (safetensors, ``.npy``, read without pickle) or raw buffer of ≥ 64 entries that holds
+    exactly two distinct values, whatever its dtype (a mask stored as float, int8, ...: real weights never
+    do); tensors outside ``model.safetensors`` with the size of a weight matrix (a copy of the weights, optimizer
+    state, gradients, a delta: their zero pattern or their difference from the release is the mask); sorted
+    integer lists of ≥ 64 positions; JSON number lists of two values; pickles (``.pt``, ``.bin``, ... or by
+    their magic bytes: reported, never loaded); JSON fields ``init_seed``/``salt``.
+    With ``private`` (a PMP run's private directory, a mask file or :class:`PrivateSecrets`) weight-sized
+    tensors and integer lists are instead compared with the secrets themselves: any tensor, array, raw buffer
+    or JSON number list of a mask entry's size (flattened or transposed) one of whose bit views reproduces the
+    entry or its complement (agreeing on ≥ 90% of both its selected and unselected positions): its non-zero
+    entries, where it differs from the released weights, its sign bits, the sign bits XOR the public weights'
+    sign bits, a threshold halfway between its smallest and largest value (0/1 plus noise or stray values), bit
+    0 or 1 of a float's stored bits (the low mantissa), bits 0–7 of integers; any integer array or list that
+    lists the selected (or unselected) positions of an entry or of the whole mask (flat indices, (row, column)
+    coordinates, or the row or column indices in ``numpy.nonzero`` order); the mask's packed bits
+    (``numpy.packbits`` either bit order, mask or complement) raw, hex or base64 inside any file's bytes, or as
+    the values of a tensor of bytes (also scaled by 1/255 or 1/256, e.g. stored as float32); the salt raw,
+    hex, base64 or base32; the init seed as a decimal number, in hex, as 8 raw bytes, as two 32-bit halves
+    (decimal numbers or tensor entries) or as a float string.
     """
+    return [line for _, line in release_findings(directory, private, manifest)]
+
+
+def release_findings(directory: str | os.PathLike, private: str | os.PathLike | PrivateSecrets | None = None,
+                     manifest: bool = True) -> list[tuple[str, str]]:
+    """:func:`check_release`'s findings, each as (kind, line): kind ``changed`` (a listed file whose SHA-256
+    differs, or is missing), ``not allowed`` (the allow-list) or ``secret`` (found by content)."""
     d = Path(directory)
     if not d.is_dir():
         raise WeightlockError(f"{d}: directory not found")
     if private is not None and not isinstance(private, PrivateSecrets):
         private = load_private(private)
     scan = _Scanner(private or PrivateSecrets(), d)
-    findings: list[str] = manifest_problems(d) if manifest else []
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            findings += [f"{p.relative_to(d).as_posix()}: {f}" for f in scan.file(p)]
-    return findings
+    out: list[tuple[str, str]] = []
+    listed: set[str] | None = None
+    if manifest:
+        out += [("changed", f) for f in manifest_problems(d)]
+        listed, problems = allowlist_problems(d)
+        out += [("not allowed", f) for f in problems]
+    for rel, p in release_entries(d):
+        if p.is_symlink() or not p.is_file():
+            out.append(("not allowed", f"{rel}: {'a symbolic link' if p.is_symlink() else 'not a regular file'} "
+                                       "(a release holds plain files only; not followed)"))
+            continue
+        found = scan.file(p, model=rel == MODEL_FILE)
+        if listed is not None and rel != "manifest.json" and rel not in listed:
+            out.append(("not allowed", f"{rel}: not listed in manifest.json: {scan.what}"))
+        out += [("secret", f"{rel}: {f}") for f in found]
+    return out
+
+
+def release_entries(d: Path) -> list[tuple[str, Path]]:
+    """Every file under ``d`` (and every symbolic link, never followed), as (relative POSIX path, path), sorted."""
+    out = []
+    for root, dirs, files in os.walk(d):
+        for name in [*files, *(n for n in dirs if os.path.islink(os.path.join(root, n)))]:
+            p = Path(root, name)
+            out.append((p.relative_to(d).as_posix(), p))
+    return sorted(out)
 
 
 class _Scanner:
@@ -145,21 +200,40 @@ class _Scanner:
                                      False)]
             if min(hi, lo) >= 10**5:
                 self.halves = (str(hi).encode(), str(lo).encode())
-        self.groups = self._mask_groups(release) if secrets.mask else {}
+        self.model_file = release / "model.safetensors" if release is not None else None
+        if self.model_file is not None and not self.model_file.is_file():
+            self.model_file = None
+        self.numels: dict[int, str] = {}  # sizes of the released weight matrices -> a parameter of that size
+        if self.model_file is not None:
+            try:
+                header, _ = st_file_header(self.model_file)
+            except ValueError:
+                header = {}
+            for k, info in header.items():
+                shape = info.get("shape") if isinstance(info, dict) else None
+                if isinstance(shape, list) and len(shape) >= 2 and all(isinstance(x, int) for x in shape):
+                    self.numels.setdefault(int(np.prod(shape)), k)
+        self._counts: dict[str, int] = {}  # selected positions per mask target (computed when first needed)
+        self._positions: dict[tuple[str, bool], np.ndarray] = {}
+        self._last: tuple[str, torch.Tensor] | None = None  # the released weight read last (see _public)
+        self.groups = self._mask_groups() if secrets.mask else {}
+        self.what = ""  # what the last file scanned is (for the allow-list's report of an unlisted file)
+        self.weighty = 0  # weight-sized tensors in the last file scanned
+        self.budget = _ARCHIVE_TOTAL
 
-    def _mask_groups(self, release: Path | None) -> dict[int, dict]:
+    def _mask_groups(self) -> dict[int, dict]:
         """The mask entries (flat, transposed, all together) grouped by size, each with a fixed sample of
-        positions; with the public weight of the same name when the release has it (for XOR'ed sign bits)."""
-        public: dict[str, tuple[Path, str]] = {}
-        if release is not None:
-            from safetensors import safe_open
+        positions; with the public weight of the same name when the release's model file has it (for where a
+        tensor differs from it, and for XOR'ed sign bits)."""
+        from safetensors import safe_open
 
-            for f in sorted(release.glob("*.safetensors")):
-                try:
-                    with safe_open(str(f), "pt") as sf:
-                        public.update({k: (f, k) for k in sf.keys() if k in self.s.mask and k not in public})
-                except Exception:
-                    continue
+        public: set[str] = set()
+        if self.model_file is not None:
+            try:
+                with safe_open(str(self.model_file), "pt") as sf:
+                    public = {k for k in sf.keys() if k in self.s.mask}
+            except Exception:
+                pass
         groups: dict[int, dict] = {}
         gen = torch.Generator().manual_seed(0)
         for label, m in self.targets:
@@ -170,115 +244,127 @@ class _Scanner:
                 idx = torch.arange(n) if n <= _SAMPLE else torch.randint(0, n, (_SAMPLE,), generator=gen).unique()
                 groups[n] = {"idx": idx, "targets": []}
             name = label.split("'")[1] if "'" in label else None
-            ref = (*public[name], label.endswith("(transposed)")) if name in public else None
-            pub = self._public_sign(ref)[groups[n]["idx"]] if ref else None
+            ref = (name, label.endswith("(transposed)")) if name in public else None
+            pub = self._public(ref)[groups[n]["idx"]] if ref else None
             groups[n]["targets"].append((label, m, m[groups[n]["idx"]], ref, pub))
         return groups
 
-    @staticmethod
-    def _public_sign(ref: tuple[Path, str, bool]) -> torch.Tensor:
+    def _public(self, ref: tuple[str, bool]) -> torch.Tensor:
+        """The released weight ``ref`` names, flattened in the order of its mask target (transposed or not);
+        the last one read is kept (an entry's plain and transposed targets come one after the other)."""
         from safetensors import safe_open
 
-        with safe_open(str(ref[0]), "pt") as sf:
-            w = sf.get_tensor(ref[1])
-        return torch.signbit((w.t() if ref[2] else w).reshape(-1).float())
+        if self._last is None or self._last[0] != ref[0]:
+            with safe_open(str(self.model_file), "pt") as sf:
+                self._last = (ref[0], sf.get_tensor(ref[0]))
+        w = self._last[1]
+        return (w.t() if ref[1] else w).reshape(-1)
 
-    def file(self, p: Path) -> list[str]:
-        out = []
-        low, suffix = p.name.lower(), p.suffix.lower()
-        if any(w in low for w in ("mask", "secret", "init_seed", "private")) or \
-                ("init" in low and suffix in (".safetensors", *PICKLE_SUFFIXES)):
-            out.append("file name suggests secret material")
-        size = p.stat().st_size
-        if size == 0:
-            return out
+    def file(self, p: Path, model: bool = False) -> list[str]:
+        """Findings in one file, read through a memory map (each tensor once); ``model``: the release's
+        weights (not themselves a copy of weights). Sets :attr:`what` to what the file is."""
+        self.weighty, self.budget = 0, _ARCHIVE_TOTAL
+        if p.stat().st_size == 0:
+            self.what = "an empty file"
+            return _name_rule(p.name)
         with open(p, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            head = buf[:8]
-            if suffix == ".safetensors":
-                out += self.safetensors(p)
-            elif suffix == ".npy":
-                out += self.npy(p)
-            elif suffix == ".npz" or (head.startswith(b"PK\x03\x04") and _zip_names(p, ".npy")):
-                out += self.npz(p)
-            elif suffix in PICKLE_SUFFIXES or _pickle_magic(head) or (head.startswith(b"PK\x03\x04")
-                                                                      and _zip_names(p, ".pkl")):
-                is_pickle = _pickle_magic(head) or head.startswith(b"PK\x03\x04")
-                out.append(("a pickle" if is_pickle else f"an opaque {suffix} file") +
-                           " (never loaded here: pickles run code when loaded and can hide anything; "
-                           "ship safetensors)")
-                if head.startswith(b"PK\x03\x04"):
-                    out += self.zip_buffers(p)
-                else:
-                    out += self.raw(buf, "its bytes")
-            else:
-                if suffix == ".json":
-                    out += self.json(p)
-                elif suffix in TEXT_SUFFIXES and b"init_seed" in buf:
-                    out.append("mentions init_seed")
-                out += self.raw(buf, "its bytes")
-            out += self.secrets_in_bytes(buf)
+            return self.blob(p.name, buf, fh=fh, model=model)
+
+    def blob(self, name: str, buf, depth: int = 0, fh=None, model: bool = False) -> list[str]:
+        """Findings in the bytes ``buf`` of a file or archive member called ``name`` (``fh``: the open file)."""
+        out = _name_rule(name)
+        suffix = PurePosixPath(name).suffix.lower()
+        kind = _sniff(buf, suffix)
+        if kind == "safetensors":
+            out += self.safetensors(buf, model)
+        elif kind == "npy":
+            out += self.npy(buf)
+        elif kind in ("zip", "tar", "gzip", "bzip2", "xz"):
+            if fh is not None:
+                fh.seek(0)
+            out += self.archive(kind, name, fh if fh is not None else io.BytesIO(buf), depth)
+        elif kind == "pickle":
+            out.append(("a pickle" if _pickle_magic(bytes(buf[:2])) else f"an opaque {suffix} file") +
+                       " (never loaded here: pickles run code when loaded and can hide anything; ship safetensors)")
+            out += self.raw(buf, "its bytes")
+        else:
+            if suffix == ".json" or kind == "json":
+                out += self.json(buf)
+            elif suffix in TEXT_SUFFIXES and buf.find(b"init_seed") >= 0:
+                out.append("mentions init_seed")
+            out += self.raw(buf, "its bytes")
+        out += self.secrets_in_bytes(buf)
+        if depth == 0:
+            self.what = _describe(kind, suffix, self.weighty)
         return out
 
     # ---- containers of tensors ---------------------------------------------------------------
-    def safetensors(self, p: Path) -> list[str]:
-        from safetensors import safe_open
-
-        out = []
+    def safetensors(self, buf, model: bool = False) -> list[str]:
         try:
-            with safe_open(str(p), "pt") as f:
-                meta = f.metadata() or {}
-                if "salt" in meta or any(k.startswith("shape:") for k in meta):
-                    out.append("safetensors with mask metadata")
-                small = [k for k in f.keys() if f.get_slice(k).get_dtype() in ("U8", "BOOL")]
-                if small:
-                    out.append(f"holds uint8/bool tensors ({', '.join(small[:3])}): a packed mask?")
-                for k in f.keys():
-                    out += self.tensor(f.get_tensor(k), f"tensor {k!r}")
-        except Exception as e:
-            out.append(f"unreadable safetensors ({type(e).__name__})")
+            header, meta, start = st_header(buf)
+        except ValueError as e:
+            return [f"unreadable safetensors ({e})"]
+        out = []
+        if "salt" in meta or any(k.startswith("shape:") for k in meta):
+            out.append("safetensors with mask metadata")
+        small = [k for k, v in header.items() if v.get("dtype") in ("U8", "BOOL")]
+        if small:
+            out.append(f"holds uint8/bool tensors ({', '.join(small[:3])}): a packed mask?")
+        weighty = []
+        for k, info in header.items():
+            try:
+                t = st_tensor(buf, info, start)
+            except ValueError as e:
+                out.append(f"tensor {k!r} unreadable ({e})")
+                continue
+            if not model and t.numel() in self.numels and t.numel() >= MIN_MASK_NUMEL:
+                weighty.append(k)
+            out += self.tensor(t, f"tensor {k!r}")
+        out += self.weight_copies(weighty)
         return out
 
-    def npy(self, p: Path) -> list[str]:
+    def weight_copies(self, names: list[str]) -> list[str]:
+        """Without the secrets: the tensors (``names``) with the size of a released weight matrix, as one line."""
+        self.weighty += len(names)
+        if not names or self.s.mask is not None:
+            return []  # with the secrets each was compared with the mask instead
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return [f"holds {len(names)} tensor(s) with the size of a weight matrix ({shown}): {WEIGHT_COPY}"]
+
+    def npy(self, buf) -> list[str]:
         try:
-            arr = np.load(p, allow_pickle=False, mmap_mode="r")
+            arr = npy_array(buf)
         except ValueError as e:
             if "pickle" in str(e).lower():
                 return ["a .npy of Python objects (a pickle; not loaded)"]
             return [f"unreadable .npy ({e})"]
-        except Exception as e:
-            return [f"unreadable .npy ({type(e).__name__})"]
-        return self.array(arr, "its array")
+        sized = arr.size >= MIN_MASK_NUMEL and arr.size in self.numels and arr.dtype.kind in "biuf"
+        return self.array(arr, "its array") + self.weight_copies(["its array"] if sized else [])
 
-    def npz(self, p: Path) -> list[str]:
+    def archive(self, kind: str, name: str, fh, depth: int) -> list[str]:
+        """Every member of an archive (or compressed stream), read into memory one at a time and scanned like a
+        file (nested archives too, down to depth 4); never extracted to disk, members capped in size."""
+        if depth >= _ARCHIVE_DEPTH:
+            return [f"a {kind} archive nested {depth} deep: not opened (refused)"]
         out = []
         try:
-            with np.load(p, allow_pickle=False) as z:
-                for k in z.files:
-                    try:
-                        out += self.array(z[k], f"array {k!r}")
-                    except ValueError:
-                        out.append(f"array {k!r} holds Python objects (a pickle; not loaded)")
-        except Exception as e:
-            out.append(f"unreadable .npz ({type(e).__name__})")
-        return out
-
-    def zip_buffers(self, p: Path) -> list[str]:
-        """The stored buffers of a zip (a torch.save archive keeps every tensor's raw bytes in one entry)."""
-        out = []
-        try:
-            with zipfile.ZipFile(p) as z:
-                for info in z.infolist():
-                    if not info.filename.endswith(".pkl") and info.file_size >= MIN_MASK_NUMEL:
-                        out += self.raw(z.read(info), f"buffer {info.filename!r}")
-        except (zipfile.BadZipFile, OSError) as e:
-            out.append(f"unreadable zip ({type(e).__name__})")
+            for member, data in archive_members(kind, name, fh, lambda: max(0, min(_MEMBER_MAX, self.budget)),
+                                               _MEMBERS_MAX):
+                if isinstance(data, str):
+                    out.append(f"member {member!r}: {data}")
+                    continue
+                self.budget -= len(data)
+                out += [f"member {member!r}: {f}" for f in self.blob(member, data, depth + 1)]
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, lzma.LZMAError, zlib.error, EOFError,
+                OSError, ValueError, NotImplementedError, RuntimeError) as e:
+            out.append(f"unreadable {kind} archive ({type(e).__name__})")
         return out
 
     def array(self, arr: np.ndarray, what: str) -> list[str]:
         if arr.dtype.kind not in "biuf":
             return []
         if arr.size > MIN_MASK_NUMEL and np.unique(arr.reshape(-1)[:4096]).size > 2 and \
-                arr.size not in self.groups and not self.packed:
+                arr.size not in self.groups and not self.packed and arr.dtype.kind == "f":
             return []  # real data, decided without copying it
         return self.tensor(torch.from_numpy(np.array(arr)), what)
 
@@ -319,6 +405,9 @@ class _Scanner:
         packed = self.packed_in_values(t)
         if packed:
             return out + [f"{what} ({_dtype(t)}, shape {tuple(t.shape)}) holds {packed}"]
+        positions = self.positions(t)
+        if positions:
+            return out + [f"{what} ({_dtype(t)}, shape {tuple(t.shape)}) {positions}"]
         values = _two_values(t)
         if values is None:
             return out
@@ -336,7 +425,10 @@ class _Scanner:
         entries with fewer than 16 positions of either kind are skipped). ``t`` (any shape: compared
         flattened) is compared only with mask entries of its size: first on a fixed sample of positions
         (every bit view against every entry of that size at once), then in full for the pairs that agree
-        (or disagree) on ≥ 80% of each kind of sampled position: linear in the size of the tensor.
+        (or disagree) on ≥ 80% of each kind of sampled position: linear in the size of the tensor. Besides
+        :func:`_bit_views`, for an entry whose released weight the release holds: where ``t`` differs from it
+        (an earlier checkpoint or the initial weights: the complement never moved) and its sign bits XOR
+        the released weight's.
         """
         g = self.groups.get(t.numel())
         if g is None or t.is_complex():
@@ -349,24 +441,87 @@ class _Scanner:
         C = torch.stack([fn(sample) for _, fn in views])  # views x K
         best = None
         for label, m, ms, ref, pub in g["targets"]:
-            for xor in (False, True) if pub is not None else (False,):
-                r1, r0 = _recalls((C ^ pub) if xor else C, ms)
-                lo, hi = torch.minimum(r1, r0), torch.maximum(r1, r0)
-                for vi in torch.nonzero((lo >= _AGREE) | (hi <= 1 - _AGREE)).reshape(-1).tolist():
-                    bits = views[vi][1](flat)
-                    if xor:
-                        bits = bits ^ self._public_sign(ref)
-                    if min(int(m.sum()), m.numel() - int(m.sum())) < 16:
-                        continue
-                    for comp in (False, True):
-                        a1, a0 = (float(x) for x in _recalls(~bits if comp else bits, m))
-                        score = (a1 + a0) / 2
-                        if min(a1, a0) >= MASK_IOU and (best is None or score > best[1]):
-                            how = ("the complement of " if comp else "") + views[vi][0] + \
-                                (" XOR the public weights' sign bits" if xor else "")
-                            best = (f"{label} ({how}; agrees on {a1:.1%} of its selected and {a0:.1%} of its "
-                                    "unselected positions)", score)
+            rows = [(how, C[i], fn) for i, (how, fn) in enumerate(views)]
+            if pub is not None:
+                sign = torch.signbit(pub.float())
+                rows += [(how + " XOR the public weights' sign bits", C[i] ^ sign,
+                          lambda x, fn=fn, ref=ref: fn(x) ^ torch.signbit(self._public(ref).float()))
+                         for i, (how, fn) in enumerate(views)]
+                if flat.is_floating_point():
+                    rows.append(("where it differs from the released weights", _differs(sample, pub),
+                                 lambda x, ref=ref: _differs(x, self._public(ref))))
+            r1, r0 = _recalls(torch.stack([r[1] for r in rows]), ms)
+            lo, hi = torch.minimum(r1, r0), torch.maximum(r1, r0)
+            hits = torch.nonzero((lo >= _AGREE) | (hi <= 1 - _AGREE)).reshape(-1).tolist()
+            if hits and min(self.count(label, m), m.numel() - self.count(label, m)) < 16:
+                continue
+            for vi in hits:
+                bits = rows[vi][2](flat)
+                for comp in (False, True):
+                    a1, a0 = (float(x) for x in _recalls(~bits if comp else bits, m))
+                    score = (a1 + a0) / 2
+                    if min(a1, a0) >= MASK_IOU and (best is None or score > best[1]):
+                        how = ("the complement of " if comp else "") + rows[vi][0]
+                        best = (f"{label} ({how}; agrees on {a1:.1%} of its selected and {a0:.1%} of its "
+                                "unselected positions)", score)
         return best[0] if best else None
+
+    def positions(self, t: torch.Tensor) -> str | None:
+        """What an integer tensor of ≥ 64 entries lists, when it lists positions: with the private mask, the
+        selected (or unselected) positions of a mask entry or of the whole mask, as flat indices (≥ 90% of them
+        and little else), as (row, column) coordinates (a 2 × k or k × 2 tensor), or as the row or column
+        indices of ``numpy.nonzero``; without it, any sorted list of non-negative indices that is not a plain
+        range (the first row of coordinates)."""
+        if t.dtype not in (torch.int16, torch.int32, torch.int64) or t.numel() < MIN_MASK_NUMEL:
+            return None
+        a = t.numpy().astype(np.int64, copy=False)
+        if self.s.mask is None:
+            return ("is a sorted list of positions (indices): the mask's selected positions? (index lists reveal "
+                    "the mask)") if _sorted_positions(a) else None
+        flat = a.reshape(-1)
+        cands = [(flat, None, "as flat indices")]
+        if a.ndim == 2 and 2 in a.shape:
+            rc = a if a.shape[0] == 2 else a.T
+            for n, m in sorted(self.s.mask.items()):
+                if m.ndim == 2:
+                    R, C = m.shape
+                    for r, c, how in ((rc[0], rc[1], "as (row, column) coordinates"),
+                                      (rc[1], rc[0], "as (column, row) coordinates")):
+                        if r.min() >= 0 and c.min() >= 0 and r.max() < R and c.max() < C:
+                            cands.append((r * C + c, f"the private mask of {n!r}", how))
+        for idx, only, how in cands:
+            u = np.unique(idx)
+            for label, m in self.targets:
+                if only not in (None, label):
+                    continue
+                for comp, k in ((False, self.count(label, m)), (True, m.numel() - self.count(label, m))):
+                    if k < 16 or not 0.9 * k <= u.size <= k / 0.9 or u[0] < 0 or u[-1] >= m.numel():
+                        continue
+                    hit = int(np.isin(u, self._selected(label, m, comp), assume_unique=True).sum())
+                    if hit >= MASK_IOU * k and hit >= MASK_IOU * u.size:
+                        return (f"lists the {'unselected' if comp else 'selected'} positions of {label} ({how}; "
+                                f"{hit} of its {k})")
+        for n, m in sorted(self.s.mask.items()):
+            if m.ndim == 2 and flat.size == self.count(f"the private mask of {n!r}", m):
+                nz = np.nonzero(m.numpy())
+                for d, dim in ((0, "row"), (1, "column")):
+                    agree = float((flat == nz[d]).mean())
+                    if agree >= MASK_IOU:
+                        return (f"lists the {dim} indices of the selected positions of the private mask of {n!r} "
+                                f"(numpy.nonzero order; {agree:.1%} agree)")
+        return None
+
+    def count(self, label: str, m: torch.Tensor) -> int:
+        """The number of positions mask target ``label`` (``m``) selects."""
+        if label not in self._counts:
+            self._counts[label] = int(m.sum())
+        return self._counts[label]
+
+    def _selected(self, label: str, m: torch.Tensor, comp: bool) -> np.ndarray:
+        key = (label, comp)
+        if key not in self._positions:
+            self._positions[key] = np.flatnonzero((~m if comp else m).numpy())
+        return self._positions[key]
 
     def packed_in_values(self, t: torch.Tensor) -> str | None:
         """The packed mask bits found in a tensor whose values are bytes (0–255, also scaled by 1/255 or 1/256),
@@ -402,22 +557,32 @@ class _Scanner:
                     best = (label, iou)
         return f"{best[0]} (IoU {best[1]:.3f})" if best else None
 
-    def json(self, p: Path) -> list[str]:
+    def json(self, buf) -> list[str]:
         try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = json.loads(bytes(buf).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             return []
         out = []
         hits = _all_keys(obj) & {"init_seed", "salt", "mask_salt", "private_mask"}
         if hits:
             out.append(f"JSON field(s) {', '.join(sorted(hits))}")
-        for path, values in _number_lists(obj, "$"):
+        for path, values, lst in _number_lists(obj, "$"):
             if len(values) >= MIN_MASK_NUMEL:
                 try:
                     t = torch.tensor(values, dtype=torch.float64)
                 except (TypeError, ValueError, OverflowError):
                     continue
-                out += self.tensor(t, f"JSON list {path}")
+                found = self.tensor(t, f"JSON list {path}")
+                if not found and all(type(v) is int for v in values):  # a list of indices, in its own shape
+                    try:
+                        a = np.array(lst, dtype=np.int64)
+                    except (ValueError, OverflowError):
+                        a = np.array([0])
+                    if a.size != len(values):
+                        continue
+                    positions = self.positions(torch.from_numpy(a))
+                    found = [f"JSON list {path} (shape {a.shape}) {positions}"] if positions else []
+                out += found
         return out
 
     def secrets_in_bytes(self, buf) -> list[str]:
@@ -460,6 +625,7 @@ def _bit_views(t: torch.Tensor) -> list[tuple[str, object]]:
             return []
         ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(t.element_size())
         views.append(("its sign bits", lambda x: torch.signbit(x)))
+        views.append(("its non-zero entries", lambda x: x != 0))  # optimizer moments, gradients, deltas
         lo, hi = float(finite.min()), float(finite.max())
         if lo < hi:
             mid = (lo + hi) / 2
@@ -599,23 +765,68 @@ def _pickle_magic(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
-def _zip_names(p: Path, ending: str) -> bool:
-    try:
-        with zipfile.ZipFile(p) as z:
-            return any(n.endswith(ending) for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
+def _differs(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Where ``x`` differs from the released weight ``w`` (compared in ``x``'s dtype)."""
+    return x.double() != w.to(x.dtype).double()
+
+
+def _sorted_positions(a: np.ndarray) -> bool:
+    """Whether ``a`` (or the first row of 2 × k / k × 2 coordinates) is a sorted list of ≥ 64 non-negative
+    indices that is not a plain range such as ``arange``."""
+    v = ((a if a.shape[0] == 2 else a.T)[0] if a.ndim == 2 and 2 in a.shape else a).reshape(-1)
+    if v.size < MIN_MASK_NUMEL or v[0] < 0:
         return False
+    d = np.diff(v)
+    return bool((d >= 0).all()) and v[-1] > v[0] and not bool((d == 1).all())
 
 
-def _number_lists(obj, path: str) -> Iterator[tuple[str, list]]:
-    """Every JSON list of plain numbers (flattening nested lists of numbers), with its path."""
+def _name_rule(name: str) -> list[str]:
+    low, suffix = PurePosixPath(name).name.lower(), PurePosixPath(name).suffix.lower()
+    if any(w in low for w in ("mask", "secret", "init_seed", "private")) or \
+            ("init" in low and suffix in (".safetensors", *PICKLE_SUFFIXES)):
+        return ["file name suggests secret material"]
+    return []
+
+
+def _sniff(buf, suffix: str) -> str:
+    """What the bytes are, by their magic numbers first (a renamed file is still what it is), then by suffix."""
+    head = bytes(buf[:8])
+    if suffix == ".safetensors" or safetensors_like(buf):
+        return "safetensors"
+    if head.startswith(b"\x93NUMPY") or suffix == ".npy":
+        return "npy"
+    for magic, kind in ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"),
+                        (b"\xfd7zXZ\x00", "xz")):
+        if head.startswith(magic):
+            return kind
+    if len(buf) >= 262 and bytes(buf[257:262]) == b"ustar":
+        return "tar"
+    if _pickle_magic(head) or suffix in PICKLE_SUFFIXES:
+        return "pickle"
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    return "json" if bytes(buf[:64]).lstrip()[:1] in (b"{", b"[") else "data"
+
+
+def _describe(kind: str, suffix: str, weighty: int) -> str:
+    """What a file is, for the report of a file the manifest does not list."""
+    if weighty:
+        what = f"an archive ({kind})" if kind in ("zip", "tar", "gzip", "bzip2", "xz") else "a tensor file"
+        return f"{what} holding {weighty} tensor(s) with the size of a weight matrix: {WEIGHT_COPY}"
+    return {"safetensors": "a tensor file (safetensors)", "npy": "a NumPy array", "pickle": "a pickle (or opaque "
+            "binary) file", "text": f"a text file ({suffix})", "json": "a JSON file",
+            "data": "a binary or unknown file"}.get(kind, f"an archive ({kind})")
+
+
+def _number_lists(obj, path: str) -> Iterator[tuple[str, list, list]]:
+    """Every JSON list of plain numbers (flattening nested lists of numbers), with its path and the list."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             yield from _number_lists(v, f"{path}.{k}")
     elif isinstance(obj, list):
         flat = _flatten_numbers(obj)
         if flat is not None:
-            yield path, flat
+            yield path, flat, obj
         else:
             for i, v in enumerate(obj):
                 yield from _number_lists(v, f"{path}[{i}]")
@@ -637,7 +848,11 @@ def _flatten_numbers(obj) -> list | None:
 
 
 def _all_keys(obj) -> set[str]:
+    """Every key of a JSON object's dicts, except those of vocabularies (≥ 64 keys, every value an integer id:
+    SmolLM2's tokenizer has the token "salt")."""
     if isinstance(obj, dict):
+        if len(obj) >= MIN_MASK_NUMEL and all(type(v) is int for v in obj.values()):
+            return set()
         return set(obj) | {k for v in obj.values() for k in _all_keys(v)}
     if isinstance(obj, list):
         return {k for v in obj for k in _all_keys(v)}
@@ -652,7 +867,10 @@ def manifest_problems(release: str | os.PathLike) -> list[str]:
     release = Path(release)
     if not (release / "manifest.json").is_file():
         return []
-    files = read_json(release / "manifest.json").get("files") or {}
+    manifest = read_json(release / "manifest.json")
+    files = (manifest.get("files") if isinstance(manifest, dict) else None) or {}
+    if not isinstance(files, dict):
+        return ["manifest.json: its files are not a JSON object of name -> SHA-256"]
     out = []
     for name, digest in sorted(files.items()):
         f = release / name

@@ -20,7 +20,7 @@ import torch
 
 from ..config import check_types, choice
 from ..errors import WeightlockError
-from ..io import sha256_file, write_json
+from ..io import write_json, write_manifest
 from ..schema import PMP_RUN, SCHEMA_VERSION
 from ..train.loop import Hook, TrainConfig, Trainer
 from .mask import Mask, chance_iou, mask_density, mask_iou, save_mask, topk_mask
@@ -264,11 +264,8 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
     if stage2.exists():
         move_dir_contents(stage2, release)  # the release's files get the usual mode (0666 less the umask)
     metrics = read_json(release / "metrics.json")
-    files = {p.name: sha256_file(p) for p in sorted(release.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    write_json(release / "manifest.json", {
-        "kind": "weightlock-pmp", "mask_commitment": commit, "files": files,
-        "pmp": {"mask_ratio": pmp.mask_ratio, "variant": pmp.variant, "pool": pmp.pool},
-    })
+    write_manifest(release, kind="weightlock-pmp", mask_commitment=commit,
+                   pmp={"mask_ratio": pmp.mask_ratio, "variant": pmp.variant, "pool": pmp.pool})
     summary = {"kind": PMP_RUN, "schema_version": SCHEMA_VERSION, "discovery": discovery,
                "density": mask_density(eb.mask), "chance_iou": chance_iou(pmp.mask_ratio),
                "val_ppl": metrics["val_ppl"], "release": str(release), "private": str(private)}
