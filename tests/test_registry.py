@@ -219,7 +219,7 @@ def test_every_lock_config_field_is_a_lock_option_with_its_help():
 @pytest.mark.parametrize("args, message", [
     (["--rank", "abc"], "error: --rank expects an integer, got 'abc'"),
     (["--rank", "0"], "error: rank must be at least 1, got 0"),
-    (["--activation", "swish"], "error: unknown activation 'swish' (gelu, relu, silu, tanh)"),
+    (["--activation", "swish"], "error: unknown activation 'swish' (auto, gelu, relu, silu, tanh, gelu_tanh)"),
     (["--max-rel-error", "lots"], "error: --max-rel-error expects a number or 'none', got 'lots'"),
     (["--layers", "1-x"], "error: layers: '1-x' is not a layer id"),
 ])

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightlockError
-from .modeling_weightlock_dlr import _ACTIVATIONS, DLRNet, DLRSpec
+from .modeling_weightlock_dlr import BLOCK_ACTIVATIONS, DLRNet, DLRSpec
 
 
 def supported(spec: DLRSpec) -> bool:
@@ -51,7 +51,7 @@ class StackedNets(nn.Module):
         self.gate = nn.Parameter(stack("gate")) if spec.form == "gated" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = _ACTIVATIONS[self.spec.activation]()
+        act = BLOCK_ACTIVATIONS[self.spec.activation]()
         z = x.float()
         for l in range(self.spec.depth):
             zl = z.to(self.down.dtype)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 DLR_CONFIG_KEY = "weightlock_dlr"
-_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh,
+BLOCK_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh,
                 "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
 _INPLACE = {"gelu": torch._C._nn.gelu_, "relu": torch.relu_,
             "silu": lambda h: torch.nn.functional.silu(h, inplace=True), "tanh": torch.tanh_,
@@ -113,7 +113,7 @@ class DLRBlock(nn.Module):
         self.down = nn.Linear(spec.width, spec.rank, bias=spec.bias)
         if spec.form == "gated":
             self.gate = nn.Linear(spec.width, spec.rank, bias=spec.bias)
-        self.act = _ACTIVATIONS[spec.activation]()
+        self.act = BLOCK_ACTIVATIONS[spec.activation]()
         self.up = nn.Linear(spec.rank, spec.width, bias=spec.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -149,8 +149,8 @@ class DLRNet(nn.Module):
 
     def __init__(self, spec: DLRSpec) -> None:
         super().__init__()
-        if spec.activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown activation {spec.activation!r}; choose from {sorted(_ACTIVATIONS)}")
+        if spec.activation not in BLOCK_ACTIVATIONS:
+            raise ValueError(f"unknown activation {spec.activation!r}; choose from {sorted(BLOCK_ACTIVATIONS)}")
         if not 1 <= spec.rank <= spec.width and not (spec.depth == 1 and spec.rank >= 1):
             # one block may be wider than the model: a dense MLP (a net's read-back, :func:`readback_net`)
             raise ValueError(f"rank {spec.rank} must be between 1 and the width {spec.width}")
@@ -411,7 +411,7 @@ def readback_forward(net: DLRNet, x: torch.Tensor, weights: dict | None = None) 
     s, f = net.spec, nn.functional
     w = weights or readback_weights(net)
     n = f.rms_norm(x, (x.shape[-1],), None, 1e-6) if s.norm else x
-    act = _ACTIVATIONS[s.activation]()
+    act = BLOCK_ACTIVATIONS[s.activation]()
     h = f.linear(n, w["down"], w["down_b"])
     h = act(f.linear(n, w["gate"], w["gate_b"])) * h if s.form == "gated" else act(h)
     out = f.linear(h, w["up"], w["up_b"])
