@@ -751,14 +751,14 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
                grad_clip: float = 0.0, split: tuple[torch.Tensor, torch.Tensor] | None = None,
                outlier_factor: float = 10.0,
                extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-               until: float | None = None) -> tuple[nn.Module, dict]:
+               until: Callable[[nn.Module], bool] | None = None) -> tuple[nn.Module, dict]:
     """Fit ``make()`` (built after seeding) to map x → y with Adam and a warm-up + cosine schedule,
     minimising ``loss`` (see :func:`distill_loss`) plus ``extra_loss(net, x, y)`` if given, the gradient norm
     clipped to ``grad_clip`` (0: off);
     errors (:func:`error_stats`) are measured on a held-out ``holdout`` fraction of the rows, or on
-    ``split = (held-out rows, training rows)`` (see :func:`holdout_split`). ``until``: stop as soon as the
-    held-out token-weighted error (``rel_error_tokens``, checked every ``GUARD_EVERY`` steps) is at most this;
-    ``stats["reached_at_step"]`` says when (None: not within ``steps``).
+    ``split = (held-out rows, training rows)`` (see :func:`holdout_split`). ``until(net)``: a stopping test
+    (e.g. the net's error against some reference), checked before the first step and every ``GUARD_EVERY``
+    steps; ``stats["reached_at_step"]`` says when it held (None: not within ``steps``).
 
     Divergence guard: when the batch loss is not finite or exceeds ``GUARD_FACTOR`` × the best so far, the
     net goes back to its last healthy snapshot (taken every ``GUARD_EVERY`` steps while the loss is within
@@ -782,7 +782,7 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     t0 = time.perf_counter()
     bs = min(batch_tokens, train.numel())
     good, best, restarts, stopped = _snapshot(net), math.inf, 0, None
-    reached = 0 if until is not None and error_stats(net, xh, yh)["rel_error_tokens"] <= until else None
+    reached = 0 if until is not None and until(net) else None
 
     def restart() -> None:  # back to the snapshot, fresh Adam moments, half the rate from this step on
         net.load_state_dict(good)
@@ -795,10 +795,9 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
                   TextColumn("{task.fields[info]}"), disable=not progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
         for step in range(steps if reached is None else 0):
-            if until is not None and step and step % GUARD_EVERY == 0:
-                if error_stats(net, xh, yh)["rel_error_tokens"] <= until:
-                    reached = step
-                    break
+            if until is not None and step and step % GUARD_EVERY == 0 and until(net):
+                reached = step
+                break
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
             xb, yb = x[idx].float().to(device), y[idx].float().to(device)
             value = distill_loss(net(xb), yb, loss)
@@ -831,7 +830,7 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
         if math.isfinite(err) and err < relative_error(net, xh, yh):
             net.load_state_dict(final)  # the fit after the restarts is better than the last snapshot
     held = error_stats(net, xh, yh, flags)
-    if until is not None and reached is None and held["rel_error_tokens"] <= until:
+    if until is not None and reached is None and until(net):
         reached = steps
     stats = {"restarts": restarts, "stopped_at_step": stopped, "reached_at_step": reached,
              "rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
