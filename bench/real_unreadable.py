@@ -461,7 +461,11 @@ def main() -> None:
     ap.add_argument("--reverse-lr", type=float, default=1e-4)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the device script runs it there)")
     ap.add_argument("--name", default="real_unreadable", help="results file name under bench/results")
+    ap.add_argument("--table", action="store_true", help="print the recorded result as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(read_json(RESULTS / f"{args.name}.json")))
+        return
     torch.manual_seed(0)
     bench = Bench(args)
     recipes = args.recipes.split(",")
@@ -487,6 +491,30 @@ def main() -> None:
     result["structured_layer_errors"] = read_json(errors) if errors.exists() else None
     save(args.name, result)
     plot(result, RESULTS / f"{args.name}.png")
+
+
+def table(result: dict) -> str:
+    """The points as a markdown table (what the README quotes, generated from the recorded JSON)."""
+    rows = ["| point | MLPs locked | lock ppl ratio (prose / code) | lock top-1 | read-back ppl ratio (worse) | "
+            "read-back top-1 | owner s | reverse distillation |", "|---|---|---|---|---|---|---|---|"]
+    for key, p in result["points"].items():
+        if "lock" not in p:
+            continue
+        lk, rb = p["lock"], p["readback"]
+        rev = p.get("reverse")
+        if rev is None:
+            rtxt = "none needed (the read-back is the original)"
+        else:
+            n = sum(r["steps"] for r in rev["per_layer"])
+            rtxt = (f"{rev['seconds']:.0f} s, {n} steps, " + ("reached" if rev["reached"] else
+                    f"not reached in {result['settings']['reverse_cap']} steps a layer"))
+        where = "all 30" if p.get("locked") == "all" else ",".join(map(str, p["layers"]))
+        ratio = lambda v: "NaN" if v != v else f"{v:.4f}"  # noqa: E731
+        rows.append(f"| {key} | {where} | {ratio(lk['builtin:prose']['ppl_ratio'])} / "
+                    f"{ratio(lk['builtin:code']['ppl_ratio'])} | {lk['min_top1_agreement']:.3f} | "
+                    f"{ratio(rb['worst_ppl_ratio'])} | {rb['min_top1_agreement']:.3f} | {p['owner_seconds']:.0f} | "
+                    f"{rtxt} |")
+    return "\n".join(rows)
 
 
 def best_point(points: dict) -> dict | None:
