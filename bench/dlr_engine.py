@@ -7,7 +7,8 @@ MLP's parameters), ``--layers`` of them, batches of ``--batch`` tokens, random (
 time does not depend on the values). Measured in one run, interleaved, median of ``--repeats``: layer-steps
 per second of
 
-* ``per_layer``: :func:`weightlock.dlr.distill.fit_module` once per layer, fp32 (today's path);
+* ``per_layer``: :func:`weightlock.dlr.distill.fit_module` once per layer, fp32 (today's path), and
+  ``per_layer_bf16``: the same under bf16 autocast;
 * ``stacked_fp32`` and ``stacked_bf16``: :func:`weightlock.dlr.engine.fit_stacked` over all layers at once,
   fp32 and under bf16 autocast.
 
@@ -44,10 +45,10 @@ def main() -> None:
     split = holdout_split(args.tokens, 0.1, 0, 128)
     kw = dict(steps=args.steps, lr=1e-3, batch_tokens=args.batch, loss="row", grad_clip=1.0)
 
-    def per_layer() -> float:
+    def per_layer(bf16: bool = False) -> float:
         t = 0.0
         for k in range(args.layers):
-            _, st = fit_module(lambda: DLRNet(spec), xs[k], ys[k], progress=False, split=split, **kw)
+            _, st = fit_module(lambda: DLRNet(spec), xs[k], ys[k], progress=False, split=split, bf16=bf16, **kw)
             t += st["seconds"]
         return args.layers * args.steps / t
 
@@ -55,7 +56,8 @@ def main() -> None:
         _, st = fit_stacked(lambda k: DLRNet(spec), list(range(args.layers)), xs, ys, split=split, bf16=bf16, **kw)
         return st["layer_steps_per_s"]
 
-    runs = {"per_layer": per_layer, "stacked_fp32": lambda: stacked(False), "stacked_bf16": lambda: stacked(True)}
+    runs = {"per_layer": per_layer, "per_layer_bf16": lambda: per_layer(True), "stacked_fp32": lambda: stacked(False),
+            "stacked_bf16": lambda: stacked(True)}
     for fn in runs.values():  # warm-up
         fn()
     samples = {k: [] for k in runs}

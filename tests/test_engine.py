@@ -100,3 +100,18 @@ def test_stacked_fit_resumes_after_a_kill(tmp_path):
     for a, b in zip(resumed, whole):
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q)
+
+
+def test_bf16_fits_learn_per_layer_and_stacked():
+    """Under bf16 autocast (the residual state stays fp32) both paths fit, and end near the fp32 fit."""
+    xs, ys = _captures(n_layers=2)
+    split = holdout_split(xs[0].shape[0], 0.1, 0, 32)
+    kw = dict(steps=60, lr=3e-3, batch_tokens=64, loss="row", grad_clip=0.5, split=split)
+    fp32, _ = fit_module(lambda: DLRNet(SPEC), xs[0], ys[0], progress=False, **kw)
+    low, st = fit_module(lambda: DLRNet(SPEC), xs[0], ys[0], progress=False, bf16=True, **kw)
+    _, stacked = fit_stacked(lambda k: DLRNet(SPEC), [0, 1], xs, ys, bf16=True, **kw)
+    ref = fit_module(lambda: DLRNet(SPEC), xs[0], ys[0], progress=False, **kw)[1]["rel_error"]
+    assert st["rel_error"] < 0.75 * st["rel_error_init"]  # energy-weighted, as rel_error_init
+    assert st["rel_error"] == pytest.approx(ref, rel=0.1)
+    assert stacked["layers"][0]["rel_error"] == pytest.approx(ref, rel=0.1) and stacked["bf16"]
+    assert not all(torch.equal(a, b) for a, b in zip(fp32.parameters(), low.parameters()))  # bf16 did run

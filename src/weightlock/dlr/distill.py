@@ -751,14 +751,15 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
                grad_clip: float = 0.0, split: tuple[torch.Tensor, torch.Tensor] | None = None,
                outlier_factor: float = 10.0,
                extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-               until: Callable[[nn.Module], bool] | None = None) -> tuple[nn.Module, dict]:
+               until: Callable[[nn.Module], bool] | None = None, bf16: bool = False) -> tuple[nn.Module, dict]:
     """Fit ``make()`` (built after seeding) to map x → y with Adam and a warm-up + cosine schedule,
     minimising ``loss`` (see :func:`distill_loss`) plus ``extra_loss(net, x, y)`` if given, the gradient norm
     clipped to ``grad_clip`` (0: off);
     errors (:func:`error_stats`) are measured on a held-out ``holdout`` fraction of the rows, or on
     ``split = (held-out rows, training rows)`` (see :func:`holdout_split`). ``until(net)``: a stopping test
     (e.g. the net's error against some reference), checked before the first step and every ``GUARD_EVERY``
-    steps; ``stats["reached_at_step"]`` says when it held (None: not within ``steps``).
+    steps; ``stats["reached_at_step"]`` says when it held (None: not within ``steps``). ``bf16``: the forward
+    pass under bf16 autocast (matmuls in bf16; a DLR-Net's residual state stays fp32).
 
     Divergence guard: when the batch loss is not finite or exceeds ``GUARD_FACTOR`` × the best so far, the
     net goes back to its last healthy snapshot (taken every ``GUARD_EVERY`` steps while the loss is within
@@ -800,9 +801,11 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
                 break
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
             xb, yb = x[idx].float().to(device), y[idx].float().to(device)
-            value = distill_loss(net(xb), yb, loss)
-            if extra_loss is not None:
-                value = value + extra_loss(net, xb, yb)
+            with torch.autocast(xb.device.type, torch.bfloat16, enabled=bf16):
+                out = net(xb)
+                value = distill_loss(out.float(), yb, loss)
+                if extra_loss is not None:
+                    value = value + extra_loss(net, xb, yb).float()
             opt.zero_grad(set_to_none=True)
             v = value.item()
             if not math.isfinite(v) or v > GUARD_FACTOR * best:  # diverging
