@@ -199,11 +199,21 @@ def test_listed_files_hold_only_what_a_pmp_release_may(tmp_path, kit):
 
 def test_archives_are_opened_in_memory_with_caps(tmp_path, kit, monkeypatch):
     """gz, bz2, tar, zip, nested: scanned in memory; a member too large once decompressed (a zip bomb), archives
-    nested too deep, members with paths leaving the archive and links are reported, not followed; a pickle
-    inside is reported and never loaded; nothing is written to disk."""
+    nested too deep, members with paths leaving the archive, links (tar and zip) and encrypted members are
+    reported, not followed; members beyond the cap are not read; a pickle inside is reported and never loaded;
+    nothing is extracted (extracting anywhere fails the test) or written to disk."""
+    import stat
+
     import weightlock.pmp.release as R
 
+    def never(*args, **kwargs):
+        raise AssertionError("an archive member was extracted")
+
+    for cls in (zipfile.ZipFile, tarfile.TarFile):
+        monkeypatch.setattr(cls, "extract", never)
+        monkeypatch.setattr(cls, "extractall", never)
     monkeypatch.setattr(R, "_MEMBER_MAX", 1 << 20)
+    monkeypatch.setattr(R, "_MEMBERS_MAX", 3)
     d = tmp_path / "rel"
     d.mkdir()
     private = kit["private"]
@@ -237,6 +247,22 @@ def test_archives_are_opened_in_memory_with_caps(tmp_path, kit, monkeypatch):
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tf.addfile(link)
     (d / "state.tar").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        link = zipfile.ZipInfo("assets/secrets.json")
+        link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+        z.writestr(link, "../../private/secrets.json")
+        z.writestr("sealed.bin", (private / "secrets.json").read_bytes())
+    data = bytearray(buf.getvalue())  # sealed.bin marked encrypted (zipfile cannot write encryption)
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.rindex(sig)
+        data[i + at] |= 0x1
+    (d / "links.zip").write_bytes(bytes(data))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(5):
+            z.writestr(f"part{i}.json", "{}" if i < 3 else json.dumps({"init_seed": 1}))
+    (d / "many.zip").write_bytes(buf.getvalue())
     before = sorted(p.name for p in tmp_path.rglob("*"))
 
     found = check_release(d, manifest=False)
@@ -248,8 +274,12 @@ def test_archives_are_opened_in_memory_with_caps(tmp_path, kit, monkeypatch):
                  "deep.zip: member 'inner.zip': member 'inner.zip': member 'inner.zip': member 'inner.zip': a zip "
                  "archive nested 4 deep: not opened (refused)",
                  "state.tar: member 'state/model.ckpt': a pickle (never loaded here",
-                 "state.tar: member 'state/secrets.json': a link or special file inside an archive"]:
+                 "state.tar: member 'state/secrets.json': a link or special file inside an archive",
+                 "links.zip: member 'assets/secrets.json': a link or special file inside an archive",
+                 "links.zip: member 'sealed.bin': encrypted: cannot be checked",
+                 "many.zip: member '...': more than 3 members: the rest not checked"]:
         assert line in text, (line, found)
+    assert not any(f.startswith("many.zip") and "init_seed" in f for f in found), found  # (its 4th member: unread)
     assert not sentinel.exists()
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing extracted
     with_private = "\n".join(check_release(d, private=private, manifest=False))
