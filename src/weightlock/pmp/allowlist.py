@@ -61,9 +61,11 @@ _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F
 
 def allowlist_problems(release: str | os.PathLike) -> tuple[set[str] | None, list[str]]:
     """(the files ``manifest.json`` lists, or None without a manifest; one line per problem, starting with a
-    file): a missing manifest; for a PMP release, a listed file that a PMP release does not hold, and listed
-    files that hold more than they may (see :func:`strict_problems`). Files the manifest does not list are
-    reported by :func:`weightlock.pmp.check_release` (with what each one is)."""
+    file): a missing manifest, or one of a kind weightlock does not write; for a PMP release (a manifest of
+    kind ``weightlock-pmp`` or with a mask commitment or PMP settings, whatever its kind), a listed file that a
+    PMP release does not hold, and listed files that hold more than they may (see :func:`strict_problems`).
+    Files the manifest does not list are reported by :func:`weightlock.pmp.check_release` (with what each one
+    is)."""
     release = Path(release)
     if not (release / MANIFEST).is_file():
         return None, [f"{MANIFEST}: missing: a weightlock release lists every file it holds, with its SHA-256, in "
@@ -83,7 +85,8 @@ def allowlist_problems(release: str | os.PathLike) -> tuple[set[str] | None, lis
 
 def strict_problems(release: Path, manifest: dict) -> list[str]:
     """What the files a PMP release lists hold beyond what they may: the manifest's own fields, files a PMP
-    release does not hold, the weights against the parameters the config declares, unknown JSON fields."""
+    release does not hold, the weights against the parameters the config declares (and the safetensors
+    layout), unknown JSON fields, each file's format (see :func:`_format_problems`), files too large to read."""
     out = _unknown(MANIFEST, manifest, MANIFEST_FIELDS, "a PMP release's manifest")
     if manifest.get("kind") != PMP_KIND:
         out.append(f"{MANIFEST}: kind {manifest.get('kind')!r}, but it holds a PMP release's fields "
