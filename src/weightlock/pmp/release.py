@@ -27,8 +27,10 @@ from .mask import Mask, commitment, load_mask
 SECRET_KEYS = ("init_seed", "salt", "mask", "private")
 RULES_WITHOUT_PRIVATE = (  # what `release check` applies when it does not know the secrets
     "every file that manifest.json does not list, and every listed file whose SHA-256 differs",
-    "a PMP release's listed files held to what they may hold (model.safetensors: exactly the parameters config.json "
-    "declares; config, generation config, tokenizer files, model card and manifest: known fields only)",
+    "a PMP release's listed files held to what they may hold (only the files weightlock writes into one; "
+    "model.safetensors: exactly the parameters config.json declares, laid out as the format writes them; config, "
+    "generation config, tokenizer files, model card and manifest: known fields only; metrics and run record: their "
+    "formats)",
     "archives (zip, tar, gz, bz2, xz, nested) opened in memory and scanned",
     "tensors and arrays outside model.safetensors with the size of a weight matrix (copies of weights, optimizer "
     "state, gradients, deltas)", "sorted integer lists of >= 64 positions (index lists)",
