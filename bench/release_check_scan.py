@@ -48,7 +48,7 @@ def build_release(model: Path | None, work: Path) -> tuple[Path, Path]:
     private.mkdir()
     if model is not None:
         for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                     "tokenizer_config.json", "chat_template.jinja"):
+                     "tokenizer_config.json"):  # what a PMP release holds (no chat template: the allow-list refuses it)
             if (model / name).exists():
                 shutil.copyfile(model / name, release / name)
     else:

@@ -199,11 +199,21 @@ def test_listed_files_hold_only_what_a_pmp_release_may(tmp_path, kit):
 
 def test_archives_are_opened_in_memory_with_caps(tmp_path, kit, monkeypatch):
     """gz, bz2, tar, zip, nested: scanned in memory; a member too large once decompressed (a zip bomb), archives
-    nested too deep, members with paths leaving the archive and links are reported, not followed; a pickle
-    inside is reported and never loaded; nothing is written to disk."""
+    nested too deep, members with paths leaving the archive, links (tar and zip) and encrypted members are
+    reported, not followed; members beyond the cap are not read; a pickle inside is reported and never loaded;
+    nothing is extracted (extracting anywhere fails the test) or written to disk."""
+    import stat
+
     import weightlock.pmp.release as R
 
+    def never(*args, **kwargs):
+        raise AssertionError("an archive member was extracted")
+
+    for cls in (zipfile.ZipFile, tarfile.TarFile):
+        monkeypatch.setattr(cls, "extract", never)
+        monkeypatch.setattr(cls, "extractall", never)
     monkeypatch.setattr(R, "_MEMBER_MAX", 1 << 20)
+    monkeypatch.setattr(R, "_MEMBERS_MAX", 3)
     d = tmp_path / "rel"
     d.mkdir()
     private = kit["private"]
@@ -237,6 +247,22 @@ def test_archives_are_opened_in_memory_with_caps(tmp_path, kit, monkeypatch):
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tf.addfile(link)
     (d / "state.tar").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        link = zipfile.ZipInfo("assets/secrets.json")
+        link.create_system, link.external_attr = 3, (stat.S_IFLNK | 0o777) << 16
+        z.writestr(link, "../../private/secrets.json")
+        z.writestr("sealed.bin", (private / "secrets.json").read_bytes())
+    data = bytearray(buf.getvalue())  # sealed.bin marked encrypted (zipfile cannot write encryption)
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        i = data.rindex(sig)
+        data[i + at] |= 0x1
+    (d / "links.zip").write_bytes(bytes(data))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(5):
+            z.writestr(f"part{i}.json", "{}" if i < 3 else json.dumps({"init_seed": 1}))
+    (d / "many.zip").write_bytes(buf.getvalue())
     before = sorted(p.name for p in tmp_path.rglob("*"))
 
     found = check_release(d, manifest=False)
@@ -248,8 +274,12 @@ def test_archives_are_opened_in_memory_with_caps(tmp_path, kit, monkeypatch):
                  "deep.zip: member 'inner.zip': member 'inner.zip': member 'inner.zip': member 'inner.zip': a zip "
                  "archive nested 4 deep: not opened (refused)",
                  "state.tar: member 'state/model.ckpt': a pickle (never loaded here",
-                 "state.tar: member 'state/secrets.json': a link or special file inside an archive"]:
+                 "state.tar: member 'state/secrets.json': a link or special file inside an archive",
+                 "links.zip: member 'assets/secrets.json': a link or special file inside an archive",
+                 "links.zip: member 'sealed.bin': encrypted: cannot be checked",
+                 "many.zip: member '...': more than 3 members: the rest not checked"]:
         assert line in text, (line, found)
+    assert not any(f.startswith("many.zip") and "init_seed" in f for f in found), found  # (its 4th member: unread)
     assert not sentinel.exists()
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing extracted
     with_private = "\n".join(check_release(d, private=private, manifest=False))
@@ -366,3 +396,210 @@ def test_vocabulary_keys_are_not_secret_fields(tmp_path):
     assert check_release(d, manifest=False) == []
     (d / "notes.json").write_text(json.dumps({"run": {"salt": "00ff"}}))
     assert check_release(d, manifest=False) == ["notes.json: JSON field(s) salt"]
+
+
+# ---- review fixes (#33) ------------------------------------------------------------------------------------
+def _relist(d, **changes):
+    """Rewrite ``d``'s manifest over its files as they are now, with ``changes`` to its fields (None: dropped)."""
+    from weightlock.io import write_manifest
+
+    fields = {k: v for k, v in json.loads((d / "manifest.json").read_text()).items() if k != "files"}
+    fields.update(changes)
+    write_manifest(d, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _edit_safetensors(path, edit, tail=b""):
+    """Rewrite a safetensors file's header with ``edit(header)`` (its data unchanged, ``tail`` appended)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:] + tail)
+
+
+def test_a_manifest_with_pmp_fields_is_held_to_pmp_rules_whatever_its_kind(tmp_path, kit):
+    """Dropping (or changing) the manifest's kind while keeping its mask commitment does not skip the strict
+    checks; a manifest whose kind weightlock never writes is reported."""
+    d = _copy(tmp_path, kit["release"])
+    save_file({**kit["state"], "extra.scale": torch.ones(8)}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    for kind in (None, "something-else"):
+        _relist(d, kind=kind)
+        found = check_release(d)
+        assert any(f.startswith("model.safetensors: holds 1 tensor(s) that config.json does not declare "
+                                "('extra.scale')") for f in found), (kind, found)
+        assert f"manifest.json: kind {kind!r}, but it holds a PMP release's fields ('mask_commitment', 'pmp'): a PMP " \
+               "release's kind is 'weightlock-pmp'" in found, found
+    _relist(d, kind=None, mask_commitment=None, pmp=None)
+    found = check_release(d)
+    assert "manifest.json: kind None is not one weightlock writes (weightlock-pmp, weightlock-dlr-lock): what its " \
+           "files may hold is unknown" in found, found
+
+
+def _extra_key(h, name):
+    h[name]["payload"] = "aGVsbG8="
+
+
+def _metadata(h, name):
+    h["__metadata__"] = {"format": "pt", "x": 1}
+
+
+def _overlap(h, name):  # two tensors of one shape read the same bytes; the other's bytes stay, a hidden blob
+    a, b = sorted(k for k in h if k != "__metadata__" and h[k]["shape"] == h[name]["shape"])[:2]
+    h[b]["data_offsets"] = h[a]["data_offsets"]
+
+
+@pytest.mark.parametrize("edit", ["tail", "entry-keys", "metadata", "overlap"])
+def test_model_safetensors_is_laid_out_exactly_as_the_format_writes_it(tmp_path, kit, edit):
+    """Bytes appended to the weights, extra keys in a tensor's header entry, metadata that is not a string and
+    overlapping data are each reported (names, shapes and dtypes alone would all pass)."""
+    d = _copy(tmp_path, kit["release"])
+    name = kit["name"]
+    tail = b"PK\x03\x04 a payload after the last tensor" if edit == "tail" else b""
+    fn = {"tail": lambda h, name: None, "entry-keys": _extra_key, "metadata": _metadata, "overlap": _overlap}[edit]
+    _edit_safetensors(d / "model.safetensors", lambda h: fn(h, name), tail=tail)
+    _relist(d)
+    found = check_release(d)
+    expected = {
+        "tail": lambda f: f.startswith("model.safetensors: its data is ") and f.endswith(": bytes after the last "
+                                                                                         "tensor"),
+        "entry-keys": lambda f: f == f"model.safetensors: tensor {name!r}: its header entry holds 'data_offsets', "
+                                     "'dtype', 'payload', 'shape'; the format writes exactly 'data_offsets', 'dtype', "
+                                     "'shape'",
+        "metadata": lambda f: f == "model.safetensors: metadata values that are not strings: the format's metadata "
+                                   "is strings only",
+        "overlap": lambda f: f.startswith("model.safetensors: tensor ") and f.endswith("overlapping data")}[edit]
+    assert any(expected(f) for f in found), found
+
+
+def test_unsigned_tensors_and_raw_buffers_are_scanned_without_crashing(tmp_path, kit):
+    """With --private, a raw file of 2 or 4 bytes per entry of a mask entry's size and a uint16 .npy are read as
+    unsigned integers: scanned (a uint16 0/1 copy of the mask is reported), never a crash."""
+    m = kit["mask"][kit["name"]]
+    rng = np.random.default_rng(0)
+    d = tmp_path / "rel"
+    d.mkdir()
+    (d / "blob2.dat").write_bytes(rng.integers(0, 256, 2 * m.numel(), dtype=np.uint8).tobytes())
+    (d / "blob4.dat").write_bytes(rng.integers(0, 256, 4 * m.numel(), dtype=np.uint8).tobytes())
+    np.save(d / "noise.npy", rng.integers(0, 1 << 16, m.shape, dtype=np.uint16))
+    np.save(d / "flags.npy", m.numpy().astype(np.uint16))
+    found = check_release(d, private=kit["private"], manifest=False)
+    assert any(f.startswith(f"flags.npy: its array (uint16, shape {tuple(m.shape)}) reproduces the private mask of "
+                            f"{kit['name']!r}") for f in found), found
+    assert not any(f.startswith(("blob2.dat", "blob4.dat", "noise.npy")) for f in found), found
+
+
+def test_unsigned_index_lists_are_positions(tmp_path, kit):
+    """np.flatnonzero(mask) stored as uint32 is an index list like any other, with and without --private."""
+    m = kit["mask"][kit["name"]]
+    d = tmp_path / "rel"
+    d.mkdir()
+    np.save(d / "ids.npy", np.flatnonzero(m.numpy()).astype(np.uint32))
+    assert any(f"lists the selected positions of the private mask of {kit['name']!r} (as flat indices" in f
+               for f in check_release(d, private=kit["private"], manifest=False))
+    assert any(f.startswith("ids.npy: its array (uint32") and "is a sorted list of positions" in f
+               for f in check_release(d, manifest=False))
+
+
+def test_a_pmp_release_holds_only_the_files_weightlock_writes_each_in_its_format(tmp_path, kit):
+    """Tokenizer files weightlock never writes into a PMP release are refused even when listed; metrics.json,
+    weightlock_run.json, tokenizer.json and the model card are held to their formats."""
+    d = _copy(tmp_path, kit["release"])
+    for name in ("vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja"):
+        (d / name).write_bytes(b"#version: 0.2\n" + bz2.compress(b"a payload " * 100))  # content scans pass it
+    _relist(d)
+    found = check_release(d)
+    for name in ("vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja"):
+        assert any(f.startswith(f"{name}: listed in manifest.json, but a PMP release holds only ") for f in found), \
+            (name, found)
+
+    d = _copy(tmp_path, kit["release"], "formats")
+    metrics = json.loads((d / "metrics.json").read_text())
+    metrics["history"][0]["blob"] = 1.0
+    metrics["val_ppl"] = "QUJD"
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    run = json.loads((d / "weightlock_run.json").read_text())
+    run["config"]["notes"] = "x"
+    (d / "weightlock_run.json").write_text(json.dumps(run))
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = "not a vocabulary"
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    (d / "README.md").write_bytes(b"# model\n\xff\xfe binary")
+    _relist(d)
+    found = check_release(d)
+    for line in ["metrics.json: its history holds unknown field(s) 'blob'",
+                 "weightlock_run.json: its config is not a pretraining config (TypeError",
+                 "tokenizer.json: not a tokenizer the tokenizers library reads (",
+                 "README.md: not UTF-8 text"]:
+        assert any(f.startswith(line) for f in found), (line, found)
+    metrics["history"][0].pop("blob")
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "weightlock_run.json").write_text(json.dumps([run]))
+    _relist(d)
+    found = check_release(d)
+    assert "metrics.json: holds values that are not numbers: a release's metrics are numbers" in found, found
+    assert "weightlock_run.json: not a JSON object" in found, found
+
+
+def test_deeply_nested_json_is_reported(tmp_path, kit):
+    d = _copy(tmp_path, kit["release"])
+    (d / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "deep.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    _relist(d)
+    found = check_release(d)
+    assert "tokenizer_config.json: JSON nested too deeply to check" in found, found
+    assert "deep.json: JSON nested too deeply to scan" in found, found
+
+
+def test_json_too_large_to_read_is_reported_not_read(tmp_path, kit, monkeypatch):
+    import weightlock.pmp.allowlist as A
+    import weightlock.pmp.release as R
+
+    d = _copy(tmp_path, kit["release"])
+    (d / "big.json").write_text(json.dumps({"ids": list(range(1000))}))
+    monkeypatch.setattr(R, "TEXT_MAX", 2000, raising=False)
+    monkeypatch.setattr(A, "TEXT_MAX", 2000, raising=False)
+    found = check_release(d)
+    assert any(f.startswith("big.json: a JSON file of ") and "too large to scan as JSON (over 2,000)" in f
+               for f in found), found
+    assert any(f.startswith("tokenizer.json: ") and "too large to check (over 2,000)" in f for f in found), found
+
+
+@pytest.mark.parametrize("field, value, cap", [("hidden_size", 1 << 24, 1 << 20), ("num_hidden_layers", 10**6, 1024)])
+def test_a_config_of_absurd_size_is_not_built(tmp_path, kit, field, value, cap):
+    d = _copy(tmp_path, kit["release"])
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, field: value}))
+    _relist(d)
+    found = check_release(d)
+    assert f"config.json: {field} {value:,} is beyond {cap:,}: not built (a release's config declares a model of a " \
+           "sane size)" in found, found
+
+
+def test_model_card_with_metrics_that_are_not_an_object(tmp_path, kit):
+    from weightlock.pmp.upload import model_card
+
+    d = _copy(tmp_path, kit["release"])
+    (d / "metrics.json").write_text("[1, 2]")
+    card = model_card(d, json.loads((d / "manifest.json").read_text()))
+    assert "Validation perplexity" not in card and "private-mask pretraining" in card
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, kit, monkeypatch):
+    import os
+
+    d = _copy(tmp_path, kit["release"])
+    (d / "sub").mkdir()
+    (d / "sub" / "optimizer.safetensors").write_bytes(b"hidden")
+    scandir = os.scandir
+
+    def refuse(path="."):  # what os.walk meets in a folder it may not list (root may list any)
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    found = check_release(d)
+    monkeypatch.undo()
+    assert found == ["sub/: cannot be listed (Permission denied): not checked"], found

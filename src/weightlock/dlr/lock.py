@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import WeightlockError
-from ..io import check_out_dir, dist_or_none, prepare_out_dir, read_json, sha256_file, write_json
+from ..io import MANIFEST, check_out_dir, dist_or_none, prepare_out_dir, read_json, sha256_file, write_json
 from ..models.gguf import resolve_model_path
 from ..models.hub import load
 from ..schema import LOCK_REPORT, SCHEMA_VERSION
@@ -20,7 +20,6 @@ from .distill import LockConfig, distill_model, readback_model, refine, specs_fo
 
 WORK = ".weightlock-work"
 MODELING_FILE = "modeling_weightlock_dlr.py"
-MANIFEST = "manifest.json"
 
 
 def _calibration_spec(model_dir: Path, cfg: LockConfig) -> str:

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ManifestMismatch, WeightlockError
+from ..io import MANIFEST
 from .save import quiet_progress, quiet_transformers, save_model_dir  # noqa: F401  (save_model_dir: re-exported, its home is models.save)
-
-MANIFEST = "manifest.json"
 
 
 def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

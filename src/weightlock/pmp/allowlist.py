@@ -2,8 +2,11 @@
 
 A release is written by weightlock, and its ``manifest.json`` lists every file with its SHA-256; anything else in
 the directory is refused, whatever its encoding (a second copy of the weights, optimizer state, an archive, ...).
-The files a PMP release may list are checked strictly: ``model.safetensors`` holds exactly the parameters its
-``config.json`` declares, with their shapes and dtype, and the JSON files and the model card known fields only.
+A PMP release may list only the files weightlock writes into one (``pretrain --method pmp``, ``release prepare``),
+and each is checked strictly against its format: ``model.safetensors`` holds exactly the parameters its
+``config.json`` declares, with their shapes and dtype, laid out as the format writes them and nothing after; the
+JSON files known fields only (``metrics.json`` numbers, ``weightlock_run.json`` a pretraining config,
+``tokenizer.json`` a tokenizer that parses), the model card UTF-8 text with known front-matter fields.
 :func:`weightlock.pmp.upload.write_upload_folder` writes exactly those files into a folder of their own.
 """
 from __future__ import annotations
@@ -15,17 +18,29 @@ import re
 from pathlib import Path
 
 from ..io import MANIFEST, read_json
-from .fileformats import st_file_header
+from .fileformats import st_file_parts, st_layout
 
 PMP_KIND = "weightlock-pmp"
+DLR_KIND = "weightlock-dlr-lock"  # the manifest of a DLR-locked release (weightlock.dlr.lock)
+KINDS = (PMP_KIND, DLR_KIND)
 MODEL_FILE = "model.safetensors"
 CARD = "README.md"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+METRICS_FILE, RUN_FILE = "metrics.json", "weightlock_run.json"  # as weightlock.train.pretrain writes them
+# what the built-in tokenizer's save_pretrained writes (special_tokens_map.json: transformers 4.x)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 UPLOAD_FILES = (MODEL_FILE, "config.json", "generation_config.json", *TOKENIZER_FILES, CARD)  # and the manifest
-RELEASE_FILES = (*UPLOAD_FILES, "metrics.json", "weightlock_run.json")  # `pretrain --method pmp` also lists these
+RELEASE_FILES = (*UPLOAD_FILES, METRICS_FILE, RUN_FILE)  # `pretrain --method pmp` also lists these
 MANIFEST_FIELDS = {"kind", "mask_commitment", "files", "pmp", "weightlock_version"}
+PMP_MANIFEST_FIELDS = {"mask_commitment", "pmp"}  # a manifest with any of these is held to a PMP release's rules
 PMP_FIELDS = {"mask_ratio", "variant", "pool"}
+METRICS_FIELDS = {"parameters", "train_blocks", "tokens_seen", "wall_time_s", "tokens_per_s", "val_loss", "val_ppl",
+                  "history"}  # weightlock.train.pretrain.pretrain's metrics
+HISTORY_FIELDS = {"step", "loss", "grad_norm", "lr", "step_time", "forward_time", "backward_time", "optimizer_time",
+                  "tokens_per_s", "val_loss", "val_ppl"}  # one step of weightlock.train.loop.Trainer's history
+TEXT_MAX = 256 << 20  # bytes of a JSON or text file read into memory at most (larger: reported, not read)
+CONFIG_CAPS = ((re.compile(r"(layers|experts|^n_layer)$"), 1024),  # the sizes of a config checked before its model
+               (re.compile(r"(_size|_dim|^n_embd|^d_model|^n_inner)$"), 1 << 20),  # is built on the meta device
+               (re.compile(r"(heads|^n_head)$"), 4096))
 TOKENIZER_JSON_FIELDS = {"version", "truncation", "padding", "added_tokens", "normalizer", "pre_tokenizer",
                          "post_processor", "decoder", "model"}
 SPECIAL_TOKENS = {"bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
@@ -46,9 +61,11 @@ _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F
 
 def allowlist_problems(release: str | os.PathLike) -> tuple[set[str] | None, list[str]]:
     """(the files ``manifest.json`` lists, or None without a manifest; one line per problem, starting with a
-    file): a missing manifest; for a PMP release, a listed file that a PMP release does not hold, and listed
-    files that hold more than they may (see :func:`strict_problems`). Files the manifest does not list are
-    reported by :func:`weightlock.pmp.check_release` (with what each one is)."""
+    file): a missing manifest, or one of a kind weightlock does not write; for a PMP release (a manifest of
+    kind ``weightlock-pmp`` or with a mask commitment or PMP settings, whatever its kind), a listed file that a
+    PMP release does not hold, and listed files that hold more than they may (see :func:`strict_problems`).
+    Files the manifest does not list are reported by :func:`weightlock.pmp.check_release` (with what each one
+    is)."""
     release = Path(release)
     if not (release / MANIFEST).is_file():
         return None, [f"{MANIFEST}: missing: a weightlock release lists every file it holds, with its SHA-256, in "
@@ -58,13 +75,22 @@ def allowlist_problems(release: str | os.PathLike) -> tuple[set[str] | None, lis
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         return set(), [f"{MANIFEST}: has no list of files"]
-    return set(files), strict_problems(release, manifest) if manifest.get("kind") == PMP_KIND else []
+    if manifest.get("kind") == PMP_KIND or set(manifest) & PMP_MANIFEST_FIELDS:
+        return set(files), strict_problems(release, manifest)
+    if manifest.get("kind") not in KINDS:
+        return set(files), [f"{MANIFEST}: kind {manifest.get('kind')!r} is not one weightlock writes "
+                            f"({', '.join(KINDS)}): what its files may hold is unknown"]
+    return set(files), []
 
 
 def strict_problems(release: Path, manifest: dict) -> list[str]:
     """What the files a PMP release lists hold beyond what they may: the manifest's own fields, files a PMP
-    release does not hold, the weights against the parameters the config declares, unknown JSON fields."""
+    release does not hold, the weights against the parameters the config declares (and the safetensors
+    layout), unknown JSON fields, each file's format (see :func:`_format_problems`), files too large to read."""
     out = _unknown(MANIFEST, manifest, MANIFEST_FIELDS, "a PMP release's manifest")
+    if manifest.get("kind") != PMP_KIND:
+        out.append(f"{MANIFEST}: kind {manifest.get('kind')!r}, but it holds a PMP release's fields "
+                   f"({shown(sorted(set(manifest) & PMP_MANIFEST_FIELDS))}): a PMP release's kind is {PMP_KIND!r}")
     if isinstance(manifest.get("pmp"), dict):
         out += _unknown(MANIFEST, manifest["pmp"], PMP_FIELDS, "its pmp settings")
     listed = manifest.get("files") or {}
@@ -73,53 +99,103 @@ def strict_problems(release: Path, manifest: dict) -> list[str]:
     if MODEL_FILE not in listed:
         out.append(f"{MODEL_FILE}: not listed in {MANIFEST} (a PMP release ships its weights)")
     config_text = None
-    if (release / "config.json").is_file():
-        config_text = (release / "config.json").read_text(encoding="utf-8", errors="replace")
     for name, known in (("config.json", None), ("generation_config.json", _generation_fields()),
                         ("tokenizer.json", TOKENIZER_JSON_FIELDS), ("tokenizer_config.json", TOKENIZER_CONFIG_FIELDS),
-                        ("special_tokens_map.json", SPECIAL_TOKENS)):
+                        ("special_tokens_map.json", SPECIAL_TOKENS), (METRICS_FILE, METRICS_FIELDS),
+                        (RUN_FILE, {"kind", "config"})):
         if name not in listed or not (release / name).is_file():
             continue
-        try:
-            obj = json.loads((release / name).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            out.append(f"{name}: not valid JSON")
+        text, obj = _read_json(release / name)
+        if isinstance(obj, str):
+            out.append(f"{name}: {obj}")
             continue
-        if not isinstance(obj, dict):
-            out.append(f"{name}: not a JSON object")
-            continue
-        if known is None:  # config.json: the fields of its model type
+        if name == "config.json":  # the fields of its model type
+            config_text = text
             try:
                 known = _config_fields(str(obj.get("model_type")))
             except Exception:
                 out.append(f"{name}: model_type {obj.get('model_type')!r} is not one transformers knows")
                 continue
         out += _unknown(name, obj, known, f"a release's {name}")
+        out += [f"{name}: {p}" for p in _format_problems(name, text, obj)]
     if CARD in listed and (release / CARD).is_file():
-        out += _card_problems((release / CARD).read_text(encoding="utf-8", errors="replace"))
+        out += _card_problems(release / CARD)
     if MODEL_FILE in listed and (release / MODEL_FILE).is_file():
         out += model_problems(release, config_text)
     return out
+
+
+def _read_json(path: Path) -> tuple[str, dict | str]:
+    """(the text, the JSON object) of a release's JSON file, or (text, why it is not one)."""
+    if path.stat().st_size > TEXT_MAX:
+        return "", f"{path.stat().st_size:,} bytes: too large to check (over {TEXT_MAX:,})"
+    try:
+        text = path.read_text(encoding="utf-8")
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "", "not valid JSON"
+    except RecursionError:
+        return "", "JSON nested too deeply to check"
+    return text, obj if isinstance(obj, dict) else "not a JSON object"
+
+
+def _format_problems(name: str, text: str, obj: dict) -> list[str]:
+    """How a JSON file a release may hold departs from what weightlock writes there, beyond unknown fields:
+    ``metrics.json`` numbers (its history a list of steps, each of known numbers), ``weightlock_run.json`` a
+    pretraining run's config, ``tokenizer.json`` a tokenizer the tokenizers library parses."""
+    if name == METRICS_FILE:
+        steps = obj.get("history", [])
+        if not isinstance(steps, list) or not all(isinstance(h, dict) for h in steps):
+            return ["its history is not a list of steps"]
+        bad = sorted({k for h in steps for k in h if k not in HISTORY_FIELDS})
+        if bad:
+            return [f"its history holds unknown field(s) {shown(bad)}: a release's metrics hold only known fields"]
+        values = [v for k, v in obj.items() if k != "history"] + [v for h in steps for v in h.values()]
+        if not all(type(v) in (int, float) for v in values):
+            return ["holds values that are not numbers: a release's metrics are numbers"]
+    elif name == RUN_FILE:
+        from ..train.pretrain import PretrainConfig
+
+        if obj.get("kind") != "pretrain" or not isinstance(obj.get("config"), dict):
+            return ["not a pretraining run's record (kind 'pretrain' with its config)"]
+        try:
+            same = json.loads(json.dumps(PretrainConfig.from_dict(obj["config"]).to_dict())) == obj["config"]
+        except Exception as e:  # unknown fields, wrong types, invalid values
+            return [f"its config is not a pretraining config ({_why(e)})"]
+        if not same:
+            return ["its config is not one weightlock writes (it does not read back the same)"]
+    elif name == "tokenizer.json":
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises its own Exception for a malformed file
+            return [f"not a tokenizer the tokenizers library reads ({_why(e)})"]
+    return []
 
 
 def model_problems(release: Path, config_text: str | None) -> list[str]:
     """How ``model.safetensors`` differs from exactly the parameters ``config.json`` declares (names, shapes,
     dtype; tied weights once), and metadata beyond its format."""
     if config_text is None:
-        return ["config.json: missing, so the parameters model.safetensors must hold are unknown"]
+        return ["config.json: missing or unreadable, so the parameters model.safetensors must hold are unknown"]
+    too_large = _too_large(json.loads(config_text))
+    if too_large:
+        return [f"config.json: {too_large}: not built (a release's config declares a model of a sane size)"]
     try:
         params, aliases, dtype = _declared(config_text)
     except Exception as e:  # transformers raises many types for a config it cannot build
-        return [f"config.json: does not declare a model transformers can build ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''})"]
+        return [f"config.json: does not declare a model transformers can build ({_why(e)})"]
     try:
-        header, meta = st_file_header(release / MODEL_FILE)
+        header, meta, data_size = st_file_parts(release / MODEL_FILE)
     except (ValueError, OSError) as e:
         return [f"{MODEL_FILE}: unreadable ({e})"]
-    out = []
+    out = [f"{MODEL_FILE}: {p}" for p in st_layout(header, data_size)]
     if set(meta) - {"format"}:
         out.append(f"{MODEL_FILE}: metadata field(s) {shown(sorted(set(meta) - {'format'}))}: a release's weights "
                    "carry only their format")
+    if not all(isinstance(v, str) for v in meta.values()):
+        out.append(f"{MODEL_FILE}: metadata values that are not strings: the format's metadata is strings only")
     got, extra = {}, []
     for k, info in header.items():
         c = aliases.get(k, k)
@@ -143,6 +219,20 @@ def model_problems(release: Path, config_text: str | None) -> list[str]:
         out.append(f"{MODEL_FILE}: tensors of dtype {', '.join(sorted(map(str, dtypes)))}; config.json declares "
                    f"{dtype or 'one floating-point dtype'}")
     return out
+
+
+def _too_large(d, path: str = "") -> str | None:
+    """The first size in a config (nested configs too) beyond :data:`CONFIG_CAPS`, as ``field value``, or None."""
+    for k, v in d.items() if isinstance(d, dict) else ():
+        if isinstance(v, dict):
+            found = _too_large(v, f"{path}{k}.")
+            if found:
+                return found
+        elif type(v) is int:
+            for pattern, cap in CONFIG_CAPS:
+                if pattern.search(k) and v > cap:
+                    return f"{path}{k} {v:,} is beyond {cap:,}"
+    return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -186,8 +276,16 @@ def _unknown(name: str, obj: dict, known, what: str) -> list[str]:
     return [f"{name}: unknown field(s) {shown(extra)}: {what} holds only known fields"] if extra else []
 
 
-def _card_problems(text: str) -> list[str]:
-    """The model card's front matter (YAML between ``---`` lines) holds known fields only."""
+def _card_problems(path: Path) -> list[str]:
+    """The model card is UTF-8 text, and its front matter (YAML between ``---`` lines) holds known fields only."""
+    if path.stat().st_size > TEXT_MAX:
+        return [f"{CARD}: {path.stat().st_size:,} bytes: too large to check (over {TEXT_MAX:,})"]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return [f"{CARD}: not UTF-8 text"]
+    if "\x00" in text:
+        return [f"{CARD}: holds NUL bytes: not text"]
     if not text.startswith("---"):
         return []
     end = text.find("\n---", 3)
@@ -195,6 +293,10 @@ def _card_problems(text: str) -> list[str]:
         return [f"{CARD}: its front matter (---) is not closed"]
     keys = re.findall(r"^([^\s#:-][^:]*?)\s*:", text[3:end], flags=re.M)
     return _unknown(CARD, dict.fromkeys(keys), CARD_FIELDS, "a model card's front matter")
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 def shown(names: list[str], k: int = 3) -> str:

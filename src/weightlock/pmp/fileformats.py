@@ -8,6 +8,8 @@ import gzip
 import io
 import json
 import lzma
+import math
+import stat
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -37,6 +39,8 @@ def st_header(buf) -> tuple[dict, dict, int]:
         header = json.loads(bytes(buf[8:8 + n]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"header is not JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("header is JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -47,13 +51,54 @@ def st_header(buf) -> tuple[dict, dict, int]:
 
 def st_file_header(path: Path) -> tuple[dict, dict]:
     """The tensors and metadata of a safetensors file, reading its header only."""
+    header, meta, _ = st_file_parts(path)
+    return header, meta
+
+
+def st_file_parts(path: Path) -> tuple[dict, dict, int]:
+    """The tensors and metadata of a safetensors file and the size of its data (the bytes after the header),
+    reading its header only."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        if not 0 < n <= min(path.stat().st_size - 8, 100 << 20):
+        if not 0 < n <= min(size - 8, 100 << 20):
             raise ValueError("not a safetensors file")
-        header, meta, _ = st_header(head + f.read(n))
-    return header, meta
+        header, meta, start = st_header(head + f.read(n))
+    return header, meta, size - start
+
+
+def st_layout(header: dict, data_size: int) -> list[str]:
+    """How a safetensors header's tensor entries differ from what the format writes: each entry exactly
+    ``dtype``, ``shape`` and ``data_offsets``, with a known dtype and offsets spanning its bytes, and the
+    tensors' data contiguous from the start of the data to its end (no gap, no overlap, nothing after)."""
+    out, spans = [], []
+    for k, info in header.items():
+        if set(info) != {"dtype", "shape", "data_offsets"}:
+            out.append(f"tensor {k!r}: its header entry holds {', '.join(sorted(map(repr, info)))}; the format "
+                       "writes exactly 'data_offsets', 'dtype', 'shape'")
+            continue
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in ST_DTYPES or not (
+                isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape) and
+                isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)):
+            out.append(f"tensor {k!r}: malformed header entry")
+            continue
+        b, e = offsets
+        if e - b != math.prod(shape) * np.dtype(ST_DTYPES[dtype]).itemsize:
+            out.append(f"tensor {k!r}: its data_offsets span {e - b} bytes, not the {dtype} {shape} it declares")
+            continue
+        spans.append((b, e, k))
+    end = 0
+    for b, e, k in sorted(spans):
+        if b != end:
+            out.append(f"tensor {k!r}: its data starts at byte {b}, not where the previous tensor's ends ({end}): "
+                       f"{'a gap' if b > end else 'overlapping data'}")
+        end = max(end, e)
+    if len(spans) == len(header) and end != data_size:
+        out.append(f"its data is {data_size:,} bytes, but its tensors span {end:,}: "
+                   f"{'bytes after the last tensor' if data_size > end else 'truncated'}")
+    return out
 
 
 def st_tensor(buf, info: dict, start: int) -> torch.Tensor:
@@ -111,6 +156,10 @@ def archive_members(kind: str, name: str, fh, limit, max_members: int = 100_000
                     continue
                 if _unsafe_member(info.filename):
                     yield info.filename, "its path leaves the archive (absolute or '..')"
+                mode = info.external_attr >> 16  # a Unix file mode, where the zip was written on Unix
+                if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
+                    yield info.filename, "a link or special file inside an archive"
+                    continue
                 if info.flag_bits & 0x1:
                     yield info.filename, "encrypted: cannot be checked"
                     continue

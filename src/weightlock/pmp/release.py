@@ -20,15 +20,17 @@ import torch
 
 from ..errors import WeightlockError
 from ..io import read_json
-from .allowlist import MODEL_FILE, allowlist_problems
+from .allowlist import MODEL_FILE, TEXT_MAX, allowlist_problems, shown
 from .fileformats import archive_members, npy_array, safetensors_like, st_file_header, st_header, st_tensor
 from .mask import Mask, commitment, load_mask
 
 SECRET_KEYS = ("init_seed", "salt", "mask", "private")
 RULES_WITHOUT_PRIVATE = (  # what `release check` applies when it does not know the secrets
     "every file that manifest.json does not list, and every listed file whose SHA-256 differs",
-    "a PMP release's listed files held to what they may hold (model.safetensors: exactly the parameters config.json "
-    "declares; config, generation config, tokenizer files, model card and manifest: known fields only)",
+    "a PMP release's listed files held to what they may hold (only the files weightlock writes into one; "
+    "model.safetensors: exactly the parameters config.json declares, laid out as the format writes them; config, "
+    "generation config, tokenizer files, model card and manifest: known fields only; metrics and run record: their "
+    "formats)",
     "archives (zip, tar, gz, bz2, xz, nested) opened in memory and scanned",
     "tensors and arrays outside model.safetensors with the size of a weight matrix (copies of weights, optimizer "
     "state, gradients, deltas)", "sorted integer lists of >= 64 positions (index lists)",
@@ -50,6 +52,7 @@ _ARCHIVE_DEPTH = 4  # archives inside archives are opened this deep (deeper ones
 _MEMBER_MAX = 1 << 30  # bytes of one archive member read into memory at most (decompressed)
 _ARCHIVE_TOTAL = 4 << 30  # bytes decompressed from one file's archives in all (zip bombs)
 _MEMBERS_MAX = 100_000  # members of one archive looked at
+_INDEX_DTYPES = (torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64)  # position lists
 
 
 @dataclass
@@ -130,7 +133,8 @@ def release_findings(directory: str | os.PathLike, private: str | os.PathLike | 
         out += [("changed", f) for f in manifest_problems(d)]
         listed, problems = allowlist_problems(d)
         out += [("not allowed", f) for f in problems]
-    for rel, p in release_entries(d):
+    unreadable: list[str] = []
+    for rel, p in release_entries(d, unreadable):
         if p.is_symlink() or not p.is_file():
             out.append(("not allowed", f"{rel}: {'a symbolic link' if p.is_symlink() else 'not a regular file'} "
                                        "(a release holds plain files only; not followed)"))
@@ -139,13 +143,19 @@ def release_findings(directory: str | os.PathLike, private: str | os.PathLike | 
         if listed is not None and rel != "manifest.json" and rel not in listed:
             out.append(("not allowed", f"{rel}: not listed in manifest.json: {scan.what}"))
         out += [("secret", f"{rel}: {f}") for f in found]
-    return out
+    return out + [("not allowed", line) for line in unreadable]
 
 
-def release_entries(d: Path) -> list[tuple[str, Path]]:
-    """Every file under ``d`` (and every symbolic link, never followed), as (relative POSIX path, path), sorted."""
+def release_entries(d: Path, unreadable: list[str] | None = None) -> list[tuple[str, Path]]:
+    """Every file under ``d`` (and every symbolic link, never followed), as (relative POSIX path, path), sorted;
+    a folder that cannot be listed is added to ``unreadable`` as a line naming it (when given)."""
+    def onerror(e: OSError) -> None:
+        if unreadable is not None:
+            rel = Path(e.filename).relative_to(d).as_posix() if e.filename else "?"
+            unreadable.append(f"{rel}/: cannot be listed ({e.strerror or type(e).__name__}): not checked")
+
     out = []
-    for root, dirs, files in os.walk(d):
+    for root, dirs, files in os.walk(d, onerror=onerror):
         for name in [*files, *(n for n in dirs if os.path.islink(os.path.join(root, n)))]:
             p = Path(root, name)
             out.append((p.relative_to(d).as_posix(), p))
@@ -328,8 +338,7 @@ class _Scanner:
         self.weighty += len(names)
         if not names or self.s.mask is not None:
             return []  # with the secrets each was compared with the mask instead
-        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return [f"holds {len(names)} tensor(s) with the size of a weight matrix ({shown}): {WEIGHT_COPY}"]
+        return [f"holds {len(names)} tensor(s) with the size of a weight matrix ({shown(names)}): {WEIGHT_COPY}"]
 
     def npy(self, buf) -> list[str]:
         try:
@@ -472,7 +481,7 @@ class _Scanner:
         and little else), as (row, column) coordinates (a 2 × k or k × 2 tensor), or as the row or column
         indices of ``numpy.nonzero``; without it, any sorted list of non-negative indices that is not a plain
         range (the first row of coordinates)."""
-        if t.dtype not in (torch.int16, torch.int32, torch.int64) or t.numel() < MIN_MASK_NUMEL:
+        if t.dtype not in _INDEX_DTYPES or t.numel() < MIN_MASK_NUMEL:
             return None
         a = t.numpy().astype(np.int64, copy=False)
         if self.s.mask is None:
@@ -558,10 +567,18 @@ class _Scanner:
         return f"{best[0]} (IoU {best[1]:.3f})" if best else None
 
     def json(self, buf) -> list[str]:
+        if len(buf) > TEXT_MAX:
+            return [f"a JSON file of {len(buf):,} bytes: too large to scan as JSON (over {TEXT_MAX:,})"]
         try:
             obj = json.loads(bytes(buf).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            found = self._json_findings(obj)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return []
+        except RecursionError:
+            return ["JSON nested too deeply to scan"]
+        return found
+
+    def _json_findings(self, obj) -> list[str]:
         out = []
         hits = _all_keys(obj) & {"init_seed", "salt", "mask_salt", "private_mask"}
         if hits:
@@ -637,7 +654,7 @@ def _bit_views(t: torch.Tensor) -> list[tuple[str, object]]:
     bits = 8 * t.element_size()
     views += [(f"bit {k} of its values", lambda x, k=k: ((x.long() >> k) & 1).bool()) for k in range(min(bits, 8))]
     views.append(("its nonzero values", lambda x: x != 0))
-    if t.dtype != torch.uint8:
+    if t.dtype.is_signed:  # (torch has no `<` for uint16/32/64)
         views.append(("its sign", lambda x: x < 0))
     return views
 

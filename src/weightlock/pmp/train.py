@@ -23,6 +23,7 @@ from ..errors import WeightlockError
 from ..io import write_json, write_manifest
 from ..schema import PMP_RUN, SCHEMA_VERSION
 from ..train.loop import Hook, TrainConfig, Trainer
+from .allowlist import PMP_KIND
 from .mask import Mask, chance_iou, mask_density, mask_iou, save_mask, topk_mask
 
 PAPER_SEED = 42
@@ -264,7 +265,7 @@ def pretrain_pmp(cfg, pmp: PMPConfig, out: str | os.PathLike, overwrite: bool = 
     if stage2.exists():
         move_dir_contents(stage2, release)  # the release's files get the usual mode (0666 less the umask)
     metrics = read_json(release / "metrics.json")
-    write_manifest(release, kind="weightlock-pmp", mask_commitment=commit,
+    write_manifest(release, kind=PMP_KIND, mask_commitment=commit,
                    pmp={"mask_ratio": pmp.mask_ratio, "variant": pmp.variant, "pool": pmp.pool})
     summary = {"kind": PMP_RUN, "schema_version": SCHEMA_VERSION, "discovery": discovery,
                "density": mask_density(eb.mask), "chance_iou": chance_iou(pmp.mask_ratio),

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import WeightlockError
-from ..io import MANIFEST, check_out_dir, read_json, staged_out_dir, write_manifest, write_text
+from ..io import MANIFEST, read_json, staged_out_dir, write_manifest, write_text
 from .allowlist import CARD, MODEL_FILE, PMP_KIND, UPLOAD_FILES, shown, strict_problems
 from .fileformats import st_file_header
 from .release import check_release, load_private, manifest_problems, release_entries
@@ -44,15 +44,14 @@ def write_upload_folder(source: str | os.PathLike, out: str | os.PathLike,
         raise WeightlockError(f"{release}/{problems[0]}{more}; nothing was written")
     listed = manifest["files"]
     names = [n for n in UPLOAD_FILES if n in listed and n != CARD]
-    check_out_dir(out, inputs=(release, private))
-    if out.is_dir():
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                         if p.name not in (*UPLOAD_FILES, MANIFEST) or p.is_symlink() or not p.is_file())
-        if foreign:
-            raise WeightlockError(f"{out}: holds {shown(foreign)}, which `release prepare` does not write; an upload "
-                                  "folder holds the release's files and nothing else (choose a new or empty folder; "
-                                  "nothing was written)")
-    with staged_out_dir(out, overwrite=True, inputs=(release, private)) as tmp:
+    with staged_out_dir(out, overwrite=True, inputs=(release, private)) as tmp:  # (checks out first)
+        if out.is_dir():
+            foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                             if p.name not in (*UPLOAD_FILES, MANIFEST) or p.is_symlink() or not p.is_file())
+            if foreign:
+                raise WeightlockError(f"{out}: holds {shown(foreign)}, which `release prepare` does not write; an "
+                                      "upload folder holds the release's files and nothing else (choose a new or "
+                                      "empty folder; nothing was written)")
         for n in names:
             shutil.copyfile(release / n, tmp / n)
         write_text(tmp / CARD, model_card(release, manifest))
@@ -88,8 +87,9 @@ def model_card(release: Path, manifest: dict) -> str:
              "shows a mask is this model's with `weightlock pmp verify`."]
     metrics = release / "metrics.json"
     if "metrics.json" in (manifest.get("files") or {}) and metrics.is_file():
-        ppl = read_json(metrics).get("val_ppl")
-        if isinstance(ppl, (int, float)):
+        m = read_json(metrics)
+        ppl = m.get("val_ppl") if isinstance(m, dict) else None
+        if type(ppl) in (int, float):
             lines.append(f"* Validation perplexity at release: {ppl:.2f}.")
     lines += [f"* Every file is listed with its SHA-256 in `{MANIFEST}`; `weightlock release check .` checks them.",
               "", "Load it with `transformers.AutoModelForCausalLM.from_pretrained` or `weightlock.load`.", ""]
