@@ -128,6 +128,33 @@ class Bench:
             replace_mlp(layers[k], self.adapter, net.to(self.device))
         return m
 
+    def reverse_longer(self, key: str, cap: int) -> None:
+        """Reverse distillation of the point ``key`` (a continuation point) again with ``cap`` steps a layer, kept
+        beside the first measurement as ``reverse_long``: where the first cap was too short to reach the lock's
+        fidelity, how long it really takes (or that it does not within this cap either). Kept in
+        ``reverse_long.json`` (its own file: it may run beside the main run) and merged into the result."""
+        from safetensors.torch import load_file
+
+        name, _, sval = key.partition("/s=")
+        first = self.root / name / f"layer_{self.chosen()[0]}_s{sval}.safetensors"
+        if name not in ("anneal", "penalty") or not first.exists():
+            raise SystemExit(f"--reverse-point: {key!r} is not a fitted continuation point")
+        nets = {}
+        for k in self.chosen():
+            net = DLRNet(replace(self.specs[k], readout=float(sval)))
+            net.load_state_dict(load_file(str(self.root / name / f"layer_{k}_s{sval}.safetensors")))
+            nets[k] = net
+        old = self.args.reverse_cap
+        self.args.reverse_cap = cap
+        try:
+            long = {"cap": cap, **self.reverse(nets)}
+        finally:
+            self.args.reverse_cap = old
+        path = self.root / "reverse_long.json"
+        write_json(path, {**(read_json(path) if path.exists() else {}), key: long})
+        print(f"{key}: reverse distillation with up to {cap} steps a layer: {long['seconds']:.0f} s, reached: "
+              f"{long['reached']}", flush=True)
+
     def reverse_only(self, key: str, nets: dict[int, DLRNet]) -> bool:
         """True when ``key`` is measured; its reverse distillation is measured again (the fidelities kept) when
         it was made with another stopping test."""
@@ -461,6 +488,9 @@ def main() -> None:
     ap.add_argument("--reverse-lr", type=float, default=1e-4)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the device script runs it there)")
     ap.add_argument("--name", default="real_unreadable", help="results file name under bench/results")
+    ap.add_argument("--reverse-point", default=None, help="measure this point's reverse distillation again with "
+                    "--reverse-long-cap steps a layer (e.g. penalty/s=64)")
+    ap.add_argument("--reverse-long-cap", type=int, default=3000)
     ap.add_argument("--table", action="store_true", help="print the recorded result as a markdown table and exit")
     args = ap.parse_args()
     if args.table:
@@ -468,7 +498,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     bench = Bench(args)
-    recipes = args.recipes.split(",")
+    if args.reverse_point:
+        bench.reverse_longer(args.reverse_point, args.reverse_long_cap)
+    recipes = args.recipes.split(",") if not args.reverse_point else []
     for r in recipes:
         if r == "structured":
             bench.structured()
@@ -486,6 +518,10 @@ def main() -> None:
               "layers": args.layers, "settings": vars(args), "lock_config": asdict(bench.cfg()),
               "points": bench.points, "aim": {"max_ppl_ratio": 1.05, "min_readback_ppl_ratio": 2.0,
                                                "min_reverse_over_owner": 1.0}}
+    longs = bench.root / "reverse_long.json"
+    for key, long in (read_json(longs) if longs.exists() else {}).items():
+        if key in bench.points:
+            bench.points[key]["reverse_long"] = long
     result["best"] = best_point(bench.points)
     errors = bench.root / "layer_errors.json"
     result["structured_layer_errors"] = read_json(errors) if errors.exists() else None
@@ -508,6 +544,11 @@ def table(result: dict) -> str:
             n = sum(r["steps"] for r in rev["per_layer"])
             rtxt = (f"{rev['seconds']:.0f} s, {n} steps, " + ("reached" if rev["reached"] else
                     f"not reached in {result['settings']['reverse_cap']} steps a layer"))
+            long = p.get("reverse_long")
+            if long:
+                rtxt += (f"; with up to {long['cap']} steps a layer: {long['seconds']:.0f} s, "
+                         f"{sum(r['steps'] for r in long['per_layer'])} steps, "
+                         + ("reached" if long["reached"] else "not reached"))
         where = "all 30" if p.get("locked") == "all" else ",".join(map(str, p["layers"]))
         ratio = lambda v: "NaN" if v != v else f"{v:.4f}"  # noqa: E731
         rows.append(f"| {key} | {where} | {ratio(lk['builtin:prose']['ppl_ratio'])} / "
@@ -524,10 +565,11 @@ def best_point(points: dict) -> dict | None:
         return None
     k = max(faithful, key=lambda k: faithful[k]["readback"]["worst_ppl_ratio"])
     p = faithful[k]
-    rev = p.get("reverse", {})
+    rev = p.get("reverse_long") or p.get("reverse", {})
     return {"point": k, "lock_ppl_ratio": p["lock"]["worst_ppl_ratio"],
             "readback_ppl_ratio": p["readback"]["worst_ppl_ratio"],
             "reverse_over_owner": (rev.get("seconds", 0.0) / p["owner_seconds"]) if p["owner_seconds"] else math.inf,
+            "reverse_reached": rev.get("reached"),
             "meets_aim": p["readback"]["worst_ppl_ratio"] >= 2.0 and rev.get("seconds", 0.0) >= p["owner_seconds"]}
 
 
