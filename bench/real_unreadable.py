@@ -533,9 +533,14 @@ def table(result: dict) -> str:
     """The points as a markdown table (what the README quotes, generated from the recorded JSON)."""
     rows = ["| point | MLPs locked | lock ppl ratio (prose / code) | lock top-1 | read-back ppl ratio (worse) | "
             "read-back top-1 | owner s | reverse distillation |", "|---|---|---|---|---|---|---|---|"]
-    for key, p in result["points"].items():
-        if "lock" not in p:
-            continue
+    order = {"structured": 0, "anneal": 1, "penalty": 2, "random": 3}
+
+    def rank(key: str):
+        recipe, _, value = key.partition("/")
+        number = float(value.split("=")[1])
+        return order.get(recipe, 9), -number if "s=" in value else number
+
+    for key, p in sorted(((k, p) for k, p in result["points"].items() if "lock" in p), key=lambda kp: rank(kp[0])):
         lk, rb = p["lock"], p["readback"]
         rev = p.get("reverse")
         if rev is None:
