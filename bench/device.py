@@ -44,8 +44,23 @@ def step(name: str, cmd: list[str], limit: float, env: dict) -> dict:
     return {"name": name, "command": " ".join(cmd), "exit": rc, "seconds": dt, "output_tail": out[-4000:]}
 
 
+def shape(model: str) -> tuple[int, str]:
+    """The gated rank (the largest of 32, 16, 8 that divides the MLP's hidden width) and up to six evenly spaced
+    layers of the model in ``model`` (its config.json)."""
+    import json
+
+    c = json.loads((Path(model) / "config.json").read_text())
+    d_ff, n = c["intermediate_size"], c["num_hidden_layers"]
+    rank = next((r for r in (32, 16, 8) if d_ff % r == 0), None)
+    if rank is None:
+        raise SystemExit(f"{model}: no rank of 32, 16 or 8 divides its MLP width {d_ff}")
+    layers = sorted({round(i * (n - 1) / 5) for i in range(6)}) if n > 1 else [0]
+    return rank, ",".join(map(str, layers))
+
+
 def plan(args, cuda: bool) -> list[tuple[str, list[str], float]]:
-    """The steps as (name, command, seconds) for this machine: full budgets on CUDA, tiny ones in a dry run."""
+    """The steps as (name, command, seconds) for this machine: full budgets on CUDA, tiny ones in a dry run. On
+    CUDA the steps' limits add up to at most 8 minutes with the pretraining step (9 with start-up)."""
     py = sys.executable
     if args.dry_run:
         frontier = ["--device", "cpu", "--name", "real_unreadable_dry", "--rank", "8", "--layers", "0",
@@ -53,15 +68,16 @@ def plan(args, cuda: bool) -> list[tuple[str, list[str], float]]:
                     "--random-segments", "1", "--reverse-cap", "10", "--calib-tokens", "2048",
                     "--eval-tokens", "256", "--recipes", "structured,random,anneal,penalty"]
     else:
-        frontier = ["--device", "cuda", "--name", "real_unreadable_cuda", "--layers", "0,5,10,15,20,25",
+        rank, layers = shape(args.model)
+        frontier = ["--device", "cuda", "--name", "real_unreadable_cuda", "--rank", str(rank), "--layers", layers,
                     "--readouts", "4096,1024,256", "--start", "1024", "--end", "16", "--steps", "300",
                     "--random-steps", "1000", "--random-segments", "2", "--reverse-cap", "2000",
                     "--calib-tokens", "65536", "--eval-tokens", "4096", "--batch", "1024",
                     "--recipes", "structured,random,anneal,penalty,attribution"]
-    steps = [("triton", [py, "-m", "pytest", "-q", "-x", "tests/test_triton.py"], 90 if cuda else 30)]
-    steps.append(("inference", [py, "bench/gpu.py", "--repeats", "3", "--smollm2", args.model], 150))
+    steps = [("triton", [py, "-m", "pytest", "-q", "-x", "tests/test_triton.py"], 60 if cuda else 30)]
+    steps.append(("inference", [py, "bench/gpu.py", "--repeats", "3", "--smollm2", args.model], 120))
     steps.append(("frontier", [py, "bench/real_unreadable.py", "--model", args.model,
-                               "--out", str(Path(args.work) / "unreadable"), *frontier], 270 if cuda else 300))
+                               "--out", str(Path(args.work) / "unreadable"), *frontier], 210 if cuda else 300))
     return steps
 
 
@@ -84,22 +100,26 @@ def main() -> None:
     if not (Path(args.model) / "config.json").exists():
         model = str(Path(args.work) / "base-small")
         records.append(step("pretrain", [sys.executable, "-m", "weightlock.cli", "pretrain", "--preset", "small",
-                                         "--data", "builtin:code+prose", "--out", model, "--overwrite"], 120, env))
+                                         "--data", "builtin:code+prose", "--out", model, "--overwrite"], 90, env))
         records[-1]["why"] = f"{args.model} is absent (SmolLM2 does not fit the 64 MiB that travels)"
         args.model = model
+    from weightlock.experiments.harness import save
+
+    def record() -> bool:  # after every step: a run cut short keeps what it measured
+        ok = all(r["exit"] in (0, "skipped") for r in records)
+        save("device_run_dry" if args.dry_run else "device_run_cuda",
+             {"command": "python bench/device.py " + " ".join(sys.argv[1:]), "cuda": cuda, "model": args.model,
+              "seconds": time.perf_counter() - t0, "ok": ok, "steps": records})
+        return ok
+
     for name, cmd, limit in plan(args, cuda):
         if name in ("triton", "inference") and not cuda:
             records.append({"name": name, "command": " ".join(cmd), "exit": "skipped",
                             "why": "no CUDA on this machine (dry run)"})
-            continue
-        records.append(step(name, cmd, limit, env))
-    from weightlock.experiments.harness import save
-
-    ok = all(r["exit"] in (0, "skipped") for r in records)
-    save("device_run_dry" if args.dry_run else "device_run_cuda",
-         {"command": "python bench/device.py " + " ".join(sys.argv[1:]), "cuda": cuda, "model": args.model,
-          "seconds": time.perf_counter() - t0, "ok": ok, "steps": records})
-    sys.exit(0 if ok else 1)
+        else:
+            records.append(step(name, cmd, limit, env))
+        record()
+    sys.exit(0 if record() else 1)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from weightlock import load
 from weightlock.data import load_blocks, load_tokenizer
 from weightlock.dlr.distill import (
     LockConfig,
+    anneal_readouts,
     capture,
     error_stats,
     fidelity_metrics,
@@ -66,7 +67,9 @@ REVERSE_CRITERION = f"error vs the MLP <= {REVERSE_TOLERANCE} x the lock's"
 
 def evaluate(model, data: dict) -> dict:
     out = {s: fidelity_metrics(model, data[s]["blocks"], *data[s]["teacher"]) for s in SPECS}
-    out["worst_ppl_ratio"] = max(out[s]["ppl_ratio"] for s in SPECS)
+    # NaN (an overflowing lock) is the worst, not skipped by max()
+    out["worst_ppl_ratio"] = max(math.inf if out[s]["ppl_ratio"] != out[s]["ppl_ratio"] else out[s]["ppl_ratio"]
+                                 for s in SPECS)
     out["min_top1_agreement"] = min(out[s]["top1_agreement"] for s in SPECS)
     return out
 
@@ -203,7 +206,7 @@ class Bench:
                                batch_tokens=a.batch, progress=False, loss="row", grad_clip=1.0,
                                split=(hold, train), until=faithful, device=self.device)
             dt = time.perf_counter() - t0
-            n = st["reached_at_step"] if st["reached_at_step"] is not None else a.reverse_cap
+            n = next(v for v in (st["reached_at_step"], st["stopped_at_step"], a.reverse_cap) if v is not None)
             # the attacker's pass over the lock to capture its pairs (2 FLOPs a weight a token) + 6 a weight a
             # token for each distillation step of the dense MLP
             flops += 2.0 * net.spec.num_parameters() * x.shape[0] + 6.0 * student.spec.num_parameters() * a.batch * n
@@ -211,7 +214,8 @@ class Bench:
             reached &= st["reached_at_step"] is not None
             per.append({"layer": k, "lock_rel_error_tokens": own, "readback_rel_error_tokens": start,
                         "end_rel_error_tokens": error_stats(student, xh, yh)["rel_error_tokens"], "steps": n,
-                        "seconds": dt, "reached": st["reached_at_step"] is not None})
+                        "seconds": dt, "check_seconds": st["until_seconds"],
+                        "reached": st["reached_at_step"] is not None})
         return {"criterion": REVERSE_CRITERION, "seconds": secs, "flops": flops, "reached": reached,
                 "per_layer": per}
 
@@ -293,7 +297,7 @@ class Bench:
     def continuation(self, name: str, penalty: float) -> None:
         a = self.args
         cfg = self.cfg(readout=a.start, anneal_to=a.end, steps=a.steps, readback_penalty=penalty)
-        stages = [s for s in _halves(a.start, a.end)]
+        stages = anneal_readouts(a.start, a.end)
         done = lambda k, s: (self.root / name / f"layer_{k}_s{s:g}.safetensors").exists()  # noqa: E731
         for k in self.chosen():
             if all(done(k, s) for s in stages):
@@ -418,12 +422,6 @@ def _rb(net: DLRNet) -> list[torch.Tensor]:
 
     with torch.no_grad():
         return [t for t in readback_weights(net).values() if t is not None]
-
-
-def _halves(start: float, end: float) -> list[float]:
-    from weightlock.dlr.distill import anneal_readouts
-
-    return anneal_readouts(start, end)
 
 
 def plot(result: dict, path: Path) -> None:

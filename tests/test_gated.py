@@ -127,6 +127,8 @@ def test_structured_start_errors_are_one_clear_line():
         resolve_activation(model, LockConfig(block="gated", init="mlp", activation="gelu"))
     with pytest.raises(WeightlockError, match="steps"):
         LockConfig(steps=0)  # only the structured start may skip distillation
+    with pytest.raises(WeightlockError, match="the rank must divide 96"):  # 96 hidden units, 20 a block: not the MLP
+        specs_for(model, LockConfig(block="gated", init="mlp", steps=0, rank=20, depth=5))
     assert resolve_activation(model, LockConfig()) == "gelu"
     adapter = specs_for(model, LockConfig(block="gated", init="mlp", steps=0))[0]
     w = gated_mlp_weights(find_layers(model, adapter)[0], adapter)
@@ -189,3 +191,36 @@ def test_recorded_smollm2_lock_is_faithful_and_records_its_read_back():
         assert row["lock"]["ppl_ratio"] <= 1.02 and row["lock"]["top1_agreement"] >= 0.95
         assert abs(row["readback"]["ppl_ratio"] - 1) < 1e-3  # the read-back is the original: readable
     assert rec["manifest_fidelity"]["readback_ppl_ratio"] == rep["readback"]["ppl_ratio"]
+
+
+def test_anneal_keeps_the_read_back_and_the_penalty_pushes_it_away():
+    """``rescaled`` halves the read-out with U doubled (the read-back is unchanged); an annealed fit reports one
+    stage per read-out down to ``anneal_to`` (``on_stage`` after each) and ends at that read-out; with the
+    read-back penalty the read-back ends farther from the MLP than without it."""
+    from weightlock.dlr.distill import anneal_readouts, capture, fit_layer, rescaled
+    from weightlock.dlr.modeling_weightlock_dlr import readback_weights
+
+    assert anneal_readouts(64.0, 8.0) == [64.0, 32.0, 16.0, 8.0] and anneal_readouts(64.0, 48.0) == [64.0, 48.0]
+    assert anneal_readouts(64.0, None) == [64.0]
+    model = _llama(d=32, d_ff=64, layers=1)
+    adapter = specs_for(model, LockConfig(block="gated", init="mlp", steps=0, rank=8))[0]
+    layer = find_layers(model, adapter)[0]
+    net = DLRNet(specs_for(model, LockConfig(block="gated", init="mlp", steps=0, rank=8, readout=64.0))[1][0])
+    mlp_init(layer, adapter)(net)
+    half = rescaled(net, 32.0)
+    assert half.spec.readout == 32.0
+    for a, b in zip(readback_weights(net).values(), readback_weights(half).values()):
+        assert a is None or torch.allclose(a, b)
+    x, y = capture(model, torch.randint(0, 64, (32, 32)), [0], dtype=torch.float32)[0]
+    results = {}
+    for penalty in (0.0, 1.0):
+        cfg = LockConfig(block="gated", init="mlp", rank=8, readout=16.0, anneal_to=4.0, steps=30, lr=1e-2,
+                         readback_penalty=penalty, progress=False, max_rel_error=None)
+        spec = specs_for(model, cfg)[1][0]
+        seen = []
+        out, stats = fit_layer(x, y, spec, cfg, init=mlp_init(layer, adapter), block=32,
+                               on_stage=lambda n, st: seen.append(st["readout"]))
+        assert seen == [16.0, 8.0, 4.0] and [s["readout"] for s in stats["stages"]] == seen
+        assert out.spec.readout == 4.0 == spec.readout
+        results[penalty] = stats["readback"]["rel_error_tokens"]
+    assert results[1.0] > 3 * results[0.0]

@@ -225,6 +225,11 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
     bias = cfg.bias or (cfg.init == "mlp" and not adapter.gated)
     if cfg.init == "mlp" and adapter.gated and _gated_has_bias(layers[0], adapter):
         bias = True
+    d_ff = getattr(model.config, "intermediate_size", None)
+    if cfg.init == "mlp" and cfg.block == "gated" and d_ff and (d_ff % cfg.rank or (cfg.depth or d_ff // cfg.rank)
+                                                                 != d_ff // cfg.rank):
+        raise WeightlockError(f"the structured start gives each block {cfg.rank} of the MLP's {d_ff} hidden units: "
+                              f"the rank must divide {d_ff} and the depth be {d_ff} / rank")
     activation = resolve_activation(model, cfg)
     sink = cfg.sink and cfg.init != "mlp"  # the structured start reproduces the sink token itself
     chosen = parse_layers(cfg.layers, len(layers))
@@ -784,6 +789,7 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     bs = min(batch_tokens, train.numel())
     good, best, restarts, stopped = _snapshot(net), math.inf, 0, None
     reached = 0 if until is not None and until(net) else None
+    until_seconds = 0.0  # time spent in the stopping test inside the loop (part of ``seconds``)
 
     def restart() -> None:  # back to the snapshot, fresh Adam moments, half the rate from this step on
         net.load_state_dict(good)
@@ -796,9 +802,13 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
                   TextColumn("{task.fields[info]}"), disable=not progress) as bar:
         task = bar.add_task(desc, total=steps, info="")
         for step in range(steps if reached is None else 0):
-            if until is not None and step and step % GUARD_EVERY == 0 and until(net):
-                reached = step
-                break
+            if until is not None and step and step % GUARD_EVERY == 0:
+                t_check = time.perf_counter()
+                met = until(net)
+                until_seconds += time.perf_counter() - t_check
+                if met:
+                    reached = step
+                    break
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
             xb, yb = x[idx].float().to(device), y[idx].float().to(device)
             with torch.autocast(xb.device.type, torch.bfloat16, enabled=bf16):
@@ -838,7 +848,8 @@ def fit_module(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, 
     stats = {"restarts": restarts, "stopped_at_step": stopped, "reached_at_step": reached,
              "rel_error_init": err0, "rel_error_train": relative_error(net, x[train[:n_hold]], y[train[:n_hold]]),
              **held, "tokens": x.shape[0], "held_out_tokens": n_hold, "steps": steps, "seconds": dt,
-             "tokens_per_s": (stopped or reached or steps) * bs / dt if dt > 0 else 0.0}
+             "until_seconds": until_seconds,
+             "tokens_per_s": next(n for n in (stopped, reached, steps) if n is not None) * bs / dt if dt > 0 else 0.0}
     return net.cpu() if str(device) != "cpu" else net, stats
 
 

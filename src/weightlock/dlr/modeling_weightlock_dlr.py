@@ -426,7 +426,8 @@ def readback_net(net: DLRNet) -> DLRNet:
     started from an MLP's hidden units (``init="mlp"``) and not trained, it *is* that MLP."""
     s = net.spec
     spec = DLRSpec(s.width, s.rank * s.depth, 1, s.activation, s.norm, s.bias, 0.0, 1.0, s.sink, s.form)
-    out = DLRNet(spec).to(dtype=net.blocks[0].up.weight.dtype)
+    w = net.blocks[0].up.weight
+    out = DLRNet(spec).to(device=w.device, dtype=w.dtype)
     wide = out.blocks[0]
     for name, t in readback_weights(net).items():
         if t is not None:
