@@ -219,8 +219,27 @@ def test_anneal_keeps_the_read_back_and_the_penalty_pushes_it_away():
         spec = specs_for(model, cfg)[1][0]
         seen = []
         out, stats = fit_layer(x, y, spec, cfg, init=mlp_init(layer, adapter), block=32,
-                               on_stage=lambda n, st: seen.append(st["readout"]))
+                               on_stage=lambda n, st, seen=seen: seen.append(st["readout"]))
         assert seen == [16.0, 8.0, 4.0] and [s["readout"] for s in stats["stages"]] == seen
         assert out.spec.readout == 4.0 == spec.readout
         results[penalty] = stats["readback"]["rel_error_tokens"]
     assert results[1.0] > 3 * results[0.0]
+
+
+def test_gated_gate_map_is_seen_by_the_fast_path_check_and_by_lora():
+    """A hook or an adapter on the gate map keeps the reference path (as for down and up), and LoRA's ``dlr``
+    targets include the gate of gated blocks."""
+    from weightlock.attacks.lora import dlr_targets
+
+    net = DLRNet(DLRSpec(16, 4, 2, activation="silu", form="gated"))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert net.inference_path(x) == "fast"
+        handle = net.blocks[0].gate.register_forward_hook(lambda m, i, o: None)  # the first block is checked
+        assert net.inference_path(x) == "reference"
+        handle.remove()
+    wrapper = torch.nn.Module()
+    wrapper.net = net
+    assert dlr_targets(wrapper) == ["down", "up", "gate"]
+    wrapper.net = DLRNet(DLRSpec(16, 4, 2))
+    assert dlr_targets(wrapper) == ["down", "up"]

@@ -28,6 +28,14 @@ class LoraAttackConfig(AttackConfig):
             raise WeightlockError(f"LoRA r and alpha must be at least 1, got r={self.r}, alpha={self.alpha}")
 
 
+def dlr_targets(model) -> list[str]:
+    """The DLR blocks' maps LoRA adapts: down and up, and gate where the blocks are gated."""
+    from ..dlr.modeling_weightlock_dlr import DLRNet
+
+    gated = any(m.spec.form == "gated" for m in model.modules() if isinstance(m, DLRNet))
+    return ["down", "up", "gate"] if gated else ["down", "up"]
+
+
 @register("lora")
 class LoraAttack(Attack):
     """peft LoRA on attention, on all linear layers, or on the DLR-Net factors."""
@@ -40,5 +48,6 @@ class LoraAttack(Attack):
         c = self.cfg
         if c.targets == "dlr" and not is_dlr(model):
             raise WeightlockError("LoRA on DLR factors needs a DLR-locked model")
-        targets = {"attention": attention_names(model), "all-linear": "all-linear", "dlr": ["down", "up"]}[c.targets]
+        targets = {"attention": attention_names(model), "all-linear": "all-linear",
+                   "dlr": dlr_targets(model)}[c.targets]
         return get_peft_model(model, LoraConfig(r=c.r, lora_alpha=c.alpha, target_modules=targets, lora_dropout=0.0))

@@ -311,8 +311,9 @@ class DLRNet(nn.Module):
         if self._forward_hooks or self._forward_pre_hooks:
             return False
         b = self.blocks[0]  # blocks wrapped by e.g. peft LoRA or carrying hooks keep the reference path
-        return (type(b.down) is nn.Linear and type(b.up) is nn.Linear and not b._forward_hooks
-                and not b.down._forward_hooks and not b.up._forward_hooks and not b._forward_pre_hooks)
+        maps = (b.down, b.up, b.gate) if self.spec.form == "gated" else (b.down, b.up)
+        return (all(type(m) is nn.Linear and not m._forward_hooks for m in maps) and not b._forward_hooks
+                and not b._forward_pre_hooks)
 
     def _weights(self) -> list[tuple]:
         """(norm, V, b, U, c, G, g) per block (G, g: the gated form's gate weight and bias, else None),
