@@ -222,9 +222,8 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
         kind, want = ("a gated", "gated") if adapter.gated else ("a plain two-matrix", "plain")
         raise WeightlockError(f"init 'mlp' starts the blocks from the MLP's hidden units: {adapter.family} has "
                               f"{kind} MLP, so it needs --block {want}")
-    bias = cfg.bias or (cfg.init == "mlp" and not adapter.gated)
-    if cfg.init == "mlp" and adapter.gated and _gated_has_bias(layers[0], adapter):
-        bias = True
+    # the structured start takes the MLP's biases: a plain MLP always has them, a gated one where it does
+    bias = cfg.bias or (cfg.init == "mlp" and (not adapter.gated or _gated_has_bias(layers[0], adapter)))
     d_ff = getattr(model.config, "intermediate_size", None)
     if cfg.init == "mlp" and cfg.block == "gated" and d_ff and (d_ff % cfg.rank or (cfg.depth or d_ff // cfg.rank)
                                                                  != d_ff // cfg.rank):
@@ -635,6 +634,7 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
         sink_state = {k: v.clone() for k, v in probe.sink.state_dict().items()}
 
     readouts = anneal_readouts(cfg.readout, cfg.anneal_to) if cfg.init == "mlp" else [spec.readout]
+    xh, yh = x[split[0]].float(), y[split[0]].float()  # held-out rows: the read-back and final errors
 
     def make() -> DLRNet:
         net = DLRNet(replace(spec, readout=readouts[0]))
@@ -659,7 +659,7 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
         lr = cfg.lr / s if cfg.init == "mlp" else cfg.lr
         net, stats = fit_module(start, x, y, lr=lr, desc=desc if s == spec.readout else f"{desc} s={s:g}", **fit)
         if cfg.anneal_to is not None:
-            rb = error_stats(readback_net(net), x[split[0]].float(), y[split[0]].float())
+            rb = error_stats(readback_net(net), xh, yh)
             stages.append({"readout": s, **{k: stats[k] for k in ("rel_error", "rel_error_tokens", "seconds")},
                            "readback_rel_error_tokens": rb["rel_error_tokens"]})
             if on_stage is not None:
@@ -673,10 +673,8 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
         with torch.no_grad():
             rest = torch.cat([yt[i:i + 8192] - net._forward_blocks(xt[i:i + 8192]) for i in range(0, len(xt), 8192)])
         fit_sink(net.sink, xt, yt, cfg.outlier_factor, target=rest)
-        xh, yh = x[split[0]].float(), y[split[0]].float()
         stats.update(error_stats(net, xh, yh, outlier_rows(yh, cfg.outlier_factor)))
     # what an attacker reads off the net by laying its blocks side by side, against the MLP
-    xh, yh = x[split[0]].float(), y[split[0]].float()
     rb = error_stats(readback_net(net), xh, yh, outlier_rows(yh, cfg.outlier_factor))
     stats["readback"] = {k: rb[k] for k in ("rel_error", "rel_error_tokens", "outlier_rel_error")}
     stats["spec"] = asdict(spec)
