@@ -161,6 +161,13 @@ def test_reverse_distill_readback_recovers_an_mlp_init_release_without_training(
     assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-4)
     with pytest.raises(WeightlockError, match="init"):
         reverse_distill(locked, _SmallTok(tokenizer), ReverseDistillConfig.from_options(init="guess", progress=False))
+    # with nothing to distil, only the read-back's check is captured (an attacker's read-back is not charged a
+    # 65k-token capture): the counted FLOPs are one forward over READBACK_CHECK_TOKENS
+    from weightlock.attacks.reverse_distill import READBACK_CHECK_TOKENS, reverse_distill_flops
+
+    weights = sum(p.numel() for p in locked.parameters() if p.ndim >= 2)
+    big = ReverseDistillConfig.from_options(init="readback", distill_steps=0, distill_tokens=65_536, progress=False)
+    assert reverse_distill_flops(locked, dense, big) == 2.0 * weights * READBACK_CHECK_TOKENS
 
 
 class _SmallTok:

@@ -14,6 +14,7 @@ from .base import Attack, AttackConfig, is_dlr
 from .registry import register
 
 DISTILL_BATCH_TOKENS = 1024  # captured (input, output) pairs per distillation step
+READBACK_CHECK_TOKENS = 1024  # tokens captured to measure a read-back's error when nothing is distilled
 
 
 @dataclass
@@ -53,6 +54,13 @@ class ReverseDistill(Attack):
         return dense
 
 
+def capture_tokens(cfg: ReverseDistillConfig) -> int:
+    """Tokens captured through the locked model: the distillation's data, or with no distillation
+    (``distill_steps=0``) only :data:`READBACK_CHECK_TOKENS` to measure the read-back's error."""
+    return cfg.distill_tokens if cfg.distill_steps else max(cfg.block_size, min(cfg.distill_tokens,
+                                                                                 READBACK_CHECK_TOKENS))
+
+
 def reverse_distill_flops(locked: nn.Module, dense: nn.Module, cfg: ReverseDistillConfig) -> float:
     """Analytic FLOPs of :func:`reverse_distill`: one forward pass of the locked model over the capture
     tokens (2 FLOPs per weight per token, attention scores not counted) plus, per layer, the dense MLP's
@@ -60,7 +68,7 @@ def reverse_distill_flops(locked: nn.Module, dense: nn.Module, cfg: ReverseDisti
     :data:`DISTILL_BATCH_TOKENS`."""
     from ..dlr.modeling_weightlock_dlr import adapter_for, find_layers, mlp_modules
 
-    capture = 2.0 * sum(p.numel() for p in locked.parameters() if p.ndim >= 2) * cfg.distill_tokens
+    capture = 2.0 * sum(p.numel() for p in locked.parameters() if p.ndim >= 2) * capture_tokens(cfg)
     adapter = adapter_for(locked)
     mlp = sum(p.numel() for layer in find_layers(dense, adapter) for m in mlp_modules(layer, adapter)
               for p in m.parameters() if p.ndim >= 2)
@@ -125,7 +133,7 @@ def reverse_distill(model, tokenizer, cfg: ReverseDistillConfig) -> tuple[nn.Mod
     if cfg.init == "readback":
         for locked, layer in zip(locked_layers, dense_layers):
             write_readback(layer, adapter, get_path(locked, adapter.mlp))
-    blocks = load_blocks("builtin:code+prose", "train", tokenizer, cfg.block_size, cfg.distill_tokens)
+    blocks = load_blocks("builtin:code+prose", "train", tokenizer, cfg.block_size, capture_tokens(cfg))
     caps = capture(model, blocks, list(range(len(locked_layers))))
     errors = []
     for k, layer in enumerate(dense_layers):
