@@ -24,7 +24,7 @@ def test_collect_recognises_every_kind_by_content():
     assert set(found) == {schema.DEMO, schema.ATTACK_CURVES, schema.MEMORY_VS_DEPTH, schema.MEMORY_TIME_FRONTIER,
                           schema.PMP_GAIN_VS_RATIO, schema.MASK_RECOVERY, schema.LOCK_FIDELITY, schema.REAL_LOCK,
                           schema.LOCK_COST, schema.LOCK_REGIME, schema.REAL_ATTACKS, schema.ERROR_BUDGET}
-    assert all(len(v) == (2 if k == schema.REAL_LOCK else 1) for k, v in found.items())
+    assert all(len(v) == (2 if k in (schema.REAL_LOCK, schema.REAL_ATTACKS) else 1) for k, v in found.items())
     assert skipped == []  # unrelated.json is no weightlock record: passed over, not listed
 
 
@@ -92,6 +92,25 @@ def test_report_leads_with_the_real_model_against_the_bars(tmp_path):
     # a lock with a diverged layer says which, rather than a NaN maximum
     row = next(line for line in md.splitlines() if line.startswith("| r16-row-clip-b256 |"))
     assert "| 0.39 / NaN (layer 29 diverged) |" in row and "17.0 → nan" in row and row.endswith("MISSES |")
+
+
+def test_report_leads_with_the_red_team_verdicts_on_faithful_releases(tmp_path):
+    """Issue #35: the report's first table is the red team on the faithful releases — per release and task the
+    release's fidelity and read-back, the multipliers and the verdict sentence the bench wrote — and it draws
+    score vs seconds and every attack's memory vs time; the older broken-lock red team follows as history."""
+    md = build_report([FIX / "bench"], tmp_path / "rep").with_name("README.md").read_text()
+    ra = json.loads((FIX / "bench" / "real_attacks_synthetic.json").read_text())
+    first = md.index("## ", md.index("# weightlock report") + 2)
+    assert md[first:].startswith("## Real LLM (SmolLM2-135M): the red team on faithful releases")
+    for a in ra["analysis"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {a['release']} | {a['task']} |"))
+        assert a["verdict"] in row and f"| {a['seconds_level']['multiplier']:.2f}× |" in row
+        assert f"{a['release_fidelity']['ppl_ratio']:.4f} / {a['release_fidelity']['readback_ppl_ratio']:.4f}" in row
+    assert md.index("the red team on faithful releases") < md.index("the red team, lock vs unlocked original")
+    panels = R._real_frontier_panels(collect([FIX / "bench"], []))
+    assert [(t, r) for t, r, _ in panels] == [(a["task"], a["release"]) for a in ra["analysis"]]
+    assert all(len(p) == len(a["per_step"]) for (_, _, p), a in zip(panels, ra["analysis"]))
+    assert "](real_attacks_frontier.png)" in md
 
 
 def test_report_shows_the_real_model_red_team_and_error_budget(tmp_path):

@@ -261,22 +261,54 @@ def _draw_cost(ax, item) -> None:
     ax.set_ylabel("gain over the release")
 
 
+def _red_team(found, faithful: bool) -> list:
+    """The red-team records on the real LLM, in file order: the ones on faithful releases (issue #35's, with a
+    ``verdict`` per task and the attacked ``release``) or the older ones (on a broken lock, kept as history)."""
+    return [d for _, d in found.get(schema.REAL_ATTACKS, [])
+            if bool(d["analysis"]) and ("verdict" in d["analysis"][0]) == faithful]
+
+
+def _attacked(a: dict) -> str:
+    return a.get("release") or a["defense"]
+
+
 def _real_attack_panels(found) -> list:
-    """[(task, defense, level target, [(label, is_lock, [(seconds, score)])])] from bench/real_attacks.py."""
+    """[(task, release, level target, [(label, is_lock, [(seconds, score)])], model)] from bench/real_attacks.py:
+    the faithful releases first, then the history."""
     out = []
-    for _, d in found.get(schema.REAL_ATTACKS, []):
+    for d in _red_team(found, True) + _red_team(found, False):
         for a in d["analysis"]:
             lines = [(r["label"], r["model"] != "original", [(p["seconds"], p["score"]) for p in r["cost_curve"]])
-                     for r in d["runs"] if r["task"] == a["task"] and r["model"] in ("original", a["defense"])]
-            out.append((a["task"], a["defense"], a["seconds_level"]["target_score"], lines,
+                     for r in d["runs"] if r["task"] == a["task"] and r["model"] in ("original", _attacked(a))]
+            out.append((a["task"], _attacked(a), a["seconds_level"]["target_score"], lines,
                         Path(d["models"]["original"]).name))
     return out
+
+
+def _real_frontier_panels(found) -> list:
+    """[(task, release, [(label, is_lock, training memory bytes, step seconds)])]: every attack's counted
+    training memory against its step time, on the faithful releases."""
+    return [(a["task"], a["release"], [(s["label"], s["model"] != "original", s["training_memory_bytes"],
+                                        s["step_time_s"]) for s in a["per_step"] if s["training_memory_bytes"]])
+            for d in _red_team(found, True) for a in d["analysis"]]
+
+
+def _draw_real_frontier(ax, item) -> None:
+    task, release, points = item
+    for label, lock, mem, t in points:
+        ax.scatter(mem / 2**30, t, marker="s" if lock else "o", color="C3" if lock else "C0", s=20)
+        ax.annotate(label, (mem / 2**30, t), fontsize=5)
+    ax.set_xlabel("counted training memory (GiB)")
+    ax.set_ylabel("median step time (s)")
+    ax.set_title(f"{task} · {release}: memory–time of every attack (squares: release; circles: original)",
+                 fontsize=8)
 
 
 def _draw_real_attack(ax, item) -> None:
     task, defense, level, lines, name = item
     _lock_vs_original(ax, lines, level)
-    ax.set_yscale("symlog")
+    if min(y for *_, pts in lines for _, y in pts) < -10:  # a broken lock's loss: compress its scale
+        ax.set_yscale("symlog")
     ax.set_title(f"{name} · {task} · {defense}", fontsize=9)
     ax.set_ylabel("held-out task score (−loss)")
 
@@ -307,17 +339,22 @@ def _one_panel(items: list) -> list:
 
 # (file, title, panels from the results, drawing, panel size, columns, caption)
 FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | None, str]] = [
-    ("cost_curves.png", "Gain vs the attacker's cost, locked vs unlocked", _cost_panels, _draw_cost, (5, 3.8), 3,
-     "Attacks run to convergence (patience on the held-out task score): the gain over the released model against "
-     "the attacker's cumulative training seconds, on the lock (solid) and on the unlocked original (dashed), every "
-     "attack and learning rate. The dotted line is the target, 90% of the best gain any attack reaches on the "
-     "original; the lock cost multiplier is the cheapest lock attack's time to it over the cheapest original's."),
     ("real_attacks.png", "Attacks on a real LLM (SmolLM2-135M): score vs the attacker's cost", _real_attack_panels,
      _draw_real_attack, (6, 4), 2,
      "The red team on the real model: the held-out task score (negative loss, symmetric-log scale) of every attack "
      "on the DLR-locked SmolLM2-135M (solid) and on the unlocked original (dashed) against the attacker's "
      "cumulative training seconds. The dotted line is the level target: the original release's score plus 90% "
      "of the best gain any attack reaches on the original."),
+    ("real_attacks_frontier.png", "Attacks on faithful SmolLM2-135M releases: memory vs time",
+     _real_frontier_panels, _draw_real_frontier, (6, 4), 2,
+     "The memory–time frontier of every attack on a faithful release (squares) and on the unlocked original "
+     "(circles): the counted training memory (parameters + gradients + optimizer state + saved activations) "
+     "against the median step time; per-net gradient checkpointing trades one for the other."),
+    ("cost_curves.png", "Gain vs the attacker's cost, locked vs unlocked", _cost_panels, _draw_cost, (5, 3.8), 3,
+     "Attacks run to convergence (patience on the held-out task score): the gain over the released model against "
+     "the attacker's cumulative training seconds, on the lock (solid) and on the unlocked original (dashed), every "
+     "attack and learning rate. The dotted line is the target, 90% of the best gain any attack reaches on the "
+     "original; the lock cost multiplier is the cheapest lock attack's time to it over the cheapest original's."),
     ("error_budget.png", "Per-layer error budget of a real LLM", _budget_panels, _draw_budget, (6, 4), None,
      "Every MLP of SmolLM2-135M replaced by MLP + α·(DLR − MLP) with the lock's own DLR-Nets (layer error α²·e): "
      "top-1 next-token agreement and perplexity ratio on held-out prose against the median per-layer relative "
@@ -357,6 +394,7 @@ FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | Non
 FIGURE_KINDS: dict[str, tuple[str, ...]] = {
     "cost_curves.png": (schema.LOCK_COST,),
     "real_attacks.png": (schema.REAL_ATTACKS,),
+    "real_attacks_frontier.png": (schema.REAL_ATTACKS,),
     "error_budget.png": (schema.ERROR_BUDGET,),
     "curves.png": (schema.DEMO, schema.ATTACK_CURVES, schema.ATTACK_RUN),
     "memory_vs_depth.png": (schema.MEMORY_VS_DEPTH, schema.DEMO),
@@ -401,10 +439,43 @@ def _real_model_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
               "prose top-1 agreement", "code ppl ratio", "prefill", "decode", "fidelity bars"], rows)]
 
 
-def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The red team on the real LLM: the verdict per task, then every attack's cost per step."""
+def _red_team_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The red team on the faithful releases of the real LLM: the verdict per release and task, then every
+    attack's cost per step (counted training memory, step time, the preparation's seconds)."""
     tables = []
-    for _, d in found.get(schema.REAL_ATTACKS, []):
+    for d in _red_team(found, True):
+        name, rows, steps = d.get("model_name") or Path(d["models"]["original"]).name, [], []
+        for a in d["analysis"]:
+            fid = a["release_fidelity"]
+            spread = a.get("seed_spread") or {}
+            rows.append([a["release"], a["task"], f"{fid['ppl_ratio']:.4f} / {fmt(fid.get('readback_ppl_ratio'), '.4f')}",
+                         f"{a['original_release_score']:+.3f} → {a['best_original_score']:+.3f}",
+                         f"{a['locked_release_score']:+.3f} → {a['best_locked_score']:+.3f}",
+                         "; ".join(f"{k}: " + " / ".join(f"{g:+.3f}" for g in v) for k, v in spread.items()) or "n/a",
+                         fmt(a["gain_ratio_at_convergence"], ".2f"), _x(a["seconds_level"]["multiplier"]),
+                         _x(a["flops_level"]["multiplier"]),
+                         _x((a.get("seconds_level_within_memory") or {}).get("multiplier")), a["verdict"]])
+            steps += [[a["release"], a["task"], "release" if s["model"] != "original" else "original", s["label"],
+                       f"{s['best_gain']:+.3f}", str(s["steps"]), f"{s['prepare_seconds']:.0f}",
+                       _x(s["step_time_ratio"]), _x(s.get("memory_ratio"))] for s in a["per_step"]]
+        tables.append((f"Real LLM ({name}): the red team on faithful releases — what an attacker pays to fine-tune "
+                       "the release as well as the unlocked original (target: 90% of the original's best gain, as "
+                       "a score level; score = −held-out loss)",
+                       ["release", "task", "ppl ratio / read-back", "original: release → best",
+                        "release: release → best", "best gain, 2 seeds", "gain ratio", "time ×", "FLOPs ×",
+                        "time × within the original's training memory", "verdict"], rows))
+        tables.append((f"Real LLM ({name}): every attack on the faithful releases, per step, relative to the "
+                       "original's best full fine-tune",
+                       ["release", "task", "model", "attack", "best gain", "steps", "preparation s", "step time",
+                        "training memory"], steps))
+    return tables
+
+
+def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The older red team on the real LLM (a broken lock, kept as history): the verdict per task, then every
+    attack's cost per step; and the per-layer error budget."""
+    tables = []
+    for d in _red_team(found, False):
         rows, steps = [], []
         for a in d["analysis"]:
             spread = a.get("seed_spread")
@@ -502,6 +573,7 @@ def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
 
 # the tables, in the report's order, each with the record kinds it reads
 TABLES: list[tuple[Callable, tuple[str, ...], str]] = [
+    (_red_team_tables, (schema.REAL_ATTACKS,), "real-LLM red team on faithful releases"),
     (_real_model_tables, (schema.REAL_LOCK,), "real-LLM fidelity, lock time and speed"),
     (_real_attack_tables, (schema.REAL_ATTACKS, schema.ERROR_BUDGET), "real-LLM red team and error budget"),
     (_cost_tables, (schema.LOCK_COST, schema.LOCK_REGIME), "lock cost multiplier and rank regime"),
