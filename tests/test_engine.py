@@ -45,6 +45,27 @@ def test_stacked_forward_is_every_net():
         StackedNets([DLRNet(DLRSpec(32, 8, 4, sink=True))])
 
 
+@pytest.mark.parametrize("form", ["gated", "plain"])
+def test_hand_written_backward_is_autograd_through_the_stacked_forward(form):
+    """The engine's forward + backward without a graph (loss_backward) gives autograd's losses and gradients
+    in fp32; in bf16, autocast's within bf16 rounding."""
+    from weightlock.dlr.distill import distill_loss
+
+    spec = DLRSpec(32, 8, 5, activation="silu" if form == "gated" else "gelu", init_scale=0.5, readout=3.0, form=form)
+    torch.manual_seed(0)
+    stacked = StackedNets([DLRNet(spec) for _ in range(3)])
+    x, y = torch.randn(3, 40, 32), torch.randn(3, 40, 32)
+    for bf16, tol in ((False, 1e-5), (True, 5e-2)):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = stacked(x)
+        ref = [distill_loss(out[i].float(), y[i], "row") for i in range(3)]
+        want = torch.autograd.grad(sum(ref), list(stacked.parameters()))
+        got = stacked.loss_backward(x, y, "row", bf16)
+        assert torch.allclose(got, torch.stack(ref).detach(), rtol=tol)
+        for w, p in zip(want, stacked.parameters()):
+            assert (p.grad - w).norm() <= tol * w.norm(), (bf16, p.shape)
+
+
 def test_stacked_fit_matches_the_per_layer_fits():
     """Same starts, same batches, same schedule and per-layer clipping: the stacked fit's nets equal what
     fit_module gives layer by layer (fp32)."""
@@ -60,6 +81,21 @@ def test_stacked_fit_matches_the_per_layer_fits():
             assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
         assert stats["layers"][k]["rel_error_tokens"] == pytest.approx(st["rel_error_tokens"], rel=1e-3)
         assert st["rel_error_tokens"] < st["rel_error_init"]
+
+
+def test_layers_dealt_to_two_processes_give_the_one_process_fit():
+    """processes=2: each worker fits its share of the layers; the layers' fits are independent, so the nets are
+    the one-process fit's, in the layers' order."""
+    xs, ys = _captures()
+    split = holdout_split(xs[0].shape[0], 0.1, 0, 32)
+    kw = dict(steps=12, lr=3e-3, batch_tokens=64, loss="row", grad_clip=0.5, split=split)
+    one, st1 = fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, **kw)
+    two, st2 = fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, processes=2, **kw)
+    assert st2["processes"] == 2 and [r["layer"] for r in st2["layers"]] == [0, 1, 2]
+    for a, b in zip(one, two):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, atol=1e-6)
+    assert [r["rel_error"] for r in st2["layers"]] == pytest.approx([r["rel_error"] for r in st1["layers"]], rel=1e-4)
 
 
 _SCRIPT = """

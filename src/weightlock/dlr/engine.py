@@ -27,6 +27,10 @@ from ..errors import WeightlockError
 from .modeling_weightlock_dlr import BLOCK_ACTIVATIONS, DLRNet, DLRSpec
 
 
+# the activations as functions (BLOCK_ACTIVATIONS holds module classes)
+_ACT_FN = {name: make() for name, make in BLOCK_ACTIVATIONS.items()}
+
+
 def supported(spec: DLRSpec) -> bool:
     """Whether the stacked engine runs nets of ``spec`` (no per-block norm, bias or sink)."""
     return not (spec.norm or spec.bias or spec.sink)
@@ -60,6 +64,67 @@ class StackedNets(nn.Module):
             z = z + torch.bmm(h, self.up[l])
         return self.spec.readout * (z - x.float())
 
+    def _act(self, p: torch.Tensor) -> torch.Tensor:
+        """The block's hidden activation from the fp32 pre-activations ``p`` (gated: ``[up | gate]``)."""
+        act, r = _ACT_FN[self.spec.activation], self.spec.rank
+        return act(p[:, r:]) * p[:, :r] if self.gate is not None else act(p)
+
+    def _act_grad(self, p: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d``p`` given d(loss)/d(activation) ``da`` (fp32): SiLU's gated form in closed form, any
+        other activation through autograd on the small ``[tokens, r]`` tensor."""
+        r = self.spec.rank
+        if self.gate is not None and self.spec.activation == "silu":
+            up, gate = p[:, :r], p[:, r:]
+            sg = torch.sigmoid(gate)
+            return torch.cat([da * gate * sg, da * up * sg * (1 + gate * (1 - sg))], 1)
+        with torch.enable_grad():
+            pl = p.detach().requires_grad_()
+            return torch.autograd.grad(self._act(pl), pl, da)[0]
+
+    def loss_backward(self, x: torch.Tensor, y: torch.Tensor, loss: str, bf16: bool = False) -> torch.Tensor:
+        """Every layer's distillation loss on ``x``/``y`` (``[n, tokens, d]``, fp32) and its gradients, written
+        into the parameters' ``.grad`` — a hand-written forward and backward, layer by layer (one layer's
+        activations alive at a time), with no autograd graph over the blocks: per block the gate and up maps
+        are one product, the stream is cast once and the increment added in place, the weight gradients are
+        written straight into stacked buffers. ``bf16``: the products in bf16, the stream, the activations and
+        the sums in fp32 (as under autocast). Returns the losses ``[n]``. The same function as
+        :meth:`forward` with :func:`~weightlock.dlr.distill.distill_loss` under autograd (a test checks it)."""
+        from .distill import distill_loss
+
+        spec, dt = self.spec, torch.bfloat16 if bf16 else torch.float32
+        with torch.no_grad():  # this step's weights, in the products' dtype, up and gate maps side by side
+            w = (torch.cat([self.down, self.gate], -1) if self.gate is not None else self.down).to(dt)
+            u = self.up.to(dt)
+            gw, gu = torch.empty_like(w), torch.empty_like(u)
+        losses = []
+        for i in range(x.shape[0]):
+            z, saved = x[i].clone(), []
+            with torch.no_grad():
+                for l in range(spec.depth):
+                    zb = z.to(dt, copy=True)
+                    p = (zb @ w[l, i]).float()
+                    a = self._act(p).to(dt)
+                    z.add_(a @ u[l, i])
+                    saved.append((zb, p, a))
+            out = (spec.readout * (z - x[i])).requires_grad_()
+            value = distill_loss(out, y[i], loss)
+            (g,) = torch.autograd.grad(value, out)
+            losses.append(value.detach())
+            with torch.no_grad():
+                g = g * spec.readout
+                for l in reversed(range(spec.depth)):
+                    zb, p, a = saved.pop()
+                    gb = g.to(dt)
+                    torch.mm(a.t(), gb, out=gu[l, i])
+                    dp = self._act_grad(p, (gb @ u[l, i].t()).float()).to(dt)
+                    torch.mm(zb.t(), dp, out=gw[l, i])
+                    g.add_(dp @ w[l, i].t())
+        r = spec.rank
+        self.down.grad, self.up.grad = gw[..., :r].float().contiguous(), gu.float().contiguous()
+        if self.gate is not None:
+            self.gate.grad = gw[..., r:].float().contiguous()
+        return torch.stack(losses)
+
     @torch.no_grad()
     def unstack(self) -> list[DLRNet]:
         """The ``n`` nets, as :class:`DLRNet` modules holding copies of the stacked weights."""
@@ -83,23 +148,67 @@ class StackedNets(nn.Module):
 def fit_stacked(make: Callable[[int], DLRNet], layers: list[int], xs: list[torch.Tensor], ys: list[torch.Tensor],
                 steps: int, lr: float, batch_tokens: int, split: tuple[torch.Tensor, torch.Tensor], seed: int = 0,
                 loss: str = "energy", grad_clip: float = 0.0, bf16: bool = False, progress: bool = False,
-                checkpoint: Path | None = None, checkpoint_every: int = 50) -> tuple[list[DLRNet], dict]:
+                checkpoint: Path | None = None, checkpoint_every: int = 50,
+                processes: int = 1) -> tuple[list[DLRNet], dict]:
     """Fit the nets of ``layers`` together: ``make(k)`` builds layer k's starting net (called after
     ``torch.manual_seed(seed)``, as :func:`~weightlock.dlr.distill.fit_module` does), ``xs[i]``/``ys[i]`` are
     layer ``layers[i]``'s captured pairs (aligned rows), ``split`` = (held-out rows, training rows). Adam with
     the same warm-up + cosine schedule and batches as ``fit_module``; each layer's gradient norm clipped to
-    ``grad_clip`` on its own; ``bf16``: matmuls under bf16 autocast. ``checkpoint``: a file the fit saves to
-    every ``checkpoint_every`` steps (weights, Adam state, step) and resumes from when it exists. Returns the
-    nets and the stats (per layer: held-out errors; the run's seconds and steps per second)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from ..io import atomic_path
-    from .distill import distill_loss, error_stats
-
+    ``grad_clip`` on its own; ``bf16``: the products in bf16 (see :meth:`StackedNets.loss_backward`).
+    ``checkpoint``: a file the fit saves to every ``checkpoint_every`` steps (weights, Adam state, step) and
+    resumes from when it exists. ``processes`` > 1: the layers dealt round-robin to that many worker
+    processes (threads split among them, tensors shared, not copied), each fitting its share — the layers'
+    fits are independent, so the result is the one-process fit's (a test checks it); each share keeps its
+    own checkpoint (``checkpoint`` + ``.K``). Returns the nets and the stats (per layer: held-out errors; the
+    fitting loop's seconds — with processes, the slowest share's, and ``wall_seconds`` with their start-up —
+    and layer-steps per second of the loop)."""
     nets = []
     for k in layers:
         torch.manual_seed(seed)
         nets.append(make(k))
+    kw = dict(steps=steps, lr=lr, batch_tokens=batch_tokens, split=split, seed=seed, loss=loss, grad_clip=grad_clip,
+              bf16=bf16, checkpoint_every=checkpoint_every)
+    processes = max(1, min(processes, len(layers)))
+    if processes == 1:
+        return _fit_share(nets, layers, xs, ys, progress=progress, checkpoint=checkpoint, **kw)
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch.multiprocessing as tmp
+
+    from ..io import set_threads_per_process
+
+    shares = [list(range(len(layers)))[k::processes] for k in range(processes)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(processes, mp_context=tmp.get_context("spawn"), initializer=set_threads_per_process,
+                             initargs=(processes,)) as pool:
+        futures = [pool.submit(_fit_share, [nets[i] for i in share], [layers[i] for i in share],
+                               [xs[i] for i in share], [ys[i] for i in share], progress=False,
+                               checkpoint=None if checkpoint is None else Path(f"{checkpoint}.{k}"), **kw)
+                   for k, share in enumerate(shares)]
+        results = [f.result() for f in futures]
+    dt = time.perf_counter() - t0
+    out: list[DLRNet | None] = [None] * len(layers)
+    per: list[dict | None] = [None] * len(layers)
+    for share, (got, st) in zip(shares, results):
+        for i, net, row in zip(share, got, st["layers"]):
+            out[i], per[i] = net, row
+    done = sum(st["steps_run"] * len(share) for share, (_, st) in zip(shares, results))
+    loop = max(st["seconds"] for _, st in results)  # the slowest share's fitting loop, as one process reports it
+    return out, {"layers": per, "steps": steps, "steps_run": results[0][1]["steps_run"], "seconds": loop,
+                 "wall_seconds": dt, "layer_steps_per_s": done / loop if loop > 0 else 0.0, "bf16": bf16,
+                 "processes": processes}
+
+
+def _fit_share(nets: list[DLRNet], layers: list[int], xs: list[torch.Tensor], ys: list[torch.Tensor], steps: int,
+               lr: float, batch_tokens: int, split: tuple[torch.Tensor, torch.Tensor], seed: int, loss: str,
+               grad_clip: float, bf16: bool, progress: bool, checkpoint: Path | None,
+               checkpoint_every: int) -> tuple[list[DLRNet], dict]:
+    """:func:`fit_stacked` on one process: the starting ``nets`` of ``layers`` fitted together."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..io import atomic_path
+    from .distill import error_stats
+
     stacked = StackedNets(nets)
     del nets
     hold, train = split
@@ -124,11 +233,7 @@ def fit_stacked(make: Callable[[int], DLRNet], layers: list[int], xs: list[torch
         for step in range(start, steps):
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
             xb, yb = x_all[:, idx].float(), y_all[:, idx].float()
-            with torch.autocast(xb.device.type, torch.bfloat16, enabled=bf16):
-                out = stacked(xb)
-            value = sum(distill_loss(out[i].float(), yb[i], loss) for i in range(len(layers)))
-            opt.zero_grad(set_to_none=True)
-            value.backward()
+            value = stacked.loss_backward(xb, yb, loss, bf16).sum()
             if grad_clip > 0:
                 params = [p for p in stacked.parameters()]
                 norms = sum(stacked.per_layer(p.grad) for p in params).sqrt()
