@@ -97,7 +97,8 @@ def main() -> None:
         return args.layers * args.steps / (time.perf_counter() - t)
 
     runs = {"gemm_ceiling_fp32": lambda: gemm_ceiling(torch.float32),
-            "gemm_ceiling_bf16": lambda: gemm_ceiling(torch.bfloat16), "per_layer": per_layer, "per_layer_bf16": lambda: per_layer(True), "stacked_fp32": lambda: stacked(False),
+            "gemm_ceiling_bf16": lambda: gemm_ceiling(torch.bfloat16), "per_layer": per_layer,
+            "per_layer_bf16": lambda: per_layer(True), "stacked_fp32": lambda: stacked(False),
             "stacked_bf16": lambda: stacked(True), "per_layer_all_cores": all_cores(per_layer),
             "engine_all_cores": lambda: stacked(True, args.cores)}
     for fn in runs.values():  # warm-up
@@ -118,8 +119,9 @@ def main() -> None:
         peak[str(dtype).removeprefix("torch.")] = 10 * 2 * 1024**3 / (time.perf_counter() - t) / 1e9
     flops = 3 * 2 * args.batch * spec.depth * (d * r2 + r1 * d)  # one layer-step: forward + backward GEMMs
     result = {"square_gemm_gflops": peak, "engine_start_seconds": start_up,
-              "whole_machine_ratio": med["engine_all_cores"] / med["per_layer_all_cores"], "layer_step_gflop": flops / 1e9,
-              "gflops": {k: v * flops / 1e9 for k, v in med.items()},"command": "python bench/dlr_engine.py " + " ".join(sys.argv[1:]), "settings": vars(args),
+              "whole_machine_ratio": med["engine_all_cores"] / med["per_layer_all_cores"],
+              "layer_step_gflop": flops / 1e9, "gflops": {k: v * flops / 1e9 for k, v in med.items()},
+              "command": "python bench/dlr_engine.py " + " ".join(sys.argv[1:]), "settings": vars(args),
               "spec": spec.__dict__, "layer_steps_per_s": samples, "median": med,
               "ratio_to_per_layer": {k: med[k] / med["per_layer"] for k in med},
               "spread": {k: (max(v) - min(v)) / statistics.median(v) for k, v in samples.items()}}

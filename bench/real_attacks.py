@@ -284,7 +284,8 @@ def main() -> None:
         rows += list(pool.map(job, jobs))
     for key, path in releases.items():
         d = {"command": "OMP_NUM_THREADS=1 python bench/real_attacks.py " + " ".join(sys.argv[1:]),
-             "model_name": "SmolLM2-135M", "models": {"original": args.original, key: path}, "release_fidelity": fids[key],
+             "model_name": "SmolLM2-135M", "models": {"original": args.original, key: path},
+             "release_fidelity": fids[key],
              "budget": budget, "tasks": args.tasks, "learning_rates": LRS,
              "runs": [r for r in rows if r["model"] in ("original", key)]}
         finish(d, d["runs"], key, args.tasks)

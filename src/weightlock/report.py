@@ -448,7 +448,8 @@ def _red_team_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
         for a in d["analysis"]:
             fid = a["release_fidelity"]
             spread = a.get("seed_spread") or {}
-            rows.append([a["release"], a["task"], f"{fid['ppl_ratio']:.4f} / {fmt(fid.get('readback_ppl_ratio'), '.4f')}",
+            rows.append([a["release"], a["task"],
+                         f"{fid['ppl_ratio']:.4f} / {fmt(fid.get('readback_ppl_ratio'), '.4f')}",
                          f"{a['original_release_score']:+.3f} → {a['best_original_score']:+.3f}",
                          f"{a['locked_release_score']:+.3f} → {a['best_locked_score']:+.3f}",
                          "; ".join(f"{k}: " + " / ".join(f"{g:+.3f}" for g in v) for k, v in spread.items()) or "n/a",

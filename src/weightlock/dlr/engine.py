@@ -26,7 +26,6 @@ from torch import nn
 from ..errors import WeightlockError
 from .modeling_weightlock_dlr import BLOCK_ACTIVATIONS, DLRNet, DLRSpec
 
-
 # the activations as functions (BLOCK_ACTIVATIONS holds module classes)
 _ACT_FN = {name: make() for name, make in BLOCK_ACTIVATIONS.items()}
 
