@@ -299,7 +299,8 @@ def finish(d: dict, rows: list[dict], key: str, tasks) -> None:
         for s in a["per_step"]:
             print(f"   {s['model']:12s} {s['label']:30s} step {s['step_time_s']:6.2f} s ({s['step_time_ratio']:.2f}×) "
                   f"memory {s['memory_ratio'] or float('nan'):.2f}× gain {s['best_gain']:+.3f} steps {s['steps']}")
-    d = {"model_name": "SmolLM2-135M", **{k: v for k, v in d.items() if k not in ("kind", "schema_version", "machine",
+    # a re-analysis keeps the machine that measured the runs (save() stamps the current one only when none)
+    d = {"model_name": "SmolLM2-135M", **{k: v for k, v in d.items() if k not in ("kind", "schema_version",
                                                                                 "analysis")}}
     save(f"real_attacks_{key}", {**d, "analysis": analysis}, kind=schema.REAL_ATTACKS)
 
