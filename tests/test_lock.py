@@ -42,6 +42,25 @@ def test_lock_cli_end_to_end(tiny_model_dir, tmp_path):
     assert json.loads(r.stdout)["perplexity"] < 4096
 
 
+def test_lock_with_the_stacked_engine(tiny_model_dir, tmp_path):
+    """--engine stacked: every layer's net fitted together (fit_stacked, bf16 products), each layer's stats and
+    read-back recorded as the per-layer path records them; settings it cannot fit are refused before any work."""
+    model, _ = tiny_model_dir
+    out = tmp_path / "locked"
+    r = runner.invoke(app, ["lock", "--model", str(model), "--out", str(out), *FAST, "--engine", "stacked",
+                            "--engine-processes", "1", "--no-sink", "--bf16"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "lock_report.json").read_text())
+    assert [l["layer"] for l in rep["layers"]] == [0, 1]
+    assert all(l["engine"]["layers"] == 2 and l["engine"]["bf16"] and l["engine"]["steps_run"] == 150
+               for l in rep["layers"])
+    assert all(l["rel_error"] < 0.5 * l["rel_error_init"] and l["readback"]["rel_error"] > 0 for l in rep["layers"])
+    assert rep["ppl_ratio"] < 1.5 and rep["lock_config"]["engine"] == "stacked"
+    r = runner.invoke(app, ["lock", "--model", str(model), "--out", str(tmp_path / "x"), *FAST, "--engine", "stacked"])
+    assert r.exit_code != 0 and "cannot with a sink (add --no-sink)" in r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_lock_errors_leave_nothing(tiny_model_dir, tmp_path):
     model, _ = tiny_model_dir
     out = tmp_path / "o"

@@ -7,6 +7,7 @@ so a killed run restarts and skips it.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -89,6 +90,14 @@ class LockConfig:
     lr: float = option(1e-2, "Distillation learning rate.")
     holdout: float = option(0.1, "Fraction of the captured tokens held out to measure each layer's error.")
     seed: int = option(0, "Random seed of the initialization and the batches.")
+    engine: Literal["per-layer", "stacked"] = option("per-layer", "per-layer (one fit after another, with a "
+                                                     "divergence guard) or stacked (every layer's net fitted together "
+                                                     "by the engine, weightlock.dlr.engine: hand-written backward, the "
+                                                     "layers dealt to --engine-processes processes; needs --mode "
+                                                     "parallel, no sink, norm, bias, anneal or read-back penalty).",
+                                                     label="engine")
+    engine_processes: int = option(0, "Processes the stacked engine deals the layers to (0: one per core).")
+    bf16: bool = option(False, "Distillation products in bf16 (the nets' residual stream stays fp32).")
     mode: Literal["parallel", "sequential"] = option("parallel", "parallel (every layer on the original's "
                                                      "activations) or sequential (on the locked ones).",
                                                      label="mode")
@@ -120,6 +129,16 @@ class LockConfig:
     def validate(self) -> None:
         """Check every field (types and ranges); raise :class:`WeightlockError` on the first bad one."""
         check_types(self, "lock config")
+        if self.engine == "stacked":
+            bad = [what for what, on in (("--mode sequential", self.mode == "sequential"),
+                                         ("a sink (add --no-sink)", self.sink and self.init != "mlp"),
+                                         ("--norm", self.norm), ("--bias", self.bias),
+                                         ("--anneal-to", self.anneal_to is not None),
+                                         ("--readback-penalty", self.readback_penalty > 0)) if on]
+            if bad:
+                raise WeightlockError(f"--engine stacked fits plain nets together; it cannot with {', '.join(bad)}")
+        if self.engine_processes < 0:
+            raise WeightlockError(f"engine_processes must be ≥ 0 (0: one per core), got {self.engine_processes}")
         if self.rank < 1:
             raise WeightlockError(f"rank must be at least 1, got {self.rank}")
         if self.depth is not None and self.depth < 1:
@@ -651,7 +670,7 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
     extra = readback_term(cfg) if cfg.readback_penalty > 0 else None
     fit = dict(steps=cfg.steps, batch_tokens=cfg.batch_tokens, seed=cfg.seed, holdout=cfg.holdout, device=device,
                progress=cfg.progress, loss=cfg.loss, grad_clip=cfg.grad_clip, split=split,
-               outlier_factor=cfg.outlier_factor, extra_loss=extra)
+               outlier_factor=cfg.outlier_factor, extra_loss=extra, bf16=cfg.bf16)
     stages, net, stats = [], None, {}
     for s in readouts:
         prev = net
@@ -891,6 +910,8 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
                     save_file({"x": x.contiguous(), "y": y.contiguous()}, str(tmp))
         if dist:
             dist.barrier()
+    if cfg.engine == "stacked":
+        fit_with_engine(layers, adapter, specs, [k for k in locked if not done(k)], cfg, work, blocks.shape[1])
     for i, k in enumerate(locked):
         if i % world != rank or done(k):
             continue
@@ -915,6 +936,47 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
     for k in locked:
         install_layer(layers[k], adapter, specs[k], work / f"layer_{k}.safetensors", device)
     return model, stats
+
+
+def fit_with_engine(layers: list[nn.Module], adapter: ArchAdapter, specs: list, todo: list[int], cfg: LockConfig,
+                    work: Path, block: int) -> None:
+    """``--engine stacked``: fit the nets of the ``todo`` layers together from their captures in ``work``
+    (:func:`weightlock.dlr.engine.fit_stacked`, checkpointed to ``work/engine.pt``: a killed lock resumes), and
+    write each layer's net and stats as the per-layer path does (the read-back's error beside them)."""
+    from safetensors.torch import load_file, save_file
+
+    from .engine import fit_stacked
+
+    if not todo:
+        return
+    caps = [load_file(str(work / f"capture_{k}.safetensors")) for k in todo]
+    split = holdout_split(caps[0]["x"].shape[0], cfg.holdout, cfg.seed, block)
+    inits = {k: mlp_init(layers[k], adapter) for k in todo} if cfg.init == "mlp" else {}
+
+    def make(k: int) -> DLRNet:
+        net = DLRNet(specs[k])
+        if k in inits:
+            inits[k](net)
+        return net
+
+    lr = cfg.lr / cfg.readout if cfg.init == "mlp" else cfg.lr  # as fit_layer: Adam's step scaled with U/s
+    procs = cfg.engine_processes or len(os.sched_getaffinity(0))
+    nets, st = fit_stacked(make, todo, [c["x"] for c in caps], [c["y"] for c in caps], steps=cfg.steps, lr=lr,
+                           batch_tokens=cfg.batch_tokens, split=split, seed=cfg.seed, loss=cfg.loss,
+                           grad_clip=cfg.grad_clip, bf16=cfg.bf16, progress=cfg.progress,
+                           checkpoint=work / "engine.pt", processes=procs)
+    engine = {k: st[k] for k in ("seconds", "layer_steps_per_s", "steps_run", "bf16")} | {
+        "processes": st.get("processes", 1), "layers": len(todo)}
+    for k, c, net, row in zip(todo, caps, nets, st["layers"]):
+        xh, yh = c["x"][split[0]].float(), c["y"][split[0]].float()
+        rb = error_stats(readback_net(net), xh, yh, outlier_rows(yh, cfg.outlier_factor))
+        stats = {**row, "layer": k, "process": 0, "steps": cfg.steps, "seconds": st["seconds"] / len(todo),
+                 "engine": engine,
+                 "readback": {n: rb[n] for n in ("rel_error", "rel_error_tokens", "outlier_rel_error")},
+                 "spec": asdict(net.spec), "sink": {}}
+        with atomic_path(work / f"layer_{k}.safetensors") as tmp:
+            save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
+        write_json(work / f"layer_{k}.json", stats)
 
 
 def check_layer_errors(stats: list[dict], max_rel_error: float | None, work: Path | None = None) -> None:

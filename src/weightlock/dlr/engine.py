@@ -141,7 +141,7 @@ class StackedNets(nn.Module):
     @staticmethod
     def per_layer(t: torch.Tensor) -> torch.Tensor:
         """Sum of squares of a stacked tensor's entries per layer (``[n]``; layers are dimension 1)."""
-        return t.float().pow(2).transpose(0, 1).flatten(1).sum(1)
+        return torch.linalg.vector_norm(t.float(), dim=(0, 2, 3)).pow(2)
 
 
 def fit_stacked(make: Callable[[int], DLRNet], layers: list[int], xs: list[torch.Tensor], ys: list[torch.Tensor],
@@ -208,10 +208,11 @@ def _fit_share(nets: list[DLRNet], layers: list[int], xs: list[torch.Tensor], ys
     from ..io import atomic_path
     from .distill import error_stats
 
+    hold, train = split
+    init = [error_stats(net, xs[i][hold].float(), ys[i][hold].float())["rel_error"] for i, net in enumerate(nets)]
     stacked = StackedNets(nets)
     del nets
-    hold, train = split
-    opt = torch.optim.Adam(stacked.parameters(), lr=lr)
+    opt = torch.optim.Adam(stacked.parameters(), lr=lr, fused=True)  # one pass over the weights and state
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))))
     g = torch.Generator().manual_seed(seed + 1)
@@ -249,8 +250,8 @@ def _fit_share(nets: list[DLRNet], layers: list[int], xs: list[torch.Tensor], ys
                 bar.update(task, completed=step + 1, info=f"loss {value.item() / len(layers):.4f}")
     dt = time.perf_counter() - t0
     nets = stacked.unstack()
-    per = [{"layer": k, **error_stats(net, xs[i][hold].float(), ys[i][hold].float())} for i, (k, net) in
-           enumerate(zip(layers, nets))]
+    per = [{"layer": k, **error_stats(net, xs[i][hold].float(), ys[i][hold].float()), "rel_error_init": init[i]}
+           for i, (k, net) in enumerate(zip(layers, nets))]
     done = steps - start
     return nets, {"layers": per, "steps": steps, "steps_run": done, "seconds": dt,
                   "layer_steps_per_s": done * len(layers) / dt if dt > 0 else 0.0, "bf16": bf16}
