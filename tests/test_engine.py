@@ -151,3 +151,23 @@ def test_bf16_fits_learn_per_layer_and_stacked():
     assert st["rel_error"] == pytest.approx(ref, rel=0.1)
     assert stacked["layers"][0]["rel_error"] == pytest.approx(ref, rel=0.1) and stacked["bf16"]
     assert not all(torch.equal(a, b) for a, b in zip(fp32.parameters(), low.parameters()))  # bf16 did run
+
+
+def test_add_round_is_the_torch_add_and_cast_bit_for_bit():
+    """The engine's one-pass residual step (C kernel) = ``z.add_(inc); z.to(bf16)``, rounding ties to even,
+    NaN and infinities kept; the torch ops when the kernel is off."""
+    from weightlock.dlr import cpu_kernel
+
+    torch.manual_seed(0)
+    z = torch.randn(64, 96) * 100
+    z[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0 + 2**-8])  # the last: a tie
+    inc = torch.randn(64, 96).bfloat16()
+    inc[0, 3] = 0
+    ref = z.clone()
+    ref.add_(inc)
+    got = z.clone()
+    out = cpu_kernel.add_round(got, inc)
+    assert cpu_kernel.available()
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num()) and torch.isnan(got[0, 0])
+    assert torch.equal(out.view(torch.int16)[1:], ref.bfloat16().view(torch.int16)[1:])
+    assert torch.equal(out[0, 1:].float(), ref[0, 1:].bfloat16().float()) and torch.isnan(out[0, 0])

@@ -78,6 +78,20 @@ static inline float round_bf16(float f) {
     return v.f;
 }
 
+/* The engine's residual step (weightlock.dlr.engine): z[i] += inc[i] (bf16) and out[i] = bf16(z[i]), rounded
+   to nearest even as PyTorch casts: one pass where PyTorch makes three (the cast of inc, the add, the cast). */
+void dlr_add_round(int64_t n, float *z, const uint16_t *inc, uint16_t *out) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        union { uint32_t u; float f; } v;
+        v.f = z[i] + bf16_to_f(inc[i]);
+        z[i] = v.f;
+        uint32_t u = v.u;
+        uint32_t nan = (u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu);
+        out[i] = nan ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
 /* fp32: z (n x d, the residual state, updated in place), h (n x r scratch), zn (n x d scratch, norm only).
    V[l]: r x d, U[l]: d x r (row-major, nn.Linear weights), bV[l]: r or NULL, bU[l]: d or NULL,
    nw[l]: d (RMSNorm weight) or NULL. */
@@ -452,6 +466,8 @@ def _load() -> ctypes.CDLL:
     lib.dlr_f32_prefill.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i64]
     lib.dlr_f32_prefill.restype = None
     lib.dlr_has_prefill.restype = i32
+    lib.dlr_add_round.argtypes = [i64, ptr, ptr, ptr]
+    lib.dlr_add_round.restype = None
     return lib
 
 
@@ -472,6 +488,19 @@ def available() -> bool:
         warnings.warn(f"DLR-Net CPU kernel unavailable ({_STATE['error']}); using the eager fast path",
                       stacklevel=2)
         return False
+
+
+def add_round(z: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:
+    """``z += inc`` (fp32 ``z``, bf16 ``inc``, both contiguous, one shape) and ``z`` rounded to bf16, in one
+    pass (the stacked engine's residual step); the torch ops when the kernel is unavailable. Returns the bf16
+    copy."""
+    out = torch.empty(z.shape, dtype=torch.bfloat16)
+    if not (available() and z.is_contiguous() and inc.is_contiguous() and z.dtype == torch.float32
+            and inc.dtype == torch.bfloat16 and z.shape == inc.shape and z.device.type == "cpu"):
+        z.add_(inc)
+        return z.to(torch.bfloat16)
+    _STATE["lib"].dlr_add_round(z.numel(), z.data_ptr(), inc.data_ptr(), out.data_ptr())
+    return out
 
 
 def disable(reason: str) -> None:

@@ -30,6 +30,18 @@ from .modeling_weightlock_dlr import BLOCK_ACTIVATIONS, DLRNet, DLRSpec
 _ACT_FN = {name: make() for name, make in BLOCK_ACTIVATIONS.items()}
 
 
+def _add_round(z: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:
+    """``z += inc`` and ``z`` in bf16, one pass through the C kernel where it builds (torch ops otherwise)."""
+    from .cpu_kernel import add_round
+
+    return add_round(z, inc) if z.device.type == "cpu" else _add_copy(z, inc, torch.bfloat16)
+
+
+def _add_copy(z: torch.Tensor, inc: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    z.add_(inc)
+    return z.to(dtype, copy=True)  # a copy: the caller keeps it while z moves on
+
+
 def supported(spec: DLRSpec) -> bool:
     """Whether the stacked engine runs nets of ``spec`` (no per-block norm, bias or sink)."""
     return not (spec.norm or spec.bias or spec.sink)
@@ -84,13 +96,15 @@ class StackedNets(nn.Module):
         """Every layer's distillation loss on ``x``/``y`` (``[n, tokens, d]``, fp32) and its gradients, written
         into the parameters' ``.grad`` — a hand-written forward and backward, layer by layer (one layer's
         activations alive at a time), with no autograd graph over the blocks: per block the gate and up maps
-        are one product, the stream is cast once and the increment added in place, the weight gradients are
-        written straight into stacked buffers. ``bf16``: the products in bf16, the stream, the activations and
+        are one product, the increment is added to the fp32 state and the state rounded to bf16 in one pass
+        (:func:`weightlock.dlr.cpu_kernel.add_round`), the weight gradients are written straight into stacked
+        buffers. ``bf16``: the products in bf16, the stream, the activations and
         the sums in fp32 (as under autocast). Returns the losses ``[n]``. The same function as
         :meth:`forward` with :func:`~weightlock.dlr.distill.distill_loss` under autograd (a test checks it)."""
         from .distill import distill_loss
 
         spec, dt = self.spec, torch.bfloat16 if bf16 else torch.float32
+        step = _add_round if bf16 else _add_copy  # the fp32 state += a block's increment; the state in dt
         with torch.no_grad():  # this step's weights, in the products' dtype, up and gate maps side by side
             w = (torch.cat([self.down, self.gate], -1) if self.gate is not None else self.down).to(dt)
             u = self.up.to(dt)
@@ -99,25 +113,25 @@ class StackedNets(nn.Module):
         for i in range(x.shape[0]):
             z, saved = x[i].clone(), []
             with torch.no_grad():
+                zb = z.to(dt, copy=True)
                 for l in range(spec.depth):
-                    zb = z.to(dt, copy=True)
                     p = (zb @ w[l, i]).float()
                     a = self._act(p).to(dt)
-                    z.add_(a @ u[l, i])
                     saved.append((zb, p, a))
+                    zb = step(z, a @ u[l, i])
             out = (spec.readout * (z - x[i])).requires_grad_()
             value = distill_loss(out, y[i], loss)
             (g,) = torch.autograd.grad(value, out)
             losses.append(value.detach())
             with torch.no_grad():
                 g = g * spec.readout
+                gb = g.to(dt)
                 for l in reversed(range(spec.depth)):
                     zb, p, a = saved.pop()
-                    gb = g.to(dt)
                     torch.mm(a.t(), gb, out=gu[l, i])
                     dp = self._act_grad(p, (gb @ u[l, i].t()).float()).to(dt)
                     torch.mm(zb.t(), dp, out=gw[l, i])
-                    g.add_(dp @ w[l, i].t())
+                    gb = step(g, dp @ w[l, i].t())
         r = spec.rank
         self.down.grad, self.up.grad = gw[..., :r].float().contiguous(), gu.float().contiguous()
         if self.gate is not None:
