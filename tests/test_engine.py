@@ -133,6 +133,9 @@ def test_stacked_fit_resumes_after_a_kill(tmp_path):
     resumed, st = fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, checkpoint=ckpt, **kw)
     assert st["steps_run"] == steps - killed_at
     whole, _ = fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, **kw)
+    # a checkpoint of a fit with other settings is refused, not silently resumed
+    with pytest.raises(WeightlockError, match=r"other settings \(lr differ\)"):
+        fit_stacked(lambda k: DLRNet(SPEC), [0, 1, 2], xs, ys, checkpoint=ckpt, **{**kw, "lr": 1e-3})
     for a, b in zip(resumed, whole):
         for p, q in zip(a.parameters(), b.parameters()):
             assert torch.equal(p, q)

@@ -232,21 +232,29 @@ def _fit_share(nets: list[DLRNet], layers: list[int], xs: list[torch.Tensor], ys
     g = torch.Generator().manual_seed(seed + 1)
     bs = min(batch_tokens, train.numel())
     start = 0
+    # what a checkpoint must have been written with to be resumed: the layers, shapes and fitting settings
+    settings = {"layers": list(layers), "spec": str(stacked.spec), "steps": steps, "lr": lr, "batch": bs, "seed": seed,
+                "loss": loss, "grad_clip": grad_clip, "bf16": bf16, "rows": [int(x.shape[0]) for x in xs]}
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=True)  # our own file: tensors and plain data only
+        if state.get("settings") != settings:
+            differ = sorted(k for k in settings if (state.get("settings") or {}).get(k) != settings[k])
+            raise WeightlockError(f"{checkpoint} was written by a fit with other settings ({', '.join(differ)} "
+                                  "differ): delete it to start over")
         stacked.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         g.set_state(state["generator"])
         start = state["step"]
-    x_all, y_all = torch.stack(xs), torch.stack(ys)  # [n, T, d], bf16 captures stay bf16 until a batch is drawn
     t0 = time.perf_counter()
     with Progress(TextColumn("[bold]stacked fit"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("{task.fields[info]}"), disable=not progress) as bar:
         task = bar.add_task("fit", total=steps, completed=start, info="")
         for step in range(start, steps):
             idx = train[torch.randint(0, train.numel(), (bs,), generator=g)]
-            xb, yb = x_all[:, idx].float(), y_all[:, idx].float()
+            # [n, batch, d]: each layer's rows gathered (the captures are never stacked whole: 30 layers of 131k
+            # tokens are 9 GB in bf16)
+            xb, yb = torch.stack([x[idx] for x in xs]).float(), torch.stack([y[idx] for y in ys]).float()
             value = stacked.loss_backward(xb, yb, loss, bf16).sum()
             if grad_clip > 0:
                 params = [p for p in stacked.parameters()]
@@ -259,7 +267,7 @@ def _fit_share(nets: list[DLRNet], layers: list[int], xs: list[torch.Tensor], ys
             if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                 with atomic_path(Path(checkpoint)) as tmp:
                     torch.save({"model": stacked.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                "generator": g.get_state(), "step": step + 1}, tmp)
+                                "generator": g.get_state(), "step": step + 1, "settings": settings}, tmp)
             if step % 50 == 0 or step == steps - 1:
                 bar.update(task, completed=step + 1, info=f"loss {value.item() / len(layers):.4f}")
     dt = time.perf_counter() - t0
