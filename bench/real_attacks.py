@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -168,6 +169,7 @@ def analyse(rows: list[dict], tasks, key: str, fid: dict) -> list[dict]:
                         if gains else {"multiplier": None}
                     entry[f"{cost}_{target}{within}"] = {k: m.get(k) for k in (
                         "multiplier", "locked_min", "original_min", "locked", "original", "target_score")}
+        entry["readback"] = readback_totals(lock, fid)
         entry["verdict"] = verdict(entry)
         entry["per_step"] = [{"model": r["model"], "label": r["label"], "attack": r["attack"],
                               "step_time_s": r["step_time_s"], "step_time_ratio": r["step_time_s"] / ref["step_time_s"],
@@ -180,6 +182,25 @@ def analyse(rows: list[dict], tasks, key: str, fid: dict) -> list[dict]:
                               "steps": r["cost_curve"][-1]["step"], "seconds": r["cost_curve"][-1]["seconds"]}
                              for r in orig + lock]
         out.append(entry)
+    return out
+
+
+def readback_totals(lock: list[dict], fid: dict) -> dict:
+    """What undoing the release costs before any fine-tuning: the read-back's seconds and FLOPs (the first
+    point of its curve after step 0), and reverse distillation's (the healing run's) where the read-back was
+    not faithful; otherwise none is needed, and the record says why."""
+    def prep(r):
+        p = next((p for p in r["cost_curve"][1:] if p["step"] == 0), None)
+        return {"label": r["label"], "seconds": r["prepare_seconds"], "flops": p["flops"] if p else None,
+                "score": p["score"] if p else None}
+
+    rb = [prep(r) for r in lock if r["attack"] == "reverse-distill" and r["options"].get("distill_steps") == 0]
+    heal = [prep(r) for r in lock if r["attack"] == "reverse-distill" and r["options"].get("distill_steps")]
+    out = {"readback_ppl_ratio": fid.get("readback_ppl_ratio"), "lock_ppl_ratio": fid.get("ppl_ratio"),
+           "readback_runs": rb, "reverse_distillation_runs": heal}
+    if not heal and not needs_healing(fid):
+        out["reverse_distillation"] = (f"not needed: the read-back is at ppl ×{fid['readback_ppl_ratio']:.4f}, within "
+                                       f"{READBACK_SLACK} of the lock's ×{fid['ppl_ratio']:.4f} (0 distillation steps)")
     return out
 
 
@@ -270,6 +291,7 @@ def main() -> None:
         if fids[key]["ppl_ratio"] > FAITHFUL:
             sys.exit(f"{path}: ppl ratio {fids[key]['ppl_ratio']:.4f} > {FAITHFUL}: not a faithful release")
     budget = {**BUDGET, "steps": args.steps}
+    t0 = time.time()
     job = partial(attack_job, Path(args.runs), budget)
     with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process, initargs=(args.workers,)) as pool:
         jobs = first_jobs("original", args.original, args.tasks, lock=False)
@@ -286,7 +308,7 @@ def main() -> None:
         d = {"command": "OMP_NUM_THREADS=1 python bench/real_attacks.py " + " ".join(sys.argv[1:]),
              "model_name": "SmolLM2-135M", "models": {"original": args.original, key: path},
              "release_fidelity": fids[key],
-             "budget": budget, "tasks": args.tasks, "learning_rates": LRS,
+             "budget": budget, "tasks": args.tasks, "learning_rates": LRS, "wall_seconds": time.time() - t0,
              "runs": [r for r in rows if r["model"] in ("original", key)]}
         finish(d, d["runs"], key, args.tasks)
 
