@@ -230,6 +230,11 @@ def verdict(e: dict) -> str:
             line += ("; within the original's training memory " + ("none reaches it" if m is None or math.isinf(m)
                                                                    else f"×{m:.2f}"))
         parts.append(line + ")")
+    rb = e.get("readback") or {}
+    if rb.get("readback_runs"):
+        secs = sorted(r["seconds"] for r in rb["readback_runs"])
+        parts.append(f"laying the blocks out (the read-back) took {secs[len(secs) // 2]:.0f} s; reverse distillation "
+                     + (rb.get("reverse_distillation") or "then healed it (its runs above)"))
     return f"{e['task']}: " + "; ".join(parts)
 
 
