@@ -167,7 +167,10 @@ def threads():
 
 @pytest.mark.parametrize("kw", [{}, {"bias": True}, {"norm": True}, {"norm": True, "bias": True},
                                 {"activation": "relu"}, {"activation": "silu", "bias": True},
-                                {"activation": "tanh", "norm": True}, {"readout": 16.0, "bias": True}])
+                                {"activation": "tanh", "norm": True}, {"readout": 16.0, "bias": True},
+                                {"form": "gated", "activation": "silu"},
+                                {"form": "gated", "activation": "gelu", "bias": True, "readout": 1024.0},
+                                {"form": "gated", "norm": True, "bias": True}])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (16,)])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_cpu_kernel_matches_reference_fp32(kw, shape, n_threads, threads):
@@ -184,7 +187,9 @@ def test_cpu_kernel_matches_reference_fp32(kw, shape, n_threads, threads):
     assert ref.abs().max() > 0.1
 
 
-@pytest.mark.parametrize("kw", [{}, {"bias": True, "readout": 16.0}, {"activation": "silu"}])
+@pytest.mark.parametrize("kw", [{}, {"bias": True, "readout": 16.0}, {"activation": "silu"},
+                                {"form": "gated", "activation": "silu"},
+                                {"form": "gated", "bias": True, "readout": 1024.0}])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_cpu_kernel_bf16_rounds_like_the_fast_path(kw, n_threads, threads):
     """bf16: the kernel keeps the residual state in fp32 and rounds the matmul results to bf16 as the eager fast
@@ -216,6 +221,8 @@ def test_cpu_kernel_only_where_it_applies():
         net.use_cpu_kernel = True
         assert net.double().inference_path(small.double()) == "fast"
         assert net.bfloat16().inference_path(small.bfloat16()) == "fast"  # norm in bf16: eager
+        gated = random_net(form="gated")
+        assert gated.inference_path(small) == "kernel" and gated.inference_path(big) == "fast"  # prefill: eager
     assert net.float().inference_path(small) == "reference"  # grad mode, trainable parameters
 
 
@@ -240,13 +247,15 @@ def test_cpu_kernel_follows_new_weights():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_cpu_kernel_generate_matches_reference(dtype, batch, n_threads, threads):
+@pytest.mark.parametrize("form", ["plain", "gated"])
+def test_cpu_kernel_generate_matches_reference(dtype, batch, n_threads, form, threads):
     """Greedy generation with the KV cache on the default path (the kernel for every decode step) gives the
     reference path's tokens; the fp32 logits agree to 1e-5."""
     _kernel()
     threads(n_threads)
     model = tiny_model("llama")
-    apply_dlr(model, [DLRSpec(32, 4, 10, init_scale=1.0, readout=4.0).__dict__] * 2)
+    apply_dlr(model, [DLRSpec(32, 4, 10, init_scale=1.0, readout=4.0, form=form,
+                              activation="silu" if form == "gated" else "gelu").__dict__] * 2)
     model = model.eval().to(dtype)
     prompt = torch.tensor([[1, 5, 9, 3], [2, 2, 7, 8], [4, 1, 1, 6]])[:batch]
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)

@@ -96,11 +96,12 @@ void dlr_add_round(int64_t n, float *z, const uint16_t *inc, uint16_t *out) {
    V[l]: r x d, U[l]: d x r (row-major, nn.Linear weights), bV[l]: r or NULL, bU[l]: d or NULL,
    nw[l]: d (RMSNorm weight) or NULL. */
 void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
-             const float *const *U, const float *const *bU, const float *const *nw, float *z, float *h,
-             float *zn, int act, int nthreads) {
+             const float *const *U, const float *const *bU, const float *const *nw, const float *const *G,
+             const float *const *bG, float *z, float *h, float *zn, int act, int nthreads) {
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     for (int64_t l = 0; l < L; ++l) {
         const float *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l], *w = nw[l];
+        const float *g = G ? G[l] : 0, *bg = bG ? bG[l] : 0;
         const float *src = z;
         if (w) {
             #pragma omp for schedule(static)
@@ -125,7 +126,16 @@ void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, 
                 #pragma omp simd reduction(+:acc)
                 for (int64_t k = 0; k < d; ++k) acc += vj[k] * zi[k];
                 if (bv) acc += bv[j];
-                h[i * r + j] = act_f(acc, act);
+                if (g) {  /* the gated form: h = act(G z + bg) * (V z + bv) */
+                    const float *gj = g + j * d;
+                    float ga = 0.0f;
+                    #pragma omp simd reduction(+:ga)
+                    for (int64_t k = 0; k < d; ++k) ga += gj[k] * zi[k];
+                    if (bg) ga += bg[j];
+                    h[i * r + j] = act_f(ga, act) * acc;
+                } else {
+                    h[i * r + j] = act_f(acc, act);
+                }
             }
         }
         #pragma omp for schedule(static)
@@ -377,11 +387,12 @@ int dlr_has_prefill(void) { return 0; }
    h (n x r) scratch. Products accumulate in fp32; the down result, the activation and the up result are
    rounded to bf16 as PyTorch's bf16 matmuls and activation do. */
 void dlr_bf16(int64_t n, int64_t d, int64_t r, int64_t L, const uint16_t *const *V, const uint16_t *const *bV,
-              const uint16_t *const *U, const uint16_t *const *bU, float *z, float *zl, float *h, int act,
-              int nthreads) {
+              const uint16_t *const *U, const uint16_t *const *bU, const uint16_t *const *G,
+              const uint16_t *const *bG, float *z, float *zl, float *h, int act, int nthreads) {
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     for (int64_t l = 0; l < L; ++l) {
         const uint16_t *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l];
+        const uint16_t *g = G ? G[l] : 0, *bg = bG ? bG[l] : 0;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < n * d; ++i) zl[i] = round_bf16(z[i]);
         #pragma omp for schedule(static)
@@ -393,7 +404,16 @@ void dlr_bf16(int64_t n, int64_t d, int64_t r, int64_t L, const uint16_t *const 
                 #pragma omp simd reduction(+:acc)
                 for (int64_t k = 0; k < d; ++k) acc += bf16_to_f(vj[k]) * zi[k];
                 if (bv) acc += bf16_to_f(bv[j]);
-                h[i * r + j] = round_bf16(act_f(round_bf16(acc), act));
+                if (g) {  /* gated: each bf16 product and the activation rounded as the eager path rounds them */
+                    const uint16_t *gj = g + j * d;
+                    float ga = 0.0f;
+                    #pragma omp simd reduction(+:ga)
+                    for (int64_t k = 0; k < d; ++k) ga += bf16_to_f(gj[k]) * zi[k];
+                    if (bg) ga += bf16_to_f(bg[j]);
+                    h[i * r + j] = round_bf16(round_bf16(act_f(round_bf16(ga), act)) * round_bf16(acc));
+                } else {
+                    h[i * r + j] = round_bf16(act_f(round_bf16(acc), act));
+                }
             }
         }
         #pragma omp for schedule(static)
@@ -459,9 +479,9 @@ def _load() -> ctypes.CDLL:
         _compile(path)
     lib = ctypes.CDLL(str(path))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.dlr_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    lib.dlr_f32.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
     lib.dlr_f32.restype = None
-    lib.dlr_bf16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
+    lib.dlr_bf16.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32]
     lib.dlr_bf16.restype = None
     lib.dlr_f32_prefill.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i64]
     lib.dlr_f32_prefill.restype = None
@@ -524,14 +544,14 @@ def supported(net, x: torch.Tensor) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or net.spec.activation not in ACTIVATIONS:
         return False
-    if getattr(net.spec, "form", "plain") != "plain":  # the gated form runs the eager fast path
-        return False
+    gated = getattr(net.spec, "form", "plain") == "gated"
     if x.dtype == torch.bfloat16 and net.spec.norm:
         return False
     w = net.blocks[0].down.weight
     if not (w.dtype == x.dtype and w.device.type == "cpu" and available()):
         return False
-    return x.numel() <= MAX_ROWS * net.spec.width or _prefill_ok(net, x)
+    # the gated form: the decode kernel (prefill keeps the eager fast path)
+    return x.numel() <= MAX_ROWS * net.spec.width or (not gated and _prefill_ok(net, x))
 
 
 def _pointer_table(tensors) -> ctypes.Array:
@@ -558,7 +578,8 @@ def _args(net) -> tuple:
 
     tables = tuple(_pointer_table([c(blk[i]) for blk in w]) for i in (1, 2, 3, 4))
     norms = _pointer_table([None if blk[0] is None else c(blk[0].weight) for blk in w])
-    args = (tables, norms, keep)
+    gates = tuple(_pointer_table([c(blk[i]) for blk in w]) if w[0][5] is not None else None for i in (5, 6))
+    args = (tables, norms, gates, keep)
     net.__dict__[_CACHE] = (w, args, [w[0][1].data_ptr()])
     return args
 
@@ -571,7 +592,7 @@ def forward(net, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, s.width)
     n = x2.shape[0]
-    (vs, bvs, us, bus), norms, _ = _args(net)
+    (vs, bvs, us, bus), norms, (gs, bgs), _ = _args(net)
     threads = torch.get_num_threads()
     h = torch.empty(n, s.rank, dtype=torch.float32)
     if x.dtype == torch.float32 and n > MAX_ROWS:
@@ -584,14 +605,14 @@ def forward(net, x: torch.Tensor) -> torch.Tensor:
     elif x.dtype == torch.float32:
         z = x2.contiguous().clone()
         zn = torch.empty_like(z) if s.norm else z
-        lib.dlr_f32(n, s.width, s.rank, s.depth, vs, bvs, us, bus, norms, z.data_ptr(), h.data_ptr(),
+        lib.dlr_f32(n, s.width, s.rank, s.depth, vs, bvs, us, bus, norms, gs, bgs, z.data_ptr(), h.data_ptr(),
                     zn.data_ptr(), ACTIVATIONS[s.activation], threads)
         out = z.sub_(x2)
     else:
         z = x2.float()
         zl = torch.empty_like(z)
-        lib.dlr_bf16(n, s.width, s.rank, s.depth, vs, bvs, us, bus, z.data_ptr(), zl.data_ptr(), h.data_ptr(),
-                     ACTIVATIONS[s.activation], threads)
+        lib.dlr_bf16(n, s.width, s.rank, s.depth, vs, bvs, us, bus, gs, bgs, z.data_ptr(), zl.data_ptr(),
+                     h.data_ptr(), ACTIVATIONS[s.activation], threads)
         out = z.sub_(x2.float())
     if s.readout != 1.0:
         out.mul_(s.readout)
