@@ -2,6 +2,9 @@
 
     z_0 = x;  z_{l+1} = z_l + σ(n_l(z_l)·V_lᵀ + b_l)·U_lᵀ + c_l;  out = s·(z_L − z_0)
 
+(the gated form, ``σ(n_l(z_l)·G_lᵀ + g_l) ⊙ (n_l(z_l)·V_lᵀ + b_l)`` in place of the activation, runs the
+decode kernel; its prefill keeps the eager fast path)
+
 Decoding is bound by reading the weights once per token, and a locked MLP has the original's parameters, so
 the physical limit is the original's speed. The eager fast path (:meth:`DLRNet.forward_fast`) pays three
 PyTorch kernel launches per block — 72 blocks × 30 nets per token on SmolLM2 at rank 32 — which is what
