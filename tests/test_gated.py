@@ -235,7 +235,7 @@ def test_gated_gate_map_is_seen_by_the_fast_path_check_and_by_lora():
     net = DLRNet(DLRSpec(16, 4, 2, activation="silu", form="gated"))
     x = torch.randn(3, 16)
     with torch.no_grad():
-        assert net.inference_path(x) == "fast"
+        assert net.inference_path(x) in ("kernel", "fast")  # the C decode kernel where it builds
         handle = net.blocks[0].gate.register_forward_hook(lambda m, i, o: None)  # the first block is checked
         assert net.inference_path(x) == "reference"
         handle.remove()

@@ -513,15 +513,16 @@ def available() -> bool:
         return False
 
 
-def add_round(z: torch.Tensor, inc: torch.Tensor) -> torch.Tensor:
-    """``z += inc`` (fp32 ``z``, bf16 ``inc``, both contiguous, one shape) and ``z`` rounded to bf16, in one
-    pass (the stacked engine's residual step); the torch ops when the kernel is unavailable. Returns the bf16
-    copy."""
-    out = torch.empty(z.shape, dtype=torch.bfloat16)
-    if not (available() and z.is_contiguous() and inc.is_contiguous() and z.dtype == torch.float32
-            and inc.dtype == torch.bfloat16 and z.shape == inc.shape and z.device.type == "cpu"):
+def add_round(z: torch.Tensor, inc: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``z += inc`` (fp32 ``z``, bf16 ``inc``, both contiguous, one shape) and ``z`` rounded to bf16 into
+    ``out`` (a new tensor when None), in one pass (the residual step of the stacked engine and of bf16 nets'
+    eager path); the torch ops when the kernel is unavailable. Returns ``out``."""
+    out = torch.empty(z.shape, dtype=torch.bfloat16) if out is None else out
+    if not (available() and z.is_contiguous() and inc.is_contiguous() and out.is_contiguous()
+            and z.dtype == torch.float32 and inc.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+            and z.shape == inc.shape == out.shape and z.device.type == "cpu"):
         z.add_(inc)
-        return z.to(torch.bfloat16)
+        return out.copy_(z)
     _STATE["lib"].dlr_add_round(z.numel(), z.data_ptr(), inc.data_ptr(), out.data_ptr())
     return out
 

@@ -361,6 +361,8 @@ class DLRNet(nn.Module):
         hg = x2.new_empty(x2.shape[0], self.spec.rank) if self.spec.form == "gated" else None
         act = _INPLACE[self.spec.activation]
         mm, addmm = torch.mm, torch.addmm
+        kernel = _cpu_kernel_module() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+        step = kernel.add_round if kernel is not None and kernel.available() else None  # one pass, not three
         for norm, v, b, u, c, g, gb in self._weights():
             n = zl if norm is None else norm(zl)
             for w, bias, out in ((v, b, h), (g, gb, hg)) if g is not None else ((v, b, h),):
@@ -374,6 +376,9 @@ class DLRNet(nn.Module):
                 h.mul_(act(hg))
             if low:
                 mm(h, u.t(), out=upd)
+                if step is not None and c is None:
+                    step(z, upd, zl)
+                    continue
                 z.add_(upd)
                 if c is not None:
                     z.add_(c)
