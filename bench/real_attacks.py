@@ -15,10 +15,10 @@ manifest's ppl ratio ≤ 1.05) are attacked. Sized for ~1.5–3 hours of backgro
   10 steps, patience 3) or the step cap (``--steps``, 40 by default: 20,480 training tokens);
 * the original: full fine-tuning at 2 learning rates, LoRA (r = 8) on every linear map;
 * each release: the same three, the DLR-Nets frozen (everything else trains), gradient checkpointing per
-  DLR-Net and the **read-back** (every DLR-Net laid out as the dense MLP its blocks spell, then full
-  fine-tuning; the read-back's seconds are the attack's); where a release's read-back is not faithful
-  (its ppl ratio more than 0.01 above the lock's), also **reverse distillation + healing** from the read-back
-  (300 steps a layer, its seconds counted);
+  DLR-Net (at the release's best full fine-tuning rate) and the **read-back** (every DLR-Net laid out as the
+  dense MLP its blocks spell, then full fine-tuning at the original's two rates; the read-back's seconds are
+  the attack's); where a release's read-back is not faithful (its ppl ratio more than 0.01 above the lock's),
+  also **reverse distillation + healing** from the read-back (300 steps a layer, its seconds counted);
 * a second seed of the best attack on each side (by best gain), the seed noise.
 
 Each run records its score against cumulative cost (training seconds, FLOPs counted by torch, tokens), the
@@ -100,18 +100,23 @@ def _plain(r: dict) -> bool:
 
 
 def second_jobs(key: str, model: str, tasks, done: list[dict], heal: bool) -> list[tuple]:
-    """On a release, at its best full fine-tuning rate: checkpointing per DLR-Net, the read-back (and
-    reverse distillation + healing where the read-back is not faithful)."""
+    """On a release: checkpointing per DLR-Net at its best full fine-tuning rate; the read-back fine-tuned at
+    both of the original's rates (it is a dense model: the rates that suit the original suit it, not the
+    ones that suit the release), and reverse distillation + healing where the read-back is not faithful, at
+    the original's best rate."""
     jobs = []
     for task in tasks:
         full = [r for r in done if r["task"] == task and r["model"] == key and r["attack"] == "full" and _plain(r)]
         lr = max(full, key=best_gain)["options"]["lr"]
         jobs.append((key, model, task, f"ckpt-dlr-lr{lr:g}", "full", {"lr": lr, "checkpointing": "dlr"}))
-        jobs.append((key, model, task, f"readback-lr{lr:g}", "reverse-distill",
-                     {"lr": lr, "init": "readback", "distill_steps": 0}))
+        jobs += [(key, model, task, f"readback-lr{rate:g}", "reverse-distill",
+                  {"lr": rate, "init": "readback", "distill_steps": 0}) for rate in LRS]
         if heal:
-            jobs.append((key, model, task, f"reverse-heal-lr{lr:g}", "reverse-distill",
-                         {"lr": lr, "init": "readback", "distill_steps": HEAL_STEPS, "distill_tokens": 16_384}))
+            orig = [r for r in done if r["task"] == task and r["model"] == "original" and r["attack"] == "full"
+                    and _plain(r)]
+            rate = max(orig, key=best_gain)["options"]["lr"]
+            jobs.append((key, model, task, f"reverse-heal-lr{rate:g}", "reverse-distill",
+                         {"lr": rate, "init": "readback", "distill_steps": HEAL_STEPS, "distill_tokens": 16_384}))
     return jobs
 
 
