@@ -174,6 +174,7 @@ def analyse(rows: list[dict], tasks, key: str, fid: dict) -> list[dict]:
                         if gains else {"multiplier": None}
                     entry[f"{cost}_{target}{within}"] = {k: m.get(k) for k in (
                         "multiplier", "locked_min", "original_min", "locked", "original", "target_score")}
+        entry["parity"] = parity(orig, lock)
         entry["readback"] = readback_totals(lock, fid)
         entry["verdict"] = verdict(entry)
         entry["per_step"] = [{"model": r["model"], "label": r["label"], "attack": r["attack"],
@@ -188,6 +189,19 @@ def analyse(rows: list[dict], tasks, key: str, fid: dict) -> list[dict]:
                              for r in orig + lock]
         out.append(entry)
     return out
+
+
+def parity(orig: list[dict], lock: list[dict]) -> dict:
+    """The release's best gain against the seed noise of the original's best attack: that attack's gains over
+    its seeds (``original_seeds``) and whether the release's best gain is within their spread (at least the
+    lowest seed's gain minus the spread) — the 90% target is a single number; this says when missing or
+    meeting it is noise."""
+    best_o = max((r for r in orig if _plain(r)), key=best_gain)
+    seeds = sorted(best_gain(r) for r in orig if r["label"].removesuffix("-seed1") == best_o["label"])
+    best_l = max(lock, key=lambda r: (best_gain(r) if best_gain(r) == best_gain(r) else -math.inf))
+    g = best_gain(best_l)
+    return {"original_attack": best_o["label"], "original_seeds": seeds, "release_attack": best_l["label"],
+            "release_gain": g, "within_seed_spread": bool(g >= seeds[0] - (seeds[-1] - seeds[0]))}
 
 
 def readback_totals(lock: list[dict], fid: dict) -> dict:
@@ -235,6 +249,12 @@ def verdict(e: dict) -> str:
             line += ("; within the original's training memory " + ("none reaches it" if m is None or math.isinf(m)
                                                                    else f"×{m:.2f}"))
         parts.append(line + ")")
+    p = e.get("parity")
+    if p:
+        parts.append(f"the release's best gain {p['release_gain']:+.3f} ({p['release_attack']}) is "
+                     + ("within" if p["within_seed_spread"] else "below")
+                     + f" the seed spread of the original's best ({p['original_attack']}: "
+                     + " / ".join(f"{g:+.3f}" for g in p["original_seeds"]) + ")")
     rb = e.get("readback") or {}
     if rb.get("readback_runs"):
         secs = sorted(r["seconds"] for r in rb["readback_runs"])
