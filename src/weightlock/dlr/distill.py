@@ -7,7 +7,6 @@ so a killed run restarts and skips it.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -881,10 +880,14 @@ def _snapshot(net: nn.Module) -> dict:
 
 # ---- the whole model ----------------------------------------------------------------------------
 
-def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work: Path) -> tuple[nn.Module, list[dict]]:
+def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work: Path,
+                  fit_together: Callable | None = None) -> tuple[nn.Module, list[dict]]:
     """Replace every MLP of ``model`` (in place) by a distilled DLR-Net; returns the model and per-layer stats.
 
-    ``work`` keeps captured activations and finished layers, so an interrupted call resumes.
+    ``work`` keeps captured activations and finished layers, so an interrupted call resumes. With
+    ``cfg.engine == "stacked"``, ``fit_together`` (:func:`weightlock.dlr.engine.fit_with_engine`, passed in by
+    :func:`weightlock.dlr.lock.lock`, so this module does not import the engine that imports it) fits the
+    layers still to do, together.
     """
     from safetensors.torch import load_file, save_file
 
@@ -911,7 +914,10 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
         if dist:
             dist.barrier()
     if cfg.engine == "stacked":
-        fit_with_engine(layers, adapter, specs, [k for k in locked if not done(k)], cfg, work, blocks.shape[1])
+        if fit_together is None:
+            raise WeightlockError("--engine stacked: distill_model needs the engine's fit "
+                                  "(fit_together=weightlock.dlr.engine.fit_with_engine)")
+        fit_together(layers, adapter, specs, [k for k in locked if not done(k)], cfg, work, blocks.shape[1])
     for i, k in enumerate(locked):
         if i % world != rank or done(k):
             continue
@@ -936,47 +942,6 @@ def distill_model(model: nn.Module, blocks: torch.Tensor, cfg: LockConfig, work:
     for k in locked:
         install_layer(layers[k], adapter, specs[k], work / f"layer_{k}.safetensors", device)
     return model, stats
-
-
-def fit_with_engine(layers: list[nn.Module], adapter: ArchAdapter, specs: list, todo: list[int], cfg: LockConfig,
-                    work: Path, block: int) -> None:
-    """``--engine stacked``: fit the nets of the ``todo`` layers together from their captures in ``work``
-    (:func:`weightlock.dlr.engine.fit_stacked`, checkpointed to ``work/engine.pt``: a killed lock resumes), and
-    write each layer's net and stats as the per-layer path does (the read-back's error beside them)."""
-    from safetensors.torch import load_file, save_file
-
-    from .engine import fit_stacked
-
-    if not todo:
-        return
-    caps = [load_file(str(work / f"capture_{k}.safetensors")) for k in todo]
-    split = holdout_split(caps[0]["x"].shape[0], cfg.holdout, cfg.seed, block)
-    inits = {k: mlp_init(layers[k], adapter) for k in todo} if cfg.init == "mlp" else {}
-
-    def make(k: int) -> DLRNet:
-        net = DLRNet(specs[k])
-        if k in inits:
-            inits[k](net)
-        return net
-
-    lr = cfg.lr / cfg.readout if cfg.init == "mlp" else cfg.lr  # as fit_layer: Adam's step scaled with U/s
-    procs = cfg.engine_processes or len(os.sched_getaffinity(0))
-    nets, st = fit_stacked(make, todo, [c["x"] for c in caps], [c["y"] for c in caps], steps=cfg.steps, lr=lr,
-                           batch_tokens=cfg.batch_tokens, split=split, seed=cfg.seed, loss=cfg.loss,
-                           grad_clip=cfg.grad_clip, bf16=cfg.bf16, progress=cfg.progress,
-                           checkpoint=work / "engine.pt", processes=procs)
-    engine = {k: st[k] for k in ("seconds", "layer_steps_per_s", "steps_run", "bf16")} | {
-        "processes": st.get("processes", 1), "layers": len(todo)}
-    for k, c, net, row in zip(todo, caps, nets, st["layers"]):
-        xh, yh = c["x"][split[0]].float(), c["y"][split[0]].float()
-        rb = error_stats(readback_net(net), xh, yh, outlier_rows(yh, cfg.outlier_factor))
-        stats = {**row, "layer": k, "process": 0, "steps": cfg.steps, "seconds": st["seconds"] / len(todo),
-                 "engine": engine,
-                 "readback": {n: rb[n] for n in ("rel_error", "rel_error_tokens", "outlier_rel_error")},
-                 "spec": asdict(net.spec), "sink": {}}
-        with atomic_path(work / f"layer_{k}.safetensors") as tmp:
-            save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
-        write_json(work / f"layer_{k}.json", stats)
 
 
 def check_layer_errors(stats: list[dict], max_rel_error: float | None, work: Path | None = None) -> None:

@@ -16,15 +16,22 @@ and the random start of the faithful-lock recipes); anything else keeps the per-
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import WeightlockError
 from .modeling_weightlock_dlr import BLOCK_ACTIVATIONS, DLRNet, DLRSpec
+
+if TYPE_CHECKING:
+    from .distill import LockConfig
+    from .modeling_weightlock_dlr import ArchAdapter
 
 # the activations as functions (BLOCK_ACTIVATIONS holds module classes)
 _ACT_FN = {name: make() for name, make in BLOCK_ACTIVATIONS.items()}
@@ -277,3 +284,46 @@ def _fit_share(nets: list[DLRNet], layers: list[int], xs: list[torch.Tensor], ys
     done = steps - start
     return nets, {"layers": per, "steps": steps, "steps_run": done, "seconds": dt,
                   "layer_steps_per_s": done * len(layers) / dt if dt > 0 else 0.0, "bf16": bf16}
+
+
+def fit_with_engine(layers: list[nn.Module], adapter: ArchAdapter, specs: list, todo: list[int], cfg: LockConfig,
+                    work: Path, block: int) -> None:
+    """``--engine stacked``: fit the nets of the ``todo`` layers together from their captures in ``work``
+    (:func:`weightlock.dlr.engine.fit_stacked`, checkpointed to ``work/engine.pt``: a killed lock resumes), and
+    write each layer's net and stats as the per-layer path does (the read-back's error beside them)."""
+    from safetensors.torch import load_file, save_file
+
+    from ..io import atomic_path, write_json
+    from .distill import error_stats, holdout_split, mlp_init, outlier_rows
+    from .modeling_weightlock_dlr import readback_net
+
+    if not todo:
+        return
+    caps = [load_file(str(work / f"capture_{k}.safetensors")) for k in todo]
+    split = holdout_split(caps[0]["x"].shape[0], cfg.holdout, cfg.seed, block)
+    inits = {k: mlp_init(layers[k], adapter) for k in todo} if cfg.init == "mlp" else {}
+
+    def make(k: int) -> DLRNet:
+        net = DLRNet(specs[k])
+        if k in inits:
+            inits[k](net)
+        return net
+
+    lr = cfg.lr / cfg.readout if cfg.init == "mlp" else cfg.lr  # as fit_layer: Adam's step scaled with U/s
+    procs = cfg.engine_processes or len(os.sched_getaffinity(0))
+    nets, st = fit_stacked(make, todo, [c["x"] for c in caps], [c["y"] for c in caps], steps=cfg.steps, lr=lr,
+                           batch_tokens=cfg.batch_tokens, split=split, seed=cfg.seed, loss=cfg.loss,
+                           grad_clip=cfg.grad_clip, bf16=cfg.bf16, progress=cfg.progress,
+                           checkpoint=work / "engine.pt", processes=procs)
+    engine = {k: st[k] for k in ("seconds", "layer_steps_per_s", "steps_run", "bf16")} | {
+        "processes": st.get("processes", 1), "layers": len(todo)}
+    for k, c, net, row in zip(todo, caps, nets, st["layers"]):
+        xh, yh = c["x"][split[0]].float(), c["y"][split[0]].float()
+        rb = error_stats(readback_net(net), xh, yh, outlier_rows(yh, cfg.outlier_factor))
+        stats = {**row, "layer": k, "process": 0, "steps": cfg.steps, "seconds": st["seconds"] / len(todo),
+                 "engine": engine,
+                 "readback": {n: rb[n] for n in ("rel_error", "rel_error_tokens", "outlier_rel_error")},
+                 "spec": asdict(net.spec), "sink": {}}
+        with atomic_path(work / f"layer_{k}.safetensors") as tmp:
+            save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
+        write_json(work / f"layer_{k}.json", stats)

@@ -92,7 +92,9 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
         write_json(ref, {"ppl": ppl_before})
     locked = load(model_dir)
     params_before = sum(p.numel() for p in locked.parameters())
-    locked, layer_stats = distill_model(locked, calib, cfg, work)
+    from .engine import fit_with_engine
+
+    locked, layer_stats = distill_model(locked, calib, cfg, work, fit_together=fit_with_engine)
     if not main:
         return {}
     auto = None
