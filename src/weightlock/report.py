@@ -492,7 +492,8 @@ def _real_attack_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
                        fmt(None if s["peak_delta_bytes"] is None else s["peak_delta_bytes"] / 2**20, ".0f")]
                       for s in a["per_step"]]
         name = Path(d["models"]["original"]).name
-        tables.append((f"Real LLM ({name}): the red team, lock vs unlocked original (score = −held-out loss; "
+        tables.append((f"Real LLM ({name}), history — a broken lock: the red team, lock vs unlocked original "
+                       "(score = −held-out loss; "
                        "targets: 90% of the best unlocked gain, from each release's own score or as a level from "
                        "the original's)",
                        ["task", "lock", "original: release → best", "original best gain, 2 seeds",
