@@ -201,14 +201,23 @@ def smollm2(args) -> None:
            "settings": []}
     done = set()
     path = RESULTS / "dlr_inference_smollm2.json"
+    if args.release:  # a saved release (e.g. the faithful gated one) instead of random-weight locks
+        name = Path(args.release).name
+        path = RESULTS / f"dlr_inference_{name}.json"
+        res.update({"command": res["command"] + f" --release {args.release}", "release": args.release,
+                    "targets": {name: {"decode": 1.10, "prefill": 1.05}}})  # issue #36's bars
     if args.resume and path.is_file():  # keep the settings measured before; measure the others
         old = json.loads(path.read_text())
         res["settings"] = old.get("settings", [])
         res.update({k: v for k, v in old.items() if k.startswith("agreement_")})
         done = {(s["rank"], s["dtype"], s["threads"], s["batch"]) for s in res["settings"]}
     original = load(args.model).eval()
-    for rank in args.ranks:
-        locked, depth = smollm2_locked(args.model, rank)
+    for rank in ([Path(args.release).name] if args.release else args.ranks):
+        if args.release:
+            locked = load(args.release).eval()
+            depth = next(m for m in locked.modules() if isinstance(m, DLRNet)).spec.depth
+        else:
+            locked, depth = smollm2_locked(args.model, rank)
         if f"agreement_r{rank}" not in res:
             res[f"agreement_r{rank}"] = {"fp32": path_agreement(locked, torch.float32),
                                          "bf16": path_agreement(locked, torch.bfloat16)}
@@ -229,7 +238,7 @@ def smollm2(args) -> None:
                     res["settings"].append(row)
                     print(f"r{rank} {row['dtype']} threads {threads} batch {batch}: decode ×{row['decode_ratio']:.3f} "
                           f"prefill ×{row['prefill_ratio']:.3f} met {row['met']}", flush=True)
-                    save("dlr_inference_smollm2", res)
+                    save(path.stem, res)
         del locked
     torch.set_num_threads(1)
 
@@ -239,6 +248,8 @@ def main() -> None:
     ap.add_argument("--base", default="runs/bench/base-small")
     ap.add_argument("--locked", default="runs/bench/locked-r32")
     ap.add_argument("--model", default=None, help="a converted SmolLM2 directory (make smollm2): bench the real LLM")
+    ap.add_argument("--release", default=None, help="with --model: bench this saved release against the model "
+                    "instead of random-weight locks (results: dlr_inference_<release dir name>.json)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[32, 16])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
