@@ -152,6 +152,8 @@ def test_gated_structured_lock_records_its_read_back(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "lock_report.json").read_text())
     assert rep["parameters_after"] == rep["parameters_before"]
+    # the record says what the release holds: no sink with --init mlp (it recorded the --sink default, True)
+    assert rep["lock_config"]["sink"] is False and not any(l["spec"]["sink"] for l in rep["layers"])
     assert abs(rep["ppl_ratio"] - 1) < 2e-3
     rb = rep["readback"]
     assert abs(rb["ppl_ratio"] - 1) < 1e-4, "the untrained structured start reads back as the original"
