@@ -44,6 +44,7 @@ from pathlib import Path
 
 from weightlock import schema
 from weightlock.experiments.harness import RESULTS, attack_job, save
+from weightlock.experiments.harness import max_gain as best_gain
 from weightlock.io import set_threads_per_process
 
 ORIGINAL = Path("runs/smollm2")
@@ -74,13 +75,6 @@ def release_fidelity(path: str | Path) -> dict:
 def needs_healing(fid: dict) -> bool:
     rb = fid.get("readback_ppl_ratio")
     return rb is None or rb > fid["ppl_ratio"] + READBACK_SLACK
-
-
-def best_gain(r: dict) -> float:
-    """A run's best gain over its release (weightlock.eval.cost_to_target.best_gain of its curve)."""
-    from weightlock.eval.cost_to_target import best_gain as curve_best_gain
-
-    return curve_best_gain(r["cost_curve"])
 
 
 def first_jobs(key: str, model: str, tasks, lock: bool) -> list[tuple]:
@@ -198,7 +192,7 @@ def parity(orig: list[dict], lock: list[dict]) -> dict:
     meeting it is noise."""
     best_o = max((r for r in orig if _plain(r)), key=best_gain)
     seeds = sorted(best_gain(r) for r in orig if r["label"].removesuffix("-seed1") == best_o["label"])
-    best_l = max(lock, key=lambda r: (best_gain(r) if best_gain(r) == best_gain(r) else -math.inf))
+    best_l = max(lock, key=lambda r: -math.inf if math.isnan(best_gain(r)) else best_gain(r))
     g = best_gain(best_l)
     return {"original_attack": best_o["label"], "original_seeds": seeds, "release_attack": best_l["label"],
             "release_gain": g, "within_seed_spread": bool(g >= seeds[0] - (seeds[-1] - seeds[0]))}

@@ -125,12 +125,18 @@ class LockConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def uses_sink(self) -> bool:
+        """Whether the nets get the sink component: ``sink``, except with ``init="mlp"`` (the structured start
+        reproduces the sink token itself)."""
+        return self.sink and self.init != "mlp"
+
     def validate(self) -> None:
         """Check every field (types and ranges); raise :class:`WeightlockError` on the first bad one."""
         check_types(self, "lock config")
         if self.engine == "stacked":
             bad = [what for what, on in (("--mode sequential", self.mode == "sequential"),
-                                         ("a sink (add --no-sink)", self.sink and self.init != "mlp"),
+                                         ("a sink (add --no-sink)", self.uses_sink),
                                          ("--norm", self.norm), ("--bias", self.bias),
                                          ("--anneal-to", self.anneal_to is not None),
                                          ("--readback-penalty", self.readback_penalty > 0)) if on]
@@ -248,7 +254,7 @@ def specs_for(model: nn.Module, cfg: LockConfig) -> tuple[ArchAdapter, list[DLRS
         raise WeightlockError(f"the structured start gives each block {cfg.rank} of the MLP's {d_ff} hidden units: "
                               f"the rank must divide {d_ff} and the depth be {d_ff} / rank")
     activation = resolve_activation(model, cfg)
-    sink = cfg.sink and cfg.init != "mlp"  # the structured start reproduces the sink token itself
+    sink = cfg.uses_sink
     chosen = parse_layers(cfg.layers, len(layers))
     specs, sizes = [], []
     for k, layer in enumerate(layers):
@@ -692,12 +698,17 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, spec: DLRSpec, cfg: LockConfig, 
             rest = torch.cat([yt[i:i + 8192] - net._forward_blocks(xt[i:i + 8192]) for i in range(0, len(xt), 8192)])
         fit_sink(net.sink, xt, yt, cfg.outlier_factor, target=rest)
         stats.update(error_stats(net, xh, yh, outlier_rows(yh, cfg.outlier_factor)))
-    # what an attacker reads off the net by laying its blocks side by side, against the MLP
-    rb = error_stats(readback_net(net), xh, yh, outlier_rows(yh, cfg.outlier_factor))
-    stats["readback"] = {k: rb[k] for k in ("rel_error", "rel_error_tokens", "outlier_rel_error")}
+    stats["readback"] = readback_stats(net, xh, yh, cfg.outlier_factor)
     stats["spec"] = asdict(spec)
     stats["sink"] = sink_stats
     return net, stats
+
+
+def readback_stats(net: DLRNet, x: torch.Tensor, y: torch.Tensor, outlier_factor: float) -> dict:
+    """What an attacker reads off ``net`` by laying its blocks side by side, against the MLP on held-out
+    ``x``/``y``: the read-back's errors (:func:`error_stats`)."""
+    rb = error_stats(readback_net(net), x, y, outlier_rows(y, outlier_factor))
+    return {k: rb[k] for k in ("rel_error", "rel_error_tokens", "outlier_rel_error")}
 
 
 def anneal_readouts(start: float, end: float | None) -> list[float]:

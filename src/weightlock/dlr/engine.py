@@ -2,10 +2,10 @@
 
 Module-wise distillation fits one net per MLP, each on its own (input, output) pairs. All the MLPs of a
 model have one shape, so their nets can be held as stacked tensors — Vᵀ, Gᵀ: ``[depth, layers, d, r]``, Uᵀ:
-``[depth, layers, r, d]``, contiguous per block — and a step runs every layer at once with batched matmuls
-(``torch.bmm``), one
-Python loop over the blocks instead of one per layer and block, optionally under bf16 autocast (the
-residual state stays fp32). Each layer's loss is its own and Adam is elementwise, so a stacked fit is the
+``[depth, layers, r, d]``, contiguous per block — with one optimizer over all of them; a step runs every
+layer's hand-written forward and backward (:meth:`StackedNets.loss_backward`, optionally with bf16
+products, the residual state in fp32), and the layers can be dealt to worker processes. Each layer's loss
+is its own and Adam is elementwise, so a stacked fit is the
 per-layer fits run in lockstep: same initialisation, same batches (the captured rows are aligned on the same
 tokens), same steps — :func:`fit_stacked` matches :func:`weightlock.dlr.distill.fit_module` layer by
 layer (a test checks it), minus its divergence guard (the engine clips each layer's gradient norm instead).
@@ -294,8 +294,7 @@ def fit_with_engine(layers: list[nn.Module], adapter: ArchAdapter, specs: list, 
     from safetensors.torch import load_file, save_file
 
     from ..io import atomic_path, write_json
-    from .distill import error_stats, holdout_split, mlp_init, outlier_rows
-    from .modeling_weightlock_dlr import readback_net
+    from .distill import holdout_split, mlp_init, readback_stats
 
     if not todo:
         return
@@ -318,12 +317,9 @@ def fit_with_engine(layers: list[nn.Module], adapter: ArchAdapter, specs: list, 
     engine = {k: st[k] for k in ("seconds", "layer_steps_per_s", "steps_run", "bf16")} | {
         "processes": st.get("processes", 1), "layers": len(todo)}
     for k, c, net, row in zip(todo, caps, nets, st["layers"]):
-        xh, yh = c["x"][split[0]].float(), c["y"][split[0]].float()
-        rb = error_stats(readback_net(net), xh, yh, outlier_rows(yh, cfg.outlier_factor))
+        rb = readback_stats(net, c["x"][split[0]].float(), c["y"][split[0]].float(), cfg.outlier_factor)
         stats = {**row, "layer": k, "process": 0, "steps": cfg.steps, "seconds": st["seconds"] / len(todo),
-                 "engine": engine,
-                 "readback": {n: rb[n] for n in ("rel_error", "rel_error_tokens", "outlier_rel_error")},
-                 "spec": asdict(net.spec), "sink": {}}
+                 "engine": engine, "readback": rb, "spec": asdict(net.spec), "sink": {}}
         with atomic_path(work / f"layer_{k}.safetensors") as tmp:
             save_file({n: p.detach().contiguous() for n, p in net.state_dict().items()}, str(tmp))
         write_json(work / f"layer_{k}.json", stats)

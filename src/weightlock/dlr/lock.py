@@ -131,9 +131,8 @@ def lock(model_dir: str | os.PathLike, out: str | os.PathLike, cfg: LockConfig |
         "kind": LOCK_REPORT, "schema_version": SCHEMA_VERSION, "base_model": str(model_dir), "family": adapter.family,
         "calibration_data": spec,
         "calibration_tokens": int(calib.numel()), "validation_tokens": int(val.numel()),
-        # as applied: --init mlp runs without the sink whatever --sink says (the structured start keeps the sink
-        # token itself), and the record says what the release holds
-        "lock_config": {**asdict(cfg), "sink": cfg.sink and cfg.init != "mlp"},
+        # as applied: --init mlp runs without the sink whatever --sink says; the record says what the release holds
+        "lock_config": {**asdict(cfg), "sink": cfg.uses_sink},
         "parameters_before": params_before, "parameters_after": params_after,
         "mlp_parameters": mlp_sizes, "dlr_parameters": [s.num_parameters() for s in specs if s is not None],
         "ppl_before": ppl_before, "ppl_after": ppl_after,
