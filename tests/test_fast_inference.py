@@ -293,27 +293,80 @@ def test_cpu_kernel_without_a_compiler_falls_back_once(monkeypatch, tmp_path):
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
 
 
-@pytest.mark.parametrize("kw", [{}, {"bias": True}, {"activation": "relu"}, {"activation": "silu", "bias": True},
-                                {"activation": "tanh", "readout": 4.0}])
-@pytest.mark.parametrize("rows", [17, 22, 300])
+def _packed():
+    kernel = _kernel()
+    if kernel._STATE["lib"].dlr_has_packed() != 3:
+        pytest.skip("the packed kernel needs AVX-512 with BF16")
+    return kernel
+
+
+PACKED_CASES = [{}, {"bias": True}, {"activation": "relu"}, {"activation": "silu", "bias": True},
+                {"activation": "tanh", "readout": 4.0}, {"form": "gated", "activation": "silu"},
+                {"form": "gated", "activation": "gelu", "bias": True, "readout": 1024.0}]
+
+
+@pytest.mark.parametrize("kw", PACKED_CASES)
+@pytest.mark.parametrize("rows", [1, 6, 16, 17, 300])
 @pytest.mark.parametrize("rank", [16, 32])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_cpu_prefill_kernel_matches_reference(kw, rows, rank, n_threads, threads):
-    """Prefill-sized fp32 inputs (more than MAX_ROWS tokens; width a multiple of 32, rank of 16, no per-block
-    norm) take the register-tiled kernel with vectorized activations (erf and exp approximated to ~2e-7): within
-    1e-5 of the reference, for both down-pass tilings (dot tiles at rank 16, broadcast tiles on the transposed V
-    at rank 32), row counts that fill no tile exactly and several chunks (300 rows over 2 threads) included.
-    With a norm, or a rank that is no multiple of 16, they keep the eager fast path."""
-    kernel = _kernel()
-    if not kernel._STATE["lib"].dlr_has_prefill():
-        pytest.skip("the prefill kernel needs AVX-512")
+def test_cpu_packed_kernel_matches_reference_fp32(kw, rows, rank, n_threads, threads):
+    """Width and rank multiples of 16, no per-block norm: every input size (decoding steps, shared by a team of
+    threads that splits the columns; prefill, in chunks) takes the packed AVX-512 kernel, within 1e-5 of the
+    reference for both block forms — row counts that fill no tile exactly, and several chunks over 2 threads,
+    included. A norm or a rank that is no multiple of 16 keeps the other paths."""
+    kernel = _packed()
     threads(n_threads)
-    net = random_net(width=64, rank=rank, init_scale=1.0, **kw)
+    net = random_net(width=64, rank=rank, **kw)
     x = torch.randn(rows, 64)
     with torch.no_grad():
-        assert net.inference_path(x) == "kernel"
+        assert net.inference_path(x) == "kernel" and kernel._packed_ok(net, x)
         out, ref = net(x), net.forward_reference(x)
     assert rel(out, ref) <= 1e-5 and ref.abs().max() > 0.1
     with torch.no_grad():
-        assert random_net(width=64, rank=rank, norm=True).inference_path(x) == "fast"
-        assert random_net(width=64, rank=8).inference_path(x) == "fast"
+        assert not kernel._packed_ok(random_net(width=64, rank=rank, norm=True), x)
+        assert not kernel._packed_ok(random_net(width=64, rank=8), x)
+
+
+@pytest.mark.parametrize("kw", PACKED_CASES)
+@pytest.mark.parametrize("rows", [1, 8, 300])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_packed_kernel_bf16_rounds_like_the_fast_path(kw, rows, n_threads, threads):
+    """bf16 through VDPBF16PS: the residual state in fp32, every product, activation and gate product rounded to
+    bf16 where the eager fast path rounds them, so the two agree to within bf16 rounding (in practice
+    bit for bit: the fp32 sums differ only in order) and both stay within bf16 rounding of the exact result."""
+    _packed()
+    threads(n_threads)
+    net = random_net(width=64, rank=32, **kw).to(torch.bfloat16)
+    x = torch.randn(rows, 64).bfloat16()
+    with torch.no_grad():
+        assert net.inference_path(x) == "kernel"
+        out, fast = net(x), net.forward_fast(x)
+        exact = random_net(width=64, rank=32, **kw).forward_reference(x.float())
+    assert out.dtype == torch.bfloat16
+    assert rel(out, fast) <= 2e-3
+    assert rel(out, exact) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_packed_kernel_follows_weights_changed_in_place(dtype):
+    """The packed copy is rebuilt when a parameter changes in place (an optimizer step between two
+    evaluations, as the attacks do) or is replaced, so the kernel never computes with stale weights."""
+    _packed()
+    net = random_net(width=64, rank=16, form="gated", activation="silu", bias=True).to(dtype)
+    x = torch.randn(4, 64).to(dtype)
+    with torch.no_grad():
+        before = net(x)
+        net.blocks[5].gate.weight.mul_(-1.5)  # one weight of one block, in place
+        after, ref = net(x), net.forward_fast(x)
+    assert rel(after, before) > 1e-2 and rel(after, ref) <= (1e-5 if dtype == torch.float32 else 2e-3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    loss = net.forward_reference(x).float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        stepped, ref = net(x), net.forward_fast(x)
+    assert rel(stepped, after) > 1e-3 and rel(stepped, ref) <= (1e-5 if dtype == torch.float32 else 2e-3)
+    net.load_state_dict(random_net(width=64, rank=16, form="gated", activation="silu", bias=True, seed=3)
+                        .to(dtype).state_dict())
+    with torch.no_grad():
+        assert rel(net(x), net.forward_fast(x)) <= (1e-5 if dtype == torch.float32 else 2e-3)

@@ -328,7 +328,8 @@ class DLRNet(nn.Module):
             self.__dict__["_fast_weights"] = cache
         return cache
 
-    _CACHES = ("_fast_weights", "_compile_args", "_triton_stack", "_cuda_graphs", "_cpu_kernel_args")
+    _CACHES = ("_fast_weights", "_compile_args", "_triton_stack", "_cuda_graphs", "_cpu_kernel_args",
+               "_cpu_kernel_packed")
 
     def _apply(self, fn, *args, **kwargs):
         for k in self._CACHES:

@@ -1,0 +1,450 @@
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static inline float act_f(float x, int act) {
+    switch (act) {
+    case 0: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case 1: return x > 0.0f ? x : 0.0f;
+    case 2: return x / (1.0f + expf(-x));
+    default: return tanhf(x);
+    }
+}
+
+static inline float bf16_to_f(uint16_t b) {
+    union { uint32_t u; float f; } v; v.u = ((uint32_t)b) << 16; return v.f;
+}
+
+/* round to nearest even in bf16, kept as a float (NaN stays NaN) */
+static inline float round_bf16(float f) {
+    union { uint32_t u; float f; } v; v.f = f;
+    if ((v.u & 0x7f800000u) == 0x7f800000u) return f;
+    v.u = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) & 0xffff0000u;
+    return v.f;
+}
+
+/* The engine's residual step (weightlock.dlr.engine): z[i] += inc[i] (bf16) and out[i] = bf16(z[i]), rounded
+   to nearest even as PyTorch casts: one pass where PyTorch makes three (the cast of inc, the add, the cast). */
+void dlr_add_round(int64_t n, float *z, const uint16_t *inc, uint16_t *out) {
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        union { uint32_t u; float f; } v;
+        v.f = z[i] + bf16_to_f(inc[i]);
+        z[i] = v.f;
+        uint32_t u = v.u;
+        uint32_t nan = (u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu);
+        out[i] = nan ? (uint16_t)((u >> 16) | 0x40u) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+/* fp32: z (n x d, the residual state, updated in place), h (n x r scratch), zn (n x d scratch, norm only).
+   V[l]: r x d, U[l]: d x r (row-major, nn.Linear weights), bV[l]: r or NULL, bU[l]: d or NULL,
+   nw[l]: d (RMSNorm weight) or NULL. */
+void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, const float *const *bV,
+             const float *const *U, const float *const *bU, const float *const *nw, const float *const *G,
+             const float *const *bG, float *z, float *h, float *zn, int act, int nthreads) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    for (int64_t l = 0; l < L; ++l) {
+        const float *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l], *w = nw[l];
+        const float *g = G ? G[l] : 0, *bg = bG ? bG[l] : 0;
+        const float *src = z;
+        if (w) {
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < n; ++i) {
+                const float *zi = z + i * d;
+                float ss = 0.0f;
+                #pragma omp simd reduction(+:ss)
+                for (int64_t k = 0; k < d; ++k) ss += zi[k] * zi[k];
+                float inv = 1.0f / sqrtf(ss / (float)d + 1e-6f);
+                float *o = zn + i * d;
+                #pragma omp simd
+                for (int64_t k = 0; k < d; ++k) o[k] = zi[k] * inv * w[k];
+            }
+            src = zn;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < r; ++j) {
+            const float *vj = v + j * d;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *zi = src + i * d;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t k = 0; k < d; ++k) acc += vj[k] * zi[k];
+                if (bv) acc += bv[j];
+                if (g) {  /* the gated form: h = act(G z + bg) * (V z + bv) */
+                    const float *gj = g + j * d;
+                    float ga = 0.0f;
+                    #pragma omp simd reduction(+:ga)
+                    for (int64_t k = 0; k < d; ++k) ga += gj[k] * zi[k];
+                    if (bg) ga += bg[j];
+                    h[i * r + j] = act_f(ga, act) * acc;
+                } else {
+                    h[i * r + j] = act_f(acc, act);
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t k = 0; k < d; ++k) {
+            const float *uk = u + k * r;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *hi = h + i * r;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t j = 0; j < r; ++j) acc += uk[j] * hi[j];
+                float zk = z[i * d + k] + acc;
+                if (bu) zk += bu[k];
+                z[i * d + k] = zk;
+            }
+        }
+    }
+}
+
+/* ---- prefill (many tokens, fp32): register-tiled AVX-512 products, branch-free vectorized activations ---- */
+
+/* ---- packed kernels (AVX-512): decode and prefill, both block forms, fp32 and bf16 ----------------------------
+
+   The weights are packed once per net (weightlock.dlr.cpu_kernel._packed) so that both products are
+   broadcast tiles with no horizontal sums: the down pass reads Wt (d x R, R = r, or 2r for the gated form:
+   columns [0, r) the value rows V, [r, 2r) the gate rows G), the up pass Ut (r x d). In bf16 the reduction
+   dimension is interleaved in pairs for VDPBF16PS: Wp[k/2][j] = (W[j][k], W[j][k+1]), Up[j/2][c] =
+   (U[c][j], U[c][j+1]). The residual state z stays in fp32; in bf16 the products' inputs are its bf16 rounding
+   zl, and every product, the activation and the gate's product are rounded to bf16 where PyTorch's bf16 ops
+   round them (the eager fast path), so both paths stay within bf16 rounding of each other. */
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+/* e^x: Cody-Waite reduction and Cephes' expf polynomial; |rel. error| < 2e-7 on [-87, 88] */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, f), f, f), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);  /* y * 2^n */
+}
+
+/* erf: Abramowitz & Stegun 7.1.26, |abs. error| < 1.5e-7 */
+static inline __m512 erf16(__m512 x) {
+    __m512 a = _mm512_abs_ps(x);
+    __m512 one = _mm512_set1_ps(1.0f);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(a, _mm512_set1_ps(0.3275911f), one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    __m512 e = _mm512_fnmadd_ps(_mm512_mul_ps(p, t), exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)),
+                                _mm512_set1_ps(1.0f));
+    /* copy the sign of x */
+    __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(e), sign));
+}
+
+static inline __m512 act16(__m512 x, int act) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    if (act == 0)
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x),
+                             _mm512_add_ps(one, erf16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)))));
+    if (act == 1) return _mm512_max_ps(x, _mm512_setzero_ps());
+    if (act == 2) return _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    __m512 e = exp16(_mm512_mul_ps(x, _mm512_set1_ps(-2.0f)));
+    return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e)), one);
+}
+
+
+/* ---- fp32 tiles: y[t][0 .. 16 NV) (+)= sum_k x[t][k] b[k][0 .. 16 NV) (+ bias), ROWS rows ---- */
+#define T32(ROWS, NV)                                                                                         \
+    static void t32_##ROWS##_##NV(const float *x, int64_t xs, int64_t K, const float *b, int64_t bs, float *y, \
+                                  int64_t ys, int acc, const float *bias) {                                   \
+        __m512 a[ROWS][NV];                                                                                   \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)                                              \
+                a[t][v] = acc ? _mm512_loadu_ps(y + t * ys + 16 * v) : _mm512_setzero_ps();                   \
+        for (int64_t k = 0; k < K; ++k) {                                                                     \
+            __m512 bv[NV];                                                                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * bs + 16 * v); \
+            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                          \
+                __m512 xb = _mm512_set1_ps(x[t * xs + k]);                                                    \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) a[t][v] = _mm512_fmadd_ps(xb, bv[v], a[t][v]); \
+            }                                                                                                 \
+        }                                                                                                     \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {                                            \
+                __m512 o = a[t][v];                                                                           \
+                if (bias) o = _mm512_add_ps(o, _mm512_loadu_ps(bias + 16 * v));                               \
+                _mm512_storeu_ps(y + t * ys + 16 * v, o);                                                     \
+            }                                                                                                 \
+    }
+#define T32_ALL(NV) T32(1, NV) T32(2, NV) T32(3, NV) T32(4, NV) T32(5, NV) T32(6, NV)
+T32_ALL(1) T32_ALL(2) T32_ALL(4) T32(7, 1) T32(8, 1) T32(7, 2) T32(8, 2)
+typedef void (*t32_fn)(const float *, int64_t, int64_t, const float *, int64_t, float *, int64_t, int, const float *);
+static const t32_fn T32_NV1[9] = {0, t32_1_1, t32_2_1, t32_3_1, t32_4_1, t32_5_1, t32_6_1, t32_7_1, t32_8_1};
+static const t32_fn T32_NV2[9] = {0, t32_1_2, t32_2_2, t32_3_2, t32_4_2, t32_5_2, t32_6_2, t32_7_2, t32_8_2};
+static const t32_fn T32_NV4[7] = {0, t32_1_4, t32_2_4, t32_3_4, t32_4_4, t32_5_4, t32_6_4};
+
+/* y (m x ncols, stride ys) (+)= x (m x K, stride xs) b (K x ncols, stride bs) (+ bias); ncols % 16 == 0.
+   Columns outer (a slice of b stays in L1 across the row tiles), rows in tiles of up to 8 (6 at 64 columns). */
+static void gemm32(int64_t m, const float *x, int64_t xs, int64_t K, const float *b, int64_t bs, int64_t ncols,
+                   float *y, int64_t ys, int acc, const float *bias) {
+    for (int64_t c = 0; c < ncols;) {
+        int nv = ncols - c >= 64 ? 4 : ncols - c >= 32 ? 2 : 1;
+        int maxr = nv == 4 ? 6 : 8;
+        const t32_fn *tab = nv == 4 ? T32_NV4 : nv == 2 ? T32_NV2 : T32_NV1;
+        for (int64_t t = 0; t < m;) {
+            int rows = m - t < maxr ? (int)(m - t) : maxr;
+            tab[rows](x + t * xs, xs, K, b + c, bs, y + t * ys + c, ys, acc, bias ? bias + c : 0);
+            t += rows;
+        }
+        c += 16 * nv;
+    }
+}
+
+/* this thread's share [lo, hi) of `units` units of 16 columns */
+static inline void share(int64_t units, int ti, int nt, int64_t *lo, int64_t *hi) {
+    *lo = units * ti / nt * 16;
+    *hi = units * (ti + 1) / nt * 16;
+}
+
+#ifdef _OPENMP
+#define BARRIER(nt) if ((nt) > 1) { _Pragma("omp barrier") }
+#define TEAM_ID() omp_get_thread_num()
+#define TEAM_SIZE() omp_get_num_threads()
+#else
+#define BARRIER(nt)
+#define TEAM_ID() 0
+#define TEAM_SIZE() 1
+#endif
+
+/* one block on m rows (z: m x d, hd: m x R scratch), fp32; thread ti of nt (nt > 1: inside a team that shares
+   the rows and splits the columns, with a barrier after each pass) */
+static void step_f32(int64_t m, int64_t d, int64_t r, int gated, const float *wt, const float *bw, const float *ut,
+                     const float *bu, float *z, float *hd, int act, int ti, int nt) {
+    int64_t R = gated ? 2 * r : r, lo, hi;
+    share(R / 16, ti, nt, &lo, &hi);
+    if (hi > lo) gemm32(m, z, d, d, wt + lo, R, hi - lo, hd + lo, R, 0, bw ? bw + lo : 0);
+    BARRIER(nt);
+    for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt; ++t) {
+        float *h = hd + t * R;
+        for (int64_t j = 0; j < r; j += 16) {
+            __m512 v = _mm512_loadu_ps(h + j);
+            _mm512_storeu_ps(h + j, gated ? _mm512_mul_ps(act16(_mm512_loadu_ps(h + r + j), act), v) : act16(v, act));
+        }
+    }
+    BARRIER(nt);
+    share(d / 16, ti, nt, &lo, &hi);
+    if (hi > lo) gemm32(m, hd, R, r, ut + lo, d, hi - lo, z + lo, d, 1, bu ? bu + lo : 0);
+    BARRIER(nt);
+}
+
+/* fp32 nets without a per-block norm, d % 16 == 0, r % 16 == 0. Wt: L x d x R, bW: L x R or NULL, Ut: L x r x d,
+   bU: L x d or NULL; z: n x d (the input, updated in place to z_L), hd: n x R scratch. With nthreads > 1 the
+   rows go in chunks of at most `chunk` (each chunk's state stays in L2 while the weights stream past), threads
+   taking whole chunks; a single chunk (decoding) is shared by the team, which splits every pass's columns. */
+void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const float *Wt, const float *bW,
+                 const float *Ut, const float *bU, float *z, float *hd, int act, int nthreads, int64_t chunk) {
+    int64_t R = gated ? 2 * r : r;
+    if (nthreads > 1 && n <= chunk) {
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int ti = TEAM_ID(), nt = TEAM_SIZE();
+            for (int64_t l = 0; l < L; ++l)
+                step_f32(n, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
+                         z, hd, act, ti, nt);
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        int64_t m = n - c0 < chunk ? n - c0 : chunk;
+        for (int64_t l = 0; l < L; ++l)
+            step_f32(m, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
+                     z + c0 * d, hd + c0 * R, act, 0, 1);
+    }
+}
+
+#ifdef __AVX512BF16__
+int dlr_has_packed(void) { return 3; }  /* bit 0: fp32, bit 1: bf16 */
+
+static inline __m512 bf16x16(const uint16_t *p) {  /* 16 bf16 values as floats */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 round16(__m512 x) {  /* rounded to bf16 (nearest even), kept as floats */
+    __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+/* ---- bf16 tiles over K2 pairs: a[t] = sum_p x[t][p] . b[p][0 .. 16 NV) (pairs of bf16, fp32 sums); then either
+   y = a (the down pass) or the up pass's residual step z += bf16(a) (+ bias), zl = bf16(z) ---- */
+#define T16(ROWS, NV)                                                                                         \
+    static void t16_##ROWS##_##NV(const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,    \
+                                  float *y, int64_t ys, uint16_t *zl, const uint16_t *bias) {                 \
+        __m512 a[ROWS][NV];                                                                                   \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) a[t][v] = _mm512_setzero_ps();               \
+        for (int64_t p = 0; p < K2; ++p) {                                                                    \
+            __m512i bv[NV];                                                                                   \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)                                              \
+                bv[v] = _mm512_loadu_si512((const void *)(b + p * bs + 16 * v));                              \
+            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t) {                                          \
+                __m512i xb = _mm512_set1_epi32((int)x[t * xs + p]);                                           \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)                                          \
+                    a[t][v] = _mm512_dpbf16_ps(a[t][v], (__m512bh)bv[v], (__m512bh)xb);                       \
+            }                                                                                                 \
+        }                                                                                                     \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {                                            \
+                float *yo = y + t * ys + 16 * v;                                                              \
+                if (!zl) { _mm512_storeu_ps(yo, a[t][v]); continue; }                                         \
+                __m512 o = _mm512_add_ps(_mm512_loadu_ps(yo), round16(a[t][v]));                              \
+                if (bias) o = _mm512_add_ps(o, bf16x16(bias + 16 * v));                                       \
+                _mm512_storeu_ps(yo, o);                                                                      \
+                _mm256_storeu_si256((__m256i *)(zl + t * ys + 16 * v), (__m256i)_mm512_cvtneps_pbh(o));       \
+            }                                                                                                 \
+    }
+#define T16_ALL(NV) T16(1, NV) T16(2, NV) T16(3, NV) T16(4, NV) T16(5, NV) T16(6, NV)
+T16_ALL(1) T16_ALL(2) T16_ALL(4) T16(7, 1) T16(8, 1) T16(7, 2) T16(8, 2)
+typedef void (*t16_fn)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, float *, int64_t, uint16_t *,
+                       const uint16_t *);
+static const t16_fn T16_NV1[9] = {0, t16_1_1, t16_2_1, t16_3_1, t16_4_1, t16_5_1, t16_6_1, t16_7_1, t16_8_1};
+static const t16_fn T16_NV2[9] = {0, t16_1_2, t16_2_2, t16_3_2, t16_4_2, t16_5_2, t16_6_2, t16_7_2, t16_8_2};
+static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4, t16_6_4};
+
+/* gemm32's bf16 twin: x (m x K2 pairs, stride xs pairs), b (K2 x ncols pairs, stride bs); y (stride ys) gets the
+   sums, or with zl the residual step (y = z, zl its bf16 copy, same stride) */
+static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,
+                   int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias) {
+    for (int64_t c = 0; c < ncols;) {
+        int nv = ncols - c >= 64 ? 4 : ncols - c >= 32 ? 2 : 1;
+        int maxr = nv == 4 ? 6 : 8;
+        const t16_fn *tab = nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1;
+        for (int64_t t = 0; t < m;) {
+            int rows = m - t < maxr ? (int)(m - t) : maxr;
+            tab[rows](x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0);
+            t += rows;
+        }
+        c += 16 * nv;
+    }
+}
+
+/* one block on m rows, bf16 weights: z (m x d) fp32 state, zl its bf16 rounding, hd (m x R) fp32 scratch, hb
+   (m x r) bf16 scratch; threads as in step_f32 */
+static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t *wp, const uint16_t *bw,
+                      const uint32_t *up, const uint16_t *bu, float *z, uint16_t *zl, float *hd, uint16_t *hb,
+                      int act, int ti, int nt) {
+    int64_t R = gated ? 2 * r : r, lo, hi;
+    share(R / 16, ti, nt, &lo, &hi);
+    if (hi > lo) gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0);
+    BARRIER(nt);
+    for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt; ++t) {
+        const float *h = hd + t * R;
+        for (int64_t j = 0; j < r; j += 16) {
+            __m512 v = _mm512_loadu_ps(h + j), o;
+            if (bw) v = _mm512_add_ps(v, bf16x16(bw + j));
+            if (gated) {  /* bf16(bf16(act(bf16(gate))) * bf16(value)) */
+                __m512 g = _mm512_loadu_ps(h + r + j);
+                if (bw) g = _mm512_add_ps(g, bf16x16(bw + r + j));
+                o = _mm512_mul_ps(round16(act16(round16(g), act)), round16(v));
+            } else {
+                o = act16(round16(v), act);
+            }
+            _mm256_storeu_si256((__m256i *)(hb + t * r + j), (__m256i)_mm512_cvtneps_pbh(o));
+        }
+    }
+    BARRIER(nt);
+    share(d / 16, ti, nt, &lo, &hi);
+    if (hi > lo) gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0);
+    BARRIER(nt);
+}
+
+/* bf16 nets without a per-block norm, d % 16 == 0, r % 16 == 0: Wp (L x d/2 x R pairs), bW (L x R) or NULL, Up
+   (L x r/2 x d pairs), bU (L x d) or NULL; z (n x d fp32, the input, updated to z_L), zl (n x d bf16: the input
+   as given), hd (n x R), hb (n x r) scratch. Chunks and threads as dlr_run_f32. */
+void dlr_run_bf16(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const uint32_t *Wp, const uint16_t *bW,
+                  const uint32_t *Up, const uint16_t *bU, float *z, uint16_t *zl, float *hd, uint16_t *hb, int act,
+                  int nthreads, int64_t chunk) {
+    int64_t R = gated ? 2 * r : r, wsz = d / 2 * R, usz = r / 2 * d;
+    if (nthreads > 1 && n <= chunk) {
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int ti = TEAM_ID(), nt = TEAM_SIZE();
+            for (int64_t l = 0; l < L; ++l)
+                step_bf16(n, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0, z, zl,
+                          hd, hb, act, ti, nt);
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        int64_t m = n - c0 < chunk ? n - c0 : chunk;
+        for (int64_t l = 0; l < L; ++l)
+            step_bf16(m, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0,
+                      z + c0 * d, zl + c0 * d, hd + c0 * R, hb + c0 * r, act, 0, 1);
+    }
+}
+#else
+int dlr_has_packed(void) { return 1; }
+#endif
+#else
+int dlr_has_packed(void) { return 0; }
+#endif
+
+/* bf16 weights: z (n x d) the fp32 residual state, zl (n x d scratch) its bf16 rounding as the matmuls see it;
+   h (n x r) scratch. Products accumulate in fp32; the down result, the activation and the up result are
+   rounded to bf16 as PyTorch's bf16 matmuls and activation do. */
+void dlr_bf16(int64_t n, int64_t d, int64_t r, int64_t L, const uint16_t *const *V, const uint16_t *const *bV,
+              const uint16_t *const *U, const uint16_t *const *bU, const uint16_t *const *G,
+              const uint16_t *const *bG, float *z, float *zl, float *h, int act, int nthreads) {
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    for (int64_t l = 0; l < L; ++l) {
+        const uint16_t *v = V[l], *u = U[l], *bv = bV[l], *bu = bU[l];
+        const uint16_t *g = G ? G[l] : 0, *bg = bG ? bG[l] : 0;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n * d; ++i) zl[i] = round_bf16(z[i]);
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < r; ++j) {
+            const uint16_t *vj = v + j * d;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *zi = zl + i * d;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t k = 0; k < d; ++k) acc += bf16_to_f(vj[k]) * zi[k];
+                if (bv) acc += bf16_to_f(bv[j]);
+                if (g) {  /* gated: each bf16 product and the activation rounded as the eager path rounds them */
+                    const uint16_t *gj = g + j * d;
+                    float ga = 0.0f;
+                    #pragma omp simd reduction(+:ga)
+                    for (int64_t k = 0; k < d; ++k) ga += bf16_to_f(gj[k]) * zi[k];
+                    if (bg) ga += bf16_to_f(bg[j]);
+                    h[i * r + j] = round_bf16(round_bf16(act_f(round_bf16(ga), act)) * round_bf16(acc));
+                } else {
+                    h[i * r + j] = round_bf16(act_f(round_bf16(acc), act));
+                }
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t k = 0; k < d; ++k) {
+            const uint16_t *uk = u + k * r;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *hi = h + i * r;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int64_t j = 0; j < r; ++j) acc += bf16_to_f(uk[j]) * hi[j];
+                float zk = z[i * d + k] + round_bf16(acc);
+                if (bu) zk += bf16_to_f(bu[k]);
+                z[i * d + k] = zk;
+            }
+        }
+    }
+}
