@@ -109,10 +109,11 @@ def compare(original, locked, batch: tuple[int, int], new_tokens: int, repeats: 
     return res
 
 
-def smollm2_locked(original_dir: str, rank: int):
-    """SmolLM2 with all 30 MLPs replaced by DLR-Nets of the real lock's spec at ``rank`` (equal parameters: depth
-    72 at rank 32, 144 at rank 16; read-out 4; the sink component), random weights — speed does not depend on
-    the values, and a random net exercises every term of the maths the agreement checks compare."""
+def smollm2_locked(original_dir: str, rank: int, form: str = "plain"):
+    """SmolLM2 with all 30 MLPs replaced by random-weight DLR-Nets of equal parameter count at ``rank``: the plain
+    form (``U·gelu(V·z)``, depth 72 at rank 32) or the gated form (``U·(silu(G·z) ⊙ V·z)``, depth 48); read-out
+    4, the sink component. Speed does not depend on the values, and a random net exercises every term of the
+    maths the agreement checks compare."""
     from weightlock.dlr.distill import match_depth
     from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, apply_dlr, find_layers, mlp_num_parameters
 
@@ -120,8 +121,9 @@ def smollm2_locked(original_dir: str, rank: int):
     adapter = adapter_for(model)
     layers = find_layers(model, adapter)
     width = model.config.hidden_size
-    depth = match_depth(mlp_num_parameters(layers[0], adapter), width, rank)
-    spec = DLRSpec(width, rank, depth, readout=4.0, sink=True, init_scale=1.0)
+    depth = match_depth(mlp_num_parameters(layers[0], adapter), width, rank, form=form)
+    spec = DLRSpec(width, rank, depth, readout=4.0, sink=True, init_scale=1.0, form=form,
+                   activation="silu" if form == "gated" else "gelu")
     apply_dlr(model, [spec.__dict__] * len(layers), adapter)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -130,6 +132,39 @@ def smollm2_locked(original_dir: str, rank: int):
                 net.reset_parameters()
                 net.sink.value.normal_(0, 0.01)
     return model.eval(), depth
+
+
+def cost_per_token(model, dtype, context: int) -> dict:
+    """What one decoding step of one sequence must do: the bytes of weights it reads (every parameter once: the
+    tied embedding is read whole by the output head; the CPU kernel's packed copy of a DLR-Net replaces, not
+    adds to, the net's own reads) and its FLOPs (2 per weight of every matmul, plus attention over ``context``
+    cached positions: 4·layers·d·context)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() for p in params if p.dim() >= 2)
+    cfg = model.config
+    return {"bytes": sum(p.numel() for p in params) * torch.finfo(dtype).bits // 8,
+            "flops": 2 * weights + 4 * cfg.num_hidden_layers * cfg.hidden_size * context}
+
+
+def read_bandwidth(repeats: int = 7) -> float:
+    """This core's memory read bandwidth (bytes/s, one thread): the best of ``repeats`` sums over 256 MiB, far
+    beyond the caches — the bound a decode step that reads every weight once cannot beat."""
+    torch.set_num_threads(1)
+    x = torch.ones(64 * 2**20)
+    best = min(timed(lambda: x.sum()) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def machine_flags() -> dict:
+    """The CPU's model and the instruction-set flags the kernels use (from /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "")
+    keep = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu_model": model, "flags": [f for f in keep if f in flags]}
 
 
 def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: int, prefill_tokens: int,
@@ -168,79 +203,119 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
 
 def path_agreement(locked, dtype) -> dict:
     """The default path against the reference path (``DLRNet.fast = False``): relative difference of the logits
-    of a decode-sized input (the CPU kernel's path) and of a prefill (the eager fast path), and whether 24
-    greedy tokens with the KV cache are identical."""
+    of a decode-sized input and of a prefill (the CPU kernel's paths where it runs), and whether 32 greedy tokens
+    with the KV cache are identical (one prompt, and a batch of 8 prompts: the batched decode path)."""
     locked = locked.to(dtype)
     g = torch.Generator().manual_seed(2)
     short = torch.randint(0, locked.config.vocab_size, (1, 8), generator=g)
     long = torch.randint(0, locked.config.vocab_size, (2, 128), generator=g)
-    gen = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    batch = torch.randint(0, locked.config.vocab_size, (8, 8), generator=g)
+    gen = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     out = {}
     with torch.no_grad():
         net = next(m for m in locked.modules() if isinstance(m, DLRNet))
         out["decode_path"] = net.inference_path(torch.zeros(1, 1, net.spec.width, dtype=dtype))
-        default = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen)]
+        out["prefill_path"] = net.inference_path(torch.zeros(2, 128, net.spec.width, dtype=dtype))
+        default = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen),
+                   locked.generate(batch, **gen)]
         DLRNet.fast = False
         try:
-            ref = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen)]
+            ref = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen),
+                   locked.generate(batch, **gen)]
         finally:
             DLRNet.fast = True
     out["short_logits_rel_diff"] = ((default[0] - ref[0]).norm() / ref[0].norm()).item()
     out["prefill_logits_rel_diff"] = ((default[1] - ref[1]).norm() / ref[1].norm()).item()
     out["greedy_identical"] = bool(torch.equal(default[2], ref[2]))
+    out["greedy_batch8_identical"] = bool(torch.equal(default[3], ref[3]))
+    out["greedy_tokens"] = 32
     return out
 
 
+BARS = {"decode": 1.10, "prefill": 1.05}  # issue #36: every form, fp32 and bf16, batch 1 and 8, one thread
+
+
 def smollm2(args) -> None:
-    """The real LLM: SmolLM2-135M (``make smollm2``) against its rank-32 and rank-16 locks, every setting."""
+    """The real LLM: SmolLM2-135M (``make smollm2``) against random-weight locks of every block form at each rank
+    (or a saved release with ``--release``), every dtype, thread count and batch. One invocation is one *run*,
+    appended to the results file's ``runs`` (the earlier runs are kept: the bars must hold in two consecutive
+    runs)."""
     from weightlock.dlr import cpu_kernel
 
-    res = {"command": "python bench/dlr_inference.py --model " + args.model, "device": "cpu",
-           "cpu_kernel": {"available": cpu_kernel.available(), "max_rows": cpu_kernel.MAX_ROWS},
-           "targets": {"32": {"decode": 1.15, "prefill": 1.05}, "16": {"decode": 1.3, "prefill": 1.1}},
+    name = "dlr_inference_" + (Path(args.release).name if args.release else "smollm2")
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    runs = old.get("runs", [])
+    command = "python bench/dlr_inference.py --model " + args.model + (
+        f" --release {args.release}" if args.release else f" --ranks {' '.join(map(str, args.ranks))} --forms "
+        + " ".join(args.forms)) + f" --threads {' '.join(map(str, args.threads))} --batches " + " ".join(
+        map(str, args.batches)) + f" --repeats {args.repeats} --new-tokens {args.new_tokens}"
+    run = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **machine_flags(),
+           "cpu_kernel": {"available": cpu_kernel.available(), "packed": cpu_kernel.packed_kinds(),
+                          "max_rows": cpu_kernel.MAX_ROWS, "prefill_chunk": cpu_kernel.PREFILL_CHUNK},
+           "read_bandwidth_gb_s": read_bandwidth() / 1e9, "bars": BARS, "agreement": {}, "cost_per_token": {},
            "settings": []}
-    done = set()
-    path = RESULTS / "dlr_inference_smollm2.json"
-    if args.release:  # a saved release (e.g. the faithful gated one) instead of random-weight locks
-        name = Path(args.release).name
-        path = RESULTS / f"dlr_inference_{name}.json"
-        res.update({"command": res["command"] + f" --release {args.release}", "release": args.release,
-                    "targets": {name: {"decode": 1.10, "prefill": 1.05}}})  # issue #36's bars
-    if args.resume and path.is_file():  # keep the settings measured before; measure the others
-        old = json.loads(path.read_text())
-        res["settings"] = old.get("settings", [])
-        res.update({k: v for k, v in old.items() if k.startswith("agreement_")})
-        done = {(s["rank"], s["dtype"], s["threads"], s["batch"]) for s in res["settings"]}
+    print(f"read bandwidth {run['read_bandwidth_gb_s']:.1f} GB/s (one thread)", flush=True)
     original = load(args.model).eval()
-    for rank in ([Path(args.release).name] if args.release else args.ranks):
+    targets = [(Path(args.release).name, None, None)] if args.release else [
+        (f"r{rank}-{form}", rank, form) for rank in args.ranks for form in args.forms]
+    context = 16 + args.new_tokens // 2
+    for label, rank, form in targets:
         if args.release:
             locked = load(args.release).eval()
-            depth = next(m for m in locked.modules() if isinstance(m, DLRNet)).spec.depth
         else:
-            locked, depth = smollm2_locked(args.model, rank)
-        if f"agreement_r{rank}" not in res:
-            res[f"agreement_r{rank}"] = {"fp32": path_agreement(locked, torch.float32),
-                                         "bf16": path_agreement(locked, torch.bfloat16)}
-        print(f"rank {rank}: depth {depth}, agreement {res[f'agreement_r{rank}']}", flush=True)
+            locked, _ = smollm2_locked(args.model, rank, form)
+        net = next(m for m in locked.modules() if isinstance(m, DLRNet))
+        spec = {"rank": net.spec.rank, "depth": net.spec.depth, "form": net.spec.form, "readout": net.spec.readout}
+        run["agreement"][label] = {"fp32": path_agreement(locked, torch.float32),
+                                   "bf16": path_agreement(locked, torch.bfloat16)}
+        print(f"{label} {spec}: agreement {run['agreement'][label]}", flush=True)
         for dtype in (torch.float32, torch.bfloat16):
+            key = f"{label}/{str(dtype).removeprefix('torch.')}"
+            run["cost_per_token"][key] = {m: cost_per_token(model, dtype, context)
+                                          for m, model in (("original", original), ("locked", locked))}
             for threads in args.threads:
                 for batch in args.batches:
-                    if (rank, str(dtype).removeprefix("torch."), threads, batch) in done:
-                        continue
                     load_before = os.getloadavg()[0]
-                    row = {"rank": rank, "depth": depth, **smollm2_setting(
+                    row = {"target": label, **spec, **smollm2_setting(
                         original, locked, dtype, threads, batch, args.repeats, args.prefill_tokens, args.new_tokens)}
                     # the machine's 1-minute load average before and after: a setting measured beside other work
                     # (load well above its own threads) is marked by it
                     row["load_average"] = [load_before, os.getloadavg()[0]]
-                    target = res["targets"][str(rank)]
-                    row["met"] = {w: row[f"{w}_ratio"] <= target[w] for w in ("decode", "prefill")}
-                    res["settings"].append(row)
-                    print(f"r{rank} {row['dtype']} threads {threads} batch {batch}: decode ×{row['decode_ratio']:.3f} "
+                    # seconds per decode step against the bound of reading every weight once at this core's bandwidth
+                    for m, c in run["cost_per_token"][key].items():
+                        step = row["median_s"][m]["decode"] / args.new_tokens
+                        row.setdefault("decode_step_vs_bandwidth_bound", {})[m] = step / (
+                            c["bytes"] / (run["read_bandwidth_gb_s"] * 1e9))
+                    row["met"] = {w: row[f"{w}_ratio"] <= BARS[w] for w in ("decode", "prefill")}
+                    run["settings"].append(row)
+                    print(f"{label} {row['dtype']} threads {threads} batch {batch}: decode ×{row['decode_ratio']:.3f} "
                           f"prefill ×{row['prefill_ratio']:.3f} met {row['met']}", flush=True)
-                    save(path.stem, res)
+                    save(name, {"runs": runs + [run], "summary": summary(runs + [run])})
         del locked
+    run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    save(name, {"runs": runs + [run], "summary": summary(runs + [run])})
     torch.set_num_threads(1)
+
+
+def summary(runs: list) -> dict:
+    """Per setting (target, dtype, threads, batch), the ratios of the last two runs, how far they moved apart
+    (relative), and whether both met the bars; ``all_met``: every setting of both."""
+    last = runs[-2:]
+    rows: dict = {}
+    for i, run in enumerate(last):
+        for s in run["settings"]:
+            key = f"{s['target']}/{s['dtype']}/threads{s['threads']}/batch{s['batch']}"
+            rows.setdefault(key, {"decode": [None] * len(last), "prefill": [None] * len(last)})
+            for w in ("decode", "prefill"):
+                rows[key][w][i] = s[f"{w}_ratio"]
+    for row in rows.values():
+        for w in ("decode", "prefill"):
+            vals = [v for v in row[w] if v is not None]
+            row[f"{w}_met"] = len(vals) == len(last) and all(v <= BARS[w] for v in vals)
+            row[f"{w}_moved"] = (max(vals) - min(vals)) / min(vals) if len(vals) > 1 else None
+    return {"runs": len(last), "settings": rows,
+            "all_met": bool(rows) and all(r["decode_met"] and r["prefill_met"] for r in rows.values())}
 
 
 def main() -> None:
@@ -250,14 +325,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a converted SmolLM2 directory (make smollm2): bench the real LLM")
     ap.add_argument("--release", default=None, help="with --model: bench this saved release against the model "
                     "instead of random-weight locks (results: dlr_inference_<release dir name>.json)")
-    ap.add_argument("--ranks", type=int, nargs="+", default=[32, 16])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[32])
+    ap.add_argument("--forms", nargs="+", default=["plain", "gated"], choices=["plain", "gated"],
+                    help="--model: the block forms of the random-weight locks")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--resume", action="store_true", help="--model: keep the settings already in "
-                    "bench/results/dlr_inference_smollm2.json and measure only the others")
     args = ap.parse_args()
     if args.model:
         smollm2(args)

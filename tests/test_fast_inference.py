@@ -302,7 +302,25 @@ def _packed():
 
 PACKED_CASES = [{}, {"bias": True}, {"activation": "relu"}, {"activation": "silu", "bias": True},
                 {"activation": "tanh", "readout": 4.0}, {"form": "gated", "activation": "silu"},
-                {"form": "gated", "activation": "gelu", "bias": True, "readout": 1024.0}]
+                {"form": "gated", "activation": "gelu", "bias": True, "readout": 1024.0},
+                {"sink": True, "readout": 4.0}, {"form": "gated", "activation": "silu", "sink": True}]
+
+
+def packed_net(dtype=torch.float32, **kw):
+    """A random net for the packed kernel; with a sink that is switched on (a fresh one adds nothing): its
+    value, amplitude and gate random, the gate open for about half the inputs."""
+    net = random_net(width=64, **kw)
+    if net.spec.sink:
+        with torch.no_grad():
+            for p in net.sink.parameters():
+                p.normal_(0, 1.0)
+            net.sink.gate.bias.zero_()
+    return net.to(dtype)
+
+
+def with_sink(net, x, out):
+    """What DLRNet.forward returns given its blocks' output ``out``: the sink's term added."""
+    return out + net.sink(x) if net.spec.sink else out
 
 
 @pytest.mark.parametrize("kw", PACKED_CASES)
@@ -316,12 +334,14 @@ def test_cpu_packed_kernel_matches_reference_fp32(kw, rows, rank, n_threads, thr
     included. A norm or a rank that is no multiple of 16 keeps the other paths."""
     kernel = _packed()
     threads(n_threads)
-    net = random_net(width=64, rank=rank, **kw)
+    net = packed_net(rank=rank, **kw)
     x = torch.randn(rows, 64)
     with torch.no_grad():
         assert net.inference_path(x) == "kernel" and kernel._packed_ok(net, x)
-        out, ref = net(x), net.forward_reference(x)
+        out, ref = net(x), with_sink(net, x, net.forward_reference(x))
     assert rel(out, ref) <= 1e-5 and ref.abs().max() > 0.1
+    if net.spec.sink:  # the fused sink adds what the sink module adds
+        assert rel(ref, net.forward_reference(x)) > 1e-2
     with torch.no_grad():
         assert not kernel._packed_ok(random_net(width=64, rank=rank, norm=True), x)
         assert not kernel._packed_ok(random_net(width=64, rank=8), x)
@@ -336,12 +356,13 @@ def test_cpu_packed_kernel_bf16_rounds_like_the_fast_path(kw, rows, n_threads, t
     bit for bit: the fp32 sums differ only in order) and both stay within bf16 rounding of the exact result."""
     _packed()
     threads(n_threads)
-    net = random_net(width=64, rank=32, **kw).to(torch.bfloat16)
+    net = packed_net(torch.bfloat16, rank=32, **kw)
     x = torch.randn(rows, 64).bfloat16()
     with torch.no_grad():
         assert net.inference_path(x) == "kernel"
-        out, fast = net(x), net.forward_fast(x)
-        exact = random_net(width=64, rank=32, **kw).forward_reference(x.float())
+        out, fast = net(x), with_sink(net, x, net.forward_fast(x))
+        net32 = packed_net(rank=32, **kw)
+        exact = with_sink(net32, x.float(), net32.forward_reference(x.float()))
     assert out.dtype == torch.bfloat16
     assert rel(out, fast) <= 2e-3
     assert rel(out, exact) <= 2e-2

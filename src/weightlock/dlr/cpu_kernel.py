@@ -106,10 +106,12 @@ def _load() -> ctypes.CDLL:
     lib.dlr_bf16.restype = None
     lib.dlr_has_packed.restype = i32
     if lib.dlr_has_packed() & 1:
-        lib.dlr_run_f32.argtypes = [i64, i64, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i64]
+        lib.dlr_run_f32.argtypes = [i64, i64, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i64,
+                                    ctypes.c_float, ptr]
         lib.dlr_run_f32.restype = None
     if lib.dlr_has_packed() & 2:
-        lib.dlr_run_bf16.argtypes = [i64, i64, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i64]
+        lib.dlr_run_bf16.argtypes = [i64, i64, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32,
+                                     i32, i64, ctypes.c_float, ptr, ptr]
         lib.dlr_run_bf16.restype = None
     lib.dlr_add_round.argtypes = [i64, ptr, ptr, ptr]
     lib.dlr_add_round.restype = None
@@ -155,6 +157,14 @@ def disable(reason: str) -> None:
     _STATE["error"] = reason
 
 
+def packed_kinds() -> list[str]:
+    """The dtypes this CPU runs on the packed kernels (``float32``: AVX-512F; ``bfloat16``: AVX-512 BF16)."""
+    if not available():
+        return []
+    bits = _STATE["lib"].dlr_has_packed()
+    return [name for bit, name in ((1, "float32"), (2, "bfloat16")) if bits & bit]
+
+
 def _packed_ok(net, x: torch.Tensor) -> bool:
     """The packed AVX-512 kernel: no per-block norm, width and rank multiples of 16, fp32 (AVX-512F) or bf16
     (AVX-512 BF16) — any number of tokens."""
@@ -192,7 +202,7 @@ def _packed(net) -> tuple:
     the net's weights), built once and rebuilt when a parameter was replaced or changed in place (the sum of
     the parameters' version counters moved: an optimizer step, ``load_state_dict``, ``copy_``)."""
     w = net._weights()
-    params = [t for blk in w for t in blk[1:] if t is not None]
+    params = [t for blk in w for t in blk[1:] if t is not None] + (list(net.sink.parameters()) if net.spec.sink else [])
     version = sum(map(_VERSION, params))
     entry = net.__dict__.get(_PACKED)
     if entry is not None and entry[0] is w and entry[1] == version:
@@ -214,7 +224,13 @@ def _packed(net) -> tuple:
     if w[0][2] is not None:
         bW = torch.stack([torch.cat([blk[2], blk[6]]) if gated else blk[2] for blk in w]).detach().contiguous()
     bU = torch.stack([blk[4] for blk in w]).detach().contiguous() if w[0][4] is not None else None
-    packed = (W, bW, U, bU)
+    sk = None
+    if s.sink:  # [value, a, g, a0, g0] in fp32, as DLRSink computes
+        k = net.sink
+        sk = torch.cat([k.value.detach().float(), k.amp.weight.detach().float().reshape(-1),
+                        k.gate.weight.detach().float().reshape(-1), k.amp.bias.detach().float().reshape(-1),
+                        k.gate.bias.detach().float().reshape(-1)]).contiguous()
+    packed = (W, bW, U, bU, sk)
     net.__dict__[_PACKED] = (w, version, packed)
     return packed
 
@@ -254,8 +270,10 @@ def _args(net) -> tuple:
 
 
 @torch.no_grad()
-def forward(net, x: torch.Tensor) -> torch.Tensor:
-    """``net``'s DLR output (without the sink) for ``x`` (…, d): the same maths as the eager fast path."""
+def forward(net, x: torch.Tensor, sink: bool = False) -> torch.Tensor:
+    """``net``'s DLR output for ``x`` (…, d): the same maths as the eager fast path; with ``sink`` the net's
+    sink component added as :meth:`DLRNet.forward` adds it (the packed kernels fuse it into their last pass).
+    Releases saved before the sink was fused call this without ``sink`` and add it themselves."""
     lib = _STATE["lib"]
     s = net.spec
     shape = x.shape
@@ -264,22 +282,25 @@ def forward(net, x: torch.Tensor) -> torch.Tensor:
     threads = torch.get_num_threads()
     act = ACTIVATIONS[s.activation]
     if _packed_ok(net, x):
-        W, bW, U, bU = _packed(net)
+        W, bW, U, bU, sk = _packed(net)
+        sk = sk if sink and s.sink else None
         gated = s.form == "gated"
         # decoding steps: one chunk (a team shares it); prefill: chunks that stay in L2, whole ones per thread
         chunk = n if n <= MAX_ROWS else min(PREFILL_CHUNK, -(-n // threads))
         hd = torch.empty(n, (2 if gated else 1) * s.rank, dtype=torch.float32)
+        x2 = x2.contiguous()
         if x.dtype == torch.float32:
-            z = x2.contiguous().clone()
+            out = torch.empty_like(x2)
             lib.dlr_run_f32(n, s.width, s.rank, s.depth, int(gated), W.data_ptr(), _ptr(bW), U.data_ptr(), _ptr(bU),
-                            z.data_ptr(), hd.data_ptr(), act, threads, chunk)
-            out = z.sub_(x2)
+                            x2.data_ptr(), out.data_ptr(), hd.data_ptr(), act, threads, chunk, s.readout, _ptr(sk))
         else:
-            z, zl = x2.float(), x2.contiguous().clone()
-            hb = torch.empty(n, s.rank, dtype=torch.bfloat16)
+            out = torch.empty_like(x2)
+            z, zl = torch.empty(n, s.width), torch.empty_like(x2)
+            hb, xf = torch.empty(n, s.rank, dtype=torch.bfloat16), torch.empty(threads, s.width)
             lib.dlr_run_bf16(n, s.width, s.rank, s.depth, int(gated), W.data_ptr(), _ptr(bW), U.data_ptr(),
-                             _ptr(bU), z.data_ptr(), zl.data_ptr(), hd.data_ptr(), hb.data_ptr(), act, threads, chunk)
-            out = z.sub_(x2.float())
+                             _ptr(bU), x2.data_ptr(), out.data_ptr(), z.data_ptr(), zl.data_ptr(), hd.data_ptr(),
+                             hb.data_ptr(), act, threads, chunk, s.readout, _ptr(sk), xf.data_ptr())
+        return out.view(shape)
     else:
         (vs, bvs, us, bus), norms, (gs, bgs), _ = _args(net)
         h = torch.empty(n, s.rank, dtype=torch.float32)
@@ -297,4 +318,5 @@ def forward(net, x: torch.Tensor) -> torch.Tensor:
             out = z.sub_(x2.float())
     if s.readout != 1.0:
         out.mul_(s.readout)
-    return out.to(x.dtype).view(shape)
+    out = out.to(x.dtype).view(shape)
+    return out + net.sink(x) if sink and s.sink else out

@@ -248,29 +248,63 @@ static void step_f32(int64_t m, int64_t d, int64_t r, int gated, const float *wt
     BARRIER(nt);
 }
 
+/* The sink's coefficient for one input row x (fp32 maths, as DLRSink does it): (a.x + a0) * sigmoid(g.(x/|x|) + g0);
+   sk = [value (d), a (d), g (d), a0, g0] */
+static inline float sink_coef(const float *x, int64_t d, const float *sk) {
+    float ss = 0.0f, a = 0.0f, g = 0.0f;
+    #pragma omp simd reduction(+:ss)
+    for (int64_t k = 0; k < d; ++k) ss += x[k] * x[k];
+    float nrm = sqrtf(ss);
+    if (nrm < 1e-12f) nrm = 1e-12f;
+    #pragma omp simd reduction(+:a, g)
+    for (int64_t k = 0; k < d; ++k) { a += x[k] * sk[d + k]; g += (x[k] / nrm) * sk[2 * d + k]; }
+    a += sk[3 * d];
+    g += sk[3 * d + 1];
+    return a * (1.0f / (1.0f + expf(-g)));
+}
+
+/* rows [t0, t1) of an fp32 chunk: z <- s * (z - x) (+ the sink) */
+static void finish_f32(int64_t t0, int64_t t1, int64_t d, const float *x, float *z, float s, const float *sk) {
+    for (int64_t t = t0; t < t1; ++t) {
+        const float *xr = x + t * d;
+        float *zr = z + t * d, c = sk ? sink_coef(xr, d, sk) : 0.0f;
+        #pragma omp simd
+        for (int64_t k = 0; k < d; ++k) {
+            float o = (zr[k] - xr[k]) * s;
+            zr[k] = sk ? o + c * sk[k] : o;
+        }
+    }
+}
+
 /* fp32 nets without a per-block norm, d % 16 == 0, r % 16 == 0. Wt: L x d x R, bW: L x R or NULL, Ut: L x r x d,
-   bU: L x d or NULL; z: n x d (the input, updated in place to z_L), hd: n x R scratch. With nthreads > 1 the
-   rows go in chunks of at most `chunk` (each chunk's state stays in L2 while the weights stream past), threads
-   taking whole chunks; a single chunk (decoding) is shared by the team, which splits every pass's columns. */
+   bU: L x d or NULL; x: n x d (the input), z: n x d (gets the output s * (z_L - x) (+ the sink: sk as in
+   sink_coef, or NULL)), hd: n x R scratch. With nthreads > 1 the rows go in chunks of at most `chunk` (each
+   chunk's state stays in L2 while the weights stream past), threads taking whole chunks; a single chunk
+   (decoding) is shared by the team, which splits every pass's columns. */
 void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const float *Wt, const float *bW,
-                 const float *Ut, const float *bU, float *z, float *hd, int act, int nthreads, int64_t chunk) {
+                 const float *Ut, const float *bU, const float *x, float *z, float *hd, int act, int nthreads,
+                 int64_t chunk, float s, const float *sk) {
     int64_t R = gated ? 2 * r : r;
     if (nthreads > 1 && n <= chunk) {
+        memcpy(z, x, (size_t)(n * d) * sizeof(float));
         #pragma omp parallel num_threads(nthreads)
         {
             int ti = TEAM_ID(), nt = TEAM_SIZE();
             for (int64_t l = 0; l < L; ++l)
                 step_f32(n, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
                          z, hd, act, ti, nt);
+            finish_f32(n * ti / nt, n * (ti + 1) / nt, d, x, z, s, sk);
         }
         return;
     }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         int64_t m = n - c0 < chunk ? n - c0 : chunk;
+        memcpy(z + c0 * d, x + c0 * d, (size_t)(m * d) * sizeof(float));
         for (int64_t l = 0; l < L; ++l)
             step_f32(m, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
                      z + c0 * d, hd + c0 * R, act, 0, 1);
+        finish_f32(0, m, d, x + c0 * d, z + c0 * d, s, sk);
     }
 }
 
@@ -368,29 +402,65 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
     BARRIER(nt);
 }
 
+/* rows [t0, t1) of a bf16 chunk: z <- float(x), zl <- x */
+static void start_bf16(int64_t t0, int64_t t1, int64_t d, const uint16_t *x, float *z, uint16_t *zl) {
+    memcpy(zl + t0 * d, x + t0 * d, (size_t)((t1 - t0) * d) * sizeof(uint16_t));
+    for (int64_t i = t0 * d; i < t1 * d; i += 16) _mm512_storeu_ps(z + i, bf16x16(x + i));
+}
+
+/* rows [t0, t1): out = bf16(s * (z - x)), plus the sink as the eager path adds it: bf16(out + bf16(c * value));
+   xf: d floats of scratch (the row of x as floats, for the sink's fp32 maths) */
+static void finish_bf16(int64_t t0, int64_t t1, int64_t d, const uint16_t *x, const float *z, uint16_t *out,
+                        float s, const float *sk, float *xf) {
+    __m512 sv = _mm512_set1_ps(s);
+    for (int64_t t = t0; t < t1; ++t) {
+        const uint16_t *xr = x + t * d;
+        const float *zr = z + t * d;
+        uint16_t *o = out + t * d;
+        float c = 0.0f;
+        if (sk) {
+            for (int64_t k = 0; k < d; k += 16) _mm512_storeu_ps(xf + k, bf16x16(xr + k));
+            c = sink_coef(xf, d, sk);
+        }
+        __m512 cv = _mm512_set1_ps(c);
+        for (int64_t k = 0; k < d; k += 16) {
+            __m512 v = round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(zr + k), bf16x16(xr + k)), sv));
+            if (sk) v = _mm512_add_ps(v, round16(_mm512_mul_ps(cv, _mm512_loadu_ps(sk + k))));
+            _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
 /* bf16 nets without a per-block norm, d % 16 == 0, r % 16 == 0: Wp (L x d/2 x R pairs), bW (L x R) or NULL, Up
-   (L x r/2 x d pairs), bU (L x d) or NULL; z (n x d fp32, the input, updated to z_L), zl (n x d bf16: the input
-   as given), hd (n x R), hb (n x r) scratch. Chunks and threads as dlr_run_f32. */
+   (L x r/2 x d pairs), bU (L x d) or NULL; x (n x d bf16, the input), out (n x d bf16: s * (z_L - x) (+ the sink,
+   sk as in sink_coef, or NULL)); z (n x d fp32 state), zl (n x d bf16: its rounding), hd (n x R), hb (n x r)
+   scratch. Chunks and threads as dlr_run_f32. */
 void dlr_run_bf16(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const uint32_t *Wp, const uint16_t *bW,
-                  const uint32_t *Up, const uint16_t *bU, float *z, uint16_t *zl, float *hd, uint16_t *hb, int act,
-                  int nthreads, int64_t chunk) {
+                  const uint32_t *Up, const uint16_t *bU, const uint16_t *x, uint16_t *out, float *z, uint16_t *zl,
+                  float *hd, uint16_t *hb, int act, int nthreads, int64_t chunk, float s, const float *sk,
+                  float *xf) {
     int64_t R = gated ? 2 * r : r, wsz = d / 2 * R, usz = r / 2 * d;
     if (nthreads > 1 && n <= chunk) {
         #pragma omp parallel num_threads(nthreads)
         {
             int ti = TEAM_ID(), nt = TEAM_SIZE();
+            start_bf16(n * ti / nt, n * (ti + 1) / nt, d, x, z, zl);
+            BARRIER(nt);
             for (int64_t l = 0; l < L; ++l)
                 step_bf16(n, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0, z, zl,
                           hd, hb, act, ti, nt);
+            finish_bf16(n * ti / nt, n * (ti + 1) / nt, d, x, z, out, s, sk, xf + ti * d);
         }
         return;
     }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         int64_t m = n - c0 < chunk ? n - c0 : chunk;
+        start_bf16(c0, c0 + m, d, x, z, zl);
         for (int64_t l = 0; l < L; ++l)
             step_bf16(m, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0,
                       z + c0 * d, zl + c0 * d, hd + c0 * R, hb + c0 * r, act, 0, 1);
+        finish_bf16(0, m, d, x + c0 * d, z + c0 * d, out + c0 * d, s, sk, xf + TEAM_ID() * d);
     }
 }
 #else

@@ -179,6 +179,8 @@ class DLRNet(nn.Module):
                 nn.init.zeros_(b.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inference_path(x) == "kernel":  # the C kernel adds the sink itself (fused into its last pass)
+            return _cpu_kernel_module().forward(self, x, sink=True)
         out = self._forward_blocks(x)
         return out + self.sink(x) if self.spec.sink else out
 
@@ -204,7 +206,8 @@ class DLRNet(nn.Module):
     def inference_path(self, x: torch.Tensor) -> str:
         """The path :meth:`forward` takes for ``x``: ``"reference"`` (autograd, hooks, wrapped blocks or
         ``fast = False``); on CPU ``"compiled"`` (``compile_small``, ≤ COMPILE_MAX_ROWS tokens), ``"kernel"``
-        (weightlock's fused C kernel: a compiler built it, ≤ its MAX_ROWS tokens) or ``"fast"``;
+        (weightlock's fused C kernel: a compiler built it; any token count on the packed AVX-512 kernels, else
+        ≤ its MAX_ROWS tokens) or ``"fast"``;
         on CUDA ``"graph"`` (``compile_small``, ≤ COMPILE_MAX_ROWS tokens: a CUDA graph replay of the next
         path), ``"triton"`` (the fused kernel: weightlock and triton importable, net and input supported) or
         ``"fast"``. CPU tensors never take a CUDA path."""
