@@ -185,7 +185,8 @@ def render_record(name: str, path: Path, data, root: Path = ROOT) -> list[str]:
         out += ["Machine: " + "; ".join(f"{k} {fmt(v)}" for k, v in flatten(machine)), ""]
     tables: list = []
     body = {k: v for k, v in data.items() if k not in ("command", "machine", "kind", "schema_version")}
-    markdown_tables = {k: body.pop(k) for k in list(body) if isinstance(body[k], str) and body[k].lstrip().startswith("|")}
+    markdown_tables = {k: body.pop(k) for k in list(body)
+                       if isinstance(body[k], str) and body[k].lstrip().startswith("|")}
     scalars = flatten(body, tables=tables)
     if scalars:
         out += table(["field", "value"], [[f"`{k}`", fmt(v)] for k, v in scalars[:MAX_SCALARS]])
@@ -215,7 +216,8 @@ def results_page(root: Path = ROOT) -> str:
         records[name] = data = json.loads(path.read_text())
         kind = data.get("kind", "—") if isinstance(data, dict) else "—"
         machine = data.get("machine", {}) if isinstance(data, dict) else {}
-        when = ", ".join(fmt(machine[k]) for k in ("date", "cpu", "torch") if isinstance(machine, dict) and k in machine)
+        machine = machine if isinstance(machine, dict) else {}
+        when = ", ".join(fmt(machine[k]) for k in ("date", "cpu", "torch") if k in machine)
         out.append(f"| [{name}](#{slug(name)}) | {fmt(kind)} | {when or '—'} |")
     out.append("")
     for name, path in paths.items():
