@@ -20,8 +20,11 @@ demo: $(STAMP)
 	$(BIN)/weightlock demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench docs/hooks.py
 	$(BIN)/python -m pytest -q
+	# the docs site (mkdocs.yml, docs/): --strict fails on a broken link or anchor, a page left out of the nav,
+	# or a figure macro whose record no longer holds it (docs/hooks.py renders the results from bench/results)
+	$(BIN)/mkdocs build --strict -q -d site
 
 # the fused CUDA kernel's correctness tests under Triton's CPU interpreter (tests/test_triton.py; `make test`
 # skips them when triton is absent). triton is a ~290 MB wheel (~1 GB installed, its own CUDA toolchain),
@@ -65,4 +68,4 @@ smollm2: $(STAMP)
 	$(BIN)/weightlock convert smollm2 --out runs/smollm2 --overwrite
 
 clean:
-	rm -rf $(VENV) runs report
+	rm -rf $(VENV) runs report site
