@@ -391,3 +391,48 @@ def test_cpu_packed_kernel_follows_weights_changed_in_place(dtype):
                         .to(dtype).state_dict())
     with torch.no_grad():
         assert rel(net(x), net.forward_fast(x)) <= (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_release_from_pretrained_runs_the_packed_kernel_by_default(tmp_path, dtype):
+    """A release loaded with ``from_pretrained(..., trust_remote_code=True)`` while weightlock is importable runs
+    the packed C kernel (decode and prefill) with no opt-in, and its 32 greedy tokens — one prompt and a batch
+    of 4 — are the reference path's, in fp32 and bf16 (a gated lock with a switched-on sink and a large read-out,
+    as the faithful SmolLM2 release is; without weightlock the same release runs the eager path:
+    test_dlr.py::test_trust_remote_code_load_generate_and_peft)."""
+    from transformers import AutoModelForCausalLM
+
+    from weightlock.dlr.lock import _write_release
+
+    _packed()
+    model = tiny_model("llama")
+    spec = DLRSpec(32, 16, 6, activation="silu", form="gated", readout=256.0, sink=True, init_scale=1.0)
+    apply_dlr(model, [spec.__dict__] * 2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for net in (m for m in model.modules() if isinstance(m, DLRNet)):
+            for p in net.parameters():
+                p.normal_(0, 0.3 / spec.readout if p.dim() == 2 and p.shape[1] == spec.rank else 0.3)
+    report = {"layers": [{"rel_error": 0.0}] * 2, "family": "llama", "lock_config": {}, "parameters_before": 0,
+              "parameters_after": 0, "calibration_data": "none", "ppl_before": None, "ppl_after": None,
+              "ppl_ratio": None}
+    _write_release(model, None, tmp_path / "rel", [spec] * 2, report)
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "rel"), trust_remote_code=True).eval().to(dtype)
+    nets = [mod for mod in m.modules() if type(mod).__name__ == "DLRNet"]
+    assert len(nets) == 2
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 128, (1, 8), generator=g), torch.randint(3, 128, (4, 8), generator=g)]
+    gen = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    cls = type(nets[0])
+    with torch.no_grad():
+        assert nets[0].inference_path(torch.zeros(1, 1, 32, dtype=dtype)) == "kernel"
+        assert nets[0].inference_path(torch.zeros(4, 64, 32, dtype=dtype)) == "kernel"
+        fast = [m.generate(p, attention_mask=torch.ones_like(p), **gen) for p in prompts]
+        cls.fast = False
+        try:
+            ref = [m.generate(p, attention_mask=torch.ones_like(p), **gen) for p in prompts]
+        finally:
+            cls.fast = True
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    assert len(set(fast[1][:, 8:].flatten().tolist())) > 4  # the tokens are not one repeated token
