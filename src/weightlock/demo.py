@@ -23,7 +23,7 @@ from rich.table import Table
 
 from . import schema
 from .errors import WeightlockError
-from .io import machine_info, read_json, write_json
+from .io import jsonable, machine_info, read_json, write_json
 from .tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
 
@@ -281,7 +281,7 @@ def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: Dem
 
     kw = dict(steps=plan.attack_steps, batch_size=plan.attack_batch, score_every=plan.score_every,
               patience=plan.patience, block_size=plan.block_size, train_tokens=plan.train_tokens, **options)
-    config = _jsonable(make_attack(spec.attack, **kw).cfg.options())
+    config = jsonable(make_attack(spec.attack, **kw).cfg.options())
     record_file = out / "record.json"
     if record_file.exists() or (out / "result.json").exists():
         try:
@@ -289,7 +289,7 @@ def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: Dem
                    else AttackRun.from_result(read_json(out / "result.json"), defense=defense, label=spec.label))
         except (WeightlockError, KeyError, TypeError, ValueError):
             old = None
-        if (old is not None and _jsonable(old.config) == config and old.target == str(model_dir)
+        if (old is not None and jsonable(old.config) == config and old.target == str(model_dir)
                 and old.task == task and old.attack == spec.label and old.defense == defense):
             if not record_file.exists() and is_main_process():
                 write_json(record_file, old.to_dict())  # a run killed between its result and its record
@@ -302,12 +302,6 @@ def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: Dem
     if on_record is not None:
         on_record(record)
     return record
-
-
-def _jsonable(obj):
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
 
 
 def _ratio(a, b):

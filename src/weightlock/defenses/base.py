@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, ClassVar
 
 from ..config import check_types
 from ..errors import WeightlockError
-from ..io import read_json, write_json
+from ..io import jsonable, read_json, write_json
 from ..registry import Registry
 from ..schema import DEFENSE_BUILD, stamp
 
@@ -121,7 +120,7 @@ class Defense:
     def record(self) -> dict:
         """What a summary records about this defense."""
         return {"name": self.name, "title": self.display_name, "label": self.label, "description": self.description,
-                "pretraining": self.pretraining, "config": _jsonable(dataclasses.asdict(self.cfg))}
+                "pretraining": self.pretraining, "config": jsonable(dataclasses.asdict(self.cfg))}
 
     # ---- building the release ---------------------------------------------------------------------
     def apply(self, source, out: Path, **options) -> Path:
@@ -165,7 +164,7 @@ class Defense:
         if not release.is_dir():
             raise WeightlockError(f"defense {self.name!r}: apply() returned {release}, not a directory")
         write_json(self.build_file(out), stamp(DEFENSE_BUILD, {
-            "defense": self.name, "config": _jsonable(dataclasses.asdict(self.cfg)), "release": str(release),
+            "defense": self.name, "config": jsonable(dataclasses.asdict(self.cfg)), "release": str(release),
             "source": str(source) if not self.pretraining else None}))
         return release
 
@@ -180,7 +179,7 @@ class Defense:
         record = self.build_file(out)
         if record.exists():
             r = read_json(record)
-            same = r.get("defense") == self.name and r.get("config") == _jsonable(dataclasses.asdict(self.cfg))
+            same = r.get("defense") == self.name and r.get("config") == jsonable(dataclasses.asdict(self.cfg))
             return Path(r["release"]) if same and Path(r["release"]).is_dir() else None
         return self.finished(out)
 
@@ -215,8 +214,3 @@ class Defense:
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", Defense, group="weightlock.defenses", reserved=("reference",))
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples as lists), to compare with a recorded config."""
-    return json.loads(json.dumps(obj, default=str))
