@@ -14,7 +14,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
 from .attacks import AttackConfig
 from .cli_options import config_options
 from .config import default
@@ -23,6 +22,7 @@ from .errors import ManifestMismatch, WeightlockError
 from .pmp.train import PMPConfig
 from .train.finetune import FinetuneConfig, is_main_process
 from .train.pretrain import PretrainConfig
+from .version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Release open-weight LMs that resist unauthorized fine-tuning, "
