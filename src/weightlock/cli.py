@@ -341,27 +341,28 @@ def defend(
     import dataclasses
 
     from .cli_options import parse_settings, type_label
-    from .defenses import DEFENSES, get_defense
+    from .defenses import DEFENSES, build_file, get_defense
 
     if list_:
         for n, cls in DEFENSES.items():
-            when = "at pretraining: --preset, --data" if cls.pretraining else "to a finished model: --model"
-            console.print(f"[bold]{n}[/] ({when}) — {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}",
+            spec = cls.spec
+            when = "at pretraining: --preset, --data" if spec.pretraining else "to a finished model: --model"
+            console.print(f"[bold]{n}[/] ({when}) — {spec.description or (cls.__doc__ or '').strip().splitlines()[0]}",
                           highlight=False, soft_wrap=True)
-            hints = typing.get_type_hints(cls.Config)
-            for f in dataclasses.fields(cls.Config):
-                d = default(cls.Config, f.name)
+            hints = typing.get_type_hints(spec.Config)
+            for f in dataclasses.fields(spec.Config):
+                d = default(spec.Config, f.name)
                 help_text = f.metadata.get("help", "")
                 console.print(f"    {f.name}: {type_label(hints[f.name])} = {d!r}" + (f" — {help_text}" if help_text
                               else ""), highlight=False, soft_wrap=True, markup=False)
         return
     if name is None or out is None:
         raise WeightlockError("give a defense NAME and --out (or --list)")
-    cls = get_defense(name)
-    cfg = cls.Config(**parse_settings(cls.Config, option, f"defense {name!r}"))
+    spec = get_defense(name).spec
+    cfg = spec.Config(**parse_settings(spec.Config, option, f"defense {name!r}"))
     switches = {"overwrite": overwrite, "resume": resume, "restart": restart, "keep_work": keep_work}
-    options = {k: v for k, v in switches.items() if v or (k == "overwrite" and k in cls.build_options)}
-    if cls.pretraining:
+    options = {k: v for k, v in switches.items() if v or (k == "overwrite" and k in spec.build_options)}
+    if spec.pretraining:
         if model is not None:
             raise WeightlockError(f"defense {name!r} is applied at pretraining time: it pretrains its own model "
                                   "(--preset, --data, --pretrain-config), not --model")
@@ -372,7 +373,7 @@ def defend(
         source = model
     release = build_defense(name, cfg, source, out, **options)
     if is_main_process():
-        console.print(f"[green]saved[/] {release} ({name}; the build's record: {cls.build_file(out)})",
+        console.print(f"[green]saved[/] {release} ({name}; the build's record: {build_file(out)})",
                       highlight=False)
 
 
