@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from weightlock.attacks import ATTACKS, Attack
 from weightlock.cli import app
 from weightlock.defenses import DEFENSES, Defense
-from weightlock.dlr.distill import LockConfig
+from weightlock.dlr.config import LockConfig
 from weightlock.errors import WeightlockError
 from weightlock.eval.tasks import TASKS, Task, get_task
 from weightlock.registry import DuplicateName, Registry, UnknownName

@@ -17,7 +17,7 @@ from rich.table import Table
 from .attacks import AttackConfig
 from .cli_options import config_options
 from .config import default
-from .dlr.distill import LockConfig
+from .dlr.config import LockConfig
 from .errors import ManifestMismatch, WeightlockError
 from .pmp.train import PMPConfig
 from .train.finetune import FinetuneConfig, is_main_process

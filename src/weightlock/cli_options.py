@@ -2,7 +2,8 @@
 and help text (the field's ``metadata["help"]``).
 
 * :func:`config_options` — a decorator that gives a typer command one ``--option`` per field of a config
-  class (``weightlock lock`` has every :class:`~weightlock.dlr.distill.LockConfig` field this way);
+  class (``weightlock lock`` has every :class:`~weightlock.dlr.config.LockConfig` field this way, ``weightlock
+  pretrain`` every :class:`~weightlock.pmp.train.PMPConfig` field);
 * :func:`parse_settings` — ``KEY=VALUE`` strings (``weightlock defend NAME --set k=v``) parsed against a
   config's fields; an unknown key is refused with the list of valid ones;
 * :func:`parse_field` — one command-line string converted to a field's type (``'none'`` for an optional

@@ -5,7 +5,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..dlr.distill import LockConfig
+from ..dlr.config import LockConfig
 from ..io import prepare_out_dir, read_json
 from ..pmp.train import PMPConfig
 from ..tables import REFERENCE_LABEL, memory_cell
