@@ -94,6 +94,8 @@ def user_errors(fn):
 
 @app.command()
 @user_errors
+@config_options(PMPConfig, into="pmp_settings", flags={"variant": "pmp-variant"}, help_prefix="PMP: ",
+                given_only=True)
 def pretrain(
     out: Path = typer.Option(..., "--out", help="Output directory (a Hugging Face checkpoint)."),
     preset: str = typer.Option(default(PretrainConfig, "preset"), help="Model size preset: tiny or small."),
@@ -101,10 +103,7 @@ def pretrain(
                              help="builtin:code|tests|prose, or a path to .txt/.jsonl/.parquet/HF dataset."),
     method: str = typer.Option(default(PretrainConfig, "method"),
                                help="Pretraining method: dense or pmp (private-mask pretraining)."),
-    mask_ratio: float = typer.Option(default(PMPConfig, "mask_ratio"),
-                                     help="PMP: fraction of entries that are trained (rho)."),
-    pmp_variant: str = typer.Option(default(PMPConfig, "variant"),
-                                    help="PMP: hardened (default) or paper (the authors' script)."),
+    pmp_settings: Optional[dict] = None,  # one option per PMPConfig field (given ones), help from its metadata
     config: Optional[Path] = typer.Option(None, help="JSON file with PretrainConfig fields (overrides the preset)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
@@ -141,8 +140,11 @@ def pretrain(
         from .io import read_json
         from .pmp.train import SUMMARY_FILE
 
-        pmp = PMPConfig.paper(mask_ratio) if pmp_variant == "paper" else PMPConfig(mask_ratio=mask_ratio,
-                                                                                   variant=pmp_variant)
+        given = dict(pmp_settings or {})
+        # --pmp-variant paper starts from the authors' script's settings; options given override either start
+        start = (PMPConfig.paper(given.get("mask_ratio", default(PMPConfig, "mask_ratio")))
+                 if given.get("variant") == "paper" else PMPConfig())
+        pmp = replace(start, **given)
         build_defense("pmp", pmp, cfg, out, overwrite=overwrite, resume=resume)  # resume: the saved settings win
         if not (out / SUMMARY_FILE).exists():
             return  # not the process that writes the outputs
