@@ -33,18 +33,17 @@ registered twice is an error, and installed packages add defenses through the en
 """
 from .base import (
     DEFENSES,
-    AttackSpec,
     Defense,
     DefenseConfig,
     DefenseHooks,
     DefenseInfo,
-    HarnessPlan,
     build_file,
     get_defense,
     make_defense,
     register_defense,
 )
 from .builtin import DLRLockDefense, NoDefense, NoneConfig, PMPDefense
+from .plan import AttackSpec, HarnessPlan
 
 __all__ = ["DEFENSES", "AttackSpec", "Defense", "DefenseConfig", "DefenseHooks", "DefenseInfo", "HarnessPlan",
            "build_file", "get_defense", "make_defense", "register_defense",

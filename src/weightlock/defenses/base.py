@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from ..config import check_types
 from ..errors import WeightlockError
 from ..io import jsonable, read_json, write_json
 from ..registry import Registry
 from ..schema import DEFENSE_BUILD, stamp
+from .plan import FULL, LORA, AttackSpec, HarnessPlan
 
 
 def register_defense(name: str):
@@ -49,34 +50,6 @@ class DefenseConfig:
         """Check the config's values (field types are checked at construction; :func:`make_defense` calls this);
         raise :class:`WeightlockError`. The base accepts everything."""
         pass
-
-
-@dataclass
-class AttackSpec:
-    """One attack of a defense's plan: ``attack`` (a name in ``weightlock.attacks.ATTACKS``) with
-    ``options``, at the learning rate the harness keeps under ``lr`` (``full``, ``lora`` or ``masked``),
-    measured against ``reference``: the label of the ``none`` defense's attack run on the original."""
-
-    label: str
-    attack: str
-    options: dict = field(default_factory=dict)
-    lr: str = "full"
-    reference: str | None = "full"
-
-
-class HarnessPlan(Protocol):
-    """What a defense's harness hooks read of the experiment's plan (:class:`weightlock.demo.DemoPlan` is one)."""
-
-    tasks: tuple[str, ...]  # the tasks attacked, the first one's rows make the frontier
-    memory_depths: tuple[int, ...]  # depths of the memory-vs-depth evaluation
-    reverse_distill_steps: int
-
-    @property
-    def block_size(self) -> int: ...
-
-
-FULL = AttackSpec("full", "full", {}, "full", "full")
-LORA = AttackSpec("lora", "lora", {"targets": "attention"}, "lora", "lora")
 
 
 class DefenseHooks:

@@ -9,17 +9,8 @@ from ..dlr.config import LockConfig
 from ..io import prepare_out_dir, read_json
 from ..pmp.train import PMPConfig
 from ..tables import REFERENCE_LABEL, memory_cell
-from .base import (
-    FULL,
-    LORA,
-    AttackSpec,
-    Defense,
-    DefenseConfig,
-    DefenseHooks,
-    DefenseInfo,
-    HarnessPlan,
-    register_defense,
-)
+from .base import Defense, DefenseConfig, DefenseHooks, DefenseInfo, register_defense
+from .plan import FULL, LORA, AttackSpec, HarnessPlan
 
 
 @dataclass
