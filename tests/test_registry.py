@@ -256,6 +256,23 @@ def test_pretrain_pmp_options_build_the_config(tmp_path, monkeypatch, args, want
     assert got == [("pmp", want)]
 
 
+def test_pretrain_overrides_change_the_preset(tmp_path, monkeypatch):
+    import weightlock.train.pretrain as tp
+
+    got = []
+    monkeypatch.setattr(tp, "pretrain", lambda cfg, out, **kw: got.append(cfg) or {
+        "parameters": 1, "tokens_seen": 1, "val_ppl": 1.0, "wall_time_s": 0.0})
+    r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--out", str(tmp_path / "o"), "--steps", "3", "--lr",
+                            "0.5", "--seed", "7", "--block-size", "32", "--train-tokens", "999", "--layers", "3",
+                            "--hidden-size", "48"])
+    assert r.exit_code == 0, r.output
+    cfg = got[0]
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.seed, cfg.block_size, cfg.train_tokens) == (3, 0.5, 7, 32, 999)
+    assert (cfg.model.num_hidden_layers, cfg.model.hidden_size) == (3, 48)
+    r = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "o2"), "--steps", "abc"])
+    assert r.exit_code == 2 and "error: --steps expects an integer or 'none', got 'abc'" in r.output
+
+
 def test_bad_pretrain_pmp_value_is_one_clear_line(tmp_path):
     r = runner.invoke(app, ["pretrain", "--method", "pmp", "--out", str(tmp_path / "o"), "--mask-ratio", "1.5"])
     assert r.exit_code == 2 and "error: mask ratio must be in (0, 1], got 1.5" in r.output

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from .attacks import AttackConfig
 from .cli_options import config_options
-from .config import default
+from .config import default, option
 from .dlr.config import LockConfig
 from .errors import ManifestMismatch, WeightlockError
 from .pmp.train import PMPConfig
@@ -92,8 +93,26 @@ def user_errors(fn):
     return wrapper
 
 
+@dataclass
+class PretrainOverrides:
+    """What ``weightlock pretrain`` changes in the preset's :class:`PretrainConfig` (None: the preset's)."""
+
+    steps: Optional[int] = option(None, "Optimizer steps.")
+    batch_size: Optional[int] = option(None, "Sequences per micro-batch.")
+    grad_accum: Optional[int] = option(None, "Micro-batches per optimizer step.")
+    lr: Optional[float] = option(None, "Peak learning rate.")
+    block_size: Optional[int] = option(None, "Tokens per training sequence.")
+    train_tokens: Optional[int] = option(None, "Token budget of the training data.")
+    hidden_size: Optional[int] = option(None, "Custom width (overrides the preset).")
+    intermediate_size: Optional[int] = option(None, "Custom MLP width.")
+    layers: Optional[int] = option(None, "Custom number of layers.")
+    heads: Optional[int] = option(None, "Custom number of attention heads.")
+    seed: Optional[int] = option(None, "Random seed.")
+
+
 @app.command()
 @user_errors
+@config_options(PretrainOverrides, into="overrides")
 @config_options(PMPConfig, into="pmp_settings", flags={"variant": "pmp-variant"}, help_prefix="PMP: ",
                 given_only=True)
 def pretrain(
@@ -105,17 +124,7 @@ def pretrain(
                                help="Pretraining method: dense or pmp (private-mask pretraining)."),
     pmp_settings: Optional[dict] = None,  # one option per PMPConfig field (given ones), help from its metadata
     config: Optional[Path] = typer.Option(None, help="JSON file with PretrainConfig fields (overrides the preset)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    block_size: Optional[int] = typer.Option(None, help="Tokens per training sequence."),
-    train_tokens: Optional[int] = typer.Option(None, help="Token budget of the training data."),
-    hidden_size: Optional[int] = typer.Option(None, help="Custom width (overrides the preset)."),
-    intermediate_size: Optional[int] = typer.Option(None, help="Custom MLP width."),
-    layers: Optional[int] = typer.Option(None, help="Custom number of layers."),
-    heads: Optional[int] = typer.Option(None, help="Custom number of attention heads."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    overrides: Optional[dict] = None,  # one option per PretrainOverrides field
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
 ) -> None:
@@ -125,15 +134,17 @@ def pretrain(
     if method not in ("dense", "pmp"):
         raise WeightlockError(f"unknown method {method!r}; available: dense, pmp")
     cfg = _pretrain_config(preset, config, data)
-    for name, value in dict(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed).items():
-        if value is not None:
-            setattr(cfg.train, name, value)
-    if block_size is not None:
-        cfg.block_size = block_size
-    if train_tokens is not None:
-        cfg.train_tokens = train_tokens
-    shape = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
-                 num_attention_heads=heads)
+    o = overrides or {}
+    for name, key in dict(max_steps="steps", batch_size="batch_size", grad_accum="grad_accum", lr="lr",
+                          seed="seed").items():
+        if o.get(key) is not None:
+            setattr(cfg.train, name, o[key])
+    if o.get("block_size") is not None:
+        cfg.block_size = o["block_size"]
+    if o.get("train_tokens") is not None:
+        cfg.train_tokens = o["train_tokens"]
+    shape = dict(hidden_size=o.get("hidden_size"), intermediate_size=o.get("intermediate_size"),
+                 num_hidden_layers=o.get("layers"), num_attention_heads=o.get("heads"))
     if any(v is not None for v in shape.values()):
         cfg.model = replace(cfg.model_config(), **{k: v for k, v in shape.items() if v is not None})
     if method == "pmp":  # the registered defense pmp, as `weightlock defend pmp --set KEY=VALUE`
