@@ -14,6 +14,7 @@ from weightlock.defenses import (
     AttackSpec,
     Defense,
     DefenseConfig,
+    DefenseInfo,
     get_defense,
     make_defense,
     register_defense,
@@ -36,9 +37,7 @@ class NoiseConfig(DefenseConfig):
 class NoiseDefense(Defense):
     """A toy post-hoc defense: Gaussian noise on every weight (it costs capability and stops nothing)."""
 
-    title = "Noise"
-    description = "Gaussian noise added to every weight"
-    Config = NoiseConfig
+    spec = DefenseInfo(Config=NoiseConfig, title="Noise", description="Gaussian noise added to every weight")
 
     def apply(self, source, out):
         from weightlock.data import load_tokenizer
@@ -66,10 +65,10 @@ def noise_defense():
 def test_registry_builds_validated_defenses():
     assert list(DEFENSES)[:3] == ["none", "dlr", "pmp"]
     d = make_defense("dlr", rank=4, steps=10)
-    assert d.cfg.rank == 4 and d.label == "DLR-locked" and [s.label for s in d.plan()] == [
+    assert d.cfg.rank == 4 and d.hooks().label == "DLR-locked" and [s.label for s in d.plan()] == [
         "full", "lora", "checkpointing", "reverse-distill"]
     pmp = make_defense("pmp", mask_ratio=0.2)
-    assert pmp.pretraining and pmp.authorized.attack == "masked" and pmp.plan()[-1] is pmp.authorized
+    assert pmp.spec.pretraining and pmp.spec.authorized.attack == "masked" and pmp.plan()[-1] is pmp.spec.authorized
     assert get_defense("none")().apply("some/model", "ignored") == Path("some/model")
     with pytest.raises(WeightlockError, match="unknown defense 'nope'"):
         get_defense("nope")
@@ -85,6 +84,41 @@ def test_registry_builds_validated_defenses():
         d.build("no/such/dir", "out")
     with pytest.raises(WeightlockError, match="Defense subclass"):
         register_defense("x")(object)
+
+
+def _members(cls: type) -> list[str]:
+    """The names a class body defines (assignments, annotations, functions), dunders left out."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    names = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+    return [n for n in names if not (n.startswith("__") and n.endswith("__"))]
+
+
+def test_defense_interface_stays_small():
+    """Defense: a name, a spec (DefenseInfo), its plan, its harness hooks, its record and the build (#34)."""
+    members = _members(Defense)
+    assert len(members) <= 8, members
+    assert set(members) == {"name", "spec", "plan", "hooks", "record", "apply", "build", "release"}
+
+
+def test_a_defense_written_with_class_attributes_gets_them_in_its_spec():
+    class Old(NoiseDefense):  # the older style: class attributes instead of spec
+        description = "old style"
+        attacks = (AttackSpec("full", "full", {}, "full", "full"),)
+        pretraining = False
+
+    assert Old.spec.description == "old style" and Old.spec.Config is NoiseConfig and Old.spec.title == "Noise"
+    assert [s.label for s in Old().plan()] == ["full"] and NoiseDefense.spec.description != "old style"
 
 
 def test_demo_refuses_bad_selections_before_any_work(tmp_path, noise_defense):

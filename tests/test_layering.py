@@ -1,7 +1,10 @@
-"""The package layering holds: no import cycles between modules, none between packages except through the
-self-contained modeling file every DLR release ships, and no module imports another module's private names.
+"""The package layering holds: no import cycles between modules, none between packages (``weightlock.<package>``
+and each top-level module a node; generic code reaches a lock's model classes through the registries, e.g.
+``weightlock.models.formats``, never by importing the lock), and no module imports another module's private
+names.
 
-Imports are read with ``ast`` (function-level imports included), so nothing is imported to check them."""
+Imports are read with ``ast`` — module-level and function-level ones alike, relative ones resolved — so
+nothing is imported to check them."""
 import ast
 from collections import defaultdict
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 import weightlock
 
 ROOT = Path(weightlock.__file__).resolve().parent
-# imports nothing from weightlock (torch and transformers only): a leaf, whatever package it sits in
+# imports nothing from weightlock (torch and transformers only): it ships inside every DLR release
 LEAF = "weightlock.dlr.modeling_weightlock_dlr"
 
 
@@ -79,20 +82,70 @@ def _cycles(edges: set[tuple[str, str]]) -> list[list[str]]:
 
 
 def _package(mod: str) -> str:
-    return mod.split(".")[1] if "." in mod else mod
+    """The node of ``mod`` in the package graph: ``weightlock.<package>``, a top-level module, or ``weightlock``."""
+    return ".".join(mod.split(".")[:2])
+
+
+def _a_cycle(edges: set[tuple[str, str]], component: list[str]) -> list[str]:
+    """One cycle through the strongly connected ``component``: ``[a, b, ..., a]``."""
+    inside = set(component)
+    graph = defaultdict(list)
+    for a, b in sorted(edges):
+        if a in inside and b in inside:
+            graph[a].append(b)
+    start = component[0]
+    paths, seen = {start: [start]}, {start}
+    todo = [start]
+    while todo:  # breadth first from start, until an edge leads back to it
+        v = todo.pop(0)
+        for w in graph[v]:
+            if w == start:
+                return paths[v] + [start]
+            if w not in seen:
+                seen.add(w)
+                paths[w] = paths[v] + [w]
+                todo.append(w)
+    raise AssertionError(f"no cycle through {component}")
+
+
+def _describe_cycles(edges: dict[tuple[str, str], list[str]]) -> str:
+    lines = []
+    for comp in _cycles(set(edges)):
+        cycle = _a_cycle(set(edges), comp)
+        lines.append(" -> ".join(cycle))
+        lines += [f"    {a} -> {b}: {', '.join(sorted(set(edges[a, b])))}" for a, b in zip(cycle, cycle[1:])]
+    return "\n".join(lines)
 
 
 def test_no_import_cycles_between_modules():
-    edges = {(a, b) for a, b, _ in _imports() if a != b}
-    assert _cycles(edges) == []
+    edges = defaultdict(list)
+    for a, b, _ in _imports():
+        if a != b:
+            edges[a, b].append(f"{a} imports {b}")
+    assert not _cycles(set(edges)), "import cycles between modules:\n" + _describe_cycles(edges)
 
 
-def test_no_import_cycles_between_packages_except_through_the_modeling_file():
-    edges = {(_package(a), _package(b)) for a, b, _ in _imports()
-             if b != LEAF and b != "weightlock" and _package(a) != _package(b)}
-    assert _cycles(edges) == []
-    leaf = _modules()[LEAF]
-    assert not [b for a, b, _ in _imports() if a == LEAF], f"{leaf.name} must stay self-contained"
+def test_no_import_cycles_between_packages():
+    edges = defaultdict(list)
+    for a, b, _ in _imports():
+        if _package(a) != _package(b):
+            edges[_package(a), _package(b)].append(f"{a} imports {b}")
+    assert not _cycles(set(edges)), "import cycles between packages:\n" + _describe_cycles(edges)
+
+
+def test_the_modeling_file_stays_self_contained():
+    assert not [b for a, b, _ in _imports() if a == LEAF], f"{LEAF} must import nothing from weightlock"
+
+
+def test_the_cycle_finder_finds_and_names_a_cycle():
+    edges = {("weightlock.models", "weightlock.dlr"): ["weightlock.models.hub imports weightlock.dlr.x"],
+             ("weightlock.dlr", "weightlock.models"): ["weightlock.dlr.lock imports weightlock.models.hub"],
+             ("weightlock.dlr", "weightlock.io"): ["weightlock.dlr.lock imports weightlock.io"]}
+    assert _cycles(set(edges)) == [["weightlock.dlr", "weightlock.models"]]
+    text = _describe_cycles(edges)
+    assert "weightlock.dlr -> weightlock.models -> weightlock.dlr" in text
+    assert "weightlock.models.hub imports weightlock.dlr.x" in text
+    assert _package("weightlock.dlr.lock") == "weightlock.dlr" and _package("weightlock.io") == "weightlock.io"
 
 
 def test_no_private_names_imported_across_modules():

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from weightlock.attacks import ATTACKS, Attack
 from weightlock.cli import app
 from weightlock.defenses import DEFENSES, Defense
-from weightlock.dlr.distill import LockConfig
+from weightlock.dlr.config import LockConfig
 from weightlock.errors import WeightlockError
 from weightlock.eval.tasks import TASKS, Task, get_task
+from weightlock.pmp.train import PMPConfig
 from weightlock.registry import DuplicateName, Registry, UnknownName
 
 runner = CliRunner()
@@ -214,6 +215,67 @@ def test_every_lock_config_field_is_a_lock_option_with_its_help():
         assert f"--{f.name.replace('_', '-')}" in p.opts
     r = runner.invoke(app, ["lock", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
     assert r.exit_code == 0 and "--refine-checkpoint-every" in r.output and "--no-sink" in r.output
+
+
+@pytest.mark.parametrize("cls", [LockConfig, PMPConfig])
+def test_every_config_field_has_help(cls):
+    missing = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")]
+    assert not missing, f"{cls.__name__} fields without help text: {missing}"
+
+
+def test_pretrain_has_every_pmp_config_field_as_an_option():
+    cmd = typer.main.get_command(app).commands["pretrain"]
+    params = {p.name: p for p in cmd.params}
+    flags = {"variant": "--pmp-variant"}
+    r = runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert r.exit_code == 0
+    for f in dataclasses.fields(PMPConfig):
+        flag = flags.get(f.name, "--" + f.name.replace("_", "-"))
+        assert f.name in params and flag in params[f.name].opts, flag
+        assert params[f.name].help == "PMP: " + f.metadata["help"], f.name
+        assert flag in r.output, f"{flag} missing from pretrain --help"
+    assert "--no-rewind" in r.output
+
+
+@pytest.mark.parametrize("args, want", [
+    ([], PMPConfig()),
+    (["--mask-ratio", "0.2", "--pmp-variant", "hardened"], PMPConfig(mask_ratio=0.2)),
+    (["--pmp-variant", "paper", "--mask-ratio", "0.2"], PMPConfig.paper(0.2)),
+    (["--pmp-variant", "paper", "--pool", "linear", "--no-rewind"],
+     dataclasses.replace(PMPConfig.paper(0.3), pool="linear", rewind=False)),
+    (["--patience", "2", "--per-tensor", "--projection-every", "7"],
+     PMPConfig(patience=2, per_tensor=True, projection_every=7)),
+])
+def test_pretrain_pmp_options_build_the_config(tmp_path, monkeypatch, args, want):
+    import weightlock.cli as cli
+
+    got = []
+    monkeypatch.setattr(cli, "build_defense", lambda name, cfg, source, out, **kw: got.append((name, cfg)))
+    r = runner.invoke(app, ["pretrain", "--method", "pmp", "--preset", "tiny", "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == 0, r.output
+    assert got == [("pmp", want)]
+
+
+def test_pretrain_overrides_change_the_preset(tmp_path, monkeypatch):
+    import weightlock.train.pretrain as tp
+
+    got = []
+    monkeypatch.setattr(tp, "pretrain", lambda cfg, out, **kw: got.append(cfg) or {
+        "parameters": 1, "tokens_seen": 1, "val_ppl": 1.0, "wall_time_s": 0.0})
+    r = runner.invoke(app, ["pretrain", "--preset", "tiny", "--out", str(tmp_path / "o"), "--steps", "3", "--lr",
+                            "0.5", "--seed", "7", "--block-size", "32", "--train-tokens", "999", "--layers", "3",
+                            "--hidden-size", "48"])
+    assert r.exit_code == 0, r.output
+    cfg = got[0]
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.seed, cfg.block_size, cfg.train_tokens) == (3, 0.5, 7, 32, 999)
+    assert (cfg.model.num_hidden_layers, cfg.model.hidden_size) == (3, 48)
+    r = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "o2"), "--steps", "abc"])
+    assert r.exit_code == 2 and "error: --steps expects an integer or 'none', got 'abc'" in r.output
+
+
+def test_bad_pretrain_pmp_value_is_one_clear_line(tmp_path):
+    r = runner.invoke(app, ["pretrain", "--method", "pmp", "--out", str(tmp_path / "o"), "--mask-ratio", "1.5"])
+    assert r.exit_code == 2 and "error: mask ratio must be in (0, 1], got 1.5" in r.output
 
 
 @pytest.mark.parametrize("args, message", [

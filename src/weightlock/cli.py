@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,15 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
 from .attacks import AttackConfig
 from .cli_options import config_options
-from .config import default
-from .dlr.distill import LockConfig
+from .config import default, option
+from .dlr.config import LockConfig
 from .errors import ManifestMismatch, WeightlockError
 from .pmp.train import PMPConfig
 from .train.finetune import FinetuneConfig, is_main_process
 from .train.pretrain import PretrainConfig
+from .version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Release open-weight LMs that resist unauthorized fine-tuning, "
@@ -92,8 +93,28 @@ def user_errors(fn):
     return wrapper
 
 
+@dataclass
+class PretrainOverrides:
+    """What ``weightlock pretrain`` changes in the preset's :class:`PretrainConfig` (None: the preset's)."""
+
+    steps: Optional[int] = option(None, "Optimizer steps.")
+    batch_size: Optional[int] = option(None, "Sequences per micro-batch.")
+    grad_accum: Optional[int] = option(None, "Micro-batches per optimizer step.")
+    lr: Optional[float] = option(None, "Peak learning rate.")
+    block_size: Optional[int] = option(None, "Tokens per training sequence.")
+    train_tokens: Optional[int] = option(None, "Token budget of the training data.")
+    hidden_size: Optional[int] = option(None, "Custom width (overrides the preset).")
+    intermediate_size: Optional[int] = option(None, "Custom MLP width.")
+    layers: Optional[int] = option(None, "Custom number of layers.")
+    heads: Optional[int] = option(None, "Custom number of attention heads.")
+    seed: Optional[int] = option(None, "Random seed.")
+
+
 @app.command()
 @user_errors
+@config_options(PretrainOverrides, into="overrides")
+@config_options(PMPConfig, into="pmp_settings", flags={"variant": "pmp-variant"}, help_prefix="PMP: ",
+                given_only=True)
 def pretrain(
     out: Path = typer.Option(..., "--out", help="Output directory (a Hugging Face checkpoint)."),
     preset: str = typer.Option(default(PretrainConfig, "preset"), help="Model size preset: tiny or small."),
@@ -101,22 +122,9 @@ def pretrain(
                              help="builtin:code|tests|prose, or a path to .txt/.jsonl/.parquet/HF dataset."),
     method: str = typer.Option(default(PretrainConfig, "method"),
                                help="Pretraining method: dense or pmp (private-mask pretraining)."),
-    mask_ratio: float = typer.Option(default(PMPConfig, "mask_ratio"),
-                                     help="PMP: fraction of entries that are trained (rho)."),
-    pmp_variant: str = typer.Option(default(PMPConfig, "variant"),
-                                    help="PMP: hardened (default) or paper (the authors' script)."),
+    pmp_settings: Optional[dict] = None,  # one option per PMPConfig field (given ones), help from its metadata
     config: Optional[Path] = typer.Option(None, help="JSON file with PretrainConfig fields (overrides the preset)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Sequences per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    block_size: Optional[int] = typer.Option(None, help="Tokens per training sequence."),
-    train_tokens: Optional[int] = typer.Option(None, help="Token budget of the training data."),
-    hidden_size: Optional[int] = typer.Option(None, help="Custom width (overrides the preset)."),
-    intermediate_size: Optional[int] = typer.Option(None, help="Custom MLP width."),
-    layers: Optional[int] = typer.Option(None, help="Custom number of layers."),
-    heads: Optional[int] = typer.Option(None, help="Custom number of attention heads."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    overrides: Optional[dict] = None,  # one option per PretrainOverrides field
     overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
 ) -> None:
@@ -126,23 +134,28 @@ def pretrain(
     if method not in ("dense", "pmp"):
         raise WeightlockError(f"unknown method {method!r}; available: dense, pmp")
     cfg = _pretrain_config(preset, config, data)
-    for name, value in dict(max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed).items():
-        if value is not None:
-            setattr(cfg.train, name, value)
-    if block_size is not None:
-        cfg.block_size = block_size
-    if train_tokens is not None:
-        cfg.train_tokens = train_tokens
-    shape = dict(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
-                 num_attention_heads=heads)
+    o = overrides or {}
+    for name, key in dict(max_steps="steps", batch_size="batch_size", grad_accum="grad_accum", lr="lr",
+                          seed="seed").items():
+        if o.get(key) is not None:
+            setattr(cfg.train, name, o[key])
+    if o.get("block_size") is not None:
+        cfg.block_size = o["block_size"]
+    if o.get("train_tokens") is not None:
+        cfg.train_tokens = o["train_tokens"]
+    shape = dict(hidden_size=o.get("hidden_size"), intermediate_size=o.get("intermediate_size"),
+                 num_hidden_layers=o.get("layers"), num_attention_heads=o.get("heads"))
     if any(v is not None for v in shape.values()):
         cfg.model = replace(cfg.model_config(), **{k: v for k, v in shape.items() if v is not None})
     if method == "pmp":  # the registered defense pmp, as `weightlock defend pmp --set KEY=VALUE`
         from .io import read_json
         from .pmp.train import SUMMARY_FILE
 
-        pmp = PMPConfig.paper(mask_ratio) if pmp_variant == "paper" else PMPConfig(mask_ratio=mask_ratio,
-                                                                                   variant=pmp_variant)
+        given = dict(pmp_settings or {})
+        # --pmp-variant paper starts from the authors' script's settings; options given override either start
+        start = (PMPConfig.paper(given.get("mask_ratio", default(PMPConfig, "mask_ratio")))
+                 if given.get("variant") == "paper" else PMPConfig())
+        pmp = replace(start, **given)
         build_defense("pmp", pmp, cfg, out, overwrite=overwrite, resume=resume)  # resume: the saved settings win
         if not (out / SUMMARY_FILE).exists():
             return  # not the process that writes the outputs
@@ -341,27 +354,28 @@ def defend(
     import dataclasses
 
     from .cli_options import parse_settings, type_label
-    from .defenses import DEFENSES, get_defense
+    from .defenses import DEFENSES, build_file, get_defense
 
     if list_:
         for n, cls in DEFENSES.items():
-            when = "at pretraining: --preset, --data" if cls.pretraining else "to a finished model: --model"
-            console.print(f"[bold]{n}[/] ({when}) — {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}",
+            spec = cls.spec
+            when = "at pretraining: --preset, --data" if spec.pretraining else "to a finished model: --model"
+            console.print(f"[bold]{n}[/] ({when}) — {spec.description or (cls.__doc__ or '').strip().splitlines()[0]}",
                           highlight=False, soft_wrap=True)
-            hints = typing.get_type_hints(cls.Config)
-            for f in dataclasses.fields(cls.Config):
-                d = default(cls.Config, f.name)
+            hints = typing.get_type_hints(spec.Config)
+            for f in dataclasses.fields(spec.Config):
+                d = default(spec.Config, f.name)
                 help_text = f.metadata.get("help", "")
                 console.print(f"    {f.name}: {type_label(hints[f.name])} = {d!r}" + (f" — {help_text}" if help_text
                               else ""), highlight=False, soft_wrap=True, markup=False)
         return
     if name is None or out is None:
         raise WeightlockError("give a defense NAME and --out (or --list)")
-    cls = get_defense(name)
-    cfg = cls.Config(**parse_settings(cls.Config, option, f"defense {name!r}"))
+    spec = get_defense(name).spec
+    cfg = spec.Config(**parse_settings(spec.Config, option, f"defense {name!r}"))
     switches = {"overwrite": overwrite, "resume": resume, "restart": restart, "keep_work": keep_work}
-    options = {k: v for k, v in switches.items() if v or (k == "overwrite" and k in cls.build_options)}
-    if cls.pretraining:
+    options = {k: v for k, v in switches.items() if v or (k == "overwrite" and k in spec.build_options)}
+    if spec.pretraining:
         if model is not None:
             raise WeightlockError(f"defense {name!r} is applied at pretraining time: it pretrains its own model "
                                   "(--preset, --data, --pretrain-config), not --model")
@@ -372,7 +386,7 @@ def defend(
         source = model
     release = build_defense(name, cfg, source, out, **options)
     if is_main_process():
-        console.print(f"[green]saved[/] {release} ({name}; the build's record: {cls.build_file(out)})",
+        console.print(f"[green]saved[/] {release} ({name}; the build's record: {build_file(out)})",
                       highlight=False)
 
 

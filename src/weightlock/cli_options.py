@@ -2,7 +2,8 @@
 and help text (the field's ``metadata["help"]``).
 
 * :func:`config_options` — a decorator that gives a typer command one ``--option`` per field of a config
-  class (``weightlock lock`` has every :class:`~weightlock.dlr.distill.LockConfig` field this way);
+  class (``weightlock lock`` has every :class:`~weightlock.dlr.config.LockConfig` field this way, ``weightlock
+  pretrain`` every :class:`~weightlock.pmp.train.PMPConfig` field);
 * :func:`parse_settings` — ``KEY=VALUE`` strings (``weightlock defend NAME --set k=v``) parsed against a
   config's fields; an unknown key is refused with the list of valid ones;
 * :func:`parse_field` — one command-line string converted to a field's type (``'none'`` for an optional
@@ -115,12 +116,16 @@ def parse_settings(cls: type, items: list[str], what: str | None = None) -> dict
     return out
 
 
-def config_options(cls: type, *, into: str = "settings", exclude: tuple[str, ...] = ()) -> Callable:
+def config_options(cls: type, *, into: str = "settings", exclude: tuple[str, ...] = (),
+                   flags: dict[str, str] | None = None, help_prefix: str = "", given_only: bool = False) -> Callable:
     """Decorate a typer command: its parameter ``into`` (a dict) is replaced by one ``--option`` per field of
     the dataclass ``cls`` (but ``exclude``), at that place in its signature, each with the field's default
-    and its ``metadata["help"]``; a bool field is a ``--flag/--no-flag`` pair. The command receives
-    ``into`` as ``{field: value}`` with every value parsed to its field's type (bad values: one
-    :class:`WeightlockError` line, which the CLI prints as ``error: ...``); it builds the config itself.
+    and its ``metadata["help"]`` (after ``help_prefix``); a bool field is a ``--flag/--no-flag`` pair.
+    ``flags`` renames a field's option (``{"variant": "pmp-variant"}``: ``--pmp-variant``; default: the
+    field's name with dashes). The command receives ``into`` as ``{field: value}`` with every value parsed
+    to its field's type (bad values: one :class:`WeightlockError` line, which the CLI prints as
+    ``error: ...``); with ``given_only``, only the options given on the command line (the command starts
+    from a config of its own choosing). It builds the config itself.
 
     Apply it below ``@user_errors`` (so that the parse errors are printed as one line)::
 
@@ -132,6 +137,7 @@ def config_options(cls: type, *, into: str = "settings", exclude: tuple[str, ...
     """
     hints = field_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
+    flag = {f.name: (flags or {}).get(f.name, f.name.replace("_", "-")) for f in fields}
 
     def deco(fn: Callable) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
@@ -141,7 +147,8 @@ def config_options(cls: type, *, into: str = "settings", exclude: tuple[str, ...
         if clash:
             raise TypeError(f"{fn.__name__}: parameter(s) {', '.join(sorted(clash))} clash with {cls.__name__} "
                             "fields (exclude them)")
-        generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_option(f, hints[f.name]),
+        generated = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                       default=_option(f, hints[f.name], flag[f.name], help_prefix, given_only),
                                        annotation=bool if hints[f.name] is bool else str) for f in fields]
         params: list[inspect.Parameter] = []
         for p in sig.parameters.values():
@@ -157,9 +164,11 @@ def config_options(cls: type, *, into: str = "settings", exclude: tuple[str, ...
             values = {}
             for f in fields:
                 v = raw[f.name]
+                if v is None and given_only:
+                    continue
                 hint = hints[f.name]
                 if isinstance(v, str) and hint is not str:
-                    v = _parse(hint, v, "--" + f.name.replace("_", "-"))
+                    v = _parse(hint, v, "--" + flag[f.name])
                 values[f.name] = v
             return fn(**kwargs, **{into: values})
 
@@ -170,16 +179,20 @@ def config_options(cls: type, *, into: str = "settings", exclude: tuple[str, ...
     return deco
 
 
-def _option(f: dataclasses.Field, hint: Any) -> Any:
-    """The typer option of the dataclass field ``f``: its default, its help, its type as the metavar."""
+def _option(f: dataclasses.Field, hint: Any, flag: str, help_prefix: str = "", given_only: bool = False) -> Any:
+    """The typer option ``--flag`` of the dataclass field ``f``: its default, its help, its type as the metavar.
+    ``given_only``: the option's value is None unless given (the field's default is still shown)."""
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else ...)
-    help_text = f.metadata.get("help", "")
+    help_text = help_prefix + f.metadata.get("help", "")
     if hint is bool:
-        return typer.Option(default, help=help_text)
-    shown: bool | str = "none" if default is None else True
-    return typer.Option(None if default is None else default, help=help_text, metavar=type_label(hint),
-                        parser=_keep_text, show_default=shown)
+        names = f"--{flag}/--no-{flag}"
+        if given_only:
+            return typer.Option(None, names, help=help_text, show_default=str(default))
+        return typer.Option(default, names, help=help_text)
+    shown: bool | str = "none" if default is None else (str(default) if given_only else True)
+    return typer.Option(None if default is None or given_only else default, f"--{flag}", help=help_text,
+                        metavar=type_label(hint), parser=_keep_text, show_default=shown)
 
 
 def _keep_text(value: str) -> str:

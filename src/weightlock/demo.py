@@ -23,7 +23,7 @@ from rich.table import Table
 
 from . import schema
 from .errors import WeightlockError
-from .io import machine_info, read_json, write_json
+from .io import jsonable, machine_info, read_json, write_json
 from .tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
 
@@ -82,7 +82,7 @@ def select_defenses(names: Sequence | None, plan: DemoPlan) -> list:
     seen = [d.name for d in chosen]
     if len(set(seen)) != len(seen):
         raise WeightlockError(f"a defense is named twice: {', '.join(seen)}")
-    dirs = [d.workdir or d.name for d in chosen]
+    dirs = [d.spec.workdir or d.name for d in chosen]
     if "base" in dirs or len(set(dirs)) != len(dirs):
         raise WeightlockError(f"defense build directories must differ from each other and from 'base': "
                               f"{', '.join(dirs)}")
@@ -95,7 +95,7 @@ def _reference_plan(reference, chosen: list, plan: DemoPlan, attacks: Mapping | 
     work."""
     from .attacks import ATTACKS
 
-    refs = {s.label: s for s in reference.attacks}
+    refs = {s.label: s for s in reference.spec.attacks}
     needed = set()
     for d in chosen:
         for s in _planned(d, attacks):
@@ -109,7 +109,7 @@ def _reference_plan(reference, chosen: list, plan: DemoPlan, attacks: Mapping | 
                 raise WeightlockError(f"defense {d.name!r}: unknown attack {s.attack!r}; available: "
                                       f"{', '.join(sorted(ATTACKS))}")
             needed.add(s.reference)
-    return [s for s in reference.attacks if s.label in needed]
+    return [s for s in reference.spec.attacks if s.label in needed]
 
 
 def run_demo(out: Path, quick: bool = False, report: bool = True, defenses: Sequence | None = None) -> dict:
@@ -157,7 +157,7 @@ def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report
     if base_model is not None:
         if not (Path(base_model) / "config.json").is_file():
             raise WeightlockError(f"{base_model}: not a model directory (no config.json)")
-        pre = [d.name for d in chosen if d.pretraining]
+        pre = [d.name for d in chosen if d.spec.pretraining]
         if pre:
             raise WeightlockError(f"{', '.join(pre)} pretrains its own model: it needs the plan's preset, "
                                   f"not the model {base_model}")
@@ -176,7 +176,7 @@ def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report
         return True
 
     base = out / f"base-{plan.preset}" if base_model is None else Path(base_model)
-    work = {d.name: out / f"{d.workdir or d.name}-{plan.preset}" for d in chosen}
+    work = {d.name: out / f"{d.spec.workdir or d.name}-{plan.preset}" for d in chosen}
     rebuilt: set[str] = set()
 
     def pretrain_base():
@@ -188,12 +188,12 @@ def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report
         rebuilt.add("reference")
     models = {"reference": Path(reference.apply(base, out / f"reference-{plan.preset}"))}
     # pretraining-time defenses first (pretraining runs, like the base), then those applied to the base
-    for d in sorted(chosen, key=lambda d: not d.pretraining):
+    for d in sorted(chosen, key=lambda d: not d.spec.pretraining):
         release = d.release(work[d.name])
-        stale = release is None or ("reference" in rebuilt and not d.pretraining)
-        source = default_config(plan.preset) if d.pretraining else base
+        stale = release is None or ("reference" in rebuilt and not d.spec.pretraining)
+        source = default_config(plan.preset) if d.spec.pretraining else base
         built: list[Path] = []
-        if stage(d.build_title(), not stale, lambda: built.append(d.build(source, work[d.name]))):  # noqa: B023  (called within this iteration)
+        if stage(d.hooks().build_title(), not stale, lambda: built.append(d.build(source, work[d.name]))):  # noqa: B023  (called within this iteration)
             rebuilt.add(d.name)
             release = built[0]
         models[d.name] = release
@@ -204,17 +204,17 @@ def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report
         cached = {}
     for name in rebuilt:
         shutil.rmtree(out / "attacks" / ("" if name == "reference" else name), ignore_errors=True)
-    extra_names = [k.replace("_", " ") for d in chosen for k in d.evaluations]
+    extra_names = [k.replace("_", " ") for d in chosen for k in d.spec.evaluations]
     console.rule("[bold]capability" + (" and " + ", ".join(extra_names) if extra_names else ""))
     cached_cap = cached.get("capability", {})
     capability = {k: cached_cap[k] if k in cached_cap and k not in rebuilt else _capability(m, plan)
                   for k, m in models.items()}
     evaluations: dict = {}
     for d in chosen:
-        if d.name not in rebuilt and all(k in cached for k in d.evaluations):
-            evaluations.update({k: cached[k] for k in d.evaluations})
+        if d.name not in rebuilt and all(k in cached for k in d.spec.evaluations):
+            evaluations.update({k: cached[k] for k in d.spec.evaluations})
         else:
-            evaluations.update(d.evaluate(models[d.name], work[d.name], plan))
+            evaluations.update(d.hooks().evaluate(models[d.name], work[d.name], plan))
 
     console.rule("[bold]attacks")
     specs = ([(reference, "reference", s) for s in ref_specs]
@@ -223,7 +223,8 @@ def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report
     for task in plan.tasks:
         for defense, key, spec in specs:
             lrs, override = (attacks or {}).get(spec.label) or (None, {})
-            opts = {**spec.options, **defense.attack_options(spec, work.get(key, models[key]), plan), **override}
+            needs = defense.hooks().attack_options(spec, work.get(key, models[key]), plan)
+            opts = {**spec.options, **needs, **override}
             points = [(lr, seed) for lr in (lrs or _lr_values(plan.lr[spec.lr])) for seed in seeds]
             run_dir = out / "attacks" / key / task / spec.label
             console.print(f"{task:7s} {key:9s} {spec.label}")
@@ -241,7 +242,7 @@ def run_plan(out: Path, plan: DemoPlan, defenses: Sequence | None = None, report
     if sweep:  # more than one learning rate or seed per attack: every point, and the one the row reports
         summary["sweep"] = sweep
     for d in chosen:
-        summary.update(d.summarize(rows, work[d.name], plan))
+        summary.update(d.hooks().summarize(rows, work[d.name], plan))
     summary["verdicts"] = verdicts(rows, summary, chosen)
     summary["seconds"] = {"this_run": time.perf_counter() - t0, "stages": stage_s}
     summary["machine"] = machine_info()
@@ -281,7 +282,7 @@ def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: Dem
 
     kw = dict(steps=plan.attack_steps, batch_size=plan.attack_batch, score_every=plan.score_every,
               patience=plan.patience, block_size=plan.block_size, train_tokens=plan.train_tokens, **options)
-    config = _jsonable(make_attack(spec.attack, **kw).cfg.options())
+    config = jsonable(make_attack(spec.attack, **kw).cfg.options())
     record_file = out / "record.json"
     if record_file.exists() or (out / "result.json").exists():
         try:
@@ -289,7 +290,7 @@ def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: Dem
                    else AttackRun.from_result(read_json(out / "result.json"), defense=defense, label=spec.label))
         except (WeightlockError, KeyError, TypeError, ValueError):
             old = None
-        if (old is not None and _jsonable(old.config) == config and old.target == str(model_dir)
+        if (old is not None and jsonable(old.config) == config and old.target == str(model_dir)
                 and old.task == task and old.attack == spec.label and old.defense == defense):
             if not record_file.exists() and is_main_process():
                 write_json(record_file, old.to_dict())  # a run killed between its result and its record
@@ -302,12 +303,6 @@ def _attack(model_dir: Path, task: str, spec, defense: str, out: Path, plan: Dem
     if on_record is not None:
         on_record(record)
     return record
-
-
-def _jsonable(obj):
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
 
 
 def _ratio(a, b):
@@ -408,7 +403,7 @@ def verdicts(rows: list[dict], summary: dict, defenses: Sequence) -> dict[str, s
     own facts (memory, mask recovery); the authorized fine-tuning's gain ratio ends the line."""
     out = {}
     for d in defenses:
-        authorized = d.authorized.label if d.authorized else None
+        authorized = d.spec.authorized.label if d.spec.authorized else None
         attacks = [r for r in rows if r["defense"] == d.name and r["attack"] != authorized]
         broken, parts = [], []
         for task in dict.fromkeys(r["task"] for r in attacks):
@@ -424,13 +419,13 @@ def verdicts(rows: list[dict], summary: dict, defenses: Sequence) -> dict[str, s
                 broken.append(f"{best['attack']} ({task})")
         line = "FAILS — broken by " + ", ".join(broken) if broken else "HOLDS against every attack run"
         line += "; " + "; ".join(parts)
-        for note in d.verdict_notes(rows, summary):
+        for note in d.hooks().verdict_notes(rows, summary):
             line += "; " + note
         auth = [r for r in rows if r["defense"] == d.name and r["attack"] == authorized]
         if auth:
             line += "; authorized fine-tuning gain ratio " + ", ".join(
                 f"{r['task']} {fmt(r['gain_ratio'], '.0%')}" for r in auth)
-        out[d.display_name] = line
+        out[d.hooks().title] = line
     return out
 
 
@@ -474,7 +469,7 @@ def print_summary(summary: dict, console: Console | None = None, defenses: Seque
         t.add_row(*row)
     console.print(t)
     for d in defenses:
-        for line in d.summary_lines(summary):
+        for line in d.hooks().summary_lines(summary):
             console.print(line)
     for name, line in summary["verdicts"].items():
         console.print(f"[bold]{name}[/]: {line}")
@@ -489,7 +484,7 @@ def _registered(summary: dict) -> list:
         cls = DEFENSES.get(rec["name"], None)
         if cls is None:
             continue
-        for make in (lambda: cls(cls.Config(**rec.get("config", {}))), cls):  # noqa: B023  (called within this iteration)
+        for make in (lambda: cls(cls.spec.Config(**rec.get("config", {}))), cls):  # noqa: B023  (called within this iteration)
             try:
                 out.append(make())
                 break

@@ -60,6 +60,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples as lists, anything else not JSON as its ``str``), to compare
+    with a recorded value."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON in ``path``; a missing or invalid file is a :class:`WeightlockError`."""
     path = Path(path)

@@ -3,10 +3,12 @@ model (or a pretraining run) into a release. The locks themselves live in ``weig
 ``weightlock.pmp``.
 
 A defense is a typed config (a dataclass that validates itself) plus a small :class:`Defense` class:
-its name, a description, ``apply(source, out) -> release directory`` (``source`` is a model directory
+its name, what it is as data (``spec``, a :class:`DefenseInfo`: the config class, a description,
+the attacks...), ``apply(source, out) -> release directory`` (``source`` is a model directory
 for a post-hoc defense, a :class:`~weightlock.train.pretrain.PretrainConfig` for a pretraining-time
 one), the attacks that make sense against it with their reference attack on the original, an optional
-authorized fine-tuning (the owner's yardstick) and optional extra evaluations. Built in: ``none`` (the
+authorized fine-tuning (the owner's yardstick) and optional extra evaluations and notes (``spec.hooks``, a
+:class:`DefenseHooks`). Built in: ``none`` (the
 unlocked original), ``dlr`` (DLR-Lock) and ``pmp`` (private-mask pretraining). ``weightlock demo``
 builds, evaluates and attacks every registered defense (or those named with ``--defense``);
 ``weightlock defend NAME --set KEY=VALUE`` builds any one of them (``lock`` and ``pretrain --method pmp``
@@ -15,7 +17,7 @@ registered twice is an error, and installed packages add defenses through the en
 ``weightlock.defenses``::
 
     from dataclasses import dataclass
-    from weightlock.defenses import AttackSpec, Defense, DefenseConfig, register_defense
+    from weightlock.defenses import Defense, DefenseConfig, DefenseInfo, register_defense
 
     @dataclass
     class NoiseConfig(DefenseConfig):
@@ -23,15 +25,26 @@ registered twice is an error, and installed packages add defenses through the en
 
     @register_defense("noise")
     class Noise(Defense):
-        description = "Gaussian noise added to every weight"
-        Config = NoiseConfig
+        spec = DefenseInfo(Config=NoiseConfig, description="Gaussian noise added to every weight")
 
         def apply(self, source, out):
             ...  # load the model in ``source``, add noise, save it into ``out``
             return out
 """
-from .base import DEFENSES, AttackSpec, Defense, DefenseConfig, get_defense, make_defense, register_defense
+from .base import (
+    DEFENSES,
+    Defense,
+    DefenseConfig,
+    DefenseHooks,
+    DefenseInfo,
+    build_file,
+    get_defense,
+    make_defense,
+    register_defense,
+)
 from .builtin import DLRLockDefense, NoDefense, NoneConfig, PMPDefense
+from .plan import AttackSpec, HarnessPlan
 
-__all__ = ["DEFENSES", "AttackSpec", "Defense", "DefenseConfig", "get_defense", "make_defense", "register_defense",
+__all__ = ["DEFENSES", "AttackSpec", "Defense", "DefenseConfig", "DefenseHooks", "DefenseInfo", "HarnessPlan",
+           "build_file", "get_defense", "make_defense", "register_defense",
            "DLRLockDefense", "NoDefense", "NoneConfig", "PMPDefense"]

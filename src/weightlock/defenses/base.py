@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import check_types
 from ..errors import WeightlockError
-from ..io import read_json, write_json
+from ..io import jsonable, read_json, write_json
 from ..registry import Registry
 from ..schema import DEFENSE_BUILD, stamp
+from .plan import FULL, LORA, AttackSpec, HarnessPlan
 
 
 def register_defense(name: str):
@@ -29,12 +29,13 @@ def get_defense(name: str) -> type["Defense"]:
 def make_defense(name: str, **options) -> "Defense":
     """The defense ``name`` with its config built from ``options`` (validated; unknown options refused)."""
     cls = get_defense(name)
-    valid = {f.name for f in dataclasses.fields(cls.Config)}
+    Config = cls.spec.Config
+    valid = {f.name for f in dataclasses.fields(Config)}
     bad = set(options) - valid
     if bad:
         raise WeightlockError(f"defense {name!r} has no option(s) {', '.join(sorted(bad))}; "
                               f"options: {', '.join(sorted(valid)) or 'none'}")
-    return cls(cls.Config(**options))
+    return cls(Config(**options))
 
 
 @dataclass
@@ -51,157 +52,41 @@ class DefenseConfig:
         pass
 
 
-@dataclass
-class AttackSpec:
-    """One attack of a defense's plan: ``attack`` (a name in ``weightlock.attacks.ATTACKS``) with
-    ``options``, at the learning rate the harness keeps under ``lr`` (``full``, ``lora`` or ``masked``),
-    measured against ``reference``: the label of the ``none`` defense's attack run on the original."""
+class DefenseHooks:
+    """What the experiment harness (``weightlock demo`` / ``run``) asks of a defense beyond building it: its
+    names in tables and stage titles, options its attacks need, extra evaluations, summary fields and notes.
+    The base adds nothing; a defense names its subclass in :attr:`DefenseInfo.hooks` and reaches it as
+    ``defense.hooks()``."""
 
-    label: str
-    attack: str
-    options: dict = field(default_factory=dict)
-    lr: str = "full"
-    reference: str | None = "full"
+    def __init__(self, defense: Defense) -> None:
+        self.defense = defense
+        self.cfg = defense.cfg
 
-
-class Defense:
-    """A defense: a typed config (``Config``, validated) plus what the harness needs to run it.
-
-    * ``apply(source, out) -> release dir`` builds the release. A post-hoc defense (``pretraining =
-      False``) takes a model directory (or a ``.gguf`` file); a pretraining-time one (``pretraining = True``)
-      takes a :class:`weightlock.train.pretrain.PretrainConfig` and pretrains its own model. Run-time
-      switches that are not part of the release's settings (``overwrite``, ``resume``...) are the keyword
-      arguments of ``apply`` named in ``build_options``; :meth:`build` (what ``weightlock defend``,
-      ``lock`` and ``pretrain --method pmp`` call) passes them on and refuses others.
-    * ``attacks``: the attacks that make sense against it, each with its reference attack on the original;
-      ``authorized``: the owner's own fine-tuning (the yardstick a defense that allows one is measured
-      by; not counted as an attack).
-    * optional extra evaluations (``evaluate``, filling the summary keys in ``evaluations``), summary
-      fields derived from the attack rows (``summarize``), and notes for the verdict and the terminal.
-    """
-
-    name: ClassVar[str] = "defense"
-    title: ClassVar[str] = ""  # the verdict's name ("DLR-Lock"); default: the registry name
-    description: ClassVar[str] = ""
-    Config: ClassVar[type] = DefenseConfig
-    pretraining: ClassVar[bool] = False
-    workdir: ClassVar[str | None] = None  # the harness's directory name for its build; default: the name
-    build_options: ClassVar[tuple[str, ...]] = ()  # keyword arguments of apply() besides source and out
-    attacks: ClassVar[tuple[AttackSpec, ...]] = (
-        AttackSpec("full", "full", {}, "full", "full"),
-        AttackSpec("lora", "lora", {"targets": "attention"}, "lora", "lora"),
-    )
-    authorized: ClassVar[AttackSpec | None] = None
-    evaluations: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, cfg: DefenseConfig | None = None) -> None:
-        cfg = self.Config() if cfg is None else cfg
-        if not isinstance(cfg, self.Config):
-            raise WeightlockError(f"defense {self.name!r} takes a {self.Config.__name__}, got {type(cfg).__name__}")
-        cfg.validate()
-        self.cfg = cfg
-
-    # ---- naming -----------------------------------------------------------------------------------
     @property
-    def display_name(self) -> str:
-        """The defense's ``title``, or its registered name."""
-        return self.title or self.name
+    def title(self) -> str:
+        """The verdict's name: the defense's ``spec.title``, or its registered name."""
+        return self.defense.spec.title or self.defense.name
 
     @property
     def label(self) -> str:
         """The released model's name in tables and figures."""
-        return self.display_name
+        return self.title
 
     def build_title(self) -> str:
         """What building the release does, in a few words (the harness's stage title)."""
-        if self.pretraining:
-            return f"pretrain a {self.display_name} model, same settings"
-        return f"apply {self.display_name} to the base model"
+        if self.defense.spec.pretraining:
+            return f"pretrain a {self.title} model, same settings"
+        return f"apply {self.title} to the base model"
 
-    def record(self) -> dict:
-        """What a summary records about this defense."""
-        return {"name": self.name, "title": self.display_name, "label": self.label, "description": self.description,
-                "pretraining": self.pretraining, "config": _jsonable(dataclasses.asdict(self.cfg))}
-
-    # ---- building the release ---------------------------------------------------------------------
-    def apply(self, source, out: Path, **options) -> Path:
-        """Build the release into ``out`` from ``source``; return the release directory. ``options``: the
-        run-time switches named in ``build_options``."""
-        raise NotImplementedError(f"defense {self.name!r} does not implement apply()")
-
-    def check_source(self, source) -> None:
-        """Refuse a source of the wrong sort (a model directory vs a pretraining config)."""
-        if self.pretraining:
-            from ..train.pretrain import PretrainConfig
-
-            if not isinstance(source, PretrainConfig):
-                raise WeightlockError(f"defense {self.name!r} is applied at pretraining time: its source is a "
-                                      f"PretrainConfig, got {type(source).__name__}")
-        else:
-            what = (f"defense {self.name!r} is applied to a finished model: its source is a model directory "
-                    "or a .gguf file")
-            if not isinstance(source, (str, os.PathLike)):
-                raise WeightlockError(f"{what}, got {source!r}")
-            p = Path(source)
-            if not p.exists():
-                raise WeightlockError(f"{p}: model directory not found ({what})")
-            if not (p.is_dir() or p.suffix.lower() == ".gguf"):
-                raise WeightlockError(f"{what}, got the file {p}")
-
-    def build(self, source, out: str | os.PathLike, **options) -> Path:
-        """:meth:`apply` (with the run-time ``options`` named in ``build_options``), then record the finished
-        build beside ``out`` (what :meth:`release` reads; the main process of a distributed run only)."""
-        bad = set(options) - set(self.build_options)
-        if bad:
-            raise WeightlockError(f"defense {self.name!r} has no build option(s) {', '.join(sorted(bad))}; "
-                                  f"it takes: {', '.join(self.build_options) or 'none'}")
-        self.check_source(source)
-        out = Path(out)
-        release = Path(self.apply(source, out, **options))
-        from ..train.finetune import is_main_process
-
-        if not is_main_process():
-            return release
-        if not release.is_dir():
-            raise WeightlockError(f"defense {self.name!r}: apply() returned {release}, not a directory")
-        write_json(self.build_file(out), stamp(DEFENSE_BUILD, {
-            "defense": self.name, "config": _jsonable(dataclasses.asdict(self.cfg)), "release": str(release),
-            "source": str(source) if not self.pretraining else None}))
-        return release
-
-    @staticmethod
-    def build_file(out: Path) -> Path:
-        """Where a build into ``out`` records what it built (``OUT.defense.json``, beside ``out``)."""
-        return Path(out).with_name(Path(out).name + ".defense.json")
-
-    def release(self, out: str | os.PathLike) -> Path | None:
-        """The finished release a build with this config left in ``out``, or None (build it)."""
-        out = Path(out)
-        record = self.build_file(out)
-        if record.exists():
-            r = read_json(record)
-            same = r.get("defense") == self.name and r.get("config") == _jsonable(dataclasses.asdict(self.cfg))
-            return Path(r["release"]) if same and Path(r["release"]).is_dir() else None
-        return self.finished(out)
-
-    def finished(self, out: Path) -> Path | None:
-        """A finished release in ``out`` built without the record (by the defense's own command)."""
-        return None
-
-    # ---- what the harness runs against it --------------------------------------------------------
-    def plan(self) -> tuple[AttackSpec, ...]:
-        """The attacks, then the authorized fine-tuning if the defense has one."""
-        return self.attacks + ((self.authorized,) if self.authorized else ())
-
-    def attack_options(self, spec: AttackSpec, out: Path, plan: Any) -> dict:
+    def attack_options(self, spec: AttackSpec, out: Path, plan: HarnessPlan) -> dict:
         """Options an attack needs from this build (the private mask...) or from the harness's plan."""
         return {}
 
-    def evaluate(self, release: Path, out: Path, plan: Any) -> dict:
-        """Extra evaluations of the release: the summary keys named in ``evaluations``."""
+    def evaluate(self, release: Path, out: Path, plan: HarnessPlan) -> dict:
+        """Extra evaluations of the release: the summary keys named in ``spec.evaluations``."""
         return {}
 
-    def summarize(self, rows: list[dict], out: Path, plan: Any) -> dict:
+    def summarize(self, rows: list[dict], out: Path, plan: HarnessPlan) -> dict:
         """Summary fields derived from the attack rows (all defenses' and the reference's) and the build."""
         return {}
 
@@ -214,9 +99,150 @@ class Defense:
         return []
 
 
+@dataclass(frozen=True)
+class DefenseInfo:
+    """What a defense is, as data (a defense class's ``spec``)."""
+
+    Config: type[DefenseConfig] = DefenseConfig  # its settings (a dataclass that validates itself)
+    title: str = ""  # the verdict's name ("DLR-Lock"); default: the registry name
+    description: str = ""
+    # True: applied at pretraining time (its source is a PretrainConfig); False: to a finished model
+    pretraining: bool = False
+    workdir: str | None = None  # the harness's directory name for its build; default: the name
+    build_options: tuple[str, ...] = ()  # keyword arguments of apply() besides source and out
+    # the attacks that make sense against it, each with its reference attack on the original
+    attacks: tuple[AttackSpec, ...] = (FULL, LORA)
+    authorized: AttackSpec | None = None  # the owner's own fine-tuning (a yardstick, not an attack)
+    evaluations: tuple[str, ...] = ()  # the summary keys its hooks' evaluate() fills
+    # a build by the defense's own command (no build record) is finished when this file is in its out
+    # directory; its release is then ``out / release_subdir``
+    finished_file: str | None = None
+    release_subdir: str = ""
+    hooks: type[DefenseHooks] = DefenseHooks
+
+    def plan(self) -> tuple[AttackSpec, ...]:
+        """The attacks, then the authorized fine-tuning if the defense has one."""
+        return self.attacks + ((self.authorized,) if self.authorized else ())
+
+
+# class attributes of a defense written before DefenseInfo (the README's example): folded into its spec
+_LEGACY = tuple(f.name for f in dataclasses.fields(DefenseInfo) if f.name not in ("finished_file", "release_subdir",
+                                                                                   "hooks"))
+
+
+class Defense:
+    """A defense: a typed config (``spec.Config``, validated) plus what the harness needs to run it.
+
+    * ``spec``: what the defense is (:class:`DefenseInfo`: its config class, title, whether it is applied
+      at pretraining time, the attacks that make sense against it, the owner's authorized fine-tuning...).
+    * ``apply(source, out) -> release dir`` builds the release. A post-hoc defense (``pretraining =
+      False``) takes a model directory (or a ``.gguf`` file); a pretraining-time one (``pretraining = True``)
+      takes a :class:`weightlock.train.pretrain.PretrainConfig` and pretrains its own model. Run-time
+      switches that are not part of the release's settings (``overwrite``, ``resume``...) are the keyword
+      arguments of ``apply`` named in ``spec.build_options``; :meth:`build` (what ``weightlock defend``,
+      ``lock`` and ``pretrain --method pmp`` call) passes them on and refuses others.
+    * ``hooks()``: what the harness asks beyond the build (:class:`DefenseHooks`: extra evaluations, summary
+      fields, notes for the verdict and the terminal), the class named in ``spec.hooks``.
+
+    A subclass that sets the older class attributes (``description = ...``, ``Config = ...``, ``attacks``...)
+    instead of ``spec`` gets them folded into its ``spec``.
+    """
+
+    name: ClassVar[str] = "defense"
+    spec: ClassVar[DefenseInfo] = DefenseInfo()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        legacy = {k: cls.__dict__[k] for k in _LEGACY if k in cls.__dict__}
+        if legacy:
+            cls.spec = dataclasses.replace(cls.spec, **legacy)
+
+    def __init__(self, cfg: DefenseConfig | None = None) -> None:
+        Config = self.spec.Config
+        cfg = Config() if cfg is None else cfg
+        if not isinstance(cfg, Config):
+            raise WeightlockError(f"defense {self.name!r} takes a {Config.__name__}, got {type(cfg).__name__}")
+        cfg.validate()
+        self.cfg = cfg
+
+    def plan(self) -> tuple[AttackSpec, ...]:
+        """The attacks, then the authorized fine-tuning if the defense has one."""
+        return self.spec.plan()
+
+    def hooks(self) -> DefenseHooks:
+        """What the harness asks of this defense beyond its build (``spec.hooks``, bound to it)."""
+        return self.spec.hooks(self)
+
+    def record(self) -> dict:
+        """What a summary records about this defense."""
+        hooks = self.hooks()
+        return {"name": self.name, "title": hooks.title, "label": hooks.label, "description": self.spec.description,
+                "pretraining": self.spec.pretraining, "config": jsonable(dataclasses.asdict(self.cfg))}
+
+    # ---- building the release ---------------------------------------------------------------------
+    def apply(self, source, out: Path, **options) -> Path:
+        """Build the release into ``out`` from ``source``; return the release directory. ``options``: the
+        run-time switches named in ``spec.build_options``."""
+        raise NotImplementedError(f"defense {self.name!r} does not implement apply()")
+
+    def build(self, source, out: str | os.PathLike, **options) -> Path:
+        """:meth:`apply` (with the run-time ``options`` named in ``spec.build_options``), then record the
+        finished build beside ``out`` (what :meth:`release` reads; the main process of a distributed run
+        only)."""
+        bad = set(options) - set(self.spec.build_options)
+        if bad:
+            raise WeightlockError(f"defense {self.name!r} has no build option(s) {', '.join(sorted(bad))}; "
+                                  f"it takes: {', '.join(self.spec.build_options) or 'none'}")
+        _check_source(self, source)
+        out = Path(out)
+        release = Path(self.apply(source, out, **options))
+        from ..train.finetune import is_main_process
+
+        if not is_main_process():
+            return release
+        if not release.is_dir():
+            raise WeightlockError(f"defense {self.name!r}: apply() returned {release}, not a directory")
+        write_json(build_file(out), stamp(DEFENSE_BUILD, {
+            "defense": self.name, "config": jsonable(dataclasses.asdict(self.cfg)), "release": str(release),
+            "source": str(source) if not self.spec.pretraining else None}))
+        return release
+
+    def release(self, out: str | os.PathLike) -> Path | None:
+        """The finished release a build with this config left in ``out``, or None (build it): the one its
+        build record names, or (no record) one the defense's own command finished (``spec.finished_file``)."""
+        out = Path(out)
+        record = build_file(out)
+        if record.exists():
+            r = read_json(record)
+            same = r.get("defense") == self.name and r.get("config") == jsonable(dataclasses.asdict(self.cfg))
+            return Path(r["release"]) if same and Path(r["release"]).is_dir() else None
+        done = self.spec.finished_file
+        return out / self.spec.release_subdir if done and (out / done).exists() else None
+
+
+def build_file(out: str | os.PathLike) -> Path:
+    """Where a build into ``out`` records what it built (``OUT.defense.json``, beside ``out``)."""
+    return Path(out).with_name(Path(out).name + ".defense.json")
+
+
+def _check_source(defense: Defense, source) -> None:
+    """Refuse a source of the wrong sort (a model directory vs a pretraining config)."""
+    if defense.spec.pretraining:
+        from ..train.pretrain import PretrainConfig
+
+        if not isinstance(source, PretrainConfig):
+            raise WeightlockError(f"defense {defense.name!r} is applied at pretraining time: its source is a "
+                                  f"PretrainConfig, got {type(source).__name__}")
+    else:
+        what = (f"defense {defense.name!r} is applied to a finished model: its source is a model directory "
+                "or a .gguf file")
+        if not isinstance(source, (str, os.PathLike)):
+            raise WeightlockError(f"{what}, got {source!r}")
+        p = Path(source)
+        if not p.exists():
+            raise WeightlockError(f"{p}: model directory not found ({what})")
+        if not (p.is_dir() or p.suffix.lower() == ".gguf"):
+            raise WeightlockError(f"{what}, got the file {p}")
+
+
 DEFENSES: Registry[type[Defense]] = Registry("defense", Defense, group="weightlock.defenses", reserved=("reference",))
-
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples as lists), to compare with a recorded config."""
-    return json.loads(json.dumps(obj, default=str))

@@ -1,6 +1,8 @@
 """DLR-Lock, a defense: replace every MLP with a deep low-rank residual network distilled from it, and
 write the locked release (:func:`lock`); ``modeling_weightlock_dlr`` ships inside every release."""
-from .distill import LockConfig, capture, distill_model, fit_layer, match_depth, readback_model, relative_error
+from . import formats  # noqa: F401  (registers the DLR release format with the generic loader, models.formats)
+from .config import LockConfig
+from .distill import capture, distill_model, fit_layer, match_depth, readback_model, relative_error
 from .lock import load, lock
 from .modeling_weightlock_dlr import (
     ADAPTERS,

@@ -30,7 +30,7 @@ from ..errors import WeightlockError
 from .modeling_weightlock_dlr import BLOCK_ACTIVATIONS, DLRNet, DLRSpec
 
 if TYPE_CHECKING:
-    from .distill import LockConfig
+    from .config import LockConfig
     from .modeling_weightlock_dlr import ArchAdapter
 
 # the activations as functions (BLOCK_ACTIVATIONS holds module classes)

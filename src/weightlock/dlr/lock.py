@@ -16,7 +16,8 @@ from ..models.hub import load
 from ..schema import LOCK_REPORT, SCHEMA_VERSION
 from ..version import __version__
 from . import modeling_weightlock_dlr as M
-from .distill import LockConfig, distill_model, readback_model, refine, specs_for
+from .config import LockConfig
+from .distill import distill_model, readback_model, refine, specs_for
 
 WORK = ".weightlock-work"
 MODELING_FILE = "modeling_weightlock_dlr.py"

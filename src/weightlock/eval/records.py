@@ -10,12 +10,12 @@ before the attacked model's run was called the *target* (stored under ``"locked"
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..errors import WeightlockError
+from ..io import jsonable
 from ..schema import ATTACK_RECORD, ATTACK_RUN, kind_of, schema_version, target_run
 
 RECORD_VERSION = schema_version(ATTACK_RECORD)
@@ -128,7 +128,7 @@ class AttackRun:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["curve"] = [p.to_dict() for p in self.curve]
-        return {"kind": ATTACK_RECORD, **_jsonable(d)}
+        return {"kind": ATTACK_RECORD, **jsonable(d)}
 
     @classmethod
     def from_dict(cls, d: dict, source: object = "attack record") -> "AttackRun":
@@ -208,10 +208,6 @@ def mean_run(runs: Sequence[AttackRun]) -> dict[str, float]:
     if not runs:
         raise WeightlockError("no runs to average")
     return {k: math.fsum(getattr(r, k) for r in runs) / len(runs) for k in ("score_before", "score_after", "gain")}
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 __all__ = ["AttackRun", "CostPoint", "RECORD_VERSION", "mean_run"]

@@ -323,10 +323,10 @@ class ExperimentSpec:
                 defenses.append(e.make())
             except WeightlockError as err:
                 raise WeightlockError(f"{source}: defenses.{e.name}: {err}") from None
-        if any(d.pretraining for d in defenses):
+        if any(d.spec.pretraining for d in defenses):
             for m in self.models:
                 if m.path:
-                    names = [d.name for d in defenses if d.pretraining]
+                    names = [d.name for d in defenses if d.spec.pretraining]
                     raise WeightlockError(f"{source}: {', '.join(names)} pretrains its own model, which needs a "
                                           f"preset model (models: [{{preset: ...}}]), not the directory {m.path}")
         if self.attacks is not None:

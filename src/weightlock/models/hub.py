@@ -30,7 +30,7 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from ..dlr import modeling_weightlock_dlr as M
+    from .formats import compile_small, format_of
     from .gguf import resolve_model_path
 
     quiet_progress()
@@ -43,8 +43,9 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
         with quiet_transformers():  # its load report (a table of keys) would bury weightlock's one line
             config = AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust_remote_code)
             archs = getattr(config, "architectures", None) or []
-            if getattr(config, M.DLR_CONFIG_KEY, None) and not trust_remote_code:
-                model = M.load_locked_state(M.build_locked_model(config, empty=True), str(d))
+            fmt = None if trust_remote_code else format_of(config)  # a locked release weightlock holds the code of
+            if fmt is not None:
+                model = fmt.load(config, str(d))
             else:
                 auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
                 # mismatched shapes are reported below, by name, instead of transformers' pointer to its report
@@ -67,9 +68,7 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     if dtype is not None:
         model = model.to(dtype)
     if compile:
-        for m in model.modules():
-            if isinstance(m, M.DLRNet):
-                m.compile_small = True
+        compile_small(model)
     return model.to(device).eval()
 
 

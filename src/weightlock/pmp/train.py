@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from ..config import check_types, choice
+from ..config import check_types, choice, option
 from ..errors import WeightlockError
 from ..io import write_json, write_manifest
 from ..schema import PMP_RUN, SCHEMA_VERSION
@@ -36,17 +36,26 @@ class PMPConfig:
     Validated at construction; code that changes a field afterwards calls :meth:`validate` again
     (``pretrain_pmp`` does, before any work)."""
 
-    mask_ratio: float = 0.3
-    variant: Literal["hardened", "paper"] = choice("hardened", "PMP variant")
-    # all | linear (2-D weights of linear layers) | no-embed-norm
-    pool: Literal["all", "linear", "no-embed-norm"] = choice("linear", "pool")
-    per_tensor: bool = False
-    iou_threshold: float = 0.99
-    patience: int = 5
-    discovery_max_steps: int = 100
-    rewind: bool = True  # False: keep the Stage-I (warm-up) weights
-    projection_every: int = 0  # paper: rescale the complement into an L2 ball every τ steps
-    projection_radius: float = 2.0
+    mask_ratio: float = option(0.3, "Fraction ρ of the pooled weight entries that are trained (the private "
+                               "mask); the rest keep their initial values.")
+    variant: Literal["hardened", "paper"] = choice("hardened", "PMP variant", "hardened (the complement entries "
+                                                   "written back bit for bit after every step) or paper (the "
+                                                   "authors' script: the complement left to weight decay, a fixed "
+                                                   "seed; `pretrain` also takes the script's other settings).")
+    pool: Literal["all", "linear", "no-embed-norm"] = choice("linear", "pool", "Which parameters the mask covers "
+                                                             "(the others train densely): all, linear (the 2-D "
+                                                             "weights of linear layers) or no-embed-norm (every "
+                                                             "2-D weight but the embeddings).")
+    per_tensor: bool = option(False, "Take the top-ρ entries within each tensor (default: over the whole pool).")
+    iou_threshold: float = option(0.99, "Stage I (early-bird discovery) stops once consecutive masks' IoU stays "
+                                  "at least this for --patience steps.")
+    patience: int = option(5, "Steps in a row at --iou-threshold before the early-bird mask is taken.")
+    discovery_max_steps: int = option(100, "Step cap of Stage I (mask discovery).")
+    rewind: bool = option(True, "Rewind to the initial weights before Stage II (off: keep the Stage-I warm-up "
+                          "weights).")
+    projection_every: int = option(0, "Rescale the complement into an L2 ball every this many steps (the "
+                                   "authors' script: 50; 0: never).")
+    projection_radius: float = option(2.0, "Radius of that L2 ball.")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -26,7 +26,7 @@ def write_upload_folder(source: str | os.PathLike, out: str | os.PathLike,
     folder is written beside ``out`` and moved into place only once ``release check`` (with ``private``, the
     run's private directory, when given) finds it clean; on any error ``out`` is left as it was.
     """
-    from .. import __version__
+    from ..version import __version__
 
     source, out = Path(source), Path(out)
     secrets = load_private(private) if private is not None else None  # a bad --private fails before any work

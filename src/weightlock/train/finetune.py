@@ -108,7 +108,7 @@ del _alias, _name
 def apply_checkpointing(model: nn.Module, mode: str) -> None:
     """Gradient checkpointing per transformer layer (``layer``), per DLR-Net (``dlr``) or per group of K
     DLR blocks (``group:K``)."""
-    from ..dlr.modeling_weightlock_dlr import DLRNet
+    from ..models.formats import checkpoint_blocks
 
     group = checkpoint_group(mode)
     if mode == "none":
@@ -119,11 +119,8 @@ def apply_checkpointing(model: nn.Module, mode: str) -> None:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return
-    nets = [m for m in model.modules() if isinstance(m, DLRNet)]
-    if not nets:
+    if not checkpoint_blocks(model, group):  # the DLR-Nets of a locked release (weightlock.dlr registers them)
         raise WeightlockError(f"checkpointing {mode!r} needs DLR-Nets; use 'layer' on an unlocked model")
-    for net in nets:  # a flag the net's own forward honours (read-out scale and all)
-        net.checkpoint_blocks = group or len(net.blocks)
 
 
 def offloaded_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,8 @@ def skeleton(cfg, rank: int | None = None, device: str = "meta"):
     match raises). Returns (model, specs or None)."""
     from transformers import AutoModelForCausalLM
 
-    from ...dlr.distill import LockConfig, specs_for
+    from ...dlr.config import LockConfig
+    from ...dlr.distill import specs_for
     from ...dlr.modeling_weightlock_dlr import apply_dlr
 
     with torch.device(device):
