@@ -232,6 +232,28 @@ def path_agreement(locked, dtype) -> dict:
     return out
 
 
+def fidelity(model_dir: str, original, locked, tokens: int) -> dict:
+    """The lock's perplexity ratio against the original in fp32 and in bf16 (both models in that dtype, the
+    default inference paths) on ``tokens`` held-out tokens of each built-in corpus, 256-token blocks; issue
+    #36: a bf16 lock keeps its fidelity when its ratio is within 0.005 of the fp32 one."""
+    from weightlock.data import load_blocks, load_tokenizer
+    from weightlock.eval.perplexity import perplexity
+
+    tok = load_tokenizer(model_dir)
+    out = {"tokens_per_corpus": tokens, "block_size": 256}
+    for data in ("builtin:prose", "builtin:code"):
+        blocks = load_blocks(data, "test", tok, 256, tokens)
+        row = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            ppl = {name: perplexity(m.to(dtype), blocks, batch_size=8) for name, m in
+                   (("original", original), ("locked", locked))}
+            row[str(dtype).removeprefix("torch.")] = {**ppl, "ratio": ppl["locked"] / ppl["original"]}
+        row["bf16_minus_fp32_ratio"] = row["bfloat16"]["ratio"] - row["float32"]["ratio"]
+        out[data] = row
+    original.float(), locked.float()
+    return out
+
+
 BARS = {"decode": 1.10, "prefill": 1.05}  # issue #36: every form, fp32 and bf16, batch 1 and 8, one thread
 
 
@@ -269,6 +291,9 @@ def smollm2(args) -> None:
         spec = {"rank": net.spec.rank, "depth": net.spec.depth, "form": net.spec.form, "readout": net.spec.readout}
         run["agreement"][label] = {"fp32": path_agreement(locked, torch.float32),
                                    "bf16": path_agreement(locked, torch.bfloat16)}
+        if args.release and args.fidelity_tokens:
+            run["fidelity"] = fidelity(args.model, original, locked, args.fidelity_tokens)
+            print(f"fidelity {run['fidelity']}", flush=True)
         print(f"{label} {spec}: agreement {run['agreement'][label]}", flush=True)
         for dtype in (torch.float32, torch.bfloat16):
             key = f"{label}/{str(dtype).removeprefix('torch.')}"
@@ -333,6 +358,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--fidelity-tokens", type=int, default=8192, help="--release: held-out tokens per built-in "
+                    "corpus for the fp32 / bf16 perplexity ratios (0: skip)")
     args = ap.parse_args()
     if args.model:
         smollm2(args)

@@ -45,7 +45,9 @@ def test_kernel_matches_reference(interpreted, case):
         assert r["rel"] <= 1e-6
     else:  # 16-bit weights: within 5e-3 of the exact output, and no worse than the eager fast path
         assert r["rel"] <= 5e-3
-        assert r["rel"] <= r["rel_fast16"]
+        # and no worse than the eager fast path (2% slack: with both errors set by the same bf16 rounding of the
+        # products' inputs, which of the two lands nearer the exact output is chance at that level)
+        assert r["rel"] <= 1.02 * r["rel_fast16"]
 
 
 @needs_triton
@@ -223,7 +225,7 @@ def test_kernel_compiles_for_gpus():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 6
+    assert len(rows) == 10 and sum(row["gated"] for row in rows) == 4
     for row in rows:
         assert row["cubin"], row
         assert row["shared"] <= (227 if row["cap"] == 90 else 163) * 1024, row

@@ -32,6 +32,14 @@ CASES = {
     "bf16_norm_bias_readout16": (48, 8, 4, (3, 7), {"norm": True, "bias": True, "readout": 16.0}, "bfloat16",
                                  16, 16),
     "fp16_silu_bias": (48, 8, 4, (3, 7), {"activation": "silu", "bias": True}, "float16", 16, 16),
+    # the gated form: U·(σ(G·z) ⊙ V·z), both products from the same z chunk
+    "gated_silu": (48, 8, 4, (5, 7), {"form": "gated", "activation": "silu"}, "float32", 16, 16),
+    "gated_gelu_norm_bias_readout": (48, 8, 4, (5, 7), {"form": "gated", "norm": True, "bias": True,
+                                                         "readout": 4.0}, "float32", 16, 16),
+    "gated_default_tiles_d100_r33": (100, 33, 2, (2, 9), {"form": "gated", "activation": "silu", "bias": True},
+                                     "float32", None, None),
+    "gated_bf16_bias_readout1024": (48, 8, 4, (3, 7), {"form": "gated", "activation": "silu", "bias": True,
+                                                        "readout": 1024.0}, "bfloat16", 16, 16),
 }
 
 
@@ -152,17 +160,20 @@ def compile_for_gpus() -> list[dict]:
     ptxas = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas*")))
     out = []
     for cap in (90, 80):
-        for dtype, tokens in ((torch.bfloat16, 1), (torch.bfloat16, 4096), (torch.float32, 1)):
-            bt, bd, br, warps, stages = K.launch_config(tokens, 2048, 64, dtype)
+        configs = ((torch.bfloat16, 1, False), (torch.bfloat16, 4096, False), (torch.float32, 1, False),
+                   (torch.bfloat16, 1, True), (torch.bfloat16, 4096, True))
+        for dtype, tokens, gated in configs:
+            bt, bd, br, warps, stages = K.launch_config(tokens, 2048, 64, dtype, gated=gated)
             ty = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-            sig = {**{k: ty for k in ("x_ptr", "out_ptr", "v_ptr", "u_ptr", "b_ptr", "c_ptr", "w_ptr")},
+            sig = {**{k: ty for k in ("x_ptr", "out_ptr", "v_ptr", "u_ptr", "b_ptr", "c_ptr", "w_ptr", "gw_ptr",
+                                      "gb_ptr")},
                    "z_ptr": "*fp32", "T": "i32", "D": "i32", "R": "i32", "L": "i32", "readout": "fp32", "eps": "fp32"}
-            const = dict(ACT=0, NORM=True, BIAS=True, IEEE=dtype == torch.float32, WIDEN=False, BLOCK_T=bt,
-                         BLOCK_D=bd, BLOCK_R=br, CHUNKS=2048 // bd)
+            const = dict(ACT=0, NORM=True, BIAS=True, GATED=gated, IEEE=dtype == torch.float32, WIDEN=False,
+                         BLOCK_T=bt, BLOCK_D=bd, BLOCK_R=br, CHUNKS=2048 // bd)
             src = ASTSource(fn=K._dlr_kernel, signature={**sig, **dict.fromkeys(const, "constexpr")}, constexprs=const)
             c = triton.compile(src, target=GPUTarget("cuda", cap, 32),
                                options={"num_warps": warps, "num_stages": stages})
-            row = {"cap": cap, "dtype": str(dtype), "tokens": tokens, "shared": c.metadata.shared,
+            row = {"cap": cap, "dtype": str(dtype), "tokens": tokens, "gated": gated, "shared": c.metadata.shared,
                    "cubin": bool(c.asm.get("cubin"))}
             if ptxas:
                 with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:

@@ -2,6 +2,9 @@
 
     z_0 = x;  z_{l+1} = z_l + σ(n_l(z_l)·V_lᵀ + b_l)·U_lᵀ + c_l;  out = s·(z_L − z_0)
 
+and the gated form, ``σ(n_l(z_l)·G_lᵀ + g_l) ⊙ (n_l(z_l)·V_lᵀ + b_l)`` in place of the activation (the
+down pass then accumulates both products from the same z chunk).
+
 One program per tile of ``BLOCK_T`` tokens loops over the L blocks. Per block it streams V_l (r×d) and U_l
 (d×r) once, in chunks of ``BLOCK_D`` columns (d is padded to whole chunks with masks, so any d works and
 no operand tile grows with d): the down pass accumulates h = n(z)·V_lᵀ (BLOCK_T × r) in fp32 registers,
@@ -30,6 +33,7 @@ import triton.language as tl
 
 ACTIVATIONS = {"gelu": 0, "relu": 1, "silu": 2, "tanh": 3}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GATED_BLOCK_D = 32  # the gated form's column chunk (see launch_config)
 MAX_RANK = 256  # h (BLOCK_T × r, fp32) and one V/U chunk stay in registers
 NORM_EPS = 1e-6  # DLRBlock's nn.RMSNorm(eps=1e-6)
 _CACHE = "_triton_stack"  # the instance attribute holding the stacked weights (dropped by DLRNet._apply)
@@ -79,9 +83,10 @@ def _mm(a, b, acc, IEEE: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
-def _dlr_kernel(x_ptr, out_ptr, z_ptr, v_ptr, u_ptr, b_ptr, c_ptr, w_ptr, T, D, R, L, readout, eps,
-                ACT: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNKS: tl.constexpr):
+def _dlr_kernel(x_ptr, out_ptr, z_ptr, v_ptr, u_ptr, b_ptr, c_ptr, w_ptr, gw_ptr, gb_ptr, T, D, R, L, readout, eps,
+                ACT: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr,
+                WIDEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                CHUNKS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -105,6 +110,7 @@ def _dlr_kernel(x_ptr, out_ptr, z_ptr, v_ptr, u_ptr, b_ptr, c_ptr, w_ptr, T, D, 
         rstd = 1.0 / tl.sqrt(ss / D + eps)
         # down pass: h = n(z)·Vᵀ, V_l read as [BLOCK_D, BLOCK_R] chunks of its transpose
         h = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+        hg = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)  # the gated form's gate product (unused otherwise)
         for ch in range(CHUNKS):
             cols = ch * BLOCK_D + offs_d
             c_ok = cols < D
@@ -115,10 +121,20 @@ def _dlr_kernel(x_ptr, out_ptr, z_ptr, v_ptr, u_ptr, b_ptr, c_ptr, w_ptr, T, D, 
                 z = z * rstd[:, None] * g[None, :]
             vt = tl.load(v_ptr + l * R * D + offs_r[None, :] * D + cols[:, None],
                          mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-            h = _mm(_round(z, vt.dtype, WIDEN), vt, h, IEEE, WIDEN)
+            zr = _round(z, vt.dtype, WIDEN)
+            h = _mm(zr, vt, h, IEEE, WIDEN)
+            if GATED:
+                gt = tl.load(gw_ptr + l * R * D + offs_r[None, :] * D + cols[:, None],
+                             mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+                hg = _mm(zr, gt, hg, IEEE, WIDEN)
         if BIAS:
             h += tl.load(b_ptr + l * R + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-        h = _activation(h, ACT)
+            if GATED:
+                hg += tl.load(gb_ptr + l * R + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            h = _activation(hg, ACT) * h
+        else:
+            h = _activation(h, ACT)
         tl.debug_barrier()
         # up pass: z += h·Uᵀ + c, U_l read as [BLOCK_R, BLOCK_D] chunks of its transpose
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -152,6 +168,8 @@ def _params(net) -> list[torch.Tensor]:
     for b in net.blocks:
         out += [b.down.weight, b.up.weight]
         out += [t for t in (b.down.bias, b.up.bias) if t is not None]
+        if net.spec.form == "gated":
+            out += [t for t in (b.gate.weight, b.gate.bias) if t is not None]
         if net.spec.norm:
             out.append(b.norm.weight)
     return out
@@ -161,11 +179,12 @@ def supported(net, x: torch.Tensor) -> bool:
     """Whether :func:`forward` computes ``net(x)``: x on CUDA (or any device under ``TRITON_INTERPRET=1``,
     which only tests use), a floating dtype of :data:`DTYPES` shared by x and every weight on x's device,
     a known activation, rank ≤ :data:`MAX_RANK`, blocks that are plain ``nn.Linear`` pairs and (with
-    ``norm``) ``nn.RMSNorm(eps=1e-6)`` with a weight. Anything else keeps the eager fast path."""
+    ``norm``) ``nn.RMSNorm(eps=1e-6)`` with a weight; both block forms. Anything else keeps the eager fast
+    path."""
     spec = net.spec
     if x.dtype not in DTYPES or x.numel() == 0 or spec.activation not in ACTIVATIONS or spec.rank > MAX_RANK:
         return False
-    if getattr(spec, "form", "plain") != "plain":  # the gated form runs the eager fast path
+    if getattr(spec, "form", "plain") not in ("plain", "gated"):
         return False
     b = net.blocks[0]
     if spec.norm and not (isinstance(b.norm, torch.nn.RMSNorm) and b.norm.eps == NORM_EPS
@@ -176,9 +195,10 @@ def supported(net, x: torch.Tensor) -> bool:
 
 
 def stacked(net) -> tuple:
-    """(V [L, r, d], U [L, d, r], b [L, r] | None, c [L, d] | None, norm weight [L, d] | None), contiguous,
-    in the weights' dtype. Built once per net; refreshed in place (same storage, so a captured CUDA graph
-    stays valid) when a parameter was changed in place, rebuilt when parameters were replaced."""
+    """(V [L, r, d], U [L, d, r], b [L, r] | None, c [L, d] | None, norm weight [L, d] | None, gate G [L, r, d]
+    | None, gate bias [L, r] | None), contiguous, in the weights' dtype. Built once per net; refreshed in place
+    (same storage, so a captured CUDA graph stays valid) when a parameter was changed in place, rebuilt when
+    parameters were replaced."""
     params = None
     entry = net.__dict__.get(_CACHE)
     if entry is not None and entry[0] is net.blocks[0].down.weight:
@@ -191,19 +211,27 @@ def stacked(net) -> tuple:
         return tensors
     params = _params(net)
     b0 = net.blocks[0]
+    gated = net.spec.form == "gated"
     tensors = (torch.stack([b.down.weight.detach() for b in net.blocks]),
                torch.stack([b.up.weight.detach() for b in net.blocks]),
                torch.stack([b.down.bias.detach() for b in net.blocks]) if b0.down.bias is not None else None,
                torch.stack([b.up.bias.detach() for b in net.blocks]) if b0.up.bias is not None else None,
-               torch.stack([b.norm.weight.detach() for b in net.blocks]) if net.spec.norm else None)
+               torch.stack([b.norm.weight.detach() for b in net.blocks]) if net.spec.norm else None,
+               torch.stack([b.gate.weight.detach() for b in net.blocks]) if gated else None,
+               torch.stack([b.gate.bias.detach() for b in net.blocks]) if gated and b0.gate.bias is not None
+               else None)
     net.__dict__[_CACHE] = (params[0], params, sum(p._version for p in params), tensors)
     return tensors
 
 
 @torch.no_grad()
 def _fill(net, tensors) -> None:
-    v, u, b, c, g = tensors
+    v, u, b, c, g, gv, gb = tensors
     for i, blk in enumerate(net.blocks):
+        if gv is not None:
+            gv[i].copy_(blk.gate.weight)
+        if gb is not None:
+            gb[i].copy_(blk.gate.bias)
         v[i].copy_(blk.down.weight)
         u[i].copy_(blk.up.weight)
         if b is not None:
@@ -214,18 +242,23 @@ def _fill(net, tensors) -> None:
             g[i].copy_(blk.norm.weight)
 
 
-def launch_config(tokens: int, width: int, rank: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def launch_config(tokens: int, width: int, rank: int, dtype: torch.dtype, gated: bool = False
+                  ) -> tuple[int, int, int, int, int]:
     """(BLOCK_T, BLOCK_D, BLOCK_R, num_warps, num_stages). Tiles are ≥ 16 (tl.dot's minimum). Chosen so that
     ptxas reports no register spills for sm_90 at r ≤ 64 (checked without a GPU by compiling ahead of time,
     tests/test_triton.py); speed is not tuned yet (no GPU was available): decode steps (≤ 16 tokens) use
-    one 16-token tile, longer 16-bit inputs 64-token tiles so that each streamed weight serves more tokens."""
+    one 16-token tile, longer 16-bit inputs 64-token tiles so that each streamed weight serves more tokens.
+    The gated form holds two down-pass accumulators and reads two weight chunks per step: half the column
+    chunk (and half the prefill tile) keeps it within the registers."""
     block_r = max(16, triton.next_power_of_2(rank))
     if dtype == torch.float32:
-        return 16, 32, block_r, 4, 2
+        return 16, (GATED_BLOCK_D if gated else 32), block_r, 4, 2
     block_d = min(64 if block_r <= 64 else 32, max(16, triton.next_power_of_2(width)))
+    if gated:
+        block_d = min(block_d, GATED_BLOCK_D)
     if tokens <= 16:
         return 16, block_d, block_r, 4, 2
-    return (64 if block_r <= 64 else 32), block_d, block_r, 8, 1
+    return (64 if block_r <= 64 else 32) // (2 if gated else 1), block_d, block_r, 8, 1
 
 
 @torch.no_grad()
@@ -234,19 +267,20 @@ def forward(net, x: torch.Tensor, block_t: int | None = None, block_d: int | Non
     override the tile sizes (powers of two ≥ 16; tests use them to cover several tiles and chunks)."""
     spec = net.spec
     d, r = spec.width, spec.rank
-    v, u, b, c, g = stacked(net)
+    v, u, b, c, g, gv, gb = stacked(net)
     x2 = x.reshape(-1, d).contiguous()
     tokens = x2.shape[0]
     out = torch.empty_like(x2)
     if tokens == 0:
         return out.view(x.shape)
     z = out if x2.dtype == torch.float32 else torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
-    bt, bd, br, warps, stages = launch_config(tokens, d, r, x2.dtype)
+    bt, bd, br, warps, stages = launch_config(tokens, d, r, x2.dtype, gated=gv is not None)
     bt, bd = block_t or bt, block_d or bd
     grid = (triton.cdiv(tokens, bt),)
     _dlr_kernel[grid](x2, out, z, v, u, v if b is None else b, v if c is None else c, v if g is None else g,
+                      v if gv is None else gv, v if gb is None else gb,
                       tokens, d, r, spec.depth, float(spec.readout), NORM_EPS,
-                      ACT=ACTIVATIONS[spec.activation], NORM=g is not None, BIAS=b is not None,
+                      ACT=ACTIVATIONS[spec.activation], NORM=g is not None, BIAS=b is not None, GATED=gv is not None,
                       IEEE=x2.dtype == torch.float32,
                       WIDEN=x2.device.type != "cuda", BLOCK_T=bt, BLOCK_D=bd, BLOCK_R=br,
                       CHUNKS=triton.cdiv(d, bd), num_warps=warps, num_stages=stages)
