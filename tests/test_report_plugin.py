@@ -4,7 +4,6 @@ gets the generic section."""
 import json
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
