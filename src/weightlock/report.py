@@ -4,9 +4,16 @@ Any mix of inputs works: a demo directory (``summary.json``), ``bench/results``,
 (``result.json``), locked releases (``lock_report.json``), any folder of records. Each JSON file is read by
 its record kind, whatever it is called: its recorded ``kind`` resolved through the library's registry of
 record kinds (:data:`weightlock.schema.RECORD_KINDS`; the kinds records carried before are aliases), or, for a
-file written before results carried a kind, its fields. :data:`DRAWN` says what the report draws from each
-kind (:data:`FIGURE_KINDS`, :data:`TABLES`); a record of another kind is listed as skipped, figures whose data
-is absent are listed as missing. The HTML needs no network: images are local PNGs next to it.
+file written before results carried a kind, its fields.
+
+What the report draws comes through registries, nothing is hard-coded to a kind or a defense: record kinds
+bring their tables and figures as :class:`Section` s (:data:`SECTIONS`, entry-point group
+``weightlock.report``; :data:`BUILTIN_SECTIONS` are the built-in ones), and each defense of a demo's summary
+brings its own (:meth:`weightlock.defenses.DefenseHooks.report`: :class:`Table` s, :class:`Figure` s and
+:class:`Panels` added to a registered figure). A defense that brings nothing, and a record of a kind no
+section reads, get the generic section (a table of what is recorded and, from standard attack rows, the
+attacker-gain figure); registered figures whose data is absent are listed as missing. The HTML needs no
+network: images are local PNGs next to it.
 """
 from __future__ import annotations
 
@@ -564,7 +571,8 @@ def register_section(name: str, section: Section) -> Section:
     return SECTIONS.register(name, section)
 
 
-for _name, _section in (
+# the built-in sections, in the report's order
+BUILTIN_SECTIONS: tuple[tuple[str, Section], ...] = (
     ("real_attacks", Section((schema.REAL_ATTACKS,), "real-LLM red team on faithful releases", _red_team_tables, (
         Figure("real_attacks.png", "Attacks on a real LLM (SmolLM2-135M): score vs the attacker's cost",
                _real_attack_panels, _draw_real_attack, (6, 4), 2,
@@ -633,12 +641,13 @@ for _name, _section in (
                "Per-layer distillation error: ‖DLR(x) − MLP(x)‖² / ‖MLP(x)‖² of each layer's DLR-Net on held-out "
                "calibration activations (captured from the original model), after module-wise distillation.",
                lambda items: _one_panel(_unique_layer_errors(items))),))),
-):
+)
+for _name, _section in BUILTIN_SECTIONS:
     register_section(_name, _section)
 
 # the built-in figures, in the report's order, and the record kinds each is drawn from
-FIGURES: list[Figure] = [f for s in SECTIONS._items.values() for f in s.figures]
-FIGURE_KINDS: dict[str, tuple[str, ...]] = {f.file: s.kinds for s in SECTIONS._items.values() for f in s.figures}
+FIGURES: list[Figure] = [f for _, s in BUILTIN_SECTIONS for f in s.figures]
+FIGURE_KINDS: dict[str, tuple[str, ...]] = {f.file: s.kinds for _, s in BUILTIN_SECTIONS for f in s.figures}
 
 
 def drawn() -> dict[str, list[str]]:
@@ -736,34 +745,45 @@ _IMG_CHECK = ("window.addEventListener('load',function(){var i=Array.prototype.s
               "'data-images-loaded',i.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);});")
 
 
-def _parts(found) -> tuple[list[Table], list[tuple[Figure, list]], list[str]]:
-    """The report's tables and figures (each with its panels), in order, and the titles of the registered
-    figures these results have no data for: every section's tables, then what the demo summaries' defenses
-    bring and the generic sections; every section's figures (with the panels defenses add), then the
-    defenses' and the generic ones."""
+def _parts(found) -> tuple[list, list[str]]:
+    """The report's parts in order (:class:`Table` s, and each figure with its panels) and the
+    titles of the registered figures these results have no data for: every section's tables, then the tables
+    the demo summaries' defenses bring; every section's figures (with the panels defenses add), then the
+    defenses' own; last, the generic sections of the records of kinds no section reads."""
     sections = list(SECTIONS.values())
-    extra = _defense_parts(found) + _generic_records(found)
-    tables = [t for s in sections if s.tables for t in s.tables(found)] + [p for p in extra if isinstance(p, Table)]
+    brought = _defense_parts(found)
     added: dict[str, list] = {}
-    for p in extra:
+    for p in brought:
         if isinstance(p, Panels):
             added.setdefault(p.figure, []).extend(p.items)
-    figures, missing = [], []
+    parts: list = [Table(*t) for s in sections if s.tables for t in s.tables(found)]
+    parts += [Table(*p) for p in brought if not isinstance(p, (Figure, Panels))]
+    missing = []
     for f in (f for s in sections for f in s.figures):
-        items = list(f.panels(found)) + added.pop(f.file, [])
-        panels = f.arrange(items) if f.arrange else items
+        panels = _panels(f, list(f.panels(found)) + added.pop(f.file, []))
         if panels:
-            figures.append((f, panels))
+            parts.append(_Drawn(f, panels))
         else:
             missing.append(f.title)
     if added:
         raise WeightlockError(f"panels added to figures no report section draws: {', '.join(added)}")
-    for f in (p for p in extra if isinstance(p, Figure)):
-        items = list(f.panels(found) if callable(f.panels) else f.panels)
-        panels = f.arrange(items) if f.arrange else items
+    for p in [p for p in brought if isinstance(p, Figure)] + _generic_records(found):
+        if not isinstance(p, Figure):
+            parts.append(Table(*p))
+            continue
+        panels = _panels(p, list(p.panels(found) if callable(p.panels) else p.panels))
         if panels:
-            figures.append((f, panels))
-    return tables, figures, missing
+            parts.append(_Drawn(p, panels))
+    return parts, missing
+
+
+class _Drawn(NamedTuple):
+    figure: Figure
+    panels: list
+
+
+def _panels(f: Figure, items: list) -> list:
+    return f.arrange(items) if f.arrange else items
 
 
 def _file_name(name: str, taken: set[str]) -> str:
@@ -788,12 +808,7 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tables, drawn_figures, missing = _parts(found)
-    figures, taken = [], set()
-    for f, panels in drawn_figures:
-        name = _file_name(f.file, taken)
-        _draw(tmp / name, panels, f.draw, f.size, f.cols and min(f.cols, len(panels)))
-        figures.append((name, f.title, f.caption))
+    parts, missing = _parts(found)
     sources = [str(f) for items in found.values() for f, _ in items]
     dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
 
@@ -802,17 +817,23 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
           ""]
     body = [f"<h1>weightlock report</h1><p>Built from {len(sources)} recorded result file(s)"
             + (f" dated {html.escape(', '.join(dates))}" if dates else "") + ".</p>"]
-    for title, head, rows in tables:
-        md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
-        body.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-                    + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                    + "</table>")
-    for name, title, caption in figures:
-        md += [f"## {title}", "", f"![{title}]({name})", "", caption, ""]
-        body.append(f"<h2>{html.escape(title)}</h2><figure><img src=\"{name}\" alt=\"{html.escape(title)}\">"
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    taken: set[str] = set()
+    for part in parts:
+        if not isinstance(part, _Drawn):
+            title, head, rows = part
+            md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
+            body.append(f"<h2>{html.escape(title)}</h2><table><tr>"
+                        + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+            continue
+        f, panels = part
+        name = _file_name(f.file, taken)
+        _draw(tmp / name, panels, f.draw, f.size, f.cols and min(f.cols, len(panels)))
+        md += [f"## {f.title}", "", f"![{f.title}]({name})", "", f.caption, ""]
+        body.append(f"<h2>{html.escape(f.title)}</h2><figure><img src=\"{name}\" alt=\"{html.escape(f.title)}\">"
+                    f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
     if missing:
         md += ["## Not in these results", ""] + [f"- {m}" for m in missing] + [""]
         body.append("<h2>Not in these results</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing)
