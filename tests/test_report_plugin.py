@@ -128,3 +128,32 @@ def test_entry_point_defense_is_built_attacked_and_drawn_in_the_report(tmp_path,
     assert "Copy plug-in" not in page and "<h2>Copy (wlcopy): what the summary records</h2>" in page
     assert '<img src="wlcopy_gain.png" alt="Copy: attacker gain on the release vs on the original">' in page
     assert (tmp_path / "rep2" / "wlcopy_gain.png").stat().st_size > 2000
+
+
+def test_a_registered_record_kind_brings_its_own_section(tmp_path):
+    """A new record kind and its section (what a plug-in registers, or names in the entry-point group
+    ``weightlock.report``): its records are drawn by its tables and figures, after the built-in ones."""
+    from weightlock import report as R
+    from weightlock import schema
+
+    def draw(ax, item):
+        ax.plot(item["xs"], item["ys"], "o-")
+
+    kind = schema.register_kind(schema.RecordKind("wl_test_sweep", "a test sweep"))
+    R.register_section("wl_test_sweep", R.Section(
+        (kind.name,), "a test sweep",
+        lambda found: [R.Table("Test sweep: points", ["x", "y"], [[str(x), str(y)] for _, d in found[kind.name]
+                                                                  for x, y in zip(d["xs"], d["ys"])])],
+        (R.Figure("sweep.png", "Test sweep: y vs x", lambda found: [d for _, d in found.get(kind.name, [])], draw,
+                  caption="A registered kind's own figure."),)))
+    try:
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / "s.json").write_text(json.dumps(schema.stamp(kind.name, {"xs": [1, 2], "ys": [3, 5]})))
+        index = R.build_report([tmp_path / "in"], tmp_path / "rep")
+        md = index.with_name("README.md").read_text()
+        assert "## Test sweep: points" in md and "| 2 | 5 |" in md and "![Test sweep: y vs x](sweep.png)" in md
+        assert "no report section" not in md and (tmp_path / "rep" / "sweep.png").stat().st_size > 2000
+        assert R.drawn()[kind.name] == ["sweep.png", "table: a test sweep"]
+    finally:
+        R.SECTIONS.pop("wl_test_sweep", None)
+        schema.RECORD_KINDS.pop(kind.name, None)
