@@ -19,40 +19,49 @@ runner = CliRunner()
 
 
 def test_collect_recognises_every_kind_by_content():
-    skipped = []
-    found = collect([FIX], skipped)
+    found = collect([FIX])
     assert set(found) == {schema.DEMO, schema.ATTACK_CURVES, schema.MEMORY_VS_DEPTH, schema.MEMORY_TIME_FRONTIER,
                           schema.PMP_GAIN_VS_RATIO, schema.MASK_RECOVERY, schema.LOCK_FIDELITY, schema.REAL_LOCK,
                           schema.LOCK_COST, schema.LOCK_REGIME, schema.REAL_ATTACKS, schema.ERROR_BUDGET}
     assert all(len(v) == (2 if k in (schema.REAL_LOCK, schema.REAL_ATTACKS) else 1) for k, v in found.items())
-    assert skipped == []  # unrelated.json is no weightlock record: passed over, not listed
+    # unrelated.json is no weightlock record: passed over
 
 
-def test_a_known_kind_is_read_under_any_file_name_and_an_unknown_kind_is_listed_as_skipped(tmp_path):
+def test_a_known_kind_is_read_under_any_file_name_and_an_unknown_kind_gets_a_generic_section(tmp_path):
     """The report finds records by their kind (the library's registry of record kinds), not by a bench script's
-    file name: a lock-cost record called anything is drawn, a record of a kind no reader knows is listed."""
+    file name: a lock-cost record called anything is drawn; a record of a kind no section draws gets the generic
+    section (a table of its fields; with standard attack rows, the attacker-gain figure) instead of being
+    skipped."""
     shutil.copy(FIX / "bench" / "cost_to_target.json", tmp_path / "whatever-i-called-it.json")
     d = json.loads((FIX / "bench" / "dlr_memory.json").read_text())
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "m.json").write_text(json.dumps(schema.stamp(schema.MEMORY_VS_DEPTH, d)))
-    (tmp_path / "sub" / "new.json").write_text(json.dumps(schema.stamp("bench.something_new", {"x": 1})))
+    rows = [{"defense": d, "attack": "full", "task": "prose", "gain": g, "reference_gain": 0.5}
+            for d, g in (("reference", 0.5), ("mine", 0.1))]
+    (tmp_path / "sub" / "new.json").write_text(json.dumps(schema.stamp("bench.something_new",
+                                                                      {"x": 1.25, "attacks": rows})))
     # an experiment directory's parts (a run's typed record, the resolved spec) are neither drawn nor "skipped"
     (tmp_path / "sub" / "record.json").write_text(json.dumps(schema.stamp(schema.ATTACK_RECORD, {"x": 1})))
     (tmp_path / "sub" / "spec.json").write_text(json.dumps(schema.stamp(schema.EXPERIMENT_SPEC, {"x": 1})))
-    skipped = []
-    found = collect([tmp_path], skipped)
+    found = collect([tmp_path])
     assert {k: [f.name for f, _ in v] for k, v in found.items()} == {
-        schema.LOCK_COST: ["whatever-i-called-it.json"], schema.MEMORY_VS_DEPTH: ["m.json"]}
+        schema.LOCK_COST: ["whatever-i-called-it.json"], schema.MEMORY_VS_DEPTH: ["m.json"],
+        "bench.something_new": ["new.json"]}
     new = tmp_path / "sub" / "new.json"
-    assert skipped == [f"{new}: record kind 'bench.something_new' is not drawn by this report"]
-    md = build_report([tmp_path], tmp_path / "rep").with_name("README.md").read_text()
+    index = build_report([tmp_path], tmp_path / "rep")
+    md, page = index.with_name("README.md").read_text(), index.read_text()
     assert "![Gain vs the attacker's cost, locked vs unlocked](cost_curves.png)" in md
-    assert "## Skipped records" in md and "- " + skipped[0] in md
+    assert f"## {new} (record kind 'bench.something_new', no report section): its fields" in md
+    assert "| x | 1.25 |" in md and "Skipped" not in md
+    assert '<img src="mine_gain.png" alt="mine: attacker gain on the release vs on the original">' in page
+    assert (tmp_path / "rep" / "mine_gain.png").stat().st_size > 2000
 
 
 def test_every_kind_the_report_draws_is_a_registered_record_kind():
-    assert set(R.DRAWN) <= set(schema.RECORD_KINDS)
+    assert set(R.drawn()) <= set(schema.RECORD_KINDS)
     assert {name for name, *_ in FIGURES} == set(R.FIGURE_KINDS)
+    with pytest.raises(WeightlockError, match="unregistered record kinds: nope"):
+        R.register_section("nope", R.Section(("nope",), "a kind no reader registered"))
     assert schema.record_kind({"kind": "bench.real_model_anything", "schema_version": 1}) == schema.REAL_LOCK
     assert schema.record_kind({"kind": "bench.cost_to_target", "schema_version": 1}) == schema.LOCK_COST
     with pytest.raises(WeightlockError, match="already registered"):
@@ -107,7 +116,7 @@ def test_report_leads_with_the_red_team_verdicts_on_faithful_releases(tmp_path):
         assert a["verdict"] in row and f"| {a['seconds_level']['multiplier']:.2f}× |" in row
         assert f"{a['release_fidelity']['ppl_ratio']:.4f} / {a['release_fidelity']['readback_ppl_ratio']:.4f}" in row
     assert md.index("the red team on faithful releases") < md.index("the red team, lock vs unlocked original")
-    panels = R._real_frontier_panels(collect([FIX / "bench"], []))
+    panels = R._real_frontier_panels(collect([FIX / "bench"]))
     assert [(t, r) for t, r, _ in panels] == [(a["task"], a["release"]) for a in ra["analysis"]]
     assert all(len(p) == len(a["per_step"]) for (_, _, p), a in zip(panels, ra["analysis"]))
     assert "](real_attacks_frontier.png)" in md
@@ -195,8 +204,10 @@ def test_figures_draw_each_series_once_and_no_invented_lines():
 
     errs = [0.1, 0.2, 0.3]
     found = {schema.LOCK_FIDELITY: [(None, {"ranks": [{"rank": 8, "layer_rel_error": errs}]})],
-             schema.DEMO: [(None, {"layer_rel_error": list(errs)})]}
-    assert R._layer_errors(found) == [("bench rank 8", errs)]
+             schema.DEMO: [(None, {"layer_rel_error": list(errs), "capability": {"dlr": {}}})]}
+    (demo,) = R._defense_parts(found)  # DLR-Lock's panels: the demo's per-layer errors
+    assert demo == R.Panels("layer_error.png", [("demo", errs)])
+    assert R._unique_layer_errors(R._layer_errors(found) + demo.items) == [("bench rank 8", errs)]
     fig, ax = plt.subplots()
     rows = [{"ratio": 0.3, "task": "prose", "method": "full", "gain": 0.5},
             {"ratio": 1.0, "task": "prose", "method": "full", "gain": 0.6}]

@@ -24,15 +24,19 @@ def test_report_dispatches_on_recorded_kind_not_on_fields(tmp_path):
     _write(tmp_path / "a" / "summary.json", schema.stamp(schema.DEMO, {k: v for k, v in demo.items()
                                                                         if k != "weightlock_demo"}))
     _write(tmp_path / "b" / "dlr_memory.json", schema.stamp(schema.bench_kind("dlr_memory"), memory))
-    # fields of a demo summary, but recorded as a kind the report does not draw
+    # fields of a demo summary, but recorded as a kind no report section draws: the generic section, not the demo's
     _write(tmp_path / "c" / "summary.json", schema.stamp(schema.ATTACK_SUITE, demo))
     # an old file without a kind is still recognised by its fields
     shutil.copy(FIX / "bench" / "frontier.json", tmp_path / "frontier.json")
     found = collect([tmp_path])
     assert {k: [f.parent.name for f, _ in v] for k, v in found.items()} == {
-        schema.DEMO: ["a"], schema.MEMORY_VS_DEPTH: ["b"], schema.MEMORY_TIME_FRONTIER: [tmp_path.name]}
+        schema.DEMO: ["a"], schema.MEMORY_VS_DEPTH: ["b"], schema.MEMORY_TIME_FRONTIER: [tmp_path.name],
+        schema.ATTACK_SUITE: ["c"]}
     index = build_report([tmp_path], tmp_path / "rep")
     assert (index.parent / "curves.png").exists() and (index.parent / "memory_vs_depth.png").exists()
+    md = index.with_name("README.md").read_text()
+    assert md.count("Capability (") == 1  # the demo's tables once: the attack suite's record is drawn generically
+    assert f"## {tmp_path / 'c' / 'summary.json'} (record kind 'attack_suite', no report section): its fields" in md
 
 
 def test_newer_schema_is_refused_with_one_clear_line(tmp_path):

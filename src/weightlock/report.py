@@ -4,34 +4,45 @@ Any mix of inputs works: a demo directory (``summary.json``), ``bench/results``,
 (``result.json``), locked releases (``lock_report.json``), any folder of records. Each JSON file is read by
 its record kind, whatever it is called: its recorded ``kind`` resolved through the library's registry of
 record kinds (:data:`weightlock.schema.RECORD_KINDS`; the kinds records carried before are aliases), or, for a
-file written before results carried a kind, its fields. :data:`DRAWN` says what the report draws from each
-kind (:data:`FIGURE_KINDS`, :data:`TABLES`); a record of another kind is listed as skipped, figures whose data
-is absent are listed as missing. The HTML needs no network: images are local PNGs next to it.
+file written before results carried a kind, its fields.
+
+What the report draws comes through registries, nothing is hard-coded to a kind or a defense: record kinds
+bring their tables and figures as :class:`Section` s (:data:`SECTIONS`, entry-point group
+``weightlock.report``; :data:`BUILTIN_SECTIONS` are the built-in ones), and each defense of a demo's summary
+brings its own (:meth:`weightlock.defenses.DefenseHooks.report`: :class:`Table` s, :class:`Figure` s and
+:class:`Panels` added to a registered figure). A defense that brings nothing, and a record of a kind no
+section reads, get the generic section (a table of what is recorded and, from standard attack rows, the
+attacker-gain figure); registered figures whose data is absent are listed as missing. The HTML needs no
+network: images are local PNGs next to it.
 """
 from __future__ import annotations
 
 import html
 import json
 import math
+import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from . import schema
 from .errors import WeightlockError
 from .eval.fidelity import PPL_RATIO_BAR, TOP1_BAR, meets_bars
 from .io import move_dir_contents, read_json, write_text
+from .registry import Registry
 from .tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
 
 MAX_JSON_BYTES = 50 * 2**20
 SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
 
 
-def collect(paths: list[str | Path], skipped: list[str] | None = None) -> dict[str, list[tuple[Path, dict]]]:
-    """Every record under ``paths`` (files or directories) of a kind this report draws, grouped by its record
-    kind (:func:`weightlock.schema.record_kind`: the recorded ``kind``, whatever the file is called, or the
-    fields of a file from before results carried one). A record of a kind the report does not draw adds one
-    line to ``skipped``; JSON that is no weightlock record is passed over."""
+def collect(paths: list[str | Path]) -> dict[str, list[tuple[Path, dict]]]:
+    """Every weightlock record under ``paths`` (files or directories), grouped by its record kind
+    (:func:`weightlock.schema.record_kind`: the recorded ``kind``, whatever the file is called, or the fields of
+    a file from before results carried one); a record of a kind no reader registered is grouped under its
+    recorded ``kind`` (the report draws it generically). The parts of an experiment directory its summary
+    carries (:data:`PARTS`) and JSON that is no weightlock record are passed over."""
     found: dict[str, list[tuple[Path, dict]]] = {}
     files: list[Path] = []
     for p in map(Path, paths):
@@ -49,13 +60,9 @@ def collect(paths: list[str | Path], skipped: list[str] | None = None) -> dict[s
             data = read_json(f)
         except (WeightlockError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        kind = schema.record_kind(data, f)
-        if kind in DRAWN:
+        kind = schema.record_kind(data, f) or schema.kind_of(data, f)
+        if kind and kind not in PARTS:
             found.setdefault(kind, []).append((f, data))
-        elif (kind or schema.kind_of(data, f)) in PARTS:  # drawn through the summary they belong to
-            continue
-        elif skipped is not None and (kind or schema.kind_of(data, f)):
-            skipped.append(f"{f}: record kind {kind or schema.kind_of(data, f)!r} is not drawn by this report")
     return found
 
 
@@ -90,18 +97,13 @@ def _mean_curve(curves: list[list]) -> list[list]:
 
 
 def _memory(found) -> list[tuple[str, dict]]:
-    out = [(f"bench (d={d['depth_linearity']['d']}, r={d['depth_linearity']['rank']})", d["depth_linearity"])
-           for _, d in found.get(schema.MEMORY_VS_DEPTH, [])]
-    out += [(f"demo (d={d['memory_vs_depth']['d']}, r={d['memory_vs_depth']['rank']})", d["memory_vs_depth"])
-            for _, d in found.get(schema.DEMO, []) if d.get("memory_vs_depth")]
-    return out
+    return [(f"bench (d={d['depth_linearity']['d']}, r={d['depth_linearity']['rank']})", d["depth_linearity"])
+            for _, d in found.get(schema.MEMORY_VS_DEPTH, [])]
 
 
 def _frontier(found) -> list[tuple[str, list[dict]]]:
-    out = [("bench", [r for r in d["rows"] if "skipped" not in r])
-           for _, d in found.get(schema.MEMORY_TIME_FRONTIER, [])]
-    out += [("demo", d["frontier"]) for _, d in found.get(schema.DEMO, []) if d.get("frontier")]
-    return out
+    return [("bench", [r for r in d["rows"] if "skipped" not in r])
+            for _, d in found.get(schema.MEMORY_TIME_FRONTIER, [])]
 
 
 def _gain_vs_ratio(found) -> list[tuple[str, list[dict]]]:
@@ -111,16 +113,12 @@ def _gain_vs_ratio(found) -> list[tuple[str, list[dict]]]:
         for task, gains in d["dense_gains"].items():
             rows += [{"ratio": 1.0, "task": task, "method": m, "gain": g} for m, g in gains.items()]
         out.append(("bench", rows))
-    out += [("demo", d["pmp_gain_vs_ratio"]) for _, d in found.get(schema.DEMO, []) if d.get("pmp_gain_vs_ratio")]
     return out
 
 
 def _recovery(found) -> list[tuple[str, dict]]:
-    out = [(f"{name} (bench, ρ={v['recovery']['mask_ratio']})", v["recovery"])
-           for _, d in found.get(schema.MASK_RECOVERY, []) for name, v in d["variants"].items()]
-    out += [(f"hardened (demo, ρ={d['mask_recovery']['mask_ratio']})", d["mask_recovery"])
-            for _, d in found.get(schema.DEMO, []) if d.get("mask_recovery")]
-    return out
+    return [(f"{name} (bench, ρ={v['recovery']['mask_ratio']})", v["recovery"])
+            for _, d in found.get(schema.MASK_RECOVERY, []) for name, v in d["variants"].items()]
 
 
 def _layer_errors(found) -> list[tuple[str, list[float]]]:
@@ -128,9 +126,14 @@ def _layer_errors(found) -> list[tuple[str, list[float]]]:
            for _, d in found.get(schema.LOCK_FIDELITY, []) for r in d["ranks"]]
     out += [(f"{f.parent.name} (rank {d['layers'][0]['spec']['rank']})", [l["rel_error"] for l in d["layers"]])
             for f, d in found.get(schema.LOCK_REPORT, [])]
-    out += [("demo", d["layer_rel_error"]) for _, d in found.get(schema.DEMO, []) if d.get("layer_rel_error")]
-    seen, unique = set(), []  # one release found twice (its report and a bench copy) is drawn once
-    for name, errs in out:
+    return out
+
+
+def _unique_layer_errors(items: list[tuple[str, list[float]]]) -> list[tuple[str, list[float]]]:
+    """The per-layer errors, each release once: one found twice (its report, a bench copy, a demo's summary)
+    is drawn under the name it was first found by."""
+    seen, unique = set(), []
+    for name, errs in items:
         key = tuple(round(e, 12) if e == e else None for e in errs)
         if key not in seen:
             seen.add(key)
@@ -328,81 +331,13 @@ def _draw_budget(ax, d) -> None:
     ax.set_title("what the fidelity bars ask of each DLR-Net (SmolLM2-135M)", fontsize=9)
 
 
-def _gain_panels(found) -> list:
-    return [(name, task, rows) for name, rows in _gain_vs_ratio(found)
-            for task in dict.fromkeys(r["task"] for r in rows)]
+def _gain_panels(items: list) -> list:
+    """One panel per (source, task) of the gains per mask ratio."""
+    return [(name, task, rows) for name, rows in items for task in dict.fromkeys(r["task"] for r in rows)]
 
 
 def _one_panel(items: list) -> list:
     return [items] if items else []
-
-
-# (file, title, panels from the results, drawing, panel size, columns, caption)
-FIGURES: list[tuple[str, str, Callable, Callable, tuple[float, float], int | None, str]] = [
-    ("real_attacks.png", "Attacks on a real LLM (SmolLM2-135M): score vs the attacker's cost", _real_attack_panels,
-     _draw_real_attack, (6, 4), 2,
-     "The red team on the real model: the held-out task score (negative loss, symmetric-log scale) of every attack "
-     "on the DLR-locked SmolLM2-135M (solid) and on the unlocked original (dashed) against the attacker's "
-     "cumulative training seconds. The dotted line is the level target: the original release's score plus 90% "
-     "of the best gain any attack reaches on the original."),
-    ("real_attacks_frontier.png", "Attacks on faithful SmolLM2-135M releases: memory vs time",
-     _real_frontier_panels, _draw_real_frontier, (6, 4), 2,
-     "The memory–time frontier of every attack on a faithful release (squares) and on the unlocked original "
-     "(circles): the counted training memory (parameters + gradients + optimizer state + saved activations) "
-     "against the median step time; per-net gradient checkpointing trades one for the other."),
-    ("cost_curves.png", "Gain vs the attacker's cost, locked vs unlocked", _cost_panels, _draw_cost, (5, 3.8), 3,
-     "Attacks run to convergence (patience on the held-out task score): the gain over the released model against "
-     "the attacker's cumulative training seconds, on the lock (solid) and on the unlocked original (dashed), every "
-     "attack and learning rate. The dotted line is the target, 90% of the best gain any attack reaches on the "
-     "original; the lock cost multiplier is the cheapest lock attack's time to it over the cheapest original's."),
-    ("error_budget.png", "Per-layer error budget of a real LLM", _budget_panels, _draw_budget, (6, 4), None,
-     "Every MLP of SmolLM2-135M replaced by MLP + α·(DLR − MLP) with the lock's own DLR-Nets (layer error α²·e): "
-     "top-1 next-token agreement and perplexity ratio on held-out prose against the median per-layer relative "
-     "error; dotted lines are the bars (top-1 ≥ 0.95, ppl ratio ≤ 1.05)."),
-    ("curves.png", "Fine-tuning curves, locked vs unlocked", lambda f: _curves(f)[:16], _draw_curve, (4, 3), 4,
-     "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match accuracy, "
-     "or for a -loglik task the negative loss of the expected answer) "
-     "measured every few steps while each attack fine-tunes the locked model (solid) and the same attack, same "
-     "budget, fine-tunes the unlocked original (dashed). A lock holds where the solid curve stays flat while the "
-     "dashed one rises."),
-    ("memory_vs_depth.png", "Memory vs DLR depth", _memory, _draw_memory, (5, 3.6), None,
-     "Fine-tuning memory vs DLR depth: bytes autograd saves for one training forward of a DLR-Net (saved-tensor "
-     "hooks, deduplicated by storage), a least-squares line through them and the analytic model "
-     "(d + 2r)·4 bytes per token per block. Memory grows linearly with depth."),
-    ("frontier.png", "Memory–time frontier", _frontier, _draw_frontier, (6, 4), None,
-     "Memory–time frontier: for the original and the DLR-locked model, the activation memory of one training "
-     "step (saved-tensor hooks) and its median wall time under each memory-saving strategy the bench measured "
-     "(the label at each point: e.g. none, gradient checkpointing per layer / per DLR-Net / per group of blocks). "
-     "What it costs an attacker to fit the locked model into a memory budget."),
-    ("gain_vs_ratio.png", "Gain vs PMP mask ratio", _gain_panels, _draw_gain, (5, 3.8), None,
-     "Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match accuracy "
-     "gained, or for a -loglik task the drop in the answer's loss) of unauthorized full fine-tuning, LoRA and mask "
-     "recovery + masked fine-tuning, and of the owner's "
-     "authorized masked fine-tuning, at the best of the learning rates tried. ρ = 1 is the dense model."),
-    ("mask_recovery.png", "Mask-recovery IoU vs chance", _recovery, _draw_recovery, (5.5, 3.8), None,
-     "PMP mask recovery: IoU between the mask each attack guesses from the released dense weights (|w| "
-     "threshold, regenerated initialisation, row/column statistics, spectral outliers, early-bird re-discovery "
-     "on public data; global and per-tensor top-ρ) and the true private mask, against the IoU of a random guess "
-     "of the same density."),
-    ("layer_error.png", "Per-layer distillation error", lambda f: _one_panel(_layer_errors(f)), _draw_layer_errors,
-     (6, 3.8), None,
-     "Per-layer distillation error: ‖DLR(x) − MLP(x)‖² / ‖MLP(x)‖² of each layer's DLR-Net on held-out "
-     "calibration activations (captured from the original model), after module-wise distillation."),
-]
-
-# the record kinds each figure is drawn from (weightlock.schema.RECORD_KINDS)
-FIGURE_KINDS: dict[str, tuple[str, ...]] = {
-    "cost_curves.png": (schema.LOCK_COST,),
-    "real_attacks.png": (schema.REAL_ATTACKS,),
-    "real_attacks_frontier.png": (schema.REAL_ATTACKS,),
-    "error_budget.png": (schema.ERROR_BUDGET,),
-    "curves.png": (schema.DEMO, schema.ATTACK_CURVES, schema.ATTACK_RUN),
-    "memory_vs_depth.png": (schema.MEMORY_VS_DEPTH, schema.DEMO),
-    "frontier.png": (schema.MEMORY_TIME_FRONTIER, schema.DEMO),
-    "gain_vs_ratio.png": (schema.PMP_GAIN_VS_RATIO, schema.DEMO),
-    "mask_recovery.png": (schema.MASK_RECOVERY, schema.DEMO),
-    "layer_error.png": (schema.LOCK_FIDELITY, schema.LOCK_REPORT, schema.DEMO),
-}
 
 
 # ---- documents ---------------------------------------------------------------------------------
@@ -573,45 +508,298 @@ def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
-# the tables, in the report's order, each with the record kinds it reads
-TABLES: list[tuple[Callable, tuple[str, ...], str]] = [
-    (_red_team_tables, (schema.REAL_ATTACKS,), "real-LLM red team on faithful releases"),
-    (_real_model_tables, (schema.REAL_LOCK,), "real-LLM fidelity, lock time and speed"),
-    (_real_attack_tables, (schema.REAL_ATTACKS, schema.ERROR_BUDGET), "real-LLM red team and error budget"),
-    (_cost_tables, (schema.LOCK_COST, schema.LOCK_REGIME), "lock cost multiplier and rank regime"),
-    (_demo_tables, (schema.DEMO,), "demo capability, attacks and verdicts"),
-]
+# ---- the report's parts and the registry of sections ----------------------------------------------------
+
+class Table(NamedTuple):
+    """A table of the report: its title, column heads and rows of strings."""
+
+    title: str
+    head: list[str]
+    rows: list[list[str]]
 
 
-def _drawn() -> dict[str, list[str]]:
-    """Record kind → what the report draws from it (figure files and tables); every kind is a registered one."""
-    out: dict[str, list[str]] = {}
-    for name, kinds in FIGURE_KINDS.items():
-        for k in kinds:
-            out.setdefault(k, []).append(name)
-    for _, kinds, what in TABLES:
-        for k in kinds:
-            out.setdefault(k, []).append(f"table: {what}")
-    unknown = sorted(set(out) - set(schema.RECORD_KINDS))
+class Figure(NamedTuple):
+    """A figure of the report, one PNG: one subplot per panel, ``draw(ax, panel)`` drawing each.
+
+    ``panels``: in a registered :class:`Section`, a function of the records found (record kind → [(path,
+    record)]) returning its items; in what a defense's :meth:`~weightlock.defenses.DefenseHooks.report` returns,
+    the items themselves. ``arrange(items) -> panels`` turns the items (the records', then those defenses add
+    with :class:`Panels`) into the panels (default: one panel per item). ``file`` is the PNG's name (a name
+    already taken gets a suffix); ``size`` one panel's inches; ``cols`` the panels per row (default: all)."""
+
+    file: str
+    title: str
+    panels: Callable[[dict], list] | list
+    draw: Callable[[Any, Any], None]
+    size: tuple[float, float] = (5, 3.8)
+    cols: int | None = None
+    caption: str = ""
+    arrange: Callable[[list], list] | None = None
+
+
+class Panels(NamedTuple):
+    """Items a defense adds to a registered figure (its ``file``), drawn after the records' own."""
+
+    figure: str
+    items: list
+
+
+@dataclass(frozen=True)
+class Section:
+    """What the report draws from the records of some kinds (:data:`weightlock.schema.RECORD_KINDS`): its
+    ``tables(found) -> [Table]`` and its :class:`Figure` s, whose ``panels(found)`` read the records. ``found``
+    maps a record kind to its [(path, record)] (:func:`collect`)."""
+
+    kinds: tuple[str, ...]
+    what: str
+    tables: Callable[[dict], list[Table]] | None = None
+    figures: tuple[Figure, ...] = ()
+
+
+SECTIONS: Registry[Section] = Registry("report section", Section, group="weightlock.report", instances=True)
+"""The report's sections, in the report's order (tables first, then figures, each in this order); plug-ins
+register theirs with :func:`register_section` or through the entry-point group ``weightlock.report`` (a
+:class:`Section`, or a module that registers on import)."""
+
+
+def register_section(name: str, section: Section) -> Section:
+    """Add ``section`` to the report under ``name`` (a taken name is an error); every kind it reads must be a
+    registered record kind (:func:`weightlock.schema.register_kind`)."""
+    unknown = sorted(set(section.kinds) - set(schema.RECORD_KINDS))
     if unknown:
-        raise WeightlockError(f"the report reads unregistered record kinds: {', '.join(unknown)}")
+        raise WeightlockError(f"report section {name!r} reads unregistered record kinds: {', '.join(unknown)}")
+    return SECTIONS.register(name, section)
+
+
+# the built-in sections, in the report's order
+BUILTIN_SECTIONS: tuple[tuple[str, Section], ...] = (
+    ("real_attacks", Section((schema.REAL_ATTACKS,), "real-LLM red team on faithful releases", _red_team_tables, (
+        Figure("real_attacks.png", "Attacks on a real LLM (SmolLM2-135M): score vs the attacker's cost",
+               _real_attack_panels, _draw_real_attack, (6, 4), 2,
+               "The red team on the real model: the held-out task score (negative loss, symmetric-log scale) of "
+               "every attack on the DLR-locked SmolLM2-135M (solid) and on the unlocked original (dashed) against "
+               "the attacker's cumulative training seconds. The dotted line is the level target: the original "
+               "release's score plus 90% of the best gain any attack reaches on the original."),
+        Figure("real_attacks_frontier.png", "Attacks on faithful SmolLM2-135M releases: memory vs time",
+               _real_frontier_panels, _draw_real_frontier, (6, 4), 2,
+               "The memory–time frontier of every attack on a faithful release (squares) and on the unlocked "
+               "original (circles): the counted training memory (parameters + gradients + optimizer state + saved "
+               "activations) against the median step time; per-net gradient checkpointing trades one for the "
+               "other.")))),
+    ("real_lock", Section((schema.REAL_LOCK,), "real-LLM fidelity, lock time and speed", _real_model_tables)),
+    ("real_attacks_history", Section((schema.REAL_ATTACKS, schema.ERROR_BUDGET),
+                                     "real-LLM red team and error budget", _real_attack_tables)),
+    ("lock_cost", Section((schema.LOCK_COST, schema.LOCK_REGIME), "lock cost multiplier and rank regime",
+                          _cost_tables, (
+        Figure("cost_curves.png", "Gain vs the attacker's cost, locked vs unlocked", _cost_panels, _draw_cost,
+               (5, 3.8), 3,
+               "Attacks run to convergence (patience on the held-out task score): the gain over the released model "
+               "against the attacker's cumulative training seconds, on the lock (solid) and on the unlocked "
+               "original (dashed), every attack and learning rate. The dotted line is the target, 90% of the best "
+               "gain any attack reaches on the original; the lock cost multiplier is the cheapest lock attack's "
+               "time to it over the cheapest original's."),))),
+    ("error_budget", Section((schema.ERROR_BUDGET,), "real-LLM error budget", None, (
+        Figure("error_budget.png", "Per-layer error budget of a real LLM", _budget_panels, _draw_budget, (6, 4), None,
+               "Every MLP of SmolLM2-135M replaced by MLP + α·(DLR − MLP) with the lock's own DLR-Nets (layer "
+               "error α²·e): top-1 next-token agreement and perplexity ratio on held-out prose against the median "
+               "per-layer relative error; dotted lines are the bars (top-1 ≥ 0.95, ppl ratio ≤ 1.05)."),))),
+    # a demo's (weightlock run's) summary: its defenses bring their own parts (DefenseHooks.report)
+    ("demo", Section((schema.DEMO,), "demo capability, attacks and verdicts", _demo_tables)),
+    ("curves", Section((schema.DEMO, schema.ATTACK_CURVES, schema.ATTACK_RUN), "fine-tuning curves", None, (
+        Figure("curves.png", "Fine-tuning curves, locked vs unlocked", lambda f: _curves(f)[:16], _draw_curve,
+               (4, 3), 4,
+               "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match "
+               "accuracy, or for a -loglik task the negative loss of the expected answer) measured every few steps "
+               "while each attack fine-tunes the locked model (solid) and the same attack, same budget, fine-tunes "
+               "the unlocked original (dashed). A lock holds where the solid curve stays flat while the dashed one "
+               "rises."),))),
+    ("memory_vs_depth", Section((schema.MEMORY_VS_DEPTH,), "memory vs DLR depth", None, (
+        Figure("memory_vs_depth.png", "Memory vs DLR depth", _memory, _draw_memory, (5, 3.6), None,
+               "Fine-tuning memory vs DLR depth: bytes autograd saves for one training forward of a DLR-Net "
+               "(saved-tensor hooks, deduplicated by storage), a least-squares line through them and the analytic "
+               "model (d + 2r)·4 bytes per token per block. Memory grows linearly with depth."),))),
+    ("frontier", Section((schema.MEMORY_TIME_FRONTIER,), "memory–time frontier", None, (
+        Figure("frontier.png", "Memory–time frontier", _frontier, _draw_frontier, (6, 4), None,
+               "Memory–time frontier: for the original and the DLR-locked model, the activation memory of one "
+               "training step (saved-tensor hooks) and its median wall time under each memory-saving strategy the "
+               "bench measured (the label at each point: e.g. none, gradient checkpointing per layer / per DLR-Net "
+               "/ per group of blocks). What it costs an attacker to fit the locked model into a memory budget."),))),
+    ("gain_vs_ratio", Section((schema.PMP_GAIN_VS_RATIO,), "gain vs PMP mask ratio", None, (
+        Figure("gain_vs_ratio.png", "Gain vs PMP mask ratio", _gain_vs_ratio, _draw_gain, (5, 3.8), None,
+               "Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match "
+               "accuracy gained, or for a -loglik task the drop in the answer's loss) of unauthorized full "
+               "fine-tuning, LoRA and mask recovery + masked fine-tuning, and of the owner's authorized masked "
+               "fine-tuning, at the best of the learning rates tried. ρ = 1 is the dense model.", _gain_panels),))),
+    ("mask_recovery", Section((schema.MASK_RECOVERY,), "mask-recovery IoU vs chance", None, (
+        Figure("mask_recovery.png", "Mask-recovery IoU vs chance", _recovery, _draw_recovery, (5.5, 3.8), None,
+               "PMP mask recovery: IoU between the mask each attack guesses from the released dense weights (|w| "
+               "threshold, regenerated initialisation, row/column statistics, spectral outliers, early-bird "
+               "re-discovery on public data; global and per-tensor top-ρ) and the true private mask, against the "
+               "IoU of a random guess of the same density."),))),
+    ("layer_error", Section((schema.LOCK_FIDELITY, schema.LOCK_REPORT), "per-layer distillation error", None, (
+        Figure("layer_error.png", "Per-layer distillation error", _layer_errors, _draw_layer_errors, (6, 3.8), None,
+               "Per-layer distillation error: ‖DLR(x) − MLP(x)‖² / ‖MLP(x)‖² of each layer's DLR-Net on held-out "
+               "calibration activations (captured from the original model), after module-wise distillation.",
+               lambda items: _one_panel(_unique_layer_errors(items))),))),
+)
+for _name, _section in BUILTIN_SECTIONS:
+    register_section(_name, _section)
+
+# the built-in figures, in the report's order, and the record kinds each is drawn from
+FIGURES: list[Figure] = [f for _, s in BUILTIN_SECTIONS for f in s.figures]
+FIGURE_KINDS: dict[str, tuple[str, ...]] = {f.file: s.kinds for _, s in BUILTIN_SECTIONS for f in s.figures}
+
+
+def drawn() -> dict[str, list[str]]:
+    """Record kind → what the report's sections draw from it (figure files and tables), plug-ins' included."""
+    out: dict[str, list[str]] = {}
+    for section in SECTIONS.values():
+        for k in section.kinds:
+            out.setdefault(k, []).extend([f.file for f in section.figures]
+                                         + ([f"table: {section.what}"] if section.tables else []))
     return out
 
 
-DRAWN = _drawn()
-# the parts of an experiment directory that its summary already carries: one typed record per attack run and the
-# resolved spec (weightlock run) — neither drawn on its own nor "skipped"
-PARTS = frozenset({schema.ATTACK_RECORD, schema.EXPERIMENT_SPEC})
+# the parts of an experiment directory that its summary already carries: one typed record per attack run, the
+# resolved spec (weightlock run) and each defense's build record — neither drawn on their own nor generic
+PARTS = frozenset({schema.ATTACK_RECORD, schema.EXPERIMENT_SPEC, schema.DEFENSE_BUILD})
+
+
+# ---- what defenses bring, and the generic sections ---------------------------------------------------
+
+def _defense_parts(found) -> list:
+    """What each demo summary's defenses bring (:meth:`DefenseHooks.report <weightlock.defenses.DefenseHooks.report>`:
+    tables, figures, panels for the registered figures), in file and run order; a defense that brings nothing
+    (or is not installed here) gets the generic section: a table of what the summary records about it and its
+    attacker-gain figure."""
+    from .demo import _registered
+
+    parts: list = []
+    for _, d in found.get(schema.DEMO, []):
+        hooks = {x.name: x.hooks() for x in _registered(d)}
+        for rec in defenses_of(d):
+            brought = list(hooks[rec["name"]].report(d)) if rec["name"] in hooks else []
+            parts += brought or _generic_defense(d, rec)
+    return parts
+
+
+def _generic_defense(summary: dict, rec: dict) -> list:
+    name, title = rec["name"], rec.get("title") or rec["name"]
+    cap = summary.get("capability", {}).get(name, {})
+    rows = [["description", rec.get("description") or ""], ["config", _short(rec.get("config", {}))]]
+    rows += [[f"capability: {k} perplexity", fmt(v, ".2f")] for k, v in cap.items()]
+    rows += [["verdict", summary.get("verdicts", {}).get(title, "n/a")]]
+    return [Table(f"{title} ({name}): what the summary records", ["field", "value"], rows),
+            *_gain_figure(summary.get("attacks"), name, title)]
+
+
+def _gain_figure(attacks, defense: str, title: str) -> list[Figure]:
+    """The generic attacker-gain figure of ``defense`` from standard attack rows (defense, attack, task, gain,
+    reference_gain): per task, each attack's gain on the release beside the same attack's on the original."""
+    keys = ("defense", "attack", "task", "gain", "reference_gain")
+    rows = [r for r in attacks or [] if isinstance(r, dict) and all(k in r for k in keys) and r["defense"] == defense]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if not tasks:
+        return []
+    panels = [(task, [r for r in rows if r["task"] == task]) for task in tasks]
+    return [Figure(f"{defense}_gain.png", f"{title}: attacker gain on the release vs on the original", panels,
+                   _draw_defense_gain, (5, 3.6), 3,
+                   f"Each attack's gain on the {title} release (what fine-tuning it buys the attacker) beside the "
+                   "same attack's gain on the unlocked original, per task: a defense holds where the first bar stays "
+                   "well below the second.")]
+
+
+def _draw_defense_gain(ax, item) -> None:
+    task, rows = item
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["gain"] for r in rows], 0.4, label="on the release")
+    ax.bar([x + 0.2 for x in xs], [r["reference_gain"] for r in rows], 0.4, label="on the original")
+    ax.set_xticks(list(xs), [r["attack"] for r in rows], fontsize=7)
+    ax.set_ylabel("attacker gain")
+    ax.set_title(task, fontsize=9)
+
+
+def _short(v, width: int = 160) -> str:
+    text = v if isinstance(v, str) else fmt(v, ".4g") if isinstance(v, float) else json.dumps(v, default=str)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _generic_records(found) -> list:
+    """A record of a kind no section draws: a table of its fields, and where it holds standard attack rows
+    (``attacks``), the attacker-gain figure of each defense in them."""
+    parts: list = []
+    for kind in sorted(set(found) - set(drawn())):
+        for f, d in found[kind]:
+            rows = [[k, _short(v)] for k, v in d.items() if k not in ("kind", "schema_version", "machine")]
+            parts.append(Table(f"{f} (record kind {kind!r}, no report section): its fields", ["field", "value"],
+                               rows))
+            attacks = d.get("attacks") if isinstance(d.get("attacks"), list) else []
+            for defense in dict.fromkeys(r.get("defense") for r in attacks if isinstance(r, dict)):
+                if isinstance(defense, str) and defense != "reference":
+                    parts += _gain_figure(attacks, defense, defense)
+    return parts
+
 
 _IMG_CHECK = ("window.addEventListener('load',function(){var i=Array.prototype.slice.call(document.images);"
               "document.body.setAttribute('data-images-total',i.length);document.body.setAttribute("
               "'data-images-loaded',i.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);});")
 
 
+def _parts(found) -> tuple[list, list[str]]:
+    """The report's parts in order (:class:`Table` s, and each figure with its panels) and the
+    titles of the registered figures these results have no data for: every section's tables, then the tables
+    the demo summaries' defenses bring; every section's figures (with the panels defenses add), then the
+    defenses' own; last, the generic sections of the records of kinds no section reads."""
+    sections = list(SECTIONS.values())
+    brought = _defense_parts(found)
+    added: dict[str, list] = {}
+    for p in brought:
+        if isinstance(p, Panels):
+            added.setdefault(p.figure, []).extend(p.items)
+    parts: list = [Table(*t) for s in sections if s.tables for t in s.tables(found)]
+    parts += [Table(*p) for p in brought if not isinstance(p, (Figure, Panels))]
+    missing = []
+    for f in (f for s in sections for f in s.figures):
+        panels = _panels(f, list(f.panels(found)) + added.pop(f.file, []))
+        if panels:
+            parts.append(_Drawn(f, panels))
+        else:
+            missing.append(f.title)
+    if added:
+        raise WeightlockError(f"panels added to figures no report section draws: {', '.join(added)}")
+    for p in [p for p in brought if isinstance(p, Figure)] + _generic_records(found):
+        if not isinstance(p, Figure):
+            parts.append(Table(*p))
+            continue
+        panels = _panels(p, list(p.panels(found) if callable(p.panels) else p.panels))
+        if panels:
+            parts.append(_Drawn(p, panels))
+    return parts, missing
+
+
+class _Drawn(NamedTuple):
+    figure: Figure
+    panels: list
+
+
+def _panels(f: Figure, items: list) -> list:
+    return f.arrange(items) if f.arrange else items
+
+
+def _file_name(name: str, taken: set[str]) -> str:
+    """``name`` as a safe PNG file name, made unique among ``taken`` (a suffix -2, -3...)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name.removesuffix(".png")) or "figure"
+    out, i = f"{stem}.png", 1
+    while out in taken:
+        i += 1
+        out = f"{stem}-{i}.png"
+    taken.add(out)
+    return out
+
+
 def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
     """Write ``out/index.html``, ``out/README.md`` and the PNG figures; returns the index path."""
-    skipped: list[str] = []
-    found = collect(paths, skipped)
+    found = collect(paths)
     if not found:
         raise WeightlockError(f"no weightlock results (JSON) found under {', '.join(map(str, paths))}")
     out = Path(out)
@@ -620,15 +808,7 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    figures, missing = [], []
-    for name, title, panels_of, draw, size, cols, caption in FIGURES:
-        panels = panels_of(found)
-        if panels:
-            _draw(tmp / name, panels, draw, size, cols and min(cols, len(panels)))
-            figures.append((name, title, caption))
-        else:
-            missing.append(title)
-    tables = [t for build, _, _ in TABLES for t in build(found)]
+    parts, missing = _parts(found)
     sources = [str(f) for items in found.values() for f, _ in items]
     dates = sorted({d.get("machine", {}).get("date") for items in found.values() for _, d in items} - {None})
 
@@ -637,28 +817,29 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
           ""]
     body = [f"<h1>weightlock report</h1><p>Built from {len(sources)} recorded result file(s)"
             + (f" dated {html.escape(', '.join(dates))}" if dates else "") + ".</p>"]
-    for title, head, rows in tables:
-        md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
-        body.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
-                    + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                    + "</table>")
-    for name, title, caption in figures:
-        md += [f"## {title}", "", f"![{title}]({name})", "", caption, ""]
-        body.append(f"<h2>{html.escape(title)}</h2><figure><img src=\"{name}\" alt=\"{html.escape(title)}\">"
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    taken: set[str] = set()
+    for part in parts:
+        if not isinstance(part, _Drawn):
+            title, head, rows = part
+            md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows] + [""]
+            body.append(f"<h2>{html.escape(title)}</h2><table><tr>"
+                        + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+            continue
+        f, panels = part
+        name = _file_name(f.file, taken)
+        _draw(tmp / name, panels, f.draw, f.size, f.cols and min(f.cols, len(panels)))
+        md += [f"## {f.title}", "", f"![{f.title}]({name})", "", f.caption, ""]
+        body.append(f"<h2>{html.escape(f.title)}</h2><figure><img src=\"{name}\" alt=\"{html.escape(f.title)}\">"
+                    f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
     if missing:
         md += ["## Not in these results", ""] + [f"- {m}" for m in missing] + [""]
         body.append("<h2>Not in these results</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing)
                     + "</ul>")
     md += ["## Sources", ""] + [f"- `{s}`" for s in sources]
     body.append("<h2>Sources</h2><ul>" + "".join(f"<li><code>{html.escape(s)}</code></li>" for s in sources) + "</ul>")
-    if skipped:
-        note = f"Records found but not drawn: this report draws the record kinds {', '.join(sorted(DRAWN))}."
-        md += ["", "## Skipped records", "", note, ""] + [f"- {line}" for line in skipped]
-        body.append(f"<h2>Skipped records</h2><p>{html.escape(note)}</p><ul>"
-                    + "".join(f"<li>{html.escape(line)}</li>" for line in skipped) + "</ul>")
     page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>weightlock report</title><style>"
             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
             "img{max-width:100%;border:1px solid #ddd}figcaption{color:#555;font-size:.9em;margin-top:.4em}"

@@ -54,7 +54,8 @@ class DefenseConfig:
 
 class DefenseHooks:
     """What the experiment harness (``weightlock demo`` / ``run``) asks of a defense beyond building it: its
-    names in tables and stage titles, options its attacks need, extra evaluations, summary fields and notes.
+    names in tables and stage titles, options its attacks need, extra evaluations, summary fields and notes;
+    and what the report draws from its summary fields (:meth:`report`).
     The base adds nothing; a defense names its subclass in :attr:`DefenseInfo.hooks` and reaches it as
     ``defense.hooks()``."""
 
@@ -96,6 +97,15 @@ class DefenseHooks:
 
     def summary_lines(self, summary: dict) -> list[str]:
         """Extra lines of the terminal summary (before the verdicts)."""
+        return []
+
+    def report(self, summary: dict) -> list:
+        """What ``weightlock report`` draws from this defense's part of a recorded summary (``summary``: the
+        demo's or ``weightlock run``'s ``summary.json``): :class:`weightlock.report.Table` s and
+        :class:`weightlock.report.Figure` s of its own (a figure's ``panels`` the items themselves), and
+        :class:`weightlock.report.Panels` that add items to a registered figure (``"memory_vs_depth.png"``...).
+        The base brings nothing: the report then shows the generic section (a table of what the summary
+        records about the defense and its attacker-gain figure)."""
         return []
 
 

@@ -88,6 +88,17 @@ class DLRHooks(DefenseHooks):
                 + (f" ({f['peak_ratio']:.1f}× measured RSS peak growth)" if f.get("peak_ratio") else "")
                 + f", {f['time_ratio']:.1f}× time"]
 
+    def report(self, summary: dict) -> list:
+        """Its summary's memory vs depth, memory–time frontier and per-layer error, drawn beside the bench's."""
+        from ..report import Panels
+
+        mem = summary.get("memory_vs_depth")
+        return [Panels(file, items) for file, items in (
+            ("memory_vs_depth.png", [(f"demo (d={mem['d']}, r={mem['rank']})", mem)] if mem else []),
+            ("frontier.png", [("demo", summary["frontier"])] if summary.get("frontier") else []),
+            ("layer_error.png", [("demo", summary["layer_rel_error"])] if summary.get("layer_rel_error") else []),
+        ) if items]
+
 
 @register_defense("dlr")
 class DLRLockDefense(Defense):
@@ -169,6 +180,16 @@ class PMPHooks(DefenseHooks):
             return []
         return [f"PMP mask recovery: best {rec['best']['attack']} IoU {rec['best']['iou']:.3f} "
                 f"(chance {rec['chance_iou']:.3f})"]
+
+    def report(self, summary: dict) -> list:
+        """Its summary's gains per mask ratio and mask recovery against chance, drawn beside the bench's."""
+        from ..report import Panels
+
+        rec, gains = summary.get("mask_recovery"), summary.get("pmp_gain_vs_ratio")
+        return [Panels(file, items) for file, items in (
+            ("gain_vs_ratio.png", [("demo", gains)] if gains else []),
+            ("mask_recovery.png", [(f"hardened (demo, ρ={rec['mask_ratio']})", rec)] if rec else []),
+        ) if items]
 
 
 @register_defense("pmp")
