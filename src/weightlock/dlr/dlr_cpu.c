@@ -27,6 +27,20 @@ static inline float round_bf16(float f) {
     return v.f;
 }
 
+/* sum_k a[k] b[k]: fp32 weights (f32) or bf16 weights widened (b16), fp32 inputs */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
+    return acc;
+}
+static inline float dot_b16(const uint16_t *a, const float *b, int64_t n) {
+    float acc = 0.0f;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t k = 0; k < n; ++k) acc += bf16_to_f(a[k]) * b[k];
+    return acc;
+}
+
 /* The engine's residual step (weightlock.dlr.engine): z[i] += inc[i] (bf16) and out[i] = bf16(z[i]), rounded
    to nearest even as PyTorch casts: one pass where PyTorch makes three (the cast of inc, the add, the cast). */
 void dlr_add_round(int64_t n, float *z, const uint16_t *inc, uint16_t *out) {
@@ -71,16 +85,9 @@ void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, 
             const float *vj = v + j * d;
             for (int64_t i = 0; i < n; ++i) {
                 const float *zi = src + i * d;
-                float acc = 0.0f;
-                #pragma omp simd reduction(+:acc)
-                for (int64_t k = 0; k < d; ++k) acc += vj[k] * zi[k];
-                if (bv) acc += bv[j];
+                float acc = dot_f32(vj, zi, d) + (bv ? bv[j] : 0.0f);
                 if (g) {  /* the gated form: h = act(G z + bg) * (V z + bv) */
-                    const float *gj = g + j * d;
-                    float ga = 0.0f;
-                    #pragma omp simd reduction(+:ga)
-                    for (int64_t k = 0; k < d; ++k) ga += gj[k] * zi[k];
-                    if (bg) ga += bg[j];
+                    float ga = dot_f32(g + j * d, zi, d) + (bg ? bg[j] : 0.0f);
                     h[i * r + j] = act_f(ga, act) * acc;
                 } else {
                     h[i * r + j] = act_f(acc, act);
@@ -91,19 +98,12 @@ void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, 
         for (int64_t k = 0; k < d; ++k) {
             const float *uk = u + k * r;
             for (int64_t i = 0; i < n; ++i) {
-                const float *hi = h + i * r;
-                float acc = 0.0f;
-                #pragma omp simd reduction(+:acc)
-                for (int64_t j = 0; j < r; ++j) acc += uk[j] * hi[j];
-                float zk = z[i * d + k] + acc;
-                if (bu) zk += bu[k];
-                z[i * d + k] = zk;
+                float zk = z[i * d + k] + dot_f32(uk, h + i * r, r);
+                z[i * d + k] = bu ? zk + bu[k] : zk;
             }
         }
     }
 }
-
-/* ---- prefill (many tokens, fp32): register-tiled AVX-512 products, branch-free vectorized activations ---- */
 
 /* ---- packed kernels (AVX-512): decode and prefill, both block forms, fp32 and bf16 ----------------------------
 
@@ -194,21 +194,25 @@ static const t32_fn T32_NV1[9] = {0, t32_1_1, t32_2_1, t32_3_1, t32_4_1, t32_5_1
 static const t32_fn T32_NV2[9] = {0, t32_1_2, t32_2_2, t32_3_2, t32_4_2, t32_5_2, t32_6_2, t32_7_2, t32_8_2};
 static const t32_fn T32_NV4[7] = {0, t32_1_4, t32_2_4, t32_3_4, t32_4_4, t32_5_4, t32_6_4};
 
+/* The tiling of an m x ncols output: columns outer in slices of 16 nv (nv = 4, 2, 1: as wide as what is left
+   allows), rows in tiles of up to 8 (6 at nv = 4: 24 accumulators); CALL runs the tile (t, rows) x (c, nv). */
+#define FOR_TILES(m, ncols, CALL)                                                                            \
+    for (int64_t c = 0; c < (ncols);) {                                                                      \
+        int nv = (ncols) - c >= 64 ? 4 : (ncols) - c >= 32 ? 2 : 1, maxr = nv == 4 ? 6 : 8;                  \
+        for (int64_t t = 0; t < (m);) {                                                                      \
+            int rows = (m) - t < maxr ? (int)((m) - t) : maxr;                                               \
+            CALL;                                                                                            \
+            t += rows;                                                                                       \
+        }                                                                                                    \
+        c += 16 * nv;                                                                                        \
+    }
+
 /* y (m x ncols, stride ys) (+)= x (m x K, stride xs) b (K x ncols, stride bs) (+ bias); ncols % 16 == 0.
    Columns outer (a slice of b stays in L1 across the row tiles), rows in tiles of up to 8 (6 at 64 columns). */
 static void gemm32(int64_t m, const float *x, int64_t xs, int64_t K, const float *b, int64_t bs, int64_t ncols,
                    float *y, int64_t ys, int acc, const float *bias) {
-    for (int64_t c = 0; c < ncols;) {
-        int nv = ncols - c >= 64 ? 4 : ncols - c >= 32 ? 2 : 1;
-        int maxr = nv == 4 ? 6 : 8;
-        const t32_fn *tab = nv == 4 ? T32_NV4 : nv == 2 ? T32_NV2 : T32_NV1;
-        for (int64_t t = 0; t < m;) {
-            int rows = m - t < maxr ? (int)(m - t) : maxr;
-            tab[rows](x + t * xs, xs, K, b + c, bs, y + t * ys + c, ys, acc, bias ? bias + c : 0);
-            t += rows;
-        }
-        c += 16 * nv;
-    }
+    FOR_TILES(m, ncols, (nv == 4 ? T32_NV4 : nv == 2 ? T32_NV2 : T32_NV1)[rows](
+        x + t * xs, xs, K, b + c, bs, y + t * ys + c, ys, acc, bias ? bias + c : 0));
 }
 
 /* this thread's share [lo, hi) of `units` units of 16 columns */
@@ -359,17 +363,8 @@ static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4
    sums, or with zl the residual step (y = z, zl its bf16 copy, same stride) */
 static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,
                    int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias) {
-    for (int64_t c = 0; c < ncols;) {
-        int nv = ncols - c >= 64 ? 4 : ncols - c >= 32 ? 2 : 1;
-        int maxr = nv == 4 ? 6 : 8;
-        const t16_fn *tab = nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1;
-        for (int64_t t = 0; t < m;) {
-            int rows = m - t < maxr ? (int)(m - t) : maxr;
-            tab[rows](x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0);
-            t += rows;
-        }
-        c += 16 * nv;
-    }
+    FOR_TILES(m, ncols, (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
+        x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0));
 }
 
 /* one block on m rows, bf16 weights: z (m x d) fp32 state, zl its bf16 rounding, hd (m x R) fp32 scratch, hb
@@ -487,16 +482,9 @@ void dlr_bf16(int64_t n, int64_t d, int64_t r, int64_t L, const uint16_t *const 
             const uint16_t *vj = v + j * d;
             for (int64_t i = 0; i < n; ++i) {
                 const float *zi = zl + i * d;
-                float acc = 0.0f;
-                #pragma omp simd reduction(+:acc)
-                for (int64_t k = 0; k < d; ++k) acc += bf16_to_f(vj[k]) * zi[k];
-                if (bv) acc += bf16_to_f(bv[j]);
+                float acc = dot_b16(vj, zi, d) + (bv ? bf16_to_f(bv[j]) : 0.0f);
                 if (g) {  /* gated: each bf16 product and the activation rounded as the eager path rounds them */
-                    const uint16_t *gj = g + j * d;
-                    float ga = 0.0f;
-                    #pragma omp simd reduction(+:ga)
-                    for (int64_t k = 0; k < d; ++k) ga += bf16_to_f(gj[k]) * zi[k];
-                    if (bg) ga += bf16_to_f(bg[j]);
+                    float ga = dot_b16(g + j * d, zi, d) + (bg ? bf16_to_f(bg[j]) : 0.0f);
                     h[i * r + j] = round_bf16(round_bf16(act_f(round_bf16(ga), act)) * round_bf16(acc));
                 } else {
                     h[i * r + j] = round_bf16(act_f(round_bf16(acc), act));
@@ -507,13 +495,8 @@ void dlr_bf16(int64_t n, int64_t d, int64_t r, int64_t L, const uint16_t *const 
         for (int64_t k = 0; k < d; ++k) {
             const uint16_t *uk = u + k * r;
             for (int64_t i = 0; i < n; ++i) {
-                const float *hi = h + i * r;
-                float acc = 0.0f;
-                #pragma omp simd reduction(+:acc)
-                for (int64_t j = 0; j < r; ++j) acc += bf16_to_f(uk[j]) * hi[j];
-                float zk = z[i * d + k] + round_bf16(acc);
-                if (bu) zk += bf16_to_f(bu[k]);
-                z[i * d + k] = zk;
+                float zk = z[i * d + k] + round_bf16(dot_b16(uk, h + i * r, r));
+                z[i * d + k] = bu ? zk + bf16_to_f(bu[k]) : zk;
             }
         }
     }
