@@ -214,5 +214,7 @@ def test_figures_draw_each_series_once_and_no_invented_lines():
     R._draw_gain(ax, ("bench", "prose", rows))
     assert [line.get_linestyle() for line in ax.lines] == ["None"]
     plt.close(fig)
-    caption = next(f[6] for f in R.FIGURES if f[0] == "frontier.png")
+    caption = next(R._caption(f) for f in R.FIGURES if f.file == "frontier.png")
+    assert caption.startswith("Memory–time frontier")
+    assert all(len(R._caption(f)) > 80 for f in R.FIGURES)  # every built-in figure has its caption (from the JSON)
     assert "offload" not in caption and "micro-batching" not in caption

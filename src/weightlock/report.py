@@ -533,7 +533,7 @@ class Figure(NamedTuple):
     draw: Callable[[Any, Any], None]
     size: tuple[float, float] = (5, 3.8)
     cols: int | None = None
-    caption: str = ""
+    caption: str | None = ""  # None: the built-in figure's caption from report_captions.json
     arrange: Callable[[list], list] | None = None
 
 
@@ -571,76 +571,49 @@ def register_section(name: str, section: Section) -> Section:
     return SECTIONS.register(name, section)
 
 
+# the built-in figures' captions (prose, kept as data beside this module), by file
+CAPTIONS: dict[str, str] = json.loads(Path(__file__).with_name("report_captions.json").read_text())
+
+
+def _caption(f: Figure) -> str:
+    return CAPTIONS.get(f.file, "") if f.caption is None else f.caption
+
+
 # the built-in sections, in the report's order
 BUILTIN_SECTIONS: tuple[tuple[str, Section], ...] = (
     ("real_attacks", Section((schema.REAL_ATTACKS,), "real-LLM red team on faithful releases", _red_team_tables, (
         Figure("real_attacks.png", "Attacks on a real LLM (SmolLM2-135M): score vs the attacker's cost",
-               _real_attack_panels, _draw_real_attack, (6, 4), 2,
-               "The red team on the real model: the held-out task score (negative loss, symmetric-log scale) of "
-               "every attack on the DLR-locked SmolLM2-135M (solid) and on the unlocked original (dashed) against "
-               "the attacker's cumulative training seconds. The dotted line is the level target: the original "
-               "release's score plus 90% of the best gain any attack reaches on the original."),
+               _real_attack_panels, _draw_real_attack, (6, 4), 2, None),
         Figure("real_attacks_frontier.png", "Attacks on faithful SmolLM2-135M releases: memory vs time",
-               _real_frontier_panels, _draw_real_frontier, (6, 4), 2,
-               "The memory–time frontier of every attack on a faithful release (squares) and on the unlocked "
-               "original (circles): the counted training memory (parameters + gradients + optimizer state + saved "
-               "activations) against the median step time; per-net gradient checkpointing trades one for the "
-               "other.")))),
+               _real_frontier_panels, _draw_real_frontier, (6, 4), 2, None)))),
     ("real_lock", Section((schema.REAL_LOCK,), "real-LLM fidelity, lock time and speed", _real_model_tables)),
     ("real_attacks_history", Section((schema.REAL_ATTACKS, schema.ERROR_BUDGET),
                                      "real-LLM red team and error budget", _real_attack_tables)),
     ("lock_cost", Section((schema.LOCK_COST, schema.LOCK_REGIME), "lock cost multiplier and rank regime",
                           _cost_tables, (
         Figure("cost_curves.png", "Gain vs the attacker's cost, locked vs unlocked", _cost_panels, _draw_cost,
-               (5, 3.8), 3,
-               "Attacks run to convergence (patience on the held-out task score): the gain over the released model "
-               "against the attacker's cumulative training seconds, on the lock (solid) and on the unlocked "
-               "original (dashed), every attack and learning rate. The dotted line is the target, 90% of the best "
-               "gain any attack reaches on the original; the lock cost multiplier is the cheapest lock attack's "
-               "time to it over the cheapest original's."),))),
+               (5, 3.8), 3, None),))),
     ("error_budget", Section((schema.ERROR_BUDGET,), "real-LLM error budget", None, (
-        Figure("error_budget.png", "Per-layer error budget of a real LLM", _budget_panels, _draw_budget, (6, 4), None,
-               "Every MLP of SmolLM2-135M replaced by MLP + α·(DLR − MLP) with the lock's own DLR-Nets (layer "
-               "error α²·e): top-1 next-token agreement and perplexity ratio on held-out prose against the median "
-               "per-layer relative error; dotted lines are the bars (top-1 ≥ 0.95, ppl ratio ≤ 1.05)."),))),
+        Figure("error_budget.png", "Per-layer error budget of a real LLM", _budget_panels, _draw_budget, (6, 4),
+               None, None),))),
     # a demo's (weightlock run's) summary: its defenses bring their own parts (DefenseHooks.report)
     ("demo", Section((schema.DEMO,), "demo capability, attacks and verdicts", _demo_tables)),
     ("curves", Section((schema.DEMO, schema.ATTACK_CURVES, schema.ATTACK_RUN), "fine-tuning curves", None, (
         Figure("curves.png", "Fine-tuning curves, locked vs unlocked", lambda f: _curves(f)[:16], _draw_curve,
-               (4, 3), 4,
-               "Fine-tuning curves: the task score (prose: negative held-out loss; skills: greedy exact-match "
-               "accuracy, or for a -loglik task the negative loss of the expected answer) measured every few steps "
-               "while each attack fine-tunes the locked model (solid) and the same attack, same budget, fine-tunes "
-               "the unlocked original (dashed). A lock holds where the solid curve stays flat while the dashed one "
-               "rises."),))),
+               (4, 3), 4, None),))),
     ("memory_vs_depth", Section((schema.MEMORY_VS_DEPTH,), "memory vs DLR depth", None, (
-        Figure("memory_vs_depth.png", "Memory vs DLR depth", _memory, _draw_memory, (5, 3.6), None,
-               "Fine-tuning memory vs DLR depth: bytes autograd saves for one training forward of a DLR-Net "
-               "(saved-tensor hooks, deduplicated by storage), a least-squares line through them and the analytic "
-               "model (d + 2r)·4 bytes per token per block. Memory grows linearly with depth."),))),
+        Figure("memory_vs_depth.png", "Memory vs DLR depth", _memory, _draw_memory, (5, 3.6), None, None),))),
     ("frontier", Section((schema.MEMORY_TIME_FRONTIER,), "memory–time frontier", None, (
-        Figure("frontier.png", "Memory–time frontier", _frontier, _draw_frontier, (6, 4), None,
-               "Memory–time frontier: for the original and the DLR-locked model, the activation memory of one "
-               "training step (saved-tensor hooks) and its median wall time under each memory-saving strategy the "
-               "bench measured (the label at each point: e.g. none, gradient checkpointing per layer / per DLR-Net "
-               "/ per group of blocks). What it costs an attacker to fit the locked model into a memory budget."),))),
+        Figure("frontier.png", "Memory–time frontier", _frontier, _draw_frontier, (6, 4), None, None),))),
     ("gain_vs_ratio", Section((schema.PMP_GAIN_VS_RATIO,), "gain vs PMP mask ratio", None, (
-        Figure("gain_vs_ratio.png", "Gain vs PMP mask ratio", _gain_vs_ratio, _draw_gain, (5, 3.8), None,
-               "Fine-tuning gain vs PMP mask ratio ρ: gain (prose: drop in held-out loss; skills: exact-match "
-               "accuracy gained, or for a -loglik task the drop in the answer's loss) of unauthorized full "
-               "fine-tuning, LoRA and mask recovery + masked fine-tuning, and of the owner's authorized masked "
-               "fine-tuning, at the best of the learning rates tried. ρ = 1 is the dense model.", _gain_panels),))),
+        Figure("gain_vs_ratio.png", "Gain vs PMP mask ratio", _gain_vs_ratio, _draw_gain, (5, 3.8), None, None,
+               _gain_panels),))),
     ("mask_recovery", Section((schema.MASK_RECOVERY,), "mask-recovery IoU vs chance", None, (
         Figure("mask_recovery.png", "Mask-recovery IoU vs chance", _recovery, _draw_recovery, (5.5, 3.8), None,
-               "PMP mask recovery: IoU between the mask each attack guesses from the released dense weights (|w| "
-               "threshold, regenerated initialisation, row/column statistics, spectral outliers, early-bird "
-               "re-discovery on public data; global and per-tensor top-ρ) and the true private mask, against the "
-               "IoU of a random guess of the same density."),))),
+               None),))),
     ("layer_error", Section((schema.LOCK_FIDELITY, schema.LOCK_REPORT), "per-layer distillation error", None, (
         Figure("layer_error.png", "Per-layer distillation error", _layer_errors, _draw_layer_errors, (6, 3.8), None,
-               "Per-layer distillation error: ‖DLR(x) − MLP(x)‖² / ‖MLP(x)‖² of each layer's DLR-Net on held-out "
-               "calibration activations (captured from the original model), after module-wise distillation.",
-               lambda items: _one_panel(_unique_layer_errors(items))),))),
+               None, lambda items: _one_panel(_unique_layer_errors(items))),))),
 )
 for _name, _section in BUILTIN_SECTIONS:
     register_section(_name, _section)
@@ -831,9 +804,9 @@ def build_report(paths: list[str | Path], out: str | Path = "report") -> Path:
         f, panels = part
         name = _file_name(f.file, taken)
         _draw(tmp / name, panels, f.draw, f.size, f.cols and min(f.cols, len(panels)))
-        md += [f"## {f.title}", "", f"![{f.title}]({name})", "", f.caption, ""]
+        md += [f"## {f.title}", "", f"![{f.title}]({name})", "", _caption(f), ""]
         body.append(f"<h2>{html.escape(f.title)}</h2><figure><img src=\"{name}\" alt=\"{html.escape(f.title)}\">"
-                    f"<figcaption>{html.escape(f.caption)}</figcaption></figure>")
+                    f"<figcaption>{html.escape(_caption(f))}</figcaption></figure>")
     if missing:
         md += ["## Not in these results", ""] + [f"- {m}" for m in missing] + [""]
         body.append("<h2>Not in these results</h2><ul>" + "".join(f"<li>{html.escape(m)}</li>" for m in missing)
