@@ -160,7 +160,8 @@ def test_gpu_bench_refuses_without_cuda(tmp_path):
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("kw", [{}, {"norm": True, "bias": True, "readout": 16.0, "activation": "silu"}])
+@pytest.mark.parametrize("kw", [{}, {"norm": True, "bias": True, "readout": 16.0, "activation": "silu"},
+                                {"form": "gated", "activation": "silu", "bias": True, "readout": 16.0}])
 @pytest.mark.parametrize("tokens", [1, 37, 3000])
 def test_cuda_kernel_matches_reference(dtype, tol, kw, tokens):
     """On the GPU: the kernel vs the exact (fp32) output of the same rounded weights."""
