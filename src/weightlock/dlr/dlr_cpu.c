@@ -98,8 +98,7 @@ void dlr_f32(int64_t n, int64_t d, int64_t r, int64_t L, const float *const *V, 
         for (int64_t k = 0; k < d; ++k) {
             const float *uk = u + k * r;
             for (int64_t i = 0; i < n; ++i) {
-                float zk = z[i * d + k] + dot_f32(uk, h + i * r, r);
-                z[i * d + k] = bu ? zk + bu[k] : zk;
+                z[i * d + k] += dot_f32(uk, h + i * r, r) + (bu ? bu[k] : 0.0f);  /* z + (U h + c) */
             }
         }
     }
@@ -171,7 +170,7 @@ static inline __m512 act16(__m512 x, int act) {
         __m512 a[ROWS][NV];                                                                                   \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)                                              \
-                a[t][v] = acc ? _mm512_loadu_ps(y + t * ys + 16 * v) : _mm512_setzero_ps();                   \
+                a[t][v] = _mm512_setzero_ps();                                                                \
         for (int64_t k = 0; k < K; ++k) {                                                                     \
             __m512 bv[NV];                                                                                    \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * bs + 16 * v); \
@@ -182,8 +181,9 @@ static inline __m512 act16(__m512 x, int act) {
         }                                                                                                     \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {                                            \
-                __m512 o = a[t][v];                                                                           \
-                if (bias) o = _mm512_add_ps(o, _mm512_loadu_ps(bias + 16 * v));                               \
+                __m512 o = a[t][v];  /* the products summed from zero, then (+ bias), then (+ y): one rounding */ \
+                if (bias) o = _mm512_add_ps(o, _mm512_loadu_ps(bias + 16 * v));  /* of y per block, as      */ \
+                if (acc) o = _mm512_add_ps(_mm512_loadu_ps(y + t * ys + 16 * v), o);  /* z + (U h + c) */       \
                 _mm512_storeu_ps(y + t * ys + 16 * v, o);                                                     \
             }                                                                                                 \
     }
@@ -345,8 +345,8 @@ static inline __m512 round16(__m512 x) {  /* rounded to bf16 (nearest even), kep
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {                                            \
                 float *yo = y + t * ys + 16 * v;                                                              \
                 if (!zl) { _mm512_storeu_ps(yo, a[t][v]); continue; }                                         \
-                __m512 o = _mm512_add_ps(_mm512_loadu_ps(yo), round16(a[t][v]));                              \
-                if (bias) o = _mm512_add_ps(o, bf16x16(bias + 16 * v));                                       \
+                __m512 o = _mm512_add_ps(_mm512_loadu_ps(yo), round16(a[t][v]));  /* z + bf16(U h), then */    \
+                if (bias) o = _mm512_add_ps(o, bf16x16(bias + 16 * v));  /* + c: the eager bf16 path's order */ \
                 _mm512_storeu_ps(yo, o);                                                                      \
                 _mm256_storeu_si256((__m256i *)(zl + t * ys + 16 * v), (__m256i)_mm512_cvtneps_pbh(o));       \
             }                                                                                                 \
@@ -495,7 +495,7 @@ void dlr_bf16(int64_t n, int64_t d, int64_t r, int64_t L, const uint16_t *const 
         for (int64_t k = 0; k < d; ++k) {
             const uint16_t *uk = u + k * r;
             for (int64_t i = 0; i < n; ++i) {
-                float zk = z[i * d + k] + round_bf16(dot_b16(uk, h + i * r, r));
+                float zk = z[i * d + k] + round_bf16(dot_b16(uk, h + i * r, r));  /* the eager bf16 order */
                 z[i * d + k] = bu ? zk + bf16_to_f(bu[k]) : zk;
             }
         }
