@@ -204,7 +204,8 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
 def path_agreement(locked, dtype) -> dict:
     """The default path against the reference path (``DLRNet.fast = False``): relative difference of the logits
     of a decode-sized input and of a prefill (the CPU kernel's paths where it runs), and whether 32 greedy tokens
-    with the KV cache are identical (one prompt, and a batch of 8 prompts: the batched decode path)."""
+    with the KV cache are identical (one prompt, and a batch of 8 prompts: the batched decode path); in fp32 also
+    both paths' prefill logits against the model run in fp64 (the reference path's own error)."""
     locked = locked.to(dtype)
     g = torch.Generator().manual_seed(2)
     short = torch.randint(0, locked.config.vocab_size, (1, 8), generator=g)
@@ -229,6 +230,12 @@ def path_agreement(locked, dtype) -> dict:
     out["greedy_identical"] = bool(torch.equal(default[2], ref[2]))
     out["greedy_batch8_identical"] = bool(torch.equal(default[3], ref[3]))
     out["greedy_tokens"] = 32
+    if dtype == torch.float32:  # both paths against the exact (fp64) prefill logits: how far the reference is
+        with torch.no_grad():
+            exact = locked.double()(long).logits
+        locked.float()
+        out["prefill_logits_vs_fp64"] = {name: ((logits.double() - exact).norm() / exact.norm()).item()
+                                         for name, logits in (("default", default[1]), ("reference", ref[1]))}
     return out
 
 

@@ -438,6 +438,49 @@ def test_release_from_pretrained_runs_the_packed_kernel_by_default(tmp_path, dty
     assert len(set(fast[1][:, 8:].flatten().tolist())) > 4  # the tokens are not one repeated token
 
 
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "dlr_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_dlr_inference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recorded_inference_runs_are_complete_and_their_summary_is_theirs():
+    """bench/results/dlr_inference_smollm2.json (issue #36's record): its last two runs cover both block forms
+    at rank 32, fp32 and bf16, batch 1 and 8, one thread, on the kernel paths (decode and prefill); the 32
+    greedy tokens of every lock match the reference path's at batch 1 and 8 in both dtypes, fp32 logits within
+    1e-5; each run records the CPU, its read bandwidth and the bytes and FLOPs per token of both models; and the
+    summary (which the docs quote) is what the bench's own summary() computes from those runs and the bars."""
+    import json
+    from pathlib import Path
+
+    bench = _bench_module()
+    rec = json.loads((Path(__file__).resolve().parent.parent / "bench/results/dlr_inference_smollm2.json").read_text())
+    runs = rec["runs"][-2:]
+    assert len(runs) == 2
+    want = {(f"r32-{form}", dt, 1, b) for form in ("plain", "gated") for dt in ("float32", "bfloat16") for b in (1, 8)}
+    for run in runs:
+        assert {(s["target"], s["dtype"], s["threads"], s["batch"]) for s in run["settings"]} == want
+        assert run["cpu_model"] and "avx512f" in run["flags"] and run["read_bandwidth_gb_s"] > 1
+        for label in ("r32-plain", "r32-gated"):
+            for dt in ("fp32", "bf16"):
+                a = run["agreement"][label][dt]
+                assert a["decode_path"] == a["prefill_path"] == "kernel"
+                assert a["greedy_identical"] and a["greedy_batch8_identical"] and a["greedy_tokens"] == 32
+            assert run["agreement"][label]["fp32"]["prefill_logits_rel_diff"] <= 1e-5
+            assert run["agreement"][label]["fp32"]["short_logits_rel_diff"] <= 1e-5
+        for cost in run["cost_per_token"].values():  # the lock has the original's weights and FLOPs (±2%)
+            assert abs(cost["locked"]["bytes"] / cost["original"]["bytes"] - 1) < 0.02
+            assert abs(cost["locked"]["flops"] / cost["original"]["flops"] - 1) < 0.02
+        for s in run["settings"]:
+            assert s["met"] == {w: s[f"{w}_ratio"] <= bench.BARS[w] for w in ("decode", "prefill")}
+    assert rec["summary"] == json.loads(json.dumps(bench.summary(rec["runs"])))
+
+
 @pytest.mark.parametrize("kw,rows", [({"form": "gated", "activation": "silu", "bias": True}, 1),
                                      ({"form": "gated", "activation": "silu", "bias": True}, 40),
                                      ({"activation": "silu", "bias": True}, 40)])
