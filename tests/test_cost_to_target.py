@@ -139,7 +139,7 @@ def test_multiplier_note_states_time_flops_and_memory():
 
 def test_demo_verdict_carries_the_cost_multiplier():
     from weightlock.defenses import make_defense
-    from weightlock.demo import _memory_fields, verdicts
+    from weightlock.experiments.engine import _memory_fields, verdicts
 
     def row(defense, attack, gain_ratio, curve, memory, peak):
         return {"defense": defense, "attack": attack, "task": "prose", "gain_ratio": gain_ratio,
@@ -162,7 +162,7 @@ def test_demo_verdict_names_which_unlocked_gain_each_figure_compares_with():
     the original (a weak attack there), the second with the original's best attack (full fine-tuning). Each
     figure now says which gain it is a share of."""
     from weightlock.defenses import make_defense
-    from weightlock.demo import _memory_fields, verdicts
+    from weightlock.experiments.engine import _memory_fields, verdicts
 
     def row(defense, attack, gain_ratio, curve):
         return {"defense": defense, "attack": attack, "task": "recall", "gain_ratio": gain_ratio,
@@ -365,8 +365,8 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
     budget's exact count fits however its measured RSS peak came out. The report shows the same cells and
     verdicts."""
     from weightlock.defenses import make_defense
-    from weightlock.demo import DemoPlan, _attack_rows, training_memory_summary, verdicts
     from weightlock.eval.cost_to_target import cost_to_target
+    from weightlock.experiments.engine import _attack_rows, training_memory_summary, verdicts
     from weightlock.tables import ATTACK_HEAD, attack_rows
 
     budget = 10_000
@@ -385,7 +385,7 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
     # the demo's rows read only typed records (one per run; a sweep would give several)
     records = {k: [AttackRun.from_run(r, attack=k[1], task=k[2], defense=k[0], config={"lr": 1e-3})]
                for k, r in runs.items()}
-    rows, sweep = _attack_rows(records, references, DemoPlan(attack_steps=3))
+    rows, sweep = _attack_rows(records, references, 3)
     assert sweep == []
     summary = {"attacks": rows, "training_memory": training_memory_summary(rows)}
     assert summary["training_memory"]["budget_bytes"] == {"prose": budget}

@@ -14,29 +14,53 @@ FIELDS = Path(__file__).parent / "fixtures" / "demo_quick_fields.json"
 
 
 def test_shipped_specs_are_the_demo_plans():
-    """`weightlock demo [--quick]` runs the shipped specs: they translate to exactly the demo's plans."""
-    from weightlock.demo import FULL, QUICK
-    from weightlock.experiments.runner import plan_of
+    """`weightlock demo [--quick]` runs the shipped specs through the one engine; the spec is the plan (the engine
+    reads it through RunPlan, a view, no copy of its values)."""
+    from weightlock.experiments.engine import RunPlan
 
     assert {"demo", "demo-quick"} <= set(shipped_specs())
-    assert plan_of(load_spec("demo-quick")) == QUICK and plan_of(load_spec("demo")) == FULL
     for name in ("demo", "demo-quick"):
         spec = load_spec(name)
         assert [e.name for e in spec.defenses] == ["dlr", "pmp"] and spec.attacks is None and spec.seeds == (0,)
+    quick = RunPlan(load_spec("demo-quick"), load_spec("demo-quick").models[0])
+    assert (quick.preset, quick.block_size, quick.train_tokens, quick.tasks) == ("tiny", 64, 50_000,
+                                                                                 ("prose", "recall-loglik"))
+    full = RunPlan(load_spec("demo"), load_spec("demo").models[0])
+    assert (full.block_size, full.train_tokens, full.attack_budget()["steps"]) == (128, 200_000, 150)
 
 
 BASE = {"name": "x", "models": [{"preset": "tiny"}], "defenses": {"dlr": {"rank": 4}}}
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"budgte": {}}, "unknown key 'budgte' in the spec; valid keys: name, description, models, defenses, attacks"),
+    ({"budgte": {}}, "unknown key 'budgte' in the spec; valid keys: name, description, models, defenses, targets"),
     ({"budget": {"step": 3}}, "unknown key 'step' in budget; valid keys: steps, batch, score_every, patience"),
     ({"models": [{"preset": "tiny", "size": 3}]}, "unknown key 'size' in models[0]; valid keys: preset, path, name"),
-    ({"attacks": {"full": {"lrs": [1]}}}, "unknown key 'lrs' in attacks.full; valid keys: lr, options"),
+    ({"attacks": {"full": {"lrs": [1]}}}, "unknown key 'lrs' in attacks.full; valid keys: attack, lr, group, options"),
     ({"learning_rates": {"fast": 1e-3}}, "unknown key 'fast' in learning_rates; valid keys: full, lora, masked"),
     ({"measure": {"reprot": False}}, "unknown key 'reprot' in measure; valid keys: capability_tokens"),
     ({"defenses": {"dlr": {"rnak": 4}}}, "defenses.dlr: "),
     ({"defenses": {"nope": {}}}, "defenses.nope: unknown defense 'nope'"),
+    # issue 34: sweeps, explicit attacks, targets, analyses, stages
+    ({"defenses": [{"name": "dlr", "sweeps": {"rank": [4]}}]}, "unknown key 'sweeps' in defenses[0]; valid keys: name"),
+    ({"defenses": [{"name": "dlr", "sweep": {"rank": []}}]}, "defenses[0].sweep.rank is an empty list"),
+    ({"defenses": [{"name": "dlr", "sweep": {"rank": [4, 4]}}]}, "defenses[0].sweep repeats a point"),
+    ({"defenses": [{"name": "dlr", "sweep": 4}]}, "defenses[0].sweep must be a grid"),
+    ({"defenses": [{"name": "dlr", "sweep": {"rnak": [4, 8]}}]}, "defenses.dlr-rnak4: "),
+    ({"defenses": [{"name": "dlr", "sweep": {"rank": [4, "x"]}}]}, "defenses.dlr-rankx: "),
+    ({"defenses": ["dlr", {"name": "dlr", "config": {"rank": 8}}]}, "defense 'dlr' is named twice (give each a label)"),
+    ({"attacks": {"lora-all": {"attack": "lora", "options": {"targets": "every"}}}}, "attacks.lora-all: "),
+    ({"attacks": {"x": {"attack": "nope"}}}, "attacks.x: unknown attack 'nope'"),
+    ({"attacks": {"x": {"attack": "lora", "group": "fast"}}}, "attacks.x.group must be one of full, lora, masked"),
+    ({"attacks": {"x": {"attack": "lora", "sweep": {"lr": [1]}}}}, "sweep learning rates as attacks.x.lr"),
+    ({"attacks": {"x": {"attack": "full", "on": ["pmp"]}}}, "attacks.x.on: 'pmp' is no defense or target"),
+    ({"targets": [{"name": "t", "dir": "/m"}]}, "unknown key 'dir' in targets[0]; valid keys: name, path"),
+    ({"targets": [{"name": "dlr", "path": "/m"}]}, "a target shares its name with a defense"),
+    ({"analyses": ["nope"]}, "analyses.nope: unknown analysis 'nope'"),
+    ({"analyses": [{"name": "attack-table", "options": {"tsk": "prose"}}]},
+     "analyses.attack-table: unknown option 'tsk'; valid options: task, save_as"),
+    ({"stages": ["attack", "report"]}, "stages must be a non-empty list of build, attack, analyse"),
+    ({"budget": {"block_size": 0}}, "budget.block_size must be an integer ≥ 1, got 0"),
     ({"attacks": {"offload": {}}}, "unknown attack 'offload' in attacks; the defenses' attacks: full, lora"),
     ({"attacks": {"full": {"options": {"rnak": 2}}}}, "attacks.full: "),
     ({"attacks": {"full": {"lr": [1e-3, -1]}}}, "attacks.full.lr must be positive numbers"),
@@ -74,6 +98,49 @@ def test_spec_is_frozen_and_round_trips(tmp_path):
     s = ExperimentSpec.from_dict({**BASE, "attacks": {"full": {"lr": ["1e-3", 3e-3]}, "lora": {}}})
     assert s.lrs("full", "full") == (1e-3, 3e-3) and s.lrs("lora", "lora") == (1e-2,)
     assert s.with_defenses(["none"]).attacks.keys() == {"full", "lora"}
+
+
+def test_sweeps_expand_to_one_entry_per_point_with_generated_labels():
+    from weightlock.experiments.spec import expand_sweep
+
+    assert expand_sweep({"rank": [8, 16], "steps": [1, 2]}, "s", "x") == [
+        {"rank": 8, "steps": 1}, {"rank": 8, "steps": 2}, {"rank": 16, "steps": 1}, {"rank": 16, "steps": 2}]
+    assert expand_sweep([{"rank": 8}, {"rank": 16, "steps": 3}], "s", "x") == [{"rank": 8}, {"rank": 16, "steps": 3}]
+    spec = ExperimentSpec.from_dict({
+        "name": "sweep", "models": ["tiny"],
+        "defenses": [{"name": "dlr", "config": {"steps": 10}, "sweep": {"rank": [8, 16, 32]}},
+                     {"name": "pmp", "label": "hardened", "sweep": [{"mask_ratio": 0.1}, {"mask_ratio": "5e-1"}]}],
+        "targets": [{"path": "runs/locks/gated.gguf"}],
+        "attacks": {"full": {"lr": [1e-3, 3e-3]},
+                    "lora-all": {"attack": "lora", "options": {"targets": "all-linear"}, "sweep": {"r": [4, 8]},
+                                 "on": ["dlr-rank8", "gated"]},
+                    "lora": {"sweep": {"r": [2]}}},
+        "analyses": [{"name": "attack-table", "options": {"task": "prose"}}], "stages": ["analyse", "build"]})
+    assert [(e.key, dict(e.config)) for e in spec.defenses] == [
+        ("dlr-rank8", {"steps": 10, "rank": 8}), ("dlr-rank16", {"steps": 10, "rank": 16}),
+        ("dlr-rank32", {"steps": 10, "rank": 32}), ("hardened-mask_ratio0.1", {"mask_ratio": 0.1}),
+        ("hardened-mask_ratio0.5", {"mask_ratio": 0.5})]
+    assert [d.name for d in (e.make() for e in spec.defenses)][:1] == ["dlr-rank8"]  # rows, dirs: the label
+    assert [(t.name, t.path) for t in spec.targets] == [("gated", "runs/locks/gated.gguf")]
+    assert list(spec.attacks) == ["full", "lora-all-r4", "lora-all-r8", "lora-r2"]
+    a = spec.attacks["lora-all-r8"]
+    assert (a.attack, a.group, dict(a.options), a.on) == ("lora", "lora", {"targets": "all-linear", "r": 8},
+                                                          ("dlr-rank8", "gated"))
+    # a swept planned attack becomes its plan's attack with the point's options
+    b = spec.attacks["lora-r2"]
+    assert (b.attack, b.group, dict(b.options)) == ("lora", "lora", {"targets": "attention", "r": 2})
+    assert spec.stages == ("build", "analyse") and spec.lrs("full", "full") == (1e-3, 3e-3)
+    assert ExperimentSpec.from_dict(spec.to_dict()) == spec  # expanded once, read back the same
+
+    from weightlock.defenses import make_defense
+    from weightlock.experiments.engine import _target_defense, attack_specs
+
+    dlr8 = spec.defenses[0].make()
+    assert [s.label for s in attack_specs(dlr8, spec)] == ["full", "lora-all-r4", "lora-all-r8", "lora-r2"]
+    assert [s.label for s in attack_specs(spec.defenses[1].make(), spec)] == ["full", "lora-r2"]
+    assert [s.label for s in attack_specs(_target_defense(spec.targets[0]), spec)] == [
+        "full", "lora-all-r4", "lora-all-r8", "lora-r2"]
+    assert make_defense("dlr").name == "dlr"  # a label never leaks into the registered class
 
 
 def _run(scores=(0.5, 0.6, 0.8)):

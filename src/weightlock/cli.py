@@ -565,13 +565,11 @@ def demo(
 ) -> None:
     """Run the whole story on the built-in corpus (reuses cached artifacts in --out): `weightlock run demo`
     (or `demo-quick` with --quick)."""
-    from .defenses import DEFENSES
-    from .experiments import run_experiment
+    from .demo import run_demo
 
     # as the demo always did: every registered defense (plug-ins too) unless --defense names some; the spec
     # configures the built-ins
-    names = list(defense) or [n for n in DEFENSES if n != "none"]
-    run_experiment("demo-quick" if quick else "demo", out, defenses=names)
+    run_demo(out, quick=quick, defenses=list(defense) or None)
 
 
 @app.command("run")
