@@ -53,7 +53,7 @@ BASE = {"name": "x", "models": [{"preset": "tiny"}], "defenses": {"dlr": {"rank"
     ({"attacks": {"x": {"attack": "nope"}}}, "attacks.x: unknown attack 'nope'"),
     ({"attacks": {"x": {"attack": "lora", "group": "fast"}}}, "attacks.x.group must be one of full, lora, masked"),
     ({"attacks": {"x": {"attack": "lora", "sweep": {"lr": [1]}}}}, "sweep learning rates as attacks.x.lr"),
-    ({"attacks": {"x": {"attack": "full", "on": ["pmp"]}}}, "attacks.x.on: 'pmp' is no defense or target"),
+    ({"attacks": {"x": {"attack": "full", "against": ["pmp"]}}}, "attacks.x.against: 'pmp' is no defense or target"),
     ({"targets": [{"name": "t", "dir": "/m"}]}, "unknown key 'dir' in targets[0]; valid keys: name, path"),
     ({"targets": [{"name": "dlr", "path": "/m"}]}, "a target shares its name with a defense"),
     ({"analyses": ["nope"]}, "analyses.nope: unknown analysis 'nope'"),
@@ -113,7 +113,7 @@ def test_sweeps_expand_to_one_entry_per_point_with_generated_labels():
         "targets": [{"path": "runs/locks/gated.gguf"}],
         "attacks": {"full": {"lr": [1e-3, 3e-3]},
                     "lora-all": {"attack": "lora", "options": {"targets": "all-linear"}, "sweep": {"r": [4, 8]},
-                                 "on": ["dlr-rank8", "gated"]},
+                                 "against": ["dlr-rank8", "gated"]},
                     "lora": {"sweep": {"r": [2]}}},
         "analyses": [{"name": "attack-table", "options": {"task": "prose"}}], "stages": ["analyse", "build"]})
     assert [(e.key, dict(e.config)) for e in spec.defenses] == [
@@ -124,7 +124,7 @@ def test_sweeps_expand_to_one_entry_per_point_with_generated_labels():
     assert [(t.name, t.path) for t in spec.targets] == [("gated", "runs/locks/gated.gguf")]
     assert list(spec.attacks) == ["full", "lora-all-r4", "lora-all-r8", "lora-r2"]
     a = spec.attacks["lora-all-r8"]
-    assert (a.attack, a.group, dict(a.options), a.on) == ("lora", "lora", {"targets": "all-linear", "r": 8},
+    assert (a.attack, a.group, dict(a.options), a.against) == ("lora", "lora", {"targets": "all-linear", "r": 8},
                                                           ("dlr-rank8", "gated"))
     # a swept planned attack becomes its plan's attack with the point's options
     b = spec.attacks["lora-r2"]
@@ -303,3 +303,52 @@ def test_readme_example_spec_is_valid():
     spec = ExperimentSpec.from_dict(yaml.safe_load(text), source="README")
     assert spec.name == "lock-vs-lora" and spec.lrs("lora", "lora") == (3e-3, 1e-2, 3e-2) and spec.seeds == (0, 1)
     assert spec.lrs("full", "full") == (2e-3,) and dict(spec.attacks["lora"].options) == {"r": 16}
+
+
+SWEEP_SPEC = """\
+name: tiny-sweep
+models:
+  - {{preset: tiny, path: {model}, name: tiny}}
+defenses:
+  - {{name: none, sweep: {{copy: [false, true]}}}}
+targets:
+  - {{name: locked, path: {locked}}}
+attacks:
+  full: {{options: {{eval_tokens: 2048}}}}
+  lora-all: {{attack: lora, options: {{targets: all-linear, eval_tokens: 2048}}, sweep: {{r: [2, 4]}}, against: [locked]}}
+tasks: [prose]
+budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
+measure: {{capability_tokens: 1024, memory_depths: [2, 4], report: false}}
+analyses: [{{name: attack-table, options: {{task: prose}}}}]
+"""
+
+
+@pytest.mark.slow
+def test_sweep_spec_with_a_target_and_explicit_attacks_runs_end_to_end(tmp_path, tiny_model_dir, tiny_locked_dir):
+    """A defense sweep (one build per point, labelled), a given release as a target, an explicit attack swept over
+    its options on the target only (and on the original, its reference), then the analyse stage, alone too."""
+    model, _ = tiny_model_dir
+    spec_file = tmp_path / "sweep.yaml"
+    spec_file.write_text(SWEEP_SPEC.format(model=model, locked=tiny_locked_dir))
+    out = tmp_path / "run"
+    summary = run_experiment(spec_file, out)["tiny"]
+    rows = {(r["defense"], r["attack"]) for r in summary["attacks"]}
+    assert rows == {("reference", "full"), ("reference", "lora-all-r2"), ("reference", "lora-all-r4"),
+                    ("none-copyFalse", "full"), ("none-copyTrue", "full"),
+                    ("locked", "full"), ("locked", "lora-all-r2"), ("locked", "lora-all-r4")}
+    assert set(summary["capability"]) == {"reference", "none-copyFalse", "none-copyTrue", "locked"}
+    assert summary["targets"] == {"locked": str(tiny_locked_dir)} and "locked" in summary["verdicts"]
+    assert {"none (none-copyFalse)", "none (none-copyTrue)"} <= set(summary["verdicts"])
+    lora = next(r for r in summary["attacks"] if r["defense"] == "locked" and r["attack"] == "lora-all-r4")
+    assert lora["reference_attack"] == "lora-all-r4"
+    rec = AttackRun.from_dict(json.loads((out / "attacks" / "locked" / "prose" / "lora-all-r4" / "record.json")
+                                         .read_text()))
+    assert rec.config["r"] == 4 and rec.config["targets"] == "all-linear" and rec.target == str(tiny_locked_dir)
+    table = json.loads((out / "analysis" / "attack-table.json").read_text())
+    assert table["spec"] == "tiny-sweep" and len(table["rows"]) == 8
+    # the analyse stage alone reads the recorded summary: no attack runs again
+    (out / "analysis" / "attack-table.json").unlink()
+    again: list = []
+    spec = dataclasses.replace(load_spec(spec_file), stages=("analyse",))
+    run_experiment(spec, out, on_record=again.append)
+    assert again == [] and (out / "analysis" / "attack-table.json").exists()

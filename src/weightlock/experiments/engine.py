@@ -192,7 +192,7 @@ def attack_specs(d, spec: ExperimentSpec) -> list:
     attacks = spec.attacks
     out = [s for s in d.plan() if attacks is None or (s.label in attacks and attacks[s.label].attack is None)]
     for label, e in (attacks or {}).items():
-        if e.attack is not None and (e.on is None or d.name in e.on):
+        if e.attack is not None and (e.against is None or d.name in e.against):
             out.append(AttackSpec(label, e.attack, thaw(e.options), e.group, e.reference or label))
     return out
 

@@ -265,7 +265,7 @@ class DefenseEntry:
         return {"name": self.name, **({"label": self.label} if self.label else {}), "config": thaw(self.config)}
 
 
-ATTACK_KEYS = ("attack", "lr", "group", "options", "reference", "on", "sweep")
+ATTACK_KEYS = ("attack", "lr", "group", "options", "reference", "against", "sweep")
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ class AttackEntry:
                                  "its attack's name when a group, else full)")
     reference: str | None = _f(None, "the label of the attack on the original it is compared with (an explicit "
                                      "attack's default: itself)")
-    on: tuple[str, ...] | None = _f(None, "the defenses and targets (labels) it runs on (default: all)")
+    against: tuple[str, ...] | None = _f(None, "the defenses and targets (labels) it runs on (default: all)")
 
     @classmethod
     def parse_all(cls, attacks: Any, source: str) -> Mapping[str, "AttackEntry"] | None:
@@ -335,11 +335,11 @@ class AttackEntry:
         reference = d.get("reference")
         if reference is not None:
             _name(reference, f"{path}.reference", source)
-        on = d.get("on")
+        on = d.get("against")
         if on is not None:
             on = [on] if isinstance(on, str) else on
             if not isinstance(on, list) or not on or not all(isinstance(x, str) for x in on):
-                raise WeightlockError(f"{source}: {path}.on must name defenses or targets (a list of labels)")
+                raise WeightlockError(f"{source}: {path}.against must name defenses or targets (a list of labels)")
             on = tuple(on)
         points = expand_sweep(d.get("sweep"), f"{path}.sweep", source)
         for p in points:
@@ -354,7 +354,7 @@ class AttackEntry:
     def to_dict(self) -> dict:
         d = {"lr": list(self.lr) if self.lr is not None else None, "options": thaw(self.options) or None,
              "attack": self.attack, "group": self.group, "reference": self.reference,
-             "on": list(self.on) if self.on else None}
+             "against": list(self.against) if self.against else None}
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -614,9 +614,9 @@ class ExperimentSpec:
                     make_attack(name, **options)
                 except WeightlockError as err:
                     raise WeightlockError(f"{source}: attacks.{label}: {err}") from None
-                for k in entry.on or ():
+                for k in entry.against or ():
                     if k not in keys:
-                        raise WeightlockError(f"{source}: attacks.{label}.on: {k!r} is no defense or target of the "
+                        raise WeightlockError(f"{source}: attacks.{label}.against: {k!r} is no defense or target of the "
                                               f"spec ({', '.join(sorted(keys))})")
                 resolved[label] = entry
             spec = dataclasses.replace(self, attacks=MappingProxyType(resolved))
