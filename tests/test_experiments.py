@@ -315,7 +315,11 @@ targets:
   - {{name: locked, path: {locked}}}
 attacks:
   full: {{options: {{eval_tokens: 2048}}}}
-  lora-all: {{attack: lora, options: {{targets: all-linear, eval_tokens: 2048}}, sweep: {{r: [2, 4]}}, against: [locked]}}
+  lora-all:
+    attack: lora
+    options: {{targets: all-linear, eval_tokens: 2048}}
+    sweep: {{r: [2, 4]}}
+    against: [locked]
 tasks: [prose]
 budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
 measure: {{capability_tokens: 1024, memory_depths: [2, 4], report: false}}

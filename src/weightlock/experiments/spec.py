@@ -616,8 +616,8 @@ class ExperimentSpec:
                     raise WeightlockError(f"{source}: attacks.{label}: {err}") from None
                 for k in entry.against or ():
                     if k not in keys:
-                        raise WeightlockError(f"{source}: attacks.{label}.against: {k!r} is no defense or target of the "
-                                              f"spec ({', '.join(sorted(keys))})")
+                        raise WeightlockError(f"{source}: attacks.{label}.against: {k!r} is no defense or target "
+                                              f"of the spec ({', '.join(sorted(keys))})")
                 resolved[label] = entry
             spec = dataclasses.replace(self, attacks=MappingProxyType(resolved))
         from .analyses import ANALYSES, check_options
