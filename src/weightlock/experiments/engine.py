@@ -224,8 +224,12 @@ def _reference_specs(reference, chosen: list, spec: ExperimentSpec) -> list:
     return [refs[label] for label in refs if label in needed]
 
 
-def _lr_values(v) -> tuple[float, ...]:
-    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+def check_run(spec: ExperimentSpec, defenses: Sequence | None = None) -> None:
+    """Everything :func:`run_model` refuses before any work: the defenses chosen, each attack's reference."""
+    from ..defenses import make_defense
+
+    chosen = select_defenses(defenses, spec) + [_target_defense(t) for t in spec.targets]
+    _reference_specs(make_defense("none"), chosen, spec)
 
 
 def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, defenses: Sequence | None = None,

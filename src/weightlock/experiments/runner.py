@@ -23,15 +23,14 @@ def run_experiment(spec: ExperimentSpec | str | Path, out: str | Path, *, defens
     configure runs with its config's defaults; or :class:`~weightlock.defenses.Defense` objects);
     ``report``: override the spec's ``measure.report``; ``on_record`` is called with every new
     :class:`~weightlock.eval.records.AttackRun`."""
-    from .engine import run_model, select_defenses
+    from .engine import check_run, run_model
 
     if not isinstance(spec, ExperimentSpec):
         spec = load_spec(spec)
     if defenses is not None and all(isinstance(d, str) for d in defenses):
         spec = spec.with_defenses(list(defenses))
         defenses = None
-    if defenses is not None:
-        select_defenses(defenses, spec)  # refused before any work
+    check_run(spec, defenses)  # refused before any work
     out = check_out_dir(out)  # before any work
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "spec.json", stamp(EXPERIMENT_SPEC, spec.to_dict()))
