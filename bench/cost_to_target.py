@@ -55,7 +55,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from weightlock import schema
-from weightlock.experiments.harness import RESULTS, attack_job, save
+from weightlock.experiments.harness import RESULTS, attack_job, max_gain, save, timing_key
 from weightlock.io import set_threads_per_process
 from weightlock.tables import fmt
 
@@ -146,12 +146,6 @@ def second_jobs(models: dict, tasks, done: list[dict], regime: dict) -> list[tup
     return jobs
 
 
-def timing_key(r: dict) -> tuple:
-    """What a run's step time depends on: the model, the attack and its options except rate and seed."""
-    opts = {k: v for k, v in r["options"].items() if k not in ("lr", "seed")}
-    return (r["model"], r["attack"], tuple(sorted(opts.items())))
-
-
 def quiet_timings(models: dict, rows: list[dict], repeats: int, steps: int = 10) -> dict:
     """Median training-step time (and preparation time) of every distinct (model, attack, options), measured
     in this process alone, one configuration after another, the whole pass repeated ``repeats`` times
@@ -188,13 +182,6 @@ def with_quiet_seconds(rows: list[dict], timings: dict) -> list[dict]:
                  for i, p in enumerate(r["cost_curve"])]
         out.append({**r, "cost_curve": curve, "quiet_step_time_s": t["step_time_s"]})
     return out
-
-
-def max_gain(r: dict) -> float:
-    """A run's best gain over its release (weightlock.eval.cost_to_target.best_gain of its curve)."""
-    from weightlock.eval.cost_to_target import best_gain
-
-    return best_gain(r["cost_curve"])
 
 
 def row_memory(r: dict) -> dict:

@@ -92,7 +92,7 @@ def test_spec_is_frozen_and_round_trips(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(WeightlockError, match="not valid YAML"):
         load_spec(tmp_path / "bad.yaml")
-    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: demo, demo-quick"):
+    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: attacks, demo, demo-quick, dlr-regime"):
         load_spec("no-such-spec")
     # a sweep: per attack label, else the plan's group; the YAML spelling 1e-3 (a string to YAML) is a number
     s = ExperimentSpec.from_dict({**BASE, "attacks": {"full": {"lr": ["1e-3", 3e-3]}, "lora": {}}})
@@ -323,7 +323,10 @@ attacks:
 tasks: [prose]
 budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
 measure: {{capability_tokens: 1024, memory_depths: [2, 4], report: false}}
-analyses: [{{name: attack-table, options: {{task: prose}}}}]
+analyses:
+  - {{name: attack-table, options: {{task: prose}}}}
+  - attack-gains
+  - memory-time-frontier
 """
 
 
@@ -350,9 +353,63 @@ def test_sweep_spec_with_a_target_and_explicit_attacks_runs_end_to_end(tmp_path,
     assert rec.config["r"] == 4 and rec.config["targets"] == "all-linear" and rec.target == str(tiny_locked_dir)
     table = json.loads((out / "analysis" / "attack-table.json").read_text())
     assert table["spec"] == "tiny-sweep" and len(table["rows"]) == 8
+    # the bench grids' analyses read the same records (what bench/results/attacks.json, frontier.json hold)
+    gains = json.loads((out / "analysis" / "attack-gains.json").read_text())
+    assert gains["kind"] == "attack_curves" and len(gains["results"]) == 5
+    row = next(r for r in gains["results"] if r["release"] == "locked" and r["attack"] == "lora-all-r4")
+    assert row["gain_locked_mean"] == pytest.approx(lora["gain"]) and len(row["score_curves"]["locked"]) == 1
+    assert (out / "analysis" / "attacks.png").stat().st_size > 500
+    frontier = json.loads((out / "analysis" / "memory-time-frontier.json").read_text())
+    assert frontier["kind"] == "memory_time_frontier" and len(frontier["rows"]) == 8
+    assert all(r["saved_activation_bytes"] > 0 and r["step_time_s"] > 0 for r in frontier["rows"])
     # the analyse stage alone reads the recorded summary: no attack runs again
     (out / "analysis" / "attack-table.json").unlink()
     again: list = []
     spec = dataclasses.replace(load_spec(spec_file), stages=("analyse",))
     run_experiment(spec, out, on_record=again.append)
     assert again == [] and (out / "analysis" / "attack-table.json").exists()
+
+
+def test_every_shipped_spec_loads_and_expands_without_running():
+    """Every spec shipped in the package (the demo and the bench grids) validates, expands (sweeps, explicit
+    attacks, targets) and names registered analyses; `weightlock run --list` lists each."""
+    from typer.testing import CliRunner
+
+    from weightlock.cli import app
+    from weightlock.defenses import make_defense
+    from weightlock.experiments.analyses import ANALYSES
+    from weightlock.experiments.engine import _reference_specs, _target_defense, attack_specs
+
+    names = shipped_specs()
+    assert {"demo", "demo-quick", "attacks", "pmp-sweep", "frontier", "dlr-regime"} <= set(names)
+    listed = CliRunner().invoke(app, ["run", "--list"]).output
+    for name in names:
+        spec = load_spec(name)
+        assert ExperimentSpec.from_dict(spec.to_dict()) == spec and name in listed
+        assert all(a.name in ANALYSES and a.name in listed for a in spec.analyses)
+        releases = [e.make() for e in spec.defenses] + [_target_defense(t) for t in spec.targets]
+        _reference_specs(make_defense("none"), releases, spec)  # every attack has its reference on the original
+        if "attack" in spec.stages:
+            assert all(attack_specs(d, spec) for d in releases), name
+    sweep = load_spec("pmp-sweep")
+    assert [dict(e.config)["mask_ratio"] for e in sweep.defenses] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    frontier = load_spec("frontier")
+    locked, = (_target_defense(t) for t in frontier.targets)
+    assert [s.label for s in attack_specs(locked, frontier)] == list(frontier.attacks)
+    assert frontier.attacks["ckpt-dlr"].reference == "none"
+
+
+def test_pmp_gain_vs_ratio_reads_the_sweeps_rows(tmp_path):
+    from weightlock.experiments.analyses import ANALYSES, AnalysisContext
+
+    summary = {"defenses": [{"name": f"pmp-mask_ratio{r}", "config": {"mask_ratio": r}} for r in (0.1, 0.5)],
+               "models": {"reference": str(tmp_path / "base"), "pmp-mask_ratio0.1": str(tmp_path / "a" / "release"),
+                          "pmp-mask_ratio0.5": str(tmp_path / "b" / "release")},
+               "plan": {"block_size": 128},
+               "attacks": [{"defense": d, "attack": a, "task": "prose", "gain": g, "score_before": 1.0,
+                            "score_after": 1.0 + g, "capability_ppl_after": 5.0}
+                           for d, a, g in (("reference", "full", 0.5), ("reference", "lora", 0.3),
+                                           ("pmp-mask_ratio0.1", "full", 0.1), ("pmp-mask_ratio0.5", "full", 0.2))]}
+    r = ANALYSES.get("pmp-gain-vs-ratio")(AnalysisContext(tmp_path, load_spec("pmp-sweep"), summary), figure=None)
+    assert r["dense_gains"] == {"prose": {"full": 0.5, "lora": 0.3}}
+    assert [(x["ratio"], x["method"], x["gain"]) for x in r["rows"]] == [(0.1, "full", 0.1), (0.5, "full", 0.2)]

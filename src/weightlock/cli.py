@@ -576,7 +576,7 @@ def demo(
 @user_errors
 def run_cmd(
     spec: Optional[str] = typer.Argument(None, help="An experiment spec (a .yaml or .json file) or a shipped spec's "
-                                         "name (demo, demo-quick)."),
+                                         "name (demo, demo-quick, attacks, ...: see --list)."),
     out: Path = typer.Option(None, help="Where the experiment keeps its models, records and results "
                              "(default: runs/NAME)."),
     defense: list[str] = typer.Option([], help="Run only this registered defense (repeatable; default: the spec's)."),
@@ -595,13 +595,20 @@ def run_cmd(
         from .eval.tasks import TASKS
         from .experiments.spec import shipped_specs
 
-        print("shipped specs: " + ", ".join(shipped_specs()))
+        print("shipped specs:")
+        for name in shipped_specs():
+            print(f"  {name:18s} {load_spec(name).description}")
         for title, reg in (("defenses", DEFENSES), ("attacks", ATTACKS)):
             print(f"{title}:")
             for name, obj in reg.items():
                 doc = getattr(obj, "description", None) or (obj.__doc__ or "").strip().split("\n")[0]
                 print(f"  {name:18s} {doc}")
         print("tasks: " + ", ".join(TASKS.names()) + " (a prompt/completion task + -loglik: scored by likelihood)")
+        from .experiments.analyses import ANALYSES
+
+        print("analyses:")
+        for name, a in ANALYSES.items():
+            print(f"  {name:18s} {a.description}")
         return
     if spec is None:
         raise WeightlockError("name a spec (a .yaml/.json file or a shipped spec), or pass --list")

@@ -42,7 +42,8 @@ def register_analysis(name: str, kind: str | None = None):
     """Decorator: register ``fn(ctx, **options) -> dict`` as the analysis ``name`` (its docstring's first line
     describes it in ``weightlock run --list``)."""
     def deco(fn):
-        ANALYSES.register(name, Analysis(fn, kind, (fn.__doc__ or "").strip().split("\n")[0]))
+        text = " ".join((fn.__doc__ or "").split())
+        ANALYSES.register(name, Analysis(fn, kind, text.split(": ")[0].split(". ")[0].rstrip(".")))
         return fn
 
     return deco
@@ -69,6 +70,11 @@ class AnalysisContext:
     out: Path
     spec: Any
     summary: dict
+    figures: Path | None = None  # where its figures go: beside its bench result (save_as), else out/analysis
+
+    def __post_init__(self) -> None:
+        if self.figures is None:
+            self.figures = Path(self.out) / "analysis"
 
     def records(self) -> list:
         """Every :class:`~weightlock.eval.records.AttackRun` under ``out/attacks``."""
@@ -88,14 +94,15 @@ def run_analysis(entry, out: Path, spec, summary: dict) -> dict:
     analysis = ANALYSES.get(entry.name)
     options = thaw(entry.options)
     save_as = options.pop("save_as", None)
-    result = analysis(AnalysisContext(Path(out), spec, summary), **options)
+    from . import harness
+
+    figures = harness.RESULTS if save_as else None
+    result = analysis(AnalysisContext(Path(out), spec, summary, figures), **options)
     record = {"kind": analysis.kind or f"analysis.{entry.name}", "schema_version": schema.SCHEMA_VERSION,
               "spec": spec.name, **result}
     write_json(Path(out) / "analysis" / f"{entry.name}.json", record)
     if save_as:
-        from .harness import save
-
-        save(save_as, {"command": f"weightlock run {spec.name}", **result}, kind=analysis.kind)
+        harness.save(save_as, {"command": f"weightlock run {spec.name}", **result}, kind=analysis.kind)
     return result
 
 
@@ -106,3 +113,6 @@ def attack_table(ctx: AnalysisContext, task: str | None = None) -> dict:
             "training_memory_ratio", "fits_memory")
     rows = [{k: r.get(k) for k in keep} for r in ctx.summary["attacks"] if task is None or r["task"] == task]
     return {"rows": rows, "sweep": ctx.summary.get("sweep", [])}
+
+
+from . import bench_analyses  # noqa: E402,F401  (registers the bench grids' analyses)

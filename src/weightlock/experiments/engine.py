@@ -253,6 +253,11 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
     targets = [_target_defense(t) for t in spec.targets]
     reference = make_defense("none")
     ref_specs = _reference_specs(reference, chosen + targets, spec)
+    out = Path(out)
+    if "build" not in spec.stages and "attack" not in spec.stages:  # the analyses of what is recorded
+        summary = read_json(out / "summary.json") if (out / "summary.json").exists() else {}
+        _analyse(out, spec, summary, console)
+        return summary
     seeds = tuple(spec.seeds)
     base_model = model.path
     if base_model is not None:
@@ -266,13 +271,6 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
         p = Path(t.target)
         if not (p.is_dir() or p.suffix.lower() == ".gguf" and p.is_file()):
             raise WeightlockError(f"target {t.name}: {p} is neither a model directory nor a .gguf file")
-    out = Path(out)
-    if "build" not in spec.stages and "attack" not in spec.stages:
-        summary = read_json(out / "summary.json") if (out / "summary.json").exists() else None
-        if summary is None:
-            raise WeightlockError(f"{out}: no summary.json to analyse (run the attack stage first)")
-        _analyse(out, spec, summary, console)
-        return summary
     t0 = time.perf_counter()
     stage_s: dict[str, float] = {}
 
