@@ -16,7 +16,7 @@ steps, patience 3 scores) or the step budget, with batches of 8 × 128 tokens:
   full-fine-tuning rate, and the MLPs (DLR-Nets) frozen;
 * on PMP: full fine-tuning at 3 learning rates and LoRA (the unauthorized attacker has no mask);
 * a second seed of each model's best full fine-tuning and (original) LoRA: the seed spread;
-* for bench/dlr_regime.py's rank sweep, the extra locks (ranks 8 and 64, rank 32 with per-block norm):
+* for the rank sweep of `weightlock run dlr-regime`, the extra locks (ranks 8 and 64, rank 32 with per-block norm):
   full fine-tuning at the original's best rate and the frozen-DLR attack, on prose only.
 
 Each run records its score against cumulative cost (steps, tokens, training seconds, FLOPs counted by
@@ -124,7 +124,7 @@ def first_jobs(models: dict, tasks) -> list[tuple]:
 def second_jobs(models: dict, tasks, done: list[dict], regime: dict) -> list[tuple]:
     """Checkpointing and reverse distillation at the best full-fine-tuning rate; a second seed of the best
     full fine-tuning (and the original's best LoRA). For the rank sweep's extra locks (``regime``, see
-    bench/dlr_regime.py): full fine-tuning at the original's best rate and the frozen-DLR attack, prose."""
+    `weightlock run dlr-regime`): full fine-tuning at the original's best rate and the frozen-DLR attack, prose."""
     jobs = []
     best_lr = max((r for r in done if r["task"] == REGIME_TASK and r["model"] == "original" and r["attack"] == "full"),
                   key=max_gain)["options"]["lr"]
@@ -409,7 +409,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-pmp", action="store_true")
     ap.add_argument("--regime-ranks", type=int, nargs="*", default=[8, 64],
-                    help="extra lock ranks for bench/dlr_regime.py (prose; full FT + frozen DLR only)")
+                    help="extra lock ranks for `weightlock run dlr-regime` (prose; full FT + frozen DLR only)")
     ap.add_argument("--regime-norm-rank", type=int, default=32, help="rank of the per-block-norm lock (0: none)")
     ap.add_argument("--timing-repeats", type=int, default=3, help="quiet timing passes (run on an idle machine)")
     ap.add_argument("--reanalyse", action="store_true", help="analyse the recorded JSON again, no runs (a row "
@@ -441,7 +441,7 @@ def main() -> None:
         rows += list(pool.map(run, second_jobs(models, args.tasks, rows, regime)))
     models.update(regime)
     set_threads_per_process(1)
-    # the original with frozen MLPs too: the frozen-DLR attack's step-time yardstick (bench/dlr_regime.py)
+    # the original with frozen MLPs too: the frozen-DLR attack's step-time yardstick (weightlock run dlr-regime)
     timings = quiet_timings(models, rows + [{"model": "original", "attack": "freeze", "options": {"train": "non-mlp"}}],
                             args.timing_repeats)
     rows = with_quiet_seconds(rows, timings)
