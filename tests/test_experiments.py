@@ -92,7 +92,7 @@ def test_spec_is_frozen_and_round_trips(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(WeightlockError, match="not valid YAML"):
         load_spec(tmp_path / "bad.yaml")
-    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: attacks, demo, demo-quick, dlr-regime"):
+    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: attacks, demo, demo-quick, dlr-fidelity"):
         load_spec("no-such-spec")
     # a sweep: per attack label, else the plan's group; the YAML spelling 1e-3 (a string to YAML) is a number
     s = ExperimentSpec.from_dict({**BASE, "attacks": {"full": {"lr": ["1e-3", 3e-3]}, "lora": {}}})
@@ -381,7 +381,8 @@ def test_every_shipped_spec_loads_and_expands_without_running():
     from weightlock.experiments.engine import _reference_specs, _target_defense, attack_specs
 
     names = shipped_specs()
-    assert {"demo", "demo-quick", "attacks", "pmp-sweep", "frontier", "dlr-regime"} <= set(names)
+    assert {"demo", "demo-quick", "attacks", "pmp-sweep", "frontier", "dlr-regime", "dlr-fidelity",
+            "pmp-recovery"} <= set(names)
     listed = CliRunner().invoke(app, ["run", "--list"]).output
     for name in names:
         spec = load_spec(name)
@@ -389,8 +390,11 @@ def test_every_shipped_spec_loads_and_expands_without_running():
         assert all(a.name in ANALYSES and a.name in listed for a in spec.analyses)
         releases = [e.make() for e in spec.defenses] + [_target_defense(t) for t in spec.targets]
         _reference_specs(make_defense("none"), releases, spec)  # every attack has its reference on the original
-        if "attack" in spec.stages:
+        if "attack" in spec.stages and spec.attacks != {}:  # attacks: [] builds and evaluates only
             assert all(attack_specs(d, spec) for d in releases), name
+    recovery = load_spec("pmp-recovery")
+    assert [e.key for e in recovery.defenses] == ["pmp-paper", "pmp-hardened"] and recovery.attacks == {}
+    assert dict(recovery.defenses[0].config)["variant"] == "paper" and "label" not in recovery.defenses[0].config
     sweep = load_spec("pmp-sweep")
     assert [dict(e.config)["mask_ratio"] for e in sweep.defenses] == [0.1, 0.3, 0.5, 0.7, 0.9]
     frontier = load_spec("frontier")
@@ -413,3 +417,22 @@ def test_pmp_gain_vs_ratio_reads_the_sweeps_rows(tmp_path):
     r = ANALYSES.get("pmp-gain-vs-ratio")(AnalysisContext(tmp_path, load_spec("pmp-sweep"), summary), figure=None)
     assert r["dense_gains"] == {"prose": {"full": 0.5, "lora": 0.3}}
     assert [(x["ratio"], x["method"], x["gain"]) for x in r["rows"]] == [(0.1, "full", 0.1), (0.5, "full", 0.2)]
+
+
+@pytest.mark.slow
+def test_a_spec_without_attacks_builds_evaluates_and_analyses(tmp_path, tiny_model_dir):
+    """attacks: [] — the build, the capability and the defenses' own evaluations, then the analyses (the bench's
+    base-model and lock-fidelity records come from such a spec)."""
+    model, _ = tiny_model_dir
+    spec = ExperimentSpec.from_dict({
+        "name": "no-attacks", "models": [{"preset": "tiny", "path": str(model), "name": "tiny"}],
+        "defenses": [{"name": "none", "sweep": [{"label": "plain"}, {"label": "copied", "copy": True}]}],
+        "attacks": [], "tasks": ["prose"], "measure": {"capability_tokens": 1024, "report": False},
+        "analyses": [{"name": "base-model", "options": {"max_tokens": 2048}}, "lock-fidelity"]})
+    assert [(e.key, dict(e.config)) for e in spec.defenses] == [("plain", {}), ("copied", {"copy": True})]
+    summary = run_experiment(spec, tmp_path / "run")["tiny"]
+    assert summary["attacks"] == [] and summary["verdicts"] == {} and set(summary["capability"]) == {
+        "reference", "plain", "copied"}
+    base = json.loads((tmp_path / "run" / "analysis" / "base-model.json").read_text())
+    assert base["preset"] == "tiny" and base["validation_perplexity"]["code"]["model"] > 1
+    assert json.loads((tmp_path / "run" / "analysis" / "lock-fidelity.json").read_text())["ranks"] == []

@@ -303,3 +303,92 @@ def lock_regime(ctx: AnalysisContext, source: str = "bench/results/cost_to_targe
         matplotlib.use("Agg")
         result["figure"] = _figure(ctx, figure, _regime_plot(results, task))
     return result
+
+
+@register_analysis("base-model")
+def base_model(ctx: AnalysisContext, max_tokens: int = 65536) -> dict:
+    """The original's size, pretraining speed and validation perplexity on code and prose, beside a unigram
+    model's on the same split and tokenizer."""
+    from ..data import load_blocks, load_tokenizer
+    from ..eval.perplexity import model_perplexity, unigram_perplexity
+    from ..train.pretrain import default_config
+
+    out = Path(ctx.summary["models"]["reference"])
+    preset = ctx.summary["preset"]
+    cfg = default_config(preset)
+    m = read_json(out / "metrics.json")
+    tok = load_tokenizer(out)
+    ppl = {}
+    for domain in ("code", "prose"):
+        r = model_perplexity(out, f"builtin:{domain}", "validation", max_tokens=max_tokens)
+        train = load_blocks(f"builtin:{domain}", "train", tok, cfg.block_size)
+        val = load_blocks(f"builtin:{domain}", "validation", tok, cfg.block_size, max_tokens)
+        ppl[domain] = {"model": r["perplexity"], "unigram": unigram_perplexity(train, val, len(tok)),
+                       "tokens": r["tokens"]}
+    return {"preset": preset, "model": str(out), "config": cfg.to_dict(), "parameters": m["parameters"],
+            "training_tokens": m["tokens_seen"], "wall_time_s": m["wall_time_s"], "tokens_per_s": m["tokens_per_s"],
+            "validation_perplexity": ppl, "history": [h for h in m["history"] if "val_ppl" in h]}
+
+
+@register_analysis("lock-fidelity", kind=schema.LOCK_FIDELITY)
+def lock_fidelity(ctx: AnalysisContext, options_study: bool = True, layer: int = 1) -> dict:
+    """DLR-Lock's fidelity per lock of the run (a rank sweep): depth, parameter counts, per-layer held-out error,
+    perplexity of the original and the lock and their ratio, lock time; and the design-option study on one
+    layer (activation, per-block norm, init, learning rate), how the defaults were chosen."""
+    from ..dlr import LockConfig
+
+    results = []
+    for d in ctx.summary["defenses"]:
+        if d["name"] not in ctx.summary["models"] or "rank" not in d["config"]:
+            continue
+        rep = read_json(Path(ctx.summary["models"][d["name"]]) / "lock_report.json")
+        results.append({
+            "rank": d["config"]["rank"], "release": ctx.summary["models"][d["name"]],
+            "depth": rep["layers"][0]["spec"]["depth"],
+            "parameters_before": rep["parameters_before"], "parameters_after": rep["parameters_after"],
+            "parameter_ratio": rep["parameters_after"] / rep["parameters_before"],
+            "mlp_parameters": rep["mlp_parameters"][0], "dlr_parameters": rep["dlr_parameters"][0],
+            "layer_rel_error": [x["rel_error"] for x in rep["layers"]],
+            "ppl_original": rep["ppl_before"], "ppl_locked": rep["ppl_after"], "ppl_ratio": rep["ppl_ratio"],
+            "lock_seconds": rep["seconds"], "distill_tokens_per_s": [x["tokens_per_s"] for x in rep["layers"]]})
+    base = Path(ctx.summary["models"]["reference"])
+    return {"base": str(base), "eval": "validation perplexity, builtin:code, 32,768 tokens",
+            "lock_config": LockConfig().__dict__, "ranks": results,
+            "options_study": _options_study(base, layer) if options_study else None}
+
+
+def _options_study(base: Path, layer: int = 1) -> list[dict]:
+    """One layer of ``base`` fitted by DLR-Nets of each design option (200 steps): held-out relative error."""
+    from ..data import load_blocks, load_tokenizer
+    from ..dlr import DLRSpec, LockConfig, capture, fit_layer, load
+
+    model, tok = load(base), load_tokenizer(base)
+    x, y = capture(model, load_blocks("builtin:code", "train", tok, 128, 131072), [layer])[layer]
+    d = model.config.hidden_size
+    rows = []
+    for v in (dict(), dict(activation="relu"), dict(activation="silu"), dict(norm=True), dict(init_scale=1.0),
+              dict(lr=3e-3)):
+        v = dict(v)
+        cfg = LockConfig(steps=200, progress=False, lr=v.pop("lr", 1e-2))
+        _, st = fit_layer(x, y, DLRSpec(d, 32, 32 if not v.get("norm") else 31, **v), cfg)
+        rows.append({"variant": v or {"default": True}, "lr": cfg.lr, "steps": cfg.steps,
+                     "rel_error": st["rel_error"], "seconds": st["seconds"]})
+    return rows
+
+
+@register_analysis("mask-recovery", kind=schema.MASK_RECOVERY)
+def mask_recovery(ctx: AnalysisContext) -> dict:
+    """Every mask-recovery attack's IoU with the true mask against chance, per PMP model of the run (the PMP
+    defense's own evaluation), with its pretraining record (early-bird discovery, validation perplexity)."""
+    variants = {}
+    for d in ctx.summary["defenses"]:
+        if "mask_ratio" not in d["config"]:
+            continue
+        ev = ctx.summary.get("by_defense", {}).get(d["name"]) or ctx.summary
+        run = Path(ctx.summary["models"][d["name"]]).parent / "pmp_run.json"
+        info = read_json(run) if run.exists() else {}
+        variants[d["config"].get("variant", d["name"])] = {
+            "label": d["name"], "pmp": d["config"], "discovery": info.get("discovery"),
+            "val_ppl": info.get("val_ppl"), "recovery": ev.get("mask_recovery")}
+    ratios = {v["pmp"]["mask_ratio"] for v in variants.values()}
+    return {"mask_ratio": ratios.pop() if len(ratios) == 1 else sorted(ratios), "variants": variants}

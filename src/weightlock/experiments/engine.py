@@ -354,7 +354,7 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
                           run_dir if len(points) == 1 else run_dir / f"lr{lr:g}-seed{seed}").run(on_record)
                 for lr, seed in points]
     references = {(key, s.label): (None if key == "reference" else s.reference) for _, key, s in specs}
-    rows, sweep = _attack_rows(runs, references, spec.budget.steps)
+    rows, sweep = _attack_rows(runs, references, spec.budget.steps) if runs else ([], [])
     summary = {
         "kind": schema.DEMO, "schema_version": schema.SCHEMA_VERSION, "weightlock_demo": 1,
         "preset": preset, "plan": jsonable(plan.to_dict()), "defenses": [d.record() for d in chosen],
@@ -370,7 +370,7 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
         (by_label.setdefault(d.name, {}) if _labelled(d) else summary).update(found)
     if by_label:
         summary["by_defense"] = by_label
-    summary["verdicts"] = verdicts(rows, summary, chosen + targets)
+    summary["verdicts"] = verdicts(rows, summary, chosen + targets) if rows else {}
     summary["seconds"] = {"this_run": time.perf_counter() - t0, "stages": stage_s}
     summary["machine"] = machine_info()
     write_json(out / "summary.json", summary)

@@ -126,7 +126,7 @@ def expand_sweep(sweep: Any, what: str, source: str) -> list[dict]:
                 raise WeightlockError(f"{source}: {what}.{k} is an empty list")
             points = [{**p, str(k): _number(v)} for p in points for v in values]
     elif isinstance(sweep, list) and sweep and all(isinstance(p, Mapping) and p for p in sweep):
-        points = [{str(k): _number(v) for k, v in p.items()} for p in sweep]
+        points = [{str(k): _number(v) for k, v in p.items()} for p in sweep]  # a point's `label` names it
     else:
         raise WeightlockError(f"{source}: {what} must be a grid (a mapping of settings to lists of values) or a "
                               f"non-empty list of points (mappings), got {sweep!r}")
@@ -137,7 +137,11 @@ def expand_sweep(sweep: Any, what: str, source: str) -> list[dict]:
 
 
 def point_label(base: str, point: Mapping) -> str:
-    """A sweep point's generated label: ``dlr`` + ``{rank: 8}`` → ``dlr-rank8``."""
+    """A sweep point's label: its own ``label`` (a list point may name itself), else generated: ``dlr`` +
+    ``{rank: 8}`` → ``dlr-rank8``."""
+    if "label" in point:
+        return str(point["label"])
+
     def fmt(v):
         return f"{v:g}" if isinstance(v, float) else str(v).replace("/", "_").replace(" ", "_")
 
@@ -252,6 +256,7 @@ class DefenseEntry:
             points = expand_sweep(x.get("sweep"), f"{where}.sweep", source)
             for p in points:
                 key = point_label(label or name, p) if "sweep" in x else label
+                p = {k: v for k, v in p.items() if k != "label"}
                 out.append(cls(name, _freeze({**dict(config), **p}), None if key == name else key))
         keys = [e.key for e in out]
         for k in keys:
@@ -291,11 +296,14 @@ class AttackEntry:
     def parse_all(cls, attacks: Any, source: str) -> Mapping[str, "AttackEntry"] | None:
         if attacks is None:
             return None
+        if attacks == []:  # no attacks: the build, the capability and the defenses' own evaluations only
+            return MappingProxyType({})
         if isinstance(attacks, list):
             attacks = {a: {} for a in attacks} if all(isinstance(a, str) for a in attacks) else attacks
         if not isinstance(attacks, Mapping) or not attacks:
             raise WeightlockError(f"{source}: attacks must map attack labels to their settings "
-                                  "(e.g. attacks: {full: {lr: [1e-3, 3e-3]}}), or be left out for every attack")
+                                  "(e.g. attacks: {full: {lr: [1e-3, 3e-3]}}), be left out for every attack, or be "
+                                  "[] for none")
         out: dict[str, AttackEntry] = {}
         for k, v in attacks.items():
             for label, entry in cls.parse(v, str(k), f"attacks.{k}", source):
@@ -349,7 +357,8 @@ class AttackEntry:
         if "sweep" in d and attack is None:
             attack = "?"  # resolved by check(): a planned attack swept is an explicit attack of the same kind
         return [(point_label(label, p) if "sweep" in d else label,
-                 cls(lr, _freeze({**dict(options), **p}), attack, group, reference, on)) for p in points]
+                 cls(lr, _freeze({k: v for k, v in {**dict(options), **p}.items() if k != "label"}), attack, group,
+                     reference, on)) for p in points]
 
     def to_dict(self) -> dict:
         d = {"lr": list(self.lr) if self.lr is not None else None, "options": thaw(self.options) or None,
@@ -644,7 +653,7 @@ class ExperimentSpec:
         if attacks is not None:
             planned = {s.label for e in entries for s in e.make().plan()}
             attacks = MappingProxyType({k: v for k, v in attacks.items() if k in planned or v.attack is not None})
-            if not attacks:
+            if self.attacks and not attacks:
                 raise WeightlockError(f"none of the spec's attacks ({', '.join(self.attacks)}) is planned against "
                                       f"{', '.join(names)} (their attacks: {', '.join(sorted(planned))})")
         return dataclasses.replace(self, defenses=tuple(entries), attacks=attacks).check()
