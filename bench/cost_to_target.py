@@ -5,8 +5,8 @@ attacker's gain, on the `small` model, for DLR-Lock at two ranks and for PMP.
                                    [--regime-ranks 8 64] [--regime-norm-rank 32]
     python bench/cost_to_target.py --reanalyse | --recount-memory     the recorded JSON again, no attack runs
 
-Models (built here when missing, kept under runs/bench): the dense base (bench/base_model.py), its
-DLR locks at each rank (default lock settings), and a PMP model pretrained with the same settings
+Models (built here when missing, kept under runs/bench): the dense base (`weightlock run dlr-fidelity --out
+runs/bench`), its DLR locks at each rank (default lock settings), and a PMP model pretrained with the same settings
 (hardened, ρ = 0.3). Every attack runs until its held-out task score stops improving (scored every 20
 steps, patience 3 scores) or the step budget, with batches of 8 × 128 tokens:
 
@@ -202,12 +202,12 @@ def row_memory(r: dict) -> dict:
 # the bench's locks as the recorded runs of 2026-11-24 had them: weightlock lock installed no sink component
 # then (LockConfig.sink, on by default since 2026-12-03); a JSON records its locks' settings from then on
 LOCK_SETTINGS_2026_11 = {"sink": False}
-PRESET = "small"  # the base model's preset (bench/base_model.py)
+PRESET = "small"  # the base model's preset (the dlr-fidelity spec)
 
 
 def architecture(key: str, preset: str = PRESET, lock_settings: dict | None = None, tokenizer=None):
     """The model ``key`` of this bench (``original``, ``pmp``, ``dlr-R``, ``dlr-R-norm``) rebuilt with fresh
-    random weights, nothing trained or distilled: the dense ``preset`` model as bench/base_model.py pretrains
+    random weights, nothing trained or distilled: the dense ``preset`` model as the dlr-fidelity spec pretrains
     it (PMP's model has the same architecture), or its DLR lock at rank R (per-block norm for ``-norm``) with
     the DLR-Nets ``weightlock lock`` installs — the lock's own specs (weightlock.dlr.distill.specs_for: depth
     matched to the MLP's parameters) for ``LockConfig(rank=R, norm=..., **lock_settings)`` — built the way a
@@ -428,7 +428,7 @@ def main() -> None:
         save("cost_to_target", d, kind=schema.LOCK_COST)
         return
     if not (BASE / "model.safetensors").exists():
-        sys.exit(f"{BASE} not found: run bench/base_model.py first")
+        sys.exit(f"{BASE} not found: run `weightlock run dlr-fidelity --out runs/bench` first")
     BUDGET["steps"] = args.steps
     wanted = [f"dlr-{r}" for r in args.ranks] + ([] if args.no_pmp else ["pmp"])
     extra = [f"dlr-{r}" for r in args.regime_ranks if r not in args.ranks]

@@ -286,7 +286,8 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
 
     preset = plan.preset
     base = out / f"base-{preset}" if base_model is None else Path(base_model)
-    work = {d.name: out / f"{_workdir(d)}-{preset}" for d in chosen}
+    # a labelled defense (a sweep's point) builds in a directory of its label; a registered one in NAME-PRESET
+    work = {d.name: out / (d.name if _labelled(d) else f"{_workdir(d)}-{preset}") for d in chosen}
     rebuilt: set[str] = set()
 
     def pretrain_base():

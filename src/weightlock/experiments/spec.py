@@ -296,7 +296,7 @@ class AttackEntry:
     def parse_all(cls, attacks: Any, source: str) -> Mapping[str, "AttackEntry"] | None:
         if attacks is None:
             return None
-        if attacks == [] or attacks == {}:  # no attacks: the build, the capability and the defenses' own evaluations only
+        if attacks == [] or attacks == {}:  # none: the build, the capability and the defenses' own evaluations
             return MappingProxyType({})
         if isinstance(attacks, list):
             attacks = {a: {} for a in attacks} if all(isinstance(a, str) for a in attacks) else attacks
