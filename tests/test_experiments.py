@@ -54,6 +54,10 @@ BASE = {"name": "x", "models": [{"preset": "tiny"}], "defenses": {"dlr": {"rank"
     ({"attacks": {"x": {"attack": "lora", "group": "fast"}}}, "attacks.x.group must be one of full, lora, masked"),
     ({"attacks": {"x": {"attack": "lora", "sweep": {"lr": [1]}}}}, "sweep learning rates as attacks.x.lr"),
     ({"attacks": {"x": {"attack": "full", "against": ["pmp"]}}}, "attacks.x.against: 'pmp' is no defense or target"),
+    ({"attacks": {"full": {}, "x": {"attack": "full", "lr": "best:nope"}}}, "attacks.x.lr: best:nope names no other"),
+    ({"attacks": {"x": {"attack": "full", "lr": "best:"}}}, "attacks.x.lr: best: needs an attack label"),
+    ({"attacks": {"x": {"attack": "full", "tasks": ["recall"]}}, "tasks": ["prose"]}, "attacks.x.tasks: 'recall' is"),
+    ({"attacks": {"x": {"attack": "full", "seeds": [1, 1]}}}, "attacks.x.seeds must be a non-empty list of distinct"),
     ({"targets": [{"name": "t", "dir": "/m"}]}, "unknown key 'dir' in targets[0]; valid keys: name, path"),
     ({"targets": [{"name": "dlr", "path": "/m"}]}, "a target shares its name with a defense"),
     ({"analyses": ["nope"]}, "analyses.nope: unknown analysis 'nope'"),
@@ -320,6 +324,7 @@ attacks:
     options: {{targets: all-linear, eval_tokens: 2048}}
     sweep: {{r: [2, 4]}}
     against: [locked]
+  full-seed1: {{attack: full, lr: "best:full", seeds: [1], against: [locked], options: {{eval_tokens: 2048}}}}
 tasks: [prose]
 budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
 measure: {{capability_tokens: 1024, memory_depths: [2, 4], report: false}}
@@ -342,7 +347,12 @@ def test_sweep_spec_with_a_target_and_explicit_attacks_runs_end_to_end(tmp_path,
     rows = {(r["defense"], r["attack"]) for r in summary["attacks"]}
     assert rows == {("reference", "full"), ("reference", "lora-all-r2"), ("reference", "lora-all-r4"),
                     ("none-copyFalse", "full"), ("none-copyTrue", "full"),
-                    ("locked", "full"), ("locked", "lora-all-r2"), ("locked", "lora-all-r4")}
+                    ("locked", "full"), ("locked", "lora-all-r2"), ("locked", "lora-all-r4"),
+                    ("reference", "full-seed1"), ("locked", "full-seed1")}
+    # a later stage: a second seed at the best learning rate the first stage found, on each side
+    second = AttackRun.from_dict(json.loads((out / "attacks" / "locked" / "prose" / "full-seed1" / "record.json")
+                                            .read_text()))
+    assert second.seed == 1 and second.config["lr"] == 2e-3
     assert set(summary["capability"]) == {"reference", "none-copyFalse", "none-copyTrue", "locked"}
     assert summary["targets"] == {"locked": str(tiny_locked_dir)} and "locked" in summary["verdicts"]
     assert {"none (none-copyFalse)", "none (none-copyTrue)"} <= set(summary["verdicts"])
@@ -352,15 +362,15 @@ def test_sweep_spec_with_a_target_and_explicit_attacks_runs_end_to_end(tmp_path,
                                          .read_text()))
     assert rec.config["r"] == 4 and rec.config["targets"] == "all-linear" and rec.target == str(tiny_locked_dir)
     table = json.loads((out / "analysis" / "attack-table.json").read_text())
-    assert table["spec"] == "tiny-sweep" and len(table["rows"]) == 8
+    assert table["spec"] == "tiny-sweep" and len(table["rows"]) == 10
     # the bench grids' analyses read the same records (what bench/results/attacks.json, frontier.json hold)
     gains = json.loads((out / "analysis" / "attack-gains.json").read_text())
-    assert gains["kind"] == "attack_curves" and len(gains["results"]) == 5
+    assert gains["kind"] == "attack_curves" and len(gains["results"]) == 6
     row = next(r for r in gains["results"] if r["release"] == "locked" and r["attack"] == "lora-all-r4")
     assert row["gain_locked_mean"] == pytest.approx(lora["gain"]) and len(row["score_curves"]["locked"]) == 1
     assert (out / "analysis" / "attacks.png").stat().st_size > 500
     frontier = json.loads((out / "analysis" / "memory-time-frontier.json").read_text())
-    assert frontier["kind"] == "memory_time_frontier" and len(frontier["rows"]) == 8
+    assert frontier["kind"] == "memory_time_frontier" and len(frontier["rows"]) == 10
     assert all(r["saved_activation_bytes"] > 0 and r["step_time_s"] > 0 for r in frontier["rows"])
     # the analyse stage alone reads the recorded summary: no attack runs again
     (out / "analysis" / "attack-table.json").unlink()

@@ -221,6 +221,7 @@ def _reference_specs(reference, chosen: list, spec: ExperimentSpec) -> list:
                                       f"{', '.join(sorted(ATTACKS))}")
             if s.reference not in needed:
                 needed.append(s.reference)
+    needed += [k for k, e in (spec.attacks or {}).items() if e.against and "reference" in e.against]
     return [refs[label] for label in refs if label in needed]
 
 
@@ -340,14 +341,27 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
              + [(d, d.name, s) for d in chosen + targets for s in attack_specs(d, spec)])
     runs = {}
     budget = plan.attack_budget()
+    entries = spec.attacks or {}
+    # those at another attack's best learning rate after the rest (their stage reads the others' records)
+    specs.sort(key=lambda x: entries.get(x[2].label) is not None and entries[x[2].label].best_of is not None)
     for task in spec.tasks:
         for defense, key, s in specs:
-            entry = (spec.attacks or {}).get(s.label)
+            entry = entries.get(s.label)
+            if entry is not None and entry.tasks and task not in entry.tasks:
+                continue
             override = thaw(entry.options) if entry is not None and entry.attack is None else {}
             needs = defense.hooks().attack_options(s, work.get(key, models[key]), plan)
             opts = {**budget, **s.options, **needs, **override}
-            lrs = spec.lrs(s.label, s.lr)
-            points = [(lr, seed) for lr in lrs for seed in seeds]
+            if entry is not None and entry.best_of is not None:
+                of = entry.best_of.removeprefix("reference:")
+                where = ("reference" if entry.best_of != of else key, of, task)
+                if where not in runs:
+                    raise WeightlockError(f"attack {s.label!r} on {key} ({task}) runs at the best rate of {of!r} on "
+                                          f"{where[0]}, which does not run there")
+                lrs = (_best_point(runs[where])[0].config["lr"],)
+            else:
+                lrs = spec.lrs(s.label, s.lr)
+            points = [(lr, seed) for lr in lrs for seed in (entry.seeds if entry and entry.seeds else seeds)]
             run_dir = out / "attacks" / key / task / s.label
             console.print(f"{task:7s} {key:9s} {s.label}")
             runs[(key, s.label, task)] = [

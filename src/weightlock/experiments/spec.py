@@ -270,7 +270,7 @@ class DefenseEntry:
         return {"name": self.name, **({"label": self.label} if self.label else {}), "config": thaw(self.config)}
 
 
-ATTACK_KEYS = ("attack", "lr", "group", "options", "reference", "against", "sweep")
+ATTACK_KEYS = ("attack", "lr", "group", "options", "reference", "against", "seeds", "tasks", "sweep")
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,12 @@ class AttackEntry:
                                  "its attack's name when a group, else full)")
     reference: str | None = _f(None, "the label of the attack on the original it is compared with (an explicit "
                                      "attack's default: itself)")
-    against: tuple[str, ...] | None = _f(None, "the defenses and targets (labels) it runs on (default: all)")
+    against: tuple[str, ...] | None = _f(None, "the defenses and targets (labels) it runs on (default: all); "
+                                               "`reference` runs it on the original even when nothing compares with it")
+    best_of: str | None = _f(None, "lr: best:LABEL (or best:reference:LABEL) runs at the attacker's best learning "
+                                   "rate of the attack LABEL on the same model (on the original), a later stage")
+    seeds: tuple[int, ...] | None = _f(None, "its own seeds (default: the spec's)")
+    tasks: tuple[str, ...] | None = _f(None, "the tasks it runs on (default: the spec's)")
 
     @classmethod
     def parse_all(cls, attacks: Any, source: str) -> Mapping[str, "AttackEntry"] | None:
@@ -323,7 +328,25 @@ class AttackEntry:
             if k not in ATTACK_KEYS:
                 raise WeightlockError(f"{source}: unknown key {k!r} in {path}; valid keys: {', '.join(ATTACK_KEYS)}")
         d = dict(data)
+        best_of = None
+        if isinstance(d.get("lr"), str) and d["lr"].startswith("best:"):
+            best_of = d.pop("lr")[5:]
+            if not best_of or best_of == "reference:":
+                raise WeightlockError(f"{source}: {path}.lr: best: needs an attack label (best:full, "
+                                      "best:reference:full)")
         lr = _lrs(d["lr"], f"{path}.lr", source) if d.get("lr") is not None else None
+        seeds = d.get("seeds")
+        if seeds is not None:
+            seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+            if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds):
+                raise WeightlockError(f"{source}: {path}.seeds must be a non-empty list of distinct integers")
+            seeds = tuple(_int(x, f"{path}.seeds", source) for x in seeds)
+        tasks = d.get("tasks")
+        if tasks is not None:
+            tasks = [tasks] if isinstance(tasks, str) else tasks
+            if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+                raise WeightlockError(f"{source}: {path}.tasks must be a non-empty list of the spec's tasks")
+            tasks = tuple(tasks)
         options = d.get("options") or {}
         if not isinstance(options, Mapping):
             raise WeightlockError(f"{source}: {path}.options must be a mapping of attack options")
@@ -358,10 +381,12 @@ class AttackEntry:
             attack = "?"  # resolved by check(): a planned attack swept is an explicit attack of the same kind
         return [(point_label(label, p) if "sweep" in d else label,
                  cls(lr, _freeze({k: v for k, v in {**dict(options), **p}.items() if k != "label"}), attack, group,
-                     reference, on)) for p in points]
+                     reference, on, best_of, seeds, tasks)) for p in points]
 
     def to_dict(self) -> dict:
-        d = {"lr": list(self.lr) if self.lr is not None else None, "options": thaw(self.options) or None,
+        d = {"lr": list(self.lr) if self.lr is not None else f"best:{self.best_of}" if self.best_of else None,
+             "options": thaw(self.options) or None, "seeds": list(self.seeds) if self.seeds else None,
+             "tasks": list(self.tasks) if self.tasks else None,
              "attack": self.attack, "group": self.group, "reference": self.reference,
              "against": list(self.against) if self.against else None}
         return {k: v for k, v in d.items() if v is not None}
@@ -623,8 +648,20 @@ class ExperimentSpec:
                     make_attack(name, **options)
                 except WeightlockError as err:
                     raise WeightlockError(f"{source}: attacks.{label}: {err}") from None
+                if entry.best_of is not None:
+                    of = entry.best_of.removeprefix("reference:")
+                    if of not in self.attacks or of == label:
+                        raise WeightlockError(f"{source}: attacks.{label}.lr: best:{entry.best_of} names no other "
+                                              f"attack of the spec ({', '.join(self.attacks)})")
+                    if self.attacks[of].best_of is not None:
+                        raise WeightlockError(f"{source}: attacks.{label}.lr: best:{entry.best_of} is itself run at "
+                                              "a best rate (one stage of best rates only)")
+                for t in entry.tasks or ():
+                    if t not in self.tasks:
+                        raise WeightlockError(f"{source}: attacks.{label}.tasks: {t!r} is not one of the spec's "
+                                              f"tasks ({', '.join(self.tasks)})")
                 for k in entry.against or ():
-                    if k not in keys:
+                    if k not in keys | {"reference"}:
                         raise WeightlockError(f"{source}: attacks.{label}.against: {k!r} is no defense or target "
                                               f"of the spec ({', '.join(sorted(keys))})")
                 resolved[label] = entry
