@@ -467,13 +467,7 @@ def test_bench_cost_to_target_budget_is_counted_training_memory_not_the_rss_peak
     """bench/cost_to_target.py's ``*_memory_budget``: the original full fine-tune's training memory (counted),
     never the runs' measured RSS peaks. A same-architecture attack with the budget's exact count fits however its
     peak came out; a run one byte over does not; rows with no count anywhere give no within-memory multiplier."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_cost_to_target", Path(__file__).resolve().parents[1] / "bench" / "cost_to_target.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from weightlock.experiments import lock_cost as bench
 
     def row(model, label, attack, scores, dt, memory, peak):
         return {"model": model, "task": "prose", "label": label, "attack": attack, "options": {},
@@ -500,14 +494,10 @@ def test_bench_cost_to_target_budget_is_counted_training_memory_not_the_rss_peak
 
 
 def _bench_cost_to_target():
-    import importlib.util
-    from pathlib import Path
+    """The cost-to-target analysis (``weightlock run cost-to-target``, was bench/cost_to_target.py)."""
+    from weightlock.experiments import lock_cost
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_cost_to_target", Path(__file__).resolve().parents[1] / "bench" / "cost_to_target.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return lock_cost
 
 
 def test_bench_recount_is_the_training_memory_a_real_attack_run_counts(tiny_model_dir, tiny_locked_dir):

@@ -96,7 +96,7 @@ def test_spec_is_frozen_and_round_trips(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(WeightlockError, match="not valid YAML"):
         load_spec(tmp_path / "bad.yaml")
-    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: attacks, demo, demo-quick, dlr-fidelity"):
+    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: attacks, cost-to-target, cost-to-target-re"):
         load_spec("no-such-spec")
     # a sweep: per attack label, else the plan's group; the YAML spelling 1e-3 (a string to YAML) is a number
     s = ExperimentSpec.from_dict({**BASE, "attacks": {"full": {"lr": ["1e-3", 3e-3]}, "lora": {}}})
@@ -324,7 +324,7 @@ attacks:
     options: {{targets: all-linear, eval_tokens: 2048}}
     sweep: {{r: [2, 4]}}
     against: [locked]
-  full-seed1: {{attack: full, lr: "best:full", seeds: [1], against: [locked], options: {{eval_tokens: 2048}}}}
+  full@seed1: {{attack: full, lr: "best:full", seeds: [1], against: [locked], options: {{eval_tokens: 2048}}}}
 tasks: [prose]
 budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
 measure: {{capability_tokens: 1024, memory_depths: [2, 4], report: false}}
@@ -332,6 +332,7 @@ analyses:
   - {{name: attack-table, options: {{task: prose}}}}
   - attack-gains
   - memory-time-frontier
+  - {{name: lock-cost, options: {{timing_repeats: 1, timing_steps: 2, figure: null}}}}
 """
 
 
@@ -348,9 +349,9 @@ def test_sweep_spec_with_a_target_and_explicit_attacks_runs_end_to_end(tmp_path,
     assert rows == {("reference", "full"), ("reference", "lora-all-r2"), ("reference", "lora-all-r4"),
                     ("none-copyFalse", "full"), ("none-copyTrue", "full"),
                     ("locked", "full"), ("locked", "lora-all-r2"), ("locked", "lora-all-r4"),
-                    ("reference", "full-seed1"), ("locked", "full-seed1")}
+                    ("reference", "full@seed1"), ("locked", "full@seed1")}
     # a later stage: a second seed at the best learning rate the first stage found, on each side
-    second = AttackRun.from_dict(json.loads((out / "attacks" / "locked" / "prose" / "full-seed1" / "record.json")
+    second = AttackRun.from_dict(json.loads((out / "attacks" / "locked" / "prose" / "full@seed1" / "record.json")
                                             .read_text()))
     assert second.seed == 1 and second.config["lr"] == 2e-3
     assert set(summary["capability"]) == {"reference", "none-copyFalse", "none-copyTrue", "locked"}
@@ -372,6 +373,14 @@ def test_sweep_spec_with_a_target_and_explicit_attacks_runs_end_to_end(tmp_path,
     frontier = json.loads((out / "analysis" / "memory-time-frontier.json").read_text())
     assert frontier["kind"] == "memory_time_frontier" and len(frontier["rows"]) == 10
     assert all(r["saved_activation_bytes"] > 0 and r["step_time_s"] > 0 for r in frontier["rows"])
+    # the lock cost multiplier (was bench/cost_to_target.py): rows from the records, a quiet timing pass
+    cost = json.loads((out / "analysis" / "lock-cost.json").read_text())
+    assert cost["kind"] == "lock_cost" and {a["defense"] for a in cost["analysis"]} == {
+        "none-copyFalse", "none-copyTrue", "locked"}
+    labels = {(r["model"], r["label"]) for r in cost["runs"]}
+    assert ("original", "full-lr0.002") in labels and ("locked", "full-lr0.002-seed1") in labels
+    assert all(p.get("seconds_in_run") is not None for r in cost["runs"] for p in r["cost_curve"])
+    assert len(cost["quiet_timings"]) >= 3
     # the analyse stage alone reads the recorded summary: no attack runs again
     (out / "analysis" / "attack-table.json").unlink()
     again: list = []
@@ -392,7 +401,7 @@ def test_every_shipped_spec_loads_and_expands_without_running():
 
     names = shipped_specs()
     assert {"demo", "demo-quick", "attacks", "pmp-sweep", "frontier", "dlr-regime", "dlr-fidelity",
-            "pmp-recovery"} <= set(names)
+            "pmp-recovery", "cost-to-target", "cost-to-target-reanalyse"} <= set(names)
     listed = CliRunner().invoke(app, ["run", "--list"]).output
     for name in names:
         spec = load_spec(name)
@@ -407,6 +416,10 @@ def test_every_shipped_spec_loads_and_expands_without_running():
     assert dict(recovery.defenses[0].config)["variant"] == "paper" and "label" not in recovery.defenses[0].config
     sweep = load_spec("pmp-sweep")
     assert [dict(e.config)["mask_ratio"] for e in sweep.defenses] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    cost = load_spec("cost-to-target")
+    assert [e.key for e in cost.defenses] == ["dlr-16", "dlr-32", "dlr-8", "dlr-64", "dlr-32-norm", "pmp"]
+    assert (cost.attacks["ckpt-dlr"].best_of, cost.attacks["full@regime"].best_of) == ("full", "reference:full")
+    assert cost.attacks["full@seed1"].seeds == (1,) and cost.attacks["freeze-dlr@regime"].tasks == ("prose",)
     frontier = load_spec("frontier")
     locked, = (_target_defense(t) for t in frontier.targets)
     assert [s.label for s in attack_specs(locked, frontier)] == list(frontier.attacks)

@@ -282,7 +282,7 @@ def lock_regime(ctx: AnalysisContext, source: str = "bench/results/cost_to_targe
 
     path = Path(source)
     if not path.exists():
-        raise WeightlockError(f"{path} not found: run bench/cost_to_target.py first")
+        raise WeightlockError(f"{path} not found: run `weightlock run cost-to-target` first")
     d = read_json(path)
     orig = [r for r in d["runs"] if r["model"] == "original" and r["task"] == task]
     timings = {(t["model"], t["attack"], tuple(sorted(t["options"].items()))): t for t in d["quiet_timings"]}
@@ -291,8 +291,8 @@ def lock_regime(ctx: AnalysisContext, source: str = "bench/results/cost_to_targe
     variants = [f"dlr-{r}" for r in (ranks or [8, 16, 32, 64])] + ([f"dlr-{norm_rank}-norm"] if norm_rank else [])
     missing = [v for v in variants if v not in d["models"]]
     if missing:
-        raise WeightlockError(f"{path} has no runs of {', '.join(missing)}: run bench/cost_to_target.py with "
-                              "--ranks/--regime-ranks/--regime-norm-rank covering them")
+        raise WeightlockError(f"{path} has no runs of {', '.join(missing)}: run the cost-to-target spec with "
+                              "locks covering them")
     quiet = read_json(fidelity) if Path(fidelity).exists() else None
     results = [_regime_row(v, d["models"][v], d["runs"], orig, timings, lr, quiet, d["q"], task) for v in variants]
     result = {"task": task, "source": str(path), "learning_rate_full": lr, "budget": d["budget"], "q": d["q"],
