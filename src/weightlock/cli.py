@@ -605,10 +605,18 @@ def run_cmd(
                 print(f"  {name:18s} {doc}")
         print("tasks: " + ", ".join(TASKS.names()) + " (a prompt/completion task + -loglik: scored by likelihood)")
         from .experiments.analyses import ANALYSES
+        from .experiments.spec import AttackEntry, Budget, ExperimentSpec, field_help
 
         print("analyses:")
         for name, a in ANALYSES.items():
             print(f"  {name:18s} {a.description}")
+        for title, cls in (("spec keys", ExperimentSpec), ("an attack's keys", AttackEntry), ("budget", Budget)):
+            print(f"{title}:")
+            for name, text in field_help(cls).items():
+                print(f"  {name:18s} {text}")
+            if cls is AttackEntry:
+                print(f"  {'sweep':18s} a grid {{option: [values]}} or a list of points: one attack per point "
+                      "(LABEL-KEYVALUE); a defense entry takes one too")
         return
     if spec is None:
         raise WeightlockError("name a spec (a .yaml/.json file or a shipped spec), or pass --list")
