@@ -407,11 +407,11 @@ def test_every_shipped_spec_loads_and_expands_without_running():
         spec = load_spec(name)
         assert ExperimentSpec.from_dict(spec.to_dict()) == spec and name in listed
         assert all(a.name in ANALYSES and a.name in listed for a in spec.analyses)
-    assert "spec keys:" in listed and "against" in listed and "reverse distillation's own" in listed
         releases = [e.make() for e in spec.defenses] + [_target_defense(t) for t in spec.targets]
         _reference_specs(make_defense("none"), releases, spec)  # every attack has its reference on the original
         if "attack" in spec.stages and spec.attacks != {}:  # attacks: [] builds and evaluates only
             assert all(attack_specs(d, spec) for d in releases), name
+    assert "spec keys:" in listed and "against" in listed and "reverse distillation's own" in listed
     recovery = load_spec("pmp-recovery")
     assert [e.key for e in recovery.defenses] == ["pmp-paper", "pmp-hardened"] and recovery.attacks == {}
     assert dict(recovery.defenses[0].config)["variant"] == "paper" and "label" not in recovery.defenses[0].config
