@@ -460,3 +460,33 @@ def test_a_spec_without_attacks_builds_evaluates_and_analyses(tmp_path, tiny_mod
     base = json.loads((tmp_path / "run" / "analysis" / "base-model.json").read_text())
     assert base["preset"] == "tiny" and base["validation_perplexity"]["code"]["model"] > 1
     assert json.loads((tmp_path / "run" / "analysis" / "lock-fidelity.json").read_text())["ranks"] == []
+
+
+def test_real_attacks_analysis_reproduces_the_recorded_red_team(tmp_path):
+    """The red team's analysis moved from bench/real_attacks.py into the library: re-analysing the recorded
+    runs gives the recorded analysis exactly (no file under bench/results is written)."""
+    from weightlock.experiments.analyses import ANALYSES, AnalysisContext
+
+    recorded = Path(__file__).resolve().parents[1] / "bench" / "results" / "real_attacks_gated-s4096.json"
+    d = json.loads(recorded.read_text())
+    ctx = AnalysisContext(tmp_path, load_spec("real-attacks-reanalyse"), {})
+    r = ANALYSES.get("real-attacks")(ctx, reanalyse=[str(recorded)], figure=False)
+    assert json.dumps(r["releases"]["gated-s4096"]["analysis"], sort_keys=True) == json.dumps(d["analysis"],
+                                                                                             sort_keys=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_target_must_be_faithful_when_the_spec_says_so(tmp_path):
+    from weightlock.experiments.engine import check_run, run_model
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "config.json").write_text("{}")
+    (release / "manifest.json").write_text(json.dumps({"fidelity": {"ppl_ratio": 1.2}}))
+    spec = ExperimentSpec.from_dict({**BASE, "defenses": [], "targets": [{"name": "r", "path": str(release),
+                                                                          "max_ppl_ratio": 1.05}],
+                                     "models": [{"preset": "tiny", "path": str(release)}]})
+    check_run(spec)
+    with pytest.raises(WeightlockError, match="ppl ratio 1.2000 > 1.05: not a faithful release"):
+        run_model(tmp_path / "out", spec)
+    assert not (tmp_path / "out").exists()

@@ -115,4 +115,4 @@ def attack_table(ctx: AnalysisContext, task: str | None = None) -> dict:
     return {"rows": rows, "sweep": ctx.summary.get("sweep", [])}
 
 
-from . import bench_analyses, lock_cost  # noqa: E402,F401  (register the bench grids' analyses)
+from . import bench_analyses, lock_cost, red_team  # noqa: E402,F401  (register the bench grids' analyses)

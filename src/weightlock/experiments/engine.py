@@ -180,8 +180,19 @@ def _target_defense(t: TargetEntry):
     from ..defenses import make_defense
 
     d = make_defense("none")
-    d.name, d.target = t.name, t.path
+    d.name, d.target, d.max_ppl_ratio = t.name, t.path, t.max_ppl_ratio
     return d
+
+
+def release_fidelity(path: str | Path) -> dict:
+    """A release's recorded fidelity (its manifest's ``fidelity``: ppl ratio, read-back ppl ratio, by data)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.exists():
+        raise WeightlockError(f"{path}: no manifest.json (not a weightlock release)")
+    fid = read_json(manifest).get("fidelity") or {}
+    if fid.get("ppl_ratio") is None:
+        raise WeightlockError(f"{path}: the manifest records no fidelity (ppl_ratio)")
+    return fid
 
 
 def attack_specs(d, spec: ExperimentSpec) -> list:
@@ -272,6 +283,11 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
         p = Path(t.target)
         if not (p.is_dir() or p.suffix.lower() == ".gguf" and p.is_file()):
             raise WeightlockError(f"target {t.name}: {p} is neither a model directory nor a .gguf file")
+        if t.max_ppl_ratio is not None:
+            ratio = release_fidelity(p)["ppl_ratio"]
+            if ratio > t.max_ppl_ratio:
+                raise WeightlockError(f"target {t.name}: {p} has ppl ratio {ratio:.4f} > {t.max_ppl_ratio}: not a "
+                                      "faithful release")
     t0 = time.perf_counter()
     stage_s: dict[str, float] = {}
 

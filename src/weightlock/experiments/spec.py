@@ -399,6 +399,8 @@ class TargetEntry:
 
     name: str = _f(help="its label in rows and directories")
     path: str = _f(help="a model directory or a .gguf file (relative to the working directory)")
+    max_ppl_ratio: float | None = _f(None, "attack it only when it is faithful: its manifest's recorded perplexity "
+                                           "ratio (fidelity.ppl_ratio) at most this (checked before any work)")
 
     @classmethod
     def parse_all(cls, targets: Any, source: str) -> tuple["TargetEntry", ...]:
@@ -414,7 +416,10 @@ class TargetEntry:
             if not isinstance(d.get("path"), str) or not d["path"]:
                 raise WeightlockError(f"{source}: targets[{i}].path must be a model directory or a .gguf file")
             name = d.get("name") or Path(d["path"]).stem
-            out.append(cls(_name(name, f"targets[{i}].name", source), d["path"]))
+            m = _number(d.get("max_ppl_ratio"))
+            if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+                raise WeightlockError(f"{source}: targets[{i}].max_ppl_ratio must be a positive number, got {m!r}")
+            out.append(cls(_name(name, f"targets[{i}].name", source), d["path"], None if m is None else float(m)))
         return tuple(out)
 
 
@@ -712,7 +717,7 @@ class ExperimentSpec:
              "measure": {**dataclasses.asdict(self.measure), "memory_depths": list(self.measure.memory_depths)},
              "stages": list(self.stages)}
         if self.targets:
-            d["targets"] = [dataclasses.asdict(t) for t in self.targets]
+            d["targets"] = [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in self.targets]
         if self.attacks is not None:
             d["attacks"] = {k: a.to_dict() for k, a in self.attacks.items()}
         if self.analyses:
