@@ -1,12 +1,16 @@
 """An experiment as data: :class:`ExperimentSpec`, loaded from YAML or JSON and checked before any work.
 
-A spec names the model(s) to attack (a pretraining preset, or a local model directory), the defenses
-with their configs, the attacks (by their label in the defenses' plans, with options and a learning-rate
-sweep), the tasks, the seeds, the budget (steps, batch, scoring, patience) and what to measure. Every
-section is a frozen dataclass that validates itself; a key the spec does not know is refused with one
-line that names it and the valid ones. ``weightlock run SPEC.yaml|NAME --out DIR`` runs it
-(:func:`weightlock.experiments.runner.run_experiment`); the specs shipped in the package
-(:func:`shipped_specs`: ``demo``, ``demo-quick``) are what ``weightlock demo [--quick]`` runs.
+A spec names the model(s) to attack (a pretraining preset, or a local model directory), the defenses with their
+configs or sweeps of them (:class:`DefenseEntry`: one entry per point, labelled), given releases to attack as
+they are (:class:`TargetEntry`: a release directory or a ``.gguf`` file), the attacks (:class:`AttackEntry`: by
+their label in the defenses' plans, or explicit with a registered attack and its settings; a learning-rate sweep,
+a sweep over options, or the best rate of another attack, a later stage; their own seeds and tasks), the tasks,
+the seeds, the budget (steps, batch, scoring, patience, sequence length, tokens), what to measure, the analyses
+(:class:`AnalysisEntry`) and the stages that run (build → attack → analyse). Every section is a frozen dataclass
+that validates itself and holds its defaults and help text (:func:`field_help`); a key the spec does not know is
+refused with one line that names it and the valid ones. ``weightlock run SPEC.yaml|NAME --out DIR`` runs it
+(:func:`weightlock.experiments.runner.run_experiment`); the specs shipped in the package (:func:`shipped_specs`)
+are the demo (``weightlock demo [--quick]`` runs ``demo``/``demo-quick``) and the bench's grid experiments.
 """
 from __future__ import annotations
 
