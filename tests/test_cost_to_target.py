@@ -435,7 +435,7 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
 
 
 def test_report_within_memory_column_is_the_counted_budget_only(tmp_path):
-    """bench/cost_to_target.py analyses: the report's "time × within training memory" shows the counted (or
+    """The lock-cost analysis: the report's "time × within training memory" shows the counted (or
     estimated, marked) budget's multiplier; an analysis from before the count (its budget was the RSS peak)
     shows n/a, not its number."""
     import json
@@ -464,7 +464,7 @@ def test_report_within_memory_column_is_the_counted_budget_only(tmp_path):
 
 
 def test_bench_cost_to_target_budget_is_counted_training_memory_not_the_rss_peak():
-    """bench/cost_to_target.py's ``*_memory_budget``: the original full fine-tune's training memory (counted),
+    """The lock-cost analysis's ``*_memory_budget``: the original full fine-tune's training memory (counted),
     never the runs' measured RSS peaks. A same-architecture attack with the budget's exact count fits however its
     peak came out; a run one byte over does not; rows with no count anywhere give no within-memory multiplier."""
     from weightlock.experiments import lock_cost as bench
@@ -501,7 +501,7 @@ def _bench_cost_to_target():
 
 
 def test_bench_recount_is_the_training_memory_a_real_attack_run_counts(tiny_model_dir, tiny_locked_dir):
-    """bench/cost_to_target.py's recount (a row recorded before weightlock counted training memory, its run
+    """The lock-cost analysis's recount (a row recorded before weightlock counted training memory, its run
     directory gone): the run's model rebuilt with random weights and nothing distilled, set up by the attack's
     own preparation, counted with the run's saved-activation bytes — exactly the bytes and parts a real run of
     the attack records: full fine-tuning and LoRA (every linear map) on the original; on the tiny lock full
