@@ -146,8 +146,8 @@ print(out)
 def test_gpu_bench_refuses_without_cuda(tmp_path):
     if CUDA:
         pytest.skip("a GPU is present: bench/timing.py gpu would run")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "timing.py"), "gpu"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], proc.stderr
