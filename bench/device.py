@@ -7,7 +7,7 @@ Steps, each in its own process under its own time limit (a step that fails or ru
 as such and the next one runs):
 
 1. ``triton``: ``pytest tests/test_triton.py`` — the fused kernel against the reference path on the GPU;
-2. ``inference``: ``bench/gpu.py --repeats 3`` — bf16 prefill and decode of the locked model against the
+2. ``inference``: ``bench/timing.py gpu --repeats 3`` — bf16 prefill and decode of the locked model against the
    original (writes bench/results/gpu_*.json);
 3. ``frontier``: ``bench/real_unreadable.py --device cuda --name real_unreadable_cuda`` — the random-start and
    continuation points of the price-of-unreadability frontier at the largest budget that fits the time left
@@ -75,7 +75,7 @@ def plan(args, cuda: bool) -> list[tuple[str, list[str], float]]:
                     "--calib-tokens", "65536", "--eval-tokens", "4096", "--batch", "1024",
                     "--recipes", "structured,random,anneal,penalty,attribution"]
     steps = [("triton", [py, "-m", "pytest", "-q", "-x", "tests/test_triton.py"], 60 if cuda else 30)]
-    steps.append(("inference", [py, "bench/gpu.py", "--repeats", "3", "--smollm2", args.model], 120))
+    steps.append(("inference", [py, "bench/timing.py", "gpu", "--repeats", "3", "--smollm2", args.model], 120))
     steps.append(("frontier", [py, "bench/real_unreadable.py", "--model", args.model,
                                "--out", str(Path(args.work) / "unreadable"), *frontier], 210 if cuda else 300))
     return steps

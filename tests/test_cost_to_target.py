@@ -139,7 +139,7 @@ def test_multiplier_note_states_time_flops_and_memory():
 
 def test_demo_verdict_carries_the_cost_multiplier():
     from weightlock.defenses import make_defense
-    from weightlock.demo import _memory_fields, verdicts
+    from weightlock.experiments.engine import _memory_fields, verdicts
 
     def row(defense, attack, gain_ratio, curve, memory, peak):
         return {"defense": defense, "attack": attack, "task": "prose", "gain_ratio": gain_ratio,
@@ -162,7 +162,7 @@ def test_demo_verdict_names_which_unlocked_gain_each_figure_compares_with():
     the original (a weak attack there), the second with the original's best attack (full fine-tuning). Each
     figure now says which gain it is a share of."""
     from weightlock.defenses import make_defense
-    from weightlock.demo import _memory_fields, verdicts
+    from weightlock.experiments.engine import _memory_fields, verdicts
 
     def row(defense, attack, gain_ratio, curve):
         return {"defense": defense, "attack": attack, "task": "recall", "gain_ratio": gain_ratio,
@@ -365,8 +365,8 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
     budget's exact count fits however its measured RSS peak came out. The report shows the same cells and
     verdicts."""
     from weightlock.defenses import make_defense
-    from weightlock.demo import DemoPlan, _attack_rows, training_memory_summary, verdicts
     from weightlock.eval.cost_to_target import cost_to_target
+    from weightlock.experiments.engine import _attack_rows, training_memory_summary, verdicts
     from weightlock.tables import ATTACK_HEAD, attack_rows
 
     budget = 10_000
@@ -385,7 +385,7 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
     # the demo's rows read only typed records (one per run; a sweep would give several)
     records = {k: [AttackRun.from_run(r, attack=k[1], task=k[2], defense=k[0], config={"lr": 1e-3})]
                for k, r in runs.items()}
-    rows, sweep = _attack_rows(records, references, DemoPlan(attack_steps=3))
+    rows, sweep = _attack_rows(records, references, 3)
     assert sweep == []
     summary = {"attacks": rows, "training_memory": training_memory_summary(rows)}
     assert summary["training_memory"]["budget_bytes"] == {"prose": budget}
@@ -435,7 +435,7 @@ def test_demo_verdict_summary_and_table_agree_on_memory_fit(tmp_path):
 
 
 def test_report_within_memory_column_is_the_counted_budget_only(tmp_path):
-    """bench/cost_to_target.py analyses: the report's "time × within training memory" shows the counted (or
+    """The lock-cost analysis: the report's "time × within training memory" shows the counted (or
     estimated, marked) budget's multiplier; an analysis from before the count (its budget was the RSS peak)
     shows n/a, not its number."""
     import json
@@ -464,16 +464,10 @@ def test_report_within_memory_column_is_the_counted_budget_only(tmp_path):
 
 
 def test_bench_cost_to_target_budget_is_counted_training_memory_not_the_rss_peak():
-    """bench/cost_to_target.py's ``*_memory_budget``: the original full fine-tune's training memory (counted),
+    """The lock-cost analysis's ``*_memory_budget``: the original full fine-tune's training memory (counted),
     never the runs' measured RSS peaks. A same-architecture attack with the budget's exact count fits however its
     peak came out; a run one byte over does not; rows with no count anywhere give no within-memory multiplier."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_cost_to_target", Path(__file__).resolve().parents[1] / "bench" / "cost_to_target.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from weightlock.experiments import lock_cost as bench
 
     def row(model, label, attack, scores, dt, memory, peak):
         return {"model": model, "task": "prose", "label": label, "attack": attack, "options": {},
@@ -500,18 +494,14 @@ def test_bench_cost_to_target_budget_is_counted_training_memory_not_the_rss_peak
 
 
 def _bench_cost_to_target():
-    import importlib.util
-    from pathlib import Path
+    """The cost-to-target analysis (``weightlock run cost-to-target``, was bench/cost_to_target.py)."""
+    from weightlock.experiments import lock_cost
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_cost_to_target", Path(__file__).resolve().parents[1] / "bench" / "cost_to_target.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return lock_cost
 
 
 def test_bench_recount_is_the_training_memory_a_real_attack_run_counts(tiny_model_dir, tiny_locked_dir):
-    """bench/cost_to_target.py's recount (a row recorded before weightlock counted training memory, its run
+    """The lock-cost analysis's recount (a row recorded before weightlock counted training memory, its run
     directory gone): the run's model rebuilt with random weights and nothing distilled, set up by the attack's
     own preparation, counted with the run's saved-activation bytes — exactly the bytes and parts a real run of
     the attack records: full fine-tuning and LoRA (every linear map) on the original; on the tiny lock full

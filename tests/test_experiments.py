@@ -14,29 +14,57 @@ FIELDS = Path(__file__).parent / "fixtures" / "demo_quick_fields.json"
 
 
 def test_shipped_specs_are_the_demo_plans():
-    """`weightlock demo [--quick]` runs the shipped specs: they translate to exactly the demo's plans."""
-    from weightlock.demo import FULL, QUICK
-    from weightlock.experiments.runner import plan_of
+    """`weightlock demo [--quick]` runs the shipped specs through the one engine; the spec is the plan (the engine
+    reads it through RunPlan, a view, no copy of its values)."""
+    from weightlock.experiments.engine import RunPlan
 
     assert {"demo", "demo-quick"} <= set(shipped_specs())
-    assert plan_of(load_spec("demo-quick")) == QUICK and plan_of(load_spec("demo")) == FULL
     for name in ("demo", "demo-quick"):
         spec = load_spec(name)
         assert [e.name for e in spec.defenses] == ["dlr", "pmp"] and spec.attacks is None and spec.seeds == (0,)
+    quick = RunPlan(load_spec("demo-quick"), load_spec("demo-quick").models[0])
+    assert (quick.preset, quick.block_size, quick.train_tokens, quick.tasks) == ("tiny", 64, 50_000,
+                                                                                 ("prose", "recall-loglik"))
+    full = RunPlan(load_spec("demo"), load_spec("demo").models[0])
+    assert (full.block_size, full.train_tokens, full.attack_budget()["steps"]) == (128, 200_000, 150)
 
 
 BASE = {"name": "x", "models": [{"preset": "tiny"}], "defenses": {"dlr": {"rank": 4}}}
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"budgte": {}}, "unknown key 'budgte' in the spec; valid keys: name, description, models, defenses, attacks"),
+    ({"budgte": {}}, "unknown key 'budgte' in the spec; valid keys: name, description, models, defenses, targets"),
     ({"budget": {"step": 3}}, "unknown key 'step' in budget; valid keys: steps, batch, score_every, patience"),
     ({"models": [{"preset": "tiny", "size": 3}]}, "unknown key 'size' in models[0]; valid keys: preset, path, name"),
-    ({"attacks": {"full": {"lrs": [1]}}}, "unknown key 'lrs' in attacks.full; valid keys: lr, options"),
+    ({"attacks": {"full": {"lrs": [1]}}}, "unknown key 'lrs' in attacks.full; valid keys: attack, lr, group, options"),
     ({"learning_rates": {"fast": 1e-3}}, "unknown key 'fast' in learning_rates; valid keys: full, lora, masked"),
     ({"measure": {"reprot": False}}, "unknown key 'reprot' in measure; valid keys: capability_tokens"),
     ({"defenses": {"dlr": {"rnak": 4}}}, "defenses.dlr: "),
     ({"defenses": {"nope": {}}}, "defenses.nope: unknown defense 'nope'"),
+    # issue 34: sweeps, explicit attacks, targets, analyses, stages
+    ({"defenses": [{"name": "dlr", "sweeps": {"rank": [4]}}]}, "unknown key 'sweeps' in defenses[0]; valid keys: name"),
+    ({"defenses": [{"name": "dlr", "sweep": {"rank": []}}]}, "defenses[0].sweep.rank is an empty list"),
+    ({"defenses": [{"name": "dlr", "sweep": {"rank": [4, 4]}}]}, "defenses[0].sweep repeats a point"),
+    ({"defenses": [{"name": "dlr", "sweep": 4}]}, "defenses[0].sweep must be a grid"),
+    ({"defenses": [{"name": "dlr", "sweep": {"rnak": [4, 8]}}]}, "defenses.dlr-rnak4: "),
+    ({"defenses": [{"name": "dlr", "sweep": {"rank": [4, "x"]}}]}, "defenses.dlr-rankx: "),
+    ({"defenses": ["dlr", {"name": "dlr", "config": {"rank": 8}}]}, "defense 'dlr' is named twice (give each a label)"),
+    ({"attacks": {"lora-all": {"attack": "lora", "options": {"targets": "every"}}}}, "attacks.lora-all: "),
+    ({"attacks": {"x": {"attack": "nope"}}}, "attacks.x: unknown attack 'nope'"),
+    ({"attacks": {"x": {"attack": "lora", "group": "fast"}}}, "attacks.x.group must be one of full, lora, masked"),
+    ({"attacks": {"x": {"attack": "lora", "sweep": {"lr": [1]}}}}, "sweep learning rates as attacks.x.lr"),
+    ({"attacks": {"x": {"attack": "full", "against": ["pmp"]}}}, "attacks.x.against: 'pmp' is no defense or target"),
+    ({"attacks": {"full": {}, "x": {"attack": "full", "lr": "best:nope"}}}, "attacks.x.lr: best:nope names no other"),
+    ({"attacks": {"x": {"attack": "full", "lr": "best:"}}}, "attacks.x.lr: best: needs an attack label"),
+    ({"attacks": {"x": {"attack": "full", "tasks": ["recall"]}}, "tasks": ["prose"]}, "attacks.x.tasks: 'recall' is"),
+    ({"attacks": {"x": {"attack": "full", "seeds": [1, 1]}}}, "attacks.x.seeds must be a non-empty list of distinct"),
+    ({"targets": [{"name": "t", "dir": "/m"}]}, "unknown key 'dir' in targets[0]; valid keys: name, path"),
+    ({"targets": [{"name": "dlr", "path": "/m"}]}, "a target shares its name with a defense"),
+    ({"analyses": ["nope"]}, "analyses.nope: unknown analysis 'nope'"),
+    ({"analyses": [{"name": "attack-table", "options": {"tsk": "prose"}}]},
+     "analyses.attack-table: unknown option 'tsk'; valid options: task, save_as"),
+    ({"stages": ["attack", "report"]}, "stages must be a non-empty list of build, attack, analyse"),
+    ({"budget": {"block_size": 0}}, "budget.block_size must be an integer ≥ 1, got 0"),
     ({"attacks": {"offload": {}}}, "unknown attack 'offload' in attacks; the defenses' attacks: full, lora"),
     ({"attacks": {"full": {"options": {"rnak": 2}}}}, "attacks.full: "),
     ({"attacks": {"full": {"lr": [1e-3, -1]}}}, "attacks.full.lr must be positive numbers"),
@@ -68,12 +96,55 @@ def test_spec_is_frozen_and_round_trips(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(WeightlockError, match="not valid YAML"):
         load_spec(tmp_path / "bad.yaml")
-    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: demo, demo-quick"):
+    with pytest.raises(WeightlockError, match="nor a shipped spec .shipped: attacks, cost-to-target, "):
         load_spec("no-such-spec")
     # a sweep: per attack label, else the plan's group; the YAML spelling 1e-3 (a string to YAML) is a number
     s = ExperimentSpec.from_dict({**BASE, "attacks": {"full": {"lr": ["1e-3", 3e-3]}, "lora": {}}})
     assert s.lrs("full", "full") == (1e-3, 3e-3) and s.lrs("lora", "lora") == (1e-2,)
     assert s.with_defenses(["none"]).attacks.keys() == {"full", "lora"}
+
+
+def test_sweeps_expand_to_one_entry_per_point_with_generated_labels():
+    from weightlock.experiments.spec import expand_sweep
+
+    assert expand_sweep({"rank": [8, 16], "steps": [1, 2]}, "s", "x") == [
+        {"rank": 8, "steps": 1}, {"rank": 8, "steps": 2}, {"rank": 16, "steps": 1}, {"rank": 16, "steps": 2}]
+    assert expand_sweep([{"rank": 8}, {"rank": 16, "steps": 3}], "s", "x") == [{"rank": 8}, {"rank": 16, "steps": 3}]
+    spec = ExperimentSpec.from_dict({
+        "name": "sweep", "models": ["tiny"],
+        "defenses": [{"name": "dlr", "config": {"steps": 10}, "sweep": {"rank": [8, 16, 32]}},
+                     {"name": "pmp", "label": "hardened", "sweep": [{"mask_ratio": 0.1}, {"mask_ratio": "5e-1"}]}],
+        "targets": [{"path": "runs/locks/gated.gguf"}],
+        "attacks": {"full": {"lr": [1e-3, 3e-3]},
+                    "lora-all": {"attack": "lora", "options": {"targets": "all-linear"}, "sweep": {"r": [4, 8]},
+                                 "against": ["dlr-rank8", "gated"]},
+                    "lora": {"sweep": {"r": [2]}}},
+        "analyses": [{"name": "attack-table", "options": {"task": "prose"}}], "stages": ["analyse", "build"]})
+    assert [(e.key, dict(e.config)) for e in spec.defenses] == [
+        ("dlr-rank8", {"steps": 10, "rank": 8}), ("dlr-rank16", {"steps": 10, "rank": 16}),
+        ("dlr-rank32", {"steps": 10, "rank": 32}), ("hardened-mask_ratio0.1", {"mask_ratio": 0.1}),
+        ("hardened-mask_ratio0.5", {"mask_ratio": 0.5})]
+    assert [d.name for d in (e.make() for e in spec.defenses)][:1] == ["dlr-rank8"]  # rows, dirs: the label
+    assert [(t.name, t.path) for t in spec.targets] == [("gated", "runs/locks/gated.gguf")]
+    assert list(spec.attacks) == ["full", "lora-all-r4", "lora-all-r8", "lora-r2"]
+    a = spec.attacks["lora-all-r8"]
+    assert (a.attack, a.group, dict(a.options), a.against) == ("lora", "lora", {"targets": "all-linear", "r": 8},
+                                                          ("dlr-rank8", "gated"))
+    # a swept planned attack becomes its plan's attack with the point's options
+    b = spec.attacks["lora-r2"]
+    assert (b.attack, b.group, dict(b.options)) == ("lora", "lora", {"targets": "attention", "r": 2})
+    assert spec.stages == ("build", "analyse") and spec.lrs("full", "full") == (1e-3, 3e-3)
+    assert ExperimentSpec.from_dict(spec.to_dict()) == spec  # expanded once, read back the same
+
+    from weightlock.defenses import make_defense
+    from weightlock.experiments.engine import _target_defense, attack_specs
+
+    dlr8 = spec.defenses[0].make()
+    assert [s.label for s in attack_specs(dlr8, spec)] == ["full", "lora-all-r4", "lora-all-r8", "lora-r2"]
+    assert [s.label for s in attack_specs(spec.defenses[1].make(), spec)] == ["full", "lora-r2"]
+    assert [s.label for s in attack_specs(_target_defense(spec.targets[0]), spec)] == [
+        "full", "lora-all-r4", "lora-all-r8", "lora-r2"]
+    assert make_defense("dlr").name == "dlr"  # a label never leaks into the registered class
 
 
 def _run(scores=(0.5, 0.6, 0.8)):
@@ -236,3 +307,186 @@ def test_readme_example_spec_is_valid():
     spec = ExperimentSpec.from_dict(yaml.safe_load(text), source="README")
     assert spec.name == "lock-vs-lora" and spec.lrs("lora", "lora") == (3e-3, 1e-2, 3e-2) and spec.seeds == (0, 1)
     assert spec.lrs("full", "full") == (2e-3,) and dict(spec.attacks["lora"].options) == {"r": 16}
+
+
+SWEEP_SPEC = """\
+name: tiny-sweep
+models:
+  - {{preset: tiny, path: {model}, name: tiny}}
+defenses:
+  - {{name: none, sweep: {{copy: [false, true]}}}}
+targets:
+  - {{name: locked, path: {locked}}}
+attacks:
+  full: {{options: {{eval_tokens: 2048}}}}
+  lora-all:
+    attack: lora
+    options: {{targets: all-linear, eval_tokens: 2048}}
+    sweep: {{r: [2, 4]}}
+    against: [locked]
+  full@seed1: {{attack: full, lr: "best:full", seeds: [1], against: [locked], options: {{eval_tokens: 2048}}}}
+tasks: [prose]
+budget: {{steps: 2, batch: 2, score_every: 1, patience: 0}}
+measure: {{capability_tokens: 1024, memory_depths: [2, 4], report: false}}
+analyses:
+  - {{name: attack-table, options: {{task: prose}}}}
+  - attack-gains
+  - memory-time-frontier
+  - {{name: lock-cost, options: {{timing_repeats: 1, timing_steps: 2, figure: null}}}}
+"""
+
+
+@pytest.mark.slow
+def test_sweep_spec_with_a_target_and_explicit_attacks_runs_end_to_end(tmp_path, tiny_model_dir, tiny_locked_dir):
+    """A defense sweep (one build per point, labelled), a given release as a target, an explicit attack swept over
+    its options on the target only (and on the original, its reference), then the analyse stage, alone too."""
+    model, _ = tiny_model_dir
+    spec_file = tmp_path / "sweep.yaml"
+    spec_file.write_text(SWEEP_SPEC.format(model=model, locked=tiny_locked_dir))
+    out = tmp_path / "run"
+    summary = run_experiment(spec_file, out)["tiny"]
+    rows = {(r["defense"], r["attack"]) for r in summary["attacks"]}
+    assert rows == {("reference", "full"), ("reference", "lora-all-r2"), ("reference", "lora-all-r4"),
+                    ("none-copyFalse", "full"), ("none-copyTrue", "full"),
+                    ("locked", "full"), ("locked", "lora-all-r2"), ("locked", "lora-all-r4"),
+                    ("reference", "full@seed1"), ("locked", "full@seed1")}
+    # a later stage: a second seed at the best learning rate the first stage found, on each side
+    second = AttackRun.from_dict(json.loads((out / "attacks" / "locked" / "prose" / "full@seed1" / "record.json")
+                                            .read_text()))
+    assert second.seed == 1 and second.config["lr"] == 2e-3
+    assert set(summary["capability"]) == {"reference", "none-copyFalse", "none-copyTrue", "locked"}
+    assert summary["targets"] == {"locked": str(tiny_locked_dir)} and "locked" in summary["verdicts"]
+    assert {"none (none-copyFalse)", "none (none-copyTrue)"} <= set(summary["verdicts"])
+    lora = next(r for r in summary["attacks"] if r["defense"] == "locked" and r["attack"] == "lora-all-r4")
+    assert lora["reference_attack"] == "lora-all-r4"
+    rec = AttackRun.from_dict(json.loads((out / "attacks" / "locked" / "prose" / "lora-all-r4" / "record.json")
+                                         .read_text()))
+    assert rec.config["r"] == 4 and rec.config["targets"] == "all-linear" and rec.target == str(tiny_locked_dir)
+    table = json.loads((out / "analysis" / "attack-table.json").read_text())
+    assert table["spec"] == "tiny-sweep" and len(table["rows"]) == 10
+    # the bench grids' analyses read the same records (what bench/results/attacks.json, frontier.json hold)
+    gains = json.loads((out / "analysis" / "attack-gains.json").read_text())
+    assert gains["kind"] == "attack_curves" and len(gains["results"]) == 6
+    row = next(r for r in gains["results"] if r["release"] == "locked" and r["attack"] == "lora-all-r4")
+    assert row["gain_locked_mean"] == pytest.approx(lora["gain"]) and len(row["score_curves"]["locked"]) == 1
+    assert (out / "analysis" / "attacks.png").stat().st_size > 500
+    frontier = json.loads((out / "analysis" / "memory-time-frontier.json").read_text())
+    assert frontier["kind"] == "memory_time_frontier" and len(frontier["rows"]) == 10
+    assert all(r["saved_activation_bytes"] > 0 and r["step_time_s"] > 0 for r in frontier["rows"])
+    # the lock cost multiplier (was bench/cost_to_target.py): rows from the records, a quiet timing pass
+    cost = json.loads((out / "analysis" / "lock-cost.json").read_text())
+    assert cost["kind"] == "lock_cost" and {a["defense"] for a in cost["analysis"]} == {
+        "none-copyFalse", "none-copyTrue", "locked"}
+    labels = {(r["model"], r["label"]) for r in cost["runs"]}
+    assert ("original", "full-lr0.002") in labels and ("locked", "full-lr0.002-seed1") in labels
+    assert all(p.get("seconds_in_run") is not None for r in cost["runs"] for p in r["cost_curve"])
+    assert len(cost["quiet_timings"]) >= 3
+    # the analyse stage alone reads the recorded summary: no attack runs again
+    (out / "analysis" / "attack-table.json").unlink()
+    again: list = []
+    spec = dataclasses.replace(load_spec(spec_file), stages=("analyse",))
+    run_experiment(spec, out, on_record=again.append)
+    assert again == [] and (out / "analysis" / "attack-table.json").exists()
+
+
+def test_every_shipped_spec_loads_and_expands_without_running():
+    """Every spec shipped in the package (the demo and the bench grids) validates, expands (sweeps, explicit
+    attacks, targets) and names registered analyses; `weightlock run --list` lists each."""
+    from typer.testing import CliRunner
+
+    from weightlock.cli import app
+    from weightlock.defenses import make_defense
+    from weightlock.experiments.analyses import ANALYSES
+    from weightlock.experiments.engine import _reference_specs, _target_defense, attack_specs
+
+    names = shipped_specs()
+    assert {"demo", "demo-quick", "attacks", "pmp-sweep", "frontier", "dlr-regime", "dlr-fidelity",
+            "pmp-recovery", "cost-to-target", "cost-to-target-reanalyse"} <= set(names)
+    listed = CliRunner().invoke(app, ["run", "--list"]).output
+    for name in names:
+        spec = load_spec(name)
+        assert ExperimentSpec.from_dict(spec.to_dict()) == spec and name in listed
+        assert all(a.name in ANALYSES and a.name in listed for a in spec.analyses)
+        releases = [e.make() for e in spec.defenses] + [_target_defense(t) for t in spec.targets]
+        _reference_specs(make_defense("none"), releases, spec)  # every attack has its reference on the original
+        if "attack" in spec.stages and spec.attacks != {}:  # attacks: [] builds and evaluates only
+            assert all(attack_specs(d, spec) for d in releases), name
+    assert "spec keys:" in listed and "against" in listed and "reverse distillation's own" in listed
+    recovery = load_spec("pmp-recovery")
+    assert [e.key for e in recovery.defenses] == ["pmp-paper", "pmp-hardened"] and recovery.attacks == {}
+    assert dict(recovery.defenses[0].config)["variant"] == "paper" and "label" not in recovery.defenses[0].config
+    sweep = load_spec("pmp-sweep")
+    assert [dict(e.config)["mask_ratio"] for e in sweep.defenses] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    cost = load_spec("cost-to-target")
+    assert [e.key for e in cost.defenses] == ["dlr-16", "dlr-32", "dlr-8", "dlr-64", "dlr-32-norm", "pmp"]
+    assert (cost.attacks["ckpt-dlr"].best_of, cost.attacks["full@regime"].best_of) == ("full", "reference:full")
+    assert cost.attacks["full@seed1"].seeds == (1,) and cost.attacks["freeze-dlr@regime"].tasks == ("prose",)
+    frontier = load_spec("frontier")
+    locked, = (_target_defense(t) for t in frontier.targets)
+    assert [s.label for s in attack_specs(locked, frontier)] == list(frontier.attacks)
+    assert frontier.attacks["ckpt-dlr"].reference == "none"
+
+
+def test_pmp_gain_vs_ratio_reads_the_sweeps_rows(tmp_path):
+    from weightlock.experiments.analyses import ANALYSES, AnalysisContext
+
+    summary = {"defenses": [{"name": f"pmp-mask_ratio{r}", "config": {"mask_ratio": r}} for r in (0.1, 0.5)],
+               "models": {"reference": str(tmp_path / "base"), "pmp-mask_ratio0.1": str(tmp_path / "a" / "release"),
+                          "pmp-mask_ratio0.5": str(tmp_path / "b" / "release")},
+               "plan": {"block_size": 128},
+               "attacks": [{"defense": d, "attack": a, "task": "prose", "gain": g, "score_before": 1.0,
+                            "score_after": 1.0 + g, "capability_ppl_after": 5.0}
+                           for d, a, g in (("reference", "full", 0.5), ("reference", "lora", 0.3),
+                                           ("pmp-mask_ratio0.1", "full", 0.1), ("pmp-mask_ratio0.5", "full", 0.2))]}
+    r = ANALYSES.get("pmp-gain-vs-ratio")(AnalysisContext(tmp_path, load_spec("pmp-sweep"), summary), figure=None)
+    assert r["dense_gains"] == {"prose": {"full": 0.5, "lora": 0.3}}
+    assert [(x["ratio"], x["method"], x["gain"]) for x in r["rows"]] == [(0.1, "full", 0.1), (0.5, "full", 0.2)]
+
+
+@pytest.mark.slow
+def test_a_spec_without_attacks_builds_evaluates_and_analyses(tmp_path, tiny_model_dir):
+    """attacks: [] — the build, the capability and the defenses' own evaluations, then the analyses (the bench's
+    base-model and lock-fidelity records come from such a spec)."""
+    model, _ = tiny_model_dir
+    spec = ExperimentSpec.from_dict({
+        "name": "no-attacks", "models": [{"preset": "tiny", "path": str(model), "name": "tiny"}],
+        "defenses": [{"name": "none", "sweep": [{"label": "plain"}, {"label": "copied", "copy": True}]}],
+        "attacks": [], "tasks": ["prose"], "measure": {"capability_tokens": 1024, "report": False},
+        "analyses": [{"name": "base-model", "options": {"max_tokens": 2048}}, "lock-fidelity"]})
+    assert [(e.key, dict(e.config)) for e in spec.defenses] == [("plain", {}), ("copied", {"copy": True})]
+    summary = run_experiment(spec, tmp_path / "run")["tiny"]
+    assert summary["attacks"] == [] and summary["verdicts"] == {} and set(summary["capability"]) == {
+        "reference", "plain", "copied"}
+    base = json.loads((tmp_path / "run" / "analysis" / "base-model.json").read_text())
+    assert base["preset"] == "tiny" and base["validation_perplexity"]["code"]["model"] > 1
+    assert json.loads((tmp_path / "run" / "analysis" / "lock-fidelity.json").read_text())["ranks"] == []
+
+
+def test_real_attacks_analysis_reproduces_the_recorded_red_team(tmp_path):
+    """The red team's analysis moved from bench/real_attacks.py into the library: re-analysing the recorded
+    runs gives the recorded analysis exactly (no file under bench/results is written)."""
+    from weightlock.experiments.analyses import ANALYSES, AnalysisContext
+
+    recorded = Path(__file__).resolve().parents[1] / "bench" / "results" / "real_attacks_gated-s4096.json"
+    d = json.loads(recorded.read_text())
+    ctx = AnalysisContext(tmp_path, load_spec("real-attacks-reanalyse"), {})
+    r = ANALYSES.get("real-attacks")(ctx, reanalyse=[str(recorded)], figure=False)
+    assert json.dumps(r["releases"]["gated-s4096"]["analysis"], sort_keys=True) == json.dumps(d["analysis"],
+                                                                                             sort_keys=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_target_must_be_faithful_when_the_spec_says_so(tmp_path):
+    from weightlock.experiments.engine import check_run, run_model
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "config.json").write_text("{}")
+    (release / "manifest.json").write_text(json.dumps({"fidelity": {"ppl_ratio": 1.2}}))
+    spec = ExperimentSpec.from_dict({**BASE, "defenses": [], "targets": [{"name": "r", "path": str(release),
+                                                                          "max_ppl_ratio": 1.05}],
+                                     "models": [{"preset": "tiny", "path": str(release)}]})
+    check_run(spec)
+    with pytest.raises(WeightlockError, match="ppl ratio 1.2000 > 1.05: not a faithful release"):
+        run_model(tmp_path / "out", spec)
+    assert not (tmp_path / "out").exists()

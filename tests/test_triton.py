@@ -1,7 +1,7 @@
 """The CUDA inference paths of DLR-Nets: the fused Triton kernel computes what the reference path computes
 (checked on CPU by Triton's interpreter, in a subprocess: see tests/triton_cases.py), CUDA-graph decoding
 replays it, and the path selection never picks a CUDA path for CPU tensors. Tests that need a GPU are
-skipped without one; `bench/gpu.py` refuses to run without one."""
+skipped without one; `bench/timing.py gpu` refuses to run without one."""
 import importlib.util
 import json
 import os
@@ -147,9 +147,9 @@ print(out)
 
 def test_gpu_bench_refuses_without_cuda(tmp_path):
     if CUDA:
-        pytest.skip("a GPU is present: bench/gpu.py would run")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+        pytest.skip("a GPU is present: bench/timing.py gpu would run")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "timing.py"), "gpu"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], proc.stderr

@@ -565,20 +565,18 @@ def demo(
 ) -> None:
     """Run the whole story on the built-in corpus (reuses cached artifacts in --out): `weightlock run demo`
     (or `demo-quick` with --quick)."""
-    from .defenses import DEFENSES
-    from .experiments import run_experiment
+    from .demo import run_demo
 
     # as the demo always did: every registered defense (plug-ins too) unless --defense names some; the spec
     # configures the built-ins
-    names = list(defense) or [n for n in DEFENSES if n != "none"]
-    run_experiment("demo-quick" if quick else "demo", out, defenses=names)
+    run_demo(out, quick=quick, defenses=list(defense) or None)
 
 
 @app.command("run")
 @user_errors
 def run_cmd(
     spec: Optional[str] = typer.Argument(None, help="An experiment spec (a .yaml or .json file) or a shipped spec's "
-                                         "name (demo, demo-quick)."),
+                                         "name (demo, demo-quick, attacks, ...: see --list)."),
     out: Path = typer.Option(None, help="Where the experiment keeps its models, records and results "
                              "(default: runs/NAME)."),
     defense: list[str] = typer.Option([], help="Run only this registered defense (repeatable; default: the spec's)."),
@@ -597,13 +595,28 @@ def run_cmd(
         from .eval.tasks import TASKS
         from .experiments.spec import shipped_specs
 
-        print("shipped specs: " + ", ".join(shipped_specs()))
+        print("shipped specs:")
+        for name in shipped_specs():
+            print(f"  {name:18s} {load_spec(name).description}")
         for title, reg in (("defenses", DEFENSES), ("attacks", ATTACKS)):
             print(f"{title}:")
             for name, obj in reg.items():
                 doc = getattr(obj, "description", None) or (obj.__doc__ or "").strip().split("\n")[0]
                 print(f"  {name:18s} {doc}")
         print("tasks: " + ", ".join(TASKS.names()) + " (a prompt/completion task + -loglik: scored by likelihood)")
+        from .experiments.analyses import ANALYSES
+        from .experiments.spec import AttackEntry, Budget, ExperimentSpec, field_help
+
+        print("analyses:")
+        for name, a in ANALYSES.items():
+            print(f"  {name:18s} {a.description}")
+        for title, cls in (("spec keys", ExperimentSpec), ("an attack's keys", AttackEntry), ("budget", Budget)):
+            print(f"{title}:")
+            for name, text in field_help(cls).items():
+                print(f"  {name:18s} {text}")
+            if cls is AttackEntry:
+                print(f"  {'sweep':18s} a grid {{option: [values]}} or a list of points: one attack per point "
+                      "(LABEL-KEYVALUE); a defense entry takes one too")
         return
     if spec is None:
         raise WeightlockError("name a spec (a .yaml/.json file or a shipped spec), or pass --list")

@@ -21,7 +21,8 @@ class AttackSpec:
 
 
 class HarnessPlan(Protocol):
-    """What a defense's harness hooks read of the experiment's plan (:class:`weightlock.demo.DemoPlan` is one)."""
+    """What a defense's harness hooks read of the experiment's plan
+    (:class:`weightlock.experiments.engine.RunPlan` is one: the spec as one model's run reads it)."""
 
     tasks: tuple[str, ...]  # the tasks attacked, the first one's rows make the frontier
     memory_depths: tuple[int, ...]  # depths of the memory-vs-depth evaluation

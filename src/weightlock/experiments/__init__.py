@@ -1,6 +1,9 @@
-"""Experiments as data: a spec (:class:`ExperimentSpec`, YAML or JSON) run by one runner
-(:func:`run_experiment`, ``weightlock run``), each attack run kept as a typed :class:`AttackRun` record;
-and the harness the scripts under ``bench/`` share (:mod:`weightlock.experiments.harness`).
+"""Experiments as data: a spec (:class:`ExperimentSpec`, YAML or JSON: models, defenses and their sweeps, targets,
+attacks with their settings and sweeps, tasks, seeds, budget, analyses, stages) run by one engine
+(:mod:`weightlock.experiments.engine`, through :func:`run_experiment`: ``weightlock run``, ``weightlock demo`` and
+the bench's grid experiments, shipped as specs), each attack run kept as a typed :class:`AttackRun` record and
+analysed by registered analyses (:mod:`weightlock.experiments.analyses`); and the harness the scripts left
+under ``bench/`` share (:mod:`weightlock.experiments.harness`).
 
 Importing this package is light (no torch): the runner is imported when called.
 """

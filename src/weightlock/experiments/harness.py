@@ -1,7 +1,8 @@
-"""The harness the scripts under ``bench/`` share: where their results go and what machine produced them
-(:func:`save`), one attack run reduced to a result row (:func:`attack_job`, :func:`timing_key`,
+"""The harness the bench shares (its scripts and the shipped specs' analyses): where results go and what machine
+produced them (:func:`save`), what an attack row's step time depends on and its best gain (:func:`timing_key`,
 :func:`max_gain`), and the Llama-shaped model pair the memory and timing meters measure
-(:func:`llama_shaped_pair`).
+(:func:`llama_shaped_pair`). Attack runs themselves are the experiment engine's one job type
+(:class:`weightlock.experiments.engine.AttackJob`).
 
 A bench script imports only from ``weightlock`` (no ``sys.path`` edits) and stays runnable as
 ``python bench/NAME.py`` from the repository root.
@@ -47,27 +48,6 @@ def save(name: str, result: dict, kind: str | None = None) -> Path:
     write_json(path, record)
     print(f"wrote {path}")
     return path
-
-
-def attack_job(root: Path, budget: dict, job: tuple) -> dict:
-    """One attack run under ``root/TASK/MODEL/LABEL`` (skipped when finished there) with the shared ``budget``
-    options, overridden by the job's; ``job`` = (model key, model dir, task, label, attack, options).
-    Returns its row: gain, curve and costs."""
-    from ..attacks import run_attack
-    from ..eval.cost_to_target import run_training_memory
-
-    key, model, task, label, attack, options = job
-    out = Path(root) / task / key / label
-    r = schema.target_run(run_attack(model, task, attack, out, **{**budget, **options}), out)  # a job's options win
-    print(f"{task:7s} {key:8s} {label:28s} gain {r['gain']:+.4f} steps {r['cost_curve'][-1]['step']:3d} "
-          f"{r['cost_curve'][-1]['seconds']:6.0f} s", flush=True)
-    return {"model": key, "task": task, "label": label, "attack": attack, "options": options, "dir": str(out),
-            **{k: r[k] for k in ("gain", "before", "after", "cost_curve", "stopped_early", "capability_ppl_after")},
-            "peak_delta_bytes": r["cost"].get("peak_rss_delta_bytes"),  # measured: reported, never a budget
-            # counted (parameters + gradients + optimizer state + saved activations): the memory budget's measure
-            "training_memory": run_training_memory(r, {**budget, **options}.get("optimizer")),
-            "saved_activation_bytes": r["cost"]["saved_activation_bytes_per_step"],
-            "step_time_s": r["cost"]["step_time_s"], "prepare_seconds": r["cost"]["prepare_seconds"]}
 
 
 def timing_key(row: dict) -> tuple:

@@ -42,7 +42,7 @@ def keep_freed_memory() -> bool:
     Process-wide and irreversible (``mallopt``): the rest of the process keeps every page it ever freed.
     Nothing in weightlock calls it unless asked: ``plan(..., keep_freed=True)`` / ``weightlock plan
     --keep-freed-memory`` prices steps in that steady state (calibration and replays), and
-    ``bench/plan_validation.py`` measures under it. Returns whether it applied."""
+    ``bench/plan.py validation`` measures under it. Returns whether it applied."""
     import ctypes
     import ctypes.util
 

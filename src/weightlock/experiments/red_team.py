@@ -1,75 +1,24 @@
-"""Benchmark (issue #35): the red team on faithful DLR-locked SmolLM2-135M releases vs the unlocked original.
-
-    make smollm2
-    weightlock lock --model runs/smollm2 --block gated --init mlp --readout 4096 --steps 0 \\
-        --calib-tokens 16384 --out runs/locks/gated-s4096             # the readable faithful release
-    OMP_NUM_THREADS=1 python bench/real_attacks.py [--release gated-s4096=runs/locks/gated-s4096]
-        [--tasks prose addition-loglik] [--steps 40] [--workers 2] [--reanalyse]
-
-The question an owner asks: what does an attacker who knows everything pay, in time, FLOPs and memory, to
-fine-tune this release as well as the unlocked original? Only releases that are faithful at the start (the
-manifest's ppl ratio ≤ 1.05) are attacked. Sized for ~1.5–3 hours of background compute on 2 cores:
-
-* tasks: a domain shift scored by held-out loss (``prose``) and a skill scored by its answers' likelihood
-  (``addition-loglik``), 128-token blocks, batch 4, each run until its score stops improving (scored every
-  10 steps, patience 3) or the step cap (``--steps``, 40 by default: 20,480 training tokens);
-* the original: full fine-tuning at 2 learning rates, LoRA (r = 8) on every linear map;
-* each release: the same three, the DLR-Nets frozen (everything else trains), gradient checkpointing per
-  DLR-Net (at the release's best full fine-tuning rate) and the **read-back** (every DLR-Net laid out as the
-  dense MLP its blocks spell, then full fine-tuning at the original's two rates; the read-back's seconds are
-  the attack's); where a release's read-back is not faithful (its ppl ratio more than 0.01 above the lock's),
-  also **reverse distillation + healing** from the read-back (300 steps a layer, its seconds counted);
-* a second seed of the best attack on each side (by best gain), the seed noise.
-
-Each run records its score against cumulative cost (training seconds, FLOPs counted by torch, tokens), the
-counted training memory (parameters + gradients + optimizer state + saved activations), its step time and
-the bytes autograd saves for one step. The workers (one thread each) run side by side: a run's clock
-includes the other's contention. The target is 90% of the best gain any attack reaches on the original,
-counted by *gain* (from each release's own score) and by *level* (from the original release's score); the
-lock cost multiplier is the cheapest attack to the target on the release over the cheapest on the original,
-with every attack and within the unlocked full fine-tune's training memory. Runs are kept under
-runs/bench/real_attacks (finished runs are skipped: the bench resumes after a kill, losing only the runs in
-flight). Writes bench/results/real_attacks_<release>.json and .png per release.
+"""The red team on faithful releases of a real LLM (``weightlock run real-attacks``, was ``bench/real_attacks.py``):
+what does an attacker who knows everything pay, in time, FLOPs and memory, to fine-tune a release as well as the
+unlocked original? The analysis ``real-attacks`` reads a run's attack records (the original and each target),
+and per task: the target (90% of the best gain any attack reaches on the original), counted by *gain* (from each
+release's own score) and by *level* (from the original release's score); the lock cost multiplier (cheapest
+attack to the target on the release over the cheapest on the original, with every attack and within the
+unlocked full fine-tune's training memory); the seed parity; what laying the blocks out (the read-back) and
+reverse distillation cost; a plain verdict. One record per release (``bench/results/real_attacks_NAME.json``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from pathlib import Path
 
-from weightlock import schema
-from weightlock.experiments.harness import RESULTS, attack_job, save
-from weightlock.experiments.harness import max_gain as best_gain
-from weightlock.io import set_threads_per_process
+from .. import schema
+from .analyses import AnalysisContext, register_analysis
+from .harness import max_gain as best_gain
 
-ORIGINAL = Path("runs/smollm2")
-RUNS = Path("runs/bench/real_attacks")
-RELEASES = {"gated-s4096": "runs/locks/gated-s4096"}
-TASKS = ["prose", "addition-loglik"]
-LRS = [3e-5, 1e-4]  # full fine-tuning of a pretrained LLM (the earlier sweep's best two on SmolLM2)
-LORA_LR, FREEZE_LR = 1e-3, 1e-4
-BUDGET = dict(batch_size=4, block_size=128, train_tokens=65_536, eval_tokens=2048, score_every=10, patience=3,
-              warmup_steps=5, progress=False)
 Q = 0.9
-FAITHFUL = 1.05  # a release is attacked only when its ppl ratio at the start is at most this
 READBACK_SLACK = 0.01  # a read-back within this of the lock's ppl ratio needs no reverse distillation
-HEAL_STEPS = 300
-
-
-def release_fidelity(path: str | Path) -> dict:
-    """A release's recorded fidelity (its manifest's ``fidelity``: ppl ratio, read-back ppl ratio, by data)."""
-    manifest = Path(path) / "manifest.json"
-    if not manifest.exists():
-        sys.exit(f"{path}: no manifest.json (not a weightlock release)")
-    fid = json.loads(manifest.read_text()).get("fidelity") or {}
-    if fid.get("ppl_ratio") is None:
-        sys.exit(f"{path}: the manifest records no fidelity (ppl_ratio)")
-    return fid
 
 
 def needs_healing(fid: dict) -> bool:
@@ -77,51 +26,8 @@ def needs_healing(fid: dict) -> bool:
     return rb is None or rb > fid["ppl_ratio"] + READBACK_SLACK
 
 
-def first_jobs(key: str, model: str, tasks, lock: bool) -> list[tuple]:
-    jobs = []
-    for task in tasks:
-        jobs += [(key, model, task, f"full-lr{lr:g}", "full", {"lr": lr}) for lr in LRS]
-        jobs.append((key, model, task, f"lora-all-linear-lr{LORA_LR:g}", "lora",
-                     {"lr": LORA_LR, "targets": "all-linear"}))
-        if lock:
-            jobs.append((key, model, task, f"freeze-dlr-lr{FREEZE_LR:g}", "freeze",
-                         {"lr": FREEZE_LR, "train": "non-mlp"}))
-    return jobs
-
-
 def _plain(r: dict) -> bool:
     return "seed" not in r["options"]
-
-
-def second_jobs(key: str, model: str, tasks, done: list[dict], heal: bool) -> list[tuple]:
-    """On a release: checkpointing per DLR-Net at its best full fine-tuning rate; the read-back fine-tuned at
-    both of the original's rates (it is a dense model: the rates that suit the original suit it, not the
-    ones that suit the release), and reverse distillation + healing where the read-back is not faithful, at
-    the original's best rate."""
-    jobs = []
-    for task in tasks:
-        full = [r for r in done if r["task"] == task and r["model"] == key and r["attack"] == "full" and _plain(r)]
-        lr = max(full, key=best_gain)["options"]["lr"]
-        jobs.append((key, model, task, f"ckpt-dlr-lr{lr:g}", "full", {"lr": lr, "checkpointing": "dlr"}))
-        jobs += [(key, model, task, f"readback-lr{rate:g}", "reverse-distill",
-                  {"lr": rate, "init": "readback", "distill_steps": 0}) for rate in LRS]
-        if heal:
-            orig = [r for r in done if r["task"] == task and r["model"] == "original" and r["attack"] == "full"
-                    and _plain(r)]
-            rate = max(orig, key=best_gain)["options"]["lr"]
-            jobs.append((key, model, task, f"reverse-heal-lr{rate:g}", "reverse-distill",
-                         {"lr": rate, "init": "readback", "distill_steps": HEAL_STEPS, "distill_tokens": 16_384}))
-    return jobs
-
-
-def seed_jobs(key: str, model: str, tasks, done: list[dict]) -> list[tuple]:
-    """The second seed of the side's best attack (by best gain) on each task."""
-    jobs = []
-    for task in tasks:
-        side = [r for r in done if r["task"] == task and r["model"] == key and _plain(r)]
-        best = max(side, key=best_gain)
-        jobs.append((key, model, task, best["label"] + "-seed1", best["attack"], {**best["options"], "seed": 1}))
-    return jobs
 
 
 def _memory(r: dict) -> int | None:
@@ -132,7 +38,7 @@ def analyse(rows: list[dict], tasks, key: str, fid: dict) -> list[dict]:
     """Per task: the release's and the original's scores, the target, the cheapest attack to it on each side
     and the lock cost multipliers (seconds and FLOPs; by gain and by level; with every attack and within the
     unlocked full fine-tune's training memory), the seed spread on each side, and every run's per-step costs."""
-    from weightlock.eval.cost_to_target import AttackCurve, lock_cost_multiplier
+    from ..eval.cost_to_target import AttackCurve, lock_cost_multiplier
 
     out = []
     for task in tasks:
@@ -290,66 +196,52 @@ def plot(rows: list[dict], analysis: list[dict], key: str, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--original", default=str(ORIGINAL))
-    ap.add_argument("--release", action="append", metavar="NAME=DIR",
-                    help="a faithful release to attack (repeatable; default gated-s4096=runs/locks/gated-s4096)")
-    ap.add_argument("--runs", default=str(RUNS), help="where the runs are kept (and resumed from)")
-    ap.add_argument("--tasks", nargs="+", default=TASKS)
-    ap.add_argument("--steps", type=int, default=40, help="the step cap of every run")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--reanalyse", action="store_true", help="analyse the recorded JSON again, no runs")
-    args = ap.parse_args()
-    releases = dict(r.split("=", 1) for r in args.release) if args.release else dict(RELEASES)
-    if args.reanalyse:
-        for key in releases:
-            d = json.loads((RESULTS / f"real_attacks_{key}.json").read_text())
-            finish(d, d["runs"], key, d["tasks"])
-        return
-    if not (Path(args.original) / "config.json").exists():
-        sys.exit(f"{args.original} not found: run `make smollm2` first")
-    fids = {}
-    for key, path in releases.items():
-        fids[key] = release_fidelity(path)
-        if fids[key]["ppl_ratio"] > FAITHFUL:
-            sys.exit(f"{path}: ppl ratio {fids[key]['ppl_ratio']:.4f} > {FAITHFUL}: not a faithful release")
-    budget = {**BUDGET, "steps": args.steps}
-    t0 = time.time()
-    job = partial(attack_job, Path(args.runs), budget)
-    with ProcessPoolExecutor(args.workers, initializer=set_threads_per_process, initargs=(args.workers,)) as pool:
-        jobs = first_jobs("original", args.original, args.tasks, lock=False)
-        for key, path in releases.items():
-            jobs += first_jobs(key, path, args.tasks, lock=True)
-        rows = list(pool.map(job, jobs))
-        jobs = seed_jobs("original", args.original, args.tasks, rows)
-        for key, path in releases.items():
-            jobs += second_jobs(key, path, args.tasks, rows, needs_healing(fids[key]))
-        rows += list(pool.map(job, jobs))
-        jobs = [j for key, path in releases.items() for j in seed_jobs(key, path, args.tasks, rows)]
-        rows += list(pool.map(job, jobs))
-    for key, path in releases.items():
-        d = {"command": "OMP_NUM_THREADS=1 python bench/real_attacks.py " + " ".join(sys.argv[1:]),
-             "model_name": "SmolLM2-135M", "models": {"original": args.original, key: path},
-             "release_fidelity": fids[key],
-             "budget": budget, "tasks": args.tasks, "learning_rates": LRS, "wall_seconds": time.time() - t0,
+@register_analysis("real-attacks", kind=schema.REAL_ATTACKS)
+def real_attacks(ctx: AnalysisContext, model_name: str = "SmolLM2-135M", save_releases: bool = False,
+                 reanalyse: list | None = None, figure: bool = True) -> dict:
+    """Per target release against the original: the lock cost multipliers by gain and by level, the seed
+    parity, the read-back and reverse distillation's cost and a verdict per task (``save_releases``: each as
+    ``bench/results/real_attacks_NAME.json`` with its figure; ``reanalyse``: those recorded files again)."""
+    from ..eval.records import AttackRun
+    from ..io import read_json
+    from .engine import release_fidelity
+    from .lock_cost import record_row
+
+    out = {}
+    if reanalyse:
+        for path in reanalyse:
+            d = json.loads(Path(path).read_text())
+            key = next(k for k in d["models"] if k != "original")
+            out[key] = _finish(d, key, d["tasks"], ctx, save_releases, figure)
+        return {"releases": out}
+    rows = [record_row(AttackRun.from_dict(read_json(f), f), f.parent)
+            for f in sorted((ctx.out / "attacks").rglob("record.json"))]
+    models = ctx.summary["models"]
+    for key, path in (ctx.summary.get("targets") or {}).items():
+        d = {"command": f"weightlock run {ctx.spec.name}", "model_name": model_name,
+             "models": {"original": models["reference"], key: path}, "release_fidelity": release_fidelity(path),
+             "budget": {**ctx.summary["plan"]["budget"], "block_size": ctx.summary["plan"]["block_size"],
+                        "train_tokens": ctx.summary["plan"]["train_tokens"]},
+             "tasks": list(ctx.spec.tasks), "learning_rates": ctx.summary["plan"]["learning_rates"],
              "runs": [r for r in rows if r["model"] in ("original", key)]}
-        finish(d, d["runs"], key, args.tasks)
+        out[key] = _finish(d, key, list(ctx.spec.tasks), ctx, save_releases, figure)
+    return {"releases": out}
 
 
-def finish(d: dict, rows: list[dict], key: str, tasks) -> None:
-    analysis = analyse(rows, tasks, key, d["release_fidelity"])
-    plot(rows, analysis, key, RESULTS / f"real_attacks_{key}.png")
-    for a in analysis:
-        print(a["verdict"])
-        for s in a["per_step"]:
-            print(f"   {s['model']:12s} {s['label']:30s} step {s['step_time_s']:6.2f} s ({s['step_time_ratio']:.2f}×) "
-                  f"memory {s['memory_ratio'] or float('nan'):.2f}× gain {s['best_gain']:+.3f} steps {s['steps']}")
+def _finish(d: dict, key: str, tasks, ctx: AnalysisContext, save_releases: bool, figure: bool) -> dict:
+    from . import harness
+
+    analysis = analyse(d["runs"], tasks, key, d["release_fidelity"])
+    where = harness.RESULTS if save_releases else ctx.figures
+    if figure and analysis:
+        where.mkdir(parents=True, exist_ok=True)
+        plot(d["runs"], analysis, key, where / f"real_attacks_{key}.png")
+    if any(needs_healing(d["release_fidelity"]) and not a["readback"]["reverse_distillation_runs"] for a in analysis):
+        d["note"] = ("the read-back is not faithful: add a reverse-distillation + healing attack (reverse-heal) "
+                     "against this release")
     # a re-analysis keeps the machine that measured the runs (save() stamps the current one only when none)
     d = {"model_name": "SmolLM2-135M", **{k: v for k, v in d.items() if k not in ("kind", "schema_version",
-                                                                                "analysis")}}
-    save(f"real_attacks_{key}", {**d, "analysis": analysis}, kind=schema.REAL_ATTACKS)
-
-
-if __name__ == "__main__":
-    main()
+                                                                                "analysis")}, "analysis": analysis}
+    if save_releases:
+        harness.save(f"real_attacks_{key}", d, kind=schema.REAL_ATTACKS)
+    return d
