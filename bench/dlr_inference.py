@@ -2,7 +2,7 @@
 
     python bench/dlr_inference.py [--base runs/bench/base-small] [--locked runs/bench/locked-r32]
 
-(`bench/base_model.py` and `bench/dlr_fidelity.py` produce the two directories.) Writes
+(`weightlock run dlr-fidelity --out runs/bench` produces the two directories.) Writes
 bench/results/dlr_inference.json (bench/results/dlr_inference_cuda.json on a GPU): the median over
 repeats, interleaved so that drift in machine load hits all three alike, of
 
@@ -375,7 +375,7 @@ def main() -> None:
     if DEV == "cpu":
         for d in (args.base, args.locked):
             if not Path(d).is_dir():
-                sys.exit(f"{d} not found: run bench/base_model.py and bench/dlr_fidelity.py first")
+                sys.exit(f"{d} not found: build them first: weightlock run dlr-fidelity --out runs/bench")
         original, locked = load(args.base).eval(), load(args.locked).eval()
         res["small_r32"] = compare(original, locked, (8, 256), 128, args.repeats, original.config.vocab_size)
         print({k: v for k, v in res["small_r32"].items() if "ratio" in k or "rel" in k}, flush=True)
