@@ -3,13 +3,11 @@
     python bench/dlr_cost.py memory [options]          # was bench/dlr_memory.py
     python bench/dlr_cost.py time [options]            # was bench/dlr_time.py
 
-Each command is the measurement its former script made (its description: ``python bench/dlr_cost.py COMMAND
---help``, and the ``*_DOC`` text below); results go to bench/results as before.
+(`python bench/dlr_cost.py COMMAND --help`: a command's options; the ``*_DOC`` texts below describe each.)
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -22,7 +20,7 @@ from weightlock.eval.cost import (
     saved_bytes_of_step,
     time_forward_backward,
 )
-from weightlock.experiments.harness import llama_shaped_pair, save
+from weightlock.experiments.harness import llama_shaped_pair, run_command, save
 
 # ------------------------------ memory (was bench/dlr_memory.py) ----------------------------------
 
@@ -167,16 +165,5 @@ COMMANDS = {
 }
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(__doc__.strip())
-        for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:15s} {doc.strip().splitlines()[0]}")
-        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    cmd = sys.argv.pop(1)
-    sys.argv[0] = f"{sys.argv[0]} {cmd}"
-    COMMANDS[cmd][0]()
-
-
 if __name__ == "__main__":
-    main()
+    run_command(COMMANDS, __doc__)

@@ -3,14 +3,12 @@
     python bench/plan.py table [options]           # was bench/plan_table.py
     python bench/plan.py validation [options]      # was bench/plan_validation.py
 
-Each command is the measurement its former script made (its description: ``python bench/plan.py COMMAND
---help``, and the ``*_DOC`` text below); results go to bench/results as before.
+(`python bench/plan.py COMMAND --help`: a command's options; the ``*_DOC`` texts below describe each.)
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -18,7 +16,7 @@ import torch
 from weightlock.errors import WeightlockError
 from weightlock.eval import plan as P
 from weightlock.eval.cost import flop_counter, saved_bytes_of_step
-from weightlock.experiments.harness import save
+from weightlock.experiments.harness import run_command, save
 
 # ------------------------------ table (was bench/plan_table.py) -----------------------------------
 
@@ -229,16 +227,5 @@ COMMANDS = {
 }
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(__doc__.strip())
-        for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:15s} {doc.strip().splitlines()[0]}")
-        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    cmd = sys.argv.pop(1)
-    sys.argv[0] = f"{sys.argv[0]} {cmd}"
-    COMMANDS[cmd][0]()
-
-
 if __name__ == "__main__":
-    main()
+    run_command(COMMANDS, __doc__)

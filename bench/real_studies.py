@@ -6,8 +6,7 @@
     python bench/real_studies.py frontier [options]        # was bench/real_frontier.py
     python bench/real_studies.py minilm [options]          # was bench/dlr_minilm.py
 
-Each command is the measurement its former script made (its description: ``python bench/real_studies.py COMMAND
---help``, and the ``*_DOC`` text below); results go to bench/results as before.
+(`python bench/real_studies.py COMMAND --help`: a command's options; the ``*_DOC`` texts below describe each.)
 """
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ from weightlock.dlr.distill import (
 )
 from weightlock.dlr.modeling_weightlock_dlr import DLRSpec, adapter_for, find_layers
 from weightlock.eval.fidelity import PPL_RATIO_BAR, meets_bars
-from weightlock.experiments.harness import RESULTS, save
+from weightlock.experiments.harness import RESULTS, run_command, save
 from weightlock.io import read_json, write_json
 
 # ------------------------------ sink (was bench/real_sink.py) -------------------------------------
@@ -596,16 +595,5 @@ COMMANDS = {
 }
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(__doc__.strip())
-        for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:15s} {doc.strip().splitlines()[0]}")
-        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    cmd = sys.argv.pop(1)
-    sys.argv[0] = f"{sys.argv[0]} {cmd}"
-    COMMANDS[cmd][0]()
-
-
 if __name__ == "__main__":
-    main()
+    run_command(COMMANDS, __doc__)

@@ -5,8 +5,7 @@
     python bench/timing.py engine [options]          # was bench/dlr_engine.py
     python bench/timing.py gpu [options]             # was bench/gpu.py
 
-Each command is the measurement its former script made (its description: ``python bench/timing.py COMMAND
---help``, and the ``*_DOC`` text below); results go to bench/results as before.
+(`python bench/timing.py COMMAND --help`: a command's options; the ``*_DOC`` texts below describe each.)
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ import torch
 from weightlock.dlr.distill import fit_module, holdout_split
 from weightlock.dlr.engine import fit_stacked
 from weightlock.dlr.modeling_weightlock_dlr import DLRNet, DLRSpec
-from weightlock.experiments.harness import save
+from weightlock.experiments.harness import run_command, save
 
 # ------------------------------ demo (was bench/demo_timing.py) -----------------------------------
 
@@ -610,16 +609,5 @@ COMMANDS = {
 }
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(__doc__.strip())
-        for name, (_, doc) in COMMANDS.items():
-            print(f"  {name:15s} {doc.strip().splitlines()[0]}")
-        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
-    cmd = sys.argv.pop(1)
-    sys.argv[0] = f"{sys.argv[0]} {cmd}"
-    COMMANDS[cmd][0]()
-
-
 if __name__ == "__main__":
-    main()
+    run_command(COMMANDS, __doc__)

@@ -79,3 +79,18 @@ def llama_shaped_pair(layers: int = 2, rank: int = 64):
     _, specs, _ = specs_for(original, LockConfig(rank=rank))
     locked = apply_dlr(LlamaForCausalLM(cfg), [s.__dict__ for s in specs])
     return original, locked, specs
+
+
+def run_command(commands: dict, doc: str) -> None:
+    """The ``main()`` of a bench script that holds several measurements: ``python bench/X.py COMMAND [options]``
+    runs ``commands[COMMAND][0]()`` with the command's own arguments (``commands``: name → (function, its
+    description)); no command or an unknown one prints ``doc`` and the commands, and exits 2 (0 for ``-h``).
+    Each command is the measurement a former script made; results go to bench/results as before."""
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(doc.strip())
+        for name, (_, text) in commands.items():
+            print(f"  {name:15s} {text.strip().splitlines()[0]}")
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
+    cmd = sys.argv.pop(1)
+    sys.argv[0] = f"{sys.argv[0]} {cmd}"
+    commands[cmd][0]()

@@ -56,6 +56,16 @@ def _int(v, what: str, source: str, low: int = 0) -> int:
     return v
 
 
+def _name_list(value, path: str, source: str, must: str) -> tuple[str, ...] | None:
+    """A name or a non-empty list of names as a tuple (None stays None); anything else is refused."""
+    if value is None:
+        return None
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+        raise WeightlockError(f"{source}: {path} must {must}")
+    return tuple(value)
+
+
 def _lrs(v, what: str, source: str) -> tuple[float, ...]:
     """A learning rate or a list of them (a sweep): positive finite numbers."""
     values = list(v) if isinstance(v, (list, tuple)) else [v]
@@ -345,12 +355,7 @@ class AttackEntry:
             if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds):
                 raise WeightlockError(f"{source}: {path}.seeds must be a non-empty list of distinct integers")
             seeds = tuple(_int(x, f"{path}.seeds", source) for x in seeds)
-        tasks = d.get("tasks")
-        if tasks is not None:
-            tasks = [tasks] if isinstance(tasks, str) else tasks
-            if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-                raise WeightlockError(f"{source}: {path}.tasks must be a non-empty list of the spec's tasks")
-            tasks = tuple(tasks)
+        tasks = _name_list(d.get("tasks"), f"{path}.tasks", source, "be a non-empty list of the spec's tasks")
         options = d.get("options") or {}
         if not isinstance(options, Mapping):
             raise WeightlockError(f"{source}: {path}.options must be a mapping of attack options")
@@ -370,12 +375,7 @@ class AttackEntry:
         reference = d.get("reference")
         if reference is not None:
             _name(reference, f"{path}.reference", source)
-        on = d.get("against")
-        if on is not None:
-            on = [on] if isinstance(on, str) else on
-            if not isinstance(on, list) or not on or not all(isinstance(x, str) for x in on):
-                raise WeightlockError(f"{source}: {path}.against must name defenses or targets (a list of labels)")
-            on = tuple(on)
+        on = _name_list(d.get("against"), f"{path}.against", source, "name defenses or targets (a list of labels)")
         points = expand_sweep(d.get("sweep"), f"{path}.sweep", source)
         for p in points:
             if "lr" in p or "seed" in p:
