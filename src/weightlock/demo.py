@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .experiments.engine import _registered, print_summary, verdicts  # noqa: F401  (_registered: the report's)
+from .experiments.engine import print_summary, verdicts  # noqa: F401
 
 DEMO, QUICK = "demo", "demo-quick"  # the shipped specs (src/weightlock/experiments/specs/)
 

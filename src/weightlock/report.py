@@ -24,14 +24,25 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 from . import schema
 from .errors import WeightlockError
 from .eval.fidelity import PPL_RATIO_BAR, TOP1_BAR, meets_bars
 from .io import move_dir_contents, read_json, write_text
 from .registry import Registry
-from .tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
+from .tables import (  # noqa: F401  (Table, Figure, Panels: the report's parts, importable from here too)
+    ATTACK_CAPTION,
+    ATTACK_HEAD,
+    CAPABILITY_HEAD,
+    Figure,
+    Panels,
+    Table,
+    attack_rows,
+    capability_rows,
+    defenses_of,
+    fmt,
+)
 
 MAX_JSON_BYTES = 50 * 2**20
 SKIP_DIRS = {"checkpoint", "report", ".weightlock-work", "__pycache__", ".git"}
@@ -510,38 +521,8 @@ def _demo_tables(found) -> list[tuple[str, list[str], list[list[str]]]]:
 
 # ---- the report's parts and the registry of sections ----------------------------------------------------
 
-class Table(NamedTuple):
-    """A table of the report: its title, column heads and rows of strings."""
-
-    title: str
-    head: list[str]
-    rows: list[list[str]]
-
-
-class Figure(NamedTuple):
-    """A figure of the report, one PNG: one subplot per panel, ``draw(ax, panel)`` drawing each.
-
-    ``panels``: in a registered :class:`Section`, a function of the records found (record kind → [(path,
-    record)]) returning its items; in what a defense's :meth:`~weightlock.defenses.DefenseHooks.report` returns,
-    the items themselves. ``arrange(items) -> panels`` turns the items (the records', then those defenses add
-    with :class:`Panels`) into the panels (default: one panel per item). ``file`` is the PNG's name (a name
-    already taken gets a suffix); ``size`` one panel's inches; ``cols`` the panels per row (default: all)."""
-
-    file: str
-    title: str
-    panels: Callable[[dict], list] | list
-    draw: Callable[[Any, Any], None]
-    size: tuple[float, float] = (5, 3.8)
-    cols: int | None = None
-    caption: str | None = ""  # None: the built-in figure's caption from report_captions.json
-    arrange: Callable[[list], list] | None = None
-
-
-class Panels(NamedTuple):
-    """Items a defense adds to a registered figure (its ``file``), drawn after the records' own."""
-
-    figure: str
-    items: list
+# Table, Figure and Panels (what sections and defenses' report hooks bring) live in weightlock.tables, below
+# the defenses that build them.
 
 
 @dataclass(frozen=True)
@@ -645,11 +626,11 @@ def _defense_parts(found) -> list:
     tables, figures, panels for the registered figures), in file and run order; a defense that brings nothing
     (or is not installed here) gets the generic section: a table of what the summary records about it and its
     attacker-gain figure."""
-    from .demo import _registered
+    from .defenses import registered_in
 
     parts: list = []
     for _, d in found.get(schema.DEMO, []):
-        hooks = {x.name: x.hooks() for x in _registered(d)}
+        hooks = {x.name: x.hooks() for x in registered_in(d)}
         for rec in defenses_of(d):
             brought = list(hooks[rec["name"]].report(d)) if rec["name"] in hooks else []
             parts += brought or _generic_defense(d, rec)

@@ -1,8 +1,10 @@
 """The demo's tables as rows of strings, shared by the terminal summary (``weightlock.demo``) and the
-report (``weightlock.report``), so both show the same numbers the same way."""
+report (``weightlock.report``), so both show the same numbers the same way; and the parts a report is made
+of (:class:`Table`, :class:`Figure`, :class:`Panels`), which defenses' report hooks return."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, NamedTuple
 
 # demo summaries recorded before defenses were plug-ins list no "defenses": these were the two
 LEGACY_DEFENSES = [{"name": "dlr", "title": "DLR-Lock", "label": "DLR-locked"},
@@ -55,3 +57,39 @@ def attack_rows(summary: dict) -> list[list[str]]:
              fmt(r["gain_ratio"], ".2f"), fmt(r["memory_ratio"], ".2f"), memory_cell(r),
              fmt(r.get("peak_ratio"), ".2f"), fmt(r["time_ratio"], ".2f")]
             for r in summary["attacks"] if r["defense"] != "reference"]
+
+
+# ---- the parts of a report (weightlock.report; a defense's DefenseHooks.report returns them) ----------
+
+class Table(NamedTuple):
+    """A table of the report: its title, column heads and rows of strings."""
+
+    title: str
+    head: list[str]
+    rows: list[list[str]]
+
+
+class Figure(NamedTuple):
+    """A figure of the report, one PNG: one subplot per panel, ``draw(ax, panel)`` drawing each.
+
+    ``panels``: in a registered :class:`Section`, a function of the records found (record kind → [(path,
+    record)]) returning its items; in what a defense's :meth:`~weightlock.defenses.DefenseHooks.report` returns,
+    the items themselves. ``arrange(items) -> panels`` turns the items (the records', then those defenses add
+    with :class:`Panels`) into the panels (default: one panel per item). ``file`` is the PNG's name (a name
+    already taken gets a suffix); ``size`` one panel's inches; ``cols`` the panels per row (default: all)."""
+
+    file: str
+    title: str
+    panels: Callable[[dict], list] | list
+    draw: Callable[[Any, Any], None]
+    size: tuple[float, float] = (5, 3.8)
+    cols: int | None = None
+    caption: str | None = ""  # None: the built-in figure's caption from report_captions.json
+    arrange: Callable[[list], list] | None = None
+
+
+class Panels(NamedTuple):
+    """Items a defense adds to a registered figure (its ``file``), drawn after the records' own."""
+
+    figure: str
+    items: list

@@ -41,10 +41,11 @@ from .base import (
     get_defense,
     make_defense,
     register_defense,
+    registered_in,
 )
 from .builtin import DLRLockDefense, NoDefense, NoneConfig, PMPDefense
 from .plan import AttackSpec, HarnessPlan
 
 __all__ = ["DEFENSES", "AttackSpec", "Defense", "DefenseConfig", "DefenseHooks", "DefenseInfo", "HarnessPlan",
-           "build_file", "get_defense", "make_defense", "register_defense",
+           "build_file", "get_defense", "make_defense", "register_defense", "registered_in",
            "DLRLockDefense", "NoDefense", "NoneConfig", "PMPDefense"]

@@ -101,9 +101,9 @@ class DefenseHooks:
 
     def report(self, summary: dict) -> list:
         """What ``weightlock report`` draws from this defense's part of a recorded summary (``summary``: the
-        demo's or ``weightlock run``'s ``summary.json``): :class:`weightlock.report.Table` s and
-        :class:`weightlock.report.Figure` s of its own (a figure's ``panels`` the items themselves), and
-        :class:`weightlock.report.Panels` that add items to a registered figure (``"memory_vs_depth.png"``...).
+        demo's or ``weightlock run``'s ``summary.json``): :class:`weightlock.tables.Table` s and
+        :class:`weightlock.tables.Figure` s of its own (a figure's ``panels`` the items themselves), and
+        :class:`weightlock.tables.Panels` that add items to a registered figure (``"memory_vs_depth.png"``...).
         The base brings nothing: the report then shows the generic section (a table of what the summary
         records about the defense and its attacker-gain figure)."""
         return []
@@ -256,3 +256,23 @@ def _check_source(defense: Defense, source) -> None:
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense", Defense, group="weightlock.defenses", reserved=("reference",))
+
+
+def registered_in(summary: dict) -> list[Defense]:
+    """The registered defenses a recorded summary (the demo's or ``weightlock run``'s ``summary.json``) names,
+    each with its recorded config where that still loads (else its defaults); defenses not installed here
+    are left out."""
+    from ..tables import defenses_of
+
+    out = []
+    for rec in defenses_of(summary):
+        cls = DEFENSES.get(rec["name"], None)
+        if cls is None:
+            continue
+        for make in (lambda: cls(cls.spec.Config(**rec.get("config", {}))), cls):  # noqa: B023  (called within this iteration)
+            try:
+                out.append(make())
+                break
+            except (TypeError, WeightlockError):
+                continue
+    return out

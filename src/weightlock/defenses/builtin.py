@@ -90,7 +90,7 @@ class DLRHooks(DefenseHooks):
 
     def report(self, summary: dict) -> list:
         """Its summary's memory vs depth, memory–time frontier and per-layer error, drawn beside the bench's."""
-        from ..report import Panels
+        from ..tables import Panels
 
         mem = summary.get("memory_vs_depth")
         return [Panels(file, items) for file, items in (
@@ -183,7 +183,7 @@ class PMPHooks(DefenseHooks):
 
     def report(self, summary: dict) -> list:
         """Its summary's gains per mask ratio and mask recovery against chance, drawn beside the bench's."""
-        from ..report import Panels
+        from ..tables import Panels
 
         rec, gains = summary.get("mask_recovery"), summary.get("pmp_gain_vs_ratio")
         return [Panels(file, items) for file, items in (

@@ -8,6 +8,7 @@ under ``bench/`` share (:mod:`weightlock.experiments.harness`).
 Importing this package is light (no torch): the runner is imported when called.
 """
 from ..eval.records import AttackRun, CostPoint
+from . import bench_analyses, lock_cost, red_team  # noqa: F401  (register the built-in analyses: light modules)
 from .spec import ExperimentSpec, load_spec, shipped_specs
 
 

@@ -84,15 +84,15 @@ class AnalysisContext:
         return [AttackRun.from_dict(read_json(f), f) for f in sorted((self.out / "attacks").rglob("record.json"))]
 
 
-def run_analysis(entry, out: Path, spec, summary: dict) -> dict:
-    """Run the spec's analysis ``entry`` on ``summary``; writes ``out/analysis/NAME.json`` (and the bench result
-    ``save_as`` names). Returns the result."""
+def run_analysis(entry, out: Path, spec, summary: dict, options: dict) -> dict:
+    """Run the spec's analysis ``entry`` with its ``options`` (a plain dict: the engine thaws the spec's) on
+    ``summary``; writes ``out/analysis/NAME.json`` (and the bench result ``save_as`` names). Returns the
+    result."""
     from .. import schema
     from ..io import write_json
-    from .spec import thaw
 
     analysis = ANALYSES.get(entry.name)
-    options = thaw(entry.options)
+    options = dict(options)
     save_as = options.pop("save_as", None)
     from . import harness
 
@@ -114,5 +114,3 @@ def attack_table(ctx: AnalysisContext, task: str | None = None) -> dict:
     rows = [{k: r.get(k) for k in keep} for r in ctx.summary["attacks"] if task is None or r["task"] == task]
     return {"rows": rows, "sweep": ctx.summary.get("sweep", [])}
 
-
-from . import bench_analyses, lock_cost, red_team  # noqa: E402,F401  (register the bench grids' analyses)

@@ -27,7 +27,8 @@ from rich.table import Table
 from .. import schema
 from ..errors import WeightlockError
 from ..io import jsonable, machine_info, read_json, write_json
-from ..tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, defenses_of, fmt
+from ..tables import ATTACK_CAPTION, ATTACK_HEAD, CAPABILITY_HEAD, attack_rows, capability_rows, fmt
+from .harness import release_fidelity
 from .spec import LR_GROUPS, ExperimentSpec, ModelSpec, TargetEntry, thaw
 
 
@@ -182,17 +183,6 @@ def _target_defense(t: TargetEntry):
     d = make_defense("none")
     d.name, d.target, d.max_ppl_ratio = t.name, t.path, t.max_ppl_ratio
     return d
-
-
-def release_fidelity(path: str | Path) -> dict:
-    """A release's recorded fidelity (its manifest's ``fidelity``: ppl ratio, read-back ppl ratio, by data)."""
-    manifest = Path(path) / "manifest.json"
-    if not manifest.exists():
-        raise WeightlockError(f"{path}: no manifest.json (not a weightlock release)")
-    fid = read_json(manifest).get("fidelity") or {}
-    if fid.get("ppl_ratio") is None:
-        raise WeightlockError(f"{path}: the manifest records no fidelity (ppl_ratio)")
-    return fid
 
 
 def attack_specs(d, spec: ExperimentSpec) -> list:
@@ -436,7 +426,7 @@ def _analyse(out: Path, spec: ExperimentSpec, summary: dict, console: Console) -
 
     for a in spec.analyses:
         console.rule(f"[bold]analysis {a.name}")
-        run_analysis(a, out, spec, summary)
+        run_analysis(a, out, spec, summary, thaw(a.options))
 
 
 def _capability(model_dir: Path, spec: ExperimentSpec) -> dict:
@@ -596,7 +586,9 @@ def print_summary(summary: dict, console: Console | None = None, defenses: Seque
     if console.width < 120:  # the attack table needs the room
         console = Console(width=120)
     if defenses is None:
-        defenses = _registered(summary)
+        from ..defenses import registered_in
+
+        defenses = registered_in(summary)
     t = Table(title=f"weightlock demo ({summary['preset']}): capability (validation perplexity, lower is better)")
     for c in CAPABILITY_HEAD:
         t.add_column(c)
@@ -615,21 +607,3 @@ def print_summary(summary: dict, console: Console | None = None, defenses: Seque
             console.print(line)
     for name, line in summary["verdicts"].items():
         console.print(f"[bold]{name}[/]: {line}")
-
-
-def _registered(summary: dict) -> list:
-    """The registered defenses a recorded summary names, with their recorded configs where they load."""
-    from ..defenses import DEFENSES
-
-    out = []
-    for rec in defenses_of(summary):
-        cls = DEFENSES.get(rec["name"], None)
-        if cls is None:
-            continue
-        for make in (lambda: cls(cls.spec.Config(**rec.get("config", {}))), cls):  # noqa: B023  (called within this iteration)
-            try:
-                out.append(make())
-                break
-            except (TypeError, WeightlockError):
-                continue
-    return out

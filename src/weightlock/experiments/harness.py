@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from .. import schema
+from ..errors import WeightlockError
+from ..io import read_json
 
 RESULTS_ENV = "WEIGHTLOCK_BENCH_RESULTS"
 
@@ -94,3 +96,14 @@ def run_command(commands: dict, doc: str) -> None:
     cmd = sys.argv.pop(1)
     sys.argv[0] = f"{sys.argv[0]} {cmd}"
     commands[cmd][0]()
+
+
+def release_fidelity(path: str | Path) -> dict:
+    """A release's recorded fidelity (its manifest's ``fidelity``: ppl ratio, read-back ppl ratio, by data)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.exists():
+        raise WeightlockError(f"{path}: no manifest.json (not a weightlock release)")
+    fid = read_json(manifest).get("fidelity") or {}
+    if fid.get("ppl_ratio") is None:
+        raise WeightlockError(f"{path}: the manifest records no fidelity (ppl_ratio)")
+    return fid

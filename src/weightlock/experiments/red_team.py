@@ -204,7 +204,7 @@ def real_attacks(ctx: AnalysisContext, model_name: str = "SmolLM2-135M", save_re
     ``bench/results/real_attacks_NAME.json`` with its figure; ``reanalyse``: those recorded files again)."""
     from ..eval.records import AttackRun
     from ..io import read_json
-    from .engine import release_fidelity
+    from .harness import release_fidelity
     from .lock_cost import record_row
 
     out = {}
