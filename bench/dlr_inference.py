@@ -257,7 +257,8 @@ def fidelity(model_dir: str, original, locked, tokens: int) -> dict:
             row[str(dtype).removeprefix("torch.")] = {**ppl, "ratio": ppl["locked"] / ppl["original"]}
         row["bf16_minus_fp32_ratio"] = row["bfloat16"]["ratio"] - row["float32"]["ratio"]
         out[data] = row
-    original.float(), locked.float()
+    original.float()
+    locked.float()
     return out
 
 

@@ -196,9 +196,10 @@ _PACKED = "_cpu_kernel_packed"  # the instance attribute holding the packed weig
 
 @torch.no_grad()
 def _packed(net) -> tuple:
-    """``net``'s weights packed for the AVX-512 kernel (see dlr_cpu.c): (W, bW, U, bU) with W = [V; G]ᵀ per
+    """``net``'s weights packed for the AVX-512 kernel (see dlr_cpu.c): (W, bW, U, bU, sk) with W = [V; G]ᵀ per
     block (L × d × R) and U transposed (L × r × d) in fp32, or with the reduction dimension interleaved in pairs
-    in bf16 (L × d/2 × R × 2, L × r/2 × d × 2); biases stacked (L × R, L × d) or None. A copy (as much memory as
+    in bf16 (L × d/2 × R × 2, L × r/2 × d × 2); biases stacked (L × R, L × d) or None; sk the sink's parameters
+    in fp32 ([value, a, g, a0, g0], or None without a sink). A copy (as much memory as
     the net's weights), built once and rebuilt when a parameter was replaced or changed in place (the sum of
     the parameters' version counters moved: an optimizer step, ``load_state_dict``, ``copy_``)."""
     w = net._weights()
@@ -289,33 +290,31 @@ def forward(net, x: torch.Tensor, sink: bool = False) -> torch.Tensor:
         chunk = n if n <= MAX_ROWS else min(PREFILL_CHUNK, -(-n // threads))
         hd = torch.empty(n, (2 if gated else 1) * s.rank, dtype=torch.float32)
         x2 = x2.contiguous()
+        out = torch.empty_like(x2)
         if x.dtype == torch.float32:
-            out = torch.empty_like(x2)
             lib.dlr_run_f32(n, s.width, s.rank, s.depth, int(gated), W.data_ptr(), _ptr(bW), U.data_ptr(), _ptr(bU),
                             x2.data_ptr(), out.data_ptr(), hd.data_ptr(), act, threads, chunk, s.readout, _ptr(sk))
         else:
-            out = torch.empty_like(x2)
             z, zl = torch.empty(n, s.width), torch.empty_like(x2)
             hb, xf = torch.empty(n, s.rank, dtype=torch.bfloat16), torch.empty(threads, s.width)
             lib.dlr_run_bf16(n, s.width, s.rank, s.depth, int(gated), W.data_ptr(), _ptr(bW), U.data_ptr(),
                              _ptr(bU), x2.data_ptr(), out.data_ptr(), z.data_ptr(), zl.data_ptr(), hd.data_ptr(),
                              hb.data_ptr(), act, threads, chunk, s.readout, _ptr(sk), xf.data_ptr())
         return out.view(shape)
+    (vs, bvs, us, bus), norms, (gs, bgs), _ = _args(net)  # the portable decode kernels
+    h = torch.empty(n, s.rank, dtype=torch.float32)
+    if x.dtype == torch.float32:
+        z = x2.contiguous().clone()
+        zn = torch.empty_like(z) if s.norm else z
+        lib.dlr_f32(n, s.width, s.rank, s.depth, vs, bvs, us, bus, norms, gs, bgs, z.data_ptr(), h.data_ptr(),
+                    zn.data_ptr(), act, threads)
+        out = z.sub_(x2)
     else:
-        (vs, bvs, us, bus), norms, (gs, bgs), _ = _args(net)
-        h = torch.empty(n, s.rank, dtype=torch.float32)
-        if x.dtype == torch.float32:
-            z = x2.contiguous().clone()
-            zn = torch.empty_like(z) if s.norm else z
-            lib.dlr_f32(n, s.width, s.rank, s.depth, vs, bvs, us, bus, norms, gs, bgs, z.data_ptr(), h.data_ptr(),
-                        zn.data_ptr(), act, threads)
-            out = z.sub_(x2)
-        else:
-            z = x2.float()
-            zl = torch.empty_like(z)
-            lib.dlr_bf16(n, s.width, s.rank, s.depth, vs, bvs, us, bus, gs, bgs, z.data_ptr(), zl.data_ptr(),
-                         h.data_ptr(), act, threads)
-            out = z.sub_(x2.float())
+        z = x2.float()
+        zl = torch.empty_like(z)
+        lib.dlr_bf16(n, s.width, s.rank, s.depth, vs, bvs, us, bus, gs, bgs, z.data_ptr(), zl.data_ptr(),
+                     h.data_ptr(), act, threads)
+        out = z.sub_(x2.float())
     if s.readout != 1.0:
         out.mul_(s.readout)
     out = out.to(x.dtype).view(shape)
