@@ -72,6 +72,8 @@ BASE = {"name": "x", "models": [{"preset": "tiny"}], "defenses": {"dlr": {"rank"
     ({"models": [{"preset": "huge"}]}, "models[0].preset: unknown preset 'huge'"),
     ({"budget": {"steps": 0}}, "budget.steps must be an integer ≥ 1, got 0"),
     ({"seeds": [0, 0]}, "a seed is named twice"),
+    ({"models": [{"preset": "small", "seed": -1}]}, "models[0].seed must be an integer ≥ 0, got -1"),
+    ({"models": [{"path": "/m", "seed": 1}]}, "models[0].seed seeds the preset's pretraining; the model /m is used"),
     ({"models": [{"path": "/m"}], "defenses": ["pmp"]}, "pmp pretrains its own model"),
     ({"name": ""}, "the spec needs a name"),
 ])
@@ -444,6 +446,33 @@ def test_pmp_gain_vs_ratio_reads_the_sweeps_rows(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_seeded_rerun_pretrains_the_preset_at_its_seed(tmp_path, monkeypatch):
+    """--seed N (spec.with_seed): the preset model is pretrained at N (the default stays the preset's 0), the seed
+    round-trips through the spec's data, and a spec of model directories refuses it."""
+    import weightlock.train.pretrain as pt
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_pretrain(cfg, out, **kw):
+        seen.append(cfg.train.seed)
+        raise Stop
+
+    monkeypatch.setattr(pt, "pretrain", fake_pretrain)
+    spec = load_spec("pmp-recovery")
+    for s, want in ((spec, 0), (spec.with_seed(3), 3)):
+        with pytest.raises(Stop):
+            run_experiment(s, tmp_path / f"run{want}")
+        assert seen[-1] == want
+    seeded = spec.with_seed(3)
+    assert seeded.models[0].seed == 3 and ExperimentSpec.from_dict(seeded.to_dict()) == seeded
+    assert spec.models[0].seed is None and "seed" not in spec.to_dict()["models"][0]  # old summaries stay current
+    with pytest.raises(WeightlockError, match="models are all directories"):
+        ExperimentSpec.from_dict({**BASE, "models": [{"path": "/m"}]}).with_seed(1)
+
+
 def test_a_spec_without_attacks_builds_evaluates_and_analyses(tmp_path, tiny_model_dir):
     """attacks: [] — the build, the capability and the defenses' own evaluations, then the analyses (the bench's
     base-model and lock-fidelity records come from such a spec)."""

@@ -585,6 +585,9 @@ def run_cmd(
     list_: bool = typer.Option(False, "--list", help="List the shipped specs and everything a spec can name: the "
                                "registered defenses, attacks and tasks (plug-ins included), then exit."),
     check: bool = typer.Option(False, "--check", help="Validate the spec and print what it would run, then exit."),
+    seed: Optional[int] = typer.Option(None, help="Pretrain the spec's preset models (and the models its "
+                                       "defenses pretrain) with this seed: reruns at several seeds measure the "
+                                       "seed spread of what the spec records (default: each model's seed, 0)."),
 ) -> None:
     """Run an experiment spec (resumable: finished runs in --out are skipped; rerun a killed run to continue)."""
     from .experiments import load_spec, run_experiment
@@ -621,6 +624,8 @@ def run_cmd(
     if spec is None:
         raise WeightlockError("name a spec (a .yaml/.json file or a shipped spec), or pass --list")
     s = load_spec(spec)
+    if seed is not None:
+        s = s.with_seed(seed)
     if check:
         print(json.dumps(s.to_dict(), indent=1, default=str))
         return

@@ -297,8 +297,10 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
     work = {d.name: out / (d.name if _labelled(d) else f"{_workdir(d)}-{preset}") for d in chosen}
     rebuilt: set[str] = set()
 
+    seeded = {} if model.seed is None else {"seed": model.seed}
+
     def pretrain_base():
-        pretrain(default_config(preset), base, overwrite=False, resume=True)
+        pretrain(default_config(preset, **seeded), base, overwrite=False, resume=True)
 
     if base_model is None and stage(f"pretrain the dense {preset} base model on builtin:code",
                                     (base / METRICS_FILE).exists() and not (base / "checkpoint").exists(),
@@ -309,7 +311,7 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
     for d in sorted(chosen, key=lambda d: not d.spec.pretraining):
         release = d.release(work[d.name])
         stale = release is None or ("reference" in rebuilt and not d.spec.pretraining)
-        source = default_config(preset) if d.spec.pretraining else base
+        source = default_config(preset, **seeded) if d.spec.pretraining else base
         built: list[Path] = []
         if stage(d.hooks().build_title(), not stale, lambda: built.append(d.build(source, work[d.name]))):  # noqa: B023  (called within this iteration)
             rebuilt.add(d.name)

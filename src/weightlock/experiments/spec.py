@@ -181,6 +181,8 @@ class ModelSpec:
                                 "pretraining the preset")
     name: str | None = _f(None, "the model's run directory when a spec has several (default: the preset or the "
                                 "directory's name)")
+    seed: int | None = _f(None, "the pretraining seed of the preset model and of every model a defense pretrains "
+                                "(default: the preset's, 0); a rerun at other seeds measures a record's seed spread")
 
     @classmethod
     def parse(cls, data: Any, path: str, source: str) -> "ModelSpec":
@@ -197,6 +199,11 @@ class ModelSpec:
             raise WeightlockError(f"{source}: {path}.path must be a directory name, got {spec.path!r}")
         if spec.name is not None:
             _name(spec.name, f"{path}.name", source)
+        if spec.seed is not None:
+            _int(spec.seed, f"{path}.seed", source)
+            if spec.path is not None:
+                raise WeightlockError(f"{source}: {path}.seed seeds the preset's pretraining; the model {spec.path} "
+                                      "is used as it is")
         return spec
 
     @property
@@ -703,6 +710,16 @@ class ExperimentSpec:
                 raise WeightlockError(f"none of the spec's attacks ({', '.join(self.attacks)}) is planned against "
                                       f"{', '.join(names)} (their attacks: {', '.join(sorted(planned))})")
         return dataclasses.replace(self, defenses=tuple(entries), attacks=attacks).check()
+
+    def with_seed(self, seed: int) -> "ExperimentSpec":
+        """This spec with every preset model pretrained at ``seed`` (a rerun that measures the seed spread of
+        what the spec records); a spec whose models are all directories is refused."""
+        _int(seed, "seed", "--seed")
+        if all(m.path is not None for m in self.models):
+            raise WeightlockError(f"spec {self.name}: --seed seeds the pretraining of preset models; this spec's "
+                                  "models are all directories, used as they are")
+        models = tuple(m if m.path is not None else dataclasses.replace(m, seed=seed) for m in self.models)
+        return dataclasses.replace(self, models=models).check()
 
     def lrs(self, label: str, group: str) -> tuple[float, ...]:
         """The learning rates the attack ``label`` (of the plan's learning-rate ``group``) runs at."""
