@@ -519,3 +519,45 @@ def test_a_target_must_be_faithful_when_the_spec_says_so(tmp_path):
     with pytest.raises(WeightlockError, match="ppl ratio 1.2000 > 1.05: not a faithful release"):
         run_model(tmp_path / "out", spec)
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_judges_a_record_against_its_seed_reruns(tmp_path):
+    """weightlock compare: rows keyed by rank (not position), the 95% prediction interval of one more run
+    (mean ± t·s·√(1+1/n)), a figure outside named, a figure with fewer than two reruns not judged."""
+    from typer.testing import CliRunner
+
+    from weightlock.cli import app
+    from weightlock.experiments.reproduce import compare, headline_patterns
+
+    def rec(r8, r32, kind="lock_fidelity"):
+        rows = [{"rank": 8, "ppl_ratio": r8}] if r8 is not None else []
+        return {"kind": kind, "schema_version": 1, "ranks": rows + [{"rank": 32, "ppl_ratio": r32, "flag": True}]}
+
+    reruns = [rec(1.0, 1.10), rec(None, 1.20), rec(None, 1.30)]  # rank 8 only in the first: 32 moved to row 0
+    got = compare(rec(1.5, 1.5), reruns, ("ranks.*.ppl_ratio",))
+    by = {r["figure"]: r for r in got["figures"]}
+    assert set(by) == {"ranks.8.ppl_ratio", "ranks.32.ppl_ratio"}
+    r32 = by["ranks.32.ppl_ratio"]
+    half = 4.303 * 0.1 * (1 + 1 / 3) ** 0.5  # t(0.975, 2) · s · √(1 + 1/n), s = 0.1
+    assert r32["mean"] == pytest.approx(1.2) and r32["high"] == pytest.approx(1.2 + half)
+    assert r32["within"] is True and r32["in_range"] is False  # outside the range, inside the interval
+    assert by["ranks.8.ppl_ratio"]["within"] is None and got["judged"] == 1 and got["reproduced"] is True
+    far = compare(rec(1.0, 3.0), reruns, ("ranks.*.ppl_ratio",))
+    assert far["reproduced"] is False and far["outside"] == ["ranks.32.ppl_ratio"]
+    with pytest.raises(WeightlockError, match="no figure matching nope"):
+        compare(rec(1.0, 1.0), reruns, ("nope",))
+    assert "ranks.*.ppl_ratio" in headline_patterns("lock_fidelity")
+    assert headline_patterns(analysis="base-model") == ("validation_perplexity.*.model",)
+
+    files = []
+    for i, r in enumerate([rec(1.0, 1.2), *reruns]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(r))
+    res = CliRunner().invoke(app, ["compare", *map(str, files), "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    assert "reproduced: yes (1 of 1 figures inside)" in res.output
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["kind"] == "bench.reproduction" and saved["reproduced"] and len(saved["rerun_files"]) == 3
+    (tmp_path / "other.json").write_text(json.dumps(rec(1.0, 1.0, kind="mask_recovery")))
+    res = CliRunner().invoke(app, ["compare", str(files[0]), str(tmp_path / "other.json")])
+    assert res.exit_code == 2 and "a mask_recovery record, not lock_fidelity" in res.output

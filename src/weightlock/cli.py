@@ -634,6 +634,55 @@ def run_cmd(
 
 @app.command()
 @user_errors
+def compare(
+    record: Path = typer.Argument(..., help="A recorded result (e.g. bench/results/pmp_recovery.json)."),
+    reruns: list[Path] = typer.Argument(..., help="The same result from reruns at several seeds "
+                                        "(weightlock run SPEC --seed N)."),
+    figure: list[str] = typer.Option([], help="A figure to compare: a dotted path, * a wildcard (repeatable; "
+                                     "default: the headline figures of the analysis that writes the record)."),
+    analysis: Optional[str] = typer.Option(None, help="Take the headline figures of this registered analysis "
+                                           "(default: the one whose record kind the record has)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the comparison here as JSON."),
+) -> None:
+    """Does a rerun reproduce a record? Each headline figure of RECORD against the reruns: their mean, spread and
+    95% prediction interval of one more run; the record is reproduced when every figure lies inside."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .experiments.reproduce import compare as compare_records
+    from .experiments.reproduce import headline_patterns
+    from .io import read_json, write_json
+    from .schema import record_kind
+
+    rec = read_json(record)
+    runs = [read_json(r) for r in reruns]
+    kind = record_kind(rec, record)  # a file written before records carried their kind is recognised
+    for r, path in zip(runs, reruns):
+        if record_kind(r, path) != kind and not figure:
+            raise WeightlockError(f"{path}: a {record_kind(r, path)} record, not {kind} like {record}")
+    patterns = tuple(figure) or headline_patterns(kind, analysis)
+    result = compare_records(rec, runs, patterns)
+    t = Table(title=f"{record} against {len(runs)} reruns")
+    for col in ("figure", "recorded", "reruns mean ± std", "95% interval", "inside"):
+        t.add_column(col)
+    for r in result["figures"]:
+        if r["within"] is None:
+            t.add_row(r["figure"], f"{r['recorded']:.4g}", ", ".join(f"{v:.4g}" for v in r["reruns"]), "-", "-")
+        else:
+            t.add_row(r["figure"], f"{r['recorded']:.4g}", f"{r['mean']:.4g} ± {r['std']:.2g}",
+                      f"[{r['low']:.4g}, {r['high']:.4g}]", "yes" if r["within"] else "[red]NO[/]")
+    Console().print(t)
+    print(f"reproduced: {'yes' if result['reproduced'] else 'no'} ({result['judged'] - len(result['outside'])} of "
+          f"{result['judged']} figures inside" + (f"; outside: {', '.join(result['outside'])}" if result['outside']
+                                                  else "") + ")")
+    if out is not None:
+        write_json(out, {"kind": "bench.reproduction", "record": str(record), "record_kind": kind,
+                         "rerun_files": [str(r) for r in reruns],
+                         "command": " ".join(["weightlock compare", *sys.argv[2:]]), **result})
+
+
+@app.command()
+@user_errors
 def cost(
     locked: list[Path] = typer.Option(..., help="Attack runs on the lock (run directories or folders of them; "
                                       "repeatable)."),

@@ -25,11 +25,13 @@ from ..registry import Registry
 
 @dataclass(frozen=True)
 class Analysis:
-    """A registered analysis: ``fn(ctx, **options) -> dict`` and the record kind its result is saved as."""
+    """A registered analysis: ``fn(ctx, **options) -> dict``, the record kind its result is saved as and its
+    headline ``figures`` (dotted paths with ``*``: what ``weightlock compare`` checks a rerun against)."""
 
     fn: Callable[..., dict]
     kind: str | None = None
     description: str = ""
+    figures: tuple[str, ...] = ()
 
     def __call__(self, ctx: "AnalysisContext", **options) -> dict:
         return self.fn(ctx, **options)
@@ -38,12 +40,12 @@ class Analysis:
 ANALYSES: Registry[Analysis] = Registry("analysis", Analysis, instances=True)
 
 
-def register_analysis(name: str, kind: str | None = None):
+def register_analysis(name: str, kind: str | None = None, figures: tuple[str, ...] = ()):
     """Decorator: register ``fn(ctx, **options) -> dict`` as the analysis ``name`` (its docstring's first line
-    describes it in ``weightlock run --list``)."""
+    describes it in ``weightlock run --list``; ``figures``: its headline numbers, for ``weightlock compare``)."""
     def deco(fn):
         text = " ".join((fn.__doc__ or "").split())
-        ANALYSES.register(name, Analysis(fn, kind, text.split(": ")[0].split(". ")[0].rstrip(".")))
+        ANALYSES.register(name, Analysis(fn, kind, text.split(": ")[0].split(". ")[0].rstrip("."), tuple(figures)))
         return fn
 
     return deco

@@ -305,7 +305,7 @@ def lock_regime(ctx: AnalysisContext, source: str = "bench/results/cost_to_targe
     return result
 
 
-@register_analysis("base-model")
+@register_analysis("base-model", figures=("validation_perplexity.*.model",))
 def base_model(ctx: AnalysisContext, max_tokens: int = 65536) -> dict:
     """The original's size, pretraining speed and validation perplexity on code and prose, beside a unigram
     model's on the same split and tokenizer."""
@@ -330,7 +330,8 @@ def base_model(ctx: AnalysisContext, max_tokens: int = 65536) -> dict:
             "validation_perplexity": ppl, "history": [h for h in m["history"] if "val_ppl" in h]}
 
 
-@register_analysis("lock-fidelity", kind=schema.LOCK_FIDELITY)
+@register_analysis("lock-fidelity", kind=schema.LOCK_FIDELITY,
+                   figures=("ranks.*.ppl_ratio", "ranks.*.layer_rel_error.*"))
 def lock_fidelity(ctx: AnalysisContext, options_study: bool = True, layer: int = 1) -> dict:
     """DLR-Lock's fidelity per lock of the run (a rank sweep): depth, parameter counts, per-layer held-out error,
     perplexity of the original and the lock and their ratio, lock time; and the design-option study on one
@@ -376,7 +377,8 @@ def _options_study(base: Path, layer: int = 1) -> list[dict]:
     return rows
 
 
-@register_analysis("mask-recovery", kind=schema.MASK_RECOVERY)
+@register_analysis("mask-recovery", kind=schema.MASK_RECOVERY,
+                   figures=("variants.*.val_ppl", "variants.*.recovery.*/*", "variants.*.recovery.best.iou"))
 def mask_recovery(ctx: AnalysisContext) -> dict:
     """Every mask-recovery attack's IoU with the true mask against chance, per PMP model of the run (the PMP
     defense's own evaluation), with its pretraining record (early-bird discovery, validation perplexity)."""
