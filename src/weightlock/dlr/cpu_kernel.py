@@ -190,6 +190,17 @@ def supported(net, x: torch.Tensor) -> bool:
     return x.numel() <= MAX_ROWS * net.spec.width and not (x.dtype == torch.bfloat16 and net.spec.norm)
 
 
+# packed lane j of a group of 32 columns holds column _UP_GROUP[j] (lanes 0-15 and 16-31: two sums' vectors)
+_UP_GROUP = (0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23,
+             8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31)
+
+
+def up_permutation(d: int) -> torch.Tensor:
+    """The column order of the bf16 kernel's packed U (``d`` % 32 == 0): each group of 32 columns permuted so that
+    the up pass's epilogue, which widens its rounded sums with 128-bit-lane unpacks, gets them back in order."""
+    return (torch.arange(0, d, 32).view(-1, 1) + torch.tensor(_UP_GROUP)).reshape(-1)
+
+
 _VERSION = operator.attrgetter("_version")
 _PACKED = "_cpu_kernel_packed"  # the instance attribute holding the packed weights (dropped by DLRNet._apply)
 
@@ -220,7 +231,10 @@ def _packed(net) -> tuple:
         W, U = rows.transpose(1, 2).contiguous(), up.transpose(1, 2).contiguous()
     else:
         W = rows.view(L, -1, d // 2, 2).permute(0, 2, 1, 3).contiguous()
-        U = up.view(L, d, r // 2, 2).permute(0, 2, 1, 3).contiguous()
+        U = up.view(L, d, r // 2, 2).permute(0, 2, 1, 3)
+        if d % 32 == 0:  # the bf16 up pass's epilogue reads its sums' columns permuted (dlr_cpu.c, up_epilogue2)
+            U = U[:, :, up_permutation(d)]
+        U = U.contiguous()
     bW = None
     if w[0][2] is not None:
         bW = torch.stack([torch.cat([blk[2], blk[6]]) if gated else blk[2] for blk in w]).detach().contiguous()

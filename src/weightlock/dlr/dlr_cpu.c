@@ -323,6 +323,24 @@ static inline __m512 round16(__m512 x) {  /* rounded to bf16 (nearest even), kep
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
+/* The up pass's residual step for 32 columns at once, z[0..32) += bf16(U h) (+ bias), zl = bf16(z): one
+   VCVTNE2PS2BF16 rounds both sums, two unpacks with zero widen them back to floats (bf16 in the high half), and
+   one more packs the new z's bf16 copy. The unpacks interleave 128-bit lanes, so the packed U holds each group of
+   32 columns permuted (cpu_kernel.up_permutation): sum lanes a = columns 0-3, 16-19, 4-7, 20-23 and b = 8-11,
+   24-27, 12-15, 28-31 come back as 0-15 and 16-31. Bit-identical to rounding each sum with round16. */
+static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, const uint16_t *bias) {
+    __m512i p = (__m512i)_mm512_cvtne2ps_pbh(b, a), zero = _mm512_setzero_si512();
+    __m512 o0 = _mm512_add_ps(_mm512_loadu_ps(z), _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, p)));
+    __m512 o1 = _mm512_add_ps(_mm512_loadu_ps(z + 16), _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, p)));
+    if (bias) {
+        o0 = _mm512_add_ps(o0, bf16x16(bias));
+        o1 = _mm512_add_ps(o1, bf16x16(bias + 16));
+    }
+    _mm512_storeu_ps(z, o0);
+    _mm512_storeu_ps(z + 16, o1);
+    _mm512_storeu_si512((void *)zl, (__m512i)_mm512_cvtne2ps_pbh(o1, o0));
+}
+
 /* ---- bf16 tiles over K2 pairs: a[t] = sum_p x[t][p] . b[p][0 .. 16 NV) (pairs of bf16, fp32 sums); then either
    y = a (the down pass) or the up pass's residual step z += bf16(a) (+ bias), zl = bf16(z) ---- */
 #define T16(ROWS, NV)                                                                                         \
@@ -340,6 +358,13 @@ static inline __m512 round16(__m512 x) {  /* rounded to bf16 (nearest even), kep
                 _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)                                          \
                     a[t][v] = _mm512_dpbf16_ps(a[t][v], (__m512bh)bv[v], (__m512bh)xb);                       \
             }                                                                                                 \
+        }                                                                                                     \
+        if (zl && NV % 2 == 0) {  /* columns permuted in pairs of vectors (see up_perm): two at a time */     \
+            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                            \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v += 2)                                       \
+                    up_epilogue2(a[t][v], a[t][v + 1], y + t * ys + 16 * v, zl + t * ys + 16 * v,            \
+                                 bias ? bias + 16 * v : 0);                                                   \
+            return;                                                                                           \
         }                                                                                                     \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) {                                            \
@@ -392,7 +417,9 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
         }
     }
     BARRIER(nt);
-    share(d / 16, ti, nt, &lo, &hi);
+    int64_t g = d % 32 ? 16 : 32;  /* d % 32 == 0: U's columns are permuted in groups of 32 (up_epilogue2) */
+    share(d / g, ti, nt, &lo, &hi);
+    lo *= g / 16, hi *= g / 16;
     if (hi > lo) gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0);
     BARRIER(nt);
 }
