@@ -171,7 +171,9 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
                     new_tokens: int) -> dict:
     """Prefill (``batch`` × ``prefill_tokens``, one forward) and decode (greedy, KV cache, ``new_tokens`` after a
     16-token prompt, ``batch`` rows) of the original and the lock on its default path, interleaved (which runs
-    first alternates), median of ``repeats`` (after one warm-up round)."""
+    first alternates round by round), after one warm-up round. The ratios are the median over ``repeats`` rounds
+    of each round's locked ÷ original time (the two measured back to back, so that drift in the machine's load
+    between rounds cancels); ``ratio_of_medians`` and the rounds' ratio quartiles are recorded beside them."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(1)
     vocab = original.config.vocab_size
@@ -192,11 +194,14 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
                     times[name]["prefill"].append(t1 - t0)
                     times[name]["decode"].append(t2 - t1)
     med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
+    rounds = {w: [a / b for a, b in zip(times["locked"][w], times["original"][w])] for w in ("prefill", "decode")}
     return {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "batch": batch,
             "prefill_tokens": prefill_tokens, "decode_new_tokens": new_tokens, "decode_prompt": 16,
             "repeats": repeats, "median_s": med, "all_s": times,
-            "prefill_ratio": med["locked"]["prefill"] / med["original"]["prefill"],
-            "decode_ratio": med["locked"]["decode"] / med["original"]["decode"],
+            "prefill_ratio": statistics.median(rounds["prefill"]),
+            "decode_ratio": statistics.median(rounds["decode"]),
+            "ratio_of_medians": {w: med["locked"][w] / med["original"][w] for w in ("prefill", "decode")},
+            "round_ratio_quartiles": {w: statistics.quantiles(v, n=4) for w, v in rounds.items()},
             "decode_tokens_per_s": {k: batch * new_tokens / v["decode"] for k, v in med.items()},
             "prefill_tokens_per_s": {k: batch * prefill_tokens / v["prefill"] for k, v in med.items()}}
 
