@@ -181,8 +181,7 @@ class ModelSpec:
                                 "pretraining the preset")
     name: str | None = _f(None, "the model's run directory when a spec has several (default: the preset or the "
                                 "directory's name)")
-    seed: int | None = _f(None, "the pretraining seed of the preset model and of every model a defense pretrains "
-                                "(default: the preset's, 0); a rerun at other seeds measures a record's seed spread")
+    seed: int | None = _f(None, "pretraining seed of the preset and of models defenses pretrain (default 0)")
 
     @classmethod
     def parse(cls, data: Any, path: str, source: str) -> "ModelSpec":
