@@ -368,6 +368,23 @@ def test_cpu_packed_kernel_bf16_rounds_like_the_fast_path(kw, rows, n_threads, t
     assert rel(out, exact) <= 2e-2
 
 
+@pytest.mark.parametrize("width", [48, 64, 80, 96, 112])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("form", ["plain", "gated"])
+def test_cpu_packed_kernel_bf16_at_every_width(width, n_threads, form, threads):
+    """The bf16 up pass packs U's columns in groups of 32 when the width allows (d % 32 == 0) and reads them two
+    vectors at a time; widths with a group of 16 left over (48, 80, 112: plain order) and every thread split of
+    the columns must give the eager path's result all the same (it scrambled widths 48/80/112 once)."""
+    _packed()
+    threads(n_threads)
+    net = random_net(width=width, rank=32, form=form, activation="silu", bias=True).to(torch.bfloat16)
+    for rows in (1, 8, 300):
+        x = torch.randn(rows, width).bfloat16()
+        with torch.no_grad():
+            assert net.inference_path(x) == "kernel"
+            assert rel(net(x), net.forward_fast(x)) <= 2e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_packed_kernel_follows_weights_changed_in_place(dtype):
     """The packed copy is rebuilt when a parameter changes in place (an optimizer step between two

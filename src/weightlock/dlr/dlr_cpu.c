@@ -345,7 +345,7 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
    y = a (the down pass) or the up pass's residual step z += bf16(a) (+ bias), zl = bf16(z) ---- */
 #define T16(ROWS, NV)                                                                                         \
     static void t16_##ROWS##_##NV(const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,    \
-                                  float *y, int64_t ys, uint16_t *zl, const uint16_t *bias) {                 \
+                                  float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired) {     \
         __m512 a[ROWS][NV];                                                                                   \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) a[t][v] = _mm512_setzero_ps();               \
@@ -359,7 +359,7 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
                     a[t][v] = _mm512_dpbf16_ps(a[t][v], (__m512bh)bv[v], (__m512bh)xb);                       \
             }                                                                                                 \
         }                                                                                                     \
-        if (zl && NV % 2 == 0) {  /* columns permuted in pairs of vectors (see up_perm): two at a time */     \
+        if (paired && NV % 2 == 0) {  /* U permuted in groups of 32 columns (up_epilogue2): two at a time */  \
             _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                            \
                 _Pragma("GCC unroll 2") for (int v = 0; v < NV; v += 2)                                       \
                     up_epilogue2(a[t][v], a[t][v + 1], y + t * ys + 16 * v, zl + t * ys + 16 * v,            \
@@ -379,17 +379,18 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
 #define T16_ALL(NV) T16(1, NV) T16(2, NV) T16(3, NV) T16(4, NV) T16(5, NV) T16(6, NV)
 T16_ALL(1) T16_ALL(2) T16_ALL(4) T16(7, 1) T16(8, 1) T16(7, 2) T16(8, 2)
 typedef void (*t16_fn)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, float *, int64_t, uint16_t *,
-                       const uint16_t *);
+                       const uint16_t *, int);
 static const t16_fn T16_NV1[9] = {0, t16_1_1, t16_2_1, t16_3_1, t16_4_1, t16_5_1, t16_6_1, t16_7_1, t16_8_1};
 static const t16_fn T16_NV2[9] = {0, t16_1_2, t16_2_2, t16_3_2, t16_4_2, t16_5_2, t16_6_2, t16_7_2, t16_8_2};
 static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4, t16_6_4};
 
 /* gemm32's bf16 twin: x (m x K2 pairs, stride xs pairs), b (K2 x ncols pairs, stride bs); y (stride ys) gets the
-   sums, or with zl the residual step (y = z, zl its bf16 copy, same stride) */
+   sums, or with zl the residual step (y = z, zl its bf16 copy, same stride); paired: b's columns are permuted in
+   groups of 32 for up_epilogue2 (ncols % 32 == 0, so every tile is 2 or 4 vectors wide on a group boundary) */
 static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,
-                   int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias) {
+                   int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired) {
     FOR_TILES(m, ncols, (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
-        x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0));
+        x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0, paired));
 }
 
 /* one block on m rows, bf16 weights: z (m x d) fp32 state, zl its bf16 rounding, hd (m x R) fp32 scratch, hb
@@ -399,7 +400,7 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
                       int act, int ti, int nt) {
     int64_t R = gated ? 2 * r : r, lo, hi;
     share(R / 16, ti, nt, &lo, &hi);
-    if (hi > lo) gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0);
+    if (hi > lo) gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0);
     BARRIER(nt);
     for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt; ++t) {
         const float *h = hd + t * R;
@@ -420,7 +421,8 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
     int64_t g = d % 32 ? 16 : 32;  /* d % 32 == 0: U's columns are permuted in groups of 32 (up_epilogue2) */
     share(d / g, ti, nt, &lo, &hi);
     lo *= g / 16, hi *= g / 16;
-    if (hi > lo) gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0);
+    if (hi > lo)
+        gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0, g == 32);
     BARRIER(nt);
 }
 
