@@ -201,7 +201,7 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
             "prefill_ratio": statistics.median(rounds["prefill"]),
             "decode_ratio": statistics.median(rounds["decode"]),
             "ratio_of_medians": {w: med["locked"][w] / med["original"][w] for w in ("prefill", "decode")},
-            "round_ratio_quartiles": {w: statistics.quantiles(v, n=4) for w, v in rounds.items()},
+            "round_ratio_quartiles": {w: statistics.quantiles(v, n=4) if len(v) > 1 else v for w, v in rounds.items()},
             "decode_tokens_per_s": {k: batch * new_tokens / v["decode"] for k, v in med.items()},
             "prefill_tokens_per_s": {k: batch * prefill_tokens / v["prefill"] for k, v in med.items()}}
 

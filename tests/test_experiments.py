@@ -445,7 +445,6 @@ def test_pmp_gain_vs_ratio_reads_the_sweeps_rows(tmp_path):
     assert [(x["ratio"], x["method"], x["gain"]) for x in r["rows"]] == [(0.1, "full", 0.1), (0.5, "full", 0.2)]
 
 
-@pytest.mark.slow
 def test_a_seeded_rerun_pretrains_the_preset_at_its_seed(tmp_path, monkeypatch):
     """--seed N (spec.with_seed): the preset model is pretrained at N (the default stays the preset's 0), the seed
     round-trips through the spec's data, and a spec of model directories refuses it."""
@@ -470,9 +469,18 @@ def test_a_seeded_rerun_pretrains_the_preset_at_its_seed(tmp_path, monkeypatch):
     assert seeded.models[0].seed == 3 and ExperimentSpec.from_dict(seeded.to_dict()) == seeded
     assert spec.models[0].seed is None and "seed" not in spec.to_dict()["models"][0]  # old summaries stay current
     with pytest.raises(WeightlockError, match="models are all directories"):
-        ExperimentSpec.from_dict({**BASE, "models": [{"path": "/m"}]}).with_seed(1)
+        ExperimentSpec.from_dict({**BASE, "models": [{"preset": "tiny", "path": "/m"}]}).with_seed(1)
+    # a run directory pretrained at another seed is refused, not resumed at the saved seed (base and PMP's run)
+    for d, f in (("base-small", "weightlock_run.json"), ("pmp-paper", "pmp_config.json")):
+        run = tmp_path / f"other-{d}"
+        (run / d).mkdir(parents=True)
+        (run / d / f).write_text(json.dumps({"config": {"train": {"seed": 5}}}))
+        with pytest.raises(WeightlockError, match=f"{d} was pretrained at seed 5, this run asks for seed 3"):
+            run_experiment(seeded, run)
+    assert seen == [0, 3]
 
 
+@pytest.mark.slow
 def test_a_spec_without_attacks_builds_evaluates_and_analyses(tmp_path, tiny_model_dir):
     """attacks: [] — the build, the capability and the defenses' own evaluations, then the analyses (the bench's
     base-model and lock-fidelity records come from such a spec)."""
@@ -542,6 +550,11 @@ def test_compare_judges_a_record_against_its_seed_reruns(tmp_path):
     assert r32["mean"] == pytest.approx(1.2) and r32["high"] == pytest.approx(1.2 + half)
     assert r32["within"] is True and r32["in_range"] is False  # outside the range, inside the interval
     assert by["ranks.8.ppl_ratio"]["within"] is None and got["judged"] == 1 and got["reproduced"] is True
+    assert got["unjudged"] == 1 and compare(rec(1.0, 1.5), reruns[:1], ("ranks.*",))["reproduced"] is None
+    assert "ranks.32.rank" not in compare(rec(1.0, 1.5), reruns, ("ranks.*",))["outside"] + [
+        r["figure"] for r in compare(rec(1.0, 1.5), reruns, ("ranks.*",))["figures"]]  # the row's name: no figure
+    same = compare(rec(1.0, 1.2 + 1e-12), [rec(1.0, 1.2)] * 3, ("ranks.*.ppl_ratio",))  # no spread: float rounding
+    assert same["reproduced"] is True
     far = compare(rec(1.0, 3.0), reruns, ("ranks.*.ppl_ratio",))
     assert far["reproduced"] is False and far["outside"] == ["ranks.32.ppl_ratio"]
     with pytest.raises(WeightlockError, match="no figure matching nope"):
@@ -555,9 +568,14 @@ def test_compare_judges_a_record_against_its_seed_reruns(tmp_path):
         files[-1].write_text(json.dumps(r))
     res = CliRunner().invoke(app, ["compare", *map(str, files), "--out", str(tmp_path / "c.json")])
     assert res.exit_code == 0, res.output
-    assert "reproduced: yes (1 of 1 figures inside)" in res.output
+    assert "reproduced: yes (1 of 1 judged figures inside, 1 not judged)" in res.output
     saved = json.loads((tmp_path / "c.json").read_text())
-    assert saved["kind"] == "bench.reproduction" and saved["reproduced"] and len(saved["rerun_files"]) == 3
+    assert saved["kind"] == "bench.reproduction" and saved["schema_version"] >= 1 and saved["reproduced"]
+    assert len(saved["rerun_files"]) == 3
     (tmp_path / "other.json").write_text(json.dumps(rec(1.0, 1.0, kind="mask_recovery")))
     res = CliRunner().invoke(app, ["compare", str(files[0]), str(tmp_path / "other.json")])
-    assert res.exit_code == 2 and "a mask_recovery record, not lock_fidelity" in res.output
+    assert res.exit_code == 2 and "a mask_recovery record, not a lock_fidelity record" in res.output
+    (tmp_path / "plain.json").write_text(json.dumps({"x": 1.0}))
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "plain.json"), str(tmp_path / "plain.json")])
+    assert res.exit_code == 2 and "a record of no known kind without registered headline figures" in res.output
+    assert "--analysis NAME" in res.output

@@ -629,7 +629,8 @@ def run_cmd(
     if check:
         print(json.dumps(s.to_dict(), indent=1, default=str))
         return
-    run_experiment(s, out or Path("runs") / s.name, defenses=defense or None, report=report)
+    run_experiment(s, out or Path("runs") / (s.name + ("" if seed is None else f"-seed{seed}")),
+                   defenses=defense or None, report=report)
 
 
 @app.command()
@@ -652,15 +653,21 @@ def compare(
     from .experiments.reproduce import compare as compare_records
     from .experiments.reproduce import headline_patterns
     from .io import read_json, write_json
-    from .schema import record_kind
+    from .schema import bench_kind, record_kind, stamp
 
     rec = read_json(record)
     runs = [read_json(r) for r in reruns]
     kind = record_kind(rec, record)  # a file written before records carried their kind is recognised
+    def what(k):
+        return f"a {k} record" if k else "a record of no known kind"
+
     for r, path in zip(runs, reruns):
         if record_kind(r, path) != kind and not figure:
-            raise WeightlockError(f"{path}: a {record_kind(r, path)} record, not {kind} like {record}")
+            raise WeightlockError(f"{path}: {what(record_kind(r, path))}, not {what(kind)} like {record}")
     patterns = tuple(figure) or headline_patterns(kind, analysis)
+    if not patterns:
+        raise WeightlockError(f"{record}: {what(kind)} without registered headline figures: name them with "
+                              "--figure PATH or --analysis NAME (e.g. --analysis base-model)")
     result = compare_records(rec, runs, patterns)
     t = Table(title=f"{record} against {len(runs)} reruns")
     for col in ("figure", "recorded", "reruns mean ± std", "95% interval", "inside"):
@@ -672,13 +679,14 @@ def compare(
             t.add_row(r["figure"], f"{r['recorded']:.4g}", f"{r['mean']:.4g} ± {r['std']:.2g}",
                       f"[{r['low']:.4g}, {r['high']:.4g}]", "yes" if r["within"] else "[red]NO[/]")
     Console().print(t)
-    print(f"reproduced: {'yes' if result['reproduced'] else 'no'} ({result['judged'] - len(result['outside'])} of "
-          f"{result['judged']} figures inside" + (f"; outside: {', '.join(result['outside'])}" if result['outside']
-                                                  else "") + ")")
+    verdict = {True: "yes", False: "no", None: "not judged (fewer than two reruns hold any figure)"}
+    print(f"reproduced: {verdict[result['reproduced']]} ({result['judged'] - len(result['outside'])} of "
+          f"{result['judged']} judged figures inside, {result['unjudged']} not judged"
+          + (f"; outside: {', '.join(result['outside'])}" if result['outside'] else "") + ")")
     if out is not None:
-        write_json(out, {"kind": "bench.reproduction", "record": str(record), "record_kind": kind,
-                         "rerun_files": [str(r) for r in reruns],
-                         "command": " ".join(["weightlock compare", *sys.argv[2:]]), **result})
+        write_json(out, stamp(bench_kind("reproduction"), {
+            "record": str(record), "record_kind": kind, "rerun_files": [str(r) for r in reruns],
+            "command": " ".join(["weightlock compare", *sys.argv[2:]]), **result}))
 
 
 @app.command()

@@ -14,6 +14,7 @@ A spec names them under ``analyses`` (``[{name: attack-table, options: {...}}]``
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,13 +99,18 @@ def run_analysis(entry, out: Path, spec, summary: dict, options: dict) -> dict:
     save_as = options.pop("save_as", None)
     from . import harness
 
-    figures = harness.RESULTS if save_as else None
+    seeds = sorted({m.seed for m in spec.models if m.seed is not None})
+    command = f"weightlock run {spec.name}" + (f" --seed {seeds[0]}" if len(seeds) == 1 else "")
+    # a seeded rerun writes its bench result under its run (or $WEIGHTLOCK_BENCH_RESULTS), never over the record
+    results = Path(out) / "results" if seeds and not os.environ.get(harness.RESULTS_ENV) else harness.RESULTS
+    figures = results if save_as else None
     result = analysis(AnalysisContext(Path(out), spec, summary, figures), **options)
     record = {"kind": analysis.kind or f"analysis.{entry.name}", "schema_version": schema.SCHEMA_VERSION,
               "spec": spec.name, **result}
     write_json(Path(out) / "analysis" / f"{entry.name}.json", record)
     if save_as:
-        harness.save(save_as, {"command": f"weightlock run {spec.name}", **result}, kind=analysis.kind)
+        harness.save(save_as, {"command": command, **({"seeds": seeds} if seeds else {}), **result},
+                     kind=analysis.kind, directory=results)
     return result
 
 

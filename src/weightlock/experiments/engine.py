@@ -32,6 +32,18 @@ from .harness import release_fidelity
 from .spec import LR_GROUPS, ExperimentSpec, ModelSpec, TargetEntry, thaw
 
 
+def _refuse_other_seed(run_dir: Path, seed: int) -> None:
+    """A pretraining run left in ``run_dir`` (its ``weightlock_run.json`` or PMP's ``pmp_config.json``) at
+    another seed than ``seed`` is refused before any work: resuming would keep the saved seed."""
+    for name in ("weightlock_run.json", "pmp_config.json"):
+        f = Path(run_dir) / name
+        if f.is_file():
+            saved = (read_json(f).get("config") or {}).get("train", {}).get("seed")
+            if saved is not None and saved != seed:
+                raise WeightlockError(f"{run_dir} was pretrained at seed {saved}, this run asks for seed {seed} "
+                                      "(--seed): give the run another --out")
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """The spec as one model's run reads it (what a defense's hooks read: ``tasks``, ``memory_depths``,
@@ -298,6 +310,9 @@ def run_model(out: Path, spec: ExperimentSpec, model: ModelSpec | None = None, d
     rebuilt: set[str] = set()
 
     seeded = {} if model.seed is None else {"seed": model.seed}
+    seed = default_config(preset, **seeded).train.seed
+    for run_dir in ([base] if base_model is None else []) + [work[d.name] for d in chosen if d.spec.pretraining]:
+        _refuse_other_seed(run_dir, seed)
 
     def pretrain_base():
         pretrain(default_config(preset, **seeded), base, overwrite=False, resume=True)

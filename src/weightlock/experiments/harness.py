@@ -35,14 +35,14 @@ def results_dir() -> Path:
 RESULTS = results_dir()
 
 
-def save(name: str, result: dict, kind: str | None = None) -> Path:
-    """Write ``result`` to ``RESULTS/NAME.json`` with the machine, its record ``kind`` (one of
-    :data:`weightlock.schema.RECORD_KINDS` for a record the report draws; default: the kind ``result`` carries,
-    else ``bench.NAME``, a record no reader draws) and the schema version. A result read back and saved again
-    (a re-analysis) keeps the machine that measured it."""
+def save(name: str, result: dict, kind: str | None = None, directory: Path | None = None) -> Path:
+    """Write ``result`` to ``RESULTS/NAME.json`` (``directory``: there instead) with the machine, its record
+    ``kind`` (one of :data:`weightlock.schema.RECORD_KINDS` for a record the report draws; default: the kind
+    ``result`` carries, else ``bench.NAME``, a record no reader draws) and the schema version. A result read back
+    and saved again (a re-analysis) keeps the machine that measured it."""
     from ..io import machine_info, write_json
 
-    path = RESULTS / f"{name}.json"
+    path = Path(directory or RESULTS) / f"{name}.json"
     record = {"kind": schema.bench_kind(name), "schema_version": schema.SCHEMA_VERSION, "machine": machine_info(),
               **result}
     if kind is not None:

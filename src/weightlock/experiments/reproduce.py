@@ -6,7 +6,8 @@ figures, the reruns' mean, standard deviation and range, and the 95% prediction 
 The headline figures of a record kind are the ``figures`` its analysis registers (dotted paths with ``*``
 wildcards; a list of rows is keyed by the row's ``rank``/``label``/``name``/``attack`` field, else its index)::
 
-    weightlock compare bench/results/pmp_recovery.json runs/repro/pmp-recovery-s*/results/pmp_recovery.json
+    weightlock run pmp-recovery --seed 1      # writes runs/pmp-recovery-seed1/results/pmp_recovery.json; 2, 3 too
+    weightlock compare bench/results/pmp_recovery.json runs/pmp-recovery-seed*/results/pmp_recovery.json
 """
 from __future__ import annotations
 
@@ -16,18 +17,30 @@ from numbers import Real
 
 from ..errors import WeightlockError
 
-# two-sided 95% Student t quantiles, 1-10 degrees of freedom (beyond: 2.2, the quantile at 11)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+# two-sided 95% Student t quantiles, 1-30 degrees of freedom (beyond: 1.96, the normal quantile)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 ROW_KEYS = ("rank", "label", "name", "attack")
 
 
+def _row_key(rows: list) -> str | None:
+    """The field that names ``rows`` (the first of ROW_KEYS every row has, distinct across rows), or None."""
+    for k in ROW_KEYS:
+        names = [str(x.get(k)) if isinstance(x, dict) and x.get(k) is not None else None for x in rows]
+        if None not in names and len(set(names)) == len(names):
+            return k
+    return None
+
+
 def flatten(record, prefix: str = "") -> dict[str, float]:
-    """Every number in ``record`` by its dotted path (booleans and non-finite numbers left out)."""
+    """Every number in ``record`` by its dotted path (booleans and non-finite numbers left out); a list of rows
+    that one field names (``rank``...) is keyed by that field, which is then not a figure itself."""
     out: dict[str, float] = {}
     if isinstance(record, dict):
         items = record.items()
     elif isinstance(record, list):
-        items = [(next((str(x[k]) for k in ROW_KEYS if isinstance(x, dict) and x.get(k) is not None), str(i)), x)
+        key = _row_key(record) if record else None
+        items = [(str(x[key]), {k: v for k, v in x.items() if k != key}) if key else (str(i), x)
                  for i, x in enumerate(record)]
     else:
         if isinstance(record, Real) and not isinstance(record, bool) and math.isfinite(record):
@@ -46,7 +59,8 @@ def figures(record: dict, patterns) -> dict[str, float]:
 def compare(recorded: dict, reruns: list[dict], patterns) -> dict:
     """Each headline figure of ``recorded`` against its values in ``reruns``: mean, std, range, the 95%
     prediction interval and whether the recorded value lies inside (``within``; None with fewer than two
-    reruns holding the figure). ``reproduced``: every figure with an interval lies inside."""
+    reruns holding the figure; reruns that all agree get an interval of float rounding, 1e-9 relative).
+    ``reproduced``: every judged figure lies inside (None when none is judged); ``unjudged`` counts the rest."""
     if not patterns:
         raise WeightlockError("no figures to compare: name them with --figure (dotted paths, * wildcards)")
     mine = figures(recorded, patterns)
@@ -61,7 +75,8 @@ def compare(recorded: dict, reruns: list[dict], patterns) -> dict:
             n = len(vals)
             mean = sum(vals) / n
             sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-            half = (T975[n - 2] if n - 1 <= len(T975) else 2.2) * sd * math.sqrt(1 + 1 / n)
+            half = max((T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd * math.sqrt(1 + 1 / n),
+                       1e-9 * abs(mean))
             row.update(mean=mean, std=sd, min=min(vals), max=max(vals), low=mean - half, high=mean + half,
                        within=mean - half <= value <= mean + half, in_range=min(vals) <= value <= max(vals))
         else:
@@ -69,8 +84,8 @@ def compare(recorded: dict, reruns: list[dict], patterns) -> dict:
         rows.append(row)
     judged = [r for r in rows if r["within"] is not None]
     return {"figures": rows, "patterns": list(patterns), "reruns": len(reruns), "judged": len(judged),
-            "outside": [r["figure"] for r in judged if not r["within"]],
-            "reproduced": bool(judged) and all(r["within"] for r in judged)}
+            "unjudged": len(rows) - len(judged), "outside": [r["figure"] for r in judged if not r["within"]],
+            "reproduced": all(r["within"] for r in judged) if judged else None}
 
 
 def headline_patterns(kind: str | None = None, analysis: str | None = None) -> tuple[str, ...]:
