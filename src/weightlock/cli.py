@@ -670,8 +670,9 @@ def compare(
                               "--figure PATH or --analysis NAME (e.g. --analysis base-model)")
     result = compare_records(rec, runs, patterns)
     t = Table(title=f"{record} against {len(runs)} reruns")
-    for col in ("figure", "recorded", "reruns mean ± std", "95% interval", "inside"):
-        t.add_column(col)
+    t.add_column("figure", overflow="fold")
+    for col in ("recorded", "reruns mean ± std", "95% interval", "inside"):
+        t.add_column(col, no_wrap=True)
     for r in result["figures"]:
         if r["within"] is None:
             t.add_row(r["figure"], f"{r['recorded']:.4g}", ", ".join(f"{v:.4g}" for v in r["reruns"]), "-", "-")
