@@ -652,7 +652,7 @@ def compare(
 
     from .experiments.reproduce import compare as compare_records
     from .experiments.reproduce import headline_patterns
-    from .io import read_json, write_json
+    from .io import machine_info, read_json, write_json
     from .schema import bench_kind, record_kind, stamp
 
     rec = read_json(record)
@@ -686,7 +686,8 @@ def compare(
           + (f"; outside: {', '.join(result['outside'])}" if result['outside'] else "") + ")")
     if out is not None:
         write_json(out, stamp(bench_kind("reproduction"), {
-            "record": str(record), "record_kind": kind, "rerun_files": [str(r) for r in reruns],
+            "machine": machine_info(), "record": str(record), "record_kind": kind,
+            "rerun_files": [str(r) for r in reruns],
             "command": " ".join(["weightlock compare", *sys.argv[2:]]), **result}))
 
 
