@@ -549,6 +549,7 @@ def test_compare_judges_a_record_against_its_seed_reruns(tmp_path):
     half = 4.303 * 0.1 * (1 + 1 / 3) ** 0.5  # t(0.975, 2) · s · √(1 + 1/n), s = 0.1
     assert r32["mean"] == pytest.approx(1.2) and r32["high"] == pytest.approx(1.2 + half)
     assert r32["within"] is True and r32["in_range"] is False  # outside the range, inside the interval
+    assert got["outside_range"] == ["ranks.32.ppl_ratio"]
     assert by["ranks.8.ppl_ratio"]["within"] is None and got["judged"] == 1 and got["reproduced"] is True
     assert got["unjudged"] == 1 and compare(rec(1.0, 1.5), reruns[:1], ("ranks.*",))["reproduced"] is None
     assert "ranks.32.rank" not in compare(rec(1.0, 1.5), reruns, ("ranks.*",))["outside"] + [
@@ -568,7 +569,7 @@ def test_compare_judges_a_record_against_its_seed_reruns(tmp_path):
         files[-1].write_text(json.dumps(r))
     res = CliRunner().invoke(app, ["compare", *map(str, files), "--out", str(tmp_path / "c.json")])
     assert res.exit_code == 0, res.output
-    assert "reproduced: yes (1 of 1 judged figures inside, 1 not judged)" in res.output
+    assert "reproduced: yes (1 of 1 judged figures inside, 1 not judged; 0 beyond the reruns' range)" in res.output
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["kind"] == "bench.reproduction" and saved["schema_version"] >= 1 and saved["reproduced"]
     assert len(saved["rerun_files"]) == 3

@@ -682,7 +682,8 @@ def compare(
     Console().print(t)
     verdict = {True: "yes", False: "no", None: "not judged (fewer than two reruns hold any figure)"}
     print(f"reproduced: {verdict[result['reproduced']]} ({result['judged'] - len(result['outside'])} of "
-          f"{result['judged']} judged figures inside, {result['unjudged']} not judged"
+          f"{result['judged']} judged figures inside, {result['unjudged']} not judged; "
+          f"{len(result['outside_range'])} beyond the reruns' range"
           + (f"; outside: {', '.join(result['outside'])}" if result['outside'] else "") + ")")
     if out is not None:
         write_json(out, stamp(bench_kind("reproduction"), {

@@ -85,6 +85,8 @@ def compare(recorded: dict, reruns: list[dict], patterns) -> dict:
     judged = [r for r in rows if r["within"] is not None]
     return {"figures": rows, "patterns": list(patterns), "reruns": len(reruns), "judged": len(judged),
             "unjudged": len(rows) - len(judged), "outside": [r["figure"] for r in judged if not r["within"]],
+            # beyond the reruns' own range: for one more draw from the same spread, expected 2/(n+1) of the time
+            "outside_range": [r["figure"] for r in judged if not r["in_range"]],
             "reproduced": all(r["within"] for r in judged) if judged else None}
 
 
