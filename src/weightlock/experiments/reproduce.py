@@ -83,7 +83,9 @@ def compare(recorded: dict, reruns: list[dict], patterns) -> dict:
             row["within"] = None
         rows.append(row)
     judged = [r for r in rows if r["within"] is not None]
-    return {"figures": rows, "patterns": list(patterns), "reruns": len(reruns), "judged": len(judged),
+    counts = {"figures": len(rows), "judged": len(judged), "inside": sum(bool(r["within"]) for r in judged),
+              "beyond_range": sum(not r["in_range"] for r in judged)}
+    return {"counts": counts, "figures": rows, "patterns": list(patterns), "reruns": len(reruns), "judged": len(judged),
             "unjudged": len(rows) - len(judged), "outside": [r["figure"] for r in judged if not r["within"]],
             # beyond the reruns' own range: for one more draw from the same spread, expected 2/(n+1) of the time
             "outside_range": [r["figure"] for r in judged if not r["in_range"]],
