@@ -33,15 +33,17 @@ from .spec import LR_GROUPS, ExperimentSpec, ModelSpec, TargetEntry, thaw
 
 
 def _refuse_other_seed(run_dir: Path, seed: int) -> None:
-    """A pretraining run left in ``run_dir`` (its ``weightlock_run.json`` or PMP's ``pmp_config.json``) at
-    another seed than ``seed`` is refused before any work: resuming would keep the saved seed."""
-    for name in ("weightlock_run.json", "pmp_config.json"):
-        f = Path(run_dir) / name
-        if f.is_file():
-            saved = (read_json(f).get("config") or {}).get("train", {}).get("seed")
-            if saved is not None and saved != seed:
-                raise WeightlockError(f"{run_dir} was pretrained at seed {saved}, this run asks for seed {seed} "
-                                      "(--seed): give the run another --out")
+    """A pretraining run left in ``run_dir`` (its saved run config, or PMP's) at another seed than ``seed`` is
+    refused before any work: resuming would keep the saved seed."""
+    from ..pmp.train import CONFIG_FILE
+    from ..train.pretrain import run_config
+
+    pmp = Path(run_dir) / CONFIG_FILE
+    for cfg in (run_config(run_dir), (read_json(pmp).get("config") or {}) if pmp.is_file() else {}):
+        saved = cfg.get("train", {}).get("seed")
+        if saved is not None and saved != seed:
+            raise WeightlockError(f"{run_dir} was pretrained at seed {saved}, this run asks for seed {seed} "
+                                  "(--seed): give the run another --out")
 
 
 @dataclass(frozen=True)
