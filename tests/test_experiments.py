@@ -550,8 +550,9 @@ def test_compare_judges_a_record_against_its_seed_reruns(tmp_path):
     assert r32["mean"] == pytest.approx(1.2) and r32["high"] == pytest.approx(1.2 + half)
     assert r32["within"] is True and r32["in_range"] is False  # outside the range, inside the interval
     assert got["outside_range"] == ["ranks.32.ppl_ratio"]
-    assert by["ranks.8.ppl_ratio"]["within"] is None and got["judged"] == 1 and got["reproduced"] is True
-    assert got["unjudged"] == 1 and compare(rec(1.0, 1.5), reruns[:1], ("ranks.*",))["reproduced"] is None
+    assert by["ranks.8.ppl_ratio"]["within"] is None and got["counts"]["judged"] == 1 and got["reproduced"] is True
+    assert got["counts"]["figures"] - got["counts"]["judged"] == 1
+    assert compare(rec(1.0, 1.5), reruns[:1], ("ranks.*",))["reproduced"] is None
     assert "ranks.32.rank" not in compare(rec(1.0, 1.5), reruns, ("ranks.*",))["outside"] + [
         r["figure"] for r in compare(rec(1.0, 1.5), reruns, ("ranks.*",))["figures"]]  # the row's name: no figure
     same = compare(rec(1.0, 1.2 + 1e-12), [rec(1.0, 1.2)] * 3, ("ranks.*.ppl_ratio",))  # no spread: float rounding

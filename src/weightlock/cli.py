@@ -662,8 +662,8 @@ def compare(
         return f"a {k} record" if k else "a record of no known kind"
 
     for r, path in zip(runs, reruns):
-        if record_kind(r, path) != kind and not figure:
-            raise WeightlockError(f"{path}: {what(record_kind(r, path))}, not {what(kind)} like {record}")
+        if (theirs := record_kind(r, path)) != kind and not figure:
+            raise WeightlockError(f"{path}: {what(theirs)}, not {what(kind)} like {record}")
     patterns = tuple(figure) or headline_patterns(kind, analysis)
     if not patterns:
         raise WeightlockError(f"{record}: {what(kind)} without registered headline figures: name them with "
@@ -681,9 +681,9 @@ def compare(
                       f"[{r['low']:.4g}, {r['high']:.4g}]", "yes" if r["within"] else "[red]NO[/]")
     Console().print(t)
     verdict = {True: "yes", False: "no", None: "not judged (fewer than two reruns hold any figure)"}
-    print(f"reproduced: {verdict[result['reproduced']]} ({result['judged'] - len(result['outside'])} of "
-          f"{result['judged']} judged figures inside, {result['unjudged']} not judged; "
-          f"{len(result['outside_range'])} beyond the reruns' range"
+    c = result["counts"]
+    print(f"reproduced: {verdict[result['reproduced']]} ({c['inside']} of {c['judged']} judged figures inside, "
+          f"{c['figures'] - c['judged']} not judged; {c['beyond_range']} beyond the reruns' range"
           + (f"; outside: {', '.join(result['outside'])}" if result['outside'] else "") + ")")
     if out is not None:
         write_json(out, stamp(bench_kind("reproduction"), {

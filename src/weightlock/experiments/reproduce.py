@@ -60,7 +60,8 @@ def compare(recorded: dict, reruns: list[dict], patterns) -> dict:
     """Each headline figure of ``recorded`` against its values in ``reruns``: mean, std, range, the 95%
     prediction interval and whether the recorded value lies inside (``within``; None with fewer than two
     reruns holding the figure; reruns that all agree get an interval of float rounding, 1e-9 relative).
-    ``reproduced``: every judged figure lies inside (None when none is judged); ``unjudged`` counts the rest."""
+    ``reproduced``: every judged figure lies inside (None when none is judged); ``counts``: figures, judged,
+    inside and beyond the reruns' range."""
     if not patterns:
         raise WeightlockError("no figures to compare: name them with --figure (dotted paths, * wildcards)")
     mine = figures(recorded, patterns)
@@ -85,8 +86,8 @@ def compare(recorded: dict, reruns: list[dict], patterns) -> dict:
     judged = [r for r in rows if r["within"] is not None]
     counts = {"figures": len(rows), "judged": len(judged), "inside": sum(bool(r["within"]) for r in judged),
               "beyond_range": sum(not r["in_range"] for r in judged)}
-    return {"counts": counts, "figures": rows, "patterns": list(patterns), "reruns": len(reruns), "judged": len(judged),
-            "unjudged": len(rows) - len(judged), "outside": [r["figure"] for r in judged if not r["within"]],
+    return {"counts": counts, "figures": rows, "patterns": list(patterns), "reruns": len(reruns),
+            "outside": [r["figure"] for r in judged if not r["within"]],
             # beyond the reruns' own range: for one more draw from the same spread, expected 2/(n+1) of the time
             "outside_range": [r["figure"] for r in judged if not r["in_range"]],
             "reproduced": all(r["within"] for r in judged) if judged else None}
