@@ -168,12 +168,14 @@ def machine_flags() -> dict:
 
 
 def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: int, prefill_tokens: int,
-                    new_tokens: int) -> dict:
+                    new_tokens: int, prefill_passes: int = 3) -> dict:
     """Prefill (``batch`` × ``prefill_tokens``, one forward) and decode (greedy, KV cache, ``new_tokens`` after a
     16-token prompt, ``batch`` rows) of the original and the lock on its default path, interleaved (which runs
-    first alternates round by round), after one warm-up round. The ratios are the median over ``repeats`` rounds
-    of each round's locked ÷ original time (the two measured back to back, so that drift in the machine's load
-    between rounds cancels); ``ratio_of_medians`` and the rounds' ratio quartiles are recorded beside them."""
+    first alternates round by round), after one warm-up round. A round times ``prefill_passes`` prefill pairs
+    (original and lock back to back) and one decode pair. The ratios are the median over all pairs of each
+    pair's locked ÷ original time (the two measured back to back, so that drift in the machine's load between
+    pairs cancels): ``repeats × prefill_passes`` prefill pairs, ``repeats`` decode pairs; ``ratio_of_medians``
+    and the pairs' ratio quartiles are recorded beside them."""
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(1)
     vocab = original.config.vocab_size
@@ -183,21 +185,24 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
     times = {k: {"prefill": [], "decode": []} for k in models}
     with torch.no_grad():
         for i in range(repeats + 1):  # the order alternates round by round, so that load drift hits both alike
-            for name, m in (models.items() if i % 2 else reversed(models.items())):
+            order = list(models.items()) if i % 2 else list(reversed(models.items()))
+            for _ in range(prefill_passes if i else 1):
+                for name, m in order:
+                    t0 = time.perf_counter()
+                    m(input_ids=ids)
+                    if i:
+                        times[name]["prefill"].append(time.perf_counter() - t0)
+            for name, m in order:
                 t0 = time.perf_counter()
-                m(input_ids=ids)
-                t1 = time.perf_counter()
                 m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-                t2 = time.perf_counter()
                 if i:
-                    times[name]["prefill"].append(t1 - t0)
-                    times[name]["decode"].append(t2 - t1)
+                    times[name]["decode"].append(time.perf_counter() - t0)
     med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
     rounds = {w: [a / b for a, b in zip(times["locked"][w], times["original"][w])] for w in ("prefill", "decode")}
     return {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "batch": batch,
             "prefill_tokens": prefill_tokens, "decode_new_tokens": new_tokens, "decode_prompt": 16,
-            "repeats": repeats, "median_s": med, "all_s": times,
+            "repeats": repeats, "prefill_passes": prefill_passes, "median_s": med, "all_s": times,
             "prefill_ratio": statistics.median(rounds["prefill"]),
             "decode_ratio": statistics.median(rounds["decode"]),
             "ratio_of_medians": {w: med["locked"][w] / med["original"][w] for w in ("prefill", "decode")},
@@ -284,7 +289,8 @@ def smollm2(args) -> None:
     command = "python bench/dlr_inference.py --model " + args.model + (
         f" --release {args.release}" if args.release else f" --ranks {' '.join(map(str, args.ranks))} --forms "
         + " ".join(args.forms)) + f" --threads {' '.join(map(str, args.threads))} --batches " + " ".join(
-        map(str, args.batches)) + f" --repeats {args.repeats} --new-tokens {args.new_tokens}"
+        map(str, args.batches)) + f" --repeats {args.repeats} --new-tokens {args.new_tokens}" + (
+        f" --prefill-passes {args.prefill_passes}")
     run = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **machine_flags(),
            "cpu_kernel": {"available": cpu_kernel.available(), "packed": cpu_kernel.packed_kinds(),
                           "max_rows": cpu_kernel.MAX_ROWS, "prefill_chunk": cpu_kernel.PREFILL_CHUNK},
@@ -316,7 +322,8 @@ def smollm2(args) -> None:
                 for batch in args.batches:
                     load_before = os.getloadavg()[0]
                     row = {"target": label, **spec, **smollm2_setting(
-                        original, locked, dtype, threads, batch, args.repeats, args.prefill_tokens, args.new_tokens)}
+                        original, locked, dtype, threads, batch, args.repeats, args.prefill_tokens, args.new_tokens,
+                        args.prefill_passes)}
                     # the machine's 1-minute load average before and after: a setting measured beside other work
                     # (load well above its own threads) is marked by it
                     row["load_average"] = [load_before, os.getloadavg()[0]]
@@ -371,6 +378,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--prefill-passes", type=int, default=3, help="--model: prefill pairs per round (the prefill "
+                    "ratio is the median of repeats × passes pairs)")
     ap.add_argument("--fidelity-tokens", type=int, default=8192, help="--release: held-out tokens per built-in "
                     "corpus for the fp32 / bf16 perplexity ratios (0: skip)")
     args = ap.parse_args()

@@ -386,6 +386,57 @@ def test_cpu_packed_kernel_bf16_at_every_width(width, n_threads, form, threads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cpu_packed_kernel_scratch_is_per_chunk_and_reused(dtype, n_threads, threads):
+    """The packed kernels keep their state in a per-thread scratch of one chunk per OpenMP thread, reused by every
+    call: a prefill of many chunks (each thread reusing its chunk's state) equals the same rows run one chunk at a
+    time, a later call never changes an earlier call's output, and the scratch does not grow with the input."""
+    kernel = _kernel()
+    _packed()
+    threads(n_threads)
+    net = random_net(width=64, rank=16, form="gated", activation="silu", bias=True, sink=True, readout=8.0).to(dtype)
+    rows = 3 * kernel.PREFILL_CHUNK + 37  # more chunks than threads, the last one short
+    x = torch.randn(rows, 64).to(dtype)
+    with torch.no_grad():
+        whole = net(x)
+        kept = whole.clone()
+        parts = torch.cat([net(x[i:i + kernel.PREFILL_CHUNK]) for i in range(0, rows, kernel.PREFILL_CHUNK)])
+        size = kernel._LOCAL.buf.numel()
+        net(torch.randn(2 * rows, 64).to(dtype))  # a longer input needs no more scratch
+        assert kernel._LOCAL.buf.numel() == size
+    assert torch.equal(whole, parts)
+    assert torch.equal(whole, kept)  # the output is never a view of the scratch
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel(whole, net.forward_fast(x)) <= tol
+
+
+def test_cpu_packed_kernel_python_threads_do_not_share_scratch():
+    """Two Python threads running nets at once each get their own scratch (a shared one would mix their states)."""
+    import threading
+
+    _kernel()
+    _packed()
+    nets = [random_net(width=64, rank=16, seed=s).to(torch.bfloat16) for s in (0, 1)]
+    xs = [torch.randn(300, 64).bfloat16() for _ in nets]
+    with torch.no_grad():
+        expected = [net(x) for net, x in zip(nets, xs)]
+    failures = []
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(20):
+                if not torch.equal(nets[i](xs[i]), expected[i]):
+                    failures.append(i)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not failures
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_packed_kernel_follows_weights_changed_in_place(dtype):
     """The packed copy is rebuilt when a parameter changes in place (an optimizer step between two
     evaluations, as the attacks do) or is replaced, so the kernel never computes with stale weights."""

@@ -13,8 +13,10 @@ per net runs every block in C (the source is ``dlr_cpu.c``, shipped beside this 
   r % 16 == 0): the weights are copied once into a layout the kernel streams (the down weights ``[V; G]``
   transposed to d × R, U transposed to r × d; in bf16 pair-interleaved for ``VDPBF16PS``), so both products
   are broadcast-FMA tiles of up to 8 rows with no horizontal sums. Prefill carries rows through all blocks in
-  chunks of :data:`PREFILL_CHUNK` that stay in L2 (threads take whole chunks); decode (few rows) splits each
-  pass's columns over an OpenMP team with one barrier per pass. The copy costs the net's weight bytes once
+  chunks of :data:`PREFILL_CHUNK` that stay in L2 (threads take whole chunks, each reusing one chunk's state
+  in a per-thread scratch buffer that every call reuses), while the next block's weights are prefetched; decode
+  (few rows) splits each pass's columns over an OpenMP team with one barrier per pass. In bf16 the activation is
+  the down pass's tile finish when one thread computes all of a block's down columns. The copy costs the net's weight bytes once
   more; it is cached on the net and rebuilt when a parameter is replaced or changed in place (an optimizer
   step), so the kernel never runs stale weights. bf16 keeps PyTorch's rounding: products accumulated in fp32
   and rounded to bf16, the residual stream kept in fp32 (``z += bf16(acc)``) as the eager fast path keeps it, and its
@@ -41,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -250,6 +253,23 @@ def _packed(net) -> tuple:
     return packed
 
 
+_LOCAL = threading.local()  # the calling thread's scratch buffer (one kernel call at a time per thread)
+
+
+def _scratch(*parts: tuple[int, torch.dtype]) -> list[torch.Tensor]:
+    """Views of the calling thread's scratch buffer, one per ``(numel, dtype)``, each starting on a 64-byte
+    boundary. The buffer grows to the largest call seen and is reused: a prefill's per-chunk state (a few
+    hundred KiB per thread) is then warm in cache and costs no fresh pages on every net's call."""
+    offsets, total = [], 0
+    for numel, dtype in parts:
+        offsets.append(total)
+        total += -(-numel * dtype.itemsize // 64) * 64
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.numel() < total:
+        _LOCAL.buf = buf = torch.empty(total, dtype=torch.uint8)
+    return [buf[o:o + numel * dtype.itemsize].view(dtype) for o, (numel, dtype) in zip(offsets, parts)]
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -302,15 +322,17 @@ def forward(net, x: torch.Tensor, sink: bool = False) -> torch.Tensor:
         gated = s.form == "gated"
         # decoding steps: one chunk (a team shares it); prefill: chunks that stay in L2, whole ones per thread
         chunk = n if n <= MAX_ROWS else min(PREFILL_CHUNK, -(-n // threads))
-        hd = torch.empty(n, (2 if gated else 1) * s.rank, dtype=torch.float32)
         x2 = x2.contiguous()
         out = torch.empty_like(x2)
+        rows, R = threads * chunk, (2 if gated else 1) * s.rank  # scratch: one chunk per thread
         if x.dtype == torch.float32:
+            (hd,) = _scratch((rows * R, torch.float32))
             lib.dlr_run_f32(n, s.width, s.rank, s.depth, int(gated), W.data_ptr(), _ptr(bW), U.data_ptr(), _ptr(bU),
                             x2.data_ptr(), out.data_ptr(), hd.data_ptr(), act, threads, chunk, s.readout, _ptr(sk))
         else:
-            z, zl = torch.empty(n, s.width), torch.empty_like(x2)
-            hb, xf = torch.empty(n, s.rank, dtype=torch.bfloat16), torch.empty(threads, s.width)
+            z, zl, hd, hb, xf = _scratch((rows * s.width, torch.float32), (rows * s.width, torch.bfloat16),
+                                         (rows * R, torch.float32), (rows * s.rank, torch.bfloat16),
+                                         (threads * s.width, torch.float32))
             lib.dlr_run_bf16(n, s.width, s.rank, s.depth, int(gated), W.data_ptr(), _ptr(bW), U.data_ptr(),
                              _ptr(bU), x2.data_ptr(), out.data_ptr(), z.data_ptr(), zl.data_ptr(), hd.data_ptr(),
                              hb.data_ptr(), act, threads, chunk, s.readout, _ptr(sk), xf.data_ptr())

@@ -207,12 +207,34 @@ static const t32_fn T32_NV4[7] = {0, t32_1_4, t32_2_4, t32_3_4, t32_4_4, t32_5_4
         c += 16 * nv;                                                                                        \
     }
 
+/* Prefetching the next block's weights into L2 while this block computes: a prefill chunk's weights come from
+   memory once per chunk (a net's 30 copies in a model are far beyond L3), and a pass that waits for them runs at
+   the latency of its first tile's misses. pf_t: `lines` cache lines from p; a pass with t tiles fetches the k-th
+   of t parts before its k-th tile. */
+typedef struct { const char *p; int64_t lines; } pf_t;
+static inline void prefetch_part(pf_t pf, int64_t k, int64_t parts) {
+    for (int64_t i = pf.lines * k / parts; i < pf.lines * (k + 1) / parts; ++i)
+        _mm_prefetch(pf.p + 64 * i, _MM_HINT_T1);
+}
+/* this thread's share of the lines of n bytes from p (all of them when nt == 1) */
+static inline pf_t pf_share(const void *p, int64_t bytes, int ti, int nt) {
+    int64_t lines = p ? (bytes + 63) / 64 : 0, lo = lines * ti / nt, hi = lines * (ti + 1) / nt;
+    pf_t pf = {(const char *)p + 64 * lo, hi - lo};
+    return pf;
+}
+static inline int64_t tile_count(int64_t m, int64_t ncols) {
+    int64_t n = 0;
+    FOR_TILES(m, ncols, ++n);
+    return n;
+}
+
 /* y (m x ncols, stride ys) (+)= x (m x K, stride xs) b (K x ncols, stride bs) (+ bias); ncols % 16 == 0.
    Columns outer (a slice of b stays in L1 across the row tiles), rows in tiles of up to 8 (6 at 64 columns). */
 static void gemm32(int64_t m, const float *x, int64_t xs, int64_t K, const float *b, int64_t bs, int64_t ncols,
-                   float *y, int64_t ys, int acc, const float *bias) {
-    FOR_TILES(m, ncols, (nv == 4 ? T32_NV4 : nv == 2 ? T32_NV2 : T32_NV1)[rows](
-        x + t * xs, xs, K, b + c, bs, y + t * ys + c, ys, acc, bias ? bias + c : 0));
+                   float *y, int64_t ys, int acc, const float *bias, pf_t pf) {
+    int64_t tiles = pf.lines ? tile_count(m, ncols) : 1, k = 0;
+    FOR_TILES(m, ncols, (prefetch_part(pf, k++, tiles), (nv == 4 ? T32_NV4 : nv == 2 ? T32_NV2 : T32_NV1)[rows](
+        x + t * xs, xs, K, b + c, bs, y + t * ys + c, ys, acc, bias ? bias + c : 0)));
 }
 
 /* this thread's share [lo, hi) of `units` units of 16 columns */
@@ -234,10 +256,12 @@ static inline void share(int64_t units, int ti, int nt, int64_t *lo, int64_t *hi
 /* one block on m rows (z: m x d, hd: m x R scratch), fp32; thread ti of nt (nt > 1: inside a team that shares
    the rows and splits the columns, with a barrier after each pass) */
 static void step_f32(int64_t m, int64_t d, int64_t r, int gated, const float *wt, const float *bw, const float *ut,
-                     const float *bu, float *z, float *hd, int act, int ti, int nt) {
+                     const float *bu, float *z, float *hd, int act, int ti, int nt, int next) {
     int64_t R = gated ? 2 * r : r, lo, hi;
     share(R / 16, ti, nt, &lo, &hi);
-    if (hi > lo) gemm32(m, z, d, d, wt + lo, R, hi - lo, hd + lo, R, 0, bw ? bw + lo : 0);
+    int64_t wb = d * R * 4, ub = r * d * 4;  /* the next block's packs follow this block's */
+    if (hi > lo) gemm32(m, z, d, d, wt + lo, R, hi - lo, hd + lo, R, 0, bw ? bw + lo : 0,
+                        pf_share(next ? ut + r * d : 0, ub, ti, nt));
     BARRIER(nt);
     for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt; ++t) {
         float *h = hd + t * R;
@@ -248,7 +272,8 @@ static void step_f32(int64_t m, int64_t d, int64_t r, int gated, const float *wt
     }
     BARRIER(nt);
     share(d / 16, ti, nt, &lo, &hi);
-    if (hi > lo) gemm32(m, hd, R, r, ut + lo, d, hi - lo, z + lo, d, 1, bu ? bu + lo : 0);
+    if (hi > lo) gemm32(m, hd, R, r, ut + lo, d, hi - lo, z + lo, d, 1, bu ? bu + lo : 0,
+                        pf_share(next ? wt + d * R : 0, wb, ti, nt));
     BARRIER(nt);
 }
 
@@ -282,7 +307,7 @@ static void finish_f32(int64_t t0, int64_t t1, int64_t d, const float *x, float 
 
 /* fp32 nets without a per-block norm, d % 16 == 0, r % 16 == 0. Wt: L x d x R, bW: L x R or NULL, Ut: L x r x d,
    bU: L x d or NULL; x: n x d (the input), z: n x d (gets the output s * (z_L - x) (+ the sink: sk as in
-   sink_coef, or NULL)), hd: n x R scratch. With nthreads > 1 the rows go in chunks of at most `chunk` (each
+   sink_coef, or NULL)), hd: scratch of chunk x R per thread (thread t's at t * chunk rows). With nthreads > 1 the rows go in chunks of at most `chunk` (each
    chunk's state stays in L2 while the weights stream past), threads taking whole chunks; a single chunk
    (decoding) is shared by the team, which splits every pass's columns. */
 void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const float *Wt, const float *bW,
@@ -296,7 +321,7 @@ void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const fl
             int ti = TEAM_ID(), nt = TEAM_SIZE();
             for (int64_t l = 0; l < L; ++l)
                 step_f32(n, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
-                         z, hd, act, ti, nt);
+                         z, hd, act, ti, nt, l + 1 < L);
             finish_f32(n * ti / nt, n * (ti + 1) / nt, d, x, z, s, sk);
         }
         return;
@@ -307,7 +332,7 @@ void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const fl
         memcpy(z + c0 * d, x + c0 * d, (size_t)(m * d) * sizeof(float));
         for (int64_t l = 0; l < L; ++l)
             step_f32(m, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
-                     z + c0 * d, hd + c0 * R, act, 0, 1);
+                     z + c0 * d, hd + TEAM_ID() * chunk * R, act, 0, 1, l + 1 < L);
         finish_f32(0, m, d, x + c0 * d, z + c0 * d, s, sk);
     }
 }
@@ -322,6 +347,19 @@ static inline __m512 round16(__m512 x) {  /* rounded to bf16 (nearest even), kep
     __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
+/* The activation of 16 columns of the down pass's sums, as bf16: bf16(act(bf16(v + bv))), or in the gated form
+   bf16(bf16(act(bf16(g + bg))) * bf16(v + bv)), rounded where PyTorch's bf16 ops round (the biases bv, bg or
+   NULL). */
+static inline __m256i act_bf16(__m512 v, __m512 g, const uint16_t *bv, const uint16_t *bg, int gated, int act) {
+    if (bv) v = _mm512_add_ps(v, bf16x16(bv));
+    if (!gated) return (__m256i)_mm512_cvtneps_pbh(act16(round16(v), act));
+    if (bg) g = _mm512_add_ps(g, bf16x16(bg));
+    return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round16(act16(round16(g), act)), round16(v)));
+}
+
+/* the down pass's fused finish (step_bf16, when one tile holds all R = 16 NV columns of its rows): hb rows of
+   stride r get the activation of the tile's sums; bias: the R down biases or NULL */
+typedef struct { uint16_t *hb; int64_t r; const uint16_t *bias; int act, gated; } act_t;
 
 /* The up pass's residual step for 32 columns at once, z[0..32) += bf16(U h) (+ bias), zl = bf16(z): one
    VCVTNE2PS2BF16 rounds both sums, two unpacks with zero widen them back to floats (bf16 in the high half), and
@@ -345,7 +383,8 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
    y = a (the down pass) or the up pass's residual step z += bf16(a) (+ bias), zl = bf16(z) ---- */
 #define T16(ROWS, NV)                                                                                         \
     static void t16_##ROWS##_##NV(const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,    \
-                                  float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired) {     \
+                                  float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired,       \
+                                  const act_t *fa) {                                                          \
         __m512 a[ROWS][NV];                                                                                   \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) a[t][v] = _mm512_setzero_ps();               \
@@ -358,6 +397,15 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
                 _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)                                          \
                     a[t][v] = _mm512_dpbf16_ps(a[t][v], (__m512bh)bv[v], (__m512bh)xb);                       \
             }                                                                                                 \
+        }                                                                                                     \
+        if (fa) {  /* the down pass's tile holds all its rows' columns: the activation, straight into hb */    \
+            int nh = fa->gated ? NV / 2 : NV;                                                                 \
+            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                            \
+                _Pragma("GCC unroll 4") for (int v = 0; v < nh; ++v)                                          \
+                    _mm256_storeu_si256((__m256i *)(fa->hb + t * fa->r + 16 * v), act_bf16(                   \
+                        a[t][v], a[t][fa->gated ? v + nh : v], fa->bias ? fa->bias + 16 * v : 0,                \
+                        fa->bias && fa->gated ? fa->bias + 16 * (v + nh) : 0, fa->gated, fa->act));               \
+            return;                                                                                           \
         }                                                                                                     \
         if (paired && NV % 2 == 0) {  /* U permuted in groups of 32 columns (up_epilogue2): two at a time */  \
             _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                            \
@@ -379,7 +427,7 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
 #define T16_ALL(NV) T16(1, NV) T16(2, NV) T16(3, NV) T16(4, NV) T16(5, NV) T16(6, NV)
 T16_ALL(1) T16_ALL(2) T16_ALL(4) T16(7, 1) T16(8, 1) T16(7, 2) T16(8, 2)
 typedef void (*t16_fn)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, float *, int64_t, uint16_t *,
-                       const uint16_t *, int);
+                       const uint16_t *, int, const act_t *);
 static const t16_fn T16_NV1[9] = {0, t16_1_1, t16_2_1, t16_3_1, t16_4_1, t16_5_1, t16_6_1, t16_7_1, t16_8_1};
 static const t16_fn T16_NV2[9] = {0, t16_1_2, t16_2_2, t16_3_2, t16_4_2, t16_5_2, t16_6_2, t16_7_2, t16_8_2};
 static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4, t16_6_4};
@@ -388,41 +436,45 @@ static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4
    sums, or with zl the residual step (y = z, zl its bf16 copy, same stride); paired: b's columns are permuted in
    groups of 32 for up_epilogue2 (ncols % 32 == 0, so every tile is 2 or 4 vectors wide on a group boundary) */
 static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,
-                   int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired) {
-    FOR_TILES(m, ncols, (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
-        x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0, paired));
+                   int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired, pf_t pf,
+                   const act_t *fa) {
+    int64_t tiles = pf.lines ? tile_count(m, ncols) : 1, k = 0;
+    act_t f;
+    FOR_TILES(m, ncols, (prefetch_part(pf, k++, tiles), fa ? (f = *fa, f.hb += t * f.r, 0) : 0,
+                         (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
+        x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0, paired,
+        fa ? &f : 0)));
 }
 
 /* one block on m rows, bf16 weights: z (m x d) fp32 state, zl its bf16 rounding, hd (m x R) fp32 scratch, hb
    (m x r) bf16 scratch; threads as in step_f32 */
 static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t *wp, const uint16_t *bw,
                       const uint32_t *up, const uint16_t *bu, float *z, uint16_t *zl, float *hd, uint16_t *hb,
-                      int act, int ti, int nt) {
+                      int act, int ti, int nt, int next) {
     int64_t R = gated ? 2 * r : r, lo, hi;
     share(R / 16, ti, nt, &lo, &hi);
-    if (hi > lo) gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0);
+    int64_t wb = d / 2 * R * 4, ub = r / 2 * d * 4;  /* the next block's packs follow this block's */
+    /* one thread holding all R <= 64 columns (a tile is up to 64 wide): the activation is the tiles' finish */
+    act_t fa = {hb, r, bw, act, gated};
+    int fused = lo == 0 && hi == R && R <= 64;
+    if (hi > lo)
+        gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0,
+               pf_share(next ? up + r / 2 * d : 0, ub, ti, nt), fused ? &fa : 0);
     BARRIER(nt);
-    for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt; ++t) {
+    for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt && !fused; ++t) {
         const float *h = hd + t * R;
-        for (int64_t j = 0; j < r; j += 16) {
-            __m512 v = _mm512_loadu_ps(h + j), o;
-            if (bw) v = _mm512_add_ps(v, bf16x16(bw + j));
-            if (gated) {  /* bf16(bf16(act(bf16(gate))) * bf16(value)) */
-                __m512 g = _mm512_loadu_ps(h + r + j);
-                if (bw) g = _mm512_add_ps(g, bf16x16(bw + r + j));
-                o = _mm512_mul_ps(round16(act16(round16(g), act)), round16(v));
-            } else {
-                o = act16(round16(v), act);
-            }
-            _mm256_storeu_si256((__m256i *)(hb + t * r + j), (__m256i)_mm512_cvtneps_pbh(o));
-        }
+        for (int64_t j = 0; j < r; j += 16)
+            _mm256_storeu_si256((__m256i *)(hb + t * r + j),
+                                act_bf16(_mm512_loadu_ps(h + j), gated ? _mm512_loadu_ps(h + r + j) : _mm512_setzero_ps(),
+                                         bw ? bw + j : 0, bw && gated ? bw + r + j : 0, gated, act));
     }
     BARRIER(nt);
     int64_t g = d % 32 ? 16 : 32;  /* d % 32 == 0: U's columns are permuted in groups of 32 (up_epilogue2) */
     share(d / g, ti, nt, &lo, &hi);
     lo *= g / 16, hi *= g / 16;
     if (hi > lo)
-        gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0, g == 32);
+        gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0, g == 32,
+               pf_share(next ? wp + d / 2 * R : 0, wb, ti, nt), 0);
     BARRIER(nt);
 }
 
@@ -457,8 +509,10 @@ static void finish_bf16(int64_t t0, int64_t t1, int64_t d, const uint16_t *x, co
 
 /* bf16 nets without a per-block norm, d % 16 == 0, r % 16 == 0: Wp (L x d/2 x R pairs), bW (L x R) or NULL, Up
    (L x r/2 x d pairs), bU (L x d) or NULL; x (n x d bf16, the input), out (n x d bf16: s * (z_L - x) (+ the sink,
-   sk as in sink_coef, or NULL)); z (n x d fp32 state), zl (n x d bf16: its rounding), hd (n x R), hb (n x r)
-   scratch. Chunks and threads as dlr_run_f32. */
+   sk as in sink_coef, or NULL)). Scratch per thread, for one chunk of at most `chunk` rows (thread t's at
+   t * chunk rows): z (fp32 state) and zl (its bf16 rounding), chunk x d each; hd (chunk x R), hb (chunk x r); xf
+   (d floats). One chunk's scratch is reused for every chunk a thread takes, so it stays in L2. Chunks and
+   threads as dlr_run_f32. */
 void dlr_run_bf16(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const uint32_t *Wp, const uint16_t *bW,
                   const uint32_t *Up, const uint16_t *bU, const uint16_t *x, uint16_t *out, float *z, uint16_t *zl,
                   float *hd, uint16_t *hb, int act, int nthreads, int64_t chunk, float s, const float *sk,
@@ -472,19 +526,21 @@ void dlr_run_bf16(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const u
             BARRIER(nt);
             for (int64_t l = 0; l < L; ++l)
                 step_bf16(n, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0, z, zl,
-                          hd, hb, act, ti, nt);
+                          hd, hb, act, ti, nt, l + 1 < L);
             finish_bf16(n * ti / nt, n * (ti + 1) / nt, d, x, z, out, s, sk, xf + ti * d);
         }
         return;
     }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1)
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-        int64_t m = n - c0 < chunk ? n - c0 : chunk;
-        start_bf16(c0, c0 + m, d, x, z, zl);
+        int64_t m = n - c0 < chunk ? n - c0 : chunk, ti = TEAM_ID();
+        float *zc = z + ti * chunk * d, *hdc = hd + ti * chunk * R;
+        uint16_t *zlc = zl + ti * chunk * d, *hbc = hb + ti * chunk * r;
+        start_bf16(0, m, d, x + c0 * d, zc, zlc);
         for (int64_t l = 0; l < L; ++l)
             step_bf16(m, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0,
-                      z + c0 * d, zl + c0 * d, hd + c0 * R, hb + c0 * r, act, 0, 1);
-        finish_bf16(0, m, d, x + c0 * d, z + c0 * d, out + c0 * d, s, sk, xf + TEAM_ID() * d);
+                      zc, zlc, hdc, hbc, act, 0, 1, l + 1 < L);
+        finish_bf16(0, m, d, x + c0 * d, zc, out + c0 * d, s, sk, xf + ti * d);
     }
 }
 #else
