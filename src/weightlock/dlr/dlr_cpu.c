@@ -307,9 +307,10 @@ static void finish_f32(int64_t t0, int64_t t1, int64_t d, const float *x, float 
 
 /* fp32 nets without a per-block norm, d % 16 == 0, r % 16 == 0. Wt: L x d x R, bW: L x R or NULL, Ut: L x r x d,
    bU: L x d or NULL; x: n x d (the input), z: n x d (gets the output s * (z_L - x) (+ the sink: sk as in
-   sink_coef, or NULL)), hd: scratch of chunk x R per thread (thread t's at t * chunk rows). With nthreads > 1 the rows go in chunks of at most `chunk` (each
-   chunk's state stays in L2 while the weights stream past), threads taking whole chunks; a single chunk
-   (decoding) is shared by the team, which splits every pass's columns. */
+   sink_coef, or NULL)), hd: scratch of chunk x R per thread (thread t's at t * chunk rows). With nthreads > 1
+   the rows go in chunks of at most `chunk` (each chunk's state stays in L2 while the weights stream past),
+   threads taking whole chunks; a single chunk (decoding) is shared by the team, which splits every pass's
+   columns. */
 void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const float *Wt, const float *bW,
                  const float *Ut, const float *bU, const float *x, float *z, float *hd, int act, int nthreads,
                  int64_t chunk, float s, const float *sk) {
@@ -463,18 +464,19 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
     BARRIER(nt);
     for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt && !fused; ++t) {
         const float *h = hd + t * R;
-        for (int64_t j = 0; j < r; j += 16)
+        for (int64_t j = 0; j < r; j += 16) {
+            __m512 v = _mm512_loadu_ps(h + j), g = gated ? _mm512_loadu_ps(h + r + j) : v;
             _mm256_storeu_si256((__m256i *)(hb + t * r + j),
-                                act_bf16(_mm512_loadu_ps(h + j), gated ? _mm512_loadu_ps(h + r + j) : _mm512_setzero_ps(),
-                                         bw ? bw + j : 0, bw && gated ? bw + r + j : 0, gated, act));
+                                act_bf16(v, g, bw ? bw + j : 0, bw && gated ? bw + r + j : 0, gated, act));
+        }
     }
     BARRIER(nt);
     int64_t g = d % 32 ? 16 : 32;  /* d % 32 == 0: U's columns are permuted in groups of 32 (up_epilogue2) */
     share(d / g, ti, nt, &lo, &hi);
     lo *= g / 16, hi *= g / 16;
     if (hi > lo)
-        gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0, g == 32,
-               pf_share(next ? wp + d / 2 * R : 0, wb, ti, nt), 0);
+        gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0,
+               g == 32, pf_share(next ? wp + d / 2 * R : 0, wb, ti, nt), 0);
     BARRIER(nt);
 }
 
