@@ -167,15 +167,31 @@ def machine_flags() -> dict:
     return {"cpu_model": model, "flags": [f for f in keep if f in flags]}
 
 
+class _StepClock:
+    """A stopping criterion that never stops: it stamps the time at which each generated token is ready, so
+    that one ``generate`` call gives every decoding step's duration."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
 def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: int, prefill_tokens: int,
                     new_tokens: int, prefill_passes: int = 3) -> dict:
     """Prefill (``batch`` × ``prefill_tokens``, one forward) and decode (greedy, KV cache, ``new_tokens`` after a
     16-token prompt, ``batch`` rows) of the original and the lock on its default path, interleaved (which runs
     first alternates round by round), after one warm-up round. A round times ``prefill_passes`` prefill pairs
-    (original and lock back to back) and one decode pair. The ratios are the median over all pairs of each
-    pair's locked ÷ original time (the two measured back to back, so that drift in the machine's load between
-    pairs cancels): ``repeats × prefill_passes`` prefill pairs, ``repeats`` decode pairs; ``ratio_of_medians``
-    and the pairs' ratio quartiles are recorded beside them."""
+    (original and lock back to back) and one decode pair. Each ratio is a median of paired locked ÷ original
+    times, so that drift in the machine's load between pairs cancels and a burst of load spoils only the pairs
+    it hits: prefill over the ``repeats × prefill_passes`` pairs; decode over the ``repeats × (new_tokens − 1)``
+    pairs of single decoding steps (step k of the lock's call against step k of the original's in the same
+    round; the first step, which also encodes the prompt, left out). ``decode_call_ratio`` (the median of the
+    whole calls' paired ratios), ``ratio_of_medians`` and the pairs' quartiles are recorded beside them."""
+    from transformers import StoppingCriteriaList
+
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(1)
     vocab = original.config.vocab_size
@@ -183,6 +199,7 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
     prompt = torch.randint(0, vocab, (batch, 16), generator=g)
     models = {"original": original.to(dtype), "locked": locked.to(dtype)}
     times = {k: {"prefill": [], "decode": []} for k in models}
+    steps = {k: [] for k in models}  # per round, the durations of decoding steps 2 .. new_tokens
     with torch.no_grad():
         for i in range(repeats + 1):  # the order alternates round by round, so that load drift hits both alike
             order = list(models.items()) if i % 2 else list(reversed(models.items()))
@@ -193,20 +210,27 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
                     if i:
                         times[name]["prefill"].append(time.perf_counter() - t0)
             for name, m in order:
+                clock = _StepClock()
                 t0 = time.perf_counter()
                 m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                           stopping_criteria=StoppingCriteriaList([clock]))
                 if i:
                     times[name]["decode"].append(time.perf_counter() - t0)
+                    steps[name].append([b - a for a, b in zip(clock.stamps, clock.stamps[1:])])
     med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in times.items()}
-    rounds = {w: [a / b for a, b in zip(times["locked"][w], times["original"][w])] for w in ("prefill", "decode")}
+    pairs = {w: [a / b for a, b in zip(times["locked"][w], times["original"][w])] for w in ("prefill", "decode")}
+    step_pairs = [a / b for la, ob in zip(steps["locked"], steps["original"]) for a, b in zip(la, ob)]
     return {"dtype": str(dtype).removeprefix("torch."), "threads": threads, "batch": batch,
             "prefill_tokens": prefill_tokens, "decode_new_tokens": new_tokens, "decode_prompt": 16,
             "repeats": repeats, "prefill_passes": prefill_passes, "median_s": med, "all_s": times,
-            "prefill_ratio": statistics.median(rounds["prefill"]),
-            "decode_ratio": statistics.median(rounds["decode"]),
+            "decode_step_s": {k: [statistics.median(r) for r in v] for k, v in steps.items()},
+            "prefill_ratio": statistics.median(pairs["prefill"]),
+            "decode_ratio": statistics.median(step_pairs),
+            "decode_call_ratio": statistics.median(pairs["decode"]),
             "ratio_of_medians": {w: med["locked"][w] / med["original"][w] for w in ("prefill", "decode")},
-            "round_ratio_quartiles": {w: statistics.quantiles(v, n=4) if len(v) > 1 else v for w, v in rounds.items()},
+            "round_ratio_quartiles": {w: statistics.quantiles(v, n=4) if len(v) > 1 else v for w, v in pairs.items()},
+            "decode_step_ratio_quartiles": statistics.quantiles(step_pairs, n=4),
             "decode_tokens_per_s": {k: batch * new_tokens / v["decode"] for k, v in med.items()},
             "prefill_tokens_per_s": {k: batch * prefill_tokens / v["prefill"] for k, v in med.items()}}
 

@@ -14,12 +14,12 @@ per net runs every block in C (the source is ``dlr_cpu.c``, shipped beside this 
   transposed to r × d; in bf16 pair-interleaved for ``VDPBF16PS``), so both products are broadcast-FMA tiles of up
   to 8 rows with no horizontal sums. Prefill carries rows through all blocks in chunks of :data:`PREFILL_CHUNK` that
   stay in L2 (threads take whole chunks, each reusing one chunk's state in a per-thread scratch buffer that every
-  call reuses), while the next block's weights are prefetched; decode (few rows) splits each pass's columns over an
-  OpenMP team with one barrier per pass. In bf16 the activation is the down pass's tile finish when one thread
-  computes all of a block's down columns. The copy costs the net's weight bytes once more; it is cached on the net
-  and rebuilt when a parameter is replaced or changed in place (an optimizer step), so the kernel never runs stale
-  weights. bf16 keeps PyTorch's rounding: products accumulated in fp32 and rounded to bf16, the residual stream kept
-  in fp32 (``z += bf16(acc)``) as the eager fast path keeps it, and its bf16 rounding fed to the next block.
+  call reuses); decode (few rows) splits each pass's columns over an OpenMP team with one barrier per pass. In bf16
+  the activation is the down pass's tile finish when one thread computes all of a block's down columns. The copy
+  costs the net's weight bytes once more; it is cached on the net and rebuilt when a parameter is replaced or
+  changed in place (an optimizer step), so the kernel never runs stale weights. bf16 keeps PyTorch's rounding:
+  products accumulated in fp32 and rounded to bf16, the residual stream kept in fp32 (``z += bf16(acc)``) as the
+  eager fast path keeps it, and its bf16 rounding fed to the next block.
 * **portable kernels** (any CPU, per-block RMSNorm, any width): up to :data:`MAX_ROWS` rows per call (decode),
   reading the parameters' memory directly; longer inputs there keep the eager fast path.
 

@@ -207,34 +207,12 @@ static const t32_fn T32_NV4[7] = {0, t32_1_4, t32_2_4, t32_3_4, t32_4_4, t32_5_4
         c += 16 * nv;                                                                                        \
     }
 
-/* Prefetching the next block's weights into L2 while this block computes: a prefill chunk's weights come from
-   memory once per chunk (a net's 30 copies in a model are far beyond L3), and a pass that waits for them runs at
-   the latency of its first tile's misses. pf_t: `lines` cache lines from p; a pass with t tiles fetches the k-th
-   of t parts before its k-th tile. */
-typedef struct { const char *p; int64_t lines; } pf_t;
-static inline void prefetch_part(pf_t pf, int64_t k, int64_t parts) {
-    for (int64_t i = pf.lines * k / parts; i < pf.lines * (k + 1) / parts; ++i)
-        _mm_prefetch(pf.p + 64 * i, _MM_HINT_T1);
-}
-/* this thread's share of the lines of n bytes from p (all of them when nt == 1) */
-static inline pf_t pf_share(const void *p, int64_t bytes, int ti, int nt) {
-    int64_t lines = p ? (bytes + 63) / 64 : 0, lo = lines * ti / nt, hi = lines * (ti + 1) / nt;
-    pf_t pf = {(const char *)p + 64 * lo, hi - lo};
-    return pf;
-}
-static inline int64_t tile_count(int64_t m, int64_t ncols) {
-    int64_t n = 0;
-    FOR_TILES(m, ncols, ++n);
-    return n;
-}
-
 /* y (m x ncols, stride ys) (+)= x (m x K, stride xs) b (K x ncols, stride bs) (+ bias); ncols % 16 == 0.
    Columns outer (a slice of b stays in L1 across the row tiles), rows in tiles of up to 8 (6 at 64 columns). */
 static void gemm32(int64_t m, const float *x, int64_t xs, int64_t K, const float *b, int64_t bs, int64_t ncols,
-                   float *y, int64_t ys, int acc, const float *bias, pf_t pf) {
-    int64_t tiles = pf.lines ? tile_count(m, ncols) : 1, k = 0;
-    FOR_TILES(m, ncols, (prefetch_part(pf, k++, tiles), (nv == 4 ? T32_NV4 : nv == 2 ? T32_NV2 : T32_NV1)[rows](
-        x + t * xs, xs, K, b + c, bs, y + t * ys + c, ys, acc, bias ? bias + c : 0)));
+                   float *y, int64_t ys, int acc, const float *bias) {
+    FOR_TILES(m, ncols, (nv == 4 ? T32_NV4 : nv == 2 ? T32_NV2 : T32_NV1)[rows](
+        x + t * xs, xs, K, b + c, bs, y + t * ys + c, ys, acc, bias ? bias + c : 0));
 }
 
 /* this thread's share [lo, hi) of `units` units of 16 columns */
@@ -256,12 +234,10 @@ static inline void share(int64_t units, int ti, int nt, int64_t *lo, int64_t *hi
 /* one block on m rows (z: m x d, hd: m x R scratch), fp32; thread ti of nt (nt > 1: inside a team that shares
    the rows and splits the columns, with a barrier after each pass) */
 static void step_f32(int64_t m, int64_t d, int64_t r, int gated, const float *wt, const float *bw, const float *ut,
-                     const float *bu, float *z, float *hd, int act, int ti, int nt, int next) {
+                     const float *bu, float *z, float *hd, int act, int ti, int nt) {
     int64_t R = gated ? 2 * r : r, lo, hi;
     share(R / 16, ti, nt, &lo, &hi);
-    int64_t wb = d * R * 4, ub = r * d * 4;  /* the next block's packs follow this block's */
-    if (hi > lo) gemm32(m, z, d, d, wt + lo, R, hi - lo, hd + lo, R, 0, bw ? bw + lo : 0,
-                        pf_share(next ? ut + r * d : 0, ub, ti, nt));
+    if (hi > lo) gemm32(m, z, d, d, wt + lo, R, hi - lo, hd + lo, R, 0, bw ? bw + lo : 0);
     BARRIER(nt);
     for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt; ++t) {
         float *h = hd + t * R;
@@ -272,8 +248,7 @@ static void step_f32(int64_t m, int64_t d, int64_t r, int gated, const float *wt
     }
     BARRIER(nt);
     share(d / 16, ti, nt, &lo, &hi);
-    if (hi > lo) gemm32(m, hd, R, r, ut + lo, d, hi - lo, z + lo, d, 1, bu ? bu + lo : 0,
-                        pf_share(next ? wt + d * R : 0, wb, ti, nt));
+    if (hi > lo) gemm32(m, hd, R, r, ut + lo, d, hi - lo, z + lo, d, 1, bu ? bu + lo : 0);
     BARRIER(nt);
 }
 
@@ -322,7 +297,7 @@ void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const fl
             int ti = TEAM_ID(), nt = TEAM_SIZE();
             for (int64_t l = 0; l < L; ++l)
                 step_f32(n, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
-                         z, hd, act, ti, nt, l + 1 < L);
+                         z, hd, act, ti, nt);
             finish_f32(n * ti / nt, n * (ti + 1) / nt, d, x, z, s, sk);
         }
         return;
@@ -333,7 +308,7 @@ void dlr_run_f32(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const fl
         memcpy(z + c0 * d, x + c0 * d, (size_t)(m * d) * sizeof(float));
         for (int64_t l = 0; l < L; ++l)
             step_f32(m, d, r, gated, Wt + l * d * R, bW ? bW + l * R : 0, Ut + l * r * d, bU ? bU + l * d : 0,
-                     z + c0 * d, hd + TEAM_ID() * chunk * R, act, 0, 1, l + 1 < L);
+                     z + c0 * d, hd + TEAM_ID() * chunk * R, act, 0, 1);
         finish_f32(0, m, d, x + c0 * d, z + c0 * d, s, sk);
     }
 }
@@ -437,11 +412,10 @@ static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4
    sums, or with zl the residual step (y = z, zl its bf16 copy, same stride); paired: b's columns are permuted in
    groups of 32 for up_epilogue2 (ncols % 32 == 0, so every tile is 2 or 4 vectors wide on a group boundary) */
 static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,
-                   int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired, pf_t pf,
+                   int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired,
                    const act_t *fa) {
-    int64_t tiles = pf.lines ? tile_count(m, ncols) : 1, k = 0;
     act_t f;
-    FOR_TILES(m, ncols, (prefetch_part(pf, k++, tiles), fa ? (f = *fa, f.hb += t * f.r, 0) : 0,
+    FOR_TILES(m, ncols, (fa ? (f = *fa, f.hb += t * f.r, 0) : 0,  /* the tile's rows of hb */
                          (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
         x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0, paired,
         fa ? &f : 0)));
@@ -451,16 +425,14 @@ static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const u
    (m x r) bf16 scratch; threads as in step_f32 */
 static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t *wp, const uint16_t *bw,
                       const uint32_t *up, const uint16_t *bu, float *z, uint16_t *zl, float *hd, uint16_t *hb,
-                      int act, int ti, int nt, int next) {
+                      int act, int ti, int nt) {
     int64_t R = gated ? 2 * r : r, lo, hi;
     share(R / 16, ti, nt, &lo, &hi);
-    int64_t wb = d / 2 * R * 4, ub = r / 2 * d * 4;  /* the next block's packs follow this block's */
     /* one thread holding all R <= 64 columns (a tile is up to 64 wide): the activation is the tiles' finish */
     act_t fa = {hb, r, bw, act, gated};
     int fused = lo == 0 && hi == R && R <= 64;
     if (hi > lo)
-        gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0,
-               pf_share(next ? up + r / 2 * d : 0, ub, ti, nt), fused ? &fa : 0);
+        gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0, fused ? &fa : 0);
     BARRIER(nt);
     for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt && !fused; ++t) {
         const float *h = hd + t * R;
@@ -476,7 +448,7 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
     lo *= g / 16, hi *= g / 16;
     if (hi > lo)
         gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0,
-               g == 32, pf_share(next ? wp + d / 2 * R : 0, wb, ti, nt), 0);
+               g == 32, 0);
     BARRIER(nt);
 }
 
@@ -528,7 +500,7 @@ void dlr_run_bf16(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const u
             BARRIER(nt);
             for (int64_t l = 0; l < L; ++l)
                 step_bf16(n, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0, z, zl,
-                          hd, hb, act, ti, nt, l + 1 < L);
+                          hd, hb, act, ti, nt);
             finish_bf16(n * ti / nt, n * (ti + 1) / nt, d, x, z, out, s, sk, xf + ti * d);
         }
         return;
@@ -541,7 +513,7 @@ void dlr_run_bf16(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const u
         start_bf16(0, m, d, x + c0 * d, zc, zlc);
         for (int64_t l = 0; l < L; ++l)
             step_bf16(m, d, r, gated, Wp + l * wsz, bW ? bW + l * R : 0, Up + l * usz, bU ? bU + l * d : 0,
-                      zc, zlc, hdc, hbc, act, 0, 1, l + 1 < L);
+                      zc, zlc, hdc, hbc, act, 0, 1);
         finish_bf16(0, m, d, x + c0 * d, zc, out + c0 * d, s, sk, xf + ti * d);
     }
 }
