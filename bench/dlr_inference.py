@@ -229,8 +229,8 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
             "decode_ratio": statistics.median(step_pairs),
             "decode_call_ratio": statistics.median(pairs["decode"]),
             "ratio_of_medians": {w: med["locked"][w] / med["original"][w] for w in ("prefill", "decode")},
-            "round_ratio_quartiles": {w: statistics.quantiles(v, n=4) if len(v) > 1 else v for w, v in pairs.items()},
-            "decode_step_ratio_quartiles": statistics.quantiles(step_pairs, n=4),
+            "pair_ratio_quartiles": {w: statistics.quantiles(v, n=4) if len(v) > 1 else v for w, v in pairs.items()},
+            "decode_step_ratio_quartiles": statistics.quantiles(step_pairs, n=4) if len(step_pairs) > 1 else step_pairs,
             "decode_tokens_per_s": {k: batch * new_tokens / v["decode"] for k, v in med.items()},
             "prefill_tokens_per_s": {k: batch * prefill_tokens / v["prefill"] for k, v in med.items()}}
 
@@ -407,6 +407,9 @@ def main() -> None:
     ap.add_argument("--fidelity-tokens", type=int, default=8192, help="--release: held-out tokens per built-in "
                     "corpus for the fp32 / bf16 perplexity ratios (0: skip)")
     args = ap.parse_args()
+    if args.new_tokens < 2 or args.prefill_passes < 1 or args.repeats < 1:
+        ap.error("--new-tokens must be at least 2 (the first step, which encodes the prompt, is not a decoding "
+                 "step), --prefill-passes and --repeats at least 1")
     if args.model:
         smollm2(args)
         return

@@ -385,6 +385,24 @@ def test_cpu_packed_kernel_bf16_at_every_width(width, n_threads, form, threads):
             assert rel(net(x), net.forward_fast(x)) <= 2e-3
 
 
+@pytest.mark.parametrize("rank,n_threads,rows", [(16, 2, 2), (16, 2, 16), (16, 3, 9), (48, 1, 300), (48, 1, 5),
+                                                 (48, 2, 7), (64, 2, 12)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_packed_kernel_bf16_activation_at_every_tile_split(rank, n_threads, rows, bias, threads):
+    """The bf16 activation runs in the down pass's tiles only when one thread's one tile holds all the block's
+    down columns (R = 16, 32 or 64); a team splitting R = 16 columns (one thread had all of them, the others
+    applied the activation to sums nobody wrote) or R = 48 (two tiles of 32 and 16 columns, the second written
+    over the first's) gave wrong outputs once."""
+    _packed()
+    threads(n_threads)
+    net = random_net(width=64, rank=rank, activation="gelu", bias=bias).to(torch.bfloat16)
+    x = torch.randn(rows, 64).bfloat16()
+    with torch.no_grad():
+        assert net.inference_path(x) == "kernel"
+        for _ in range(2):  # the scratch is reused: stale sums from the first call must not leak into the second
+            assert rel(net(x), net.forward_fast(x)) <= 2e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_cpu_packed_kernel_scratch_is_per_chunk_and_reused(dtype, n_threads, threads):

@@ -333,8 +333,8 @@ static inline __m256i act_bf16(__m512 v, __m512 g, const uint16_t *bv, const uin
     return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(round16(act16(round16(g), act)), round16(v)));
 }
 
-/* the down pass's fused finish (step_bf16, when one tile holds all R = 16 NV columns of its rows): hb rows of
-   stride r get the activation of the tile's sums; bias: the R down biases or NULL */
+/* the down pass's fused finish (step_bf16, one thread, when one tile holds all R = 16 NV columns of its rows):
+   hb rows of stride r get the activation of the tile's sums; bias: the R down biases or NULL */
 typedef struct { uint16_t *hb; int64_t r; const uint16_t *bias; int act, gated; } act_t;
 
 /* The up pass's residual step for 32 columns at once, z[0..32) += bf16(U h) (+ bias), zl = bf16(z): one
@@ -428,9 +428,10 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
                       int act, int ti, int nt) {
     int64_t R = gated ? 2 * r : r, lo, hi;
     share(R / 16, ti, nt, &lo, &hi);
-    /* one thread holding all R <= 64 columns (a tile is up to 64 wide): the activation is the tiles' finish */
+    /* the activation is the down tiles' finish when each tile holds all R columns of its rows: one thread (the
+       whole team decides alike) and R one tile wide (FOR_TILES: 16, 32 or 64 columns) */
     act_t fa = {hb, r, bw, act, gated};
-    int fused = lo == 0 && hi == R && R <= 64;
+    int fused = nt == 1 && (R == 16 || R == 32 || R == 64);
     if (hi > lo)
         gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0, fused ? &fa : 0);
     BARRIER(nt);
@@ -483,10 +484,10 @@ static void finish_bf16(int64_t t0, int64_t t1, int64_t d, const uint16_t *x, co
 
 /* bf16 nets without a per-block norm, d % 16 == 0, r % 16 == 0: Wp (L x d/2 x R pairs), bW (L x R) or NULL, Up
    (L x r/2 x d pairs), bU (L x d) or NULL; x (n x d bf16, the input), out (n x d bf16: s * (z_L - x) (+ the sink,
-   sk as in sink_coef, or NULL)). Scratch per thread, for one chunk of at most `chunk` rows (thread t's at
-   t * chunk rows): z (fp32 state) and zl (its bf16 rounding), chunk x d each; hd (chunk x R), hb (chunk x r); xf
-   (d floats). One chunk's scratch is reused for every chunk a thread takes, so it stays in L2. Chunks and
-   threads as dlr_run_f32. */
+   sk as in sink_coef, or NULL)). Scratch for one chunk of at most `chunk` rows per thread (thread t's at t * chunk
+   rows; a team decoding one chunk shares thread 0's): z (fp32 state) and zl (its bf16 rounding), chunk x d each;
+   hd (chunk x R), hb (chunk x r); xf (d floats per thread). One chunk's scratch is reused for every chunk a thread
+   takes, so it stays in L2. Chunks and threads as dlr_run_f32. */
 void dlr_run_bf16(int64_t n, int64_t d, int64_t r, int64_t L, int gated, const uint32_t *Wp, const uint16_t *bW,
                   const uint32_t *Up, const uint16_t *bU, const uint16_t *x, uint16_t *out, float *z, uint16_t *zl,
                   float *hd, uint16_t *hb, int act, int nthreads, int64_t chunk, float s, const float *sk,
