@@ -334,8 +334,8 @@ static inline __m256i act_bf16(__m512 v, __m512 g, const uint16_t *bv, const uin
 }
 
 /* the down pass's fused finish (step_bf16, one thread, when one tile holds all R = 16 NV columns of its rows):
-   hb rows of stride r get the activation of the tile's sums; bias: the R down biases or NULL */
-typedef struct { uint16_t *hb; int64_t r; const uint16_t *bias; int act, gated; } act_t;
+   the tile's rows of hb (stride r) get the activation of its sums; bias: the R down biases or NULL */
+typedef struct { int64_t r; const uint16_t *bias; int act, gated; } act_t;
 
 /* The up pass's residual step for 32 columns at once, z[0..32) += bf16(U h) (+ bias), zl = bf16(z): one
    VCVTNE2PS2BF16 rounds both sums, two unpacks with zero widen them back to floats (bf16 in the high half), and
@@ -360,7 +360,7 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
 #define T16(ROWS, NV)                                                                                         \
     static void t16_##ROWS##_##NV(const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,    \
                                   float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired,       \
-                                  const act_t *fa) {                                                          \
+                                  const act_t *fa, uint16_t *hb) {                                            \
         __m512 a[ROWS][NV];                                                                                   \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) a[t][v] = _mm512_setzero_ps();               \
@@ -378,7 +378,7 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
             int nh = fa->gated ? NV / 2 : NV;                                                                 \
             _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                            \
                 _Pragma("GCC unroll 4") for (int v = 0; v < nh; ++v)                                          \
-                    _mm256_storeu_si256((__m256i *)(fa->hb + t * fa->r + 16 * v), act_bf16(                   \
+                    _mm256_storeu_si256((__m256i *)(hb + t * fa->r + 16 * v), act_bf16(                       \
                         a[t][v], a[t][fa->gated ? v + nh : v], fa->bias ? fa->bias + 16 * v : 0,                \
                         fa->bias && fa->gated ? fa->bias + 16 * (v + nh) : 0, fa->gated, fa->act));               \
             return;                                                                                           \
@@ -403,7 +403,7 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
 #define T16_ALL(NV) T16(1, NV) T16(2, NV) T16(3, NV) T16(4, NV) T16(5, NV) T16(6, NV)
 T16_ALL(1) T16_ALL(2) T16_ALL(4) T16(7, 1) T16(8, 1) T16(7, 2) T16(8, 2)
 typedef void (*t16_fn)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, float *, int64_t, uint16_t *,
-                       const uint16_t *, int, const act_t *);
+                       const uint16_t *, int, const act_t *, uint16_t *);
 static const t16_fn T16_NV1[9] = {0, t16_1_1, t16_2_1, t16_3_1, t16_4_1, t16_5_1, t16_6_1, t16_7_1, t16_8_1};
 static const t16_fn T16_NV2[9] = {0, t16_1_2, t16_2_2, t16_3_2, t16_4_2, t16_5_2, t16_6_2, t16_7_2, t16_8_2};
 static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4, t16_6_4};
@@ -413,12 +413,10 @@ static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4
    groups of 32 for up_epilogue2 (ncols % 32 == 0, so every tile is 2 or 4 vectors wide on a group boundary) */
 static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,
                    int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired,
-                   const act_t *fa) {
-    act_t f;
-    FOR_TILES(m, ncols, (fa ? (f = *fa, f.hb += t * f.r, 0) : 0,  /* the tile's rows of hb */
-                         (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
+                   const act_t *fa, uint16_t *hb) {
+    FOR_TILES(m, ncols, (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
         x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0, paired,
-        fa ? &f : 0)));
+        fa, fa ? hb + t * fa->r : 0));
 }
 
 /* one block on m rows, bf16 weights: z (m x d) fp32 state, zl its bf16 rounding, hd (m x R) fp32 scratch, hb
@@ -430,26 +428,27 @@ static void step_bf16(int64_t m, int64_t d, int64_t r, int gated, const uint32_t
     share(R / 16, ti, nt, &lo, &hi);
     /* the activation is the down tiles' finish when each tile holds all R columns of its rows: one thread (the
        whole team decides alike) and R one tile wide (FOR_TILES: 16, 32 or 64 columns) */
-    act_t fa = {hb, r, bw, act, gated};
+    act_t fa = {r, bw, act, gated};
     int fused = nt == 1 && (R == 16 || R == 32 || R == 64);
     if (hi > lo)
-        gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0, fused ? &fa : 0);
+        gemm16(m, (const uint32_t *)zl, d / 2, d / 2, wp + lo, R, hi - lo, hd + lo, R, 0, 0, 0, fused ? &fa : 0, hb);
     BARRIER(nt);
-    for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt && !fused; ++t) {
-        const float *h = hd + t * R;
-        for (int64_t j = 0; j < r; j += 16) {
-            __m512 v = _mm512_loadu_ps(h + j), g = gated ? _mm512_loadu_ps(h + r + j) : v;
-            _mm256_storeu_si256((__m256i *)(hb + t * r + j),
-                                act_bf16(v, g, bw ? bw + j : 0, bw && gated ? bw + r + j : 0, gated, act));
+    if (!fused)
+        for (int64_t t = m * ti / nt; t < m * (ti + 1) / nt; ++t) {
+            const float *h = hd + t * R;
+            for (int64_t j = 0; j < r; j += 16) {
+                __m512 v = _mm512_loadu_ps(h + j), g = gated ? _mm512_loadu_ps(h + r + j) : v;
+                _mm256_storeu_si256((__m256i *)(hb + t * r + j),
+                                    act_bf16(v, g, bw ? bw + j : 0, bw && gated ? bw + r + j : 0, gated, act));
+            }
         }
-    }
     BARRIER(nt);
     int64_t g = d % 32 ? 16 : 32;  /* d % 32 == 0: U's columns are permuted in groups of 32 (up_epilogue2) */
     share(d / g, ti, nt, &lo, &hi);
     lo *= g / 16, hi *= g / 16;
     if (hi > lo)
         gemm16(m, (const uint32_t *)hb, r / 2, r / 2, up + lo, d, hi - lo, z + lo, d, zl + lo, bu ? bu + lo : 0,
-               g == 32, 0);
+               g == 32, 0, 0);
     BARRIER(nt);
 }
 
