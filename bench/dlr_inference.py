@@ -19,6 +19,7 @@ prefill of 8 × 1024 tokens.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -197,7 +198,7 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
     vocab = original.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prefill_tokens), generator=g)
     prompt = torch.randint(0, vocab, (batch, 16), generator=g)
-    models = {"original": original.to(dtype), "locked": locked.to(dtype)}
+    models = {"original": as_dtype(original, dtype), "locked": as_dtype(locked, dtype)}
     times = {k: {"prefill": [], "decode": []} for k in models}
     steps = {k: [] for k in models}  # per round, the durations of decoding steps 2 .. new_tokens
     with torch.no_grad():
@@ -235,12 +236,51 @@ def smollm2_setting(original, locked, dtype, threads: int, batch: int, repeats: 
             "prefill_tokens_per_s": {k: batch * prefill_tokens / v["prefill"] for k, v in med.items()}}
 
 
+def as_dtype(model, dtype):
+    """A copy of ``model`` in ``dtype``: the benches never convert the models they are given in place (a round
+    trip through bf16 would round an fp32 model's weights for every later measurement)."""
+    return copy.deepcopy(model).to(dtype)
+
+
+def greedy_vs_fp32(locked, dtype, prompts: int = 48, batch: int = 8, tokens: int = 32) -> dict:
+    """How many of ``prompts`` random 8-token prompts (in batches of ``batch``) get the same ``tokens`` greedy
+    tokens as the fp32 model (``locked``, unconverted, default path) on the default and on the reference path in
+    ``dtype``, and how many the two paths share: whether a path's disagreement with the other is its own error or
+    the dtype's (two implementations that round alike but sum in another order part where two logits are close)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, locked.config.vocab_size, (prompts, 8), generator=g)
+    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+
+    def run(model):
+        return torch.cat([model.generate(ids[i:i + batch], **gen) for i in range(0, prompts, batch)])
+
+    with torch.no_grad():
+        exact = run(locked)
+        low = as_dtype(locked, dtype)
+        default = run(low)
+        DLRNet.fast = False
+        try:
+            ref = run(low)
+        finally:
+            DLRNet.fast = True
+
+    def rows(a, b):
+        return sum(bool(torch.equal(x, y)) for x, y in zip(a, b))
+
+    return {"prompts": prompts, "batch": batch, "tokens": tokens,
+            "rows_identical_to_fp32": {"default": rows(default, exact), "reference": rows(ref, exact)},
+            "tokens_equal_to_fp32": {"default": int((default[:, 8:] == exact[:, 8:]).sum()),
+                                     "reference": int((ref[:, 8:] == exact[:, 8:]).sum())},
+            "rows_default_equal_reference": rows(default, ref)}
+
+
 def path_agreement(locked, dtype) -> dict:
     """The default path against the reference path (``DLRNet.fast = False``): relative difference of the logits
     of a decode-sized input and of a prefill (the CPU kernel's paths where it runs), and whether 32 greedy tokens
     with the KV cache are identical (one prompt, and a batch of 8 prompts: the batched decode path); in fp32 also
-    both paths' prefill logits against the model run in fp64 (the reference path's own error)."""
-    locked = locked.to(dtype)
+    both paths' prefill logits against the model run in fp64 (the reference path's own error). ``locked`` (fp32)
+    is not converted: the measurements run on a copy in ``dtype``."""
+    locked = as_dtype(locked, dtype)
     g = torch.Generator().manual_seed(2)
     short = torch.randint(0, locked.config.vocab_size, (1, 8), generator=g)
     long = torch.randint(0, locked.config.vocab_size, (2, 128), generator=g)
@@ -267,7 +307,6 @@ def path_agreement(locked, dtype) -> dict:
     if dtype == torch.float32:  # both paths against the exact (fp64) prefill logits: how far the reference is
         with torch.no_grad():
             exact = locked.double()(long).logits
-        locked.float()
         out["prefill_logits_vs_fp64"] = {name: ((logits.double() - exact).norm() / exact.norm()).item()
                                          for name, logits in (("default", default[1]), ("reference", ref[1]))}
     return out
@@ -286,13 +325,11 @@ def fidelity(model_dir: str, original, locked, tokens: int) -> dict:
         blocks = load_blocks(data, "test", tok, 256, tokens)
         row = {}
         for dtype in (torch.float32, torch.bfloat16):
-            ppl = {name: perplexity(m.to(dtype), blocks, batch_size=8) for name, m in
+            ppl = {name: perplexity(as_dtype(m, dtype), blocks, batch_size=8) for name, m in
                    (("original", original), ("locked", locked))}
             row[str(dtype).removeprefix("torch.")] = {**ppl, "ratio": ppl["locked"] / ppl["original"]}
         row["bf16_minus_fp32_ratio"] = row["bfloat16"]["ratio"] - row["float32"]["ratio"]
         out[data] = row
-    original.float()
-    locked.float()
     return out
 
 
@@ -334,6 +371,7 @@ def smollm2(args) -> None:
         spec = {"rank": net.spec.rank, "depth": net.spec.depth, "form": net.spec.form, "readout": net.spec.readout}
         run["agreement"][label] = {"fp32": path_agreement(locked, torch.float32),
                                    "bf16": path_agreement(locked, torch.bfloat16)}
+        run["agreement"][label]["bf16"]["greedy_vs_fp32"] = greedy_vs_fp32(locked, torch.bfloat16)
         if args.release and args.fidelity_tokens:
             run["fidelity"] = fidelity(args.model, original, locked, args.fidelity_tokens)
             print(f"fidelity {run['fidelity']}", flush=True)

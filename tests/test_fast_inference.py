@@ -535,6 +535,60 @@ def _bench_module():
     return mod
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_deep_copies_after_running_the_cpu_kernel(dtype):
+    """copy.deepcopy of a locked model after the CPU kernel ran (its nets hold ctypes pointer tables and packed
+    weights) gives an equal, independent model (it used to fail: ctypes objects cannot be pickled)."""
+    import copy
+
+    _kernel()
+    model = tiny_model("llama")
+    apply_dlr(model, [DLRSpec(32, r, 6, init_scale=1.0, readout=4.0).__dict__ for r in (4, 16)])
+    model = model.eval().to(dtype)
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        out = model(prompt).logits  # rank 4: the portable kernel's pointer tables; rank 16: the packed copy
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(prompt).logits, out)
+        next(p for n, p in twin.named_parameters() if "blocks.0.up" in n).zero_()
+        assert torch.equal(model(prompt).logits, out) and not torch.equal(twin(prompt).logits, out)
+
+
+def test_bench_meters_never_convert_the_models_they_are_given(monkeypatch):
+    """The inference bench's agreement and fidelity meters run on copies in each dtype: the fp32 models they are
+    given keep their fp32 weights bit for bit (a bf16 round trip used to round the lock's weights before the
+    fidelity meter read its "fp32" perplexity). The fp32 greedy-agreement count is that of two exact paths."""
+    import weightlock.data
+
+    bench = _bench_module()
+    model = tiny_model("llama")
+    apply_dlr(model, [DLRSpec(32, 4, 6, init_scale=1.0, readout=4.0).__dict__] * 2)
+    original = tiny_model("llama", seed=1)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, original)]
+
+    def unchanged():
+        for m, b in zip((model, original), before):
+            assert all(p.dtype == torch.float32 for p in m.parameters())
+            assert all(torch.equal(b[k], v) for k, v in m.state_dict().items())
+
+    a = bench.path_agreement(model, torch.bfloat16)
+    assert a["greedy_tokens"] == 32 and 0 <= a["short_logits_rel_diff"] < 2e-2
+    unchanged()
+    monkeypatch.setattr(weightlock.data, "load_tokenizer", lambda d: None)
+    monkeypatch.setattr(weightlock.data, "load_blocks", lambda *a, **k: torch.randint(3, 128, (4, 16),
+                                                                                      generator=torch.Generator()))
+    f = bench.fidelity("unused", original, model, 64)
+    unchanged()
+    for data in ("builtin:prose", "builtin:code"):  # fp32 and bf16 perplexities of the same blocks, both models
+        row = f[data]
+        assert row["float32"]["original"] != row["bfloat16"]["original"]
+        assert row["bf16_minus_fp32_ratio"] == row["bfloat16"]["ratio"] - row["float32"]["ratio"]
+    g = bench.greedy_vs_fp32(model, torch.float32, prompts=8, batch=4, tokens=8)
+    unchanged()
+    assert g["rows_identical_to_fp32"] == {"default": 8, "reference": 8} and g["rows_default_equal_reference"] == 8
+    assert g["tokens_equal_to_fp32"] == {"default": 64, "reference": 64}
+
+
 def test_recorded_inference_runs_are_complete_and_their_summary_is_theirs():
     """bench/results/dlr_inference_smollm2.json (issue #36's record): its last two runs cover both block forms
     at rank 32, fp32 and bf16, batch 1 and 8, one thread, on the kernel paths (decode and prefill); the 32

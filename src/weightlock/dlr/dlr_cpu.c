@@ -355,12 +355,8 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
     _mm512_storeu_si512((void *)zl, (__m512i)_mm512_cvtne2ps_pbh(o1, o0));
 }
 
-/* ---- bf16 tiles over K2 pairs: a[t] = sum_p x[t][p] . b[p][0 .. 16 NV) (pairs of bf16, fp32 sums); then either
-   y = a (the down pass) or the up pass's residual step z += bf16(a) (+ bias), zl = bf16(z) ---- */
-#define T16(ROWS, NV)                                                                                         \
-    static void t16_##ROWS##_##NV(const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,    \
-                                  float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired,       \
-                                  const act_t *fa, uint16_t *hb) {                                            \
+/* ---- bf16 tiles over K2 pairs: a[t] = sum_p x[t][p] . b[p][0 .. 16 NV) (pairs of bf16, fp32 sums) ---- */
+#define T16_PRODUCTS(ROWS, NV)                                                                                \
         __m512 a[ROWS][NV];                                                                                   \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) a[t][v] = _mm512_setzero_ps();               \
@@ -373,7 +369,15 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
                 _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)                                          \
                     a[t][v] = _mm512_dpbf16_ps(a[t][v], (__m512bh)bv[v], (__m512bh)xb);                       \
             }                                                                                                 \
-        }                                                                                                     \
+        }
+
+/* the products, then either y = a (the down pass), the activation straight into hb (fa: the down pass's fused
+   finish) or the up pass's residual step z += bf16(a) (+ bias), zl = bf16(z) (U unpermuted: d % 32 != 0) */
+#define T16(ROWS, NV)                                                                                         \
+    static void t16_##ROWS##_##NV(const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,    \
+                                  float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, const act_t *fa,  \
+                                  uint16_t *hb) {                                                             \
+        T16_PRODUCTS(ROWS, NV)                                                                                \
         if (fa) {  /* the down pass's tile holds all its rows' columns: the activation, straight into hb */    \
             int nh = fa->gated ? NV / 2 : NV;                                                                 \
             _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                            \
@@ -381,13 +385,6 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
                     _mm256_storeu_si256((__m256i *)(hb + t * fa->r + 16 * v), act_bf16(                       \
                         a[t][v], a[t][fa->gated ? v + nh : v], fa->bias ? fa->bias + 16 * v : 0,                \
                         fa->bias && fa->gated ? fa->bias + 16 * (v + nh) : 0, fa->gated, fa->act));               \
-            return;                                                                                           \
-        }                                                                                                     \
-        if (paired && NV % 2 == 0) {  /* U permuted in groups of 32 columns (up_epilogue2): two at a time */  \
-            _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                            \
-                _Pragma("GCC unroll 2") for (int v = 0; v < NV; v += 2)                                       \
-                    up_epilogue2(a[t][v], a[t][v + 1], y + t * ys + 16 * v, zl + t * ys + 16 * v,            \
-                                 bias ? bias + 16 * v : 0);                                                   \
             return;                                                                                           \
         }                                                                                                     \
         _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
@@ -403,10 +400,30 @@ static inline void up_epilogue2(__m512 a, __m512 b, float *z, uint16_t *zl, cons
 #define T16_ALL(NV) T16(1, NV) T16(2, NV) T16(3, NV) T16(4, NV) T16(5, NV) T16(6, NV)
 T16_ALL(1) T16_ALL(2) T16_ALL(4) T16(7, 1) T16(8, 1) T16(7, 2) T16(8, 2)
 typedef void (*t16_fn)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, float *, int64_t, uint16_t *,
-                       const uint16_t *, int, const act_t *, uint16_t *);
+                       const uint16_t *, const act_t *, uint16_t *);
 static const t16_fn T16_NV1[9] = {0, t16_1_1, t16_2_1, t16_3_1, t16_4_1, t16_5_1, t16_6_1, t16_7_1, t16_8_1};
 static const t16_fn T16_NV2[9] = {0, t16_1_2, t16_2_2, t16_3_2, t16_4_2, t16_5_2, t16_6_2, t16_7_2, t16_8_2};
 static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4, t16_6_4};
+
+/* The up pass's tiles when U is permuted in groups of 32 columns (d % 32 == 0): the products, then up_epilogue2
+   on two sums at a time. A family of their own, with nothing else after the products: sharing T16's tiles (whose
+   fused activation needs many registers) spilled these tiles' 24 sums to the stack, and the up pass ran ~5%
+   slower per net (bf16, 256 rows, one thread; outputs bit-identical). */
+#define T16P(ROWS, NV)                                                                                        \
+    static void t16p_##ROWS##_##NV(const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,   \
+                                   float *y, int64_t ys, uint16_t *zl, const uint16_t *bias) {                \
+        T16_PRODUCTS(ROWS, NV)                                                                                \
+        _Pragma("GCC unroll 8") for (int t = 0; t < ROWS; ++t)                                                \
+            _Pragma("GCC unroll 2") for (int v = 0; v < NV; v += 2)                                           \
+                up_epilogue2(a[t][v], a[t][v + 1], y + t * ys + 16 * v, zl + t * ys + 16 * v,                \
+                             bias ? bias + 16 * v : 0);                                                       \
+    }
+T16P(1, 2) T16P(2, 2) T16P(3, 2) T16P(4, 2) T16P(5, 2) T16P(6, 2) T16P(7, 2) T16P(8, 2)
+T16P(1, 4) T16P(2, 4) T16P(3, 4) T16P(4, 4) T16P(5, 4) T16P(6, 4)
+typedef void (*t16p_fn)(const uint32_t *, int64_t, int64_t, const uint32_t *, int64_t, float *, int64_t, uint16_t *,
+                        const uint16_t *);
+static const t16p_fn T16P_NV2[9] = {0, t16p_1_2, t16p_2_2, t16p_3_2, t16p_4_2, t16p_5_2, t16p_6_2, t16p_7_2, t16p_8_2};
+static const t16p_fn T16P_NV4[7] = {0, t16p_1_4, t16p_2_4, t16p_3_4, t16p_4_4, t16p_5_4, t16p_6_4};
 
 /* gemm32's bf16 twin: x (m x K2 pairs, stride xs pairs), b (K2 x ncols pairs, stride bs); y (stride ys) gets the
    sums, or with zl the residual step (y = z, zl its bf16 copy, same stride); paired: b's columns are permuted in
@@ -414,8 +431,13 @@ static const t16_fn T16_NV4[7] = {0, t16_1_4, t16_2_4, t16_3_4, t16_4_4, t16_5_4
 static void gemm16(int64_t m, const uint32_t *x, int64_t xs, int64_t K2, const uint32_t *b, int64_t bs,
                    int64_t ncols, float *y, int64_t ys, uint16_t *zl, const uint16_t *bias, int paired,
                    const act_t *fa, uint16_t *hb) {
+    if (paired) {  /* ncols % 32 == 0: every tile is 2 or 4 vectors wide, on a group boundary */
+        FOR_TILES(m, ncols, (nv == 4 ? T16P_NV4 : T16P_NV2)[rows](
+            x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl + t * ys + c, bias ? bias + c : 0));
+        return;
+    }
     FOR_TILES(m, ncols, (nv == 4 ? T16_NV4 : nv == 2 ? T16_NV2 : T16_NV1)[rows](
-        x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0, paired,
+        x + t * xs, xs, K2, b + c, bs, y + t * ys + c, ys, zl ? zl + t * ys + c : 0, bias ? bias + c : 0,
         fa, fa ? hb + t * fa->r : 0));
 }
 

@@ -339,6 +339,11 @@ class DLRNet(nn.Module):
             self.__dict__.pop(k, None)
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # copy.deepcopy and pickle leave the caches out: they are rebuilt on use, and the CPU kernel's pointer
+        # tables (ctypes) cannot be copied
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
     def _load_from_state_dict(self, *args, **kwargs):
         for k in self._CACHES:
             self.__dict__.pop(k, None)
