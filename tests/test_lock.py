@@ -115,13 +115,13 @@ def _lock_killed_after_layer_0(model, out, steps: int) -> list[str]:
 def test_lock_resumes_after_kill(tiny_model_dir, tmp_path):
     model, _ = tiny_model_dir
     out = tmp_path / "locked"
-    args = _lock_killed_after_layer_0(model, out, 300)
+    args = _lock_killed_after_layer_0(model, out, 80)
     first = out / ".weightlock-work" / "layer_0.json"
     assert first.exists(), "layer 0 finished before the kill"
     assert not (out / "model.safetensors").exists() and not (out / ".weightlock-work" / "layer_1.json").exists()
     killed_stats = json.loads(first.read_text())
     # other settings: the work is not silently reused, and nothing is lost
-    r = _cli(*[a if a != "300" else "200" for a in args])
+    r = _cli(*[a if a != "80" else "60" for a in args])
     assert r.returncode == 2 and "other settings (steps differ)" in r.stderr and "--restart" in r.stderr, r.stderr
     assert first.exists()
     r = _cli(*args)
@@ -129,14 +129,14 @@ def test_lock_resumes_after_kill(tiny_model_dir, tmp_path):
     rep = json.loads((out / "lock_report.json").read_text())
     assert [l["layer"] for l in rep["layers"]] == [0, 1]
     assert rep["layers"][0] == killed_stats, "layer 0 was reused, not fitted again"
-    assert rep["layers"][0]["steps"] == 300
+    assert rep["layers"][0]["steps"] == 80
     assert not first.exists()  # work dir cleaned up after the release was written
 
 
 def test_lock_restart_discards_other_settings(tiny_model_dir, tmp_path):
     model, _ = tiny_model_dir
     out = tmp_path / "locked"
-    args = _lock_killed_after_layer_0(model, out, 100)
+    args = _lock_killed_after_layer_0(model, out, 40)
     other = [*args[:-6], "--rank", "4", "--steps", "100", "--calib-tokens", "8192", "--batch-tokens", "256"]
     r = _cli(*other)
     assert r.returncode == 2 and "rank" in r.stderr

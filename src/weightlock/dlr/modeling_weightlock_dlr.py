@@ -342,7 +342,7 @@ class DLRNet(nn.Module):
     def __getstate__(self):
         # copy.deepcopy and pickle leave the caches out: they are rebuilt on use, and the CPU kernel's pointer
         # tables (ctypes) cannot be copied
-        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+        return {k: v for k, v in super().__getstate__().items() if k not in self._CACHES}
 
     def _load_from_state_dict(self, *args, **kwargs):
         for k in self._CACHES:
