@@ -19,6 +19,7 @@ prefill of 8 × 1024 tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -77,16 +78,24 @@ def measure(models: dict, ids: torch.Tensor, prompt: torch.Tensor, new_tokens: i
     return out
 
 
+@contextlib.contextmanager
+def reference_path():
+    """Every DLR-Net runs its reference path (``DLRNet.fast = False``) inside the block; the default after it."""
+    DLRNet.fast = False
+    try:
+        yield
+    finally:
+        DLRNet.fast = True
+
+
 def agreement(locked, ids, compiled: bool = False) -> float:
     """Relative difference of the logits of the fast (or compiled) path and the reference path."""
     with torch.no_grad():
         DLRNet.compile_small = compiled
         fast = locked(ids).logits.float()
-        DLRNet.fast, DLRNet.compile_small = False, False
-        try:
+        DLRNet.compile_small = False
+        with reference_path():
             ref = locked(ids).logits.float()
-        finally:
-            DLRNet.fast = True
     return ((fast - ref).norm() / ref.norm()).item()
 
 
@@ -258,11 +267,8 @@ def greedy_vs_fp32(locked, dtype, prompts: int = 48, batch: int = 8, tokens: int
         exact = run(locked)
         low = as_dtype(locked, dtype)
         default = run(low)
-        DLRNet.fast = False
-        try:
+        with reference_path():
             ref = run(low)
-        finally:
-            DLRNet.fast = True
 
     def rows(a, b):
         return sum(bool(torch.equal(x, y)) for x, y in zip(a, b))
@@ -293,12 +299,9 @@ def path_agreement(locked, dtype) -> dict:
         out["prefill_path"] = net.inference_path(torch.zeros(2, 128, net.spec.width, dtype=dtype))
         default = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen),
                    locked.generate(batch, **gen)]
-        DLRNet.fast = False
-        try:
+        with reference_path():
             ref = [locked(short).logits.float(), locked(long).logits.float(), locked.generate(short, **gen),
                    locked.generate(batch, **gen)]
-        finally:
-            DLRNet.fast = True
     out["short_logits_rel_diff"] = ((default[0] - ref[0]).norm() / ref[0].norm()).item()
     out["prefill_logits_rel_diff"] = ((default[1] - ref[1]).norm() / ref[1].norm()).item()
     out["greedy_identical"] = bool(torch.equal(default[2], ref[2]))
